@@ -1,0 +1,25 @@
+"""Gate probabilities and values in PyTorch, shared by the torch backend and the layers."""
+from __future__ import annotations
+
+import torch
+
+
+def probability_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gates are evaluated in fp32 (fp64 when the inputs are fp64, for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def token_gate_probabilities(
+    x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: float | torch.Tensor
+) -> torch.Tensor:
+    """``sigmoid(x . w_g + b_g)`` per row. x: [M, K]; gate_weight: [K]. Returns [M] in fp32 (fp64 for fp64 x)."""
+    dtype = probability_dtype(x.dtype)
+    logit = x.to(dtype) @ gate_weight.to(dtype)
+    return torch.sigmoid(logit + (gate_bias.to(dtype) if isinstance(gate_bias, torch.Tensor) else gate_bias))
+
+
+def gate_values(probabilities: torch.Tensor, threshold: float, hard: bool) -> torch.Tensor:
+    """Hard gates ``p >= threshold`` as 0/1, soft gates ``p``; a NaN probability closes the gate. [M] -> [M]."""
+    if hard:
+        return (probabilities >= threshold).to(probabilities.dtype)
+    return torch.nan_to_num(probabilities, nan=0.0)

@@ -1,0 +1,72 @@
+"""The gated LoRA operation in plain PyTorch, in high precision: the oracle for every test.
+
+    y_m = base_m + s * g_m * B (A x_m)
+
+with ``g_m`` a hard (0/1) or soft (probability) gate per row. Nothing here is tuned
+for speed; every backend is checked against these two functions.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def gate_probabilities_reference(
+    x: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    gate_weight: torch.Tensor | None = None,
+    gate_bias: float | torch.Tensor = 0.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor | None:
+    """Per-row gate probability ``p_m``, or None when there is no gate (plain LoRA).
+
+    x: [..., K]; gate: [M] or x.shape[:-1]; gate_weight: [K]. Returns [M] in ``dtype``.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    if gate_weight is not None:
+        logit = rows.to(dtype) @ gate_weight.to(dtype) + torch.as_tensor(gate_bias, dtype=dtype)
+        return torch.sigmoid(logit)
+    if gate is not None:
+        return gate.reshape(-1).to(dtype)
+    return None
+
+
+def gate_values_reference(probabilities: torch.Tensor | None, threshold: float, hard: bool) -> torch.Tensor | None:
+    """Gate value ``g_m`` from probabilities [M]: hard ``p >= threshold`` or soft ``p``; NaN closes."""
+    if probabilities is None:
+        return None
+    closed = torch.isnan(probabilities)
+    if hard:
+        return (probabilities >= threshold).to(probabilities.dtype)
+    return torch.where(closed, torch.zeros_like(probabilities), probabilities)
+
+
+def gated_lora_reference(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    gate: torch.Tensor | None = None,
+    gate_weight: torch.Tensor | None = None,
+    gate_bias: float | torch.Tensor = 0.0,
+    threshold: float = 0.5,
+    hard: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``base_out + scaling * g * (x A^T) B^T`` computed in ``dtype`` (fp64 by default).
+
+    x: [..., K]; base_out: [..., N]; lora_a: [r, K]; lora_b: [N, r]. Returns [..., N] in ``dtype``.
+    Rows whose gate is 0 are exactly ``base_out`` (converted to ``dtype``).
+    """
+    k, n = x.shape[-1], base_out.shape[-1]
+    rows = x.reshape(-1, k).to(dtype)
+    base = base_out.reshape(-1, n).to(dtype)
+    delta = (rows @ lora_a.to(dtype).T) @ lora_b.to(dtype).T * scaling
+    g = gate_values_reference(
+        gate_probabilities_reference(x, gate, gate_weight, gate_bias, dtype), threshold, hard
+    )
+    if g is None:
+        out = base + delta
+    else:
+        out = torch.where((g != 0)[:, None], base + g[:, None] * delta, base)
+    return out.reshape(base_out.shape)
