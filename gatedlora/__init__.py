@@ -1,5 +1,14 @@
 """gatedlora: fused kernels for gated LoRA, and a drop-in layer for PEFT models."""
-from .ops import gated_lora
+from .config import GatedLoraConfig
+from .io import load_pretrained, save_pretrained
+from .layers import GatedLoRALinear
+from .ops import available_backends, gated_lora
+from .patching import force_gate, get_router, patch_model, unpatch_model
+from .routing import PrismRouter, TwoClassRouter, prism_two_class_router
 
 __version__ = "0.1.0"
-__all__ = ["gated_lora"]
+__all__ = [
+    "GatedLoraConfig", "GatedLoRALinear", "PrismRouter", "TwoClassRouter", "available_backends", "force_gate",
+    "gated_lora", "get_router", "load_pretrained", "patch_model", "prism_two_class_router", "save_pretrained",
+    "unpatch_model",
+]

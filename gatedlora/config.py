@@ -1,0 +1,98 @@
+"""GatedLoraConfig: how layers are gated and, for fresh adapters, which layers get one."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
+
+from torch import nn
+
+GATE_MODES = ("sequence", "token", "none")
+BASE_MODES = ("exact",)
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+@dataclass
+class GatedLoraConfig:
+    """Configuration of a gated LoRA patch (validated on construction).
+
+    The defaults keep the drop-in promise: ``patch_model(model)`` uses token gates and every
+    fresh gate (and the default router) starts open, so a freshly patched model computes
+    what the PEFT model computed until gates or a router are trained or loaded.
+    """
+
+    gate: str = field(default="token", metadata={"help": "Gate source: 'sequence' (one router decision per sequence, "
+                      "PRISM), 'token' (sigmoid(w_g . x + b_g) per row and layer), or 'none' (plain LoRA)."})
+    threshold: float = field(default=0.5, metadata={"help": "Hard gates open where the probability is >= threshold; "
+                             "a NaN probability closes the gate. In (0, 1)."})
+    hard: bool = field(default=True, metadata={"help": "0/1 gates (inference) if True; g = p (soft) if False."})
+    router_layer: int = field(default=0, metadata={"help": "Sequence gates: the router reads the hidden state after "
+                              "this transformer block; the adapter runs only in later layers."})
+    router: Optional[nn.Module] = field(default=None, metadata={"help": "Sequence gates: a module mapping hidden "
+                                        "states [B, H] to probabilities [B]. Default: PRISM MLP H-128-64-1, GELU, "
+                                        "sigmoid, starting open."})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Fresh adapters on a "
+                                                            "plain model: module names (suffix match) or a regex "
+                                                            "(full match). On a PEFT model: restricts which LoRA "
+                                                            "layers are patched."})
+    r: int = field(default=16, metadata={"help": "Fresh adapters: LoRA rank."})
+    lora_alpha: float = field(default=32, metadata={"help": "Fresh adapters: scaling is lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Fresh adapters: dropout on the LoRA input in training."})
+    backend: str = field(default="auto", metadata={"help": "Kernel backend: auto, torch, triton or cuda."})
+    base_mode: str = field(default="exact", metadata={"help": "'exact': the base layer computes the base output and "
+                           "closed rows are bitwise the base model."})
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"GatedLoraConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        if self.gate not in GATE_MODES:
+            raise bad("gate", f"one of {GATE_MODES}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 < self.threshold < 1:
+            raise bad("threshold", "a number in (0, 1)")
+        if not isinstance(self.hard, bool):
+            raise bad("hard", "a bool")
+        if isinstance(self.router_layer, bool) or not isinstance(self.router_layer, int) or self.router_layer < 0:
+            raise bad("router_layer", "an int >= 0")
+        if self.router is not None and not isinstance(self.router, nn.Module):
+            raise bad("router", "an nn.Module mapping [B, H] hidden states to [B] probabilities, or None")
+        if self.router is not None and self.gate != "sequence":
+            raise ValueError(f"GatedLoraConfig.router is used only with gate='sequence', got gate={self.gate!r}")
+        if self.target_modules is not None:
+            ok = isinstance(self.target_modules, str) or (
+                isinstance(self.target_modules, (list, tuple)) and self.target_modules
+                and all(isinstance(t, str) for t in self.target_modules))
+            if not ok:
+                raise bad("target_modules", "a non-empty list of module names, a regex string, or None")
+            if not isinstance(self.target_modules, str):
+                self.target_modules = list(self.target_modules)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise bad("r", "an int >= 1")
+        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
+            raise bad("lora_alpha", "a finite number")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", "a number in [0, 1)")
+        if self.backend not in BACKENDS:
+            raise bad("backend", f"one of {BACKENDS}")
+        if self.base_mode not in BASE_MODES:
+            raise bad("base_mode", f"one of {BASE_MODES} ('fused' arrives with the cuda backend)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields; the router module is recorded by class name only."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "router"}
+        out["router"] = None if self.router is None else type(self.router).__name__
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], router: Optional[nn.Module] = None) -> "GatedLoraConfig":
+        """Inverse of ``to_dict``; a custom router module must be passed back in by the caller."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"GatedLoraConfig: unknown fields {unknown}; known fields are {sorted(known)}")
+        values = {k: v for k, v in data.items() if k != "router"}
+        return cls(**values, router=router)
+
+    def same_behaviour(self, other: "GatedLoraConfig") -> bool:
+        """True when both configs would patch a model the same way (routers compared by identity)."""
+        return self.to_dict() == other.to_dict() and self.router is other.router

@@ -1,0 +1,127 @@
+"""GatedLoRALinear: a base layer plus a LoRA adapter that runs only where its gate is open."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ops import gated_lora
+from .ops.gates import token_gate_probabilities
+from .routing import SequenceRouter, open_logit
+
+
+def linear_features(base_layer: nn.Module) -> tuple[int, int]:
+    """(in_features K, out_features N) of an nn.Linear or a transformers Conv1D (weight [K, N])."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    if type(base_layer).__name__ == "Conv1D" and hasattr(base_layer, "nf"):
+        k, n = base_layer.weight.shape
+        return k, n
+    raise TypeError(f"unsupported base layer {type(base_layer).__name__}: expected nn.Linear or transformers Conv1D")
+
+
+class GatedLoRALinear(nn.Module):
+    """``y = base_layer(x) + s * g * B(A(dropout(x)))`` with one gate value g per row of x.
+
+    Submodules keep PEFT's names (``base_layer``, ``lora_A[adapter]``, ``lora_B[adapter]``,
+    ``lora_dropout[adapter]``), so state_dict keys and PEFT's ``save_pretrained`` are unchanged;
+    for a PEFT layer they are the same module objects (shared, not copied). Token gates add
+    ``gate_weight`` [K] and ``gate_bias`` []; sequence gates read the model's ``SequenceRouter``.
+
+    x: [..., K] -> [..., N].
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        lora_A: nn.ModuleDict,
+        lora_B: nn.ModuleDict,
+        lora_dropout: nn.ModuleDict,
+        scaling: float,
+        adapter_name: str,
+        gate: str,
+        threshold: float = 0.5,
+        hard: bool = True,
+        backend: str = "auto",
+        route: SequenceRouter | None = None,
+    ) -> None:
+        super().__init__()
+        if gate == "sequence" and route is None:
+            raise ValueError("GatedLoRALinear: gate='sequence' needs the model's SequenceRouter (route=...)")
+        self.base_layer = base_layer
+        self.lora_A = lora_A
+        self.lora_B = lora_B
+        self.lora_dropout = lora_dropout
+        self.adapter_name = adapter_name
+        self.scaling = float(scaling)
+        self.gate_mode = gate
+        self.threshold = threshold
+        self.hard = hard
+        self.backend = backend
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.forced_gate: float | None = None
+        # a plain attribute, not a submodule: the router is registered once, on the model
+        self.__dict__["route"] = route
+        if gate == "token":
+            weight = self.lora_A[adapter_name].weight
+            self.gate_weight = nn.Parameter(torch.zeros(self.in_features, dtype=weight.dtype, device=weight.device))
+            self.gate_bias = nn.Parameter(torch.tensor(open_logit(threshold), dtype=weight.dtype, device=weight.device))
+
+    @classmethod
+    def fresh(cls, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float, **gate_options: Any
+              ) -> "GatedLoRALinear":
+        """A new adapter on ``base_layer``, initialised as PEFT does: A Kaiming-uniform, B zeros."""
+        k, n = linear_features(base_layer)
+        weight = base_layer.weight
+        lora_a = nn.Linear(k, r, bias=False, device=weight.device, dtype=weight.dtype)
+        lora_b = nn.Linear(r, n, bias=False, device=weight.device, dtype=weight.dtype)
+        nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_b.weight)
+        dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        name = "default"
+        return cls(base_layer, nn.ModuleDict({name: lora_a}), nn.ModuleDict({name: lora_b}),
+                   nn.ModuleDict({name: dropout}), lora_alpha / r, name, **gate_options)
+
+    @classmethod
+    def from_peft(cls, layer: nn.Module, adapter_name: str, **gate_options: Any) -> "GatedLoRALinear":
+        """Wrap a ``peft.tuners.lora.Linear``: the same base layer, LoRA modules and scaling."""
+        return cls(layer.base_layer, layer.lora_A, layer.lora_B, layer.lora_dropout,
+                   layer.scaling[adapter_name], adapter_name, **gate_options)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A[self.adapter_name].weight.shape[0]
+
+    def _gate_arguments(self, x: torch.Tensor, lora_x: torch.Tensor) -> dict[str, Any]:
+        forced = self.forced_gate
+        if forced is not None:
+            if forced == 1.0:
+                return {}
+            return {"gate": torch.full(x.shape[:-1], forced, device=x.device, dtype=torch.float32), "hard": False}
+        if self.gate_mode == "token":
+            if lora_x is not x:  # dropout is active: the gate reads the clean input
+                rows = x.reshape(-1, x.shape[-1])
+                return {"gate": token_gate_probabilities(rows, self.gate_weight, self.gate_bias)}
+            return {"gate_weight": self.gate_weight, "gate_bias": self.gate_bias}
+        if self.gate_mode == "sequence":
+            return {"gate": self.route.row_gates(x)}
+        return {}
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.forced_gate == 0.0:
+            return result
+        lora_x = self.lora_dropout[self.adapter_name](x)
+        gate_args = self._gate_arguments(x, lora_x)
+        if lora_x.dtype != result.dtype:  # autocast: the base ran in a lower precision than x
+            lora_x = lora_x.to(result.dtype)
+        options = {"threshold": self.threshold, "hard": self.hard, **gate_args}
+        return gated_lora(lora_x, result, self.lora_A[self.adapter_name].weight,
+                          self.lora_B[self.adapter_name].weight, self.scaling, backend=self.backend,
+                          inplace=True, **options)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.rank}, "
+                f"gate={self.gate_mode!r}, threshold={self.threshold}, hard={self.hard}")

@@ -1,0 +1,263 @@
+"""patch_model / unpatch_model / force_gate / get_router: swapping GatedLoRALinear into a model.
+
+Layer dispatch, PEFT style: the first matching rule wins, and an unsupported LoRA layer gets
+an error that lists what is supported.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from torch import nn
+
+from .config import GatedLoraConfig
+from .layers import GatedLoRALinear, linear_features
+from .routing import PrismRouter, SequenceRouter, install_routing_hooks
+
+ROUTER_ATTRIBUTE = "gate_router"  # no "lora_" in the name: PEFT's save_pretrained keeps keys with "lora_"
+STATE_ATTRIBUTE = "_gatedlora_patch"
+SUPPORTED = ("peft.tuners.lora.Linear on nn.Linear or transformers Conv1D (PEFT models)",
+             "nn.Linear and transformers Conv1D (fresh adapters via target_modules)")
+
+
+@dataclass
+class PatchState:
+    """What patch_model changed, so that unpatch_model can restore it exactly."""
+
+    config: GatedLoraConfig
+    originals: dict[str, nn.Module] = field(default_factory=dict)
+    fresh: bool = False
+    hooks: list = field(default_factory=list)
+    blocks_path: str | None = None
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer block list: the largest ModuleList of same-typed blocks (num_hidden_layers long if known)."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            candidates.append((n_layers is not None and len(module) == n_layers, size, name, module))
+    if not candidates:
+        raise ValueError(f"gate='sequence': found no list of transformer blocks in {type(model).__name__}")
+    _, _, name, module = max(candidates, key=lambda c: (c[0], c[1]))
+    return name, module
+
+
+def block_index(name: str, blocks_path: str) -> int | None:
+    """Index of the block that holds module ``name``, or None when it is outside the blocks."""
+    prefix = blocks_path + "."
+    if not name.startswith(prefix):
+        return None
+    return int(name[len(prefix):].split(".", 1)[0])
+
+
+def _backbone(model: nn.Module, blocks_path: str) -> nn.Module:
+    """The innermost transformers PreTrainedModel above the blocks (it receives the 2D attention mask)."""
+    from transformers import PreTrainedModel
+
+    parts = blocks_path.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(module, PreTrainedModel):
+            return module
+    return model.get_submodule(".".join(parts[:-1]))
+
+
+def _peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _check_peft_layer(name: str, layer: nn.Module) -> str:
+    """The active adapter of a supported PEFT LoRA layer; raises for anything else."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(layer, LoraLinear):
+        raise TypeError(f"gatedlora cannot patch {name} ({type(layer).__module__}.{type(layer).__name__}); "
+                        f"supported: {'; '.join(SUPPORTED)}")
+    try:
+        linear_features(layer.base_layer)
+    except TypeError as err:
+        raise TypeError(f"gatedlora cannot patch {name}: {err}") from None
+    if layer.merged:
+        raise ValueError(f"gatedlora cannot patch {name}: its adapter is merged into the base weight; "
+                         "call model.unmerge_adapter() first")
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        raise ValueError(f"gatedlora patches exactly one active LoRA adapter per layer; {name} has {active}")
+    adapter = active[0]
+    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
+        raise TypeError(f"gatedlora cannot patch {name}: LoRA variants such as DoRA are not supported; "
+                        f"supported: {'; '.join(SUPPORTED)}")
+    if getattr(layer, "lora_bias", {}).get(adapter):
+        raise TypeError(f"gatedlora cannot patch {name}: lora_bias=True is not supported")
+    return adapter
+
+
+def _fresh_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:
+    found = []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, targets):
+            continue
+        try:
+            linear_features(module)
+        except TypeError:
+            raise TypeError(f"gatedlora cannot add an adapter to {name} ({type(module).__name__}); "
+                            f"supported: {'; '.join(SUPPORTED)}") from None
+        found.append((name, module))
+    return found
+
+
+def patch_model(model: nn.Module, config: GatedLoraConfig | None = None) -> nn.Module:
+    """Swap GatedLoRALinear in for LoRA layers (PEFT model) or add fresh gated adapters (plain model).
+
+    Returns the same model object. Patching again with the same (or no) config is harmless.
+    """
+    state: PatchState | None = getattr(model, STATE_ATTRIBUTE, None)
+    if state is not None:
+        if config is None or config.same_behaviour(state.config):
+            return model
+        raise ValueError("model is already patched with a different GatedLoraConfig; call unpatch_model(model) first")
+    config = config or GatedLoraConfig()
+    peft_layers = _peft_lora_layers(model)
+    fresh = not peft_layers
+    if not fresh and config.target_modules is not None:
+        peft_layers = [(n, m) for n, m in peft_layers if _matches(n, config.target_modules)]
+    if fresh:
+        if config.target_modules is None:
+            raise ValueError(f"nothing to patch in {type(model).__name__}: it has no PEFT LoRA layers; pass "
+                             "GatedLoraConfig(target_modules=[...]) to add fresh gated adapters")
+        targets = _fresh_targets(model, config.target_modules)
+    else:
+        targets = peft_layers
+    if not targets:
+        raise ValueError(f"nothing to patch in {type(model).__name__}: no module matches "
+                         f"target_modules={config.target_modules!r}")
+    adapters = {} if fresh else {name: _check_peft_layer(name, layer) for name, layer in targets}
+
+    state = PatchState(config=config, fresh=fresh)
+    route = None
+    if config.gate == "sequence":
+        targets, route = _prepare_sequence_routing(model, config, targets, fresh, state)
+
+    options = dict(gate=config.gate, threshold=config.threshold, hard=config.hard, backend=config.backend,
+                   route=route)
+    for name, module in targets:
+        if fresh:
+            new = GatedLoRALinear.fresh(module, config.r, config.lora_alpha, config.lora_dropout, **options)
+        else:
+            new = GatedLoRALinear.from_peft(module, adapters[name], **options)
+        state.originals[name] = module
+        _set_submodule(model, name, new)
+    object.__setattr__(model, STATE_ATTRIBUTE, state)
+    return model
+
+
+def _prepare_sequence_routing(model, config, targets, fresh, state):
+    blocks_path, blocks = find_blocks(model)
+    n_blocks = len(blocks)
+    if config.router_layer >= n_blocks - 1:
+        raise ValueError(f"router_layer={config.router_layer} leaves no layer for the adapter: the model has "
+                         f"{n_blocks} blocks, so router_layer must be below {n_blocks - 1}")
+    before = [n for n, _ in targets if (i := block_index(n, blocks_path)) is not None and i <= config.router_layer]
+    if before and not fresh:
+        raise ValueError(
+            f"gate='sequence' with router_layer={config.router_layer}: the router's input must not depend on the "
+            f"adapter, but LoRA covers layers at or before block {config.router_layer}: {before[:4]}"
+            f"{' ...' if len(before) > 4 else ''}. Train the adapter with LoraConfig(layers_to_transform="
+            f"list(range({config.router_layer + 1}, {n_blocks}))), as PRISM does, or raise router_layer")
+    targets = [(n, m) for n, m in targets if n not in before]
+    if not targets:
+        raise ValueError(f"nothing to patch after router_layer={config.router_layer}")
+    router = config.router
+    if router is None:
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if hidden is None:
+            raise ValueError("gate='sequence': the model config has no hidden_size; pass GatedLoraConfig(router=...)")
+        weight = next(blocks.parameters())
+        router = PrismRouter(hidden, threshold=config.threshold).to(device=weight.device, dtype=weight.dtype)
+    route = SequenceRouter(router, config.threshold, config.hard)
+    setattr(model, ROUTER_ATTRIBUTE, route)
+    state.hooks = install_routing_hooks(_backbone(model, blocks_path), blocks[config.router_layer], route)
+    state.blocks_path = blocks_path
+    return targets, route
+
+
+def patch_state(model: nn.Module) -> PatchState:
+    """The record of a patched model; raises ValueError if the model is not patched."""
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched: call gatedlora.patch_model(model) first")
+    return state
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, STATE_ATTRIBUTE, None) is not None
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Put the original modules back (same classes, same state_dict); gate and router parameters are dropped."""
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is None:
+        warnings.warn("unpatch_model: the model is not patched; nothing to do", stacklevel=2)
+        return model
+    for name, original in state.originals.items():
+        _set_submodule(model, name, original)
+    for handle in state.hooks:
+        handle.remove()
+    if ROUTER_ATTRIBUTE in model._modules:
+        delattr(model, ROUTER_ATTRIBUTE)
+    object.__delattr__(model, STATE_ATTRIBUTE)
+    return model
+
+
+def gated_layers(model: nn.Module) -> Iterator[tuple[str, GatedLoRALinear]]:
+    """(name, layer) for every GatedLoRALinear in the model."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, GatedLoRALinear))
+
+
+@contextlib.contextmanager
+def force_gate(model: nn.Module, value: float) -> Iterator[nn.Module]:
+    """Override every gate in ``model``: 0.0 is the base model (bitwise), 1.0 plain LoRA, else soft ``g = value``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"force_gate: value must be a number in [0, 1], got {value!r}")
+    layers = [m for _, m in gated_layers(model)]
+    if not layers:
+        raise ValueError(f"force_gate: {type(model).__name__} has no GatedLoRALinear layers; call patch_model first")
+    previous = [m.forced_gate for m in layers]
+    for m in layers:
+        m.forced_gate = float(value)
+    try:
+        yield model
+    finally:
+        for m, old in zip(layers, previous):
+            m.forced_gate = old
+
+
+def get_router(model: nn.Module) -> SequenceRouter:
+    """The model's SequenceRouter (``.router`` is the router network; ``.last_probabilities`` and
+    ``.last_decisions`` describe each sequence of the last forward pass)."""
+    state = patch_state(model)
+    if state.config.gate != "sequence":
+        raise ValueError(f"get_router: the model is patched with gate={state.config.gate!r}; routers exist only "
+                         "with gate='sequence'")
+    return getattr(model, ROUTER_ATTRIBUTE)

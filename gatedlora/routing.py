@@ -1,0 +1,214 @@
+"""Routers and per-sequence gate state for single-pass PRISM routing.
+
+One forward pass of a patched model: a pre-hook on the backbone records the attention
+mask and whether this call is a decode step (a non-empty KV cache); a forward hook on block
+``router_layer`` reads the hidden state at each sequence's last real prompt token (the last
+position where ``attention_mask == 1``, so left and right padding both work), runs the
+router and stores one probability per sequence; the gated layers after it read that value
+for every row of their sequence. Decode steps keep the decision made from the prompt.
+Everything stays on the device: no ``.item()`` in the decision.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ops.gates import gate_values
+
+# sigmoid(6) = 0.9975: a fresh gate or default router starts open with a wide margin, so the
+# freshly patched model computes what PEFT computed until the gate is trained or loaded.
+OPEN_LOGIT = 6.0
+
+
+def open_logit(threshold: float) -> float:
+    """A logit whose sigmoid clears ``threshold`` with margin (fresh gates start open)."""
+    return max(OPEN_LOGIT, math.log(threshold / (1.0 - threshold)) + 4.0)
+
+
+class PrismRouter(nn.Module):
+    """PRISM's router (paper form): ``Linear(H,128)-GELU-Linear(128,64)-GELU-Linear(64,1)``, sigmoid.
+
+    Maps hidden states [B, H] to probabilities [B]. With ``start_open`` the last layer starts
+    at weight 0 and a large bias, so every query goes to the adapter until trained or loaded.
+    """
+
+    def __init__(self, hidden_size: int, widths: tuple[int, ...] = (128, 64), start_open: bool = True,
+                 threshold: float = 0.5) -> None:
+        super().__init__()
+        sizes = (hidden_size, *widths)
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.GELU()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
+        if start_open:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.constant_(self.net[-1].bias, open_logit(threshold))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, H] -> probabilities [B]."""
+        return torch.sigmoid(self.net(hidden)).squeeze(-1)
+
+
+class TwoClassRouter(nn.Module):
+    """Adapts a two-class router (logits [B, 2], decision by argmax) to probabilities [B].
+
+    Returns ``softmax(logits)[:, 1]``; with threshold 0.5 the decision equals argmax except on
+    an exact tie of the two logits (argmax picks class 0, ``p >= 0.5`` opens).
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.net(hidden)
+        if logits.dim() != 2 or logits.shape[-1] != 2:
+            raise ValueError(f"TwoClassRouter: the wrapped router must return logits [B, 2], got {list(logits.shape)}")
+        return torch.softmax(logits.float(), dim=-1)[:, 1]
+
+
+def prism_two_class_router(hidden_size: int, width: int = 256, dropout: float = 0.1) -> TwoClassRouter:
+    """PRISM's released router, ``Linear(H,256)-GELU-Dropout-Linear(256,2)`` with argmax, as a gatedlora router."""
+    return TwoClassRouter(nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Dropout(dropout),
+                                        nn.Linear(width, 2)))
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens already in a KV cache (0 for None or an empty cache); handles Cache objects and legacy tuples."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+def last_real_positions(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """Index of the last position with ``attention_mask == 1`` per sequence. Returns [B] (long).
+
+    attention_mask: [B, T'] with T' >= length (its last ``length`` columns cover this input) or None.
+    """
+    if attention_mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+        raise ValueError(
+            f"sequence routing needs a 2D attention_mask [batch, length] = [{batch}, {length}], "
+            f"got {list(attention_mask.shape)}"
+        )
+    real = attention_mask[:, -length:] != 0
+    return length - 1 - real.flip(1).to(torch.int8).argmax(dim=1)
+
+
+class SequenceRouter(nn.Module):
+    """The model's router plus the per-sequence gate state of the current forward pass.
+
+    ``router`` maps [B, H] to probabilities [B]. After a forward pass, ``last_probabilities``
+    [B] and ``last_decisions`` [B] (bool, adapter used) describe each sequence of the batch.
+    """
+
+    def __init__(self, router: nn.Module, threshold: float, hard: bool) -> None:
+        super().__init__()
+        self.router = router
+        self.threshold = threshold
+        self.hard = hard
+        self.last_probabilities: torch.Tensor | None = None
+        self.last_decisions: torch.Tensor | None = None
+        self._attention_mask: torch.Tensor | None = None
+        self._decoding = False
+        self._row_gate_cache: dict[int, torch.Tensor] = {}
+
+    def begin_forward(self, attention_mask: torch.Tensor | None, decoding: bool) -> None:
+        """Called before each backbone forward: a prefill clears the previous decision."""
+        self._attention_mask = attention_mask
+        self._decoding = decoding
+        if not decoding:
+            self.last_probabilities = None
+            self.last_decisions = None
+        self._row_gate_cache = {}
+
+    def route(self, hidden: torch.Tensor) -> None:
+        """Decide from block ``router_layer``'s output hidden [B, T, H] (prefill only)."""
+        if self._decoding:
+            if self.last_probabilities is None:
+                raise RuntimeError(
+                    "gatedlora: a decode step arrived with no routing decision: run the prompt through the "
+                    "patched model (prefill) before decoding with its KV cache"
+                )
+            if self.last_probabilities.shape[0] != hidden.shape[0]:
+                raise RuntimeError(
+                    f"gatedlora: decode batch of {hidden.shape[0]} sequences but the prefill routed "
+                    f"{self.last_probabilities.shape[0]}"
+                )
+            return
+        if hidden.dim() != 3:
+            raise ValueError(f"sequence routing expects block outputs [B, T, H], got {list(hidden.shape)}")
+        batch, length = hidden.shape[:2]
+        mask = self._attention_mask
+        positions = last_real_positions(mask, batch, length).to(hidden.device)
+        last_hidden = hidden[torch.arange(batch, device=hidden.device), positions]
+        param = next(self.router.parameters(), None)
+        if param is not None:
+            last_hidden = last_hidden.to(device=param.device, dtype=param.dtype)
+        probabilities = self.router(last_hidden)
+        if probabilities.numel() != batch:
+            raise ValueError(
+                f"gatedlora: the router must map hidden states [B, H] = {list(last_hidden.shape)} to "
+                f"probabilities [B] = [{batch}], got {list(probabilities.shape)}"
+            )
+        probabilities = probabilities.reshape(batch).to(hidden.device)
+        self.last_probabilities = probabilities
+        self.last_decisions = gate_values(probabilities.detach().float(), self.threshold, True).bool()
+        self._row_gate_cache = {}
+
+    def row_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sequence's probability repeated over its rows of x [B, ..., K]. Returns [M]."""
+        probabilities = self.last_probabilities
+        if probabilities is None:
+            raise RuntimeError(
+                "gatedlora: sequence gate not decided yet: a gated layer ran before block router_layer, or "
+                "outside a forward of the patched model; run the model itself, or use force_gate"
+            )
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        batch = probabilities.shape[0]
+        if batch == 0 or rows % batch:
+            raise RuntimeError(f"gatedlora: {rows} rows cannot be split over the {batch} routed sequences")
+        cached = self._row_gate_cache.get(rows)
+        if cached is None:
+            cached = probabilities.repeat_interleave(rows // batch)
+            self._row_gate_cache[rows] = cached
+        return cached
+
+
+def _bound_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return dict(kwargs)
+    extra = {}
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+            extra = bound.pop(name)
+    return {**extra, **bound}
+
+
+def install_routing_hooks(backbone: nn.Module, router_block: nn.Module, router: SequenceRouter) -> list:
+    """Hook ``backbone`` (mask and cache) and ``router_block`` (decision). Returns the hook handles."""
+    signature = inspect.signature(backbone.forward)
+
+    def before_backbone(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        arguments = _bound_arguments(signature, args, kwargs)
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        router.begin_forward(arguments.get("attention_mask"), decoding=cache_length(cache) > 0)
+
+    def after_router_block(module: nn.Module, args: tuple, output: Any) -> None:
+        router.route(output[0] if isinstance(output, (tuple, list)) else output)
+
+    return [
+        backbone.register_forward_pre_hook(before_backbone, with_kwargs=True),
+        router_block.register_forward_hook(after_router_block),
+    ]

@@ -1,0 +1,139 @@
+"""patch_model on PEFT models: force_gate(1) is PEFT LoRA, force_gate(0) is the base model bitwise."""
+import pytest
+import torch
+
+import gatedlora
+from gatedlora import GatedLoRALinear, GatedLoraConfig, force_gate, patch_model, unpatch_model
+from tiny_models import padded_batch, tiny_peft_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_patched_peft_model_matches_peft_and_base(arch):
+    model = tiny_peft_model(arch)
+    ids, mask = padded_batch([5, 9, 3], 9, side="left")
+    with torch.no_grad():
+        peft_logits = model(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids, attention_mask=mask).logits
+        assert (peft_logits - base_logits).abs().max() > 1e-3  # the adapter really changes the output
+        patch_model(model)
+        assert sum(isinstance(m, GatedLoRALinear) for m in model.modules()) == 7 * 3
+        # fresh token gates start open: the drop-in promise
+        assert (model(input_ids=ids, attention_mask=mask).logits - peft_logits).abs().max() < 1e-5
+        with force_gate(model, 1.0):
+            assert (model(input_ids=ids, attention_mask=mask).logits - peft_logits).abs().max() < 1e-5
+        with force_gate(model, 0.0):
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base_logits)
+
+
+def test_patch_shares_weights_and_unpatch_restores_exactly():
+    model = tiny_peft_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = {n: type(m) for n, m in model.named_modules()}
+    lora_a = model.base_model.model.model.layers[1].self_attn.q_proj.lora_A["default"].weight
+    patch_model(model)
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    assert isinstance(layer, GatedLoRALinear)
+    assert layer.lora_A["default"].weight is lora_a  # shared, not copied
+    assert patch_model(model) is model  # patching twice is harmless
+    assert sum(isinstance(m, GatedLoRALinear) for m in model.modules()) == 21
+    patched_keys = set(model.state_dict())
+    assert set(before) <= patched_keys  # PEFT's keys unchanged, gate parameters added
+    assert all(k.endswith(("gate_weight", "gate_bias")) for k in patched_keys - set(before))
+    unpatch_model(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+
+
+def test_patch_with_a_different_config_needs_unpatch():
+    model = tiny_peft_model("llama")
+    patch_model(model)
+    with pytest.raises(ValueError, match="already patched with a different GatedLoraConfig"):
+        patch_model(model, GatedLoraConfig(gate="none"))
+
+
+def test_gate_none_is_plain_lora_and_soft_force_gate_scales():
+    model = tiny_peft_model("llama")
+    ids, mask = padded_batch([4, 6], 6)
+    with torch.no_grad():
+        peft_logits = model(input_ids=ids, attention_mask=mask).logits
+        patch_model(model, GatedLoraConfig(gate="none"))
+        assert (model(input_ids=ids, attention_mask=mask).logits - peft_logits).abs().max() < 1e-5
+        with force_gate(model, 0.5):
+            half = model(input_ids=ids, attention_mask=mask).logits
+        assert (half - peft_logits).abs().max() > 1e-4
+
+
+def test_fresh_adapter_on_plain_model_starts_as_the_base_model():
+    from tiny_models import tiny_causal_lm
+
+    model = tiny_causal_lm("qwen2")
+    ids, mask = padded_batch([4, 6], 6)
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+        patch_model(model, GatedLoraConfig(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16))
+        layer = model.model.layers[0].self_attn.q_proj
+        assert isinstance(layer, GatedLoRALinear) and layer.rank == 8 and layer.scaling == 2.0
+        assert torch.all(layer.lora_B["default"].weight == 0) and layer.lora_A["default"].weight.abs().sum() > 0
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base)
+
+
+def test_unsupported_layers_get_a_clear_error():
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import tiny_causal_lm
+
+    model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(TypeError, match=r"cannot patch .*embed_tokens.*supported: peft\.tuners\.lora\.Linear"):
+        patch_model(model)
+    plain = tiny_causal_lm("llama")
+    with pytest.raises(TypeError, match=r"cannot add an adapter to .*embed_tokens \(Embedding\); supported"):
+        patch_model(plain, GatedLoraConfig(target_modules=["embed_tokens"]))
+    dora = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(TypeError, match="DoRA"):
+        patch_model(dora)
+
+
+def test_nothing_to_patch_errors():
+    from tiny_models import tiny_causal_lm
+
+    with pytest.raises(ValueError, match="nothing to patch in LlamaForCausalLM: it has no PEFT LoRA layers"):
+        patch_model(tiny_causal_lm("llama"))
+    with pytest.raises(ValueError, match=r"no module matches target_modules=\['nope'\]"):
+        patch_model(tiny_causal_lm("llama"), GatedLoraConfig(target_modules=["nope"]))
+
+
+def test_merged_adapter_is_refused():
+    model = tiny_peft_model("llama")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged into the base weight; call model.unmerge_adapter"):
+        patch_model(model)
+
+
+def test_gpt2_conv1d_fan_in_fan_out_works():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from tiny_models import randomize_lora_b
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)).eval()
+    randomize_lora_b(model)
+    ids = torch.randint(0, 61, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        patch_model(model)
+        with force_gate(model, 1.0):
+            assert (model(input_ids=ids).logits - want).abs().max() < 1e-5
+
+
+def test_force_gate_validates():
+    model = tiny_peft_model("llama")
+    with pytest.raises(ValueError, match="no GatedLoRALinear layers; call patch_model first"):
+        with force_gate(model, 1.0):
+            pass
+    patch_model(model)
+    with pytest.raises(ValueError, match=r"value must be a number in \[0, 1\], got 2"):
+        with force_gate(model, 2):
+            pass

@@ -1,0 +1,56 @@
+"""Tiny Hugging Face models built from configs (no downloads) and PEFT adapters on them."""
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_causal_lm(arch: str = "llama", layers: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised causal LM with odd sizes (hidden 40, MLP 76), fp32, eval mode."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=40, intermediate_size=76, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def randomize_lora_b(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
+    """PEFT initialises lora_B to zeros (LoRA then changes nothing); give it random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+def tiny_peft_model(arch: str = "llama", layers: int = 3, layers_to_transform=None, seed: int = 0,
+                    target_modules=ALL_PROJECTIONS, r: int = 4, lora_alpha: int = 8):
+    """A tiny causal LM with a PEFT LoRA adapter whose B is random (so the adapter matters)."""
+    model = tiny_causal_lm(arch, layers, seed)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules), lora_dropout=0.0,
+                        layers_to_transform=layers_to_transform)
+    peft_model = get_peft_model(model, config).eval()
+    randomize_lora_b(peft_model, seed + 1)
+    return peft_model
+
+
+def padded_batch(lengths: list[int], total: int, side: str = "left", vocab: int = 97, seed: int = 3):
+    """input_ids and attention_mask [B, total] for prompts of the given lengths, padded on ``side``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), total, dtype=torch.long)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tokens = torch.randint(3, vocab, (n,), generator=gen)
+        span = slice(total - n, total) if side == "left" else slice(0, n)
+        ids[i, span] = tokens
+        mask[i, span] = 1
+    return ids, mask
