@@ -118,6 +118,7 @@ class SequenceRouter(nn.Module):
         self.hard = hard
         self.last_probabilities: torch.Tensor | None = None
         self.last_decisions: torch.Tensor | None = None
+        self._gate_probabilities: torch.Tensor | None = None
         self._attention_mask: torch.Tensor | None = None
         self._decoding = False
         self._row_gate_cache: dict[int, torch.Tensor] = {}
@@ -129,6 +130,7 @@ class SequenceRouter(nn.Module):
         if not decoding:
             self.last_probabilities = None
             self.last_decisions = None
+            self._gate_probabilities = None
         self._row_gate_cache = {}
 
     def route(self, hidden: torch.Tensor) -> None:
@@ -162,12 +164,14 @@ class SequenceRouter(nn.Module):
             )
         probabilities = probabilities.reshape(batch).to(hidden.device)
         self.last_probabilities = probabilities
+        # a NaN probability closes the gate: the layers get 0 (they reject NaN in given gates on the CPU)
+        self._gate_probabilities = torch.nan_to_num(probabilities, nan=0.0)
         self.last_decisions = gate_values(probabilities.detach().float(), self.threshold, True).bool()
         self._row_gate_cache = {}
 
     def row_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Each sequence's probability repeated over its rows of x [B, ..., K]. Returns [M]."""
-        probabilities = self.last_probabilities
+        probabilities = self._gate_probabilities
         if probabilities is None:
             raise RuntimeError(
                 "gatedlora: sequence gate not decided yet: a gated layer ran before block router_layer, or "

@@ -1,0 +1,186 @@
+"""Single-pass PRISM routing: per-sequence gates decided after block router_layer, held through generate()."""
+import pytest
+import torch
+from torch import nn
+
+import gatedlora
+from gatedlora import GatedLoraConfig, get_router, patch_model
+from gatedlora.patching import find_blocks
+from tiny_models import padded_batch, tiny_causal_lm, tiny_peft_model
+
+LAYERS = 4
+ROUTER_LAYER = 1
+
+
+class LinearRouter(nn.Module):
+    """sigmoid(w . h + b): a router whose decisions we can steer."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden, 1)
+
+    def forward(self, h):
+        return torch.sigmoid(self.proj(h)).squeeze(-1)
+
+
+def last_real_hidden(model, ids, mask, layer):
+    """Hidden state after block ``layer`` at each sequence's last real token (adapter off)."""
+    with torch.no_grad(), model.disable_adapter():
+        states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer + 1]
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+    return states[torch.arange(ids.shape[0]), last]
+
+
+def splitting_router(model, ids, mask, want_open):
+    """A LinearRouter that opens exactly the sequences in ``want_open`` (by a wide margin)."""
+    h = last_real_hidden(model, ids, mask, ROUTER_LAYER)
+    router = LinearRouter(h.shape[1])
+    # solve w for target logits +-4 by least squares on the batch's hidden states (B < H)
+    target = torch.tensor([4.0 if o else -4.0 for o in want_open])
+    w = torch.linalg.lstsq(h, target[:, None]).solution[:, 0]
+    with torch.no_grad():
+        router.proj.weight.copy_(w[None])
+        router.proj.bias.zero_()
+    assert torch.equal(router(h) >= 0.5, torch.tensor(want_open))
+    return router
+
+
+def prism_setup(arch="llama", side="left"):
+    model = tiny_peft_model(arch, layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
+    ids, mask = padded_batch([7, 4, 9, 5], 9, side=side)
+    want_open = [True, False, False, True]
+    router = splitting_router(model, ids, mask, want_open)
+    with torch.no_grad():
+        peft = model(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask).logits
+    return model, ids, mask, torch.tensor(want_open), router, peft, base
+
+
+@pytest.mark.parametrize("arch,side", [("llama", "left"), ("llama", "right"), ("qwen2", "left")])
+def test_one_pass_routing_matches_base_and_peft_per_sequence(arch, side):
+    model, ids, mask, want_open, router, peft, base = prism_setup(arch, side)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(get_router(model).last_decisions, want_open)
+    assert get_router(model).last_probabilities.shape == (4,)
+    assert torch.equal(logits[~want_open], base[~want_open])  # closed sequences: the base model, bitwise
+    assert (logits[want_open] - peft[want_open]).abs().max() < 1e-5
+    assert (logits[want_open] - base[want_open]).abs().max() > 1e-3
+
+
+def _generate(model, ids, mask, **kw):
+    torch.manual_seed(1234)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.scores, 1)
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(do_sample=True, top_k=0, temperature=1.0)])
+def test_generate_holds_each_sequence_gate(mode):
+    model, ids, mask, want_open, router, _, _ = prism_setup()
+    with torch.no_grad():
+        peft_seq, peft_scores = _generate(model, ids, mask, **mode)
+        with model.disable_adapter():
+            base_seq, base_scores = _generate(model, ids, mask, **mode)
+        patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+        seq, scores = _generate(model, ids, mask, **mode)
+    assert torch.equal(get_router(model).last_decisions, want_open)
+    assert torch.equal(seq[~want_open], base_seq[~want_open])
+    assert torch.equal(scores[~want_open], base_scores[~want_open])
+    assert torch.equal(seq[want_open], peft_seq[want_open])
+    open_scores, open_peft = scores[want_open], peft_scores[want_open]
+    finite = torch.isfinite(open_peft)  # min_new_tokens masks EOS with -inf
+    assert torch.equal(finite, torch.isfinite(open_scores))
+    assert (open_scores[finite] - open_peft[finite]).abs().max() < 1e-5
+    assert not torch.equal(peft_seq, base_seq)  # the two routes really differ
+
+
+def test_beam_search_keeps_each_beams_gate():
+    model, ids, mask, want_open, router, _, _ = prism_setup()
+    kw = dict(num_beams=3, do_sample=False, max_new_tokens=6, pad_token_id=0)
+    with torch.no_grad():
+        peft_seq = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        with model.disable_adapter():
+            base_seq = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+        seq = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(seq[~want_open], base_seq[~want_open])
+    assert torch.equal(seq[want_open], peft_seq[want_open])
+
+
+def test_two_class_router_adapter_routes_by_argmax():
+    model, ids, mask, want_open, linear, peft, base = prism_setup()
+    net = gatedlora.prism_two_class_router(40).net
+    two = nn.Sequential(nn.Linear(40, 2))
+    with torch.no_grad():  # logits (0, w.h + b): argmax is class 1 exactly where the linear router opens
+        two[0].weight.zero_()
+        two[0].bias.zero_()
+        two[0].weight[1] = linear.proj.weight[0]
+        two[0].bias[1] = linear.proj.bias[0]
+    assert isinstance(net[2], nn.Dropout) and net[3].out_features == 2  # PRISM's released shape
+    h = last_real_hidden(model, ids, mask, ROUTER_LAYER)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER,
+                                       router=gatedlora.TwoClassRouter(two)))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(get_router(model).last_decisions, two(h).argmax(-1).bool())
+    assert torch.equal(get_router(model).last_decisions, want_open)
+    assert torch.equal(logits[~want_open], base[~want_open])
+
+
+def test_nan_router_probability_closes_the_gate():
+    model, ids, mask, want_open, router, peft, base = prism_setup()
+
+    class NanRouter(nn.Module):
+        def forward(self, h):
+            p = router(h).clone()
+            p[0] = float("nan")
+            return p
+
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=NanRouter()))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert not get_router(model).last_decisions[0]
+    assert torch.equal(logits[0], base[0])
+
+
+def test_default_router_starts_open_and_matches_peft():
+    model, ids, mask, _, _, peft, _ = prism_setup()
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER))
+    assert isinstance(get_router(model).router, gatedlora.PrismRouter)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert bool(get_router(model).last_decisions.all())
+    assert (logits - peft).abs().max() < 1e-5
+
+
+def test_adapter_on_router_layer_is_refused_with_a_fix():
+    model = tiny_peft_model("llama", layers=LAYERS)
+    with pytest.raises(ValueError, match=r"LoRA covers layers at or before block 1.*layers_to_transform=list\(range\(2, 4\)\)"):
+        patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER))
+
+
+def test_fresh_sequence_adapter_only_after_router_layer():
+    model = tiny_causal_lm("llama", layers=LAYERS)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, target_modules=["q_proj"]))
+    path, blocks = find_blocks(model)
+    assert path == "model.layers"
+    kinds = [type(b.self_attn.q_proj).__name__ for b in blocks]
+    assert kinds == ["Linear", "Linear", "GatedLoRALinear", "GatedLoRALinear"]
+
+
+def test_gated_layer_outside_a_forward_needs_a_decision():
+    model, ids, mask, _, router, _, _ = prism_setup()
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    layer = model.base_model.model.model.layers[3].mlp.up_proj
+    with pytest.raises(RuntimeError, match="sequence gate not decided yet"):
+        layer(torch.randn(2, 3, 40))
+
+
+def test_get_router_needs_sequence_mode():
+    model = tiny_peft_model("llama")
+    patch_model(model)
+    with pytest.raises(ValueError, match="patched with gate='token'; routers exist only with gate='sequence'"):
+        get_router(model)
