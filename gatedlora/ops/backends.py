@@ -79,6 +79,10 @@ def select_backend(requested: str, args: GatedLoraArgs) -> Backend:
     if name == "auto":
         reasons: list[str] = []
         for candidate in PREFERENCE:
+            if args.x.device.type == "cpu" and candidate != "torch":
+                # GPU backends take CPU tensors only in the Triton interpreter, a test tool that is
+                # orders of magnitude slower than torch: auto never picks it; ask by name instead.
+                continue
             backend = _REGISTRY.get(candidate)
             why = [_UNAVAILABLE.get(candidate, "not registered")] if backend is None else backend.not_supported_reasons(args)
             if not why:
