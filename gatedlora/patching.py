@@ -169,7 +169,36 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None) -> nn.M
         state.originals[name] = module
         _set_submodule(model, name, new)
     object.__setattr__(model, STATE_ATTRIBUTE, state)
+    if not fresh and callable(getattr(model, "save_pretrained", None)):
+        _keep_peft_save_working(model)
     return model
+
+
+@contextlib.contextmanager
+def original_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put the original (PEFT) modules back, e.g. for PEFT methods that look for its layer types."""
+    state = patch_state(model)
+    patched = {name: model.get_submodule(name) for name in state.originals}
+    for name, original in state.originals.items():
+        _set_submodule(model, name, original)
+    try:
+        yield model
+    finally:
+        for name, module in patched.items():
+            _set_submodule(model, name, module)
+
+
+def _keep_peft_save_working(model: nn.Module) -> None:
+    """PEFT's save_pretrained finds LoRA weights by visiting its own layer types; on a patched model it
+    would find none and write an empty adapter over the user's. Save with the PEFT layers in place."""
+    peft_save = model.save_pretrained
+
+    def save_pretrained(*args, **kwargs):
+        with original_modules(model):
+            return peft_save(*args, **kwargs)
+
+    save_pretrained.__doc__ = peft_save.__doc__
+    model.__dict__["save_pretrained"] = save_pretrained
 
 
 def _prepare_sequence_routing(model, config, targets, fresh, state):
@@ -226,6 +255,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         handle.remove()
     if ROUTER_ATTRIBUTE in model._modules:
         delattr(model, ROUTER_ATTRIBUTE)
+    model.__dict__.pop("save_pretrained", None)
     object.__delattr__(model, STATE_ATTRIBUTE)
     return model
 

@@ -1,0 +1,131 @@
+"""save_pretrained / load_pretrained round trips, next to PEFT's own adapter files; bad files."""
+import json
+
+import pytest
+import torch
+
+from gatedlora import GatedLoraConfig, get_router, load_pretrained, patch_model, save_pretrained, unpatch_model
+from gatedlora.patching import gated_layers, is_patched
+from tiny_models import padded_batch, tiny_causal_lm, tiny_peft_model
+
+
+def scramble_gates(model, seed=0):
+    """Random gate and router parameters, so a round trip has something to reproduce."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate_weight" in name or "gate_bias" in name or "gate_router" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def test_token_gate_round_trip_beside_peft_adapter(tmp_path):
+    model = tiny_peft_model("llama")
+    model.save_pretrained(tmp_path)  # PEFT's own files first
+    peft_files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    patch_model(model)
+    scramble_gates(model)
+    ids, mask = padded_batch([5, 8], 8)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    save_pretrained(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in peft_files} == peft_files
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert len(keys) == 2 * 7 * 3
+    model.save_pretrained(tmp_path)  # PEFT's own save on the patched model writes the same adapter
+    assert set(load_file(str(tmp_path / "adapter_model.safetensors"))) == keys
+
+    from peft import PeftModel
+    fresh = PeftModel.from_pretrained(tiny_causal_lm("llama"), tmp_path).eval()
+    load_pretrained(fresh, tmp_path)
+    assert is_patched(fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids, attention_mask=mask).logits, want)
+
+
+def test_sequence_router_and_fresh_adapter_round_trip(tmp_path):
+    model = tiny_causal_lm("qwen2", layers=3)
+    cfg = GatedLoraConfig(gate="sequence", router_layer=0, target_modules=["q_proj", "down_proj"], r=4)
+    patch_model(model, cfg)
+    scramble_gates(model, 1)
+    with torch.no_grad():
+        for _, layer in gated_layers(model):
+            layer.lora_B["default"].weight.normal_()
+    ids, mask = padded_batch([3, 7, 5, 6], 7)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    decisions = get_router(model).last_decisions.clone()
+    save_pretrained(model, tmp_path)
+    meta = json.loads((tmp_path / "gatedlora_config.json").read_text())
+    assert meta["config"]["gate"] == "sequence" and meta["fresh_adapter"] is True
+
+    other = tiny_causal_lm("qwen2", layers=3)
+    load_pretrained(other, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids, attention_mask=mask).logits, want)
+    assert torch.equal(get_router(other).last_decisions, decisions)
+
+
+def test_save_never_overwrites_without_asking(tmp_path):
+    model = patch_model(tiny_peft_model("llama"))
+    save_pretrained(model, tmp_path)
+    before = (tmp_path / "gatedlora_model.safetensors").read_bytes()
+    scramble_gates(model)
+    with pytest.raises(FileExistsError, match="already exist; pass overwrite=True"):
+        save_pretrained(model, tmp_path)
+    assert (tmp_path / "gatedlora_model.safetensors").read_bytes() == before
+    save_pretrained(model, tmp_path, overwrite=True)
+    assert (tmp_path / "gatedlora_model.safetensors").read_bytes() != before
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_mismatched_and_corrupt_files_change_nothing(tmp_path):
+    small = patch_model(tiny_peft_model("llama", layers=2))
+    save_pretrained(small, tmp_path / "two_layers")
+    target = patch_model(tiny_peft_model("llama", layers=3))
+    scramble_gates(target, 5)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=r"does not match the model: missing \[.*layers\.2"):
+        load_pretrained(target, tmp_path / "two_layers")
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+    corrupt = tmp_path / "corrupt"
+    save_pretrained(target, corrupt)
+    data = (corrupt / "gatedlora_model.safetensors").read_bytes()
+    (corrupt / "gatedlora_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="is corrupt or not a safetensors file"):
+        load_pretrained(target, corrupt)
+    (corrupt / "gatedlora_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="gatedlora_config.json is corrupt"):
+        load_pretrained(target, corrupt)
+    with pytest.raises(FileNotFoundError, match="not a gatedlora save directory"):
+        load_pretrained(target, tmp_path / "nowhere")
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+    unpatched = tiny_peft_model("llama", layers=3)
+    with pytest.raises(ValueError, match="does not match the model"):
+        load_pretrained(unpatched, tmp_path / "two_layers")
+    assert not is_patched(unpatched)  # a failed load leaves an unpatched model unpatched
+
+
+def test_loading_into_a_differently_patched_model_is_refused(tmp_path):
+    model = patch_model(tiny_peft_model("llama"))
+    save_pretrained(model, tmp_path)
+    other = patch_model(tiny_peft_model("llama"), GatedLoraConfig(gate="none"))
+    with pytest.raises(ValueError, match=r"patched with a different config .*'gate': \('none', 'token'\)"):
+        load_pretrained(other, tmp_path)
+
+
+def test_unpatch_after_load_restores_peft_state_dict(tmp_path):
+    model = tiny_peft_model("llama")
+    before = _snapshot(model)
+    patch_model(model)
+    save_pretrained(model, tmp_path)
+    load_pretrained(model, tmp_path)
+    unpatch_model(model)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
