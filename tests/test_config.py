@@ -1,0 +1,43 @@
+"""GatedLoraConfig validation: every bad field is named with what was expected."""
+import pytest
+from torch import nn
+
+from gatedlora import GatedLoraConfig
+
+
+def test_defaults_keep_the_drop_in_promise():
+    cfg = GatedLoraConfig()
+    assert (cfg.gate, cfg.threshold, cfg.hard, cfg.router_layer, cfg.backend, cfg.base_mode) == (
+        "token", 0.5, True, 0, "auto", "exact")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("gate", "layer", r"gate must be one of \('sequence', 'token', 'none'\), got 'layer'"),
+    ("threshold", 1.0, r"threshold must be a number in \(0, 1\), got 1.0"),
+    ("threshold", True, r"threshold must be a number in \(0, 1\), got True"),
+    ("hard", 1, r"hard must be a bool, got 1"),
+    ("router_layer", -1, r"router_layer must be an int >= 0, got -1"),
+    ("r", 0, r"r must be an int >= 1, got 0"),
+    ("lora_dropout", 1.0, r"lora_dropout must be a number in \[0, 1\), got 1.0"),
+    ("backend", "tpu", r"backend must be one of .*got 'tpu'"),
+    ("base_mode", "fused", r"base_mode must be one of \('exact',\) \('fused' arrives with the cuda backend\)"),
+    ("target_modules", [], r"target_modules must be a non-empty list"),
+    ("router", "mlp", r"router must be an nn.Module"),
+])
+def test_bad_fields_are_named(field, value, message):
+    kwargs = {field: value}
+    if field == "router":
+        kwargs["gate"] = "sequence"
+    with pytest.raises(ValueError, match=message):
+        GatedLoraConfig(**kwargs)
+
+
+def test_router_needs_sequence_gates_and_dict_round_trip():
+    with pytest.raises(ValueError, match="router is used only with gate='sequence'"):
+        GatedLoraConfig(router=nn.Linear(4, 1))
+    cfg = GatedLoraConfig(gate="sequence", router_layer=2, target_modules=("q_proj",), r=8)
+    data = cfg.to_dict()
+    assert data["target_modules"] == ["q_proj"] and data["router"] is None
+    assert GatedLoraConfig.from_dict(data).same_behaviour(cfg)
+    with pytest.raises(ValueError, match=r"unknown fields \['rank'\]"):
+        GatedLoraConfig.from_dict({**data, "rank": 3})
