@@ -1,0 +1,91 @@
+"""Test setup shared by every test file.
+
+1. ``TRITON_INTERPRET=1`` before anything imports gatedlora when there is no GPU: ``@triton.jit``
+   reads it when the decorator runs (at import), so the Triton kernels then run on CPU tensors.
+   With a GPU the kernels are compiled and the same tests run on CUDA tensors.
+2. A workaround for the interpreter's bfloat16 ``tl.dot`` (triton-lang/triton issue 11584): the
+   interpreter keeps bf16 tensors as their uint16 bit patterns and ``create_dot`` hands those to
+   ``np.matmul`` unchanged, so it multiplies integers. The patch widens bf16 operands to fp32
+   first (exact: a bf16 value is an fp32 value with the low 16 bits zero) and leaves every other
+   dtype alone. tests/test_triton_backend.py proves the defect exists without the patch and that
+   the patched dot is right.
+3. A second bf16 defect of the same interpreter (Triton 3.9, ``InterpreterBuilder.cast_impl``):
+   fp32 -> bf16 casts truncate the low 16 bits (round toward zero) where compiled Triton rounds
+   to nearest even (``cvt.rn.bf16.f32``). Truncation biases every bf16 result by half an ulp on
+   average, which doubles a bf16 kernel's error against PyTorch. The patch rounds to nearest even
+   through PyTorch's own conversion; a test pins both the defect and the fix.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ:
+    # Compiled kernels where a GPU exists, the interpreter elsewhere. Export the variable to choose.
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+
+
+def _bf16_bits_to_fp32(data):
+    import numpy as np
+
+    return (data.astype(np.uint32) << 16).view(np.float32)
+
+
+def _fp32_to_bf16_bits_rne(data):
+    import numpy as np
+
+    flat = np.ascontiguousarray(data, dtype=np.float32)
+    return torch.from_numpy(flat).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def install_interpreter_bf16_cast_fix() -> bool:
+    """Patch ``InterpreterBuilder.cast_impl`` so fp32 -> bf16 rounds to nearest even; True if installed now."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.cast_impl, "_gatedlora_bf16_fix", False):
+        return False
+    original = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(_fp32_to_bf16_bits_rne(src.data), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    cast_impl._gatedlora_bf16_fix = True
+    cast_impl._gatedlora_original = original
+    builder.cast_impl = cast_impl
+    # create_fp_trunc and friends are lambdas that look cast_impl up on the instance at call time.
+    return True
+
+
+def install_interpreter_bf16_dot_fix() -> bool:
+    """Patch ``InterpreterBuilder.create_dot`` to upcast bf16 operands; True if installed now."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_gatedlora_bf16_fix", False):
+        return False
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            a = interpreter.TensorHandle(_bf16_bits_to_fp32(a.data), tl.float32) if a.dtype.scalar == tl.bfloat16 else a
+            b = interpreter.TensorHandle(_bf16_bits_to_fp32(b.data), tl.float32) if b.dtype.scalar == tl.bfloat16 else b
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    create_dot._gatedlora_bf16_fix = True
+    create_dot._gatedlora_original = original
+    builder.create_dot = create_dot
+    return True
+
+
+install_interpreter_bf16_dot_fix()
+install_interpreter_bf16_cast_fix()
