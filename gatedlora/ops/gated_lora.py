@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .backends import select_backend
-from .checks import GatedLoraArgs, check_given_gate_values, check_inputs
+from .backends import resolve_backend_name
+from .checks import check_inputs
+from .custom_op import add_into_rows, call_op
 
 
 def gated_lora(
@@ -22,6 +23,10 @@ def gated_lora(
     inplace: bool = False,
 ) -> torch.Tensor:
     """``base_out + scaling * g * (x A^T) B^T`` with one gate value ``g`` per row.
+
+    Registered with torch.library as ``gatedlora::gated_lora_add_`` (see ``custom_op.py``), so
+    ``torch.compile`` keeps a call in one graph node (calls that need autograd excepted).
+    ``backend="auto"`` takes the torch backend for CPU tensors.
 
     Args:
         x: [..., K] LoRA input (fp32, fp16 or bf16; fp64 on the torch backend).
@@ -44,30 +49,31 @@ def gated_lora(
     Returns: [..., N] in the dtype of ``base_out``.
     """
     check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold)
-    if gate is not None:
-        check_given_gate_values(gate)
     k, n = x.shape[-1], base_out.shape[-1]
-    args = GatedLoraArgs(
-        x=x.reshape(-1, k),
-        lora_a=lora_a,
-        lora_b=lora_b,
-        scaling=float(scaling),
-        gate=None if gate is None else gate.reshape(-1),
-        gate_weight=gate_weight,
-        gate_bias=gate_bias,
-        threshold=float(threshold),
-        hard=bool(hard),
-    )
-    impl = select_backend(backend, args)
+    x_rows = x.reshape(-1, k)
+    gate_rows = None if gate is None else gate.reshape(-1)
     out = base_out if inplace else base_out.clone()
-    if args.rows == 0 or n == 0:
+    if x_rows.shape[0] == 0 or n == 0:
+        resolve_backend_name(backend)  # still reject an unknown backend name
         return out
     try:
         out_rows = out.view(-1, n)
+        copy_back = False
     except RuntimeError:  # a non-contiguous layout that cannot be viewed as rows
         out_rows = out.reshape(-1, n).clone()
-        impl.add_into(out_rows, args)
+        copy_back = True
+    differentiable = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad
+        for t in (x, base_out, lora_a, lora_b, gate, gate_weight, gate_bias)
+    )
+    # The registered op keeps torch.compile graphs whole; eager calls skip the dispatcher round
+    # trip (same implementation). The op has no autograd formula, so differentiable calls run the
+    # eager code, where the torch backend is plain differentiable torch ops.
+    if torch.compiler.is_compiling() and not differentiable:
+        call_op(out_rows, x_rows, lora_a, lora_b, scaling, gate_rows, gate_weight, gate_bias, threshold, hard, backend)
+    else:
+        add_into_rows(out_rows, x_rows, lora_a, lora_b, scaling, gate_rows, gate_weight, gate_bias,
+                      threshold, hard, backend)
+    if copy_back:
         out.copy_(out_rows.view(out.shape))
-        return out
-    impl.add_into(out_rows, args)
     return out
