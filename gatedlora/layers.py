@@ -111,7 +111,8 @@ class GatedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.forced_gate == 0.0:
+        if self.forced_gate == 0.0 or (self.forced_gate is None and self.gate_mode == "sequence"
+                                       and self.route.all_closed):
             return result
         lora_x = self.lora_dropout[self.adapter_name](x)
         gate_args = self._gate_arguments(x, lora_x)

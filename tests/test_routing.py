@@ -184,3 +184,17 @@ def test_get_router_needs_sequence_mode():
     patch_model(model)
     with pytest.raises(ValueError, match="patched with gate='token'; routers exist only with gate='sequence'"):
         get_router(model)
+
+
+def test_all_closed_batch_is_the_base_model_and_skips_the_adapter(monkeypatch):
+    model = tiny_peft_model("llama", layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
+    ids, mask = padded_batch([7, 4, 9], 9)
+    router = splitting_router(model, ids, mask, [False, False, False])
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    calls = []
+    monkeypatch.setattr(gatedlora.layers, "gated_lora", lambda *a, **k: calls.append(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(logits, base) and calls == []  # the host knew: no adapter call at all
