@@ -1,0 +1,109 @@
+"""Layer level: base layer against each adapter path, grouped so one scenario's numbers sit side by side.
+
+Groups: ``K N M dtype r``. The base layer and PEFT LoRA (unmerged) do not depend on the open
+fraction; PEFT's mixed batch and gatedlora are timed at each open fraction (PRISM's rates).
+CPU: K=N in {1024, 2048}, r=16, fp32 and bf16. GPU: Llama-3-8B projections, r in {8, 16, 64},
+fp16 and bf16, decode-sized calls replayed from CUDA graphs where the provider allows it.
+Run: ``pytest benchmarks/ --benchmark-only`` (``--benchmark-disable`` runs each once as a smoke test).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, in_cuda_graph, synchronized
+from torch import nn
+
+from gatedlora import gated_lora
+from gatedlora.ops import available_backends
+
+ON_GPU = DEVICE.type == "cuda"
+SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)] if ON_GPU else [(1024, 1024), (2048, 2048)]
+RANKS = [8, 16, 64] if ON_GPU else [16]
+DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.bfloat16]
+ROWS = [1, 8, 64, 512, 4096]
+OPEN_FRACTIONS = [0.0, 0.06, 0.75, 1.0]
+ROTATE = 4  # input sets cycled through so caches do not flatter small shapes
+
+
+class Case:
+    """One layer with a PEFT adapter and rotating inputs."""
+
+    def __init__(self, k, n, m, r, dtype):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        holder = nn.Sequential()
+        holder.add_module("proj", nn.Linear(k, n, bias=False))
+        holder = holder.to(DEVICE, dtype)
+        self.peft_layer = get_peft_model(holder, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"])).eval()
+        self.lora = self.peft_layer.base_model.model.proj
+        nn.init.normal_(self.lora.lora_B["default"].weight, std=0.02)
+        self.base = self.lora.base_layer
+        self.xs = [torch.randn(m, k, device=DEVICE, dtype=dtype) for _ in range(ROTATE)]
+        self.m = m
+        self.step = 0
+
+    def x(self):
+        self.step += 1
+        return self.xs[self.step % ROTATE]
+
+    def gate(self, fraction):
+        gate = torch.zeros(self.m, device=DEVICE)
+        gate[torch.randperm(self.m)[: round(fraction * self.m)]] = 1.0
+        return gate
+
+
+def _cases():
+    for k, n in SHAPES:
+        for r in RANKS:
+            for dtype in DTYPES:
+                for m in ROWS:
+                    yield pytest.param(k, n, m, r, dtype, id=f"K{k}-N{n}-M{m}-r{r}-{str(dtype)[6:]}")
+
+
+def _group(benchmark, k, n, m, r, dtype):
+    benchmark.group = f"layer K={k} N={n} M={m} {str(dtype)[6:]} r={r}"
+
+
+def _run(benchmark, fn, m):
+    graph = in_cuda_graph(fn) if m <= 64 else None
+    benchmark.extra_info["cuda_graph"] = graph is not None
+    benchmark(synchronized(graph or fn))
+
+
+@pytest.mark.parametrize("k,n,m,r,dtype", list(_cases()))
+@pytest.mark.parametrize("provider", ["base", "peft"])
+def test_unconditional(benchmark, provider, k, n, m, r, dtype):
+    case = Case(k, n, m, r, dtype)
+    _group(benchmark, k, n, m, r, dtype)
+    layer = case.base if provider == "base" else case.lora
+    with torch.inference_mode():
+        _run(benchmark, lambda: layer(case.x()), m)
+
+
+@pytest.mark.parametrize("k,n,m,r,dtype", list(_cases()))
+@pytest.mark.parametrize("fraction", OPEN_FRACTIONS, ids=lambda f: f"open{int(f * 100)}")
+@pytest.mark.parametrize("provider", ["peft mixed", "gatedlora torch", "gatedlora triton", "gatedlora cuda"])
+def test_gated(benchmark, provider, fraction, k, n, m, r, dtype):
+    backend = provider.split()[-1]
+    if provider.startswith("gatedlora"):
+        if backend not in available_backends():
+            pytest.skip(f"{backend}: backend not available in this build")
+        if backend != "torch" and not ON_GPU:
+            pytest.skip(f"{backend}: needs a CUDA device")
+    case = Case(k, n, m, r, dtype)
+    _group(benchmark, k, n, m, r, dtype)
+    benchmark.extra_info["open_fraction"] = fraction
+    gate = case.gate(fraction)
+    a = case.lora.lora_A["default"].weight
+    b = case.lora.lora_B["default"].weight
+    scaling = case.lora.scaling["default"]
+    with torch.inference_mode():
+        if provider == "peft mixed":
+            names = ["default" if g else "__base__" for g in gate.tolist()]
+            fn = lambda: case.lora(case.x(), adapter_names=names)  # noqa: E731
+        else:
+            def fn():
+                x = case.x()
+                return gated_lora(x, case.base(x), a, b, scaling, gate=gate, backend=backend, inplace=True)
+        _run(benchmark, fn, m)

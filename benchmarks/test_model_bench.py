@@ -1,0 +1,36 @@
+"""Model level: the scenarios of ``gatedlora bench`` (prefill and per-token decode, batch 1 and 8,
+PRISM's routing rates) as pytest-benchmark groups, one group per scenario."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, synchronized
+
+from gatedlora.benchmarking.models import CPU_DEFAULT, GPU_DEFAULT, add_prism_adapter, build_llama
+from gatedlora.benchmarking.runner import choose_backends
+from gatedlora.benchmarking.scenarios import build_setup, decode_providers, default_scenarios, make_batch, prefill_providers
+
+PROVIDERS = ["base", "peft", "peft mixed", "prism two-pass", "gatedlora torch", "gatedlora triton", "gatedlora cuda"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    spec, dtype = (GPU_DEFAULT, torch.bfloat16) if DEVICE.type == "cuda" else (CPU_DEFAULT, torch.float32)
+    backends, _ = choose_backends(DEVICE, None)
+    return build_setup(build_llama(spec, DEVICE, dtype), lambda m: add_prism_adapter(m, 0), 0, backends)
+
+
+@pytest.mark.parametrize("scenario", default_scenarios(), ids=lambda s: s.name.replace(" ", "-"))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_model(benchmark, setup, scenario, provider):
+    backend = provider.split()[-1]
+    if provider.startswith("gatedlora") and backend not in setup.gated:
+        pytest.skip(f"{backend}: not available here ({'CPU run' if DEVICE.type == 'cpu' else 'not built'})")
+    if provider == "prism two-pass" and scenario.phase == "decode":
+        pytest.skip("prism two-pass routes at prefill; its decode is the peft or base decode")
+    ids, mask, open_mask = make_batch(scenario, setup.vocab_size, setup.device)
+    make = prefill_providers if scenario.phase == "prefill" else decode_providers
+    with torch.inference_mode():
+        fn = make(setup, ids, mask, open_mask)[provider]
+        benchmark.group = f"model {scenario.name}"
+        benchmark(synchronized(fn))

@@ -1,0 +1,188 @@
+"""Model-level scenarios: prefill and per-token decode, each provider on the same inputs.
+
+Providers: the base model; PEFT LoRA unmerged (adapter on every sequence); PEFT's mixed batch
+(``adapter_names`` with ``"__base__"`` for closed sequences); PRISM's two-pass route (a base
+forward pass to route, then the open sequences again with the adapter; closed sequences reuse
+the routing pass); gatedlora, one pass with sequence gates, per backend.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import GatedLoraConfig
+from ..patching import patch_model
+from ..routing import PrismRouter
+from .models import weight_sharing_copy
+
+
+class PatternRouter(nn.Module):
+    """PRISM's router MLP, run for its real cost, whose decisions the scenario sets (``pattern`` [B])."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp = PrismRouter(hidden_size)
+        self.pattern: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp(hidden) * 0 + self.pattern.to(device=hidden.device, dtype=hidden.dtype)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    phase: str  # "prefill" or "decode"
+    batch: int
+    tokens: int  # prompt length
+    open_count: int  # sequences whose gate is open
+
+    @property
+    def name(self) -> str:
+        return f"{self.phase} b={self.batch} t={self.tokens} open {self.open_count}/{self.batch}"
+
+
+def default_scenarios(quick: bool = False) -> list[Scenario]:
+    """PRISM's routing rates at batch 8: 0, 1 of 8 (nearest to 6%), 6 of 8 (75%), all; batch 1 closed/open."""
+    if quick:
+        return [Scenario("prefill", 4, 32, c) for c in (0, 1, 4)] + [Scenario("decode", 4, 32, c) for c in (0, 4)]
+    out = []
+    for phase, tokens in (("prefill", 128), ("prefill", 512), ("decode", 128)):
+        out += [Scenario(phase, 8, tokens, c) for c in (0, 1, 6, 8)]
+        out += [Scenario(phase, 1, tokens, c) for c in (0, 1)]
+    return out
+
+
+@dataclass
+class BenchSetup:
+    """The models every provider runs; all share one set of weights."""
+
+    base: nn.Module
+    peft: nn.Module
+    gated: dict[str, nn.Module]
+    routers: dict[str, PatternRouter]
+    router_layer: int
+    device: torch.device
+    vocab_size: int
+    cache_argument: str
+    notes: list[str] = field(default_factory=list)
+
+
+def build_setup(base_model: nn.Module, peft_model_factory: Callable[[nn.Module], nn.Module], router_layer: int,
+                backends: list[str]) -> BenchSetup:
+    """Plain base model, its PEFT model and one gatedlora-patched copy per backend."""
+    base = weight_sharing_copy(base_model)
+    peft = peft_model_factory(base_model)
+    hf_model = peft.get_base_model()
+    device = next(hf_model.parameters()).device
+    dtype = next(hf_model.parameters()).dtype
+    gated, routers = {}, {}
+    for backend in backends:
+        router = PatternRouter(hf_model.config.hidden_size).to(device=device, dtype=dtype)
+        model = weight_sharing_copy(peft)
+        patch_model(model, GatedLoraConfig(gate="sequence", router_layer=router_layer, router=router,
+                                           backend=backend))
+        gated[backend], routers[backend] = model, router
+    parameters = inspect.signature(hf_model.forward).parameters
+    cache_argument = "cache" if "cache" in parameters else "past_key_values"
+    return BenchSetup(base, peft, gated, routers, router_layer, device, hf_model.config.vocab_size, cache_argument)
+
+
+def make_batch(scenario: Scenario, vocab_size: int, device: torch.device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (scenario.batch, scenario.tokens), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    open_mask = torch.zeros(scenario.batch, dtype=torch.bool)
+    open_mask[: scenario.open_count] = True
+    return ids, mask, open_mask
+
+
+def _cache_of(output) -> object:
+    for key in ("cache", "past_key_values"):
+        value = output.get(key) if hasattr(output, "get") else None
+        if value is not None:
+            return value
+    raise RuntimeError("the model returned no KV cache; decode scenarios need use_cache=True support")
+
+
+def prefill_providers(setup: BenchSetup, ids, mask, open_mask) -> dict[str, Callable[[], object]]:
+    adapter = setup.peft.active_adapter
+    names = [adapter if o else "__base__" for o in open_mask.tolist()]
+    args = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    for router in setup.routers.values():
+        router.pattern = open_mask.float()
+    two_pass_router = next(iter(setup.routers.values()), None)
+
+    def two_pass():
+        with setup.peft.disable_adapter():
+            routed = setup.peft(**args, output_hidden_states=True)
+        hidden = routed.hidden_states[setup.router_layer + 1][:, -1]
+        decisions = two_pass_router(hidden) >= 0.5 if two_pass_router is not None else open_mask
+        rows = decisions.nonzero().flatten()  # PRISM decides on the host
+        if rows.numel():
+            setup.peft(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False)
+        return routed
+
+    providers = {
+        "base": lambda: setup.base(**args),
+        "peft": lambda: setup.peft(**args),
+        "peft mixed": lambda: setup.peft(**args, adapter_names=names),
+        "prism two-pass": two_pass,
+    }
+    for backend, model in setup.gated.items():
+        providers[f"gatedlora {backend}"] = (lambda m: lambda: m(**args))(model)
+    return providers
+
+
+def decode_providers(setup: BenchSetup, ids, mask, open_mask) -> dict[str, Callable[[], object]]:
+    """One decode step per call at a fixed context: each provider prefills its own cache once, and
+    every timed step is undone with ``cache.crop(-1)``."""
+    adapter = setup.peft.active_adapter
+    names = [adapter if o else "__base__" for o in open_mask.tolist()]
+    for router in setup.routers.values():
+        router.pattern = open_mask.float()
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+    def stepper(model: nn.Module, **extra) -> Callable[[], object]:
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
+        cache = _cache_of(out)
+        next_ids = out.logits[:, -1:].argmax(-1)
+
+        def step():
+            result = model(input_ids=next_ids, attention_mask=step_mask, use_cache=True,
+                           **{setup.cache_argument: cache}, **extra)
+            cache.crop(-1)
+            return result
+
+        return step
+
+    providers = {
+        "base": stepper(setup.base),
+        "peft": stepper(setup.peft),
+        "peft mixed": stepper(setup.peft, adapter_names=names),
+    }
+    for backend, model in setup.gated.items():
+        providers[f"gatedlora {backend}"] = stepper(model)
+    return providers
+
+
+def check_gatedlora_outputs(setup: BenchSetup, ids, mask, open_mask, tolerance: float) -> str:
+    """Closed sequences bitwise equal to the base model, open ones within ``tolerance`` of PEFT."""
+    args = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    with torch.inference_mode():
+        base = setup.base(**args).logits
+        peft = setup.peft(**args).logits
+        problems = []
+        for backend, model in setup.gated.items():
+            logits = model(**args).logits
+            closed = ~open_mask.to(logits.device)
+            if not torch.equal(logits[closed], base[closed]):
+                problems.append(f"{backend}: closed sequences differ from the base model")
+            if open_mask.any():
+                err = (logits[~closed] - peft[~closed]).abs().max().item()
+                if not err <= tolerance:
+                    problems.append(f"{backend}: open sequences differ from PEFT by {err:.3g}")
+    return "ok" if not problems else "FAILED: " + "; ".join(problems)

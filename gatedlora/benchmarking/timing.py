@@ -1,0 +1,59 @@
+"""Timing side by side: providers run interleaved in rounds so drift hits them all alike.
+
+CPU: ``time.perf_counter``. CUDA: CUDA events around each call, after warm-up.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Median and spread of one provider's calls, in seconds."""
+
+    median_s: float
+    q1_s: float
+    q3_s: float
+    runs: int
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def time_side_by_side(providers: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
+                      min_rounds: int = 5, max_rounds: int = 50, budget_s: float = 2.0) -> dict[str, Timing]:
+    """Time every provider in interleaved rounds until ``budget_s`` is spent (at least ``min_rounds``)."""
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in providers}
+    spent = 0.0
+    rounds = 0
+    while rounds < min_rounds or (spent < budget_s and rounds < max_rounds):
+        for name, fn in providers.items():
+            t = _time_once(fn, device)
+            samples[name].append(t)
+            spent += t
+        rounds += 1
+    out = {}
+    for name, values in samples.items():
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        out[name] = Timing(statistics.median(values), q[0], q[2], len(values))
+    return out

@@ -1,0 +1,62 @@
+"""The `gatedlora bench` command: argument errors, and a quick run that writes JSON and a plot."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gatedlora.cli import main
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--adapter", "."], "--adapter needs --model"),
+    (["bench", "--model", "/no/such/dir"], "--model /no/such/dir: no such directory"),
+    (["bench", "--budget", "0"], "--budget must be positive"),
+    (["bench", "--backends", "tpu"], "--backends 'tpu': expected names from"),
+    (["bench", "--json", "/no/such/dir/r.json"], "the directory /no/such/dir does not exist"),
+    (["bench", "--plot", "r.pdf"], "expected a .png file name"),
+    (["bench", "--device", "cuda"], "no CUDA device is available"),
+    (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_exit_non_zero_with_a_message(argv, message, capsys):
+    import torch
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    out.write_text("keep me")
+    with pytest.raises(SystemExit):
+        main(["bench", "--json", str(out)])
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_table_json_and_plot(tmp_path, capsys):
+    json_path, plot_path = tmp_path / "r.json", tmp_path / "r.png"
+    code = main(["bench", "--quick", "--budget", "0.01", "--no-progress", "--json", str(json_path),
+                 "--plot", str(plot_path)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "prefill b=4 t=32 open 1/4" in table and "gatedlora torch ms (x base)" in table
+    result = json.loads(json_path.read_text())
+    assert result["environment"]["versions"]["torch"] and result["environment"]["device"].startswith("CPU")
+    for scenario in result["scenarios"]:
+        times = scenario["median_ms"]
+        assert set(times) >= {"base", "peft", "peft mixed", "gatedlora torch"}
+        assert scenario["ratio_to_base"]["peft"] == pytest.approx(times["peft"] / times["base"])
+        assert scenario["check"] in ("ok", "not checked (decode)")
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "gatedlora", "bench", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--adapter PATH" in out.stdout
