@@ -1,11 +1,11 @@
-"""The functional op ``gated_lora``: validation, then the selected backend."""
+"""The functional op ``gated_lora``: validation, then the selected backend (through autograd when recorded)."""
 from __future__ import annotations
 
 import torch
 
+from .autograd import GatedLoraFunction, add_gated_term
 from .backends import resolve_backend_name
 from .checks import check_inputs
-from .custom_op import add_into_rows, call_op
 
 
 def gated_lora(
@@ -21,12 +21,14 @@ def gated_lora(
     hard: bool = True,
     backend: str = "auto",
     inplace: bool = False,
+    straight_through: bool = False,
 ) -> torch.Tensor:
     """``base_out + scaling * g * (x A^T) B^T`` with one gate value ``g`` per row.
 
     Registered with torch.library as ``gatedlora::gated_lora_add_`` (see ``custom_op.py``), so
-    ``torch.compile`` keeps a call in one graph node (calls that need autograd excepted).
-    ``backend="auto"`` takes the torch backend for CPU tensors.
+    ``torch.compile`` keeps a call in one graph node. ``backend="auto"`` takes the torch backend
+    for CPU tensors. Calls that autograd records (an input requires grad) run the same backend
+    forward and a PyTorch backward (``autograd.py``) on every backend.
 
     Args:
         x: [..., K] LoRA input (fp32, fp16 or bf16; fp64 on the torch backend).
@@ -41,6 +43,9 @@ def gated_lora(
         hard: 0/1 gates (inference) if True, ``g = p`` (soft) if False.
         backend: ``auto``, ``torch``, ``triton`` or ``cuda`` (``GATEDLORA_BACKEND`` overrides ``auto``).
         inplace: write into ``base_out`` and return it instead of a new tensor.
+        straight_through: with ``hard=True``, the gate gets the gradient of a soft gate
+            (forward hard, backward as ``g = p``); without it a hard gate gets no gradient.
+            Soft gates always get exact gradients. Closed rows give the LoRA weights no gradient.
 
     With neither ``gate`` nor ``gate_weight`` this is plain LoRA (g = 1). Rows whose gate is 0
     are bitwise equal to ``base_out``. A given ``gate`` on the CPU is checked for NaN (error);
@@ -49,31 +54,19 @@ def gated_lora(
     Returns: [..., N] in the dtype of ``base_out``.
     """
     check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold)
-    k, n = x.shape[-1], base_out.shape[-1]
-    x_rows = x.reshape(-1, k)
-    gate_rows = None if gate is None else gate.reshape(-1)
-    out = base_out if inplace else base_out.clone()
-    if x_rows.shape[0] == 0 or n == 0:
-        resolve_backend_name(backend)  # still reject an unknown backend name
-        return out
-    try:
-        out_rows = out.view(-1, n)
-        copy_back = False
-    except RuntimeError:  # a non-contiguous layout that cannot be viewed as rows
-        out_rows = out.reshape(-1, n).clone()
-        copy_back = True
+    if not isinstance(straight_through, bool):
+        raise TypeError(f"gated_lora: straight_through must be a bool, got {straight_through!r}")
     differentiable = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad
         for t in (x, base_out, lora_a, lora_b, gate, gate_weight, gate_bias)
     )
-    # The registered op keeps torch.compile graphs whole; eager calls skip the dispatcher round
-    # trip (same implementation). The op has no autograd formula, so differentiable calls run the
-    # eager code, where the torch backend is plain differentiable torch ops.
-    if torch.compiler.is_compiling() and not differentiable:
-        call_op(out_rows, x_rows, lora_a, lora_b, scaling, gate_rows, gate_weight, gate_bias, threshold, hard, backend)
-    else:
-        add_into_rows(out_rows, x_rows, lora_a, lora_b, scaling, gate_rows, gate_weight, gate_bias,
-                      threshold, hard, backend)
-    if copy_back:
-        out.copy_(out_rows.view(out.shape))
+    if differentiable:
+        resolve_backend_name(backend)  # reject an unknown backend name even when there is no row
+        return GatedLoraFunction.apply(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias,
+                                       threshold, hard, straight_through, backend, inplace)
+    out = base_out if inplace else base_out.clone()
+    if x.shape[:-1].numel() == 0 or base_out.shape[-1] == 0:
+        resolve_backend_name(backend)  # still reject an unknown backend name
+        return out
+    add_gated_term(out, x, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard, backend)
     return out
