@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 GATE_MODES = ("sequence", "token", "none")
+TRAIN_GATES = (None, "soft", "hard")
 BASE_MODES = ("exact",)
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -41,6 +42,12 @@ class GatedLoraConfig:
     backend: str = field(default="auto", metadata={"help": "Kernel backend: auto, torch, triton or cuda."})
     base_mode: str = field(default="exact", metadata={"help": "'exact': the base layer computes the base output and "
                            "closed rows are bitwise the base model."})
+    straight_through: bool = field(default=False, metadata={"help": "Training with hard gates: the gate (token "
+                                   "gate weights, router, given gate) gets the gradient of a soft gate (forward hard, "
+                                   "backward as g = p). Without it hard gates get no gradient; soft gates always do."})
+    train_gate: Optional[str] = field(default=None, metadata={"help": "Gates in training mode (model.train()): "
+                                      "'soft' (g = p) or 'hard' (0/1); None follows `hard`. model.eval() always "
+                                      "follows `hard`."})
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -52,6 +59,10 @@ class GatedLoraConfig:
             raise bad("threshold", "a number in (0, 1)")
         if not isinstance(self.hard, bool):
             raise bad("hard", "a bool")
+        if not isinstance(self.straight_through, bool):
+            raise bad("straight_through", "a bool")
+        if self.train_gate not in TRAIN_GATES:
+            raise bad("train_gate", f"one of {TRAIN_GATES}")
         if isinstance(self.router_layer, bool) or not isinstance(self.router_layer, int) or self.router_layer < 0:
             raise bad("router_layer", "an int >= 0")
         if self.router is not None and not isinstance(self.router, nn.Module):

@@ -29,6 +29,8 @@ class GatedLoRALinear(nn.Module):
     ``lora_dropout[adapter]``), so state_dict keys and PEFT's ``save_pretrained`` are unchanged;
     for a PEFT layer they are the same module objects (shared, not copied). Token gates add
     ``gate_weight`` [K] and ``gate_bias`` []; sequence gates read the model's ``SequenceRouter``.
+    In training mode the gates are ``train_hard`` (when set) instead of ``hard``; hard gates pass
+    the gradient of a soft gate to the gate when ``straight_through`` (see ``ops/autograd.py``).
 
     x: [..., K] -> [..., N].
     """
@@ -46,6 +48,8 @@ class GatedLoRALinear(nn.Module):
         hard: bool = True,
         backend: str = "auto",
         route: SequenceRouter | None = None,
+        straight_through: bool = False,
+        train_hard: bool | None = None,
     ) -> None:
         super().__init__()
         if gate == "sequence" and route is None:
@@ -59,6 +63,8 @@ class GatedLoRALinear(nn.Module):
         self.gate_mode = gate
         self.threshold = threshold
         self.hard = hard
+        self.train_hard = train_hard  # gates in training mode; None: as in eval (``hard``)
+        self.straight_through = straight_through
         self.backend = backend
         self.in_features, self.out_features = linear_features(base_layer)
         self.forced_gate: float | None = None
@@ -91,6 +97,13 @@ class GatedLoRALinear(nn.Module):
                    layer.scaling[adapter_name], adapter_name, **gate_options)
 
     @property
+    def gates_are_hard(self) -> bool:
+        """Whether this forward uses 0/1 gates: ``train_hard`` in training mode when set, else ``hard``."""
+        if self.training and self.train_hard is not None:
+            return self.train_hard
+        return self.hard
+
+    @property
     def rank(self) -> int:
         return self.lora_A[self.adapter_name].weight.shape[0]
 
@@ -111,18 +124,24 @@ class GatedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        hard = self.gates_are_hard
+        # The router's all_closed is decided with the configured ``hard``; it also holds for hard
+        # gates when the router used soft ones (p == 0 is below any threshold), not the other way round.
         if self.forced_gate == 0.0 or (self.forced_gate is None and self.gate_mode == "sequence"
-                                       and self.route.all_closed):
+                                       and self.route.all_closed and (hard or not self.route.hard)):
             return result
         lora_x = self.lora_dropout[self.adapter_name](x)
         gate_args = self._gate_arguments(x, lora_x)
         if lora_x.dtype != result.dtype:  # autocast: the base ran in a lower precision than x
             lora_x = lora_x.to(result.dtype)
-        options = {"threshold": self.threshold, "hard": self.hard, **gate_args}
+        options = {"threshold": self.threshold, "hard": hard, "straight_through": self.straight_through,
+                   **gate_args}
         return gated_lora(lora_x, result, self.lora_A[self.adapter_name].weight,
                           self.lora_B[self.adapter_name].weight, self.scaling, backend=self.backend,
                           inplace=True, **options)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.rank}, "
-                f"gate={self.gate_mode!r}, threshold={self.threshold}, hard={self.hard}")
+                f"gate={self.gate_mode!r}, threshold={self.threshold}, hard={self.hard}"
+                + (f", train_hard={self.train_hard}" if self.train_hard is not None else "")
+                + (", straight_through=True" if self.straight_through else ""))

@@ -160,7 +160,8 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None) -> nn.M
         targets, route = _prepare_sequence_routing(model, config, targets, fresh, state)
 
     options = dict(gate=config.gate, threshold=config.threshold, hard=config.hard, backend=config.backend,
-                   route=route)
+                   route=route, straight_through=config.straight_through,
+                   train_hard=None if config.train_gate is None else config.train_gate == "hard")
     for name, module in targets:
         if fresh:
             new = GatedLoRALinear.fresh(module, config.r, config.lora_alpha, config.lora_dropout, **options)
