@@ -157,7 +157,7 @@ def lora_backward(
             select_rows = hard and x.device.type == "cpu" and not torch.compiler.is_compiling()
         if g is not None and select_rows:
             rows = (g != 0).nonzero().flatten()
-            weight = None
+            weight = None if hard else g.index_select(0, rows).to(compute)
         else:
             rows = None
             weight = None if g is None else g.to(compute)
