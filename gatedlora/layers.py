@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -119,8 +120,26 @@ class GatedLoRALinear(nn.Module):
                 return {"gate": token_gate_probabilities(rows, self.gate_weight, self.gate_bias)}
             return {"gate_weight": self.gate_weight, "gate_bias": self.gate_bias}
         if self.gate_mode == "sequence":
-            return {"gate": self.route.row_gates(x)}
+            gate = self.route.row_gates(x)
+            if self.training and not gate.requires_grad and torch.is_grad_enabled():
+                self._warn_if_router_cut_off()
+            return {"gate": gate}
         return {}
+
+    def _warn_if_router_cut_off(self) -> None:
+        """A trainable router whose gate reached this layer without a graph: it ran under no_grad, as
+        reentrant gradient checkpointing runs block ``router_layer`` (its recomputation in the
+        backward comes after the later layers have already used the gate). Warn once per layer."""
+        wants_gradient = not self.gates_are_hard or self.straight_through
+        if not wants_gradient or self.__dict__.get("_warned_router_cut_off"):
+            return
+        if any(p.requires_grad for p in self.route.router.parameters()):
+            self.__dict__["_warned_router_cut_off"] = True
+            warnings.warn("gatedlora: the router is trainable but its gate reaches the adapter layers without a "
+                          "gradient (reentrant gradient checkpointing runs block router_layer under no_grad); "
+                          "the router will not learn from this loss. Use gradient_checkpointing_kwargs="
+                          "{'use_reentrant': False}, or train the router separately (gatedlora.train_router).",
+                          stacklevel=3)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
