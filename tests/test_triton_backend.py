@@ -186,12 +186,14 @@ def test_unsupported_dtype_pair_is_explained():
 
 
 def test_strided_inputs_and_inplace_output():
-    """x as a transposed view, A and B with swapped strides, base_out a column slice of a wider
-    buffer: the kernel follows the strides, writes open rows in place, never touches the poison."""
+    """x and base_out column slices of wider buffers (row strides passed to the kernel), A and B
+    transposed views (copied by the launcher): open rows are written in place, the poison beyond
+    base_out's columns is never touched."""
     g = torch.Generator().manual_seed(11)
     b_, t_, k, n, r = 3, 11, 113, 59, 16
     dtype = torch.float16
-    x = torch.randn(k, b_ * t_, generator=g).to(dtype).to(DEVICE).t().reshape(b_, t_, k)  # non-contiguous rows
+    # Rows of x 7 elements apart: the kernel takes the row stride as it is.
+    x = torch.randn(b_, t_, k + 7, generator=g).to(dtype).to(DEVICE)[..., :k]
     assert not x.is_contiguous()
     poison = float("nan")
     buffer = torch.full((b_, t_, n + 5), poison, dtype=dtype, device=DEVICE)
@@ -209,6 +211,20 @@ def test_strided_inputs_and_inplace_output():
     assert torch.equal(bits(buffer[..., n:]), poison_before), "the kernel wrote outside base_out"
     case_rows = dict(case, x=x.reshape(-1, k), base_out=out.reshape(-1, n), gate=p.reshape(-1))
     check_against_reference(case_rows, out.reshape(-1, n), base_before=before.reshape(-1, n))
+
+
+def test_output_with_column_stride_is_staged():
+    """An out [M, N] whose columns are not adjacent goes through a contiguous copy (the kernel
+    stores contiguous vectors); the result, and the untouched closed rows, are the same."""
+    case = make_case(12, 9, 40, 24, 4, torch.float32, "given-hard", "75%")
+    buffer = torch.full((9, 48), float("nan"), device=DEVICE)
+    out = buffer[:, ::2]
+    out.copy_(case["base_out"])
+    args = GatedLoraArgs(case["x"], case["lora_a"], case["lora_b"], case["scaling"], case["gate"], None, 0.0,
+                         0.5, True)
+    tb.TritonBackend().add_into(out, args)
+    assert torch.isnan(buffer[:, 1::2]).all()
+    check_against_reference(case, out)
 
 
 def test_nan_probability_closes_row():

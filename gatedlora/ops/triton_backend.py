@@ -55,7 +55,6 @@ from .checks import GatedLoraArgs
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_RANK = 128
 BLOCK_R_CHOICES = (16, 32, 64, 128)
-_INT32_MAX = 2**31 - 1
 
 # Assumed H100 SXM bandwidths in bytes/s (see the module docstring); unmeasured.
 HBM_BANDWIDTH = 3.35e12
@@ -77,29 +76,32 @@ class TileConfig:
 
 
 def _tile_table() -> dict[tuple[int, int, int], TileConfig]:
-    """(BLOCK_M, BLOCK_R, LoRA element size) -> tiles.
+    """(BLOCK_M, BLOCK_R, LoRA element size) -> tiles, as tuned by tools/aot_check.py on sm_80/sm_90.
 
-    Register budget (4 warps = 128 threads, fp32 accumulators): the rank-r accumulator takes
-    BLOCK_M*BLOCK_R/128 registers a thread and the output tile BLOCK_M*BLOCK_N/128 more, so
-    BLOCK_M = 64 with BLOCK_R = 128 gets 8 warps. BLOCK_K shrinks as the x and A tiles grow,
-    to bound the pipelined shared memory, stages * (BLOCK_M + BLOCK_R) * BLOCK_K * e.
-    The resulting registers, spills and shared memory are checked by tools/aot_check.py.
+    Registers bound every choice (fp32 accumulators; 4 warps = 128 threads): the rank-r
+    accumulator takes BLOCK_M*BLOCK_R/threads registers a thread, the B tile
+    BLOCK_R*BLOCK_N/threads and the output tile BLOCK_M*BLOCK_N/threads. Where a first choice
+    spilled (STACK > 0 in the cubin), BLOCK_K or BLOCK_N was halved or the warps doubled:
+    * 64-row tiles use 8 warps: with 4 they spilled from BLOCK_R = 64 up, and every fp32 one;
+    * fp32 LoRA weights (tf32/ieee dots) halve BLOCK_K, and BLOCK_N = 32 where BLOCK_R >= 64;
+    * 16-row tiles with BLOCK_R = 128 take BLOCK_K = 32 (64 spilled 96 bytes on sm_90);
+    * fp32 LoRA weights with BLOCK_R = 128 have no 16-row tile: each one tried (BLOCK_N 16 or 32,
+      4 or 8 warps, 2 or 3 stages) spilled 8 to 48 bytes on sm_80, so M <= 16 runs the 64-row
+      tile (masked rows: no extra bytes, idle tensor-core lanes); the 64-row tile spills with 3
+      stages and not with 2.
     """
-    table = {}
-    for elt in (2, 4):
-        for block_r in BLOCK_R_CHOICES:
-            # Decode tiles: 16 rows (tl.dot's minimum), a long K step to keep loads in flight.
-            block_k = 128 if block_r <= 32 else 64
-            if elt == 4:
-                block_k //= 2
-            table[(16, block_r, elt)] = TileConfig(16, 64, block_k, block_r, 4, 3)
-            # Prefill tiles: 64 rows share each A and B tile.
-            block_k = 64 if block_r <= 64 else 32
-            if elt == 4:
-                block_k //= 2
-            warps = 8 if block_r == 128 else 4
-            table[(64, block_r, elt)] = TileConfig(64, 64, block_k, block_r, warps, 3)
-    return table
+    half, single = 2, 4
+    rows = [
+        # block_m, block_r, elt, block_n, block_k, warps, stages
+        (16, 16, half, 64, 128, 4, 3), (16, 32, half, 64, 128, 4, 3), (16, 64, half, 64, 64, 4, 3),
+        (16, 128, half, 64, 32, 4, 3),
+        (64, 16, half, 64, 64, 8, 3), (64, 32, half, 64, 64, 8, 3), (64, 64, half, 64, 64, 8, 3),
+        (64, 128, half, 64, 32, 8, 3),
+        (16, 16, single, 64, 32, 4, 3), (16, 32, single, 64, 32, 4, 3), (16, 64, single, 32, 32, 4, 3),
+        (64, 16, single, 64, 16, 8, 3), (64, 32, single, 64, 32, 8, 3), (64, 64, single, 32, 16, 8, 3),
+        (64, 128, single, 32, 16, 8, 2),
+    ]
+    return {(bm, br, elt): TileConfig(bm, bn, bk, br, warps, stages) for bm, br, elt, bn, bk, warps, stages in rows}
 
 
 TILE_CONFIGS = _tile_table()
@@ -138,7 +140,8 @@ def choose_launch(m_key: int, n: int, k: int, r: int, e_x: int, e_l: int, num_sm
     best = None
     # A tile taller than M only adds masked rows: no bytes, but tensor-core work on padding that the
     # byte model does not see.
-    for block_m in [bm for bm in BLOCK_M_CHOICES if bm <= max(m_key, min(BLOCK_M_CHOICES))]:
+    compiled = [bm for bm in BLOCK_M_CHOICES if (bm, block_r, e_l) in TILE_CONFIGS]
+    for block_m in [bm for bm in compiled if bm <= max(m_key, min(compiled))]:
         tiles = TILE_CONFIGS[(block_m, block_r, e_l)]
         n_tiles = triton.cdiv(n, tiles.block_n)
         split = 1
@@ -173,11 +176,6 @@ def dot_precision(lora_dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _column_offset_overflows(t: torch.Tensor) -> bool:
-    # The kernel keeps column offsets (col * stride) in int32; rows use int64.
-    return t.dim() >= 1 and (t.shape[-1] - 1) * abs(t.stride(-1)) > _INT32_MAX
-
-
 def dtype_pair_supported(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> bool:
     """The kernel runs x and LoRA weights of one dtype, and 16-bit x with fp32 LoRA weights (what PEFT
     creates by default on a bf16/fp16 model: autocast_adapter_dtype upcasts adapters to fp32)."""
@@ -193,6 +191,13 @@ def _as_fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:
+    # The kernel assumes stride 1 along the last dim (contiguous vector loads; see the kernel's
+    # docstring). Layouts without it (a transposed x, for instance) are copied: one extra read and
+    # write of the tensor, on an uncommon path. Row strides are passed as they are.
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
 def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig | None = None,
                 n_split: int | None = None) -> tuple[tuple[int, int], tuple, dict] | None:
     """(grid, positional args, keyword args) of the kernel launch for ``out`` [M, N] and ``args``;
@@ -201,7 +206,9 @@ def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig | None
     ``tiles``/``n_split`` override the heuristic (tests run every configuration through this).
     tools/aot_check.py compiles from these same plans, so what it checks is what is launched.
     """
-    x, a, b = args.x, args.lora_a, args.lora_b
+    if out.stride(-1) != 1 and out.shape[-1] > 1:
+        raise ValueError("gated_lora (triton): out must have unit stride along N (launch() copies otherwise)")
+    x, a, b = (_unit_inner_stride(t) for t in (args.x, args.lora_a, args.lora_b))
     m, k = x.shape
     n = out.shape[1]
     r = a.shape[0]
@@ -224,20 +231,20 @@ def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig | None
     bias_is_tensor = isinstance(args.gate_bias, torch.Tensor)
     if args.gate_weight is not None:
         mode = triton_kernel.GATE_TOKEN
-        gate_weight = _as_fp32(args.gate_weight)
+        gate_weight = _as_fp32(args.gate_weight).contiguous()
         gate = gate_weight
         gate_bias = _as_fp32(args.gate_bias) if bias_is_tensor else gate_weight
-        stride_g, stride_gw = 0, gate_weight.stride(0)
+        stride_g = 0
     elif args.gate is not None:
         mode = triton_kernel.GATE_GIVEN
         gate = _as_fp32(args.gate)
         gate_weight = gate_bias = gate
-        stride_g, stride_gw = gate.stride(0), 0
+        stride_g = gate.stride(0)
         bias_is_tensor = False
     else:
         mode = triton_kernel.GATE_NONE
         gate = gate_weight = gate_bias = x
-        stride_g = stride_gw = 0
+        stride_g = 0
         bias_is_tensor = False
     gate_bias_value = 0.0 if isinstance(args.gate_bias, torch.Tensor) else float(args.gate_bias)
 
@@ -245,8 +252,7 @@ def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig | None
     positional = (
         x, a, b, out, gate, gate_weight, gate_bias,
         m, n, k, r,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), stride_g, stride_gw,
+        x.stride(0), a.stride(0), b.stride(0), out.stride(0), stride_g,
         float(args.scaling), float(args.threshold), gate_bias_value,
         int(args.hard), int(bias_is_tensor),
     )
@@ -264,6 +270,11 @@ def launch(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig | None = No
 
     x: [M, K]; lora_a: [r, K]; lora_b: [N, r]; gate: [M] or None; gate_weight: [K] or None.
     """
+    if out.stride(-1) != 1 and out.shape[-1] > 1:
+        staged = out.contiguous()
+        launch(staged, args, tiles, n_split)
+        out.copy_(staged)
+        return
     plan = launch_plan(out, args, tiles, n_split)
     if plan is None:
         return
@@ -302,14 +313,9 @@ class TritonBackend(Backend):
             for t in (x, a, args.lora_b, args.gate, args.gate_weight, args.gate_bias)
         ):
             reasons.append("inputs require grad and the kernel has no backward yet (the torch backend has)")
-        for label, t in (("x", x), ("lora_a", a), ("lora_b", args.lora_b)):
-            if _column_offset_overflows(t):
-                reasons.append(f"{label} has a column stride of {t.stride(-1)}: column offsets overflow int32")
         return reasons
 
     def add_into(self, out: torch.Tensor, args: GatedLoraArgs) -> None:
-        if _column_offset_overflows(out):
-            raise ValueError(f"gated_lora (triton): out column stride {out.stride(-1)} overflows int32 offsets")
         launch(out, args)
 
 

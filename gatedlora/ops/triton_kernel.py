@@ -42,8 +42,7 @@ def _gate_from_probability(p, threshold, hard):
 def gated_lora_add_kernel(
     x_ptr, a_ptr, b_ptr, out_ptr, gate_ptr, gw_ptr, gb_ptr,
     M, N, K, R,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_om, stride_on, stride_g, stride_gw,
+    stride_xm, stride_ar, stride_bn, stride_om, stride_g,
     scaling, threshold, gate_bias_value,
     hard, bias_from_ptr,
     GATE_MODE: tl.constexpr,
@@ -52,9 +51,12 @@ def gated_lora_add_kernel(
 ):
     """out[m, :] += scaling * g_m * (x[m] A^T) B^T for rows with g_m != 0; other rows untouched.
 
-    x [M, K] (any strides), a [R, K] (lora_A.weight), b [N, R] (lora_B.weight), out [M, N] holding
-    the base output, gate [M] probabilities (GATE_GIVEN), gw [K] token-gate weight and gb a 0-dim
-    bias tensor when ``bias_from_ptr`` (else ``gate_bias_value``) (GATE_TOKEN). ``hard`` and
+    x [M, K], a [R, K] (lora_A.weight), b [N, R] (lora_B.weight), out [M, N] holding the base
+    output, all with unit stride along their last dim (rows may have any stride); gate [M]
+    probabilities (GATE_GIVEN, any stride); gw [K] contiguous token-gate weight and gb a 0-dim bias
+    tensor when ``bias_from_ptr`` (else ``gate_bias_value``) (GATE_TOKEN). Unit inner strides
+    let every tile load as contiguous vectors: with a runtime inner stride each element needs its
+    own 64-bit address, which made 64-row tiles spill on sm_90 (tools/aot_check.py). ``hard`` and
     ``bias_from_ptr`` are runtime ints: both paths cost a scalar branch, and keeping them out of
     the constexprs halves the number of compiled variants twice over (tools/aot_check.py).
     BLOCK_R >= R is a power of two >= 16 (tl.dot's minimum); the padded ranks load as zeros.
@@ -93,15 +95,15 @@ def gated_lora_add_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_in = offs_k < K
         x = tl.load(
-            x_ptr + rows64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            x_ptr + rows64[:, None] * stride_xm + offs_k[None, :],
             mask=load_rows[:, None] & k_in[None, :], other=0.0,
         )
         if GATE_MODE == 2:
             # Gate in fp32 on x in its own dtype, as gates.token_gate_probabilities does.
-            w = tl.load(gw_ptr + offs_k * stride_gw, mask=k_in, other=0.0).to(tl.float32)
+            w = tl.load(gw_ptr + offs_k, mask=k_in, other=0.0).to(tl.float32)
             logit += tl.sum(x.to(tl.float32) * w[None, :], axis=1)
         a = tl.load(
-            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None],
             mask=k_in[:, None] & r_in[None, :], other=0.0,
         )
         # PEFT casts x to the LoRA dtype before lora_A.
@@ -127,11 +129,11 @@ def gated_lora_add_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_in = offs_n < N
         b = tl.load(
-            b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+            b_ptr + offs_r[:, None] + offs_n[None, :] * stride_bn,
             mask=r_in[:, None] & n_in[None, :], other=0.0,
         )
         delta = tl.dot(xa_l, b, input_precision=DOT_PRECISION)
-        o_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :] * stride_on
+        o_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
         # Closed rows are neither read nor written: they stay bitwise equal to the base output.
         o_mask = is_open[:, None] & n_in[None, :]
         base = tl.load(o_ptrs, mask=o_mask, other=0.0)
