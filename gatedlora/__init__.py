@@ -4,11 +4,12 @@ from .io import load_pretrained, save_pretrained
 from .layers import GatedLoRALinear
 from .ops import available_backends, gated_lora
 from .patching import force_gate, get_router, patch_model, unpatch_model
+from .router_training import RouterTrainingResult, extract_router_features, train_router
 from .routing import PrismRouter, TwoClassRouter, prism_two_class_router
 
 __version__ = "0.1.0"
 __all__ = [
     "GatedLoraConfig", "GatedLoRALinear", "PrismRouter", "TwoClassRouter", "available_backends", "force_gate",
     "gated_lora", "get_router", "load_pretrained", "patch_model", "prism_two_class_router", "save_pretrained",
-    "unpatch_model",
+    "unpatch_model", "train_router", "extract_router_features", "RouterTrainingResult",
 ]

@@ -1,4 +1,5 @@
-"""The ``gatedlora`` command. ``gatedlora bench``: base path against adapter path on a model."""
+"""The ``gatedlora`` command. ``gatedlora bench``: base path against adapter path on a model.
+``gatedlora train-router``: train a PRISM router from labelled prompts (JSONL)."""
 from __future__ import annotations
 
 import argparse
@@ -92,14 +93,136 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+PRISM_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _train_router_parser(sub) -> None:
+    p = sub.add_parser("train-router", help="train a PRISM router (which prompts go to the adapter) from a JSONL "
+                                            "of {\"prompt\": ..., \"label\": 0|1}",
+                       description="PRISM step A: hidden states after --router-layer at each prompt's last token "
+                                   "(adapter off), a class-weighted router on them, accuracy on a held-out split.")
+    p.add_argument("--model", metavar="PATH", required=True, help="local model directory (with its tokenizer)")
+    p.add_argument("--data", metavar="FILE.jsonl", required=True,
+                   help="one {\"prompt\": str, \"label\": 0|1} per line; 1 = the adapter should answer")
+    p.add_argument("--out", metavar="DIR", help="save the router here (gatedlora.save_pretrained)")
+    p.add_argument("--adapter", metavar="PATH", help="local PEFT LoRA adapter for --model (default: a fresh "
+                   "adapter on --target-modules after --router-layer, rank 16, alpha 32, as PRISM)")
+    p.add_argument("--target-modules", default=PRISM_PROJECTIONS,
+                   help=f"fresh adapter: comma-separated module names (default {PRISM_PROJECTIONS})")
+    p.add_argument("--router", choices=("prism", "two-class"), default="prism",
+                   help="prism: Linear(H,128)-GELU-Linear(128,64)-GELU-Linear(64,1), sigmoid (default); "
+                        "two-class: Linear(H,256)-GELU-Dropout-Linear(256,2), argmax")
+    p.add_argument("--router-layer", type=int, default=0, help="router tap layer (default 0)")
+    p.add_argument("--epochs", type=int, default=100, help="passes over the training split (default 100)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=64, help="router training minibatch (default 64)")
+    p.add_argument("--heldout", type=float, default=0.2, help="held-out fraction per label (default 0.2)")
+    p.add_argument("--max-length", type=int, help="truncate prompts to this many tokens")
+    p.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace gatedlora files already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import torch
+
+    from .router_training import read_router_data
+
+    for flag in ("model", "adapter"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_dir():
+            parser.error(f"--{flag} {path}: no such directory")
+    if not Path(args.data).is_file():
+        parser.error(f"--data {args.data}: no such file")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    if args.router_layer < 0:
+        parser.error(f"--router-layer must be >= 0, got {args.router_layer}")
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_length is not None and args.max_length < 1:
+        parser.error(f"--max-length must be >= 1, got {args.max_length}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.heldout < 1:
+        parser.error(f"--heldout must be in [0, 1), got {args.heldout}")
+    if args.out:
+        from .io import CONFIG_NAME, WEIGHTS_NAME
+
+        existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (Path(args.out) / name).exists()]
+        if existing and not args.overwrite:
+            parser.error(f"--out {args.out} already holds {existing}; pass --overwrite to replace them")
+    args.target_modules = [m.strip() for m in args.target_modules.split(",") if m.strip()]
+    if not args.target_modules:
+        parser.error("--target-modules: expected comma-separated module names")
+    try:
+        args.prompts, args.labels = read_router_data(args.data)
+    except (ValueError, UnicodeDecodeError) as err:
+        parser.error(f"--data: {err}")
+    counts = [args.labels.count(0), args.labels.count(1)]
+    if min(counts) == 0:
+        parser.error(f"--data {args.data}: both labels are needed, got {counts[0]} rows with 0 and {counts[1]} with 1")
+
+
+def _load_for_routing(args: argparse.Namespace):
+    """Tokenizer and model from --model (causal LM head if the checkpoint has one), patched for sequence gates."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .config import GatedLoraConfig
+    from .patching import patch_model
+    from .routing import prism_two_class_router
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    architectures = getattr(AutoConfig.from_pretrained(args.model), "architectures", None) or []
+    loader = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in architectures) else AutoModel
+    model = loader.from_pretrained(args.model).to(device).eval()
+    router = None
+    if args.router == "two-class":
+        router = prism_two_class_router(model.config.hidden_size).to(device)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        config = GatedLoraConfig(gate="sequence", router_layer=args.router_layer, router=router)
+    else:
+        # fresh adapters go only on the blocks after the router's tap layer (patch_model drops the
+        # earlier ones), as PRISM trains them
+        config = GatedLoraConfig(gate="sequence", router_layer=args.router_layer, router=router, r=16,
+                                 lora_alpha=32, target_modules=args.target_modules)
+    return tokenizer, patch_model(model, config)
+
+
+def _run_train_router(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .router_training import train_router
+
+    try:
+        tokenizer, model = _load_for_routing(args)
+    except ValueError as err:  # e.g. no module matches --target-modules
+        parser.error(str(err))
+    result = train_router(model, args.prompts, args.labels, tokenizer, epochs=args.epochs, lr=args.lr,
+                          batch_size=args.batch_size, heldout=args.heldout, seed=args.seed,
+                          max_length=args.max_length, progress=not args.no_progress, save_to=args.out,
+                          overwrite=args.overwrite)
+    print(result.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gatedlora", description="Gated LoRA kernels and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
+    _train_router_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "bench":
         _check_bench_args(sub.choices["bench"], args)
         return _run_bench(args)
+    if args.command == "train-router":
+        _check_train_router_args(sub.choices["train-router"], args)
+        return _run_train_router(sub.choices["train-router"], args)
     return 2
 
 

@@ -1,0 +1,287 @@
+"""Router training, PRISM step A: features at block ``router_layer``, then a class-weighted classifier.
+
+The router of a model patched with ``gate="sequence"`` reads the hidden state after block
+``router_layer`` at each prompt's last real token. ``train_router`` computes exactly those
+features once (adapter off, the forward stopped right after that block, batched), trains the
+router on them with class-weighted cross-entropy (PRISM's routing rates are skewed: about 6% of
+MMLU queries go to the adapter), reports accuracy on a held-out split and can save the router with
+``gatedlora.save_pretrained``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .io import save_pretrained
+from .patching import force_gate, get_router, patch_state
+from .routing import PrismRouter, TwoClassRouter, last_real_positions
+
+
+@dataclass
+class RouterTrainingResult:
+    """What ``train_router`` measured. Accuracies are fractions in [0, 1]; held-out ones are NaN
+    when ``heldout=0``. ``heldout_class_accuracy`` is (label 0, label 1): the recall of each route."""
+
+    train_accuracy: float
+    heldout_accuracy: float
+    heldout_class_accuracy: tuple[float, float]
+    heldout_open_rate: float
+    train_size: int
+    heldout_size: int
+    class_counts: tuple[int, int]
+    threshold: float
+    losses: list[float] = field(default_factory=list)
+    saved_to: str | None = None
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        zero, one = self.heldout_class_accuracy
+        return (f"router: train accuracy {self.train_accuracy:.3f} ({self.train_size} prompts), held-out accuracy "
+                f"{self.heldout_accuracy:.3f} ({self.heldout_size} prompts; label 0 {zero:.3f}, label 1 {one:.3f}; "
+                f"adapter used for {self.heldout_open_rate:.1%}); labels 0/1: {self.class_counts[0]}/"
+                f"{self.class_counts[1]}" + (f"; saved to {self.saved_to}" if self.saved_to else ""))
+
+
+class _StopForward(Exception):
+    """Raised by the feature hook once block router_layer has run: the later blocks are not needed."""
+
+
+def _token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None) -> list[list[int]]:
+    if all(isinstance(p, str) for p in prompts):
+        if tokenizer is None:
+            raise ValueError("train_router: prompts are strings, so a tokenizer is needed (tokenizer=...)")
+        encoded = tokenizer(list(prompts), truncation=max_length is not None, max_length=max_length)["input_ids"]
+    else:
+        encoded = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, torch.Tensor) and p.dim() == 1 and not p.is_floating_point():
+                encoded.append(p.tolist())
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+                encoded.append(list(p))
+            else:
+                raise TypeError(f"train_router: prompts[{i}] must be a string (with a tokenizer), a list of token ids "
+                                f"or a 1-D integer tensor, got {type(p).__name__}")
+        if max_length is not None:
+            encoded = [ids[:max_length] for ids in encoded]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"train_router: prompts {empty[:8]} have no tokens")
+    return encoded
+
+
+def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer: Any = None, batch_size: int = 32,
+                            max_length: int | None = None, progress: bool = True) -> torch.Tensor:
+    """The router's input for each prompt: hidden state after block ``router_layer`` at the last token.
+
+    model: patched with ``gate="sequence"``. prompts: n strings (with ``tokenizer``) or n token-id
+    sequences. One forward per batch, adapter off, stopped after block ``router_layer``; prompts are
+    batched by length (less padding) and padded on the right. Returns [n, H] float32 on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    state = patch_state(model)
+    get_router(model)  # raises unless gate="sequence"
+    block = model.get_submodule(state.blocks_path)[state.config.router_layer]
+    ids = _token_ids(prompts, tokenizer, max_length)
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    captured: list[torch.Tensor] = []
+
+    def stop_after_block(module: nn.Module, args: tuple, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+        raise _StopForward
+
+    features = torch.empty(len(ids), 0)
+    was_training = model.training
+    handle = block.register_forward_hook(stop_after_block, prepend=True)
+    try:
+        model.eval()
+        with torch.no_grad(), force_gate(model, 0.0):
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc="router features", unit="batch", disable=not progress):
+                rows = order[start:start + batch_size]
+                length = max(len(ids[i]) for i in rows)
+                input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+                mask = torch.zeros(len(rows), length, dtype=torch.long)
+                for j, i in enumerate(rows):
+                    input_ids[j, :len(ids[i])] = torch.tensor(ids[i])
+                    mask[j, :len(ids[i])] = 1
+                captured.clear()
+                try:
+                    model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+                except _StopForward:
+                    pass
+                if not captured:
+                    raise RuntimeError(f"train_router: block {state.config.router_layer} did not run in the forward")
+                hidden = captured[0]
+                positions = last_real_positions(mask, len(rows), length).to(hidden.device)
+                last = hidden[torch.arange(len(rows), device=hidden.device), positions].float().cpu()
+                if features.shape[1] == 0:
+                    features = torch.empty(len(ids), last.shape[1])
+                features[torch.tensor(rows)] = last
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return features
+
+
+def router_logits(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The router's decision as one logit per row (>= logit(threshold) opens). hidden: [B, H] -> [B].
+
+    PrismRouter: the logit before its sigmoid; TwoClassRouter: l1 - l0 (softmax(l)[1] = sigmoid(l1 - l0));
+    any other router: the logit of its probability.
+    """
+    if isinstance(router, PrismRouter):
+        return router.net(hidden).squeeze(-1)
+    if isinstance(router, TwoClassRouter):
+        logits = router.net(hidden)
+        return (logits[:, 1] - logits[:, 0]).float()
+    return torch.logit(router(hidden).float(), eps=1e-6)
+
+
+def _split(labels: torch.Tensor, heldout: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified split: a ``heldout`` fraction of each class (at least one where it has two or more)."""
+    train, test = [], []
+    for c in (0, 1):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_test = min(len(idx) - 1, max(1, round(heldout * len(idx)))) if heldout > 0 else 0
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return torch.cat(train), torch.cat(test)
+
+
+def _check_labels(prompts: Sequence[Any], labels: Any) -> torch.Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or len(labels) != len(prompts):
+        raise ValueError(f"train_router: labels must have one value per prompt ({len(prompts)}), "
+                         f"got shape {list(labels.shape)}")
+    if labels.is_floating_point() or not bool(((labels == 0) | (labels == 1)).all()):
+        bad = [i for i, v in enumerate(labels.tolist()) if v not in (0, 1) or isinstance(v, float)][:8]
+        raise ValueError(f"train_router: labels must be integers 0 (base model) or 1 (adapter); bad at {bad}")
+    counts = [int((labels == c).sum()) for c in (0, 1)]
+    if min(counts) == 0:
+        raise ValueError(f"train_router: both labels are needed to train a router, got counts 0/1 = {counts}")
+    return labels.long()
+
+
+def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int] | torch.Tensor, tokenizer: Any = None,
+                 *, epochs: int = 100, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 64,
+                 heldout: float = 0.2, seed: int = 0, max_length: int | None = None, feature_batch_size: int = 32,
+                 progress: bool = True, save_to: str | Path | None = None, overwrite: bool = False,
+                 ) -> RouterTrainingResult:
+    """Train the router of ``model`` (patched with ``gate="sequence"``) on labelled prompts, in place.
+
+    prompts: n strings (with ``tokenizer``) or token-id sequences; labels: n values, 1 where the
+    adapter should answer, 0 where the base model should. The features come from
+    ``extract_router_features`` (one pass, adapter off); a stratified ``heldout`` fraction is kept
+    out of training. Loss: binary cross-entropy on the router's logit, each class weighted by
+    n / (2 n_class) so a rare route counts as much as a common one; AdamW, ``epochs`` passes of
+    shuffled minibatches. The router is left in eval mode; ``save_to``: written with
+    ``gatedlora.save_pretrained`` (``overwrite`` as there). Returns a ``RouterTrainingResult``.
+    """
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"train_router: epochs must be an int >= 1, got {epochs!r}")
+    if not (isinstance(heldout, (int, float)) and 0 <= heldout < 1):
+        raise ValueError(f"train_router: heldout must be a fraction in [0, 1), got {heldout!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"train_router: lr must be positive, got {lr!r}")
+    route = get_router(model)  # raises unless the model is patched with gate="sequence"
+    y = _check_labels(prompts, labels)
+    router = route.router
+    threshold = float(route.threshold)
+    features = extract_router_features(model, prompts, tokenizer, feature_batch_size, max_length, progress)
+    param = next(router.parameters(), None)
+    if param is None:
+        raise ValueError(f"train_router: the router {type(router).__name__} has no parameters to train")
+    features = features.to(device=param.device, dtype=param.dtype)
+    y = y.to(param.device)
+    generator = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = _split(y.cpu(), heldout, generator)
+    train_idx, test_idx = train_idx.to(param.device), test_idx.to(param.device)
+    counts = [int((y[train_idx] == c).sum()) for c in (0, 1)]
+    class_weight = torch.tensor([len(train_idx) / (2 * c) for c in counts], device=param.device)
+
+    flags = [p.requires_grad for p in router.parameters()]
+    router.requires_grad_(True)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    router.train()
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                perm = train_idx[torch.randperm(len(train_idx), generator=generator).to(param.device)]
+                total = torch.zeros((), device=param.device)
+                for start in range(0, len(perm), batch_size):
+                    rows = perm[start:start + batch_size]
+                    target = y[rows]
+                    loss = F.binary_cross_entropy_with_logits(router_logits(router, features[rows]).float(),
+                                                              target.float(), weight=class_weight[target])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.detach() * len(rows)
+                losses.append(float(total) / len(perm))
+    finally:
+        router.eval()
+        for p, flag in zip(router.parameters(), flags):
+            p.requires_grad_(flag)
+
+    with torch.no_grad():
+        decisions = router(features).float() >= threshold  # NaN compares False: closed, as in routing
+    correct = decisions == y.bool()
+
+    def accuracy(idx: torch.Tensor) -> float:
+        return float(correct[idx].float().mean()) if len(idx) else math.nan
+
+    result = RouterTrainingResult(
+        train_accuracy=accuracy(train_idx), heldout_accuracy=accuracy(test_idx),
+        heldout_class_accuracy=(accuracy(test_idx[y[test_idx] == 0]), accuracy(test_idx[y[test_idx] == 1])),
+        heldout_open_rate=float(decisions[test_idx].float().mean()) if len(test_idx) else math.nan,
+        train_size=len(train_idx), heldout_size=len(test_idx),
+        class_counts=(int((y == 0).sum()), int((y == 1).sum())), threshold=threshold, losses=losses)
+    if save_to is not None:
+        save_pretrained(model, save_to, overwrite=overwrite)
+        result.saved_to = str(save_to)
+    return result
+
+
+def read_router_data(path: str | Path) -> tuple[list[str], list[int]]:
+    """Prompts and labels from a JSONL file of ``{"prompt": str, "label": 0 | 1}`` (blank lines skipped).
+
+    Raises ValueError naming the file and line of the first bad row.
+    """
+    prompts: list[str] = []
+    labels: list[int] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected an object {{\"prompt\": ..., \"label\": 0|1}}, "
+                                 f"got {type(row).__name__}")
+            missing = [key for key in ("prompt", "label") if key not in row]
+            if missing:
+                raise ValueError(f"{where}: missing {' and '.join(repr(k) for k in missing)}")
+            prompt, label = row["prompt"], row["label"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{where}: \"prompt\" must be a non-empty string, got {prompt!r:.60}")
+            if isinstance(label, bool) or label not in (0, 1) or isinstance(label, float):
+                raise ValueError(f"{where}: \"label\" must be 0 or 1, got {label!r:.60}")
+            prompts.append(prompt)
+            labels.append(int(label))
+    if not prompts:
+        raise ValueError(f"{path}: no rows")
+    return prompts, labels

