@@ -48,10 +48,11 @@ def default_scenarios(quick: bool = False) -> list[Scenario]:
     """PRISM's routing rates at batch 8: 0, 1 of 8 (nearest to 6%), 6 of 8 (75%), all; batch 1 closed/open."""
     if quick:
         return [Scenario("prefill", 4, 32, c) for c in (0, 1, 4)] + [Scenario("decode", 4, 32, c) for c in (0, 4)]
-    out = []
-    for phase, tokens in (("prefill", 128), ("prefill", 512), ("decode", 128)):
-        out += [Scenario(phase, 8, tokens, c) for c in (0, 1, 6, 8)]
-        out += [Scenario(phase, 1, tokens, c) for c in (0, 1)]
+    # prefill: 8 prompts of 128 tokens and one of 512; decode: one step at a 128-token context
+    out = [Scenario("prefill", 8, 128, c) for c in (0, 1, 6, 8)]
+    out += [Scenario("prefill", 1, 512, c) for c in (0, 1)]
+    out += [Scenario("decode", 8, 128, c) for c in (0, 1, 6, 8)]
+    out += [Scenario("decode", 1, 128, c) for c in (0, 1)]
     return out
 
 
