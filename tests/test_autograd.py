@@ -11,7 +11,7 @@ SCALING = 1.5
 FP64 = torch.float64
 
 
-def make_inputs(shape=(2, 3), k=7, n=5, r=3, dtype=FP64, seed=0, bias_tensor=True):
+def make_inputs(shape=(2, 3), k=7, n=5, r=3, dtype=FP64, seed=0, bias_tensor=True, device="cpu"):
     """Leaf tensors for one call: x [*shape, K], base [*shape, N], A [r, K], B [N, r], a given gate
     [*shape] and a token gate (w [K], b). Probabilities stay at least 0.05 away from the threshold 0.5,
     so no finite-difference step (1e-6) or rounding flips a hard gate."""
@@ -30,7 +30,7 @@ def make_inputs(shape=(2, 3), k=7, n=5, r=3, dtype=FP64, seed=0, bias_tensor=Tru
     values = dict(x=x, base_out=base, lora_a=rand(r, k), lora_b=rand(n, r), gate=gate, gate_weight=w,
                   gate_bias=torch.tensor(bias, dtype=dtype) if bias_tensor else bias)
     assert ((torch.sigmoid(values["x"] @ w + bias) - 0.5).abs() > 0.05).all()
-    return {key: v.requires_grad_() if isinstance(v, torch.Tensor) else v for key, v in values.items()}
+    return {key: v.to(device).requires_grad_() if isinstance(v, torch.Tensor) else v for key, v in values.items()}
 
 
 GATE_KINDS = {
@@ -84,7 +84,7 @@ def grads_of(fn, inputs, names, seed=7):
     for name in names:
         inputs[name].grad = None
     out = fn(*[inputs[k] for k in names])
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype).to(out.device)
     (out * weights).sum().backward()
     return {k: None if inputs[k].grad is None else inputs[k].grad.clone() for k in names}
 
@@ -248,6 +248,11 @@ def test_empty_rows_and_mixed_dtypes_give_gradients_of_the_input_dtypes():
 
 
 needs_triton = pytest.mark.skipif("triton" not in available_backends(), reason="triton backend not available")
+if "triton" in available_backends():
+    from gatedlora.ops.triton_backend import kernel_is_interpreted
+
+    # the interpreter (no GPU; tests/conftest.py) runs the kernel on CPU tensors, the compiled kernel on CUDA ones
+    TRITON_DEVICE = "cpu" if kernel_is_interpreted() else "cuda"
 
 
 @needs_triton
@@ -258,7 +263,7 @@ def test_gradcheck_triton_forward_fp32(kind):
     central difference is exact up to rounding for any step: with eps=0.5 the fp32 rounding error of
     the difference is about 1e-7*|y|/0.5, and atol=1e-4 still catches a wrong gradient of any
     visible size. Token gates (sigmoid) are not affine: see the next test."""
-    inputs = make_inputs(shape=(5,), k=6, n=7, r=2, dtype=torch.float32)
+    inputs = make_inputs(shape=(5,), k=6, n=7, r=2, dtype=torch.float32, device=TRITON_DEVICE)
     names = list(GATE_KINDS[kind])
     fn = op(inputs, kind, names, hard=False, backend="triton")
     with pytest.warns(UserWarning, match="double precision"):
@@ -272,7 +277,7 @@ def test_triton_forward_gradients_equal_the_torch_backend(kind, hard, straight_t
     """The backward is the same PyTorch code on every backend and reads only the inputs (not the forward's
     output), so the gradients through the triton forward are the torch backend's, bit for bit; the
     forwards agree to fp32 rounding."""
-    inputs = make_inputs(shape=(3, 5), k=24, n=20, r=4, dtype=torch.float32)
+    inputs = make_inputs(shape=(3, 5), k=24, n=20, r=4, dtype=torch.float32, device=TRITON_DEVICE)
     names = list(GATE_KINDS[kind])
     results = {}
     for backend in ("torch", "triton"):
