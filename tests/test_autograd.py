@@ -288,3 +288,22 @@ def test_triton_forward_gradients_equal_the_torch_backend(kind, hard, straight_t
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-5)
     for name in names:
         assert torch.equal(results["triton"][1][name], results["torch"][1][name]), name
+
+
+@pytest.mark.parametrize("trainable", [("x",), ("lora_a",), ("lora_b",), ("gate_weight",), ("gate_bias",),
+                                       ("x", "gate_weight")])
+def test_only_the_inputs_that_need_a_gradient_get_one(trainable):
+    """The backward skips what nobody asked for (frozen weights, activations that need no gradient) and
+    still gives the asked-for gradients exactly as when every input needs one."""
+    names = list(GATE_KINDS["token"])
+    inputs = make_inputs()
+    everything = grads_of(op(inputs, "token", names, hard=False, backend="torch"), inputs, names)
+    for name in names:
+        inputs[name].requires_grad_(name in trainable)
+    fn = op(inputs, "token", names, hard=False, backend="torch")
+    some = grads_of(fn, inputs, names)
+    for name in names:
+        if name in trainable:
+            torch.testing.assert_close(some[name], everything[name], rtol=1e-13, atol=1e-13)
+        else:
+            assert some[name] is None

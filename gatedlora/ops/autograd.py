@@ -99,10 +99,11 @@ class GatedLoraFunction(torch.autograd.Function):
             grad_out, x, lora_a, lora_b, scaling, gate, gate_weight,
             bias_tensor if bias_tensor is not None else bias_value, threshold, hard,
             gate_grad=_gate_gradient_wanted(ctx, gate, gate_weight, hard, straight_through),
+            need_x=ctx.needs_input_grad[0], need_weights=ctx.needs_input_grad[2] or ctx.needs_input_grad[3],
         )
         need = ctx.needs_input_grad
         return (
-            grads["x"] if need[0] else None,
+            grads.get("x"),
             grad_out if need[1] else None,
             grads["lora_a"] if need[2] else None,
             grads["lora_b"] if need[3] else None,
@@ -117,9 +118,11 @@ class GatedLoraFunction(torch.autograd.Function):
 def lora_backward(
     grad_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
     gate: Optional[torch.Tensor], gate_weight: Optional[torch.Tensor], gate_bias: "float | torch.Tensor",
-    threshold: float, hard: bool, gate_grad: bool, select_rows: Optional[bool] = None,
+    threshold: float, hard: bool, gate_grad: bool, need_x: bool = True, need_weights: bool = True,
+    select_rows: Optional[bool] = None,
 ) -> dict[str, torch.Tensor]:
-    """Gradients of ``gated_lora`` w.r.t. x, lora_a, lora_b and (if ``gate_grad``) the gate inputs.
+    """Gradients of ``gated_lora`` w.r.t. x (if ``need_x``), lora_a and lora_b (if ``need_weights``)
+    and the gate inputs (if ``gate_grad``).
 
     grad_out: [..., N]; x: [..., K]; lora_a: [r, K]; lora_b: [N, r]; gate: [M] or x.shape[:-1];
     gate_weight: [K]; gate_bias: float or a tensor with one element. Returns a dict of gradients
@@ -143,54 +146,52 @@ def lora_backward(
         grads: dict[str, torch.Tensor] = {}
         # token-gate terms arrive in the probability dtype (fp32 at least): accumulate in the wider one
         accumulate = compute if probabilities is None else torch.promote_types(compute, probabilities.dtype)
-        grad_x = torch.zeros_like(x_rows, dtype=accumulate)
+        grad_x = torch.zeros_like(x_rows, dtype=accumulate) if need_x else None
+        u_all = gb_all = None
         if gate_grad:
             # dL/dg needs u = x A^T and go B on every row, closed ones included (straight-through
-            # gates learn to open from them).
+            # gates learn to open from them); the LoRA gradients below reuse both.
             u_all = lora_x @ lora_a.T
             gb_all = go @ lora_b
             dg = scaling * (gb_all.to(probabilities.dtype) * u_all.to(probabilities.dtype)).sum(-1)
             dp = torch.where(torch.isnan(probabilities), torch.zeros_like(dg), dg)
             _gate_input_grads(grads, dp, probabilities, x_rows, gate, gate_weight, gate_bias, grad_x)
 
-        if select_rows is None:
-            select_rows = hard and x.device.type == "cpu" and not torch.compiler.is_compiling()
-        if g is not None and select_rows:
-            rows = (g != 0).nonzero().flatten()
-            weight = None if hard else g.index_select(0, rows).to(compute)
-        else:
-            rows = None
-            weight = None if g is None else g.to(compute)
-        rows_x = lora_x if rows is None else lora_x.index_select(0, rows)
-        rows_go = go if rows is None else go.index_select(0, rows)
-        if weight is not None:
-            rows_go = rows_go * weight[:, None]
-        rows_go = rows_go * scaling
-        u = rows_x @ lora_a.T                      # [M', r]
-        grad_b = rows_go.T @ u                     # [N, r]
-        grad_u = rows_go @ lora_b                  # [M', r]
-        grad_a = grad_u.T @ rows_x                 # [r, K]
-        lora_grad_x = grad_u @ lora_a              # [M', K]
-        if rows is None:
-            grad_x = grad_x + lora_grad_x
-        else:
-            grad_x = grad_x.index_add(0, rows, lora_grad_x.to(grad_x.dtype))
-    grads["x"] = grad_x.to(x.dtype).view(x.shape)
-    grads["lora_a"] = grad_a.to(lora_a.dtype)
-    grads["lora_b"] = grad_b.to(lora_b.dtype)
+        if need_x or need_weights:
+            if select_rows is None:
+                select_rows = hard and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            rows = (g != 0).nonzero().flatten() if g is not None and select_rows else None
+            pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))  # noqa: E731
+            # per-row factor s * g (hard gates: s on the selected rows, or s * 0/1 when masking)
+            factor = None if g is None or (hard and rows is not None) else pick(g).to(compute)[:, None] * scaling
+            rows_x = pick(lora_x)
+            u = rows_x @ lora_a.T if u_all is None else pick(u_all)           # [M', r]
+            gb = pick(go) @ lora_b if gb_all is None else pick(gb_all)        # [M', r]
+            grad_u = gb * scaling if factor is None else gb * factor          # dL/du
+            if need_weights:
+                rows_go = pick(go) * scaling if factor is None else pick(go) * factor
+                grads["lora_b"] = (rows_go.T @ u).to(lora_b.dtype)            # [N, r]
+                grads["lora_a"] = (grad_u.T @ rows_x).to(lora_a.dtype)        # [r, K]
+            if need_x:
+                lora_grad_x = (grad_u @ lora_a).to(grad_x.dtype)              # [M', K]
+                grad_x = grad_x + lora_grad_x if rows is None else grad_x.index_add(0, rows, lora_grad_x)
+    if need_x:
+        grads["x"] = grad_x.to(x.dtype).view(x.shape)
     return grads
 
 
 def _gate_input_grads(grads: dict, dp: torch.Tensor, probabilities: torch.Tensor, x_rows: torch.Tensor,
                       gate: Optional[torch.Tensor], gate_weight: Optional[torch.Tensor],
-                      gate_bias: "float | torch.Tensor", grad_x: torch.Tensor) -> None:
-    """Chain dL/dp [M] into the given gate, or into x, w_g and b_g of a token gate (grad_x updated in place)."""
+                      gate_bias: "float | torch.Tensor", grad_x: Optional[torch.Tensor]) -> None:
+    """Chain dL/dp [M] into the given gate, or into x, w_g and b_g of a token gate (grad_x, when x needs a
+    gradient, updated in place)."""
     if gate is not None:
         grads["gate"] = dp.to(gate.dtype).view(gate.shape)
         return
     # sigmoid'; a NaN probability (closed gate) passes no gradient on, rather than NaN
     d_logit = torch.where(torch.isnan(probabilities), torch.zeros_like(dp), dp * probabilities * (1 - probabilities))
     grads["gate_weight"] = (x_rows.to(d_logit.dtype).T @ d_logit).to(gate_weight.dtype)
-    grad_x.add_((d_logit[:, None] * gate_weight.to(d_logit.dtype)[None, :]).to(grad_x.dtype))
+    if grad_x is not None:
+        grad_x.add_((d_logit[:, None] * gate_weight.to(d_logit.dtype)[None, :]).to(grad_x.dtype))
     if isinstance(gate_bias, torch.Tensor):
         grads["gate_bias"] = d_logit.sum().to(gate_bias.dtype).view(gate_bias.shape)
