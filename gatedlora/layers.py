@@ -146,8 +146,11 @@ class GatedLoRALinear(nn.Module):
         hard = self.gates_are_hard
         # The router's all_closed is decided with the configured ``hard``; it also holds for hard
         # gates when the router used soft ones (p == 0 is below any threshold), not the other way round.
-        if self.forced_gate == 0.0 or (self.forced_gate is None and self.gate_mode == "sequence"
-                                       and self.route.all_closed and (hard or not self.route.hard)):
+        # Straight-through training needs the closed rows too: their gates learn to open from them.
+        skip_closed = self.gate_mode == "sequence" and (hard or not self.route.hard)
+        if self.straight_through and self.training and torch.is_grad_enabled():
+            skip_closed = False
+        if self.forced_gate == 0.0 or (self.forced_gate is None and skip_closed and self.route.all_closed):
             return result
         lora_x = self.lora_dropout[self.adapter_name](x)
         gate_args = self._gate_arguments(x, lora_x)

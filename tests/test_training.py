@@ -116,6 +116,25 @@ def test_closed_gates_give_the_lora_weights_exactly_zero_gradient():
         assert not model(**data).loss.requires_grad
 
 
+def test_straight_through_router_learns_while_every_gate_is_closed():
+    """Every sequence closed: the layers skip the adapter in eval, but straight-through training still
+    runs it so that the router gets dL/dp and can learn to open."""
+    data = batch()
+    model = patched(GatedLoraConfig(gate="sequence", router_layer=0, straight_through=True))
+    router = get_router(model).router.requires_grad_(True)
+    with torch.no_grad():
+        router.net[-1].bias.fill_(-3.0)  # p = sigmoid(-3) = 0.047 for every prompt
+    with torch.no_grad():
+        eval_logits = model(**data).logits
+    assert get_router(model).all_closed and not get_router(model).last_decisions.any()
+    model.train()
+    loss, got = loss_and_grads(model, data)
+    assert torch.equal(model(**data).logits.detach(), eval_logits)  # closed: the base model in training too
+    assert torch.count_nonzero(got["gate_router.router.net.4.bias"]) == 1
+    lora = [g for n, g in got.items() if "lora_" in n]
+    assert lora and all(torch.count_nonzero(g) == 0 for g in lora)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     """Checkpointing re-runs block router_layer in the backward, and with it the routing hook: it must
