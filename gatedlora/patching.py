@@ -226,6 +226,7 @@ def _prepare_sequence_routing(model, config, targets, fresh, state):
         weight = next(blocks.parameters())
         router = PrismRouter(hidden, threshold=config.threshold).to(device=weight.device, dtype=weight.dtype)
     route = SequenceRouter(router, config.threshold, config.hard)
+    route.train(model.training)  # a router built in training mode must not keep its dropout on in eval
     setattr(model, ROUTER_ATTRIBUTE, route)
     state.hooks = install_routing_hooks(_backbone(model, blocks_path), blocks[config.router_layer], route)
     state.blocks_path = blocks_path
