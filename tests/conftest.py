@@ -39,52 +39,59 @@ def _fp32_to_bf16_bits_rne(data):
     return torch.from_numpy(flat).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
-def install_interpreter_bf16_cast_fix() -> bool:
-    """Patch ``InterpreterBuilder.cast_impl`` so fp32 -> bf16 rounds to nearest even; True if installed now."""
+def _patch_interpreter_builder(method: str, make_fixed) -> bool:
+    """Replace ``InterpreterBuilder.<method>`` by ``make_fixed(original, tl, interpreter)``; True if installed now.
+
+    The original stays reachable as ``._gatedlora_original`` so tests can show the defect without the fix.
+    """
     try:
         import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
         return False
     builder = interpreter.InterpreterBuilder
-    if getattr(builder.cast_impl, "_gatedlora_bf16_fix", False):
+    original = getattr(builder, method)
+    if getattr(original, "_gatedlora_bf16_fix", False):
         return False
-    original = builder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            return interpreter.TensorHandle(_fp32_to_bf16_bits_rne(src.data), tl.bfloat16)
-        return original(self, src, dst_type)
-
-    cast_impl._gatedlora_bf16_fix = True
-    cast_impl._gatedlora_original = original
-    builder.cast_impl = cast_impl
-    # create_fp_trunc and friends are lambdas that look cast_impl up on the instance at call time.
+    fixed = make_fixed(original, tl, interpreter)
+    fixed._gatedlora_bf16_fix = True
+    fixed._gatedlora_original = original
+    setattr(builder, method, fixed)
     return True
+
+
+def install_interpreter_bf16_cast_fix() -> bool:
+    """Patch ``InterpreterBuilder.cast_impl`` so fp32 -> bf16 rounds to nearest even; True if installed now.
+
+    create_fp_trunc and friends are lambdas that look cast_impl up on the instance at call time.
+    """
+
+    def make_fixed(original, tl, interpreter):
+        def cast_impl(self, src, dst_type):
+            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+                return interpreter.TensorHandle(_fp32_to_bf16_bits_rne(src.data), tl.bfloat16)
+            return original(self, src, dst_type)
+
+        return cast_impl
+
+    return _patch_interpreter_builder("cast_impl", make_fixed)
 
 
 def install_interpreter_bf16_dot_fix() -> bool:
     """Patch ``InterpreterBuilder.create_dot`` to upcast bf16 operands; True if installed now."""
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return False
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder.create_dot, "_gatedlora_bf16_fix", False):
-        return False
-    original = builder.create_dot
 
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
-            a = interpreter.TensorHandle(_bf16_bits_to_fp32(a.data), tl.float32) if a.dtype.scalar == tl.bfloat16 else a
-            b = interpreter.TensorHandle(_bf16_bits_to_fp32(b.data), tl.float32) if b.dtype.scalar == tl.bfloat16 else b
-        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+    def make_fixed(original, tl, interpreter):
+        def widen(t):
+            if t.dtype.scalar == tl.bfloat16:
+                return interpreter.TensorHandle(_bf16_bits_to_fp32(t.data), tl.float32)
+            return t
 
-    create_dot._gatedlora_bf16_fix = True
-    create_dot._gatedlora_original = original
-    builder.create_dot = create_dot
-    return True
+        def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+            return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+        return create_dot
+
+    return _patch_interpreter_builder("create_dot", make_fixed)
 
 
 install_interpreter_bf16_dot_fix()
