@@ -88,13 +88,14 @@ def cache_length(cache: Any) -> int:
     return 0
 
 
-def last_real_positions(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+def last_real_positions(attention_mask: torch.Tensor | None, batch: int, length: int,
+                        device: torch.device | None = None) -> torch.Tensor:
     """Index of the last position with ``attention_mask == 1`` per sequence. Returns [B] (long).
 
     attention_mask: [B, T'] with T' >= length (its last ``length`` columns cover this input) or None.
     """
     if attention_mask is None:
-        return torch.full((batch,), length - 1, dtype=torch.long)
+        return torch.full((batch,), length - 1, dtype=torch.long, device=device)  # made there: no copy
     if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
         raise ValueError(
             f"sequence routing needs a 2D attention_mask [batch, length] = [{batch}, {length}], "
@@ -153,7 +154,7 @@ class SequenceRouter(nn.Module):
             raise ValueError(f"sequence routing expects block outputs [B, T, H], got {list(hidden.shape)}")
         batch, length = hidden.shape[:2]
         mask = self._attention_mask
-        positions = last_real_positions(mask, batch, length).to(hidden.device)
+        positions = last_real_positions(mask, batch, length, hidden.device).to(hidden.device)
         last_hidden = hidden[torch.arange(batch, device=hidden.device), positions]
         param = next(self.router.parameters(), None)
         if param is not None:
