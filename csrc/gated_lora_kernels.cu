@@ -316,7 +316,7 @@ constexpr long long kMaxSpins = 1LL << 26;
 // The last block to exit sets the workspace back to zero for the next launch on the stream.
 // Given gates that are all closed skip u and the wait: the kernel is then a plain GEMV + bias.
 // Registers (ptxas, tools/nvcc_check.py): at two blocks per SM (128 registers a thread) the
-// 16-row variant spilled 8 to 20 bytes on sm_90, so it runs one block per SM (170 to 220
+// 16-row variant spilled 8 to 20 bytes on sm_90, so it runs one block per SM (180 to 238
 // registers, no spill); the 1- and 4-row variants fit two blocks per SM.
 template <typename TX, typename TL, int MB, int COLS>
 __global__ void __launch_bounds__(kThreads, MB >= 16 ? 1 : 2) fused_gemv_kernel(const FusedArgs p) {

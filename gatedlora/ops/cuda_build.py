@@ -171,6 +171,7 @@ def build_module(build_dir: Path, archs: Optional[list[int]] = None, extra_nvcc:
         raise CudaExtensionUnavailable("nvcc not found (no CUDA toolkit on PATH, $CUDA_HOME or /usr/local/cuda)")
     src = source_dir()
     archs = archs or cuda_archs()
+    build_dir = Path(build_dir).resolve()  # ninja -C runs in build_dir: relative paths would point inside it
     build_dir.mkdir(parents=True, exist_ok=True)
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     output = build_dir / (output_name or (MODULE_NAME + suffix))
