@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ops import gated_lora
+from .ops import fused_fallback_reason, gated_lora, gated_lora_fused, warn_fused_fallback_once
 from .ops.gates import token_gate_probabilities
 from .routing import SequenceRouter, open_logit
 
@@ -51,6 +51,7 @@ class GatedLoRALinear(nn.Module):
         route: SequenceRouter | None = None,
         straight_through: bool = False,
         train_hard: bool | None = None,
+        base_mode: str = "exact",
     ) -> None:
         super().__init__()
         if gate == "sequence" and route is None:
@@ -67,6 +68,7 @@ class GatedLoRALinear(nn.Module):
         self.train_hard = train_hard  # gates in training mode; None: as in eval (``hard``)
         self.straight_through = straight_through
         self.backend = backend
+        self.base_mode = base_mode
         self.in_features, self.out_features = linear_features(base_layer)
         self.forced_gate: float | None = None
         # a plain attribute, not a submodule: the router is registered once, on the model
@@ -142,7 +144,6 @@ class GatedLoRALinear(nn.Module):
                           stacklevel=3)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         hard = self.gates_are_hard
         # The router's all_closed is decided with the configured ``hard``; it also holds for hard
         # gates when the router used soft ones (p == 0 is below any threshold), not the other way round.
@@ -151,19 +152,42 @@ class GatedLoRALinear(nn.Module):
         if self.straight_through and self.training and torch.is_grad_enabled():
             skip_closed = False
         if self.forced_gate == 0.0 or (self.forced_gate is None and skip_closed and self.route.all_closed):
-            return result
+            return self.base_layer(x, *args, **kwargs)
         lora_x = self.lora_dropout[self.adapter_name](x)
-        gate_args = self._gate_arguments(x, lora_x)
+        options = {"threshold": self.threshold, "hard": hard, "straight_through": self.straight_through,
+                   **self._gate_arguments(x, lora_x)}
+        lora_a = self.lora_A[self.adapter_name].weight
+        lora_b = self.lora_B[self.adapter_name].weight
+        if self.base_mode == "fused":
+            reason = self._fused_fallback_reason(x, lora_x, args, kwargs, options)
+            if reason is None:
+                weight, bias = self.base_layer.weight, self.base_layer.bias
+                return gated_lora_fused(x, weight, bias, lora_a, lora_b, self.scaling, backend=self.backend,
+                                        **options)
+            warn_fused_fallback_once(reason, stacklevel=3)
+        result = self.base_layer(x, *args, **kwargs)
         if lora_x.dtype != result.dtype:  # autocast: the base ran in a lower precision than x
             lora_x = lora_x.to(result.dtype)
-        options = {"threshold": self.threshold, "hard": hard, "straight_through": self.straight_through,
-                   **gate_args}
-        return gated_lora(lora_x, result, self.lora_A[self.adapter_name].weight,
-                          self.lora_B[self.adapter_name].weight, self.scaling, backend=self.backend,
-                          inplace=True, **options)
+        return gated_lora(lora_x, result, lora_a, lora_b, self.scaling, backend=self.backend, inplace=True,
+                          **options)
+
+    def _fused_fallback_reason(self, x: torch.Tensor, lora_x: torch.Tensor, args: tuple, kwargs: dict,
+                               options: dict[str, Any]) -> str | None:
+        """None when base_mode="fused" can run the one-pass kernel for this call, else why not."""
+        if type(self.base_layer) is not nn.Linear:
+            return f"the base layer is a {type(self.base_layer).__name__}, not an nn.Linear"
+        if args or kwargs:
+            return "the base layer was called with extra arguments"
+        if lora_x is not x:
+            return "LoRA dropout is active (training)"
+        gate_keys = ("gate", "gate_weight", "gate_bias")
+        return fused_fallback_reason(x, self.base_layer.weight, self.base_layer.bias,
+                                     self.lora_A[self.adapter_name].weight, self.lora_B[self.adapter_name].weight,
+                                     backend=self.backend, **{k: options[k] for k in gate_keys if k in options})
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.rank}, "
                 f"gate={self.gate_mode!r}, threshold={self.threshold}, hard={self.hard}"
                 + (f", train_hard={self.train_hard}" if self.train_hard is not None else "")
-                + (", straight_through=True" if self.straight_through else ""))
+                + (", straight_through=True" if self.straight_through else "")
+                + (f", base_mode={self.base_mode!r}" if self.base_mode != "exact" else ""))

@@ -160,6 +160,7 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None) -> nn.M
         targets, route = _prepare_sequence_routing(model, config, targets, fresh, state)
 
     options = dict(gate=config.gate, threshold=config.threshold, hard=config.hard, backend=config.backend,
+                   base_mode=config.base_mode,
                    route=route, straight_through=config.straight_through,
                    train_hard=None if config.train_gate is None else config.train_gate == "hard")
     for name, module in targets:

@@ -20,7 +20,7 @@ def test_defaults_keep_the_drop_in_promise():
     ("r", 0, r"r must be an int >= 1, got 0"),
     ("lora_dropout", 1.0, r"lora_dropout must be a number in \[0, 1\), got 1.0"),
     ("backend", "tpu", r"backend must be one of .*got 'tpu'"),
-    ("base_mode", "fused", r"base_mode must be one of \('exact',\) \('fused' arrives with the cuda backend\)"),
+    ("base_mode", "one-pass", r"base_mode must be one of \('exact', 'fused'\), got 'one-pass'"),
     ("target_modules", [], r"target_modules must be a non-empty list"),
     ("router", "mlp", r"router must be an nn.Module"),
 ])

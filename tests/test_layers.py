@@ -46,3 +46,25 @@ def test_dropout_applies_to_the_lora_input_in_training_only():
     # the gate reads the clean input: closed rows stay the base output whatever dropout does
     closed = torch.sigmoid(x @ layer.gate_weight + layer.gate_bias) < 0.5
     assert torch.equal(a[closed], base[closed]) and torch.equal(b[closed], base[closed])
+
+
+def test_fused_base_mode_falls_back_to_exact_on_cpu_and_says_why_once():
+    import warnings
+
+    import gatedlora.ops.fused as fused
+    from gatedlora import GatedLoraConfig, patch_model
+    from tiny_models import padded_batch, tiny_peft_model
+
+    model = tiny_peft_model("llama")
+    ids, mask = padded_batch([5, 7], 7)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    patch_model(model, GatedLoraConfig(base_mode="fused"))
+    fused._warned.clear()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = model(input_ids=ids, attention_mask=mask).logits
+        model(input_ids=ids, attention_mask=mask)
+    fallback = [w for w in caught if "fell back to exact" in str(w.message) or "exact mode" in str(w.message)]
+    assert len(fallback) == 1 and "CUDA" in str(fallback[0].message)  # says why, once
+    assert (got - want).abs().max() < 1e-5  # exact mode: the PEFT output

@@ -124,7 +124,7 @@ def test_backend_selection_and_env_override(monkeypatch):
     monkeypatch.delenv("GATEDLORA_BACKEND")
     with pytest.raises(ValueError, match="backend must be one of"):
         gated_lora(x, base, a, b, 1.0, backend="tpu")
-    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run these inputs: .*no CUDA device"):
         gated_lora(x, base, a, b, 1.0, backend="cuda")
 
 

@@ -16,6 +16,13 @@ from .scenarios import (Scenario, build_setup, check_gatedlora_outputs, decode_p
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 
+def _cuda_extension_problem(device: torch.device) -> Optional[str]:
+    """Why the cuda extension cannot run on ``device`` (a failed build, an old driver), or None."""
+    from ..ops import cuda_backend
+
+    return cuda_backend.extension_problem(device)
+
+
 def choose_backends(device: torch.device, requested: Optional[list[str]]) -> tuple[list[str], list[str]]:
     """(backends to run, notes on those skipped and why)."""
     registered = available_backends()
@@ -26,6 +33,8 @@ def choose_backends(device: torch.device, requested: Optional[list[str]]) -> tup
             notes.append(f"gatedlora {name}: skipped, backend not available in this build")
         elif device.type == "cpu" and name != "torch":
             notes.append(f"gatedlora {name}: skipped, needs a CUDA device (CPU run)")
+        elif name == "cuda" and (problem := _cuda_extension_problem(device)) is not None:
+            notes.append(f"gatedlora cuda: skipped, {problem}")
         else:
             run.append(name)
     return run, notes
