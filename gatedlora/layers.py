@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ops import fused_fallback_reason, gated_lora, gated_lora_fused, warn_fused_fallback_once
+from .ops import fused_fallback_reason, gated_lora_fused, warn_fused_fallback_once
+from .ops.gated_lora import apply_gated_lora
 from .ops.gates import token_gate_probabilities
 from .routing import SequenceRouter, open_logit
 
@@ -122,6 +123,8 @@ class GatedLoRALinear(nn.Module):
                 return {"gate": token_gate_probabilities(rows, self.gate_weight, self.gate_bias)}
             return {"gate_weight": self.gate_weight, "gate_bias": self.gate_bias}
         if self.gate_mode == "sequence":
+            if self.route.all_open and self.gates_are_hard and not (self.training and self.straight_through):
+                return {}  # the host saw every gate open (CPU): plain LoRA, no gate gather or row selection
             gate = self.route.row_gates(x)
             if self.training and not gate.requires_grad and torch.is_grad_enabled():
                 self._warn_if_router_cut_off()
@@ -168,8 +171,9 @@ class GatedLoRALinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if lora_x.dtype != result.dtype:  # autocast: the base ran in a lower precision than x
             lora_x = lora_x.to(result.dtype)
-        return gated_lora(lora_x, result, lora_a, lora_b, self.scaling, backend=self.backend, inplace=True,
-                          **options)
+        return apply_gated_lora(lora_x, result, lora_a, lora_b, self.scaling, options.get("gate"),
+                                options.get("gate_weight"), options.get("gate_bias", 0.0), options["threshold"],
+                                options["hard"], self.backend, True, options["straight_through"])
 
     def _fused_fallback_reason(self, x: torch.Tensor, lora_x: torch.Tensor, args: tuple, kwargs: dict,
                                options: dict[str, Any]) -> str | None:

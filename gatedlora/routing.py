@@ -124,6 +124,7 @@ class SequenceRouter(nn.Module):
         self._decoding = False
         self._row_gate_cache: dict[int, torch.Tensor] = {}
         self.all_closed = False  # True only where the host knows it without a device sync
+        self.all_open = False  # likewise
 
     def begin_forward(self, attention_mask: torch.Tensor | None, decoding: bool) -> None:
         """Called before each backbone forward: a prefill clears the previous decision."""
@@ -133,7 +134,7 @@ class SequenceRouter(nn.Module):
             self.last_probabilities = None
             self.last_decisions = None
             self._gate_probabilities = None
-            self.all_closed = False
+            self.all_closed = self.all_open = False
         self._row_gate_cache = {}
 
     def route(self, hidden: torch.Tensor) -> None:
@@ -174,10 +175,11 @@ class SequenceRouter(nn.Module):
         # On the CPU the host sees the decision for free: a batch with every gate closed then skips
         # the adapter call (checks, gate gather, nonzero) in every layer. On a GPU reading it would
         # be a host sync, so there the kernel skips on the device instead.
-        self.all_closed = False
+        self.all_closed = self.all_open = False
         if probabilities.device.type == "cpu":
-            open_gates = gate_values(self._gate_probabilities.detach(), self.threshold, self.hard)
+            open_gates = gate_values(self._gate_probabilities.detach(), self.threshold, self.hard) != 0
             self.all_closed = not bool(open_gates.any())
+            self.all_open = bool(open_gates.all())
 
     def row_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Each sequence's probability repeated over its rows of x [B, ..., K]. Returns [M]."""

