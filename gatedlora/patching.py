@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import GatedLoraConfig
 from .layers import GatedLoRALinear, linear_features
-from .routing import PrismRouter, SequenceRouter, install_routing_hooks
+from .routing import PrismRouter, SequenceRouter, install_routing_hooks, remove_routing_hooks
 
 ROUTER_ATTRIBUTE = "gate_router"  # no "lora_" in the name: PEFT's save_pretrained keeps keys with "lora_"
 STATE_ATTRIBUTE = "_gatedlora_patch"
@@ -30,7 +30,6 @@ class PatchState:
     config: GatedLoraConfig
     originals: dict[str, nn.Module] = field(default_factory=dict)
     fresh: bool = False
-    hooks: list = field(default_factory=list)
     blocks_path: str | None = None
 
 
@@ -229,7 +228,7 @@ def _prepare_sequence_routing(model, config, targets, fresh, state):
     route = SequenceRouter(router, config.threshold, config.hard)
     route.train(model.training)  # a router built in training mode must not keep its dropout on in eval
     setattr(model, ROUTER_ATTRIBUTE, route)
-    state.hooks = install_routing_hooks(_backbone(model, blocks_path), blocks[config.router_layer], route)
+    install_routing_hooks(_backbone(model, blocks_path), blocks[config.router_layer], route)
     state.blocks_path = blocks_path
     return targets, route
 
@@ -254,8 +253,10 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         return model
     for name, original in state.originals.items():
         _set_submodule(model, name, original)
-    for handle in state.hooks:
-        handle.remove()
+    if state.blocks_path is not None:
+        blocks = model.get_submodule(state.blocks_path)
+        remove_routing_hooks([_backbone(model, state.blocks_path), blocks[state.config.router_layer]],
+                             getattr(model, ROUTER_ATTRIBUTE))
     if ROUTER_ATTRIBUTE in model._modules:
         delattr(model, ROUTER_ATTRIBUTE)
     model.__dict__.pop("save_pretrained", None)

@@ -126,6 +126,16 @@ class SequenceRouter(nn.Module):
         self.all_closed = False  # True only where the host knows it without a device sync
         self.all_open = False  # likewise
 
+    def before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the backbone: record the mask and whether this call is a decode step."""
+        arguments = _bound_arguments(self.__dict__["_backbone_signature"], args, kwargs)
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        self.begin_forward(arguments.get("attention_mask"), decoding=cache_length(cache) > 0)
+
+    def after_router_block(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook on block ``router_layer``: decide from its output hidden states."""
+        self.route(output[0] if isinstance(output, (tuple, list)) else output)
+
     def begin_forward(self, attention_mask: torch.Tensor | None, decoding: bool) -> None:
         """Called before each backbone forward: a prefill clears the previous decision."""
         self._attention_mask = attention_mask
@@ -179,7 +189,9 @@ class SequenceRouter(nn.Module):
         if probabilities.device.type == "cpu":
             open_gates = gate_values(self._gate_probabilities.detach(), self.threshold, self.hard) != 0
             self.all_closed = not bool(open_gates.any())
-            self.all_open = bool(open_gates.all())
+            # all_open serves a hard-gate shortcut (plain LoRA), so it is decided with hard semantics
+            # whatever self.hard is: soft routing with p = 0.2 must not open that row under hard gates
+            self.all_open = bool((self._gate_probabilities.detach() >= self.threshold).all())
 
     def row_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Each sequence's probability repeated over its rows of x [B, ..., K]. Returns [M]."""
@@ -192,11 +204,14 @@ class SequenceRouter(nn.Module):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         batch = probabilities.shape[0]
         if batch == 0 or rows % batch:
-            raise RuntimeError(f"gatedlora: {rows} rows cannot be split over the {batch} routed sequences")
-        cached = self._row_gate_cache.get(rows)
+            raise RuntimeError(f"gatedlora: a gated layer got x of shape {list(x.shape)} ({rows} rows), which does "
+                               f"not split over the {batch} sequences the router decided for: expected x of shape "
+                               f"[{batch}, ..., K] (batch first)")
+        key = (rows, x.device)  # layers of a model split over devices each get the gates on their own
+        cached = self._row_gate_cache.get(key)
         if cached is None:
-            cached = probabilities.repeat_interleave(rows // batch)
-            self._row_gate_cache[rows] = cached
+            cached = probabilities.to(x.device, non_blocking=True).repeat_interleave(rows // batch)
+            self._row_gate_cache[key] = cached
         return cached
 
 
@@ -212,19 +227,20 @@ def _bound_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) ->
     return {**extra, **bound}
 
 
-def install_routing_hooks(backbone: nn.Module, router_block: nn.Module, router: SequenceRouter) -> list:
-    """Hook ``backbone`` (mask and cache) and ``router_block`` (decision). Returns the hook handles."""
-    signature = inspect.signature(backbone.forward)
+def install_routing_hooks(backbone: nn.Module, router_block: nn.Module, router: SequenceRouter) -> None:
+    """Hook ``backbone`` (mask and cache) and ``router_block`` (decision) with the router's bound methods:
+    ``copy.deepcopy`` of the model rebinds them to the copy's router, so a copy routes itself."""
+    router.__dict__["_backbone_signature"] = inspect.signature(backbone.forward)
+    backbone.register_forward_pre_hook(router.before_backbone, with_kwargs=True)
+    router_block.register_forward_hook(router.after_router_block)
 
-    def before_backbone(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        arguments = _bound_arguments(signature, args, kwargs)
-        cache = arguments.get("cache", arguments.get("past_key_values"))
-        router.begin_forward(arguments.get("attention_mask"), decoding=cache_length(cache) > 0)
 
-    def after_router_block(module: nn.Module, args: tuple, output: Any) -> None:
-        router.route(output[0] if isinstance(output, (tuple, list)) else output)
-
-    return [
-        backbone.register_forward_pre_hook(before_backbone, with_kwargs=True),
-        router_block.register_forward_hook(after_router_block),
-    ]
+def remove_routing_hooks(modules: list[nn.Module], router: SequenceRouter) -> None:
+    """Remove every hook of ``router`` from ``modules`` (by identity: handles do not survive a deepcopy)."""
+    for module in modules:
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, fn in list(hooks.items()):
+                if getattr(fn, "__self__", None) is router:
+                    del hooks[key]
+                    module._forward_pre_hooks_with_kwargs.pop(key, None)
+                    module._forward_hooks_with_kwargs.pop(key, None)

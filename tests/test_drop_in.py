@@ -137,3 +137,27 @@ def test_force_gate_validates():
     with pytest.raises(ValueError, match=r"value must be a number in \[0, 1\], got 2"):
         with force_gate(model, 2):
             pass
+
+
+def test_gpt2_conv1d_training_gradients_match_peft():
+    """Conv1D returns a view: the in-place add must not let autograd misroute gradients (K != N here)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from tiny_models import randomize_lora_b
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True))
+    randomize_lora_b(model)
+    ids = torch.randint(0, 61, (2, 7))
+
+    def lora_grads():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    want = lora_grads()
+    patch_model(model, GatedLoraConfig(gate="none"))
+    got = lora_grads()
+    assert set(got) == set(want) and len(got) == 2 * 4 * 2  # c_attn, c_fc, attn.c_proj, mlp.c_proj; A and B
+    assert all((got[n] - want[n]).abs().max() <= 1e-5 * (1 + want[n].abs().max()) for n in want)

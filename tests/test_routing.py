@@ -198,3 +198,36 @@ def test_all_closed_batch_is_the_base_model_and_skips_the_adapter(monkeypatch):
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(logits, base) and calls == []  # the host knew: no adapter call at all
+
+
+def test_a_deep_copy_routes_itself_and_unpatches_alone():
+    import copy
+
+    model, ids, mask, want_open, router, peft, base = prism_setup()
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    with torch.no_grad():
+        model(input_ids=ids[:2], attention_mask=mask[:2])
+        twin = copy.deepcopy(model)  # as TRL's reference models are made
+        logits = twin(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(get_router(twin).last_decisions, want_open)  # the copy's own decision, this batch
+    assert torch.equal(logits[~want_open], base[~want_open])
+    gatedlora.unpatch_model(twin)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits[~want_open], base[~want_open])
+    assert torch.equal(get_router(model).last_decisions, want_open)  # the original still routes
+
+
+def test_soft_routing_with_hard_training_gates_keeps_closed_rows_closed():
+    model, ids, mask, want_open, router, peft, base = prism_setup()
+
+    class Fixed(nn.Module):
+        def forward(self, h):  # 0.2 is open under soft gates, closed under hard ones
+            return torch.where(torch.tensor(want_open), 0.9, 0.2).to(h)
+
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=Fixed(), hard=False,
+                                       train_gate="hard"))
+    model.train()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(logits[~want_open], base[~want_open])
+    assert (logits[want_open] - peft[want_open]).abs().max() < 1e-5

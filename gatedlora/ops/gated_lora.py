@@ -76,6 +76,10 @@ def apply_gated_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tens
         for t in (x, base_out, lora_a, lora_b, gate, gate_weight, gate_bias)
     )
     if differentiable:
+        # A Function that modifies a view in place gets its first gradient output routed to the view's
+        # base by autograd's rebase, and that output is dL/dx here: wrong gradients, or a shape error
+        # when K != N. Views (transformers' Conv1D returns one) are therefore not written in place.
+        inplace = inplace and not base_out._is_view()
         resolve_backend_name(backend)  # reject an unknown backend name even when there is no row
         return GatedLoraFunction.apply(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias,
                                        threshold, hard, straight_through, backend, inplace)
