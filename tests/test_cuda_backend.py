@@ -29,78 +29,12 @@ from gatedlora.ops import backends, cuda_backend, cuda_build, fused_fallback_rea
 from gatedlora.ops import fused as fused_module
 from gatedlora.ops.checks import GatedLoraArgs
 from gatedlora.reference import gated_lora_reference
+from gate_cases import FRACTIONS, bits, check_against_reference, make_case, op_kwargs
 
 HAS_GPU = torch.cuda.is_available()
 needs_nvcc = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found: the CUDA toolkit is not installed")
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FRACTIONS = ("none", "one", "6%", "75%", "all")
-
-
-def open_count(fraction: str, m: int) -> int:
-    return {"none": 0, "one": 1, "6%": max(1, round(0.06 * m)), "75%": round(0.75 * m), "all": m}[fraction]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit patterns of a float tensor, so comparisons are exact (NaN and -0.0 included)."""
-    return t.contiguous().view({4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()])
-
-
-def make_case(seed: int, m: int, k: int, n: int, r: int, dtype: torch.dtype, mode: str, fraction: str = "all",
-              lora_dtype: torch.dtype | None = None, bias_tensor: bool = False, threshold: float = 0.5,
-              device: str = "cpu", linear: bool = False) -> dict:
-    """Random inputs; gated modes open exactly ``open_count(fraction, m)`` rows, with margins far
-    above fp32 rounding. mode: none, given-hard, given-soft, token-hard, token-soft. With
-    ``linear`` the case also holds a base weight [N, K] and bias [N]. "open" is [M] bool."""
-    g = torch.Generator().manual_seed(seed)
-    lora_dtype = lora_dtype or dtype
-
-    def randn(*shape, dt=dtype, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dt).to(device)
-
-    case = dict(x=randn(m, k), base_out=randn(m, n), lora_a=randn(r, k, dt=lora_dtype, scale=k ** -0.5),
-                lora_b=randn(n, r, dt=lora_dtype, scale=r ** -0.5), scaling=1.7, threshold=threshold,
-                hard=mode.endswith("hard"))
-    if linear:
-        case["weight"] = randn(n, k, scale=k ** -0.5)
-        case["bias"] = randn(n)
-    count = open_count(fraction, m)
-    is_open = torch.zeros(m, dtype=torch.bool)
-    is_open[torch.randperm(m, generator=g)[:count]] = True
-    if mode.startswith("given"):
-        u = torch.rand(m, generator=g, dtype=torch.float64)
-        if case["hard"]:
-            p = torch.where(is_open, threshold + (1 - threshold) * u, 0.98 * threshold * u)
-        else:
-            p = torch.where(is_open, 0.05 + 0.95 * u, torch.zeros_like(u))
-        case["gate"] = p.float().to(device)
-    elif mode.startswith("token"):
-        w = torch.randn(k, generator=g, dtype=torch.float64) * k ** -0.5
-        logits = case["x"].double().cpu() @ w.float().double()
-        if case["hard"]:
-            order = logits.sort(descending=True).values
-            if count == 0:
-                bias, margin = -(order[0].item() + 1.0), 1.0
-            elif count == m:
-                bias, margin = -(order[-1].item() - 1.0), 1.0
-            else:
-                bias = -0.5 * (order[count - 1] + order[count]).item()
-                margin = 0.5 * (order[count - 1] - order[count]).item()
-            assert margin > 1e-4, "seed gives two rows with nearly equal logits; pick another seed"
-            is_open = (logits + bias) >= 0
-        else:
-            bias = 0.3
-            is_open = torch.ones(m, dtype=torch.bool)
-        case["gate_weight"] = w.float().to(device)
-        case["gate_bias"] = torch.tensor(bias, dtype=torch.float32, device=device) if bias_tensor else bias
-    else:
-        is_open = torch.ones(m, dtype=torch.bool)
-    case["open"] = is_open.to(device)
-    return case
-
-
-def op_kwargs(case: dict) -> dict:
-    return {key: value for key, value in case.items() if key not in ("open", "weight", "bias")}
 
 
 def fused_kwargs(case: dict) -> dict:
@@ -111,22 +45,6 @@ def fused_kwargs(case: dict) -> dict:
 def args_of(case: dict) -> GatedLoraArgs:
     return GatedLoraArgs(case["x"], case["lora_a"], case["lora_b"], case["scaling"], case.get("gate"),
                          case.get("gate_weight"), case.get("gate_bias", 0.0), case["threshold"], case["hard"])
-
-
-def check_against_reference(case: dict, out: torch.Tensor, base_before: torch.Tensor | None = None) -> None:
-    """Exact mode. Open rows: error <= 2x the torch backend's + 1 ulp; closed rows: bitwise the base."""
-    kwargs = op_kwargs(case)
-    base = kwargs["base_out"] if base_before is None else base_before
-    kwargs["base_out"] = base
-    ref = gated_lora_reference(**kwargs)
-    ours = gatedlora.gated_lora(**kwargs, backend="torch")
-    is_open = case["open"]
-    assert torch.equal(bits(out[~is_open]), bits(base[~is_open])), "a closed row differs from base_out"
-    if is_open.any():
-        err_kernel = (out[is_open].double() - ref[is_open]).abs().max().item()
-        err_torch = (ours[is_open].double() - ref[is_open]).abs().max().item()
-        floor = torch.finfo(out.dtype).eps * ref[is_open].abs().max().item()
-        assert err_kernel <= 2 * err_torch + floor, (err_kernel, err_torch, floor)
 
 
 def fused_reference(case: dict) -> torch.Tensor:

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import gatedlora
 from gatedlora import GatedLoRALinear, GatedLoraConfig, force_gate, patch_model, unpatch_model
 from tiny_models import padded_batch, tiny_peft_model
 

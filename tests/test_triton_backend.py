@@ -23,7 +23,8 @@ import triton.language as tl
 import gatedlora
 from gatedlora.ops import available_backends
 from gatedlora.ops.checks import GatedLoraArgs
-from gatedlora.reference import gated_lora_reference
+import gate_cases
+from gate_cases import FRACTIONS, bits, check_against_reference, op_kwargs, open_count
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="triton backend unavailable")
 
@@ -35,91 +36,11 @@ else:  # pragma: no cover - the module is skipped
     INTERPRETED = True
 DEVICE = "cpu" if INTERPRETED else "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FRACTIONS = ("none", "one", "6%", "75%", "all")
 
 
-def open_count(fraction: str, m: int) -> int:
-    return {"none": 0, "one": 1, "6%": max(1, round(0.06 * m)), "75%": round(0.75 * m), "all": m}[fraction]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of a float tensor, so that comparisons are exact (NaN, -0.0 included)."""
-    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
-
-
-def make_case(seed: int, m: int, k: int, n: int, r: int, dtype: torch.dtype, mode: str, fraction: str = "all",
-              lora_dtype: torch.dtype | None = None, bias_tensor: bool = False, threshold: float = 0.5) -> dict:
-    """Fresh random inputs; for gated modes, exactly ``open_count(fraction, m)`` rows open.
-
-    mode: "none", "given-hard", "given-soft", "token-hard", "token-soft".
-    Returns the gated_lora keyword arguments plus "open" [M] bool.
-    """
-    g = torch.Generator().manual_seed(seed)
-    lora_dtype = lora_dtype or dtype
-
-    def randn(*shape, dt=dtype, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dt).to(DEVICE)
-
-    case = dict(
-        x=randn(m, k), base_out=randn(m, n),
-        lora_a=randn(r, k, dt=lora_dtype, scale=k ** -0.5), lora_b=randn(n, r, dt=lora_dtype, scale=r ** -0.5),
-        scaling=1.7, threshold=threshold, hard=mode.endswith("hard"),
-    )
-    count = open_count(fraction, m)
-    is_open = torch.zeros(m, dtype=torch.bool)
-    is_open[torch.randperm(m, generator=g)[:count]] = True
-    if mode.startswith("given"):
-        u = torch.rand(m, generator=g, dtype=torch.float64)
-        if case["hard"]:
-            p = torch.where(is_open, threshold + (1 - threshold) * u, 0.98 * threshold * u)
-        else:
-            p = torch.where(is_open, 0.05 + 0.95 * u, torch.zeros_like(u))
-        case["gate"] = p.float().to(DEVICE)
-    elif mode.startswith("token"):
-        w = torch.randn(k, generator=g, dtype=torch.float64) * k ** -0.5
-        logits = case["x"].double().cpu() @ w.float().double()
-        if case["hard"]:
-            # Bias between the count-th and (count+1)-th largest logit, so that exactly `count`
-            # rows open with a margin far above fp32 rounding of the logit.
-            order = logits.sort(descending=True).values
-            if count == 0:
-                bias, margin = -(order[0].item() + 1.0), 1.0
-            elif count == m:
-                bias, margin = -(order[-1].item() - 1.0), 1.0
-            else:
-                bias, margin = -0.5 * (order[count - 1] + order[count]).item(), 0.5 * (order[count - 1] - order[count]).item()
-            assert margin > 1e-4, "seed gives two rows with nearly equal logits; pick another seed"
-            is_open = (logits + bias) >= 0
-        else:
-            bias = 0.3
-            is_open = torch.ones(m, dtype=torch.bool)
-        case["gate_weight"] = w.float().to(DEVICE)
-        case["gate_bias"] = torch.tensor(bias, dtype=torch.float32, device=DEVICE) if bias_tensor else bias
-    else:
-        is_open = torch.ones(m, dtype=torch.bool)
-    case["open"] = is_open.to(DEVICE)
-    return case
-
-
-def op_kwargs(case: dict) -> dict:
-    return {key: value for key, value in case.items() if key != "open"}
-
-
-def check_against_reference(case: dict, out: torch.Tensor, base_before: torch.Tensor | None = None) -> None:
-    """Open rows: error <= 2x the torch backend's + 1 ulp; closed rows: bitwise equal to the base."""
-    kwargs = op_kwargs(case)
-    base = kwargs["base_out"] if base_before is None else base_before
-    kwargs["base_out"] = base
-    ref = gated_lora_reference(**kwargs)
-    ours = gatedlora.gated_lora(**kwargs, backend="torch")
-    is_open = case["open"]
-    closed = ~is_open
-    assert torch.equal(bits(out[closed]), bits(base[closed])), "a closed row differs from base_out"
-    if is_open.any():
-        err_kernel = (out[is_open].double() - ref[is_open]).abs().max().item()
-        err_torch = (ours[is_open].double() - ref[is_open]).abs().max().item()
-        floor = torch.finfo(out.dtype).eps * ref[is_open].abs().max().item()
-        assert err_kernel <= 2 * err_torch + floor, (err_kernel, err_torch, floor)
+def make_case(*args, **kwargs) -> dict:
+    """``gate_cases.make_case`` on this file's device (CPU under the interpreter, else CUDA)."""
+    return gate_cases.make_case(*args, device=DEVICE, **kwargs)
 
 
 MODES_FRACTIONS = [

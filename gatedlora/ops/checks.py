@@ -56,7 +56,7 @@ def check_inputs(
                 f"gated_lora: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
             )
     if x.dim() < 1:
-        raise ValueError(f"gated_lora: x must have shape [..., K], got a 0-dim tensor")
+        raise ValueError("gated_lora: x must have shape [..., K], got a 0-dim tensor")
     k = x.shape[-1]
     if base_out.shape[:-1] != x.shape[:-1] or base_out.dim() != x.dim():
         raise ValueError(
