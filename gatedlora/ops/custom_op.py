@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .backends import resolve_backend_name, select_backend
+from .backends import select_backend
 from .checks import GatedLoraArgs
 
 OP_NAME = "gatedlora::gated_lora_add_"
@@ -38,17 +38,11 @@ def add_into_rows(
     gate: [M] or None; gate_weight: [K] or None; gate_bias: float or 0-dim tensor.
     Inputs must already have passed ``checks.check_inputs`` (and a caller's gate the NaN check).
     """
-    name = resolve_backend_name(backend)
-    if name == "auto" and x.device.type == "cpu":
-        # On CPU tensors only the torch backend is a real implementation: the Triton interpreter
-        # runs the kernel in numpy, orders of magnitude slower, and serves tests that ask for it
-        # by name (backend="triton" or GATEDLORA_BACKEND=triton).
-        name = "torch"
     args = GatedLoraArgs(
         x=x, lora_a=lora_a, lora_b=lora_b, scaling=float(scaling), gate=gate, gate_weight=gate_weight,
         gate_bias=gate_bias, threshold=float(threshold), hard=bool(hard),
     )
-    select_backend(name, args).add_into(out, args)
+    select_backend(backend, args).add_into(out, args)  # auto sends CPU tensors to torch
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=("out",))
