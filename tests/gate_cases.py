@@ -92,3 +92,29 @@ def check_against_reference(case: dict, out: torch.Tensor, base_before: torch.Te
         err_torch = (ours[is_open].double() - ref[is_open]).abs().max().item()
         floor = torch.finfo(out.dtype).eps * ref[is_open].abs().max().item()
         assert err_kernel <= 2 * err_torch + floor, (err_kernel, err_torch, floor)
+
+
+def check_strided_inplace(backend: str, device: str, x_offset: int) -> None:
+    """x and base_out are column slices of wider buffers (row strides 7 and 5 elements wider; x
+    starting ``x_offset`` columns in), A and B transposed views: the backend must write open rows in
+    place, leave closed rows bitwise, and never touch the NaN poison beyond base_out's columns."""
+    g = torch.Generator().manual_seed(11)
+    b_, t_, k, n, r = 3, 11, 113, 59, 16
+    dtype = torch.float16
+    x = torch.randn(b_, t_, k + 7, generator=g).to(dtype).to(device)[..., x_offset:x_offset + k]
+    assert not x.is_contiguous()
+    buffer = torch.full((b_, t_, n + 5), float("nan"), dtype=dtype, device=device)
+    base_out = buffer[..., :n]
+    base_out.copy_(torch.randn(b_, t_, n, generator=g).to(dtype))
+    lora_a = torch.randn(k, r, generator=g).mul(k ** -0.5).to(dtype).to(device).t()  # stride (1, r)
+    lora_b = torch.randn(r, n, generator=g).mul(r ** -0.5).to(dtype).to(device).t()
+    p = torch.rand(b_, t_, generator=g).to(device)
+    case = dict(x=x, base_out=base_out, lora_a=lora_a, lora_b=lora_b, scaling=2.0, gate=p, threshold=0.5,
+                hard=True, open=(p >= 0.5).reshape(-1))
+    before = base_out.clone()
+    poison_before = bits(buffer[..., n:]).clone()
+    out = gatedlora.gated_lora(**op_kwargs(case), backend=backend, inplace=True)
+    assert out.data_ptr() == base_out.data_ptr()
+    assert torch.equal(bits(buffer[..., n:]), poison_before), "the kernel wrote outside base_out"
+    rows = dict(case, x=x.reshape(-1, k), base_out=out.reshape(-1, n), gate=p.reshape(-1))
+    check_against_reference(rows, out.reshape(-1, n), base_before=before.reshape(-1, n))
