@@ -29,8 +29,10 @@ def test_model(benchmark, setup, scenario, provider):
     if provider == "prism two-pass" and scenario.phase == "decode":
         pytest.skip("prism two-pass routes at prefill; its decode is the peft or base decode")
     ids, mask, open_mask = make_batch(scenario, setup.vocab_size, setup.device)
-    make = prefill_providers if scenario.phase == "prefill" else decode_providers
     with torch.inference_mode():
-        fn = make(setup, ids, mask, open_mask)[provider]
+        if scenario.phase == "prefill":
+            fn = prefill_providers(setup, ids, mask, open_mask)[provider]
+        else:  # replayed from a CUDA graph on a GPU (eager where a provider cannot be captured)
+            fn = decode_providers(setup, ids, mask, open_mask, graphs=DEVICE.type == "cuda")[0][provider]
         benchmark.group = f"model {scenario.name}"
         benchmark(synchronized(fn))

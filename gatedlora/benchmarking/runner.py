@@ -1,6 +1,7 @@
 """The model-level comparison behind ``gatedlora bench``."""
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional
 
 import torch
@@ -9,8 +10,8 @@ from ..ops import available_backends
 from ..ops.backends import PREFERENCE
 from .models import CPU_DEFAULT, GPU_DEFAULT, add_prism_adapter, build_llama, load_local_model
 from .report import environment
-from .scenarios import (Scenario, build_setup, check_gatedlora_outputs, decode_providers, default_scenarios,
-                        make_batch, prefill_providers)
+from .scenarios import (Scenario, build_setup, check_decode_outputs, check_gatedlora_outputs, decode_providers,
+                        default_scenarios, make_batch, prefill_providers)
 
 # open sequences must match PEFT within this much (logits); closed ones are checked bitwise
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
@@ -43,14 +44,17 @@ def choose_backends(device: torch.device, requested: Optional[list[str]]) -> tup
 def run_model_benchmark(model_path: Optional[str] = None, adapter_path: Optional[str] = None,
                         device: Optional[str] = None, dtype: Optional[torch.dtype] = None, quick: bool = False,
                         backends: Optional[list[str]] = None, router_layer: int = 0, budget_s: float = 1.0,
-                        progress: Callable = lambda items, **kw: items) -> dict:
-    """Time every provider of every scenario side by side; returns the JSON-ready result."""
+                        progress: Callable = lambda items, **kw: items, deadline_s: Optional[float] = None,
+                        scenarios: Optional[list[Scenario]] = None, spec=None) -> dict:
+    """Time every provider of every scenario side by side; returns the JSON-ready result.
+
+    ``deadline_s``: stop starting scenarios after this many seconds (the result says which ran).
+    ``scenarios`` and ``spec`` (a ``LlamaSpec``) replace the defaults (``gpu_check --dry-run``)."""
+    started = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if model_path is None:
-        spec = GPU_DEFAULT if dev.type == "cuda" else CPU_DEFAULT
-        if quick:
-            spec = CPU_DEFAULT
+        spec = spec or (CPU_DEFAULT if quick or dev.type != "cuda" else GPU_DEFAULT)
         base_model = build_llama(spec, dev, dtype)
         model_desc = {"source": "built-in Llama config", **spec.__dict__}
     else:
@@ -62,35 +66,44 @@ def run_model_benchmark(model_path: Optional[str] = None, adapter_path: Optional
     setup = build_setup(base_model, lambda m: add_prism_adapter(m, router_layer, adapter_path=adapter_path),
                         router_layer, run_backends)
     max_tokens = getattr(base_model.config, "max_position_embeddings", 4096) - 2
-    scenarios = [s for s in default_scenarios(quick) if s.tokens <= max_tokens]
+    scenarios = [s for s in scenarios or default_scenarios(quick, dev) if s.tokens <= max_tokens]
     results = []
     providers_seen: list[str] = []
     with torch.inference_mode():
         for scenario in progress(scenarios, desc="scenarios"):
-            results.append(_run_scenario(setup, scenario, dtype, budget_s))
+            if deadline_s is not None and time.perf_counter() - started > deadline_s:
+                notes.append(f"incomplete: the {deadline_s:.0f} s deadline passed after {len(results)} of "
+                             f"{len(scenarios)} scenarios")
+                break
+            results.append(_run_scenario(setup, scenario, dtype, budget_s, graphs=dev.type == "cuda"))
             providers_seen += [p for p in results[-1]["median_ms"] if p not in providers_seen]
     notes.append("prism two-pass: a full base forward to route, then the open sequences again with the "
                  "adapter (closed ones reuse the routing pass), as PRISM's released code routes")
-    notes.append("decode: one step at a fixed context (the step is undone with cache.crop(-1)); "
-                 "GPU decode here is eager, not yet in CUDA graphs")
+    if dev.type == "cuda":
+        notes.append("decode: one step at a fixed context over a static KV cache, replayed from a CUDA graph "
+                     "(the step is rewound inside the graph); providers that cannot be captured run eagerly "
+                     "(see the scenario notes)")
+    else:
+        notes.append("decode: one step at a fixed context, eager (the step is undone with cache.crop(-1))")
     return {"environment": environment(dev), "model": model_desc, "dtype": str(dtype).replace("torch.", ""),
             "providers": providers_seen, "scenarios": results, "notes": notes}
 
 
-def _run_scenario(setup, scenario: Scenario, dtype: torch.dtype, budget_s: float) -> dict:
+def _run_scenario(setup, scenario: Scenario, dtype: torch.dtype, budget_s: float, graphs: bool = False) -> dict:
     from .timing import time_side_by_side
 
     ids, mask, open_mask = make_batch(scenario, setup.vocab_size, setup.device)
+    notes: list[str] = []
     if scenario.phase == "prefill":
         providers = prefill_providers(setup, ids, mask, open_mask)
         check = check_gatedlora_outputs(setup, ids, mask, open_mask, CHECK_TOLERANCE[dtype])
     else:
-        providers = decode_providers(setup, ids, mask, open_mask)
-        check = "not checked (decode)"
+        providers, notes = decode_providers(setup, ids, mask, open_mask, graphs=graphs)
+        check = check_decode_outputs(providers, open_mask, CHECK_TOLERANCE[dtype])
     timings = time_side_by_side(providers, setup.device, budget_s=budget_s)
     return {
         "name": scenario.name, "phase": scenario.phase, "batch": scenario.batch, "tokens": scenario.tokens,
-        "open_sequences": scenario.open_count, "check": check,
+        "open_sequences": scenario.open_count, "check": check, "notes": notes,
         "median_ms": {k: t.median_s * 1e3 for k, t in timings.items()},
         "iqr_ms": {k: [t.q1_s * 1e3, t.q3_s * 1e3] for k, t in timings.items()},
         "runs": {k: t.runs for k, t in timings.items()},

@@ -44,8 +44,9 @@ class Scenario:
         return f"{self.phase} b={self.batch} t={self.tokens} open {self.open_count}/{self.batch}"
 
 
-def default_scenarios(quick: bool = False) -> list[Scenario]:
-    """PRISM's routing rates at batch 8: 0, 1 of 8 (nearest to 6%), 6 of 8 (75%), all; batch 1 closed/open."""
+def default_scenarios(quick: bool = False, device: torch.device | None = None) -> list[Scenario]:
+    """PRISM's routing rates at batch 8: 0, 1 of 8 (nearest to 6%), 6 of 8 (75%), all; batch 1 closed/open.
+    On a GPU also a 4096-token prefill (4 prompts of 1024), the size of the prefill targets."""
     if quick:
         return [Scenario("prefill", 4, 32, c) for c in (0, 1, 4)] + [Scenario("decode", 4, 32, c) for c in (0, 4)]
     # prefill: 8 prompts of 128 tokens and one of 512; decode: one step at a 128-token context
@@ -53,6 +54,8 @@ def default_scenarios(quick: bool = False) -> list[Scenario]:
     out += [Scenario("prefill", 1, 512, c) for c in (0, 1)]
     out += [Scenario("decode", 8, 128, c) for c in (0, 1, 6, 8)]
     out += [Scenario("decode", 1, 128, c) for c in (0, 1)]
+    if device is not None and device.type == "cuda":
+        out += [Scenario("prefill", 4, 1024, c) for c in (0, 1, 4)]
     return out
 
 
@@ -137,53 +140,93 @@ def prefill_providers(setup: BenchSetup, ids, mask, open_mask) -> dict[str, Call
     return providers
 
 
-def decode_providers(setup: BenchSetup, ids, mask, open_mask) -> dict[str, Callable[[], object]]:
-    """One decode step per call at a fixed context: each provider prefills its own cache once, and
-    every timed step is undone with ``cache.crop(-1)``."""
+def decode_providers(setup: BenchSetup, ids, mask, open_mask, graphs: bool = False
+                     ) -> tuple[dict[str, Callable[[], object]], list[str]]:
+    """(providers, notes): one decode step per call at a fixed context; each call returns its logits [B, 1, V].
+
+    Eager (``graphs=False``): each provider prefills its own dynamic cache once, and every timed
+    step is undone with ``cache.crop(-1)``. With ``graphs`` (CUDA): each provider's step over a
+    static cache is captured in a CUDA graph (``cuda_graphs.capture_decode_step``) and replayed; a
+    provider that cannot be captured (PEFT's mixed batch reads its adapter names on the host) runs
+    eagerly, and a note says why.
+    """
     adapter = setup.peft.active_adapter
     names = [adapter if o else "__base__" for o in open_mask.tolist()]
     for router in setup.routers.values():
         router.pattern = open_mask.float()
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    notes: list[str] = []
 
-    def stepper(model: nn.Module, **extra) -> Callable[[], object]:
+    def eager_stepper(model: nn.Module, **extra) -> Callable[[], object]:
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
         cache = _cache_of(out)
         next_ids = out.logits[:, -1:].argmax(-1)
 
         def step():
-            result = model(input_ids=next_ids, attention_mask=step_mask, use_cache=True,
-                           **{setup.cache_argument: cache}, **extra)
+            logits = model(input_ids=next_ids, attention_mask=step_mask, use_cache=True,
+                           **{setup.cache_argument: cache}, **extra).logits
             cache.crop(-1)
-            return result
+            return logits
 
         return step
 
+    def stepper(name: str, model: nn.Module, **extra) -> Callable[[], object]:
+        if not graphs:
+            return eager_stepper(model, **extra)
+        from .cuda_graphs import capture_decode_step
+
+        try:
+            with torch.inference_mode():
+                replay, logits = capture_decode_step(model, ids, mask, setup.cache_argument, **extra)
+            return lambda: (replay(), logits)[1]
+        except Exception as exc:  # reported, and the provider is timed eagerly instead
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            notes.append(f"{name}: decode not captured in a CUDA graph ({type(exc).__name__}: {reason}); timed eager")
+            torch.cuda.synchronize()
+            return eager_stepper(model, **extra)
+
     providers = {
-        "base": stepper(setup.base),
-        "peft": stepper(setup.peft),
-        "peft mixed": stepper(setup.peft, adapter_names=names),
+        "base": stepper("base", setup.base),
+        "peft": stepper("peft", setup.peft),
+        "peft mixed": stepper("peft mixed", setup.peft, adapter_names=names),
     }
     for backend, model in setup.gated.items():
-        providers[f"gatedlora {backend}"] = stepper(model)
-    return providers
+        providers[f"gatedlora {backend}"] = stepper(f"gatedlora {backend}", model)
+    return providers, notes
 
 
 def check_gatedlora_outputs(setup: BenchSetup, ids, mask, open_mask, tolerance: float) -> str:
-    """Closed sequences bitwise equal to the base model, open ones within ``tolerance`` of PEFT."""
+    """Prefill: closed sequences bitwise equal to the base model, open ones within ``tolerance`` of PEFT."""
     args = dict(input_ids=ids, attention_mask=mask, use_cache=False)
     with torch.inference_mode():
-        base = setup.base(**args).logits
-        peft = setup.peft(**args).logits
-        problems = []
-        for backend, model in setup.gated.items():
-            logits = model(**args).logits
-            closed = ~open_mask.to(logits.device)
-            if not torch.equal(logits[closed], base[closed]):
-                problems.append(f"{backend}: closed sequences differ from the base model")
-            if open_mask.any():
-                err = (logits[~closed] - peft[~closed]).abs().max().item()
-                if not err <= tolerance:
-                    problems.append(f"{backend}: open sequences differ from PEFT by {err:.3g}")
+        outputs = {"base": setup.base(**args).logits, "peft": setup.peft(**args).logits}
+        outputs.update({f"gatedlora {backend}": model(**args).logits for backend, model in setup.gated.items()})
+    return compare_outputs(outputs, open_mask, tolerance)
+
+
+def check_decode_outputs(providers: dict[str, Callable[[], torch.Tensor]], open_mask, tolerance: float) -> str:
+    """Decode: one more step of each provider, compared as ``check_gatedlora_outputs`` compares a prefill."""
+    with torch.inference_mode():
+        outputs = {name: fn().clone() for name, fn in providers.items()
+                   if name in ("base", "peft") or name.startswith("gatedlora")}
+    return compare_outputs(outputs, open_mask, tolerance)
+
+
+def compare_outputs(outputs: dict[str, torch.Tensor], open_mask, tolerance: float) -> str:
+    """"ok", or what differs: gatedlora's closed sequences must equal ``outputs["base"]`` bit for bit, its
+    open ones ``outputs["peft"]`` within ``tolerance`` (logits [B, T, V])."""
+    base, peft = outputs["base"], outputs["peft"]
+    closed = ~open_mask.to(base.device)
+    problems = []
+    for name, logits in outputs.items():
+        if not name.startswith("gatedlora"):
+            continue
+        backend = name.split(" ", 1)[1]
+        if not torch.equal(logits[closed], base[closed]):
+            problems.append(f"{backend}: closed sequences differ from the base model")
+        if open_mask.any():
+            err = (logits[~closed].float() - peft[~closed].float()).abs().max().item()
+            if not err <= tolerance:
+                problems.append(f"{backend}: open sequences differ from PEFT by {err:.3g}")
     return "ok" if not problems else "FAILED: " + "; ".join(problems)

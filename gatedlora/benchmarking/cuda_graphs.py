@@ -1,0 +1,97 @@
+"""One decode step of a Hugging Face causal LM over a static KV cache, captured in a CUDA graph.
+
+A decode step at batch 8 is a few milliseconds of kernels and, eager, about as much host time
+(Python, hooks, launches): eager timings measure the host. Serving stacks replay the step from
+a CUDA graph, and so does this: ``capture_decode_step`` prefills a ``StaticCache`` eagerly, then
+captures one step. Each replay appends the same token at the same position and is rewound inside
+the graph (the static layers count their length on the device), so every replay is the same step
+at a fixed context, like the eager decode scenarios.
+
+What makes a step capturable is what makes it graph-safe for users: no host read of device data
+(routing decisions included) and no allocation that needs a sync. A capture that fails raises;
+callers report the error as the reason that provider has no graph timing.
+
+On a CPU the same step is compiled with ``torch.compile(fullgraph=True)`` instead
+(``compile_decode_step``), which fails on the same host reads.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def _text_config(model: nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
+def _static_layers_lengths(cache) -> list[torch.Tensor]:
+    lengths = [getattr(layer, "cumulative_length", None) for layer in getattr(cache, "layers", [])]
+    if not lengths or not all(isinstance(t, torch.Tensor) for t in lengths):
+        raise RuntimeError("this transformers StaticCache does not keep its length as a device tensor; "
+                           "cannot rewind a captured decode step")
+    return lengths
+
+
+def prefill_static(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_argument: str, extra_len: int = 1,
+                   **extra) -> tuple[object, torch.Tensor, dict]:
+    """Prefill ``ids`` [B, T] into a new StaticCache; returns (cache, next token ids [B, 1], step kwargs)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=_text_config(model), max_cache_len=ids.shape[1] + extra_len)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_argument: cache}, **extra)
+    next_ids = out.logits[:, -1:].argmax(-1)
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    # Positions as generate() computes them for left or right padding: real tokens before this one.
+    position_ids = (mask.sum(dim=1, keepdim=True)).to(torch.long)
+    step = dict(input_ids=next_ids, attention_mask=step_mask, position_ids=position_ids, use_cache=True,
+                **{cache_argument: cache}, **extra)
+    return cache, next_ids, step
+
+
+def capture_decode_step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_argument: str,
+                        warmup: int = 2, **extra) -> tuple[Callable[[], None], torch.Tensor]:
+    """(replay, logits [B, 1, V]): one decode step over a static cache, captured in a CUDA graph.
+
+    ids, mask: the prompt [B, T]. ``extra`` goes to every forward (e.g. PEFT's ``adapter_names``,
+    which cannot be captured: that raises here).
+    """
+    cache, _, step = prefill_static(model, ids, mask, cache_argument, **extra)
+    lengths = _static_layers_lengths(cache)
+
+    def run_and_rewind():
+        logits = model(**step).logits
+        for length in lengths:
+            length.sub_(1)  # the step is undone: every replay decodes the same position
+        return logits
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs advises
+        for _ in range(warmup):
+            run_and_rewind()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = run_and_rewind()
+    return graph.replay, logits
+
+
+def compile_decode_step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_argument: str,
+                        **extra) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
+    """(step, logits of a first step): the decode step compiled with ``fullgraph=True`` (CPU check of
+    the graph-safety that ``capture_decode_step`` needs on a GPU). Raises on a graph break."""
+    cache, _, step = prefill_static(model, ids, mask, cache_argument, **extra)
+    lengths = _static_layers_lengths(cache)
+
+    def run_and_rewind(**kwargs):
+        logits = model(**kwargs).logits
+        for length in lengths:
+            length.sub_(1)
+        return logits
+
+    compiled = torch.compile(run_and_rewind, fullgraph=True, dynamic=False)
+    logits = compiled(**step)
+    return (lambda: compiled(**step)), logits
