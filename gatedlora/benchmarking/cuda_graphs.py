@@ -95,3 +95,34 @@ def compile_decode_step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     compiled = torch.compile(run_and_rewind, fullgraph=True, dynamic=False)
     logits = compiled(**step)
     return (lambda: compiled(**step)), logits
+
+
+# Ops that read device data on the host (a sync on a GPU, fatal inside a CUDA graph capture).
+HOST_READ_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::equal",
+                 "aten::is_nonzero", "aten::allclose")
+
+
+def gatedlora_host_reads(fn: Callable[[], object]) -> list[str]:
+    """Run ``fn`` and list every op that reads tensor data on the host (``.item()``, ``bool(t)``,
+    ``nonzero``, ...) called from gatedlora's own code, as "op at file:line". An empty list is what
+    capturing ``fn`` in a CUDA graph needs from gatedlora; it can be checked on a CPU, where such a read
+    costs nothing and nothing else would catch it. Reads by other libraries are not listed."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    package = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    found: list[str] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in HOST_READ_OPS:
+                ours = [f for f in traceback.extract_stack() if f.filename.startswith(package)
+                        and "benchmarking" not in f.filename]
+                if ours:
+                    found.append(f"{func._schema.name} at {ours[-1].filename[len(package) + 1:]}:{ours[-1].lineno}")
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        fn()
+    return found

@@ -22,9 +22,11 @@ from torch import nn
 
 from .device_timing import rotating, rotation_count, time_call
 
-# Llama-3-8B projections as (K, N): q/o, k/v (GQA 8 of 32 heads), gate/up, down.
-LLAMA3_8B_SHAPES = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (4096, 1024), "gate_proj/up_proj": (4096, 14336),
-                    "down_proj": (14336, 4096)}
+# Llama-3-8B projections as label -> (K, N, LoRA weight dtype): q/o, k/v (GQA 8 of 32 heads), gate/up, down,
+# with the adapter weights PEFT creates on a bf16 model (fp32, None here); q/o also with bf16 adapter weights.
+LLAMA3_8B_SHAPES = {"q_proj/o_proj": (4096, 4096, None), "k_proj/v_proj": (4096, 1024, None),
+                    "gate_proj/up_proj": (4096, 14336, None), "down_proj": (14336, 4096, None),
+                    "q_proj/o_proj bf16 lora": (4096, 4096, torch.bfloat16)}
 ROWS = (1, 8, 64, 512, 4096)
 OPEN_FRACTIONS = (0.0, 0.06, 0.75, 1.0)  # PRISM's routing rates: closed, MMLU (6%), safety (75%), all
 GRAPH_MAX_ROWS = 64  # decode sizes: host time dominates eager calls there, so they are also timed as graph replays
@@ -39,6 +41,7 @@ class LayerCase:
     r: int
     dtype: torch.dtype
     open_fraction: float
+    lora_dtype: torch.dtype
 
     @property
     def open_rows(self) -> int:
@@ -46,14 +49,18 @@ class LayerCase:
 
     @property
     def name(self) -> str:
-        return (f"K={self.k} N={self.n} M={self.m} r={self.r} {str(self.dtype).replace('torch.', '')} "
-                f"open {self.open_rows}/{self.m}")
+        x, lora = (str(d).replace("torch.", "") for d in (self.dtype, self.lora_dtype))
+        return f"K={self.k} N={self.n} M={self.m} r={self.r} x {x} lora {lora} open {self.open_rows}/{self.m}"
 
 
 class LayerCopies:
-    """``count`` independent PEFT LoRA layers of one shape (random weights, B non-zero) and their inputs."""
+    """``count`` independent PEFT LoRA layers of one shape (random weights, B non-zero) and their inputs.
 
-    def __init__(self, k: int, n: int, r: int, dtype: torch.dtype, device: torch.device, count: int, seed: int = 0):
+    ``lora_dtype`` None keeps PEFT's own choice: on a bf16/fp16 model it creates fp32 adapter weights
+    (``autocast_adapter_dtype``), the case most users run."""
+
+    def __init__(self, k: int, n: int, r: int, dtype: torch.dtype, device: torch.device, count: int, seed: int = 0,
+                 lora_dtype: torch.dtype | None = None):
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(seed)
@@ -64,7 +71,11 @@ class LayerCopies:
             peft = get_peft_model(holder.to(device, dtype), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
             layer = peft.eval().base_model.model.proj
             nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+            if lora_dtype is not None:
+                layer.lora_A.to(lora_dtype)
+                layer.lora_B.to(lora_dtype)
             self.layers.append(layer)
+        self.lora_dtype = self.layers[0].lora_A["default"].weight.dtype
         self.device = device
         self.dtype = dtype
         self.k = k
@@ -115,11 +126,14 @@ def unconditional(name: str) -> bool:
     return name in ("base", "peft")
 
 
-def run_layer_benchmark(device: torch.device, backends: list[str], shapes: dict[str, tuple[int, int]] | None = None,
+def run_layer_benchmark(device: torch.device, backends: list[str], shapes: dict[str, tuple] | None = None,
                         rows: tuple[int, ...] = ROWS, fractions: tuple[float, ...] = OPEN_FRACTIONS, r: int = 16,
                         dtype: torch.dtype = torch.bfloat16, budget_s: float = 150.0, rep_ms: float = 40,
                         log: Callable[[str], None] = print) -> dict:
     """Time every provider of every case; stops (and says so) when ``budget_s`` is spent.
+
+    shapes: label -> (K, N, LoRA weight dtype or None for PEFT's default). Fractions that open the same
+    number of rows at some M (6% of 8 rows is none) are timed once.
 
     Returns {"cases": [...], "incomplete": reason or None}; each case holds per provider and mode
     the median, quartiles and ratio to the base layer timed in the same mode and run.
@@ -128,16 +142,20 @@ def run_layer_benchmark(device: torch.device, backends: list[str], shapes: dict[
     started = time.perf_counter()
     cases, incomplete = [], None
     with torch.inference_mode():
-        for label, (k, n) in shapes.items():
+        for label, (k, n, lora_dtype) in shapes.items():
             copy_bytes = (k * n + r * (k + n)) * torch.finfo(dtype).bits // 8
-            copies = LayerCopies(k, n, r, dtype, device, rotation_count(copy_bytes, device))
+            copies = LayerCopies(k, n, r, dtype, device, rotation_count(copy_bytes, device), lora_dtype=lora_dtype)
             for m in rows:
                 shared: dict[str, dict] = {}
+                seen_open_rows = set()
                 for fraction in fractions:
                     if time.perf_counter() - started > budget_s:
                         incomplete = f"time budget of {budget_s:.0f} s spent before {label} M={m}"
                         break
-                    case = LayerCase(k, n, m, r, dtype, fraction)
+                    case = LayerCase(k, n, m, r, dtype, fraction, copies.lora_dtype)
+                    if case.open_rows in seen_open_rows:
+                        continue
+                    seen_open_rows.add(case.open_rows)
                     providers = copies.providers(m, fraction, backends)
                     timings = {}
                     for name, (fn, capturable) in providers.items():
@@ -179,7 +197,8 @@ def _case_record(label: str, case: LayerCase, timings: dict) -> dict:
             if base and stats and "median_us" in stats:
                 stats["ratio_to_base"] = stats["median_us"] / base
     return {"projection": label, "name": case.name, "k": case.k, "n": case.n, "m": case.m, "r": case.r,
-            "dtype": str(case.dtype).replace("torch.", ""), "open_fraction": case.open_fraction,
+            "dtype": str(case.dtype).replace("torch.", ""), "lora_dtype": str(case.lora_dtype).replace("torch.", ""),
+            "open_fraction": case.open_fraction,
             "open_rows": case.open_rows, "providers": timings}
 
 

@@ -26,7 +26,10 @@ def _version(package: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The commit of the source tree gatedlora runs from, if it is a git checkout."""
+    """The commit of the source tree gatedlora runs from, if it is a git checkout. ``GATEDLORA_COMMIT``
+    overrides it, for a copy of a tree whose ``.git`` does not describe it (a GPU machine's copy)."""
+    if os.environ.get("GATEDLORA_COMMIT"):
+        return os.environ["GATEDLORA_COMMIT"].strip()[:12]
     root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
@@ -53,6 +56,9 @@ def format_table(result: dict) -> str:
     rows = [header]
     for s in result["scenarios"]:
         times = s["median_ms"]
+        if "base" not in times:  # the scenario failed; the notes say why
+            rows.append([s["name"], "failed"] + ["-"] * len(providers))
+            continue
         row = [s["name"], f"{times['base']:.2f}"]
         for p in providers:
             row.append(f"{times[p]:.2f} ({times[p] / times['base']:.2f}x)" if p in times else "-")
@@ -87,7 +93,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(scenarios)), 4.5))
     for i, p in enumerate(providers):
         xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(scenarios))]
-        ratios = [s["median_ms"].get(p, float("nan")) / s["median_ms"]["base"] for s in scenarios]
+        ratios = [s["median_ms"].get(p, float("nan")) / s["median_ms"].get("base", float("nan")) for s in scenarios]
         ax.bar(xs, ratios, width, label=p)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(scenarios)))

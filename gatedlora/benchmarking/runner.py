@@ -75,7 +75,13 @@ def run_model_benchmark(model_path: Optional[str] = None, adapter_path: Optional
                 notes.append(f"incomplete: the {deadline_s:.0f} s deadline passed after {len(results)} of "
                              f"{len(scenarios)} scenarios")
                 break
-            results.append(_run_scenario(setup, scenario, dtype, budget_s, graphs=dev.type == "cuda"))
+            try:
+                results.append(_run_scenario(setup, scenario, dtype, budget_s, graphs=dev.type == "cuda"))
+            except Exception as exc:  # one scenario's failure is reported; the others still run
+                notes.append(f"{scenario.name}: FAILED ({type(exc).__name__}: {str(exc).strip()[:300]})")
+                results.append({"name": scenario.name, "phase": scenario.phase, "check": f"FAILED: {exc!s:.300}",
+                                "median_ms": {}, "iqr_ms": {}, "runs": {}, "ratio_to_base": {}, "notes": []})
+                continue
             providers_seen += [p for p in results[-1]["median_ms"] if p not in providers_seen]
     notes.append("prism two-pass: a full base forward to route, then the open sequences again with the "
                  "adapter (closed ones reuse the routing pass), as PRISM's released code routes")

@@ -52,10 +52,10 @@ def default_scenarios(quick: bool = False, device: torch.device | None = None) -
     # prefill: 8 prompts of 128 tokens and one of 512; decode: one step at a 128-token context
     out = [Scenario("prefill", 8, 128, c) for c in (0, 1, 6, 8)]
     out += [Scenario("prefill", 1, 512, c) for c in (0, 1)]
-    out += [Scenario("decode", 8, 128, c) for c in (0, 1, 6, 8)]
-    out += [Scenario("decode", 1, 128, c) for c in (0, 1)]
     if device is not None and device.type == "cuda":
         out += [Scenario("prefill", 4, 1024, c) for c in (0, 1, 4)]
+    out += [Scenario("decode", 8, 128, c) for c in (0, 1, 6, 8)]
+    out += [Scenario("decode", 1, 128, c) for c in (0, 1)]
     return out
 
 
@@ -171,14 +171,20 @@ def decode_providers(setup: BenchSetup, ids, mask, open_mask, graphs: bool = Fal
 
         return step
 
-    def stepper(name: str, model: nn.Module, **extra) -> Callable[[], object]:
+    def stepper(name: str, model: nn.Module, capturable: bool = True, **extra) -> Callable[[], object]:
         if not graphs:
+            return eager_stepper(model, **extra)
+        if not capturable:
+            notes.append(f"{name}: decode timed eager (PEFT builds its sub-batch indices on the host every call, "
+                         "which a CUDA graph cannot hold)")
             return eager_stepper(model, **extra)
         from .cuda_graphs import capture_decode_step
 
         try:
             with torch.inference_mode():
                 replay, logits = capture_decode_step(model, ids, mask, setup.cache_argument, **extra)
+                replay()
+                torch.cuda.synchronize()  # a replay that fails is reported here, against this provider
             return lambda: (replay(), logits)[1]
         except Exception as exc:  # reported, and the provider is timed eagerly instead
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -189,7 +195,7 @@ def decode_providers(setup: BenchSetup, ids, mask, open_mask, graphs: bool = Fal
     providers = {
         "base": stepper("base", setup.base),
         "peft": stepper("peft", setup.peft),
-        "peft mixed": stepper("peft mixed", setup.peft, adapter_names=names),
+        "peft mixed": stepper("peft mixed", setup.peft, capturable=False, adapter_names=names),
     }
     for backend, model in setup.gated.items():
         providers[f"gatedlora {backend}"] = stepper(f"gatedlora {backend}", model)
