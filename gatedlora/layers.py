@@ -152,9 +152,11 @@ class GatedLoRALinear(nn.Module):
         hard = self.gates_are_hard
         # The router's all_closed is decided with the configured ``hard``; it also holds for hard
         # gates when the router used soft ones (p == 0 is below any threshold), not the other way round.
-        # Straight-through training needs the closed rows too: their gates learn to open from them.
+        # Training never skips: straight-through gates learn to open from the closed rows, and under
+        # DDP/FSDP a rank whose rows are all closed must still give the adapter a (zero) gradient, as the
+        # other ranks do (a skipped adapter left that rank's loss without a graph).
         skip_closed = self.gate_mode == "sequence" and (hard or not self.route.hard)
-        if self.straight_through and self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled():
             skip_closed = False
         if self.forced_gate == 0.0 or (self.forced_gate is None and skip_closed and self.route.all_closed):
             return self.base_layer(x, *args, **kwargs)
