@@ -111,12 +111,8 @@ def _read_meta(directory: Path) -> dict:
     return meta
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module | None = None) -> nn.Module:
-    """Load gates, router and config saved by ``save_pretrained`` into ``model`` (patching it if needed).
-
-    ``router``: the router module to fill when the save used a custom router class. Nothing in the
-    model changes unless every tensor matches in name and shape. Returns the model.
-    """
+def read_saved(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The saved config (as ``GatedLoraConfig.to_dict`` wrote it) and tensors (on the CPU) of a gatedlora save."""
     directory = Path(path)
     meta = _read_meta(directory)
     weights_path = directory / WEIGHTS_NAME
@@ -126,8 +122,17 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         loaded = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"load_pretrained: {weights_path} is corrupt or not a safetensors file: {err}") from None
+    return meta["config"], loaded
 
-    saved = meta["config"]
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module | None = None) -> nn.Module:
+    """Load gates, router and config saved by ``save_pretrained`` into ``model`` (patching it if needed).
+
+    ``router``: the router module to fill when the save used a custom router class. Nothing in the
+    model changes unless every tensor matches in name and shape. Returns the model.
+    """
+    saved, loaded = read_saved(path)
+    weights_path = Path(path) / WEIGHTS_NAME
     if saved.get("router") not in (None, "PrismRouter") and router is None and not is_patched(model):
         raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); pass router=<module "
                          "of that class> so its parameters can be loaded")

@@ -1,0 +1,174 @@
+"""A route-only model: the embeddings, blocks ``0..router_layer`` and the trained router, nothing else.
+
+PRISM's router reads the hidden state after block ``router_layer``, and those blocks carry no adapter,
+so a prompt's route can be decided before the request reaches a serving engine. The model is built from
+the checkpoint's config cut to ``router_layer + 1`` blocks, and Transformers then loads only the weights
+that model has: the later blocks, the final norm's successors and the LM head are never read. The
+router comes from a gatedlora save (``gatedlora.save_pretrained`` or ``gatedlora train-router``).
+
+Its probabilities are the full patched model's, bitwise, for the same batch: the same modules run on
+the same inputs, and the router reads the block's output as ``SequenceRouter.route`` does.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .io import read_saved
+from .patching import ROUTER_ATTRIBUTE, find_blocks
+from .routing import PrismRouter, last_real_positions, prism_two_class_router
+
+BASE_ROUTE = "base"  # the route name of prompts the base model answers
+ROUTER_PREFIX = f"{ROUTER_ATTRIBUTE}."  # the router's tensors in a gatedlora save
+
+# The block output of the forward running in this context (a list the hook appends to), so that
+# concurrent forwards (threads) each read their own.
+_captured: contextvars.ContextVar[list | None] = contextvars.ContextVar("gatedlora_route_only_capture", default=None)
+
+
+class _StopForward(Exception):
+    """Raised once block router_layer has run: nothing after it (final norm, pooler) is needed."""
+
+
+def _capture_and_stop(module: nn.Module, args: tuple, output: Any) -> None:
+    captured = _captured.get()
+    if captured is not None:
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+        raise _StopForward
+
+
+class RouteOnlyModel(nn.Module):
+    """Embeddings + blocks ``0..router_layer`` (``backbone``) and the ``router``: prompts in, routes out.
+
+    ``forward(input_ids [B, T], attention_mask [B, T])`` returns the adapter probabilities [B]; a
+    probability ``>= threshold`` routes the prompt to the adapter named ``adapter_name``, anything else
+    (NaN included) to the base model. ``route_names`` lists the routes by index: 0 is ``"base"``.
+    """
+
+    def __init__(self, backbone: nn.Module, router: nn.Module, router_layer: int, threshold: float,
+                 adapter_name: str = "adapter") -> None:
+        super().__init__()
+        _, blocks = find_blocks(backbone)
+        if len(blocks) != router_layer + 1:
+            raise ValueError(f"RouteOnlyModel: the backbone must end at block router_layer={router_layer}, "
+                             f"it has {len(blocks)} blocks")
+        if adapter_name == BASE_ROUTE:
+            raise ValueError(f"RouteOnlyModel: the adapter cannot be named {BASE_ROUTE!r} (the base model's route)")
+        self.backbone = backbone
+        self.router = router
+        self.router_layer = router_layer
+        self.threshold = float(threshold)
+        self.route_names = (BASE_ROUTE, adapter_name)
+        blocks[router_layer].register_forward_hook(_capture_and_stop)
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | os.PathLike, router_path: str | os.PathLike, *,
+                        router: nn.Module | None = None, adapter_name: str = "adapter",
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        ) -> RouteOnlyModel:
+        """Load blocks ``0..router_layer`` of the Hugging Face model at ``model_path`` and the router saved in
+        ``router_path``. ``router``: a module of the saved class, for routers other than gatedlora's own."""
+        from transformers import AutoConfig, AutoModel
+
+        config_dict, tensors = read_saved(router_path)
+        if config_dict.get("gate") != "sequence":
+            raise ValueError(f"RouteOnlyModel: {router_path} holds gate={config_dict.get('gate')!r} gates; "
+                             "a route-only model needs a router (gate='sequence')")
+        router_layer = int(config_dict["router_layer"])
+        config = AutoConfig.from_pretrained(model_path)
+        config = cut_config(config, router_layer + 1)
+        with _quiet_transformers():
+            backbone = AutoModel.from_pretrained(model_path, config=config, dtype=dtype or torch.float32)
+        router = router_from_state(config_dict.get("router"), tensors, router)
+        model = cls(backbone, router, router_layer, config_dict["threshold"], adapter_name).eval()
+        return model.to(device=device, dtype=dtype) if device or dtype else model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, attention_mask: [B, T] -> adapter probabilities [B] (the router's output)."""
+        token = _captured.set([])
+        try:
+            try:
+                self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            except _StopForward:
+                pass
+            captured = _captured.get()
+        finally:
+            _captured.reset(token)
+        if not captured:
+            raise RuntimeError(f"RouteOnlyModel: block {self.router_layer} did not run in the backbone's forward")
+        hidden = captured[0]
+        batch, length = hidden.shape[:2]
+        positions = last_real_positions(attention_mask, batch, length, hidden.device).to(hidden.device)
+        last_hidden = hidden[torch.arange(batch, device=hidden.device), positions]
+        param = next(self.router.parameters(), None)
+        if param is not None:
+            last_hidden = last_hidden.to(device=param.device, dtype=param.dtype)
+        return self.router(last_hidden).reshape(batch)
+
+    def routes(self, probabilities: torch.Tensor) -> list[str]:
+        """The route name of each probability [B]: the adapter's where ``p >= threshold``, else ``"base"``."""
+        return [self.route_names[int(open_)] for open_ in (probabilities.float() >= self.threshold).tolist()]
+
+
+def cut_config(config: Any, blocks: int) -> Any:
+    """A copy of a Transformers config with only the first ``blocks`` blocks (per-block lists cut too)."""
+    config = config.__class__.from_dict(config.to_dict())
+    total = config.num_hidden_layers
+    if blocks >= total:
+        raise ValueError(f"router_layer={blocks - 1} leaves no block for the adapter: the model has {total} blocks")
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(config, key, value[:blocks])  # e.g. layer_types (sliding or full attention per block)
+    config.num_hidden_layers = blocks
+    return config
+
+
+def router_from_state(class_name: str | None, tensors: dict[str, torch.Tensor], router: nn.Module | None
+                      ) -> nn.Module:
+    """The router saved under ``gate_router.*`` in ``tensors``, filled with those tensors.
+
+    ``PrismRouter`` and ``TwoClassRouter`` (``prism_two_class_router``) are rebuilt from the saved shapes;
+    any other class needs ``router``, a module of that class.
+    """
+    state = {key[len(ROUTER_PREFIX):]: value for key, value in tensors.items() if key.startswith(ROUTER_PREFIX)}
+    if not state:
+        raise ValueError(f"the gatedlora save holds no router tensors ({ROUTER_PREFIX}*)")
+    if router is None:
+        if class_name in (None, "PrismRouter"):
+            hidden = state["net.0.weight"].shape[1]
+            widths = tuple(state[f"net.{i}.weight"].shape[0] for i in range(0, len(state) - 2, 2))
+            router = PrismRouter(hidden, widths=widths, start_open=False)
+        elif class_name == "TwoClassRouter" and set(state) == {"net.0.weight", "net.0.bias", "net.3.weight",
+                                                                 "net.3.bias"}:
+            router = prism_two_class_router(state["net.0.weight"].shape[1], width=state["net.0.weight"].shape[0])
+        else:
+            raise ValueError(f"the save used a custom router ({class_name}); pass router=<module of that class>")
+    expected = {key: value.shape for key, value in router.state_dict().items()}
+    got = {key: value.shape for key, value in state.items()}
+    if expected != got:
+        raise ValueError(f"the saved router does not fit {type(router).__name__}: saved {got}, module {expected}")
+    router.load_state_dict(state)
+    return router.eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Transformers reports the checkpoint's later blocks as unused weights: expected here, so not shown
+    (nor its progress bar over a handful of tensors)."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
