@@ -57,7 +57,8 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then move it over ``path``: no half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
@@ -94,8 +95,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool =
         "fresh_adapter": state.fresh,
         "layers": sorted(name for name, _ in gated_layers(model)),
     }
-    _write_atomically(targets[1], lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomically(targets[0], lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    write_atomically(targets[1], lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(targets[0], lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
 
 def _read_meta(directory: Path) -> dict:

