@@ -1,10 +1,16 @@
 """Route with gatedlora, generate with a serving engine: one request per prompt, the route as the model.
 
-    gatedlora route --model BASE_DIR --router ROUTER_DIR --data prompts.jsonl --out routes.jsonl
+    gatedlora route --model BASE_DIR --router ROUTER_DIR --data prompts.jsonl --out routes.jsonl \\
+        --adapter-name ADAPTER
     python examples/serve_routed.py --routes routes.jsonl --url http://127.0.0.1:8000 \\
         --base-model BASE_NAME --out answers.jsonl
 
-Each line of ``routes.jsonl`` (``{"prompt": ..., "route": "base" or an adapter name, ...}``) becomes one
+or in one step, routing in this process with ``gatedlora.route_only.RouteOnlyModel``:
+
+    python examples/serve_routed.py --model BASE_DIR --router ROUTER_DIR --data prompts.jsonl \\
+        --adapter-name ADAPTER --url http://127.0.0.1:8000 --base-model BASE_NAME
+
+Each routed prompt (``{"prompt": ..., "route": "base" or an adapter name, ...}``) becomes one
 request to the engine's OpenAI-compatible server: ``POST /v1/completions`` (``/v1/chat/completions`` with
 ``--chat``) whose ``model`` is the adapter's name when routed to an adapter and ``--base-model`` when routed
 to the base model. The engine must serve the adapter under that name:
@@ -73,17 +79,41 @@ def read_routes(path: str) -> list[dict]:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(
                     row.get("route"), str):
-                raise ValueError(f"{path}:{number}: expected {{\"prompt\": str, \"route\": str, ...}}, got {line[:80]!r}")
+                raise ValueError(f"{path}:{number}: expected {{\"prompt\": str, \"route\": str, ...}}, "
+                                 f"got {line[:80]!r}")
             rows.append(row)
     return rows
 
 
+def route_here(model: str, router: str, data: str, adapter_name: str, batch_size: int) -> list[dict]:
+    """Route the prompts of ``data`` in this process: each row with ``route`` and ``probability`` added."""
+    from transformers import AutoTokenizer
+
+    from gatedlora.prompts import prompt_problem, read_jsonl
+    from gatedlora.route_only import RouteOnlyModel, route_prompts
+
+    rows = read_jsonl(data, prompt_problem)
+    route_only = RouteOnlyModel.from_pretrained(model, router, adapter_name=adapter_name)
+    probabilities = route_prompts(route_only, [row["prompt"] for row in rows], AutoTokenizer.from_pretrained(model),
+                                  batch_size, progress=False)
+    return [{**row, "route": route, "probability": p}
+            for row, route, p in zip(rows, route_only.routes(probabilities), probabilities.tolist())]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--routes", required=True, help="JSONL written by `gatedlora route`")
+    parser.add_argument("--routes", help="JSONL written by `gatedlora route`")
+    parser.add_argument("--model", help="or route here: the model directory (blocks 0..router_layer are loaded)")
+    parser.add_argument("--router", help="... the gatedlora save with the router")
+    parser.add_argument("--data", help="... the prompts, one {\"prompt\": str, ...} per line")
+    parser.add_argument("--adapter-name", default="adapter", help="... the adapter's route name (default adapter)")
+    parser.add_argument("--batch-size", type=int, default=32, help="... prompts per routing forward")
     parser.add_argument("--url", required=True, help="the engine's server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--base-model", required=True, help="the `model` to send when routed to the base model")
     parser.add_argument("--adapter-model", default="{adapter}",
@@ -102,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
     if args.concurrency < 1:
         parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
+    here = (args.model, args.router, args.data)
+    if bool(args.routes) == any(here) or (any(here) and not all(here)):
+        parser.error("give either --routes, or --model, --router and --data to route here")
     try:
-        rows = read_routes(args.routes)
+        rows = read_routes(args.routes) if args.routes else route_here(*here, args.adapter_name, args.batch_size)
     except (OSError, ValueError) as err:
-        parser.error(f"--routes: {err}")
+        parser.error(str(err))
 
     endpoint = args.url.rstrip("/") + ("/v1/chat/completions" if args.chat else "/v1/completions")
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}

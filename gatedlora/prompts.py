@@ -37,7 +37,8 @@ def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, ca
     return encoded
 
 
-def right_padded_batches(ids: list[list[int]], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def right_padded_batches(ids: list[list[int]], batch_size: int
+                         ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Batches of prompts of similar length (less padding), padded on the right with token 0 (masked).
 
     Yields (the prompts' indices in ``ids``, input_ids [b, T], attention_mask [b, T]). Right padding keeps

@@ -200,3 +200,33 @@ def test_route_cli_refuses_bad_rows_and_never_overwrites(trained_minilm, tmp_pat
     assert main(["route", "--model", path, "--router", str(router_dir), "--data", str(data), "--out", str(out),
                  "--overwrite", "--no-progress"]) == 0
     assert json.loads(out.read_text(encoding="utf-8"))["route"] in ("adapter", "base")
+
+
+def test_serve_example_routes_in_process_and_names_the_adapter(trained_minilm, tmp_path):
+    """examples/serve_routed.py routing in its own process (RouteOnlyModel), against the loopback engine of
+    test_serve_routed: each prompt reaches the engine under the model its route names."""
+    import threading
+
+    from gatedlora.route_only import RouteOnlyModel, route_prompts
+    from test_router_training import marker_task
+    from test_serve_routed import Engine, run_script
+
+    path, router_dir, _, tokenizer = trained_minilm
+    prompts, _ = marker_task(9, every=3, seed=21)
+    data = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    route_only = RouteOnlyModel.from_pretrained(path, router_dir, adapter_name="urgent-lora")
+    want = dict(zip(prompts, route_only.routes(route_prompts(route_only, prompts, tokenizer, progress=False))))
+    assert set(want.values()) == {"urgent-lora", "base"}
+    engine = Engine(served={"minilm", "urgent-lora"})
+    threading.Thread(target=engine.serve_forever, daemon=True).start()
+    try:
+        done = run_script("--model", path, "--router", router_dir, "--data", data, "--adapter-name", "urgent-lora",
+                          "--url", engine.url, "--base-model", "minilm")
+    finally:
+        engine.shutdown()
+        engine.server_close()
+    assert done.returncode == 0, done.stderr
+    sent = {body["prompt"]: body["model"] for _, _, body in engine.requests}
+    assert sent == {p: "minilm" if route == "base" else route for p, route in want.items()}
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["route"] for a in answers] == [want[p] for p in prompts]

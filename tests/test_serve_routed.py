@@ -121,6 +121,8 @@ def test_bad_routes_and_existing_output_are_refused_before_any_request(engine, t
     bad.write_text('{"prompt": "hi"}\n', encoding="utf-8")
     done = run_script("--routes", bad, "--url", engine.url, "--base-model", "Base-7B")
     assert done.returncode == 2 and f"{bad}:1: expected" in done.stderr
+    done = run_script("--routes", bad, "--model", tmp_path, "--url", engine.url, "--base-model", "Base-7B")
+    assert done.returncode == 2 and "give either --routes, or --model, --router and --data" in done.stderr
     out = tmp_path / "answers.jsonl"
     out.write_text("keep me", encoding="utf-8")
     done = run_script("--routes", write_routes(tmp_path / "routes.jsonl"), "--url", engine.url, "--base-model",

@@ -3,10 +3,11 @@
     torchrun --standalone --nproc-per-node 2 tools/distributed_check.py [--out DIR] [--json FILE]
 
 Gloo on the CPU. For each strategy (DDP, and FSDP2's ``fully_shard`` on every block and the root) and
-each setup below, every rank trains a tiny Llama built from a config on its rows of a shared global batch. The trained gatedlora tensors are then
-saved with ``gatedlora.save_pretrained`` (rank 0 writes) and loaded back twice: into the sharded model on
-every rank, and into a fresh unwrapped model on rank 0, which compares them with the same model trained
-in one process on the whole global batch. Exit status 1 when a comparison fails.
+each setup below, every rank trains a tiny Llama built from a config on its rows of a shared global
+batch. The trained gatedlora tensors are then saved with ``gatedlora.save_pretrained`` (rank 0 writes)
+and loaded back twice: into the sharded model on every rank, and into a fresh unwrapped model on rank
+0, which compares them with the same model trained in one process on the whole global batch. Exit
+status 1 when a comparison fails.
 
 Setups (fresh adapters on all seven projections, base frozen):
 - token: token gates, hard with straight-through, gate weights trained;
