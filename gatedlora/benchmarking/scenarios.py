@@ -187,8 +187,6 @@ def decode_providers(setup: BenchSetup, ids, mask, open_mask, graphs: bool = Fal
         try:
             with torch.inference_mode():
                 replay, logits = capture_decode_step(model, ids, mask, setup.cache_argument, **extra)
-                replay()
-                torch.cuda.synchronize()  # a replay that fails is reported here, against this provider
             return lambda: (replay(), logits)[1]
         except Exception as exc:  # reported, and the provider is timed eagerly instead
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
