@@ -127,6 +127,23 @@ def _fresh_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str
     return found
 
 
+def _linear_names_hint(model: nn.Module, fresh: bool) -> str:
+    """The names target_modules can match in ``model``: its linear layers' (or LoRA layers') last name parts."""
+    if fresh:
+        names = []
+        for name, module in model.named_modules():
+            try:
+                linear_features(module)
+            except TypeError:
+                continue
+            names.append(name)
+    else:
+        names = [name for name, _ in _peft_lora_layers(model)]
+    kind = "linear layers" if fresh else "LoRA layers"
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in names if name})
+    return f"the model's {kind} are named {suffixes}" if suffixes else f"the model has no {kind}"
+
+
 def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, freeze_base: bool = True) -> nn.Module:
     """Swap GatedLoRALinear in for LoRA layers (PEFT model) or add fresh gated adapters (plain model).
 
@@ -155,7 +172,7 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
         targets = peft_layers
     if not targets:
         raise ValueError(f"nothing to patch in {type(model).__name__}: no module matches "
-                         f"target_modules={config.target_modules!r}")
+                         f"target_modules={config.target_modules!r}; {_linear_names_hint(model, fresh)}")
     adapters = {} if fresh else {name: _check_peft_layer(name, layer) for name, layer in targets}
     if fresh and freeze_base:
         model.requires_grad_(False)  # before the adapters, gates and router exist: those stay trainable
