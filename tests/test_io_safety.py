@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_io import scramble_gates
+from tiny_models import tiny_peft_model
 
 import gatedlora.io as gio
 from gatedlora import load_pretrained, patch_model, save_pretrained
 from gatedlora.patching import gated_layers
-from test_io import scramble_gates
-from tiny_models import tiny_peft_model
 
 TESTS = Path(__file__).resolve().parent
 
@@ -94,7 +94,7 @@ def test_an_overwrite_that_fails_leaves_the_old_save_and_no_temp_files(old_and_n
 
 
 def test_a_failed_rollback_leaves_the_new_save_loadable_and_the_next_save_tidies(old_and_new, monkeypatch):
-    path, old, new_model = old_and_new
+    path, _, new_model = old_and_new
     # the weights rename fails, and so does putting the old config back: the new config is committed
     fail_on_call(monkeypatch, os, "replace", {2, 3})
     with pytest.raises(Failure):
@@ -196,7 +196,7 @@ def test_non_finite_router_weights_are_refused(tmp_path):
 
 
 def test_a_flipped_byte_in_the_payload_is_refused(old_and_new):
-    path, old, target = old_and_new
+    path, _, target = old_and_new
     weights = path / gio.WEIGHTS_NAME
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0x10  # inside the last tensor's bytes: still a valid safetensors file

@@ -3,9 +3,15 @@ import copy
 
 import pytest
 import torch
-
-from gatedlora import GatedLoraConfig, force_gate, load_pretrained, patch_model, unpatch_model
 from tiny_models import padded_batch, tiny_causal_lm, tiny_peft_model
+
+from gatedlora import (
+    GatedLoraConfig,
+    force_gate,
+    load_pretrained,
+    patch_model,
+    unpatch_model,
+)
 
 
 def logits(model, ids, mask):
