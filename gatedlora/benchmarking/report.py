@@ -95,20 +95,28 @@ def _timing_cell(scenario: dict, provider: str, ratio: bool) -> str:
     return cell
 
 
-def format_table(result: dict) -> str:
-    """A text table: per scenario the correctness check, the base time and each adapter path's time and
-    ratio to base, each with its spread; then the legend, notes and warnings."""
-    providers = [p for p in result["providers"] if p != "base"]
-    header = ["scenario", "check", "base ms"] + [f"{p} ms (x base)" for p in providers]
+def timing_table(scenarios: list[dict], providers: list[str], with_check: bool = True) -> list[str]:
+    """Rows of a text table: per scenario (dicts with ``name``, ``median_ms``, ``iqr_ms`` and, with
+    ``with_check``, ``check``) the base time and each other provider's time and ratio to base."""
+    others = [p for p in providers if p != "base"]
+    header = ["scenario"] + (["check"] if with_check else []) + ["base ms"] + [f"{p} ms (x base)" for p in others]
     rows = [header]
-    for s in result["scenarios"]:
-        check = "not run" if s["check"].startswith("not checked") else s["check"].split(":")[0]
-        row = [s["name"], check, _timing_cell(s, "base", ratio=False)]
-        row += [_timing_cell(s, p, ratio=True) for p in providers]
+    for s in scenarios:
+        row = [s["name"]]
+        if with_check:
+            row.append("not run" if s["check"].startswith("not checked") else s["check"].split(":")[0])
+        row += [_timing_cell(s, "base", ratio=False)] + [_timing_cell(s, p, ratio=True) for p in others]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_table(result: dict) -> str:
+    """A text table: per scenario the correctness check, the base time and each adapter path's time and
+    ratio to base, each with its spread; then the legend, notes and warnings."""
+    lines = timing_table(result["scenarios"], result["providers"])
     env = result["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     lines.insert(0, f"device: {env['device']}  |  {versions}  |  commit {env['commit'] or 'n/a'}")
@@ -116,7 +124,9 @@ def format_table(result: dict) -> str:
     lines += [f"note: {note}" for note in result.get("notes", [])]
     for problem in [s for s in result["scenarios"] if s["check"].startswith("FAILED")]:
         lines.append(f"check FAILED in '{problem['name']}': {problem['check'][len('FAILED: '):]}")
-    warnings = result.get("warnings", [])
+    warnings = result.get("warnings")
+    if warnings is None:  # a run recorded before the report judged the spread: judge it now
+        warnings = spread_warnings(result) if all("iqr_ms" in s for s in result["scenarios"]) else []
     lines += [f"WARNING: {w}" for w in warnings]
     if warnings:
         lines.append("WARNING: these numbers are not to be trusted as they are; rerun on a quiet machine "
