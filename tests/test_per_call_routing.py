@@ -389,3 +389,37 @@ def test_legacy_tuple_caches_passed_as_past_key_values_carry_their_routes():
     assert get_router(model).last_decisions.any() and not get_router(model).last_decisions.all()
     for n in prompts:
         assert all(torch.equal(g, e) for g, e in zip(got[n], expected[n])), n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_prefill_and_decode_route_on_the_device_in_one_graph(arch):
+    """torch.compile(fullgraph=True): no graph break from routing (no host read of a decision); the LoRA
+    term is the registered op, one node per gated layer; outputs and routes equal eager."""
+    model, batches, routes = prism_model(arch)
+    hf = model.base_model.model
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(hf, fullgraph=True, backend=recording_backend)
+    ids, mask = batches["a"]
+    step_mask = torch.cat([mask, mask.new_ones(4, 1)], dim=1)
+    with torch.no_grad():
+        eager = hf(input_ids=ids, attention_mask=mask, use_cache=True)
+        token = eager.logits[:, -1:].argmax(-1)
+        eager_step = hf(input_ids=token, attention_mask=step_mask, use_cache=True, **{CACHE: output_cache(eager)})
+        prefill = compiled(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = output_cache(prefill)
+        assert torch.equal(get_router(model).routes_of(cache).decisions, routes["a"])
+        step = compiled(input_ids=token, attention_mask=step_mask, use_cache=True, **{CACHE: cache})
+    assert len(graphs) == 2  # one graph for the prefill, one for the decode step: no break
+    gated = sum(isinstance(m, GatedLoRALinear) for m in model.modules())
+    for gm in graphs:
+        ops = [n for n in gm.graph.nodes if n.op == "call_function" and "gated_lora_add_" in str(n.target)]
+        assert len(ops) == gated
+    torch.testing.assert_close(prefill.logits, eager.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(step.logits, eager_step.logits, rtol=0, atol=1e-5)
+    assert torch.equal(get_router(model).last_decisions, routes["a"])
