@@ -86,18 +86,25 @@ def prism_two_class_router(hidden_size: int, width: int = 256, dropout: float = 
 
 def last_real_positions(attention_mask: torch.Tensor | None, batch: int, length: int,
                         device: torch.device | None = None) -> torch.Tensor:
-    """Index of the last position with ``attention_mask == 1`` per sequence. Returns [B] (long).
+    """Index of the last real position (``attention_mask == 1``) of this input per sequence. Returns [B] (long).
 
-    attention_mask: [B, T'] with T' >= length (its last ``length`` columns cover this input) or None.
+    attention_mask: [B, T'] with T' >= length (its last ``length`` columns cover this input), or a
+    prepared mask [B, heads or 1, length, S] of a prefill on an empty cache (generate() with a static
+    cache passes one: True or 0 where a query attends; its first ``length`` keys are this input), or None.
     """
     if attention_mask is None:
         return torch.full((batch,), length - 1, dtype=torch.long, device=device)  # made there: no copy
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+    if attention_mask.dim() == 4 and attention_mask.shape[0] == batch and attention_mask.shape[-1] >= length:
+        # the last query attends to every real token of the prompt, and to nothing after it
+        keys = attention_mask[:, 0, -1, :length]
+        real = keys if keys.dtype == torch.bool else keys == 0
+    elif attention_mask.dim() == 2 and attention_mask.shape[0] == batch and attention_mask.shape[1] >= length:
+        real = attention_mask[:, -length:] != 0
+    else:
         raise ValueError(
-            f"sequence routing needs a 2D attention_mask [batch, length] = [{batch}, {length}], "
-            f"got {list(attention_mask.shape)}"
+            f"sequence routing needs a 2D attention_mask [batch, length] = [{batch}, {length}] (or a prepared 4D "
+            f"mask [{batch}, heads, {length}, keys]), got {list(attention_mask.shape)}"
         )
-    real = attention_mask[:, -length:] != 0
     return length - 1 - real.flip(1).to(torch.int8).argmax(dim=1)
 
 

@@ -8,7 +8,7 @@ import torch
 from steered_routers import LinearRouter, PatternRouter, splitting_router
 from tiny_models import padded_batch, tiny_peft_model
 from torch import nn
-from transformers import DynamicCache, LlamaModel
+from transformers import DynamicCache, LlamaModel, StaticCache
 
 from gatedlora import GatedLoraConfig, GatedLoRALinear, force_gate, get_router, patch_model
 from gatedlora.call_state import output_cache
@@ -423,3 +423,36 @@ def test_compiled_prefill_and_decode_route_on_the_device_in_one_graph(arch):
     torch.testing.assert_close(prefill.logits, eager.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(step.logits, eager_step.logits, rtol=0, atol=1e-5)
     assert torch.equal(get_router(model).last_decisions, routes["a"])
+
+
+def test_a_static_cache_reset_for_a_new_prompt_is_routed_again():
+    """A StaticCache counts its tokens on the device, and is reused after reset(): a new prompt on it must be
+    routed, each decode step on it must continue its prompt's decision. generate() with a static cache
+    passes a prepared 4D attention mask, from which the router finds the last real tokens too."""
+    model, batches, routes = prism_model()
+    config = model.base_model.model.config
+
+    def steps(cache, ids, mask):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE: cache})
+        got = [out.logits[:, -1]]
+        for _ in range(2):
+            mask = torch.cat([mask, mask.new_ones(4, 1)], dim=1)
+            out = model(input_ids=got[-1].argmax(-1, keepdim=True), attention_mask=mask, use_cache=True,
+                        **{CACHE: cache})
+            got.append(out.logits[:, -1])
+        return got
+
+    with torch.no_grad():
+        expected = {name: steps(StaticCache(config=config, max_cache_len=16), *batch) for name, batch in batches.items()}
+        reused = StaticCache(config=config, max_cache_len=16)
+        for name in ("a", "b", "a"):
+            reused.reset()
+            got = steps(reused, *batches[name])
+            assert all(torch.equal(g, e) for g, e in zip(got, expected[name])), name
+            assert torch.equal(get_router(model).routes_of(reused).decisions, routes[name])
+        options = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        for name, (ids, mask) in batches.items():
+            dynamic = model.generate(input_ids=ids, attention_mask=mask, **options)
+            out = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **options)
+            assert torch.equal(out.sequences, dynamic.sequences), name
+            assert torch.equal(get_router(model).routes_of(out.past_key_values).decisions, routes[name])
