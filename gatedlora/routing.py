@@ -178,8 +178,11 @@ class SequenceRouter(nn.Module):
         return None if last is None else last.decisions
 
     def routes_of(self, cache: Any) -> RouteDecision | None:
-        """The decision this router made for the generation that ``cache`` (a KV cache) belongs to."""
-        return routes_on(cache, self._key)
+        """The decision this router made for the generation that ``cache`` belongs to: a KV cache, or the
+        output of the model or of ``generate(..., return_dict_in_generate=True)`` that holds one. None if
+        it has none."""
+        held = output_cache(cache)
+        return routes_on(cache if held is None else held, self._key)
 
     # --- the routes, for the gated layers (inside a forward) -------------------------------------
 

@@ -92,7 +92,7 @@ def test_threads_generating_with_different_routes_each_match_their_run_alone():
     def generate(name):
         ids, mask = batches[name]
         out = model.generate(input_ids=ids, attention_mask=mask, **options)
-        decided = get_router(model).routes_of(out.past_key_values).decisions
+        decided = get_router(model).routes_of(out).decisions
         return out.sequences, torch.stack(out.scores, 1), decided, get_router(model).last_decisions
 
     with torch.no_grad():
@@ -168,8 +168,8 @@ def test_chunked_prefill_routes_from_the_last_real_token_of_the_whole_prompt(arc
         whole = model.generate(input_ids=ids, attention_mask=mask, **options)
         chunked = model.generate(input_ids=ids, attention_mask=mask, prefill_chunk_size=4, **options)
     route = get_router(model)
-    assert torch.equal(route.routes_of(whole.past_key_values).decisions, routes["b"])
-    assert torch.equal(route.routes_of(chunked.past_key_values).decisions, routes["b"])
+    assert torch.equal(route.routes_of(whole).decisions, routes["b"])
+    assert torch.equal(route.routes_of(chunked).decisions, routes["b"])
     assert torch.equal(chunked.sequences, whole.sequences)
     scores, reference = torch.stack(chunked.scores, 1), torch.stack(whole.scores, 1)
     finite = torch.isfinite(reference)
@@ -314,7 +314,7 @@ def test_routes_are_readable_per_cache_and_the_threshold_settable_after_patching
     with torch.no_grad():
         expected = alone(model, batches["a"], 2)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        decision = route.routes_of(output_cache(out))
+        decision = route.routes_of(out)
         assert torch.equal(decision.decisions, routes["a"]) and decision.threshold == 0.5
         assert float(decision.probabilities[routes["a"]].min()) < 0.99  # sigmoid(4): open at 0.5, closed at 0.99
         route.threshold = 0.99
@@ -455,4 +455,4 @@ def test_a_static_cache_reset_for_a_new_prompt_is_routed_again():
             dynamic = model.generate(input_ids=ids, attention_mask=mask, **options)
             out = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **options)
             assert torch.equal(out.sequences, dynamic.sequences), name
-            assert torch.equal(get_router(model).routes_of(out.past_key_values).decisions, routes[name])
+            assert torch.equal(get_router(model).routes_of(out).decisions, routes[name])
