@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .call_state import forced_gate
+from .call_state import RouteDecision, forced_gate
 from .ops import fused_fallback_reason, gated_lora_fused, warn_fused_fallback_once
 from .ops.gated_lora import apply_gated_lora
 from .ops.gates import token_gate_probabilities
@@ -116,8 +116,8 @@ class GatedLoRALinear(nn.Module):
     def rank(self) -> int:
         return self.lora_A[self.adapter_name].weight.shape[0]
 
-    def _gate_arguments(self, x: torch.Tensor, lora_x: torch.Tensor) -> dict[str, Any]:
-        forced = self.forced_gate
+    def _gate_arguments(self, x: torch.Tensor, lora_x: torch.Tensor, forced: float | None,
+                        decision: RouteDecision | None) -> dict[str, Any]:
         if forced is not None:
             if forced == 1.0:
                 return {}
@@ -128,7 +128,8 @@ class GatedLoRALinear(nn.Module):
                 return {"gate": token_gate_probabilities(rows, self.gate_weight, self.gate_bias)}
             return {"gate_weight": self.gate_weight, "gate_bias": self.gate_bias}
         if self.gate_mode == "sequence":
-            decision = self.route.decision()
+            if decision is None:
+                decision = self.route.decision()  # raises: not decided yet
             if decision.all_open and self.gates_are_hard and not (self.training and self.straight_through):
                 return {}  # the host saw every gate open (CPU): plain LoRA, no gate gather or row selection
             gate = decision.row_gates(x)
@@ -154,22 +155,23 @@ class GatedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         hard = self.gates_are_hard
+        forced = forced_gate(self)
+        decision = self.route.in_force() if self.gate_mode == "sequence" else None  # this call's routes
         # The router's all_closed is decided with the configured ``hard``; it also holds for hard
         # gates when the router used soft ones (p == 0 is below any threshold), not the other way round.
+        skip_closed = decision is not None and decision.all_closed and (hard or not self.route.hard)
         # No skip while autograd records the adapter: its weights then get a zero gradient rather than
         # none (a loss over a batch routed entirely to base still backpropagates), and straight-through
         # gates learn to open from the closed rows.
-        skip_closed = self.gate_mode == "sequence" and (hard or not self.route.hard)
         if skip_closed and torch.is_grad_enabled():
             skip_closed = not (self.lora_A[self.adapter_name].weight.requires_grad
                                or self.lora_B[self.adapter_name].weight.requires_grad
                                or (self.straight_through and self.training))
-        forced = self.forced_gate
-        if forced == 0.0 or (forced is None and skip_closed and self.route.all_closed):
+        if forced == 0.0 or (forced is None and skip_closed):
             return self.base_layer(x, *args, **kwargs)
         lora_x = self.lora_dropout[self.adapter_name](x)
         options = {"threshold": self.threshold, "hard": hard, "straight_through": self.straight_through,
-                   **self._gate_arguments(x, lora_x)}
+                   **self._gate_arguments(x, lora_x, forced, decision)}
         lora_a = self.lora_A[self.adapter_name].weight
         lora_b = self.lora_B[self.adapter_name].weight
         if self.base_mode == "fused":

@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .call_state import ForwardState, RouteDecision, attach_routes, holds_tokens, in_backward, output_cache, routes_on
+from .call_state import (ForwardState, RouteDecision, attach_routes, holds_tokens, in_backward, output_cache,
+                         routes_on, thread_slot)
 from .config import GatedLoraConfig
 from .ops.gates import gate_values, probability_dtype
 
@@ -169,12 +170,12 @@ class SequenceRouter(nn.Module):
 
     @property
     def last_probabilities(self) -> torch.Tensor | None:
-        last = getattr(self._threads, "last", None)
+        last = thread_slot(self._threads, "last")
         return None if last is None else last.probabilities
 
     @property
     def last_decisions(self) -> torch.Tensor | None:
-        last = getattr(self._threads, "last", None)
+        last = thread_slot(self._threads, "last")
         return None if last is None else last.decisions
 
     def routes_of(self, cache: Any) -> RouteDecision | None:
@@ -186,8 +187,10 @@ class SequenceRouter(nn.Module):
 
     # --- the routes, for the gated layers (inside a forward) -------------------------------------
 
-    def _in_force(self) -> RouteDecision | None:
-        state = getattr(self._threads, "forward", None)
+    def in_force(self) -> RouteDecision | None:
+        """The decision of the forward running in this thread (None before block ``router_layer``, or
+        outside a forward). One read of the thread's slot: the gated layers call it once per call."""
+        state = getattr(self._threads, "forward", None)  # set in every thread that ran a forward: a fast read
         if state is None and in_backward():
             # Gradient checkpointing recomputes blocks in the backward, outside their forward (and on
             # autograd's device threads): there the layers read the forward that recorded gradients last.
@@ -195,30 +198,14 @@ class SequenceRouter(nn.Module):
         return None if state is None else state.decision
 
     def decision(self) -> RouteDecision:
-        """The decision of the forward running in this thread; raises when it has none (yet)."""
-        decision = self._in_force()
+        """``in_force()``, raising when there is none."""
+        decision = self.in_force()
         if decision is None:
             raise RuntimeError(
                 "gatedlora: sequence gate not decided yet: a gated layer ran before block router_layer, or "
                 "outside a forward of the patched model; run the model itself, or use force_gate"
             )
         return decision
-
-    @property
-    def all_open(self) -> bool:
-        """True when the host saw every gate of this forward open (CPU, eager): plain LoRA."""
-        decision = self._in_force()
-        return decision is not None and decision.all_open
-
-    @property
-    def all_closed(self) -> bool:
-        """True when the host saw every gate of this forward closed (CPU, eager): the base layer."""
-        decision = self._in_force()
-        return decision is not None and decision.all_closed
-
-    def row_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """This forward's gate of each sequence repeated over its rows of x [B, ..., K]. Returns [M] (fp32)."""
-        return self.decision().row_gates(x)
 
     # --- hooks ---------------------------------------------------------------------------------
 
@@ -236,11 +223,11 @@ class SequenceRouter(nn.Module):
                     "gatedlora: this KV cache holds tokens but no routing decision of this model: it was filled "
                     "by another model, or by this one before patching. Run the prompt through the patched model "
                     "(prefill) with a fresh cache; a decode step uses the decision made at its prefill")
-            decision = getattr(threads, "pending", None)  # chunked prefill: the whole prompt's decision
+            decision = thread_slot(threads, "pending")  # chunked prefill: the whole prompt's decision
             if decision is not None:
                 threads.pending = None  # for the first chunk only
         state = ForwardState(arguments.get("attention_mask"), decision, continuing)
-        previous = getattr(threads, "forward", None)
+        previous = thread_slot(threads, "forward")
         threads.forward = state
         try:
             output = forward(*args, **kwargs)
@@ -260,7 +247,7 @@ class SequenceRouter(nn.Module):
     def after_router_block(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Forward hook on block ``router_layer``: decide from its output hidden states (prefill), or
         check that the decision this forward continues fits its batch."""
-        state = getattr(self._threads, "forward", None)
+        state = thread_slot(self._threads, "forward")
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         if state is None:
             recorded = self.__dict__.get("_for_backward") if in_backward() else None
@@ -271,7 +258,7 @@ class SequenceRouter(nn.Module):
             return  # else the block ran outside a forward of the backbone: nothing to decide for
         if state.decision is None:
             state.decision = self.decide(hidden, state.attention_mask)
-            if getattr(self._threads, "route_only", False):
+            if thread_slot(self._threads, "route_only"):
                 raise _RoutedPrompt(state.decision)
         elif state.decision.batch != hidden.shape[0]:
             raise RuntimeError(

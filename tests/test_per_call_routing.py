@@ -415,7 +415,13 @@ def test_compiled_prefill_and_decode_route_on_the_device_in_one_graph(arch):
         cache = output_cache(prefill)
         assert torch.equal(get_router(model).routes_of(cache).decisions, routes["a"])
         step = compiled(input_ids=token, attention_mask=step_mask, use_cache=True, **{CACHE: cache})
-    assert len(graphs) == 2  # one graph for the prefill, one for the decode step: no break
+        assert len(graphs) == 2  # one graph for the prefill, one for the decode step: no break
+        with force_gate(model, 0.0):  # a guard on the per-thread override: a new graph, not a stale one
+            forced = compiled(input_ids=ids, attention_mask=mask).logits
+        unforced = compiled(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(forced, base_logits(model, ids, mask), rtol=0, atol=1e-5)
+    torch.testing.assert_close(unforced, eager.logits, rtol=0, atol=1e-5)
+    graphs = graphs[:2]
     gated = sum(isinstance(m, GatedLoRALinear) for m in model.modules())
     for gm in graphs:
         ops = [n for n in gm.graph.nodes if n.op == "call_function" and "gated_lora_add_" in str(n.target)]
