@@ -29,7 +29,7 @@ from torch import nn
 ROUTES_ATTRIBUTE = "_gatedlora_routes"  # on a KV cache (or a legacy tuple cache's first key tensor)
 
 
-@dataclass
+@dataclass(eq=False)
 class RouteDecision:
     """One generation's routes, decided at prefill from each prompt's last real token.
 
@@ -70,7 +70,7 @@ class RouteDecision:
         return cached
 
 
-@dataclass
+@dataclass(eq=False)
 class ForwardState:
     """What one forward of the backbone needs: its attention mask [B, T'] and the decision its layers
     read, from the cache the forward extends (``continuing``), from a whole-prompt routing pass

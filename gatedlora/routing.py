@@ -234,7 +234,7 @@ class SequenceRouter(nn.Module):
         finally:
             threads.forward = previous
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self.__dict__["_for_backward"] = state  # see _in_force; inference (no_grad) never writes it
+            self.__dict__["_for_backward"] = state  # see in_force; inference (no_grad) never writes it
         if state.decision is not None:
             if not continuing and cache is not None:
                 attach_routes(cache, self._key, state.decision)
@@ -286,7 +286,8 @@ class SequenceRouter(nn.Module):
         probabilities = probabilities.reshape(batch).to(hidden.device, probability_dtype(hidden.dtype))
         # a NaN probability closes the gate: the layers get 0 (they reject NaN in given gates on the CPU)
         gates = torch.nan_to_num(probabilities, nan=0.0)
-        decisions = gate_values(probabilities.detach(), self.threshold, True).bool()
+        threshold = self.threshold  # read once: another thread may set it meanwhile
+        decisions = gate_values(probabilities.detach(), threshold, True).bool()
         all_open = all_closed = False
         # On the CPU the host sees the decision for free: a batch with every gate closed then skips the
         # adapter call (checks, gate gather, nonzero) in every layer. On a GPU reading it would be a host
@@ -295,8 +296,8 @@ class SequenceRouter(nn.Module):
             # all_open serves a hard-gate shortcut (plain LoRA), so it is decided with hard semantics
             # whatever self.hard is: soft routing with p = 0.2 must not open that row under hard gates
             all_open = bool(decisions.all())
-            all_closed = not bool((gate_values(gates.detach(), self.threshold, self.hard) != 0).any())
-        return RouteDecision(probabilities, gates, decisions, self.threshold, all_open, all_closed)
+            all_closed = not bool((gate_values(gates.detach(), threshold, self.hard) != 0).any())
+        return RouteDecision(probabilities, gates, decisions, threshold, all_open, all_closed)
 
     def generate_whole_prompt_routed(self, generate: Callable, args: tuple, kwargs: dict) -> Any:
         """``generate`` with a chunked prefill, routed from the last real token of the whole prompt.
@@ -332,33 +333,35 @@ class SequenceRouter(nn.Module):
 
 
 class _Wrapper:
-    """A method of a model replaced on its instance; a copy of the model gets a copy bound to itself."""
+    """A method ``name`` of a model replaced on its instance; a copy of the model gets a copy bound to itself."""
 
-    def __init__(self, route: SequenceRouter, module: nn.Module, name: str) -> None:
+    name = ""
+
+    def __init__(self, route: SequenceRouter, module: nn.Module) -> None:
         self.route = route
-        self.replaced = name in module.__dict__  # an instance wrapper already there (accelerate) is kept inside
-        self.inner = getattr(module, name)
+        self.replaced = self.name in module.__dict__  # an instance wrapper already there (accelerate) stays inside
+        self.inner = getattr(module, self.name)
+        module.__dict__[self.name] = self
 
     @property
     def __signature__(self) -> inspect.Signature:  # what transformers' Trainer and generate inspect
         return inspect.signature(self.inner)
 
-    def install(self, module: nn.Module, name: str) -> None:
-        module.__dict__[name] = self
-
-    def remove(self, module: nn.Module, name: str) -> None:
+    def remove(self, module: nn.Module) -> None:
         if self.replaced:
-            module.__dict__[name] = self.inner
+            module.__dict__[self.name] = self.inner
         else:
-            module.__dict__.pop(name, None)
+            module.__dict__.pop(self.name, None)
 
 
 class RoutedForward(_Wrapper):
     """``backbone.forward``: a per-call ForwardState for each forward (see ``call_state``). A wrapper
     rather than hooks, because ``nn.Module``'s always-call hooks miss KeyboardInterrupt."""
 
-    def __init__(self, route: SequenceRouter, module: nn.Module, name: str = "forward") -> None:
-        super().__init__(route, module, name)
+    name = "forward"
+
+    def __init__(self, route: SequenceRouter, module: nn.Module) -> None:
+        super().__init__(route, module)
         kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         self.names = tuple(p.name for p in inspect.signature(self.inner).parameters.values() if p.kind in kinds)
 
@@ -368,6 +371,8 @@ class RoutedForward(_Wrapper):
 
 class RoutedGenerate(_Wrapper):
     """``generate`` of the model that owns the backbone: a chunked prefill is routed from the whole prompt."""
+
+    name = "generate"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if "prefill_chunk_size" in kwargs:
@@ -380,27 +385,24 @@ class RoutedGenerate(_Wrapper):
         return self.route.generate_whole_prompt_routed(self.inner, args, kwargs)
 
 
-_WRAPPED = ("forward", "generate")
-
-
 def install_routing(backbone: nn.Module, router_block: nn.Module, router: SequenceRouter,
                     generator: nn.Module | None) -> None:
     """Wrap ``backbone.forward`` (per-call state) and ``generator.generate`` (chunked prefill), and hook
     ``router_block`` (the decision). Each holds ``router`` itself or its bound method, so that
     ``copy.deepcopy`` of the model gives the copy's its own: a copy routes itself."""
-    RoutedForward(router, backbone).install(backbone, "forward")
+    RoutedForward(router, backbone)
     if generator is not None:
-        RoutedGenerate(router, generator, "generate").install(generator, "generate")
+        RoutedGenerate(router, generator)
     router_block.register_forward_hook(router.after_router_block)
 
 
 def remove_routing(modules: list[nn.Module], router: SequenceRouter) -> None:
     """Undo ``install_routing`` of ``router`` on ``modules`` (by identity: handles do not survive a deepcopy)."""
     for module in modules:
-        for name in _WRAPPED:
-            wrapper = module.__dict__.get(name)
-            if isinstance(wrapper, _Wrapper) and wrapper.route is router:
-                wrapper.remove(module, name)
+        for kind in (RoutedForward, RoutedGenerate):
+            wrapper = module.__dict__.get(kind.name)
+            if isinstance(wrapper, kind) and wrapper.route is router:
+                wrapper.remove(module)
         for key, fn in list(module._forward_hooks.items()):
             if getattr(fn, "__self__", None) is router:
                 del module._forward_hooks[key]

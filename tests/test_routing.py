@@ -199,3 +199,18 @@ def test_soft_routing_with_hard_training_gates_keeps_closed_rows_closed():
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(logits[~want_open], base[~want_open])
     assert (logits[want_open] - peft[want_open]).abs().max() < 1e-5
+
+
+def test_unpatch_puts_the_backbone_forward_and_generate_back_and_signatures_stay_visible():
+    import inspect
+
+    model, ids, mask, want_open, router, peft, base = prism_setup()
+    hf = model.base_model.model
+    before = inspect.signature(hf.model.forward)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    assert "forward" in hf.model.__dict__ and "generate" in hf.__dict__
+    assert inspect.signature(hf.model.forward) == before  # what transformers' Trainer and generate inspect
+    gatedlora.unpatch_model(model)
+    assert "forward" not in hf.model.__dict__ and "generate" not in hf.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, peft)
