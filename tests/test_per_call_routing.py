@@ -449,7 +449,8 @@ def test_a_static_cache_reset_for_a_new_prompt_is_routed_again():
         return got
 
     with torch.no_grad():
-        expected = {name: steps(StaticCache(config=config, max_cache_len=16), *batch) for name, batch in batches.items()}
+        expected = {name: steps(StaticCache(config=config, max_cache_len=16), *batch)
+                    for name, batch in batches.items()}
         reused = StaticCache(config=config, max_cache_len=16)
         for name in ("a", "b", "a"):
             reused.reset()
