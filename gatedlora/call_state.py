@@ -102,11 +102,27 @@ def routes_on(cache: Any, key: int) -> RouteDecision | None:
 
 
 def attach_routes(cache: Any, key: int, decision: RouteDecision) -> None:
-    """Attach router ``key``'s decision to ``cache`` (a copy of the cache carries it too)."""
+    """Attach router ``key``'s decision to ``cache`` (a copy of the cache carries it too; ``cache.reset()``,
+    which starts a new generation on the same object, drops it)."""
     anchor = _anchor(cache)
-    if anchor is not None:
-        routes = anchor.__dict__.get(ROUTES_ATTRIBUTE)
-        anchor.__dict__[ROUTES_ATTRIBUTE] = {**(routes or {}), key: decision}
+    if anchor is None:
+        return
+    routes = anchor.__dict__.get(ROUTES_ATTRIBUTE)
+    anchor.__dict__[ROUTES_ATTRIBUTE] = {**(routes or {}), key: decision}
+    if callable(getattr(type(anchor), "reset", None)) and "reset" not in anchor.__dict__:
+        anchor.__dict__["reset"] = _ResetForgetsRoutes(anchor)
+
+
+class _ResetForgetsRoutes:
+    """``cache.reset`` on a cache that carries routes: they go with the tokens. An object holding the cache,
+    not a closure, so a deep copy of the cache resets (and forgets) itself."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.cache.__dict__.pop(ROUTES_ATTRIBUTE, None)
+        return type(self.cache).reset(self.cache, *args, **kwargs)
 
 
 def cache_length(cache: Any) -> int | torch.Tensor:
@@ -123,16 +139,21 @@ def cache_length(cache: Any) -> int | torch.Tensor:
     return 0
 
 
-def holds_tokens(cache: Any, unread: bool) -> bool:
-    """Whether ``cache`` (a KV cache or None) already holds tokens.
+def continues(cache: Any) -> bool:
+    """Whether a forward on ``cache``, which carries a decision, extends that generation: a cache counted on
+    the host (DynamicCache, legacy tuples) that holds tokens, or any cache counted on the device (static
+    caches), unread: reading would sync every decode step, and their ``reset()`` drops the decision."""
+    length = cache_length(cache)
+    return isinstance(length, torch.Tensor) or length > 0
 
-    A static cache counts on the device: its length is read in eager code, but in a compiled graph
-    or a CUDA graph capture, where reading would sync, ``unread`` is returned instead (transformers
-    runs the prefill eagerly and compiles or captures the decode steps)."""
+
+def holds_tokens(cache: Any) -> bool:
+    """Whether ``cache`` (a KV cache or None) holds tokens, for a prefill's check: a static cache's length is
+    read on the host (one sync), except in a compiled graph or a CUDA graph capture, where it counts as empty."""
     length = cache_length(cache)
     if isinstance(length, torch.Tensor):
         if torch.compiler.is_compiling() or (length.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return unread
+            return False
         return bool(length)
     return length > 0
 

@@ -22,8 +22,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .call_state import (ForwardState, RouteDecision, attach_routes, holds_tokens, in_backward, output_cache,
-                         routes_on, thread_slot)
+from .call_state import (ForwardState, RouteDecision, attach_routes, continues, holds_tokens, in_backward,
+                         output_cache, routes_on, thread_slot)
 from .config import GatedLoraConfig
 from .ops.gates import gate_values, probability_dtype
 
@@ -216,9 +216,9 @@ class SequenceRouter(nn.Module):
         cache = arguments.get("cache", arguments.get("past_key_values"))
         threads = self._threads
         decision = routes_on(cache, self._key)
-        continuing = decision is not None and holds_tokens(cache, unread=True)
+        continuing = decision is not None and continues(cache)
         if not continuing:
-            if cache is not None and holds_tokens(cache, unread=False):
+            if cache is not None and holds_tokens(cache):
                 raise RuntimeError(
                     "gatedlora: this KV cache holds tokens but no routing decision of this model: it was filled "
                     "by another model, or by this one before patching. Run the prompt through the patched model "
@@ -309,7 +309,7 @@ class SequenceRouter(nn.Module):
         A generation that continues a cache that holds tokens keeps that cache's decision instead.
         """
         cache_key = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
-        if cache_key is not None and holds_tokens(kwargs[cache_key], unread=False):
+        if cache_key is not None and holds_tokens(kwargs[cache_key]):
             return generate(*args, **kwargs)
         routing_pass = {**kwargs, "prefill_chunk_size": None, "streamer": None}
         if cache_key is not None:

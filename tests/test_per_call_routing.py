@@ -12,7 +12,6 @@ from transformers import DynamicCache, LlamaModel, StaticCache
 
 from gatedlora import GatedLoraConfig, GatedLoRALinear, force_gate, get_router, patch_model
 from gatedlora.call_state import output_cache
-from gatedlora.patching import original_modules
 
 LAYERS, ROUTER_LAYER = 4, 1
 CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
@@ -46,10 +45,11 @@ def alone(model, batch, steps):
     return [next(generation) for _ in range(steps)]
 
 
-def base_logits(model, ids, mask):
-    """The base model's logits (PEFT's adapter disabled, with PEFT's own layers back in place)."""
-    with torch.no_grad(), original_modules(model), model.disable_adapter():
-        return model(input_ids=ids, attention_mask=mask).logits
+def base_logits(ids, mask, arch="llama"):
+    """The base model's logits: PEFT's own disable_adapter() on an unpatched twin of prism_model's model."""
+    twin = tiny_peft_model(arch, layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
+    with torch.no_grad(), twin.disable_adapter():
+        return twin(input_ids=ids, attention_mask=mask).logits
 
 
 def gated_layer(model):
@@ -186,7 +186,7 @@ def test_force_gate_is_per_thread_nests_and_restores_exactly():
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=mask).logits
 
-    free, base = logits(), base_logits(model, ids, mask)
+    free, base = logits(), base_logits(ids, mask)
     with force_gate(model, 1.0):
         lora = logits()
     assert not torch.equal(free, base) and not torch.equal(free, lora) and not torch.equal(lora, base)
@@ -257,7 +257,7 @@ def test_bf16_router_at_the_threshold_routes_a_sequence_the_same_whatever_its_ba
     get_router(model).router = router
     get_router(model).threshold = 0.7
     ids, mask = batches["a"]
-    base = base_logits(model, ids, mask)
+    base = base_logits(ids, mask)
     for mate in (0.9, 0.1):
         router.pattern = torch.tensor([0.7, mate, mate, mate])
         with torch.no_grad():
@@ -419,7 +419,7 @@ def test_compiled_prefill_and_decode_route_on_the_device_in_one_graph(arch):
         with force_gate(model, 0.0):  # a guard on the per-thread override: a new graph, not a stale one
             forced = compiled(input_ids=ids, attention_mask=mask).logits
         unforced = compiled(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(forced, base_logits(model, ids, mask), rtol=0, atol=1e-5)
+    torch.testing.assert_close(forced, base_logits(ids, mask, arch), rtol=0, atol=1e-5)
     torch.testing.assert_close(unforced, eager.logits, rtol=0, atol=1e-5)
     graphs = graphs[:2]
     gated = sum(isinstance(m, GatedLoRALinear) for m in model.modules())
@@ -432,9 +432,10 @@ def test_compiled_prefill_and_decode_route_on_the_device_in_one_graph(arch):
 
 
 def test_a_static_cache_reset_for_a_new_prompt_is_routed_again():
-    """A StaticCache counts its tokens on the device, and is reused after reset(): a new prompt on it must be
-    routed, each decode step on it must continue its prompt's decision. generate() with a static cache
-    passes a prepared 4D attention mask, from which the router finds the last real tokens too."""
+    """A StaticCache counts its tokens on the device (not read at decode: that would sync) and is reused after
+    reset(): reset() drops its routes, so a new prompt on it is routed, and each decode step on it continues
+    its prompt's decision. generate() with a static cache passes a prepared 4D attention mask, from which
+    the router finds the last real tokens too."""
     model, batches, routes = prism_model()
     config = model.base_model.model.config
 
@@ -454,6 +455,7 @@ def test_a_static_cache_reset_for_a_new_prompt_is_routed_again():
         reused = StaticCache(config=config, max_cache_len=16)
         for name in ("a", "b", "a"):
             reused.reset()
+            assert get_router(model).routes_of(reused) is None
             got = steps(reused, *batches[name])
             assert all(torch.equal(g, e) for g, e in zip(got, expected[name])), name
             assert torch.equal(get_router(model).routes_of(reused).decisions, routes[name])
