@@ -307,7 +307,8 @@ def get_router(model: nn.Module) -> SequenceRouter:
 
     ``.last_probabilities`` [B] and ``.last_decisions`` [B] describe each sequence of the last forward
     that completed in the calling thread; ``.routes_of(cache)`` gives the decision a generation made
-    at its prefill, from its KV cache or an output that holds one (``generate(..., return_dict_in_generate=True)``).
+    at its prefill, from its KV cache or an output that holds one (``generate(...,
+    return_dict_in_generate=True)``).
     """
     state = patch_state(model)
     if state.config.gate != "sequence":
