@@ -9,14 +9,15 @@ import contextlib
 import re
 import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from torch import nn
 
+from .call_state import forcing
 from .config import GatedLoraConfig
 from .layers import GatedLoRALinear, linear_features
-from .routing import PrismRouter, SequenceRouter, install_routing_hooks, remove_routing_hooks
+from .routing import PrismRouter, SequenceRouter, install_routing, remove_routing
 
 ROUTER_ATTRIBUTE = "gate_router"  # no "lora_" in the name: PEFT's save_pretrained keeps keys with "lora_"
 STATE_ATTRIBUTE = "_gatedlora_patch"
@@ -77,6 +78,18 @@ def _backbone(model: nn.Module, blocks_path: str) -> nn.Module:
         if isinstance(module, PreTrainedModel):
             return module
     return model.get_submodule(".".join(parts[:-1]))
+
+
+def _generator(model: nn.Module, blocks_path: str) -> nn.Module | None:
+    """The innermost transformers GenerationMixin above the blocks (its generate runs the prefill), or None."""
+    from transformers import GenerationMixin
+
+    parts = blocks_path.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(module, GenerationMixin):
+            return module
+    return None
 
 
 def _peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -158,7 +171,8 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
         if config is None or config.same_behaviour(state.config):
             return model
         raise ValueError("model is already patched with a different GatedLoraConfig; call unpatch_model(model) first")
-    config = config or GatedLoraConfig()
+    # the patch's own copy: get_router(model).threshold = t changes it, never the caller's object
+    config = replace(config) if config is not None else GatedLoraConfig()
     peft_layers = _peft_lora_layers(model)
     fresh = not peft_layers
     if not fresh and config.target_modules is not None:
@@ -318,10 +332,10 @@ def _prepare_sequence_routing(model, config, targets, fresh, state):
             raise ValueError("gate='sequence': the model config has no hidden_size; pass GatedLoraConfig(router=...)")
         weight = next(blocks.parameters())
         router = PrismRouter(hidden, threshold=config.threshold).to(device=weight.device, dtype=weight.dtype)
-    route = SequenceRouter(router, config.threshold, config.hard)
+    route = SequenceRouter(router, config)
     route.train(model.training)  # a router built in training mode must not keep its dropout on in eval
     setattr(model, ROUTER_ATTRIBUTE, route)
-    install_routing_hooks(_backbone(model, blocks_path), blocks[config.router_layer], route)
+    install_routing(_backbone(model, blocks_path), blocks[config.router_layer], route, _generator(model, blocks_path))
     state.blocks_path = blocks_path
     return targets, route
 
@@ -348,8 +362,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, original)
     if state.blocks_path is not None:
         blocks = model.get_submodule(state.blocks_path)
-        remove_routing_hooks([_backbone(model, state.blocks_path), blocks[state.config.router_layer]],
-                             getattr(model, ROUTER_ATTRIBUTE))
+        modules = [_backbone(model, state.blocks_path), blocks[state.config.router_layer],
+                   _generator(model, state.blocks_path)]
+        remove_routing([m for m in modules if m is not None], getattr(model, ROUTER_ATTRIBUTE))
     if ROUTER_ATTRIBUTE in model._modules:
         delattr(model, ROUTER_ATTRIBUTE)
     model.__dict__.pop("save_pretrained", None)
@@ -365,25 +380,30 @@ def gated_layers(model: nn.Module) -> Iterator[tuple[str, GatedLoRALinear]]:
 
 @contextlib.contextmanager
 def force_gate(model: nn.Module, value: float) -> Iterator[nn.Module]:
-    """Override every gate in ``model``: 0.0 is the base model (bitwise), 1.0 plain LoRA, else soft ``g = value``."""
+    """Override every gate in ``model`` for the calling thread: 0.0 is the base model (bitwise), 1.0 plain
+    LoRA, else soft ``g = value``.
+
+    Per thread: forwards that other threads run meanwhile keep their own gates. Blocks nest (the
+    innermost wins) and each restores exactly what was in force before it, in whatever order they end.
+    The router still runs, so the routes of a forced forward are still decided and readable.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"force_gate: value must be a number in [0, 1], got {value!r}")
     layers = [m for _, m in gated_layers(model)]
     if not layers:
         raise ValueError(f"force_gate: {type(model).__name__} has no GatedLoRALinear layers; call patch_model first")
-    previous = [m.forced_gate for m in layers]
-    for m in layers:
-        m.forced_gate = float(value)
-    try:
+    with forcing(layers, value):
         yield model
-    finally:
-        for m, old in zip(layers, previous):
-            m.forced_gate = old
 
 
 def get_router(model: nn.Module) -> SequenceRouter:
-    """The model's SequenceRouter (``.router`` is the router network; ``.last_probabilities`` and
-    ``.last_decisions`` describe each sequence of the last forward pass)."""
+    """The model's SequenceRouter: ``.router`` is the router network, ``.threshold`` its threshold (settable).
+
+    ``.last_probabilities`` [B] and ``.last_decisions`` [B] describe each sequence of the last forward
+    that completed in the calling thread; ``.routes_of(cache)`` gives the decision a generation made
+    at its prefill, from its KV cache or an output that holds one (``generate(...,
+    return_dict_in_generate=True)``).
+    """
     state = patch_state(model)
     if state.config.gate != "sequence":
         raise ValueError(f"get_router: the model is patched with gate={state.config.gate!r}; routers exist only "
