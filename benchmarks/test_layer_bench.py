@@ -4,7 +4,9 @@ Groups: ``K N M dtype r``. The base layer and PEFT LoRA (unmerged) do not depend
 fraction; PEFT's mixed batch and gatedlora are timed at each open fraction (PRISM's rates).
 CPU: K=N in {1024, 2048}, r=16, fp32 and bf16. GPU: Llama-3-8B projections, r in {8, 16, 64},
 fp16 and bf16, decode-sized calls replayed from CUDA graphs where the provider allows it.
-Run: ``pytest benchmarks/ --benchmark-only`` (``--benchmark-disable`` runs each once as a smoke test).
+Case ids: ``PROVIDER-open=P%-K..-N..-M..-r..-DTYPE``: P% of the M rows have their gate open. Run:
+``pytest benchmarks/ --benchmark-only`` (``--benchmark-disable`` runs each once as a smoke test); the
+summary at the end gives each adapter path as a multiple of the base layer (benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from conftest import DEVICE, in_cuda_graph, synchronized
 from torch import nn
 
 from gatedlora import gated_lora
-from gatedlora.ops import available_backends
+from gatedlora.ops.backends import unavailable_reason
 
 ON_GPU = DEVICE.type == "cuda"
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)] if ON_GPU else [(1024, 1024), (2048, 2048)]
@@ -81,16 +83,29 @@ def test_unconditional(benchmark, provider, k, n, m, r, dtype):
         _run(benchmark, lambda: layer(case.x()), m)
 
 
-@pytest.mark.parametrize("k,n,m,r,dtype", list(_cases()))
-@pytest.mark.parametrize("fraction", OPEN_FRACTIONS, ids=lambda f: f"open{int(f * 100)}")
-@pytest.mark.parametrize("provider", ["peft mixed", "gatedlora torch", "gatedlora triton", "gatedlora cuda"])
+def _gated_providers():
+    """PEFT's mixed batch and each gatedlora backend that can run here; the others are listed as skipped
+    once each, not once per case (190 bare skips on a CPU before)."""
+    for backend in ("torch", "triton", "cuda"):
+        reason = unavailable_reason(backend) or (None if ON_GPU or backend == "torch" else "needs a CUDA device")
+        marks = [pytest.mark.skip(reason=f"gatedlora {backend}: {reason}")] if reason else []
+        yield pytest.param(f"gatedlora {backend}", marks=marks, id=f"gatedlora {backend}")
+
+
+def _gated_cases():
+    """Every case with PEFT's mixed batch and gatedlora torch; backends that cannot run here once each."""
+    cases = list(_cases())
+    for provider in [pytest.param("peft mixed", id="peft mixed"), *_gated_providers()]:
+        runnable = not provider.marks
+        for fraction in OPEN_FRACTIONS if runnable else OPEN_FRACTIONS[:1]:
+            for case in cases if runnable else cases[:1]:
+                yield pytest.param(provider.values[0], fraction, *case.values, marks=provider.marks,
+                                   id=f"{provider.id}-open={fraction:.0%}-{case.id}")
+
+
+@pytest.mark.parametrize("provider,fraction,k,n,m,r,dtype", list(_gated_cases()))
 def test_gated(benchmark, provider, fraction, k, n, m, r, dtype):
     backend = provider.split()[-1]
-    if provider.startswith("gatedlora"):
-        if backend not in available_backends():
-            pytest.skip(f"{backend}: backend not available in this build")
-        if backend != "torch" and not ON_GPU:
-            pytest.skip(f"{backend}: needs a CUDA device")
     case = Case(k, n, m, r, dtype)
     _group(benchmark, k, n, m, r, dtype)
     benchmark.extra_info["open_fraction"] = fraction

@@ -10,7 +10,8 @@ from gatedlora.benchmarking.models import CPU_DEFAULT, GPU_DEFAULT, add_prism_ad
 from gatedlora.benchmarking.runner import choose_backends
 from gatedlora.benchmarking.scenarios import build_setup, decode_providers, default_scenarios, make_batch, prefill_providers
 
-PROVIDERS = ["base", "peft", "peft mixed", "prism two-pass", "gatedlora torch", "gatedlora triton", "gatedlora cuda"]
+PROVIDERS = ["base", "peft", "peft mixed", "prism two-pass", "gatedlora torch", "gatedlora triton", "gatedlora cuda",
+             "gatedlora cuda fused"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def setup():
 @pytest.mark.parametrize("scenario", default_scenarios(), ids=lambda s: s.name.replace(" ", "-"))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_model(benchmark, setup, scenario, provider):
-    backend = provider.split()[-1]
+    backend = provider.removeprefix("gatedlora ")
     if provider.startswith("gatedlora") and backend not in setup.gated:
         pytest.skip(f"{backend}: not available here ({'CPU run' if DEVICE.type == 'cpu' else 'not built'})")
     if provider == "prism two-pass" and scenario.phase == "decode":

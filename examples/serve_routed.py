@@ -100,10 +100,10 @@ def route_here(model: str, router: str, data: str, adapter_name: str, batch_size
 
     rows = read_jsonl(data, prompt_problem)
     route_only = RouteOnlyModel.from_pretrained(model, router, adapter_name=adapter_name)
-    probabilities = route_prompts(route_only, [row["prompt"] for row in rows], AutoTokenizer.from_pretrained(model),
-                                  batch_size, progress=False)
+    probabilities, decisions = route_prompts(route_only, [row["prompt"] for row in rows],
+                                             AutoTokenizer.from_pretrained(model), batch_size, progress=False)
     return [{**row, "route": route, "probability": p}
-            for row, route, p in zip(rows, route_only.routes(probabilities), probabilities.tolist())]
+            for row, route, p in zip(rows, route_only.routes(decisions), probabilities.tolist())]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,22 @@ from pathlib import Path
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line with a hint; the usage block only with --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _silence_progress_bars() -> None:
+    """--no-progress: no bar from gatedlora, Transformers (model loading) or the Hugging Face hub."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    disable_progress_bars()
+
+
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time the base model against each adapter path (PEFT, PEFT mixed batch, "
                                      "PRISM two-pass, gatedlora per backend), side by side",
@@ -56,6 +72,11 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--{flag} {path} exists; pass --overwrite to replace it")
     if args.plot and not args.plot.endswith(".png"):
         parser.error(f"--plot {args.plot}: expected a .png file name")
+    if args.plot:  # checked now, not after minutes of timing
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed: pip install 'gatedlora[bench]'")
     if args.backends:
         from .ops.backends import PREFERENCE
 
@@ -64,6 +85,12 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         if unknown or not names:
             parser.error(f"--backends {args.backends!r}: expected names from {PREFERENCE}")
         args.backends = names
+    from .benchmarking.runner import choose_backends
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    runnable, reasons = choose_backends(device, args.backends)
+    if not runnable:
+        parser.error("no gatedlora backend can run here: " + "; ".join(reasons))
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -73,6 +100,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .benchmarking.runner import run_model_benchmark
 
     if args.no_progress:
+        _silence_progress_bars()
         progress = lambda items, **kw: items  # noqa: E731
     else:
         from tqdm.auto import tqdm as progress
@@ -200,15 +228,23 @@ def _load_for_routing(args: argparse.Namespace):
 def _run_train_router(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .router_training import train_router
 
+    if args.no_progress:
+        _silence_progress_bars()
+    if not args.out:
+        print("gatedlora train-router: no --out given: the router is trained and evaluated but not saved "
+              "(pass --out DIR to keep it)", file=sys.stderr)
     try:
         tokenizer, model = _load_for_routing(args)
     except ValueError as err:  # e.g. no module matches --target-modules
-        parser.error(str(err))
+        hint = " (choose some with --target-modules)" if "target_modules" in str(err) else ""
+        parser.error(f"{err}{hint}")
     result = train_router(model, args.prompts, args.labels, tokenizer, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, heldout=args.heldout, seed=args.seed,
                           max_length=args.max_length, progress=not args.no_progress, save_to=args.out,
                           overwrite=args.overwrite)
     print(result.summary())
+    if not args.out:
+        print("router not saved: no --out was given", file=sys.stderr)
     return 0
 
 
@@ -269,11 +305,12 @@ def _check_route_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import json
     import math
+    import os
+    import secrets
 
     import torch
     from transformers import AutoTokenizer
 
-    from .io import write_atomically
     from .route_only import RouteOnlyModel, route_prompts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -283,13 +320,19 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    probabilities = route_prompts(model, [row["prompt"] for row in args.rows], tokenizer, args.batch_size,
+    probabilities, decisions = route_prompts(model, [row["prompt"] for row in args.rows], tokenizer, args.batch_size,
                                   args.max_length, progress=not args.no_progress)
-    routes = model.routes(probabilities)
+    routes = model.routes(decisions)
     # strict JSON has no NaN: a NaN probability (routed to the base model) is written as null
     lines = "".join(json.dumps({**row, "route": route, "probability": None if math.isnan(p) else p}) + "\n"
                     for row, route, p in zip(args.rows, routes, probabilities.tolist()))
-    write_atomically(Path(args.out), lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    try:  # a run that fails part way leaves no half-written --out
+        tmp.write_text(lines, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     opened = sum(route != "base" for route in routes)
     print(f"routed {len(routes)} prompts: {opened} to {args.adapter_name!r} ({opened / len(routes):.1%}), "
           f"{len(routes) - opened} to the base model; wrote {args.out}")
@@ -297,12 +340,18 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gatedlora", description="Gated LoRA kernels and tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = _Parser(prog="gatedlora", description="Gated LoRA kernels and tools.")
+    parser.add_argument("--version", action="version", version=f"gatedlora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _bench_parser(sub)
     _train_router_parser(sub)
     _route_parser(sub)
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     if args.command == "bench":
         _check_bench_args(sub.choices["bench"], args)
         return _run_bench(args)

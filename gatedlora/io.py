@@ -3,18 +3,29 @@
 The two files sit next to a PEFT adapter saved by PEFT's own ``save_pretrained`` and use other
 names (``gatedlora_config.json``, ``gatedlora_model.safetensors``), so neither overwrites the
 other. LoRA weights are stored here only for fresh adapters (a PEFT model saves its own).
-Loading validates every key and shape before it changes anything.
+
+A save cannot tear. The config is the commit record: it names the SHA-256 of the weights file
+it belongs to. A save writes the new weights under a pending name, then the new config under a
+temporary name, commits by renaming the config into place (one atomic ``os.replace``), and
+only then renames the weights into place. Whatever point a failure or a kill stops it at, the
+directory loads as the old save or as the new one: before the commit the old config still names
+the old weights; after it the new config names the pending weights, which the loader finds by
+their checksum and the next save moves into place. A failed save removes what it wrote (or
+rolls its commit back). Loading checks the checksum, dtypes, finiteness, every key and shape
+before it changes anything.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as serialize_safetensors
 from torch import nn
 
 from .config import GatedLoraConfig
@@ -22,7 +33,14 @@ from .patching import ROUTER_ATTRIBUTE, gated_layers, is_patched, patch_model, p
 
 CONFIG_NAME = "gatedlora_config.json"
 WEIGHTS_NAME = "gatedlora_model.safetensors"
-FORMAT_VERSION = 1
+PEFT_CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no checksum, every config field recorded
+# Fields that describe a fresh adapter; a PEFT adapter's own rank and alpha are recorded under "adapter".
+FRESH_ADAPTER_FIELDS = ("target_modules", "r", "lora_alpha", "lora_dropout")
+# How the model runs here, not what was saved: chosen again at load.
+RUNTIME_FIELDS = ("backend", "base_mode")
+TEMP_PREFIX = ".gatedlora-"
 
 
 def _saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -57,23 +75,85 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def write_atomically(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then move it over ``path``: no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+def _adapter_record(model: nn.Module) -> dict:
+    """The adapter's real rank and alpha (alpha = scaling * r): one value each, or one per layer where they differ."""
+    layers = sorted(gated_layers(model))
+    ranks = {name: layer.rank for name, layer in layers}
+    alphas = {name: layer.scaling * layer.rank for name, layer in layers}
+    record: dict = {"fresh": patch_state(model).fresh}
+    for key, values in (("r", ranks), ("lora_alpha", alphas)):
+        distinct = set(values.values())
+        record[key] = distinct.pop() if len(distinct) == 1 else values
+    return record
+
+
+def _config_record(config: GatedLoraConfig, fresh: bool) -> dict:
+    skipped = RUNTIME_FIELDS + (() if fresh else FRESH_ADAPTER_FIELDS)
+    return {k: v for k, v in config.to_dict().items() if k not in skipped}
+
+
+def _pending_weights_path(directory: Path, sha256: str) -> Path:
+    """Where a save keeps its weights between its commit and their rename into place."""
+    return directory / f"{TEMP_PREFIX}{sha256[:32]}.safetensors"
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file (mode 0666 less the umask, 0644 as PEFT's files) and flush it to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.close(fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(*paths: Path) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _finish_interrupted_save(directory: Path) -> None:
+    """Move a committed save's pending weights into place, then remove what interrupted saves left behind."""
+    try:
+        meta = _read_meta(directory)
+    except (FileNotFoundError, ValueError):
+        meta = None
+    sha256 = (meta or {}).get("weights_sha256")
+    if sha256:
+        pending = _pending_weights_path(directory, sha256)
+        if pending.is_file() and _sha256_of(pending.read_bytes()) == sha256:
+            os.replace(pending, directory / WEIGHTS_NAME)
+            _fsync_directory(directory)
+    _remove_quietly(*directory.glob(f"{TEMP_PREFIX}*"))
+
+
+def _sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool = False,
                     is_main_process: bool = True) -> None:
     """Write ``gatedlora_config.json`` and ``gatedlora_model.safetensors`` into directory ``path``.
 
-    Existing gatedlora files are kept unless ``overwrite=True``; other files (a PEFT adapter) are never touched.
+    Existing gatedlora files are kept unless ``overwrite=True``; other files (a PEFT adapter) are
+    never touched. A save that fails or is killed part way leaves the previous save loadable.
     Distributed training: only the process with ``is_main_process`` writes. A model sharded by FSDP2
     (``fully_shard``) is gathered first, which is a collective: call this on every rank with
     ``is_main_process=(rank == 0)``. Under DDP every rank holds the whole model, so rank 0 alone may call it.
@@ -85,45 +165,112 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool =
         return
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    targets = (directory / CONFIG_NAME, directory / WEIGHTS_NAME)
-    existing = [str(t) for t in targets if t.exists()]
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    existing = [str(t) for t in (config_path, weights_path) if t.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"save_pretrained: {existing} already exist; pass overwrite=True to replace them")
+    payload = serialize_safetensors(tensors, metadata={"format": "pt"})
+    sha256 = _sha256_of(payload)
     meta = {
         "format_version": FORMAT_VERSION,
-        "config": state.config.to_dict(),
+        "config": _config_record(state.config, state.fresh),
+        "adapter": _adapter_record(model),
         "fresh_adapter": state.fresh,
         "layers": sorted(name for name, _ in gated_layers(model)),
+        "weights_sha256": sha256,
     }
-    write_atomically(targets[1], lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_atomically(targets[0], lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    _finish_interrupted_save(directory)
+    previous_config = config_path.read_bytes() if config_path.is_file() else None
+    pending = _pending_weights_path(directory, sha256)
+    config_tmp = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}.json"
+    committed = False
+    try:
+        _write_new_file(pending, payload)
+        _write_new_file(config_tmp, (json.dumps(meta, indent=2) + "\n").encode())
+        os.replace(config_tmp, config_path)  # the commit
+        committed = True
+        os.replace(pending, weights_path)
+        _fsync_directory(directory)
+    except BaseException:
+        # after the commit the pending weights belong to the save on disk unless the commit is undone
+        keep_pending = committed and not _roll_back_commit(directory, config_path, previous_config)
+        _remove_quietly(config_tmp, *(() if keep_pending else (pending,)))
+        raise
+
+
+def _roll_back_commit(directory: Path, config_path: Path, previous_config: bytes | None) -> bool:
+    """Put the previous config back after a failed rename of the weights (the old weights are still in
+    place); True if done. If not, the committed config names the pending weights, which load finds."""
+    restore = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}.json"
+    try:
+        if previous_config is None:
+            config_path.unlink()
+        else:
+            _write_new_file(restore, previous_config)
+            os.replace(restore, config_path)
+        return True
+    except OSError:
+        return False
+    finally:
+        _remove_quietly(restore)
 
 
 def _read_meta(directory: Path) -> dict:
+    if not directory.is_dir():
+        what = "is a file, not a directory" if directory.exists() else "no such directory"
+        raise FileNotFoundError(f"load_pretrained: {directory}: {what}")
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"load_pretrained: {config_path} not found: not a gatedlora save directory")
+        hint = (f"it holds a PEFT adapter ({PEFT_CONFIG_NAME}) but no gatedlora save: load the adapter with "
+                f"PeftModel.from_pretrained(model, {str(directory)!r}), then gatedlora.patch_model(model) for fresh "
+                "gates, or load gates saved by gatedlora.save_pretrained from their own directory"
+                if (directory / PEFT_CONFIG_NAME).is_file() else "not a gatedlora save directory")
+        raise FileNotFoundError(f"load_pretrained: {config_path} not found: {hint}")
     try:
         meta = json.loads(config_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION or not isinstance(meta.get("config"), dict):
+        if meta.get("format_version") not in READABLE_VERSIONS or not isinstance(meta.get("config"), dict):
             raise ValueError(f"unknown format_version {meta.get('format_version')!r}")
-    except (json.JSONDecodeError, ValueError, AttributeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, AttributeError) as err:
         raise ValueError(f"load_pretrained: {config_path} is corrupt or not a gatedlora config: {err}") from None
     return meta
 
 
-def read_saved(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The saved config (as ``GatedLoraConfig.to_dict`` wrote it) and tensors (on the CPU) of a gatedlora save."""
-    directory = Path(path)
-    meta = _read_meta(directory)
+def _read_weights(directory: Path, meta: dict) -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors the config names (verified by checksum where it records one) and the file they came from."""
     weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"load_pretrained: {weights_path} not found")
+    sha256 = meta.get("weights_sha256")
+    candidates = [weights_path] + ([_pending_weights_path(directory, sha256)] if sha256 else [])
+    data = None
+    for candidate in candidates:
+        if candidate.is_file():
+            data = candidate.read_bytes()
+            if sha256 is None or _sha256_of(data) == sha256:
+                weights_path = candidate
+                break
+    else:
+        if data is None:
+            raise FileNotFoundError(f"load_pretrained: {weights_path} not found")
+        raise ValueError(f"load_pretrained: {weights_path} is corrupt: its SHA-256 is not the {sha256[:16]}... "
+                         f"that {CONFIG_NAME} records (a damaged file, or weights from another save)")
     try:
-        loaded = load_file(str(weights_path))
+        tensors = load_safetensors(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"load_pretrained: {weights_path} is corrupt or not a safetensors file: {err}") from None
-    return meta["config"], loaded
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"load_pretrained: {key} in {weights_path} has dtype {tensor.dtype}; gate, router "
+                             "and LoRA parameters are floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"load_pretrained: {key} in {weights_path} holds NaN or infinite values")
+    return tensors, weights_path
+
+
+def read_saved(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The saved config (the fields ``GatedLoraConfig.to_dict`` wrote) and tensors (checked, on the CPU) of a
+    gatedlora save."""
+    directory = Path(path)
+    meta = _read_meta(directory)
+    return meta["config"], _read_weights(directory, meta)[0]
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module | None = None) -> nn.Module:
@@ -132,8 +279,15 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     ``router``: the router module to fill when the save used a custom router class. Nothing in the
     model changes unless every tensor matches in name and shape. Returns the model.
     """
-    saved, loaded = read_saved(path)
-    weights_path = Path(path) / WEIGHTS_NAME
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_pretrained: model must be an nn.Module, got {type(model).__name__}")
+    if router is not None and not isinstance(router, nn.Module):
+        raise TypeError(f"load_pretrained: router must be an nn.Module or None, got {type(router).__name__}")
+    directory = Path(path)
+    meta = _read_meta(directory)
+    loaded, weights_path = _read_weights(directory, meta)
+
+    saved = meta["config"]
     if saved.get("router") not in (None, "PrismRouter") and router is None and not is_patched(model):
         raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); pass router=<module "
                          "of that class> so its parameters can be loaded")

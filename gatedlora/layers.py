@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .call_state import RouteDecision, forced_gate
 from .ops import fused_fallback_reason, gated_lora_fused, warn_fused_fallback_once
 from .ops.gated_lora import apply_gated_lora
 from .ops.gates import token_gate_probabilities
@@ -71,7 +72,6 @@ class GatedLoRALinear(nn.Module):
         self.backend = backend
         self.base_mode = base_mode
         self.in_features, self.out_features = linear_features(base_layer)
-        self.forced_gate: float | None = None
         # a plain attribute, not a submodule: the router is registered once, on the model
         self.__dict__["route"] = route
         if gate == "token":
@@ -110,11 +110,16 @@ class GatedLoRALinear(nn.Module):
         return self.hard
 
     @property
+    def forced_gate(self) -> float | None:
+        """The value ``force_gate`` imposes on this layer in the calling thread, or None."""
+        return forced_gate(self)
+
+    @property
     def rank(self) -> int:
         return self.lora_A[self.adapter_name].weight.shape[0]
 
-    def _gate_arguments(self, x: torch.Tensor, lora_x: torch.Tensor) -> dict[str, Any]:
-        forced = self.forced_gate
+    def _gate_arguments(self, x: torch.Tensor, lora_x: torch.Tensor, forced: float | None,
+                        decision: RouteDecision | None) -> dict[str, Any]:
         if forced is not None:
             if forced == 1.0:
                 return {}
@@ -125,12 +130,14 @@ class GatedLoRALinear(nn.Module):
                 return {"gate": token_gate_probabilities(rows, self.gate_weight, self.gate_bias)}
             return {"gate_weight": self.gate_weight, "gate_bias": self.gate_bias}
         if self.gate_mode == "sequence":
-            if self.route.all_open and self.gates_are_hard and not (self.training and self.straight_through):
+            if decision is None:
+                decision = self.route.decision()  # raises: not decided yet
+            if decision.all_open and self.gates_are_hard and not (self.training and self.straight_through):
                 return {}  # the host saw every gate open (CPU): plain LoRA, no gate gather or row selection
-            gate = self.route.row_gates(x)
+            gate = decision.row_gates(x)
             if self.training and not gate.requires_grad and torch.is_grad_enabled():
                 self._warn_if_router_cut_off()
-            return {"gate": gate}
+            return {"gate": gate, "threshold": decision.threshold}
         return {}
 
     def _warn_if_router_cut_off(self) -> None:
@@ -150,19 +157,23 @@ class GatedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         hard = self.gates_are_hard
+        forced = forced_gate(self)
+        decision = self.route.in_force() if self.gate_mode == "sequence" else None  # this call's routes
         # The router's all_closed is decided with the configured ``hard``; it also holds for hard
         # gates when the router used soft ones (p == 0 is below any threshold), not the other way round.
-        # Training never skips: straight-through gates learn to open from the closed rows, and under
-        # DDP/FSDP a rank whose rows are all closed must still give the adapter a (zero) gradient, as the
-        # other ranks do (a skipped adapter left that rank's loss without a graph).
-        skip_closed = self.gate_mode == "sequence" and (hard or not self.route.hard)
-        if self.training and torch.is_grad_enabled():
-            skip_closed = False
-        if self.forced_gate == 0.0 or (self.forced_gate is None and skip_closed and self.route.all_closed):
+        skip_closed = decision is not None and decision.all_closed and (hard or not self.route.hard)
+        # No skip while autograd records the adapter: its weights then get a zero gradient rather than
+        # none (a loss over a batch routed entirely to base still backpropagates), and straight-through
+        # gates learn to open from the closed rows.
+        if skip_closed and torch.is_grad_enabled():
+            skip_closed = not (self.lora_A[self.adapter_name].weight.requires_grad
+                               or self.lora_B[self.adapter_name].weight.requires_grad
+                               or (self.straight_through and self.training))
+        if forced == 0.0 or (forced is None and skip_closed):
             return self.base_layer(x, *args, **kwargs)
         lora_x = self.lora_dropout[self.adapter_name](x)
         options = {"threshold": self.threshold, "hard": hard, "straight_through": self.straight_through,
-                   **self._gate_arguments(x, lora_x)}
+                   **self._gate_arguments(x, lora_x, forced, decision)}
         lora_a = self.lora_A[self.adapter_name].weight
         lora_b = self.lora_B[self.adapter_name].weight
         if self.base_mode == "fused":
@@ -175,9 +186,12 @@ class GatedLoRALinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if lora_x.dtype != result.dtype:  # autocast: the base ran in a lower precision than x
             lora_x = lora_x.to(result.dtype)
+        # In place unless someone else may hold the base output: a forward hook on the base layer sees (and
+        # may keep) that very tensor, which an in-place add would change under it.
+        inplace = not (self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks)
         return apply_gated_lora(lora_x, result, lora_a, lora_b, self.scaling, options.get("gate"),
                                 options.get("gate_weight"), options.get("gate_bias", 0.0), options["threshold"],
-                                options["hard"], self.backend, True, options["straight_through"])
+                                options["hard"], self.backend, inplace, options["straight_through"])
 
     def _fused_fallback_reason(self, x: torch.Tensor, lora_x: torch.Tensor, args: tuple, kwargs: dict,
                                options: dict[str, Any]) -> str | None:

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import re
+import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from torch import nn
 
+from .call_state import forcing
 from .config import GatedLoraConfig
 from .layers import GatedLoRALinear, linear_features
-from .routing import PrismRouter, SequenceRouter, install_routing_hooks, remove_routing_hooks
+from .routing import PrismRouter, SequenceRouter, install_routing, remove_routing
 
 ROUTER_ATTRIBUTE = "gate_router"  # no "lora_" in the name: PEFT's save_pretrained keeps keys with "lora_"
 STATE_ATTRIBUTE = "_gatedlora_patch"
@@ -78,6 +80,18 @@ def _backbone(model: nn.Module, blocks_path: str) -> nn.Module:
     return model.get_submodule(".".join(parts[:-1]))
 
 
+def _generator(model: nn.Module, blocks_path: str) -> nn.Module | None:
+    """The innermost transformers GenerationMixin above the blocks (its generate runs the prefill), or None."""
+    from transformers import GenerationMixin
+
+    parts = blocks_path.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(module, GenerationMixin):
+            return module
+    return None
+
+
 def _peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     try:
         from peft.tuners.lora import LoraLayer
@@ -126,17 +140,39 @@ def _fresh_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str
     return found
 
 
-def patch_model(model: nn.Module, config: GatedLoraConfig | None = None) -> nn.Module:
+def _linear_names_hint(model: nn.Module, fresh: bool) -> str:
+    """The names target_modules can match in ``model``: its linear layers' (or LoRA layers') last name parts."""
+    if fresh:
+        names = []
+        for name, module in model.named_modules():
+            try:
+                linear_features(module)
+            except TypeError:
+                continue
+            names.append(name)
+    else:
+        names = [name for name, _ in _peft_lora_layers(model)]
+    kind = "linear layers" if fresh else "LoRA layers"
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in names if name})
+    return f"the model's {kind} are named {suffixes}" if suffixes else f"the model has no {kind}"
+
+
+def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, freeze_base: bool = True) -> nn.Module:
     """Swap GatedLoRALinear in for LoRA layers (PEFT model) or add fresh gated adapters (plain model).
 
+    ``freeze_base``: on a plain model, every parameter that was there before the patch stops
+    requiring gradients, as ``get_peft_model`` does, so only the adapters, gates and router
+    train; ``False`` leaves them as they are. A PEFT model's base is PEFT's business (already frozen).
     Returns the same model object. Patching again with the same (or no) config is harmless.
     """
+    check_config_argument("patch_model", model, config)
     state: PatchState | None = getattr(model, STATE_ATTRIBUTE, None)
     if state is not None:
         if config is None or config.same_behaviour(state.config):
             return model
         raise ValueError("model is already patched with a different GatedLoraConfig; call unpatch_model(model) first")
-    config = config or GatedLoraConfig()
+    # the patch's own copy: get_router(model).threshold = t changes it, never the caller's object
+    config = replace(config) if config is not None else GatedLoraConfig()
     peft_layers = _peft_lora_layers(model)
     fresh = not peft_layers
     if not fresh and config.target_modules is not None:
@@ -150,8 +186,10 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None) -> nn.M
         targets = peft_layers
     if not targets:
         raise ValueError(f"nothing to patch in {type(model).__name__}: no module matches "
-                         f"target_modules={config.target_modules!r}")
+                         f"target_modules={config.target_modules!r}; {_linear_names_hint(model, fresh)}")
     adapters = {} if fresh else {name: _check_peft_layer(name, layer) for name, layer in targets}
+    if fresh and freeze_base:
+        model.requires_grad_(False)  # before the adapters, gates and router exist: those stay trainable
 
     state = PatchState(config=config, fresh=fresh)
     route = None
@@ -172,7 +210,20 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None) -> nn.M
     object.__setattr__(model, STATE_ATTRIBUTE, state)
     if not fresh and callable(getattr(model, "save_pretrained", None)):
         _keep_peft_save_working(model)
+    if not fresh:
+        _replace_peft_methods(model)
     return model
+
+
+def check_config_argument(caller: str, model: object, config: object) -> None:
+    """TypeError unless ``model`` is an nn.Module and ``config`` a GatedLoraConfig (or None)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be a torch nn.Module (a PEFT or Transformers model), "
+                        f"got {type(model).__name__}")
+    if config is not None and not isinstance(config, GatedLoraConfig):
+        hint = f"; write GatedLoraConfig(**{config!r:.80})" if isinstance(config, dict) else ""
+        raise TypeError(f"{caller}: config must be a gatedlora.GatedLoraConfig or None, got "
+                        f"{type(config).__name__}{hint}")
 
 
 @contextlib.contextmanager
@@ -202,6 +253,62 @@ def _keep_peft_save_working(model: nn.Module) -> None:
     model.__dict__["save_pretrained"] = save_pretrained
 
 
+def _refusal(method: str, reason: str):
+    def refuse(model: nn.Module, *args, **kwargs):
+        raise RuntimeError(f"{method}() on a gatedlora-patched model: {reason}")
+
+    refuse.__name__ = method
+    return refuse
+
+
+MERGE_REFUSAL = ("merging folds the adapter into the base weights for every input, so the gates and the router "
+                 "would be lost. To merge anyway (adapter always on): call gatedlora.unpatch_model(model), then "
+                 "model.{method}(). For the base model alone use `with model.disable_adapter():`")
+SWITCH_REFUSAL = ("PEFT's switch does not reach gatedlora's layers. Use `with model.disable_adapter():` or "
+                  "`with gatedlora.force_gate(model, 0.0):` for the base model, and `with gatedlora.force_gate("
+                  "model, 1.0):` for the adapter on every input")
+
+
+@contextlib.contextmanager
+def _disable_adapter(model: nn.Module) -> Iterator[None]:
+    """Every gate closed for the duration: the base model, bitwise (gatedlora.force_gate(model, 0.0))."""
+    with force_gate(model, 0.0):
+        yield
+
+
+# PEFT methods that look for PEFT's own layer types, so on a patched model they would find none and
+# fail or silently do nothing. Each gets a stand-in on the patched model (and on a PeftModel's inner
+# LoraModel) that does what a PEFT user expects, or says what to do instead. They are bound methods
+# of the patched model, so that copy.deepcopy rebinds them to the copy.
+PEFT_METHOD_STAND_INS = {
+    "disable_adapter": _disable_adapter,
+    **{m: _refusal(m, MERGE_REFUSAL.format(method=m)) for m in ("merge_and_unload", "merge_adapter")},
+    "unload": _refusal("unload", "PEFT would remove only its own layer types. Call gatedlora.unpatch_model(model) "
+                                 "first (that drops the gates and the router), then model.unload()"),
+    **{m: _refusal(m, SWITCH_REFUSAL) for m in ("disable_adapter_layers", "enable_adapter_layers")},
+}
+
+
+def _peft_objects(model: nn.Module) -> list[nn.Module]:
+    """The model and, for a PeftModel, its tuner (``model.base_model``), which has the same methods."""
+    from peft import PeftModel
+
+    return [model, model.base_model] if isinstance(model, PeftModel) else [model]
+
+
+def _replace_peft_methods(model: nn.Module) -> None:
+    for target in _peft_objects(model):
+        for method, stand_in in PEFT_METHOD_STAND_INS.items():
+            if callable(getattr(target, method, None)):
+                target.__dict__[method] = types.MethodType(stand_in, model)
+
+
+def _restore_peft_methods(model: nn.Module) -> None:
+    for target in _peft_objects(model):
+        for method in PEFT_METHOD_STAND_INS:
+            target.__dict__.pop(method, None)
+
+
 def _prepare_sequence_routing(model, config, targets, fresh, state):
     blocks_path, blocks = find_blocks(model)
     n_blocks = len(blocks)
@@ -225,10 +332,10 @@ def _prepare_sequence_routing(model, config, targets, fresh, state):
             raise ValueError("gate='sequence': the model config has no hidden_size; pass GatedLoraConfig(router=...)")
         weight = next(blocks.parameters())
         router = PrismRouter(hidden, threshold=config.threshold).to(device=weight.device, dtype=weight.dtype)
-    route = SequenceRouter(router, config.threshold, config.hard)
+    route = SequenceRouter(router, config)
     route.train(model.training)  # a router built in training mode must not keep its dropout on in eval
     setattr(model, ROUTER_ATTRIBUTE, route)
-    install_routing_hooks(_backbone(model, blocks_path), blocks[config.router_layer], route)
+    install_routing(_backbone(model, blocks_path), blocks[config.router_layer], route, _generator(model, blocks_path))
     state.blocks_path = blocks_path
     return targets, route
 
@@ -255,11 +362,13 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, original)
     if state.blocks_path is not None:
         blocks = model.get_submodule(state.blocks_path)
-        remove_routing_hooks([_backbone(model, state.blocks_path), blocks[state.config.router_layer]],
-                             getattr(model, ROUTER_ATTRIBUTE))
+        modules = [_backbone(model, state.blocks_path), blocks[state.config.router_layer],
+                   _generator(model, state.blocks_path)]
+        remove_routing([m for m in modules if m is not None], getattr(model, ROUTER_ATTRIBUTE))
     if ROUTER_ATTRIBUTE in model._modules:
         delattr(model, ROUTER_ATTRIBUTE)
     model.__dict__.pop("save_pretrained", None)
+    _restore_peft_methods(model)
     object.__delattr__(model, STATE_ATTRIBUTE)
     return model
 
@@ -271,25 +380,30 @@ def gated_layers(model: nn.Module) -> Iterator[tuple[str, GatedLoRALinear]]:
 
 @contextlib.contextmanager
 def force_gate(model: nn.Module, value: float) -> Iterator[nn.Module]:
-    """Override every gate in ``model``: 0.0 is the base model (bitwise), 1.0 plain LoRA, else soft ``g = value``."""
+    """Override every gate in ``model`` for the calling thread: 0.0 is the base model (bitwise), 1.0 plain
+    LoRA, else soft ``g = value``.
+
+    Per thread: forwards that other threads run meanwhile keep their own gates. Blocks nest (the
+    innermost wins) and each restores exactly what was in force before it, in whatever order they end.
+    The router still runs, so the routes of a forced forward are still decided and readable.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"force_gate: value must be a number in [0, 1], got {value!r}")
     layers = [m for _, m in gated_layers(model)]
     if not layers:
         raise ValueError(f"force_gate: {type(model).__name__} has no GatedLoRALinear layers; call patch_model first")
-    previous = [m.forced_gate for m in layers]
-    for m in layers:
-        m.forced_gate = float(value)
-    try:
+    with forcing(layers, value):
         yield model
-    finally:
-        for m, old in zip(layers, previous):
-            m.forced_gate = old
 
 
 def get_router(model: nn.Module) -> SequenceRouter:
-    """The model's SequenceRouter (``.router`` is the router network; ``.last_probabilities`` and
-    ``.last_decisions`` describe each sequence of the last forward pass)."""
+    """The model's SequenceRouter: ``.router`` is the router network, ``.threshold`` its threshold (settable).
+
+    ``.last_probabilities`` [B] and ``.last_decisions`` [B] describe each sequence of the last forward
+    that completed in the calling thread; ``.routes_of(cache)`` gives the decision a generation made
+    at its prefill, from its KV cache or an output that holds one (``generate(...,
+    return_dict_in_generate=True)``).
+    """
     state = patch_state(model)
     if state.config.gate != "sequence":
         raise ValueError(f"get_router: the model is patched with gate={state.config.gate!r}; routers exist only "

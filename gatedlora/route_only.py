@@ -6,8 +6,8 @@ the checkpoint's config cut to ``router_layer + 1`` blocks, and Transformers the
 that model has: the later blocks, the final norm's successors and the LM head are never read. The
 router comes from a gatedlora save (``gatedlora.save_pretrained`` or ``gatedlora train-router``).
 
-Its probabilities are the full patched model's, bitwise, for the same batch: the same modules run on
-the same inputs, and the router reads the block's output as ``SequenceRouter.route`` does.
+Its decisions are the full patched model's, bitwise, for the same batch: the same modules run on the
+same inputs, and ``SequenceRouter.decide`` turns the block's output into routes in both.
 """
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .call_state import RouteDecision
+from .config import GatedLoraConfig
 from .io import read_saved
 from .patching import ROUTER_ATTRIBUTE, find_blocks
 from .prompts import right_padded_batches, token_ids
-from .routing import PrismRouter, last_real_positions, prism_two_class_router
+from .routing import PrismRouter, SequenceRouter, prism_two_class_router
 
 BASE_ROUTE = "base"  # the route name of prompts the base model answers
 ROUTER_PREFIX = f"{ROUTER_ATTRIBUTE}."  # the router's tensors in a gatedlora save
@@ -45,16 +47,16 @@ def _capture_and_stop(module: nn.Module, args: tuple, output: Any) -> None:
 
 
 class RouteOnlyModel(nn.Module):
-    """Embeddings + blocks ``0..router_layer`` (``backbone``) and the ``router``: prompts in, routes out.
+    """Embeddings + blocks ``0..router_layer`` (``backbone``) and the router (``route``): prompts in, routes out.
 
-    ``forward(input_ids [B, T], attention_mask [B, T])`` returns the adapter probabilities [B]; a
-    probability ``>= threshold`` routes the prompt to the adapter named ``adapter_name``, anything else
-    (NaN included) to the base model. ``route_names`` lists the routes by index: 0 is ``"base"``.
+    ``forward(input_ids [B, T], attention_mask [B, T])`` returns the ``RouteDecision`` the full patched
+    model makes at prefill: ``probabilities`` [B] (fp32) and ``decisions`` [B] (bool: ``p >= threshold``;
+    NaN goes to the base model). ``route_names`` lists the routes by index: 0 is ``"base"``, 1 the adapter.
     """
 
-    def __init__(self, backbone: nn.Module, router: nn.Module, router_layer: int, threshold: float,
-                 adapter_name: str = "adapter") -> None:
+    def __init__(self, backbone: nn.Module, route: SequenceRouter, adapter_name: str = "adapter") -> None:
         super().__init__()
+        router_layer = route.config.router_layer
         _, blocks = find_blocks(backbone)
         if len(blocks) != router_layer + 1:
             raise ValueError(f"RouteOnlyModel: the backbone must end at block router_layer={router_layer}, "
@@ -62,9 +64,7 @@ class RouteOnlyModel(nn.Module):
         if adapter_name == BASE_ROUTE:
             raise ValueError(f"RouteOnlyModel: the adapter cannot be named {BASE_ROUTE!r} (the base model's route)")
         self.backbone = backbone
-        self.router = router
-        self.router_layer = router_layer
-        self.threshold = float(threshold)
+        self.route = route
         self.route_names = (BASE_ROUTE, adapter_name)
         blocks[router_layer].register_forward_hook(_capture_and_stop)
 
@@ -77,22 +77,21 @@ class RouteOnlyModel(nn.Module):
         ``router_path``. ``router``: a module of the saved class, for routers other than gatedlora's own."""
         from transformers import AutoConfig, AutoModel
 
-        config_dict, tensors = read_saved(router_path)
-        if config_dict.get("gate") != "sequence":
-            raise ValueError(f"RouteOnlyModel: {router_path} holds gate={config_dict.get('gate')!r} gates; "
+        saved, tensors = read_saved(router_path)
+        if saved.get("gate") != "sequence":
+            raise ValueError(f"RouteOnlyModel: {router_path} holds gate={saved.get('gate')!r} gates; "
                              "a route-only model needs a router (gate='sequence')")
-        router_layer = int(config_dict["router_layer"])
-        config = AutoConfig.from_pretrained(model_path)
-        config = cut_config(config, router_layer + 1)
+        router = router_from_state(saved.get("router"), tensors, router)
+        config = GatedLoraConfig.from_dict(saved, router=router)
+        model_config = cut_config(AutoConfig.from_pretrained(model_path), config.router_layer + 1)
         with _quiet_transformers():
-            backbone = AutoModel.from_pretrained(model_path, config=config, dtype=dtype or torch.float32)
-        router = router_from_state(config_dict.get("router"), tensors, router)
-        model = cls(backbone, router, router_layer, config_dict["threshold"], adapter_name).eval()
+            backbone = AutoModel.from_pretrained(model_path, config=model_config, dtype=dtype or torch.float32)
+        model = cls(backbone, SequenceRouter(router, config), adapter_name).eval()
         return model.to(device=device, dtype=dtype) if device or dtype else model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **backbone_kwargs: Any) -> torch.Tensor:
-        """input_ids, attention_mask: [B, T] -> adapter probabilities [B] (the router's output).
+                **backbone_kwargs: Any) -> RouteDecision:
+        """input_ids, attention_mask: [B, T] -> the prompts' routes (``RouteDecision``, batch B).
 
         Pad on the right (``route_prompts`` does), or pass what the backbone needs for left padding
         (``position_ids``, as ``generate`` derives them from the mask) in ``backbone_kwargs``.
@@ -107,24 +106,18 @@ class RouteOnlyModel(nn.Module):
         finally:
             _captured.reset(token)
         if not captured:
-            raise RuntimeError(f"RouteOnlyModel: block {self.router_layer} did not run in the backbone's forward")
-        hidden = captured[0]
-        batch, length = hidden.shape[:2]
-        positions = last_real_positions(attention_mask, batch, length, hidden.device).to(hidden.device)
-        last_hidden = hidden[torch.arange(batch, device=hidden.device), positions]
-        param = next(self.router.parameters(), None)
-        if param is not None:
-            last_hidden = last_hidden.to(device=param.device, dtype=param.dtype)
-        return self.router(last_hidden).reshape(batch)
+            raise RuntimeError(f"RouteOnlyModel: block {self.route.config.router_layer} did not run in the "
+                               "backbone's forward")
+        return self.route.decide(captured[0], attention_mask)
 
-    def routes(self, probabilities: torch.Tensor) -> list[str]:
-        """The route name of each probability [B]: the adapter's where ``p >= threshold``, else ``"base"``."""
-        return [self.route_names[int(open_)] for open_ in (probabilities.float() >= self.threshold).tolist()]
+    def routes(self, decisions: torch.Tensor) -> list[str]:
+        """The route name of each decision [B] (bool or route index)."""
+        return [self.route_names[int(d)] for d in decisions.tolist()]
 
 
 def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any = None, batch_size: int = 32,
-                  max_length: int | None = None, progress: bool = True) -> torch.Tensor:
-    """The adapter probability of each prompt, in input order. Returns [n] float32 on the CPU.
+                  max_length: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's adapter probability [n] (fp32) and decision [n] (bool), in input order, on the CPU.
 
     prompts: n strings (with ``tokenizer``) or token-id sequences, tokenized as ``train_router`` does;
     batched by length and padded on the right, ``batch_size`` at a time.
@@ -133,13 +126,15 @@ def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any 
 
     ids = token_ids(prompts, tokenizer, max_length, "route_prompts")
     device = next(model.parameters()).device
-    probabilities = torch.empty(len(ids))
+    probabilities, decisions = torch.empty(len(ids)), torch.empty(len(ids), dtype=torch.bool)
     batches = right_padded_batches(ids, batch_size)
     with torch.no_grad():
         for rows, input_ids, mask in tqdm(batches, total=math.ceil(len(ids) / batch_size), desc="routing",
                                           unit="batch", disable=not progress):
-            probabilities[torch.tensor(rows)] = model(input_ids.to(device), mask.to(device)).float().cpu()
-    return probabilities
+            decision = model(input_ids.to(device), mask.to(device))
+            probabilities[torch.tensor(rows)] = decision.probabilities.float().cpu()
+            decisions[torch.tensor(rows)] = decision.decisions.cpu()
+    return probabilities, decisions
 
 
 def cut_config(config: Any, blocks: int) -> Any:

@@ -1,23 +1,31 @@
-"""Routers and per-sequence gate state for single-pass PRISM routing.
+"""Routers and single-pass PRISM routing.
 
-One forward pass of a patched model: a pre-hook on the backbone records the attention
-mask and whether this call is a decode step (a non-empty KV cache); a forward hook on block
-``router_layer`` reads the hidden state at each sequence's last real prompt token (the last
-position where ``attention_mask == 1``, so left and right padding both work), runs the
-router and stores one probability per sequence; the gated layers after it read that value
-for every row of their sequence. Decode steps keep the decision made from the prompt.
-Everything stays on the device: no ``.item()`` in the decision.
+One forward pass of a patched model: the backbone's forward wrapper opens a per-call state
+(the attention mask; the decision of the KV cache this forward extends, if it extends one); a
+forward hook on block ``router_layer`` reads the hidden state at each sequence's last real
+prompt token (the last position where ``attention_mask == 1``, so left and right padding both
+work) and runs the router, unless the forward continues a decision; the gated layers after it
+read each sequence's gate for its rows. A completed prefill leaves its decision on its KV cache,
+so every later step of that generation uses it, whatever else ran on the model in between
+(``call_state`` holds where each piece of state lives and why). The decision stays on the
+device: no ``.item()``, no host sync, nothing a compiled graph would break on.
 """
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
-from typing import Any
+import threading
+from dataclasses import replace
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .ops.gates import gate_values
+from .call_state import (ForwardState, RouteDecision, attach_routes, continues, holds_tokens, in_backward,
+                         output_cache, routes_on, thread_slot)
+from .config import GatedLoraConfig
+from .ops.gates import gate_values, probability_dtype
 
 # sigmoid(6) = 0.9975: a fresh gate or default router starts open with a wide margin, so the
 # freshly patched model computes what PEFT computed until the gate is trained or loaded.
@@ -77,95 +85,192 @@ def prism_two_class_router(hidden_size: int, width: int = 256, dropout: float = 
                                         nn.Linear(width, 2)))
 
 
-def cache_length(cache: Any) -> int:
-    """Tokens already in a KV cache (0 for None or an empty cache); handles Cache objects and legacy tuples."""
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
-        return int(cache[0][0].shape[-2])
-    return 0
-
-
 def last_real_positions(attention_mask: torch.Tensor | None, batch: int, length: int,
                         device: torch.device | None = None) -> torch.Tensor:
-    """Index of the last position with ``attention_mask == 1`` per sequence. Returns [B] (long).
+    """Index of the last real position (``attention_mask == 1``) of this input per sequence. Returns [B] (long).
 
-    attention_mask: [B, T'] with T' >= length (its last ``length`` columns cover this input) or None.
+    attention_mask: [B, T'] with T' >= length (its last ``length`` columns cover this input), or a
+    prepared mask [B, heads or 1, length, S] of a prefill on an empty cache (generate() with a static
+    cache passes one: True or 0 where a query attends; its first ``length`` keys are this input), or None.
     """
     if attention_mask is None:
         return torch.full((batch,), length - 1, dtype=torch.long, device=device)  # made there: no copy
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+    if attention_mask.dim() == 4 and attention_mask.shape[0] == batch and attention_mask.shape[-1] >= length:
+        # the last query attends to every real token of the prompt, and to nothing after it
+        keys = attention_mask[:, 0, -1, :length]
+        real = keys if keys.dtype == torch.bool else keys == 0
+    elif attention_mask.dim() == 2 and attention_mask.shape[0] == batch and attention_mask.shape[1] >= length:
+        real = attention_mask[:, -length:] != 0
+    else:
         raise ValueError(
-            f"sequence routing needs a 2D attention_mask [batch, length] = [{batch}, {length}], "
-            f"got {list(attention_mask.shape)}"
+            f"sequence routing needs a 2D attention_mask [batch, length] = [{batch}, {length}] (or a prepared 4D "
+            f"mask [{batch}, heads, {length}, keys]), got {list(attention_mask.shape)}"
         )
-    real = attention_mask[:, -length:] != 0
     return length - 1 - real.flip(1).to(torch.int8).argmax(dim=1)
 
 
-class SequenceRouter(nn.Module):
-    """The model's router plus the per-sequence gate state of the current forward pass.
+_ROUTER_KEYS = itertools.count()
 
-    ``router`` maps [B, H] to probabilities [B]. After a forward pass, ``last_probabilities``
-    [B] and ``last_decisions`` [B] (bool, adapter used) describe each sequence of the batch.
+
+class _RoutedPrompt(Exception):
+    """Raised after block ``router_layer`` in a routing-only pass (before a chunked prefill)."""
+
+    def __init__(self, decision: RouteDecision) -> None:
+        super().__init__("gatedlora routing-only pass")
+        self.decision = decision
+
+
+class SequenceRouter(nn.Module):
+    """The model's router network and threshold. The routes belong to each call, not to this module.
+
+    ``router`` maps [B, H] to probabilities [B]. A prefill's decision (a ``RouteDecision``) travels
+    with that generation's KV cache: ``routes_of(cache)`` returns it, and every forward that extends
+    the cache uses it. ``last_probabilities`` [B] (fp32) and ``last_decisions`` [B] (bool, adapter
+    used) are those of the last forward that completed in the calling thread (None before one).
     """
 
-    def __init__(self, router: nn.Module, threshold: float, hard: bool) -> None:
+    def __init__(self, router: nn.Module, config: GatedLoraConfig) -> None:
         super().__init__()
         self.router = router
-        self.threshold = threshold
-        self.hard = hard
-        self.last_probabilities: torch.Tensor | None = None
-        self.last_decisions: torch.Tensor | None = None
-        self._gate_probabilities: torch.Tensor | None = None
-        self._attention_mask: torch.Tensor | None = None
-        self._decoding = False
-        self._row_gate_cache: dict[int, torch.Tensor] = {}
-        self.all_closed = False  # True only where the host knows it without a device sync
-        self.all_open = False  # likewise
+        self.__dict__["config"] = config  # the patch's own config (not a submodule): one place for the threshold
+        self._fresh_identity()
 
-    def before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the backbone: record the mask and whether this call is a decode step."""
-        arguments = _bound_arguments(self.__dict__["_backbone_signature"], args, kwargs)
+    @property
+    def threshold(self) -> float:
+        """Hard gates open where ``p >= threshold``. Settable after patching; a generation keeps the threshold
+        of its prefill, and ``gatedlora.save_pretrained`` saves the one in force."""
+        return self.config.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.config.threshold = replace(self.config, threshold=value).threshold  # validated as in GatedLoraConfig
+
+    @property
+    def hard(self) -> bool:
+        return self.config.hard
+
+    def _fresh_identity(self) -> None:
+        """The key this router's routes carry on caches, and its per-thread slots: ``forward`` (the
+        ForwardState of the forward running in the thread), ``last`` (the decision of its last completed
+        forward), ``pending`` and ``route_only`` (chunked prefill). A copy gets its own of both."""
+        self.__dict__["_key"] = next(_ROUTER_KEYS)
+        self.__dict__["_threads"] = threading.local()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_threads", None)  # a threading.local cannot be copied or pickled
+        state.pop("_for_backward", None)  # a forward's graph (non-leaf tensors) cannot be either
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._fresh_identity()
+
+    # --- the routes, for users -----------------------------------------------------------------
+
+    @property
+    def last_probabilities(self) -> torch.Tensor | None:
+        last = thread_slot(self._threads, "last")
+        return None if last is None else last.probabilities
+
+    @property
+    def last_decisions(self) -> torch.Tensor | None:
+        last = thread_slot(self._threads, "last")
+        return None if last is None else last.decisions
+
+    def routes_of(self, cache: Any) -> RouteDecision | None:
+        """The decision this router made for the generation that ``cache`` belongs to: a KV cache, or the
+        output of the model or of ``generate(..., return_dict_in_generate=True)`` that holds one. None if
+        it has none."""
+        held = output_cache(cache)
+        return routes_on(cache if held is None else held, self._key)
+
+    # --- the routes, for the gated layers (inside a forward) -------------------------------------
+
+    def in_force(self) -> RouteDecision | None:
+        """The decision of the forward running in this thread (None before block ``router_layer``, or
+        outside a forward). One read of the thread's slot: the gated layers call it once per call."""
+        state = getattr(self._threads, "forward", None)  # set in every thread that ran a forward: a fast read
+        if state is None and in_backward():
+            # Gradient checkpointing recomputes blocks in the backward, outside their forward (and on
+            # autograd's device threads): there the layers read the forward that recorded gradients last.
+            state = self.__dict__.get("_for_backward")
+        return None if state is None else state.decision
+
+    def decision(self) -> RouteDecision:
+        """``in_force()``, raising when there is none."""
+        decision = self.in_force()
+        if decision is None:
+            raise RuntimeError(
+                "gatedlora: sequence gate not decided yet: a gated layer ran before block router_layer, or "
+                "outside a forward of the patched model; run the model itself, or use force_gate"
+            )
+        return decision
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def run_backbone(self, forward: Callable, names: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
+        """The backbone's forward with this call's ForwardState in the thread's slot (restored however
+        the forward ends); a completed forward leaves its decision on its KV cache and as ``last_*``."""
+        arguments = {**dict(zip(names, args)), **kwargs} if args else kwargs
         cache = arguments.get("cache", arguments.get("past_key_values"))
-        self.begin_forward(arguments.get("attention_mask"), decoding=cache_length(cache) > 0)
+        threads = self._threads
+        decision = routes_on(cache, self._key)
+        continuing = decision is not None and continues(cache)
+        if not continuing:
+            if cache is not None and holds_tokens(cache):
+                raise RuntimeError(
+                    "gatedlora: this KV cache holds tokens but no routing decision of this model: it was filled "
+                    "by another model, or by this one before patching. Run the prompt through the patched model "
+                    "(prefill) with a fresh cache; a decode step uses the decision made at its prefill")
+            decision = thread_slot(threads, "pending")  # chunked prefill: the whole prompt's decision
+            if decision is not None:
+                threads.pending = None  # for the first chunk only
+        state = ForwardState(arguments.get("attention_mask"), decision, continuing)
+        previous = thread_slot(threads, "forward")
+        threads.forward = state
+        try:
+            output = forward(*args, **kwargs)
+        finally:
+            threads.forward = previous
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.__dict__["_for_backward"] = state  # see in_force; inference (no_grad) never writes it
+        if state.decision is not None:
+            if not continuing and cache is not None:
+                attach_routes(cache, self._key, state.decision)
+            produced = output_cache(output)
+            if produced is not None and produced is not cache:  # made by the model, or a new legacy tuple
+                attach_routes(produced, self._key, state.decision)
+            threads.last = state.decision
+        return output
 
     def after_router_block(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Forward hook on block ``router_layer``: decide from its output hidden states."""
-        self.route(output[0] if isinstance(output, (tuple, list)) else output)
+        """Forward hook on block ``router_layer``: decide from its output hidden states (prefill), or
+        check that the decision this forward continues fits its batch."""
+        state = thread_slot(self._threads, "forward")
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if state is None:
+            recorded = self.__dict__.get("_for_backward") if in_backward() else None
+            if recorded is not None:
+                # gradient checkpointing recomputes this block (with its hooks, in older transformers) in the
+                # backward: run the router again so its saved tensors are recomputed; the decision stands
+                self.decide(hidden, recorded.attention_mask)
+            return  # else the block ran outside a forward of the backbone: nothing to decide for
+        if state.decision is None:
+            state.decision = self.decide(hidden, state.attention_mask)
+            if thread_slot(self._threads, "route_only"):
+                raise _RoutedPrompt(state.decision)
+        elif state.decision.batch != hidden.shape[0]:
+            raise RuntimeError(
+                f"gatedlora: a forward of {hidden.shape[0]} sequences extends a KV cache whose prefill routed "
+                f"{state.decision.batch}")
 
-    def begin_forward(self, attention_mask: torch.Tensor | None, decoding: bool) -> None:
-        """Called before each backbone forward: a prefill clears the previous decision."""
-        self._attention_mask = attention_mask
-        self._decoding = decoding
-        if not decoding:
-            self.last_probabilities = None
-            self.last_decisions = None
-            self._gate_probabilities = None
-            self.all_closed = self.all_open = False
-        self._row_gate_cache = {}
-
-    def route(self, hidden: torch.Tensor) -> None:
-        """Decide from block ``router_layer``'s output hidden [B, T, H] (prefill only)."""
-        if self._decoding:
-            if self.last_probabilities is None:
-                raise RuntimeError(
-                    "gatedlora: a decode step arrived with no routing decision: run the prompt through the "
-                    "patched model (prefill) before decoding with its KV cache"
-                )
-            if self.last_probabilities.shape[0] != hidden.shape[0]:
-                raise RuntimeError(
-                    f"gatedlora: decode batch of {hidden.shape[0]} sequences but the prefill routed "
-                    f"{self.last_probabilities.shape[0]}"
-                )
-            return
+    def decide(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> RouteDecision:
+        """Route from block ``router_layer``'s output hidden [B, T, H] at each sequence's last real token."""
         if hidden.dim() != 3:
             raise ValueError(f"sequence routing expects block outputs [B, T, H], got {list(hidden.shape)}")
         batch, length = hidden.shape[:2]
-        mask = self._attention_mask
-        positions = last_real_positions(mask, batch, length, hidden.device).to(hidden.device)
+        positions = last_real_positions(attention_mask, batch, length, hidden.device).to(hidden.device)
         last_hidden = hidden[torch.arange(batch, device=hidden.device), positions]
         param = next(self.router.parameters(), None)
         if param is not None:
@@ -176,71 +281,128 @@ class SequenceRouter(nn.Module):
                 f"gatedlora: the router must map hidden states [B, H] = {list(last_hidden.shape)} to "
                 f"probabilities [B] = [{batch}], got {list(probabilities.shape)}"
             )
-        probabilities = probabilities.reshape(batch).to(hidden.device)
-        self.last_probabilities = probabilities
+        # One precision for every decision, the kernels' (fp32): a bf16 router's p compared in bf16 on the
+        # host but in fp32 in the layers would route a sequence at the threshold by its batch-mates.
+        probabilities = probabilities.reshape(batch).to(hidden.device, probability_dtype(hidden.dtype))
         # a NaN probability closes the gate: the layers get 0 (they reject NaN in given gates on the CPU)
-        self._gate_probabilities = torch.nan_to_num(probabilities, nan=0.0)
-        self.last_decisions = gate_values(probabilities.detach().float(), self.threshold, True).bool()
-        self._row_gate_cache = {}
-        # On the CPU the host sees the decision for free: a batch with every gate closed then skips
-        # the adapter call (checks, gate gather, nonzero) in every layer. On a GPU reading it would
-        # be a host sync, so there the kernel skips on the device instead.
-        self.all_closed = self.all_open = False
-        if probabilities.device.type == "cpu":
-            open_gates = gate_values(self._gate_probabilities.detach(), self.threshold, self.hard) != 0
-            self.all_closed = not bool(open_gates.any())
+        gates = torch.nan_to_num(probabilities, nan=0.0)
+        threshold = self.threshold  # read once: another thread may set it meanwhile
+        decisions = gate_values(probabilities.detach(), threshold, True).bool()
+        all_open = all_closed = False
+        # On the CPU the host sees the decision for free: a batch with every gate closed then skips the
+        # adapter call (checks, gate gather, nonzero) in every layer. On a GPU reading it would be a host
+        # sync, and in a compiled graph a graph break, so there the kernel skips on the device instead.
+        if gates.device.type == "cpu" and not torch.compiler.is_compiling():
             # all_open serves a hard-gate shortcut (plain LoRA), so it is decided with hard semantics
             # whatever self.hard is: soft routing with p = 0.2 must not open that row under hard gates
-            self.all_open = bool((self._gate_probabilities.detach() >= self.threshold).all())
+            all_open = bool(decisions.all())
+            all_closed = not bool((gate_values(gates.detach(), threshold, self.hard) != 0).any())
+        return RouteDecision(probabilities, gates, decisions, threshold, all_open, all_closed)
 
-    def row_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Each sequence's probability repeated over its rows of x [B, ..., K]. Returns [M]."""
-        probabilities = self._gate_probabilities
-        if probabilities is None:
-            raise RuntimeError(
-                "gatedlora: sequence gate not decided yet: a gated layer ran before block router_layer, or "
-                "outside a forward of the patched model; run the model itself, or use force_gate"
-            )
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        batch = probabilities.shape[0]
-        if batch == 0 or rows % batch:
-            raise RuntimeError(f"gatedlora: a gated layer got x of shape {list(x.shape)} ({rows} rows), which does "
-                               f"not split over the {batch} sequences the router decided for: expected x of shape "
-                               f"[{batch}, ..., K] (batch first)")
-        key = (rows, x.device)  # layers of a model split over devices each get the gates on their own
-        cached = self._row_gate_cache.get(key)
-        if cached is None:
-            cached = probabilities.to(x.device, non_blocking=True).repeat_interleave(rows // batch)
-            self._row_gate_cache[key] = cached
-        return cached
+    def generate_whole_prompt_routed(self, generate: Callable, args: tuple, kwargs: dict) -> Any:
+        """``generate`` with a chunked prefill, routed from the last real token of the whole prompt.
+
+        Blocks ``0..router_layer`` carry no adapter, so a routing-only pass over the whole prompt (the
+        same generate call unchunked, stopped after block ``router_layer``) gives the decision that the
+        unchunked generation makes; the chunked prefill then adopts it in its first chunk. The pass
+        costs blocks ``0..router_layer`` once more and holds their activations for the whole prompt.
+        A generation that continues a cache that holds tokens keeps that cache's decision instead.
+        """
+        cache_key = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
+        if cache_key is not None and holds_tokens(kwargs[cache_key]):
+            return generate(*args, **kwargs)
+        routing_pass = {**kwargs, "prefill_chunk_size": None, "streamer": None}
+        if cache_key is not None:
+            routing_pass[cache_key] = None  # the caller's cache must not take the routing pass's tokens
+        threads = self._threads
+        threads.route_only = True
+        try:
+            generate(*args, **routing_pass)
+        except _RoutedPrompt as routed:
+            decision = routed.decision
+        else:
+            raise RuntimeError("gatedlora: the routing pass before a chunked prefill never reached block "
+                               "router_layer")
+        finally:
+            threads.route_only = False
+        threads.pending = decision
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            threads.pending = None
 
 
-def _bound_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
-    try:
-        bound = signature.bind_partial(*args, **kwargs).arguments
-    except TypeError:
-        return dict(kwargs)
-    extra = {}
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
-            extra = bound.pop(name)
-    return {**extra, **bound}
+class _Wrapper:
+    """A method ``name`` of a model replaced on its instance; a copy of the model gets a copy bound to itself."""
+
+    name = ""
+
+    def __init__(self, route: SequenceRouter, module: nn.Module) -> None:
+        self.route = route
+        self.replaced = self.name in module.__dict__  # an instance wrapper already there (accelerate) stays inside
+        self.inner = getattr(module, self.name)
+        module.__dict__[self.name] = self
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # what transformers' Trainer and generate inspect
+        return inspect.signature(self.inner)
+
+    def remove(self, module: nn.Module) -> None:
+        if self.replaced:
+            module.__dict__[self.name] = self.inner
+        else:
+            module.__dict__.pop(self.name, None)
 
 
-def install_routing_hooks(backbone: nn.Module, router_block: nn.Module, router: SequenceRouter) -> None:
-    """Hook ``backbone`` (mask and cache) and ``router_block`` (decision) with the router's bound methods:
-    ``copy.deepcopy`` of the model rebinds them to the copy's router, so a copy routes itself."""
-    router.__dict__["_backbone_signature"] = inspect.signature(backbone.forward)
-    backbone.register_forward_pre_hook(router.before_backbone, with_kwargs=True)
+class RoutedForward(_Wrapper):
+    """``backbone.forward``: a per-call ForwardState for each forward (see ``call_state``). A wrapper
+    rather than hooks, because ``nn.Module``'s always-call hooks miss KeyboardInterrupt."""
+
+    name = "forward"
+
+    def __init__(self, route: SequenceRouter, module: nn.Module) -> None:
+        super().__init__(route, module)
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.names = tuple(p.name for p in inspect.signature(self.inner).parameters.values() if p.kind in kinds)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.route.run_backbone(self.inner, self.names, args, kwargs)
+
+
+class RoutedGenerate(_Wrapper):
+    """``generate`` of the model that owns the backbone: a chunked prefill is routed from the whole prompt."""
+
+    name = "generate"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "prefill_chunk_size" in kwargs:
+            chunk = kwargs["prefill_chunk_size"]
+        else:
+            config = kwargs.get("generation_config") or getattr(self.inner.__self__, "generation_config", None)
+            chunk = getattr(config, "prefill_chunk_size", None)
+        if chunk is None:
+            return self.inner(*args, **kwargs)
+        return self.route.generate_whole_prompt_routed(self.inner, args, kwargs)
+
+
+def install_routing(backbone: nn.Module, router_block: nn.Module, router: SequenceRouter,
+                    generator: nn.Module | None) -> None:
+    """Wrap ``backbone.forward`` (per-call state) and ``generator.generate`` (chunked prefill), and hook
+    ``router_block`` (the decision). Each holds ``router`` itself or its bound method, so that
+    ``copy.deepcopy`` of the model gives the copy's its own: a copy routes itself."""
+    RoutedForward(router, backbone)
+    if generator is not None:
+        RoutedGenerate(router, generator)
     router_block.register_forward_hook(router.after_router_block)
 
 
-def remove_routing_hooks(modules: list[nn.Module], router: SequenceRouter) -> None:
-    """Remove every hook of ``router`` from ``modules`` (by identity: handles do not survive a deepcopy)."""
+def remove_routing(modules: list[nn.Module], router: SequenceRouter) -> None:
+    """Undo ``install_routing`` of ``router`` on ``modules`` (by identity: handles do not survive a deepcopy)."""
     for module in modules:
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key, fn in list(hooks.items()):
-                if getattr(fn, "__self__", None) is router:
-                    del hooks[key]
-                    module._forward_pre_hooks_with_kwargs.pop(key, None)
-                    module._forward_hooks_with_kwargs.pop(key, None)
+        for kind in (RoutedForward, RoutedGenerate):
+            wrapper = module.__dict__.get(kind.name)
+            if isinstance(wrapper, kind) and wrapper.route is router:
+                wrapper.remove(module)
+        for key, fn in list(module._forward_hooks.items()):
+            if getattr(fn, "__self__", None) is router:
+                del module._forward_hooks[key]

@@ -60,3 +60,43 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "gatedlora", "bench", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--adapter PATH" in out.stdout
+
+
+def test_a_bare_call_prints_help_and_version_is_known(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: gatedlora" in out and "bench" in out and "train-router" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    from gatedlora import __version__
+
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"gatedlora {__version__}"
+
+
+def test_an_error_is_one_line_with_a_hint_and_no_usage_block(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--budget", "0"])
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["gatedlora bench: error: --budget must be positive, got 0.0 "
+                                "(see `gatedlora bench --help`)"]
+
+
+def test_plot_without_matplotlib_fails_before_any_timing(monkeypatch, capsys, tmp_path):
+    import gatedlora.benchmarking.runner as runner
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setattr(runner, "run_model_benchmark", lambda **kw: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--plot", str(tmp_path / "r.png")])
+    assert exit_info.value.code == 2
+    assert "--plot needs matplotlib, which is not installed" in capsys.readouterr().err
+
+
+def test_a_backend_that_cannot_run_here_fails_before_any_timing(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(SystemExit):
+        main(["bench", "--backends", "triton"])
+    assert "no gatedlora backend can run here: gatedlora triton: skipped, needs a CUDA device" in capsys.readouterr().err

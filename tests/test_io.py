@@ -97,13 +97,16 @@ def test_mismatched_and_corrupt_files_change_nothing(tmp_path):
     save_pretrained(target, corrupt)
     data = (corrupt / "gatedlora_model.safetensors").read_bytes()
     (corrupt / "gatedlora_model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="is corrupt or not a safetensors file"):
+    with pytest.raises(ValueError, match="is corrupt: its SHA-256 is not the"):
         load_pretrained(target, corrupt)
     (corrupt / "gatedlora_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="gatedlora_config.json is corrupt"):
         load_pretrained(target, corrupt)
-    with pytest.raises(FileNotFoundError, match="not a gatedlora save directory"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such directory"):
         load_pretrained(target, tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not found: not a gatedlora save directory"):
+        load_pretrained(target, tmp_path / "empty")
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
 
     unpatched = tiny_peft_model("llama", layers=3)

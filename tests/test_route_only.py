@@ -40,11 +40,11 @@ def test_probabilities_are_the_full_models_bitwise(tmp_path, arch, router_layer,
     with torch.no_grad():
         full(input_ids=ids, attention_mask=mask)
         got = route_only(ids, mask)
-    want = get_router(full).last_probabilities
-    assert torch.equal(got, want)
+    assert torch.equal(got.probabilities, get_router(full).last_probabilities)
     decisions = get_router(full).last_decisions
+    assert torch.equal(got.decisions, decisions)
     assert 0 < int(decisions.sum()) < len(decisions)  # both routes taken: the comparison means something
-    assert route_only.routes(got) == ["adapter" if d else "base" for d in decisions.tolist()]
+    assert route_only.routes(got.decisions) == ["adapter" if d else "base" for d in decisions.tolist()]
 
 
 def test_only_the_routing_blocks_are_loaded(tmp_path):
@@ -65,9 +65,9 @@ def test_concurrent_forwards_each_read_their_own_block_output(tmp_path):
     route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir)
     batches = [padded_batch([n, 2, 5], 8, seed=n) for n in range(1, 9)]
     with torch.no_grad():
-        alone = [route_only(ids, mask) for ids, mask in batches]
+        alone = [route_only(ids, mask).probabilities for ids, mask in batches]
         with ThreadPoolExecutor(4) as pool:
-            together = list(pool.map(lambda b: route_only(*b), batches * 3))
+            together = list(pool.map(lambda b: route_only(*b).probabilities, batches * 3))
     for i, got in enumerate(together):
         assert torch.equal(got, alone[i % len(batches)])
 
@@ -81,7 +81,7 @@ def test_two_class_and_custom_routers(tmp_path):
     ids, mask = padded_batch([4, 6, 2], 6, seed=9)
     with torch.no_grad():
         full(input_ids=ids, attention_mask=mask)
-        assert torch.equal(route_only(ids, mask), get_router(full).last_probabilities)
+        assert torch.equal(route_only(ids, mask).probabilities, get_router(full).last_probabilities)
 
     class Custom(torch.nn.Module):
         def __init__(self):
@@ -99,7 +99,7 @@ def test_two_class_and_custom_routers(tmp_path):
     route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir, router=Custom())
     with torch.no_grad():
         full(input_ids=ids, attention_mask=mask)
-        assert torch.equal(route_only(ids, mask), get_router(full).last_probabilities)
+        assert torch.equal(route_only(ids, mask).probabilities, get_router(full).last_probabilities)
 
 
 def test_errors_name_the_problem(tmp_path):
@@ -108,8 +108,9 @@ def test_errors_name_the_problem(tmp_path):
     save_pretrained(patch_model(tiny_causal_lm(layers=3), GatedLoraConfig(target_modules=["q_proj"])), token_dir)
     with pytest.raises(ValueError, match="holds gate='token' gates; a route-only model needs a router"):
         RouteOnlyModel.from_pretrained(model_dir, token_dir)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a gatedlora save directory"):
-        RouteOnlyModel.from_pretrained(model_dir, tmp_path / "nowhere")
+        RouteOnlyModel.from_pretrained(model_dir, tmp_path / "empty")
     from transformers import AutoConfig
 
     with pytest.raises(ValueError, match="router_layer=2 leaves no block for the adapter: the model has 3 blocks"):
@@ -215,7 +216,7 @@ def test_serve_example_routes_in_process_and_names_the_adapter(trained_minilm, t
     prompts, _ = marker_task(9, every=3, seed=21)
     data = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
     route_only = RouteOnlyModel.from_pretrained(path, router_dir, adapter_name="urgent-lora")
-    want = dict(zip(prompts, route_only.routes(route_prompts(route_only, prompts, tokenizer, progress=False))))
+    want = dict(zip(prompts, route_only.routes(route_prompts(route_only, prompts, tokenizer, progress=False)[1])))
     assert set(want.values()) == {"urgent-lora", "base"}
     engine = Engine(served={"minilm", "urgent-lora"})
     threading.Thread(target=engine.serve_forever, daemon=True).start()

@@ -183,3 +183,35 @@ def test_cli_trains_and_saves_a_router(tmp_path, capsys, minilm_path, tokenizer)
     with pytest.raises(SystemExit):  # an existing save is not overwritten without --overwrite
         main(["train-router", "--model", minilm_path, "--data", str(data), "--out", str(out)])
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_cli_lists_the_models_linear_names_when_target_modules_match_nothing(tmp_path, capsys, minilm_path):
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD)
+    with pytest.raises(SystemExit) as exit_info:  # the default targets are Llama's q_proj ... down_proj
+        main(["train-router", "--model", minilm_path, "--data", str(data), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "no module matches target_modules=['q_proj'" in err
+    assert "the model's linear layers are named ['dense', 'key', 'query', 'value']" in err
+    assert "(choose some with --target-modules)" in err
+
+
+def test_cli_without_out_says_that_nothing_is_saved_and_silences_every_bar(tmp_path, capsys, minilm_path):
+    from transformers.utils import logging as hf_logging
+
+    data = write_jsonl(tmp_path / "data.jsonl", GOOD * 4)
+    try:
+        code = main(["train-router", "--model", minilm_path, "--data", str(data), "--target-modules", "query",
+                     "--epochs", "1", "--no-progress"])
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        from huggingface_hub.utils import enable_progress_bars
+
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()
+    captured = capsys.readouterr()
+    assert code == 0 and "held-out accuracy" in captured.out
+    assert "no --out given: the router is trained and evaluated but not saved" in captured.err
+    assert "router not saved: no --out was given" in captured.err
+    assert "it/s" not in captured.err and "%|" not in captured.err  # no progress bar of any kind
+    assert list(tmp_path.iterdir()) == [tmp_path / "data.jsonl"]

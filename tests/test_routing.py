@@ -6,50 +6,18 @@ from torch import nn
 import gatedlora
 from gatedlora import GatedLoraConfig, get_router, patch_model
 from gatedlora.patching import find_blocks
+from steered_routers import last_real_hidden, splitting_router
 from tiny_models import padded_batch, tiny_causal_lm, tiny_peft_model
 
 LAYERS = 4
 ROUTER_LAYER = 1
 
 
-class LinearRouter(nn.Module):
-    """sigmoid(w . h + b): a router whose decisions we can steer."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.proj = nn.Linear(hidden, 1)
-
-    def forward(self, h):
-        return torch.sigmoid(self.proj(h)).squeeze(-1)
-
-
-def last_real_hidden(model, ids, mask, layer):
-    """Hidden state after block ``layer`` at each sequence's last real token (adapter off)."""
-    with torch.no_grad(), model.disable_adapter():
-        states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer + 1]
-    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
-    return states[torch.arange(ids.shape[0]), last]
-
-
-def splitting_router(model, ids, mask, want_open):
-    """A LinearRouter that opens exactly the sequences in ``want_open`` (by a wide margin)."""
-    h = last_real_hidden(model, ids, mask, ROUTER_LAYER)
-    router = LinearRouter(h.shape[1])
-    # solve w for target logits +-4 by least squares on the batch's hidden states (B < H)
-    target = torch.tensor([4.0 if o else -4.0 for o in want_open])
-    w = torch.linalg.lstsq(h, target[:, None]).solution[:, 0]
-    with torch.no_grad():
-        router.proj.weight.copy_(w[None])
-        router.proj.bias.zero_()
-    assert torch.equal(router(h) >= 0.5, torch.tensor(want_open))
-    return router
-
-
 def prism_setup(arch="llama", side="left"):
     model = tiny_peft_model(arch, layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
     ids, mask = padded_batch([7, 4, 9, 5], 9, side=side)
     want_open = [True, False, False, True]
-    router = splitting_router(model, ids, mask, want_open)
+    router = splitting_router(model, [(ids, mask, want_open)], ROUTER_LAYER)
     with torch.no_grad():
         peft = model(input_ids=ids, attention_mask=mask).logits
         with model.disable_adapter():
@@ -189,7 +157,7 @@ def test_get_router_needs_sequence_mode():
 def test_all_closed_batch_is_the_base_model_and_skips_the_adapter(monkeypatch):
     model = tiny_peft_model("llama", layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
     ids, mask = padded_batch([7, 4, 9], 9)
-    router = splitting_router(model, ids, mask, [False, False, False])
+    router = splitting_router(model, [(ids, mask, [False, False, False])], ROUTER_LAYER)
     with torch.no_grad(), model.disable_adapter():
         base = model(input_ids=ids, attention_mask=mask).logits
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
@@ -231,3 +199,18 @@ def test_soft_routing_with_hard_training_gates_keeps_closed_rows_closed():
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(logits[~want_open], base[~want_open])
     assert (logits[want_open] - peft[want_open]).abs().max() < 1e-5
+
+
+def test_unpatch_puts_the_backbone_forward_and_generate_back_and_signatures_stay_visible():
+    import inspect
+
+    model, ids, mask, want_open, router, peft, base = prism_setup()
+    hf = model.base_model.model
+    before = inspect.signature(hf.model.forward)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    assert "forward" in hf.model.__dict__ and "generate" in hf.__dict__
+    assert inspect.signature(hf.model.forward) == before  # what transformers' Trainer and generate inspect
+    gatedlora.unpatch_model(model)
+    assert "forward" not in hf.model.__dict__ and "generate" not in hf.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, peft)

@@ -35,7 +35,7 @@ def _static_layers_lengths(cache) -> list[torch.Tensor]:
     return lengths
 
 
-def prefill_static(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_argument: str, extra_len: int = 1,
+def prefill_static(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_argument: str, extra_len: int = 8,
                    **extra) -> tuple[object, torch.Tensor, dict]:
     """Prefill ``ids`` [B, T] into a new StaticCache; returns (cache, next token ids [B, 1], step kwargs)."""
     from transformers import StaticCache
@@ -60,6 +60,7 @@ def capture_decode_step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     """
     cache, _, step = prefill_static(model, ids, mask, cache_argument, **extra)
     lengths = _static_layers_lengths(cache)
+    prompt = ids.shape[1]
 
     def run_and_rewind():
         logits = model(**step).logits
@@ -67,15 +68,27 @@ def capture_decode_step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
             length.sub_(1)  # the step is undone: every replay decodes the same position
         return logits
 
+    def check_lengths(when: str) -> None:
+        # Read on the host outside the capture. The cache has 8 spare slots, so a step that was not
+        # undone shows here, before a later replay could write past the cache.
+        found = [int(length) for length in lengths]
+        if any(value != prompt for value in found):
+            raise RuntimeError(f"static cache lengths {found} {when}, expected {prompt} (the step was not undone)")
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs advises
         for _ in range(warmup):
             run_and_rewind()
     torch.cuda.current_stream().wait_stream(side)
+    check_lengths("after the eager warm-up")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         logits = run_and_rewind()
+    check_lengths("after the capture")
+    graph.replay()
+    torch.cuda.synchronize()
+    check_lengths("after the first replay")
     return graph.replay, logits
 
 

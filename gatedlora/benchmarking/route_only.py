@@ -74,7 +74,7 @@ def run_forward(kind: str, model, input_ids: torch.Tensor, mask: torch.Tensor) -
 
     with torch.no_grad():
         if kind == "route-only":
-            return model(input_ids, mask)
+            return model(input_ids, mask).probabilities
         model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
         return get_router(model).last_probabilities
 

@@ -7,12 +7,15 @@ from typing import Callable, Optional
 import torch
 
 from ..ops import available_backends
-from ..ops.backends import PREFERENCE
+from ..ops.backends import PREFERENCE, unavailable_reason
 from .models import CPU_DEFAULT, GPU_DEFAULT, add_prism_adapter, build_llama, load_local_model
-from .report import environment
+from .machine_load import LoadMeter
+from .report import environment, spread_warnings
 from .scenarios import (Scenario, build_setup, check_decode_outputs, check_gatedlora_outputs, decode_providers,
                         default_scenarios, make_batch, prefill_providers)
 
+# warm-up before the first scenario, in seconds (see timing.warm_up)
+FIRST_WARMUP_S = 2.0
 # open sequences must match PEFT within this much (logits); closed ones are checked bitwise
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
@@ -31,7 +34,7 @@ def choose_backends(device: torch.device, requested: Optional[list[str]]) -> tup
     run, notes = [], []
     for name in wanted:
         if name not in registered:
-            notes.append(f"gatedlora {name}: skipped, backend not available in this build")
+            notes.append(f"gatedlora {name}: skipped, {unavailable_reason(name)}")
         elif device.type == "cpu" and name != "torch":
             notes.append(f"gatedlora {name}: skipped, needs a CUDA device (CPU run)")
         elif name == "cuda" and (problem := _cuda_extension_problem(device)) is not None:
@@ -69,14 +72,16 @@ def run_model_benchmark(model_path: Optional[str] = None, adapter_path: Optional
     scenarios = [s for s in scenarios or default_scenarios(quick, dev) if s.tokens <= max_tokens]
     results = []
     providers_seen: list[str] = []
+    load = LoadMeter.start()
     with torch.inference_mode():
-        for scenario in progress(scenarios, desc="scenarios"):
+        for i, scenario in enumerate(progress(scenarios, desc="scenarios")):
             if deadline_s is not None and time.perf_counter() - started > deadline_s:
                 notes.append(f"incomplete: the {deadline_s:.0f} s deadline passed after {len(results)} of "
                              f"{len(scenarios)} scenarios")
                 break
+            warmup_s = max(FIRST_WARMUP_S, budget_s) if i == 0 else 0.0
             try:
-                results.append(_run_scenario(setup, scenario, dtype, budget_s, graphs=dev.type == "cuda"))
+                results.append(_run_scenario(setup, scenario, dtype, budget_s, warmup_s, graphs=dev.type == "cuda"))
             except Exception as exc:  # one scenario's failure is reported; the others still run
                 notes.append(f"{scenario.name}: FAILED ({type(exc).__name__}: {str(exc).strip()[:300]})")
                 results.append({"name": scenario.name, "phase": scenario.phase, "check": f"FAILED: {exc!s:.300}",
@@ -84,18 +89,23 @@ def run_model_benchmark(model_path: Optional[str] = None, adapter_path: Optional
                 continue
             providers_seen += [p for p in results[-1]["median_ms"] if p not in providers_seen]
     notes.append("prism two-pass: a full base forward to route, then the open sequences again with the "
-                 "adapter (closed ones reuse the routing pass), as PRISM's released code routes")
+                 "adapter (closed ones reuse the routing pass), as PRISM's released code routes; it has no "
+                 "decode of its own (its decode steps are PEFT's or the base model's), hence '-' there")
     if dev.type == "cuda":
         notes.append("decode: one step at a fixed context over a static KV cache, replayed from a CUDA graph "
-                     "(the step is rewound inside the graph); providers that cannot be captured run eagerly "
+                     "(the step is undone inside the graph); providers that cannot be captured run eagerly "
                      "(see the scenario notes)")
     else:
         notes.append("decode: one step at a fixed context, eager (the step is undone with cache.crop(-1))")
-    return {"environment": environment(dev), "model": model_desc, "dtype": str(dtype).replace("torch.", ""),
-            "providers": providers_seen, "scenarios": results, "notes": notes}
+    result = {"environment": environment(dev), "model": model_desc, "dtype": str(dtype).replace("torch.", ""),
+              "providers": providers_seen, "scenarios": results, "notes": notes,
+              "check_tolerance": CHECK_TOLERANCE[dtype]}
+    result["warnings"] = load.warnings() + spread_warnings(result)
+    return result
 
 
-def _run_scenario(setup, scenario: Scenario, dtype: torch.dtype, budget_s: float, graphs: bool = False) -> dict:
+def _run_scenario(setup, scenario: Scenario, dtype: torch.dtype, budget_s: float, warmup_s: float,
+                  graphs: bool = False) -> dict:
     from .timing import time_side_by_side
 
     ids, mask, open_mask = make_batch(scenario, setup.vocab_size, setup.device)
@@ -106,7 +116,7 @@ def _run_scenario(setup, scenario: Scenario, dtype: torch.dtype, budget_s: float
     else:
         providers, notes = decode_providers(setup, ids, mask, open_mask, graphs=graphs)
         check = check_decode_outputs(providers, open_mask, CHECK_TOLERANCE[dtype])
-    timings = time_side_by_side(providers, setup.device, budget_s=budget_s)
+    timings = time_side_by_side(providers, setup.device, budget_s=budget_s, warmup_s=warmup_s)
     return {
         "name": scenario.name, "phase": scenario.phase, "batch": scenario.batch, "tokens": scenario.tokens,
         "open_sequences": scenario.open_count, "check": check, "notes": notes,

@@ -35,20 +35,39 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - begin
 
 
-def time_side_by_side(providers: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
-                      min_rounds: int = 5, max_rounds: int = 50, budget_s: float = 2.0) -> dict[str, Timing]:
-    """Time every provider in interleaved rounds until ``budget_s`` is spent (at least ``min_rounds``)."""
-    for fn in providers.values():
-        for _ in range(warmup):
+def warm_up(providers: dict[str, Callable[[], object]], device: torch.device, calls: int = 2,
+            seconds: float = 0.0) -> None:
+    """Call every provider in turn until each has run ``calls`` times and ``seconds`` have passed.
+
+    The first scenario of a run needs seconds, not calls: thread pools, the allocator and the CPU
+    clock settle then (2-core CPU: the first row's base time was 99 ms against 76-83 ms in the
+    next rows of the same shape, with 2 warm-up calls).
+    """
+    begin = time.perf_counter()
+    done = 0
+    while done < calls or time.perf_counter() - begin < seconds:
+        for fn in providers.values():
             fn()
+        done += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_side_by_side(providers: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
+                      min_rounds: int = 8, max_rounds: int = 50, budget_s: float = 2.0,
+                      warmup_s: float = 0.0) -> dict[str, Timing]:
+    """Time every provider in interleaved rounds until ``budget_s`` is spent (at least ``min_rounds``,
+    enough for a quartile spread). Each round starts with the next provider, so no provider always
+    runs first after a switch."""
+    warm_up(providers, device, warmup, warmup_s)
+    names = list(providers)
     samples: dict[str, list[float]] = {name: [] for name in providers}
     spent = 0.0
     rounds = 0
     while rounds < min_rounds or (spent < budget_s and rounds < max_rounds):
-        for name, fn in providers.items():
-            t = _time_once(fn, device)
+        for i in range(len(names)):
+            name = names[(rounds + i) % len(names)]
+            t = _time_once(providers[name], device)
             samples[name].append(t)
             spent += t
         rounds += 1

@@ -55,6 +55,11 @@ def mark_unavailable(name: str, reason: str) -> None:
         _UNAVAILABLE[name] = reason
 
 
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` is not registered (None when it is)."""
+    return None if name in _REGISTRY else _UNAVAILABLE.get(name, "not registered")
+
+
 def available_backends() -> list[str]:
     """Names of the registered backends, in order of preference."""
     return [name for name in PREFERENCE if name in _REGISTRY]

@@ -1,0 +1,240 @@
+"""State that belongs to one call, never to the model: routes on KV caches, per-thread forward state.
+
+A patched model is shared by threads, interleaved generations and chunked prefills, so:
+
+- a generation's routing decision (a ``RouteDecision``, made at prefill) rides on its KV cache
+  object, keyed by the router; a forward that extends that cache uses that decision, whatever
+  ran in between and on whichever thread;
+- what one forward of the backbone needs (the mask and the decision its layers read) lives in a
+  per-thread slot that the backbone's forward wrapper sets and restores in ``finally``, so a
+  forward that raises (KeyboardInterrupt included) leaves nothing behind;
+- ``force_gate`` overrides and the routes of the last forward are per thread.
+
+Why ``threading.local`` and not ``contextvars``: torch.compile (Dynamo, torch 2.13) cannot trace
+``ContextVar.get`` or ``.set`` ("Dynamo does not know how to trace method `set` of class
+`ContextVar`"), so a compiled model would break its graph at every read; Dynamo traces
+``threading.local`` attributes and guards on them per thread. A forward runs synchronously in one
+thread, so a slot set at its start and restored at its end is scoped to that call.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+ROUTES_ATTRIBUTE = "_gatedlora_routes"  # on a KV cache (or a legacy tuple cache's first key tensor)
+
+
+@dataclass(eq=False)
+class RouteDecision:
+    """One generation's routes, decided at prefill from each prompt's last real token.
+
+    probabilities: [B] fp32, the router's output (NaN kept); gates: [B] fp32, what the layers read
+    (NaN -> 0); decisions: [B] bool, adapter used (``p >= threshold`` in fp32); threshold: the one
+    the hard gates of this generation compare with. ``all_open`` / ``all_closed`` are True only
+    where the host saw it for free (CPU tensors, eager): the layers then skip the gate gather or
+    the adapter call. On a GPU they stay False (reading would sync).
+    """
+
+    probabilities: torch.Tensor
+    gates: torch.Tensor
+    decisions: torch.Tensor
+    threshold: float
+    all_open: bool = False
+    all_closed: bool = False
+    _row_gates: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return self.gates.shape[0]
+
+    def row_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sequence's gate repeated over its rows of x [B, ..., K]. Returns [M] (fp32).
+
+        Kept per row count and device, so a generation's decode steps reuse one tensor."""
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        batch = self.batch
+        if batch == 0 or rows % batch:
+            raise RuntimeError(f"gatedlora: a gated layer got x of shape {list(x.shape)} ({rows} rows), which does "
+                               f"not split over the {batch} sequences the router decided for: expected x of shape "
+                               f"[{batch}, ..., K] (batch first)")
+        key = (rows, x.device)  # layers of a model split over devices each get the gates on their own
+        cached = self._row_gates.get(key)
+        if cached is None:
+            cached = self.gates.to(x.device, non_blocking=True).repeat_interleave(rows // batch)
+            self._row_gates[key] = cached
+        return cached
+
+
+@dataclass(eq=False)
+class ForwardState:
+    """What one forward of the backbone needs: its attention mask [B, T'] and the decision its layers
+    read, from the cache the forward extends (``continuing``), from a whole-prompt routing pass
+    (chunked prefill), or from the router hook after block ``router_layer`` (None until then)."""
+
+    attention_mask: torch.Tensor | None
+    decision: RouteDecision | None
+    continuing: bool
+
+
+# --- routes on KV caches --------------------------------------------------------------------------
+
+def _anchor(cache: Any) -> Any:
+    """The object a cache's routes hang on: a Cache object, or a legacy tuple cache's first key tensor
+    (tuples take no attributes; each step's tuple is new, so the routes are passed on every step)."""
+    if isinstance(cache, (tuple, list)):
+        first = cache[0] if cache else None
+        return first[0] if isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor) else None
+    return cache if hasattr(cache, "__dict__") else None
+
+
+def routes_on(cache: Any, key: int) -> RouteDecision | None:
+    """The decision that router ``key`` attached to ``cache``, or None."""
+    anchor = _anchor(cache)
+    if anchor is None:
+        return None
+    routes = anchor.__dict__.get(ROUTES_ATTRIBUTE)
+    return None if routes is None else routes.get(key)
+
+
+def attach_routes(cache: Any, key: int, decision: RouteDecision) -> None:
+    """Attach router ``key``'s decision to ``cache`` (a copy of the cache carries it too; ``cache.reset()``,
+    which starts a new generation on the same object, drops it)."""
+    anchor = _anchor(cache)
+    if anchor is None:
+        return
+    routes = anchor.__dict__.get(ROUTES_ATTRIBUTE)
+    anchor.__dict__[ROUTES_ATTRIBUTE] = {**(routes or {}), key: decision}
+    if callable(getattr(type(anchor), "reset", None)) and "reset" not in anchor.__dict__:
+        anchor.__dict__["reset"] = _ResetForgetsRoutes(anchor)
+
+
+class _ResetForgetsRoutes:
+    """``cache.reset`` on a cache that carries routes: they go with the tokens. An object holding the cache,
+    not a closure, so a deep copy of the cache resets (and forgets) itself."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.cache.__dict__.pop(ROUTES_ATTRIBUTE, None)
+        return type(self.cache).reset(self.cache, *args, **kwargs)
+
+
+def cache_length(cache: Any) -> int | torch.Tensor:
+    """Tokens already in a KV cache: 0 for None or an empty cache; handles Cache objects and legacy tuples.
+
+    Static caches count on the device (a 0-dim tensor); it is returned unread, as reading syncs.
+    """
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return cache.get_seq_length()
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+def continues(cache: Any) -> bool:
+    """Whether a forward on ``cache``, which carries a decision, extends that generation: a cache counted on
+    the host (DynamicCache, legacy tuples) that holds tokens, or any cache counted on the device (static
+    caches), unread: reading would sync every decode step, and their ``reset()`` drops the decision."""
+    length = cache_length(cache)
+    return isinstance(length, torch.Tensor) or length > 0
+
+
+def holds_tokens(cache: Any) -> bool:
+    """Whether ``cache`` (a KV cache or None) holds tokens, for a prefill's check: a static cache's length is
+    read on the host (one sync), except in a compiled graph or a CUDA graph capture, where it counts as empty."""
+    length = cache_length(cache)
+    if isinstance(length, torch.Tensor):
+        if torch.compiler.is_compiling() or (length.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False
+        return bool(length)
+    return length > 0
+
+
+def in_backward() -> bool:
+    """Whether autograd runs a backward pass in this thread (where gradient checkpointing recomputes blocks)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a backbone returned (ModelOutput field ``cache`` or ``past_key_values``), or None."""
+    getter = getattr(output, "get", None)
+    if getter is None:
+        return None
+    found = getter("cache")
+    return found if found is not None else getter("past_key_values")
+
+
+# --- force_gate: per thread -----------------------------------------------------------------------
+
+_UNSET = object()
+
+
+def thread_slot(local: threading.local, name: str) -> Any:
+    """``local.<name>`` in this thread, None when unset (and set to None then).
+
+    Measured (CPython 3.11): reading a missing attribute of a threading.local costs 0.75 us (an
+    AttributeError inside getattr), a present one 0.05 us, so each thread's slot is made once.
+    Dynamo traces exactly this form, ``getattr`` on a plain threading.local, and guards on it per
+    thread; a ``__dict__.get`` or a subclass's class-level default compiled to stale values."""
+    value = getattr(local, name, _UNSET)
+    if value is _UNSET:
+        setattr(local, name, None)
+        return None
+    return value
+
+
+# .entries: [(token, {layer: value})] in the order the blocks began; .gates: them merged (latest
+# wins), None when no block is open in this thread
+_FORCED = threading.local()
+# Whether a force_gate block is open in any thread: while none is (the common case) a layer reads no
+# per-thread state for it. A bool, not a count, so a compiled graph guards on two values at most.
+_any_forced = False
+_open_blocks = 0
+_open_blocks_lock = threading.Lock()
+
+
+def forced_gate(layer: nn.Module) -> float | None:
+    """The gate value ``force_gate`` imposes on ``layer`` in this thread, or None."""
+    if not _any_forced:
+        return None
+    gates = thread_slot(_FORCED, "gates")
+    return None if gates is None else gates.get(layer)
+
+
+@contextlib.contextmanager
+def forcing(layers: Iterable[nn.Module], value: float) -> Iterator[None]:
+    """Impose ``value`` on ``layers`` for the calling thread until the block ends.
+
+    Blocks nest; each removes only its own entry when it ends, so blocks that end out of order
+    (two generators, two asyncio tasks on one thread) still leave exactly the others in force.
+    """
+    global _any_forced, _open_blocks
+    token = object()
+    entry = (token, {layer: float(value) for layer in layers})
+    _set_forced([*(thread_slot(_FORCED, "entries") or ()), entry])
+    with _open_blocks_lock:
+        _open_blocks += 1
+        _any_forced = True
+    try:
+        yield
+    finally:
+        _set_forced([e for e in _FORCED.entries if e[0] is not token])
+        with _open_blocks_lock:
+            _open_blocks -= 1
+            _any_forced = _open_blocks > 0
+
+
+def _set_forced(entries: list) -> None:
+    merged: dict[nn.Module, float] = {}
+    for _, gates in entries:
+        merged.update(gates)
+    _FORCED.entries = entries
+    _FORCED.gates = merged or None

@@ -1,0 +1,65 @@
+"""The bench report: spread next to every median, the legend, warnings for spread and a busy machine."""
+import subprocess
+import sys
+
+from gatedlora.benchmarking.machine_load import BUSY_FRACTION, LoadMeter
+from gatedlora.benchmarking.report import format_table, spread_warnings
+from gatedlora.benchmarking.timing import time_side_by_side
+
+
+def scenario(name, check, base, peft, peft_quartiles=None):
+    times = {"base": base, "peft": peft}
+    return {"name": name, "check": check, "median_ms": times, "runs": {"base": 9, "peft": 9},
+            "iqr_ms": {"base": [base * 0.99, base * 1.01], "peft": list(peft_quartiles or [peft * 0.98, peft * 1.02])}}
+
+
+def result(*scenarios, warnings=()):
+    env = {"device": "CPU test", "versions": {"torch": "2.13"}, "commit": "abc"}
+    out = {"environment": env, "providers": ["base", "peft"], "scenarios": list(scenarios), "notes": [],
+           "check_tolerance": 1e-3}
+    out["warnings"] = list(warnings) + spread_warnings(out)
+    return out
+
+
+def test_the_table_shows_spread_check_and_legend():
+    table = format_table(result(scenario("prefill b=2 t=8 open 1/2", "ok", 10.0, 12.5),
+                                scenario("decode b=2 t=8 open 1/2", "not checked (decode)", 2.0, 3.0)))
+    lines = table.splitlines()
+    assert lines[1].split() == ["scenario", "check", "base", "ms", "peft", "ms", "(x", "base)"]
+    assert "ok       10.00 ±1%  12.50 ±2% (1.25x)" in lines[3]
+    assert "not run" in lines[4] and "3.00 ±2% (1.50x)" in lines[4]
+    assert any("lower is better" in line and "9 calls" in line for line in lines)
+    assert any(line.startswith("legend: open k/B:") for line in lines)
+    assert any("match PEFT within 0.001" in line and "tested before timing" in line and "'-'" in line for line in lines)
+    assert not any(line.startswith("WARNING") for line in lines)
+
+
+def test_a_wide_spread_or_a_failed_check_is_called_out():
+    table = format_table(result(scenario("decode b=8 t=128 open 6/8", "FAILED: torch: closed sequences differ", 3.0,
+                                         5.0, peft_quartiles=[3.0, 7.0]),
+                                warnings=["other processes used 40% of the CPUs during the run"]))
+    assert "FAILED" in table and "check FAILED in 'decode b=8 t=128 open 6/8': torch: closed sequences differ" in table
+    assert "5.00 ±40% (1.67x)" in table
+    assert "WARNING: 1 of 2 timings spread by more than ±10% (worst: peft in 'decode b=8 t=128 open 6/8', ±40%)" in table
+    assert "WARNING: other processes used 40% of the CPUs during the run" in table
+    assert "rerun on a quiet machine" in table
+
+
+def test_the_load_meter_sees_another_process_busy():
+    meter = LoadMeter.start()
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    busy.wait()
+    share = meter.others_share()
+    if share is None:
+        return  # no /proc/stat on this system: the report then relies on the load average and the spread
+    assert share > BUSY_FRACTION
+    assert any("other processes used" in w for w in meter.warnings())
+
+
+def test_rounds_rotate_which_provider_goes_first():
+    order = []
+    providers = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
+    timings = time_side_by_side(providers, device=__import__("torch").device("cpu"), warmup=0, min_rounds=3,
+                                max_rounds=3, budget_s=0)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(t.runs == 3 for t in timings.values())

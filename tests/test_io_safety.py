@@ -1,0 +1,237 @@
+"""Saves that cannot tear or rot: failures and kills at every step of an overwrite, damaged and
+ill-typed tensors, file modes, and what the config records."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_io import scramble_gates
+from tiny_models import tiny_peft_model
+
+import gatedlora.io as gio
+from gatedlora import load_pretrained, patch_model, save_pretrained
+from gatedlora.patching import gated_layers
+
+TESTS = Path(__file__).resolve().parent
+
+
+def gate_values(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "gate_" in n}
+
+
+def saved_model(seed):
+    model = patch_model(tiny_peft_model("llama", layers=2))
+    scramble_gates(model, seed)
+    return model
+
+
+def loaded_gates(path):
+    """The gates a fresh model gets from ``path``."""
+    return gate_values(load_pretrained(tiny_peft_model("llama", layers=2), path))
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def leftovers(path):
+    return sorted(p.name for p in Path(path).iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def old_and_new(tmp_path):
+    """A directory holding the save of model ``old``, and a model ``new`` with other gates."""
+    old, new = saved_model(1), saved_model(2)
+    save_pretrained(old, tmp_path)
+    assert not same(gate_values(old), gate_values(new))
+    return tmp_path, gate_values(old), new
+
+
+class Failure(OSError):
+    pass
+
+
+def fail_on_call(monkeypatch, target, attribute, failing_calls):
+    """Make ``target.attribute`` raise Failure on the given (1-based) calls, and run it otherwise."""
+    original = getattr(target, attribute)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) in failing_calls:
+            raise Failure(f"simulated failure of {attribute} call {len(calls)}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, attribute, wrapper)
+    return calls
+
+
+# step -> (what fails, on which calls): writing the pending weights, writing the config, the commit
+# (renaming the config into place), renaming the weights into place (the commit is rolled back)
+FAILURES = {
+    "weights write": ("_write_new_file", {1}),
+    "config write": ("_write_new_file", {2}),
+    "commit": ("replace", {1}),
+    "weights rename": ("replace", {2}),
+}
+
+
+@pytest.mark.parametrize("step", list(FAILURES))
+def test_an_overwrite_that_fails_leaves_the_old_save_and_no_temp_files(old_and_new, monkeypatch, step):
+    path, old, new_model = old_and_new
+    attribute, calls = FAILURES[step]
+    fail_on_call(monkeypatch, gio if attribute.startswith("_") else os, attribute, calls)
+    with pytest.raises(Failure):
+        save_pretrained(new_model, path, overwrite=True)
+    monkeypatch.undo()
+    assert leftovers(path) == []
+    assert same(loaded_gates(path), old)
+
+
+def test_a_failed_rollback_leaves_the_new_save_loadable_and_the_next_save_tidies(old_and_new, monkeypatch):
+    path, _, new_model = old_and_new
+    # the weights rename fails, and so does putting the old config back: the new config is committed
+    fail_on_call(monkeypatch, os, "replace", {2, 3})
+    with pytest.raises(Failure):
+        save_pretrained(new_model, path, overwrite=True)
+    monkeypatch.undo()
+    assert len(leftovers(path)) == 1  # the committed weights, under their pending name
+    assert same(loaded_gates(path), gate_values(new_model))
+    save_pretrained(new_model, path, overwrite=True)
+    assert leftovers(path) == []
+    assert same(loaded_gates(path), gate_values(new_model))
+
+
+KILLED_SAVE = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import gatedlora.io as gio
+    from gatedlora import save_pretrained
+    from test_io_safety import saved_model
+    kill_at = int(sys.argv[2])
+    steps = []
+
+    def dying(original):
+        def step(*args, **kwargs):
+            steps.append(original.__name__)
+            if len(steps) == kill_at:
+                if original is gio._write_new_file:  # die half way through the write
+                    with open(args[0], "wb") as handle:
+                        handle.write(args[1][: len(args[1]) // 2])
+                os._exit(9)
+            return original(*args, **kwargs)
+        return step
+
+    gio._write_new_file = dying(gio._write_new_file)
+    os.replace = dying(os.replace)
+    save_pretrained(saved_model(2), sys.argv[1], overwrite=True)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
+def test_a_save_killed_at_any_step_loads_as_old_or_new(old_and_new, kill_at):
+    path, old, new_model = old_and_new
+    script = KILLED_SAVE.format(tests=str(TESTS))
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(kill_at)], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    gates = loaded_gates(path)
+    # killed before the commit (steps 1-3): the old save; after it (step 4): the new one
+    assert same(gates, old if kill_at <= 3 else gate_values(new_model))
+    save_pretrained(new_model, path, overwrite=True)  # the next save removes what the killed one left
+    assert leftovers(path) == []
+    assert same(loaded_gates(path), gate_values(new_model))
+
+
+def rewrite_weights(path, mutate):
+    """Change the saved tensors and record the new file's checksum, as a consistent but bad save would."""
+    weights = path / gio.WEIGHTS_NAME
+    tensors = load_file(str(weights))
+    mutate(tensors)
+    save_file(tensors, str(weights))
+    meta = json.loads((path / gio.CONFIG_NAME).read_text())
+    meta["weights_sha256"] = gio._sha256_of(weights.read_bytes())
+    (path / gio.CONFIG_NAME).write_text(json.dumps(meta))
+
+
+def first_key(tensors, part):
+    return next(k for k in tensors if part in k)
+
+
+BAD_TENSORS = {
+    "NaN": (lambda t: t[first_key(t, "gate_weight")].__setitem__(0, float("nan")), "holds NaN or infinite"),
+    "inf": (lambda t: t[first_key(t, "gate_bias")].fill_(float("inf")), "holds NaN or infinite"),
+    "int64": (lambda t: t.__setitem__(first_key(t, "gate_bias"), torch.tensor(3)), "has dtype torch.int64"),
+    "bool": (lambda t: t.__setitem__(first_key(t, "gate_weight"),
+                                     torch.ones_like(t[first_key(t, "gate_weight")], dtype=torch.bool)),
+             "has dtype torch.bool"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_TENSORS))
+def test_ill_typed_or_non_finite_tensors_are_refused_and_change_nothing(old_and_new, kind):
+    path, _, target = old_and_new
+    mutate, message = BAD_TENSORS[kind]
+    rewrite_weights(path, mutate)
+    before = gate_values(target)
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(target, path)
+    assert same(gate_values(target), before)
+
+
+def test_non_finite_router_weights_are_refused(tmp_path):
+    from gatedlora import GatedLoraConfig
+
+    model = patch_model(tiny_peft_model("llama", layers=3, layers_to_transform=[1, 2]),
+                        GatedLoraConfig(gate="sequence"))
+    save_pretrained(model, tmp_path)
+    rewrite_weights(tmp_path, lambda t: t[first_key(t, "gate_router")].view(-1).__setitem__(0, float("nan")))
+    with pytest.raises(ValueError, match=r"gate_router\..* holds NaN"):
+        load_pretrained(tiny_peft_model("llama", layers=3, layers_to_transform=[1, 2]), tmp_path)
+
+
+def test_a_flipped_byte_in_the_payload_is_refused(old_and_new):
+    path, _, target = old_and_new
+    weights = path / gio.WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's bytes: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    before = gate_values(target)
+    with pytest.raises(ValueError, match="is corrupt: its SHA-256"):
+        load_pretrained(target, path)
+    assert same(gate_values(target), before)
+
+
+def test_files_are_written_0644_as_peft_writes_them(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        model = saved_model(1)
+        model.save_pretrained(tmp_path)  # PEFT's own adapter beside ours
+        save_pretrained(model, tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir() if p.is_file()}
+    assert modes[gio.CONFIG_NAME] == modes[gio.WEIGHTS_NAME] == modes["adapter_config.json"] == 0o644
+
+
+def test_the_config_records_the_adapter_it_was_saved_with(tmp_path):
+    model = patch_model(tiny_peft_model("llama", layers=2, r=8, lora_alpha=16))
+    save_pretrained(model, tmp_path)
+    meta = json.loads((tmp_path / gio.CONFIG_NAME).read_text())
+    assert meta["adapter"] == {"fresh": False, "r": 8, "lora_alpha": 16.0}
+    # fields for fresh adapters (r=16, alpha=32 by default) and run-time choices are not the adapter's
+    assert not {"r", "lora_alpha", "lora_dropout", "target_modules", "backend", "base_mode"} & set(meta["config"])
+    assert meta["weights_sha256"] == gio._sha256_of((tmp_path / gio.WEIGHTS_NAME).read_bytes())
+    assert len(meta["layers"]) == len(list(gated_layers(model)))
+
+
+def test_a_peft_only_directory_gets_a_hint(tmp_path):
+    model = tiny_peft_model("llama", layers=2)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"holds a PEFT adapter \(adapter_config.json\) but no gatedlora save"):
+        load_pretrained(model, tmp_path)

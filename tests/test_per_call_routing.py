@@ -1,0 +1,467 @@
+"""Routes belong to each call: interleaved generations, threads, interrupted forwards, chunked prefill,
+force_gate per thread, one precision for decisions, all-closed training and the base layer's output."""
+import inspect
+import threading
+
+import pytest
+import torch
+from steered_routers import LinearRouter, PatternRouter, splitting_router
+from tiny_models import padded_batch, tiny_peft_model
+from torch import nn
+from transformers import DynamicCache, LlamaModel, StaticCache
+
+from gatedlora import GatedLoraConfig, GatedLoRALinear, force_gate, get_router, patch_model
+from gatedlora.call_state import output_cache
+
+LAYERS, ROUTER_LAYER = 4, 1
+CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def prism_model(arch="llama"):
+    """A tiny PEFT model (adapter on blocks 2-3) patched with a router that opens A's sequences 0 and 3
+    and B's sequences 1 and 2: two batches of the same size with opposite routes."""
+    model = tiny_peft_model(arch, layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
+    a = padded_batch([7, 4, 9, 5], 9, seed=3)
+    b = padded_batch([6, 8, 3, 8], 8, seed=11)
+    routes = {"a": [True, False, False, True], "b": [False, True, True, False]}
+    router = splitting_router(model, [(*a, routes["a"]), (*b, routes["b"])], ROUTER_LAYER)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    return model, {"a": a, "b": b}, {k: torch.tensor(v) for k, v in routes.items()}
+
+
+def greedy_steps(model, ids, mask):
+    """Prefill, then one greedy decode step per next(): yields the last position's logits [B, V]."""
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    cache = output_cache(out)
+    while True:
+        logits = out.logits[:, -1]
+        yield logits
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(input_ids=logits.argmax(-1, keepdim=True), attention_mask=mask, use_cache=True, **{CACHE: cache})
+
+
+def alone(model, batch, steps):
+    generation = greedy_steps(model, *batch)
+    return [next(generation) for _ in range(steps)]
+
+
+def base_logits(ids, mask, arch="llama"):
+    """The base model's logits: PEFT's own disable_adapter() on an unpatched twin of prism_model's model."""
+    twin = tiny_peft_model(arch, layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
+    with torch.no_grad(), twin.disable_adapter():
+        return twin(input_ids=ids, attention_mask=mask).logits
+
+
+def gated_layer(model):
+    return next(m for m in model.modules() if isinstance(m, GatedLoRALinear))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_interleaved_generations_each_decode_with_their_own_prefill_decision(arch):
+    model, batches, routes = prism_model(arch)
+    with torch.no_grad():
+        expected = {name: alone(model, batch, 4) for name, batch in batches.items()}
+        a, b = greedy_steps(model, *batches["a"]), greedy_steps(model, *batches["b"])
+        got = {"a": [next(a)], "b": [next(b)]}
+        for _ in range(3):
+            got["a"].append(next(a))
+            model(input_ids=batches["a"][0][:2], attention_mask=batches["a"][1][:2])  # any forward in between
+            got["b"].append(next(b))
+    for name in batches:
+        for step, (g, e) in enumerate(zip(got[name], expected[name])):
+            assert torch.equal(g, e), (name, step)
+    assert not torch.equal(expected["a"][1], alone_with_routes_forced(model, batches["a"], routes["b"]))
+
+
+def alone_with_routes_forced(model, batch, routes):
+    """A's first decode step had it used ``routes`` (a PatternRouter in place of the steered one)."""
+    route = get_router(model)
+    steered, route.router = route.router, PatternRouter(40)
+    route.router.pattern = routes.float()
+    try:
+        return alone(model, batch, 2)[1]
+    finally:
+        route.router = steered
+
+
+def test_threads_generating_with_different_routes_each_match_their_run_alone():
+    model, batches, routes = prism_model()
+    options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                   return_dict_in_generate=True)
+
+    def generate(name):
+        ids, mask = batches[name]
+        out = model.generate(input_ids=ids, attention_mask=mask, **options)
+        decided = get_router(model).routes_of(out).decisions
+        return out.sequences, torch.stack(out.scores, 1), decided, get_router(model).last_decisions
+
+    with torch.no_grad():
+        solo = {name: generate(name) for name in batches}
+    assert not torch.equal(solo["a"][0], solo["b"][0])
+    start = threading.Barrier(len(batches))
+    results = {name: [] for name in batches}
+    errors = []
+
+    def worker(name):
+        try:
+            with torch.no_grad():
+                start.wait()
+                for _ in range(3):
+                    results[name].append(generate(name))
+        except BaseException as err:  # noqa: BLE001  (reported below, with the thread's name)
+            errors.append((name, err))
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for name in batches:
+        assert len(results[name]) == 3
+        for sequences, scores, decided, last in results[name]:
+            assert torch.equal(sequences, solo[name][0])
+            finite = torch.isfinite(solo[name][1])
+            assert torch.equal(torch.isfinite(scores), finite)
+            assert torch.equal(scores[finite], solo[name][1][finite])
+            assert torch.equal(decided, routes[name]) and torch.equal(last, routes[name])  # per thread
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("where", ["block 2", "embedding"])
+def test_a_forward_that_raises_leaves_nothing_behind(error, where):
+    model, batches, routes = prism_model()
+    hf = model.base_model.model
+    target = hf.model.layers[2] if where == "block 2" else hf.model.embed_tokens
+
+    def interrupt(module, args, output):
+        raise error("stop")
+
+    with torch.no_grad():
+        expected = alone(model, batches["a"], 3)
+        a = greedy_steps(model, *batches["a"])
+        got = [next(a)]
+        handle = target.register_forward_hook(interrupt)
+        cache = DynamicCache()
+        try:
+            with pytest.raises(error):
+                model(input_ids=batches["b"][0], attention_mask=batches["b"][1], use_cache=True, **{CACHE: cache})
+        finally:
+            handle.remove()
+        assert get_router(model).routes_of(cache) is None  # no decision on the failed prefill's cache
+        assert torch.equal(get_router(model).last_decisions, routes["a"])  # this thread's routes: still A's
+        with pytest.raises(RuntimeError, match="sequence gate not decided yet"):
+            gated_layer(model)(torch.randn(4, 1, 40))  # no forward state left in this thread
+        got += [next(a), next(a)]
+    for step, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g, e), step
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_chunked_prefill_routes_from_the_last_real_token_of_the_whole_prompt(arch):
+    model, batches, routes = prism_model(arch)
+    ids, mask = batches["b"]  # left padded: sequence 2 (3 tokens of 8) has a first chunk of padding only
+    assert not mask[2, :4].any()
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+                   return_dict_in_generate=True)
+    with torch.no_grad():
+        whole = model.generate(input_ids=ids, attention_mask=mask, **options)
+        chunked = model.generate(input_ids=ids, attention_mask=mask, prefill_chunk_size=4, **options)
+    route = get_router(model)
+    assert torch.equal(route.routes_of(whole).decisions, routes["b"])
+    assert torch.equal(route.routes_of(chunked).decisions, routes["b"])
+    assert torch.equal(chunked.sequences, whole.sequences)
+    scores, reference = torch.stack(chunked.scores, 1), torch.stack(whole.scores, 1)
+    finite = torch.isfinite(reference)
+    assert torch.equal(torch.isfinite(scores), finite)
+    # chunks attend over the cache in another order of summation than one pass: rounding, not routing
+    assert (scores[finite] - reference[finite]).abs().max() < 1e-4
+
+
+def test_force_gate_is_per_thread_nests_and_restores_exactly():
+    model, batches, routes = prism_model()
+    ids, mask = batches["a"]
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    free, base = logits(), base_logits(ids, mask)
+    with force_gate(model, 1.0):
+        lora = logits()
+    assert not torch.equal(free, base) and not torch.equal(free, lora) and not torch.equal(lora, base)
+
+    entered, checked = threading.Event(), threading.Event()
+    seen = {}
+
+    def forcing_thread():
+        with force_gate(model, 0.0):
+            entered.set()
+            checked.wait()
+            seen["forced"] = logits()
+        seen["after"] = logits()
+
+    thread = threading.Thread(target=forcing_thread)
+    thread.start()
+    entered.wait()
+    seen["other thread meanwhile"] = logits()  # while the forcing thread sits inside its block
+    checked.set()
+    thread.join()
+    assert torch.equal(seen["forced"], base)
+    assert torch.equal(seen["other thread meanwhile"], free)
+    assert torch.equal(seen["after"], free)
+
+    with force_gate(model, 1.0):
+        with force_gate(model, 0.0):
+            assert torch.equal(logits(), base)
+        assert torch.equal(logits(), lora)
+    assert torch.equal(logits(), free)
+    closed, opened = force_gate(model, 0.0), force_gate(model, 1.0)
+    closed.__enter__()
+    opened.__enter__()
+    closed.__exit__(None, None, None)  # the outer block ends first (two generators, two asyncio tasks)
+    assert torch.equal(logits(), lora)
+    opened.__exit__(None, None, None)
+    assert torch.equal(logits(), free) and gated_layer(model).forced_gate is None
+
+
+def test_two_threads_force_gate_blocks_leave_the_model_unforced():
+    model, batches, _ = prism_model()
+    layers = [m for m in model.modules() if isinstance(m, GatedLoRALinear)]
+    both_inside, seen = threading.Barrier(2), []
+
+    def worker(value, wait_first):
+        with force_gate(model, value):
+            both_inside.wait()
+            if wait_first:
+                both_inside.wait()  # leave second
+            seen.append((value, {m.forced_gate for m in layers}))
+        if not wait_first:
+            both_inside.wait()
+        seen.append((None, {m.forced_gate for m in layers}))
+
+    threads = [threading.Thread(target=worker, args=(0.0, True)), threading.Thread(target=worker, args=(1.0, False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen, key=repr) == sorted([(0.0, {0.0}), (1.0, {1.0}), (None, {None}), (None, {None})], key=repr)
+    assert {m.forced_gate for m in layers} == {None}
+
+
+def test_bf16_router_at_the_threshold_routes_a_sequence_the_same_whatever_its_batch_mates():
+    """p = bf16(0.7) = 0.69921875 is below 0.7 in fp32: closed alone, next to an open or a closed sequence."""
+    model, batches, _ = prism_model()
+    router = PatternRouter(40, torch.bfloat16)
+    router.pattern = torch.zeros(4)
+    get_router(model).router = router
+    get_router(model).threshold = 0.7
+    ids, mask = batches["a"]
+    base = base_logits(ids, mask)
+    for mate in (0.9, 0.1):
+        router.pattern = torch.tensor([0.7, mate, mate, mate])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(logits[0], base[0]), mate  # closed: the base model, bitwise
+        assert torch.equal(logits[1:], base[1:]) == (mate < 0.7)
+        assert get_router(model).last_decisions.tolist() == [False] + [mate > 0.7] * 3
+        assert get_router(model).last_probabilities.dtype == torch.float32
+
+
+def test_all_closed_training_batch_backpropagates_zero_into_the_lora_weights():
+    model, batches, _ = prism_model()
+    router = PatternRouter(40)
+    router.pattern = torch.zeros(4)
+    get_router(model).router = router
+    ids, mask = batches["a"]
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(g is not None and torch.count_nonzero(g) == 0 for g in lora.values())
+    assert not get_router(model).last_decisions.any()
+
+
+def test_a_forward_hook_on_the_base_layer_sees_its_output_unchanged():
+    model, batches, _ = prism_model()
+    layer = gated_layer(model)
+    kept = {}
+
+    def keep(module, args, output):
+        kept["output"], kept["copy"] = output, output.clone()
+
+    handle = layer.base_layer.register_forward_hook(keep)
+    ids, mask = batches["a"]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        handle.remove()
+        assert torch.equal(kept["output"], kept["copy"])  # the LoRA term went into a new tensor
+        with force_gate(model, 1.0):
+            x = torch.randn(4, 3, layer.in_features)
+            out = layer(x)
+            handle = layer.base_layer.register_forward_hook(keep)
+            hooked = layer(x)  # out of place gives the same values as in place
+            handle.remove()
+    assert torch.equal(hooked, out) and not torch.equal(kept["output"], out)
+
+
+def test_routes_are_readable_per_cache_and_the_threshold_settable_after_patching(tmp_path):
+    import gatedlora
+
+    model, batches, routes = prism_model()
+    route = get_router(model)
+    ids, mask = batches["a"]
+    with torch.no_grad():
+        expected = alone(model, batches["a"], 2)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        decision = route.routes_of(out)
+        assert torch.equal(decision.decisions, routes["a"]) and decision.threshold == 0.5
+        assert float(decision.probabilities[routes["a"]].min()) < 0.99  # sigmoid(4): open at 0.5, closed at 0.99
+        route.threshold = 0.99
+        model(input_ids=ids, attention_mask=mask)
+        assert not route.last_decisions.any()  # the next prefill routes with the new threshold
+        step = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1),
+                     use_cache=True, **{CACHE: output_cache(out)}).logits[:, -1]
+        assert torch.equal(step, expected[1])  # a generation keeps the threshold of its prefill
+    with pytest.raises(ValueError, match="threshold must be"):
+        route.threshold = 1.5
+    gatedlora.save_pretrained(model, tmp_path)
+    assert '"threshold": 0.99' in (tmp_path / "gatedlora_config.json").read_text()
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return x + torch.tanh(self.proj(x))
+
+
+class LegacyCacheModel(nn.Module):
+    """Takes ``past_key_values`` as a legacy tuple of (key, value) per block and returns a new tuple each step."""
+
+    def __init__(self, layers=3, hidden=16, vocab=50):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(ToyBlock(hidden) for _ in range(layers))
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
+        x = self.embed(input_ids)
+        cache = []
+        for i, block in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i][0]
+            keys = x if past is None else torch.cat([past, x], dim=1)
+            x = block(x + keys.mean(dim=1, keepdim=True))  # each token sees the mean of everything so far
+            cache.append((keys, keys))
+        return {"logits": self.head(x), "past_key_values": tuple(cache) if use_cache else None}
+
+
+def test_legacy_tuple_caches_passed_as_past_key_values_carry_their_routes():
+    model = LegacyCacheModel()
+    router = LinearRouter(16)
+    with torch.no_grad():
+        router.proj.weight.normal_()
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router, target_modules=["proj"]))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, GatedLoRALinear):
+                m.lora_B["default"].weight.normal_()
+    gen = torch.Generator().manual_seed(0)
+    prompts = {n: torch.randint(0, 50, (n, 5), generator=gen) for n in (2, 3)}
+
+    def steps(ids):
+        out = model(ids, use_cache=True)
+        while True:
+            yield out["logits"][:, -1]
+            token = out["logits"][:, -1:].argmax(-1)
+            out = model(token, past_key_values=out["past_key_values"], use_cache=True)
+
+    with torch.no_grad():
+        expected = {n: [x for x, _ in zip(steps(ids), range(3))] for n, ids in prompts.items()}
+        two, three = steps(prompts[2]), steps(prompts[3])
+        got = {2: [next(two)], 3: [next(three)]}
+        for _ in range(2):
+            got[2].append(next(two))
+            got[3].append(next(three))
+    assert get_router(model).last_decisions.any() and not get_router(model).last_decisions.all()
+    for n in prompts:
+        assert all(torch.equal(g, e) for g, e in zip(got[n], expected[n])), n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_prefill_and_decode_route_on_the_device_in_one_graph(arch):
+    """torch.compile(fullgraph=True): no graph break from routing (no host read of a decision); the LoRA
+    term is the registered op, one node per gated layer; outputs and routes equal eager."""
+    model, batches, routes = prism_model(arch)
+    hf = model.base_model.model
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(hf, fullgraph=True, backend=recording_backend)
+    ids, mask = batches["a"]
+    step_mask = torch.cat([mask, mask.new_ones(4, 1)], dim=1)
+    with torch.no_grad():
+        eager = hf(input_ids=ids, attention_mask=mask, use_cache=True)
+        token = eager.logits[:, -1:].argmax(-1)
+        eager_step = hf(input_ids=token, attention_mask=step_mask, use_cache=True, **{CACHE: output_cache(eager)})
+        prefill = compiled(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = output_cache(prefill)
+        assert torch.equal(get_router(model).routes_of(cache).decisions, routes["a"])
+        step = compiled(input_ids=token, attention_mask=step_mask, use_cache=True, **{CACHE: cache})
+        assert len(graphs) == 2  # one graph for the prefill, one for the decode step: no break
+        with force_gate(model, 0.0):  # a guard on the per-thread override: a new graph, not a stale one
+            forced = compiled(input_ids=ids, attention_mask=mask).logits
+        unforced = compiled(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(forced, base_logits(ids, mask, arch), rtol=0, atol=1e-5)
+    torch.testing.assert_close(unforced, eager.logits, rtol=0, atol=1e-5)
+    graphs = graphs[:2]
+    gated = sum(isinstance(m, GatedLoRALinear) for m in model.modules())
+    for gm in graphs:
+        ops = [n for n in gm.graph.nodes if n.op == "call_function" and "gated_lora_add_" in str(n.target)]
+        assert len(ops) == gated
+    torch.testing.assert_close(prefill.logits, eager.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(step.logits, eager_step.logits, rtol=0, atol=1e-5)
+    assert torch.equal(get_router(model).last_decisions, routes["a"])
+
+
+def test_a_static_cache_reset_for_a_new_prompt_is_routed_again():
+    """A StaticCache counts its tokens on the device (not read at decode: that would sync) and is reused after
+    reset(): reset() drops its routes, so a new prompt on it is routed, and each decode step on it continues
+    its prompt's decision. generate() with a static cache passes a prepared 4D attention mask, from which
+    the router finds the last real tokens too."""
+    model, batches, routes = prism_model()
+    config = model.base_model.model.config
+
+    def steps(cache, ids, mask):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE: cache})
+        got = [out.logits[:, -1]]
+        for _ in range(2):
+            mask = torch.cat([mask, mask.new_ones(4, 1)], dim=1)
+            out = model(input_ids=got[-1].argmax(-1, keepdim=True), attention_mask=mask, use_cache=True,
+                        **{CACHE: cache})
+            got.append(out.logits[:, -1])
+        return got
+
+    with torch.no_grad():
+        expected = {name: steps(StaticCache(config=config, max_cache_len=16), *batch)
+                    for name, batch in batches.items()}
+        reused = StaticCache(config=config, max_cache_len=16)
+        for name in ("a", "b", "a"):
+            reused.reset()
+            assert get_router(model).routes_of(reused) is None
+            got = steps(reused, *batches[name])
+            assert all(torch.equal(g, e) for g, e in zip(got, expected[name])), name
+            assert torch.equal(get_router(model).routes_of(reused).decisions, routes[name])
+        options = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        for name, (ids, mask) in batches.items():
+            dynamic = model.generate(input_ids=ids, attention_mask=mask, **options)
+            out = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **options)
+            assert torch.equal(out.sequences, dynamic.sequences), name
+            assert torch.equal(get_router(model).routes_of(out).decisions, routes[name])
