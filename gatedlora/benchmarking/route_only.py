@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .machine_load import LoadMeter
 from .models import PROJECTIONS, LlamaSpec, build_llama
 from .timing import time_side_by_side
 
@@ -134,6 +135,7 @@ def run_route_only_benchmark(spec: LlamaSpec, router_layer: int = 0, batch: int 
     from .report import environment
 
     dev = torch.device(device)
+    meter = LoadMeter.start()
     dtype_name = str(dtype).removeprefix("torch.")
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         model_dir, router_dir = prepare(spec, router_layer, Path(tmp), dev, dtype)
@@ -165,6 +167,7 @@ def run_route_only_benchmark(spec: LlamaSpec, router_layer: int = 0, batch: int 
         "routed_to_adapter": f"{routed}/{batch}", "memory": memory,
         "time_ms": {kind: {"median": t.median_s * 1e3, "q1": t.q1_s * 1e3, "q3": t.q3_s * 1e3, "runs": t.runs}
                     for kind, t in timings.items()},
+        "machine_load_warnings": meter.warnings(),
         "route_only_over_full": {"time": timings["route-only"].median_s / timings["full"].median_s, **ratio,
                                  "blocks": (router_layer + 1) / spec.num_hidden_layers},
     }
@@ -184,6 +187,7 @@ def format_result(result: dict) -> str:
     peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes']:.3f}"
     lines.append(f"route-only / full: weights {r['weight_bytes']:.3f}, peak memory {peak}, "
                  f"forward time {r['time']:.3f} (blocks {r['blocks']:.3f}); peak: {m['full']['peak_measure']}")
+    lines += [f"warning: {w}; the times are inflated and noisy" for w in result["machine_load_warnings"]]
     return "\n".join(lines)
 
 
