@@ -3,7 +3,7 @@ forward time, side by side (see gatedlora/benchmarking/route_only.py).
 
     python benchmarks/route_only.py [--layers 16] [--router-layer 0] [--batch 8] [--length 128] [--json FILE]
 
-The default model is a Llama of 16 blocks, hidden 512, MLP 1408, vocabulary 32000 (74M parameters),
+The default model is a Llama of 16 blocks, hidden 512, MLP 1408, vocabulary 32000 (80M parameters),
 so that one CPU run takes about a minute and a half on 2 cores; on a GPU pass ``--device cuda --dtype bfloat16``
 and a bigger shape. Route-only work is ``router_layer + 1`` of the model's blocks plus the embeddings.
 """

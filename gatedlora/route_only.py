@@ -3,7 +3,7 @@
 PRISM's router reads the hidden state after block ``router_layer``, and those blocks carry no adapter,
 so a prompt's route can be decided before the request reaches a serving engine. The model is built from
 the checkpoint's config cut to ``router_layer + 1`` blocks, and Transformers then loads only the weights
-that model has: the later blocks, the final norm's successors and the LM head are never read. The
+that model has: the later blocks and the LM head are never read. The
 router comes from a gatedlora save (``gatedlora.save_pretrained`` or ``gatedlora train-router``).
 
 Its decisions are the full patched model's, bitwise, for the same batch: the same modules run on the
