@@ -95,7 +95,7 @@ def main() -> None:
     with torch.inference_mode():
         for scenario in (s for s in default_scenarios(args.quick) if s.phase == "decode"):
             ids, mask, open_mask = make_batch(scenario, setup.vocab_size, setup.device)
-            providers = decode_providers(setup, ids, mask, open_mask)
+            providers, _ = decode_providers(setup, ids, mask, open_mask)
             providers.pop("peft mixed")
             if args.clock == "thread":
                 timings = time_thread_cpu(providers, args.rounds)

@@ -117,23 +117,26 @@ HOST_READ_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "at
 
 def gatedlora_host_reads(fn: Callable[[], object]) -> list[str]:
     """Run ``fn`` and list every op that reads tensor data on the host (``.item()``, ``bool(t)``,
-    ``nonzero``, ...) called from gatedlora's own code, as "op at file:line". An empty list is what
+    ``nonzero``, ...) that gatedlora's own code calls, as "op at file:line". An empty list is what
     capturing ``fn`` in a CUDA graph needs from gatedlora; it can be checked on a CPU, where such a read
-    costs nothing and nothing else would catch it. Reads by other libraries are not listed."""
+    costs nothing and nothing else would catch it. A read is gatedlora's when the innermost frame outside
+    torch belongs to gatedlora (a read inside transformers, called from gatedlora's forward wrapper, is not)."""
     import traceback
+    from pathlib import Path
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    package = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    package = str(Path(__file__).resolve().parents[1])
+    torch_dir = str(Path(torch.__file__).resolve().parent)
     found: list[str] = []
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func._schema.name in HOST_READ_OPS:
-                ours = [f for f in traceback.extract_stack() if f.filename.startswith(package)
-                        and "benchmarking" not in f.filename]
-                if ours:
-                    found.append(f"{func._schema.name} at {ours[-1].filename[len(package) + 1:]}:{ours[-1].lineno}")
+                caller = next((f for f in reversed(traceback.extract_stack()[:-1])
+                               if not f.filename.startswith(torch_dir)), None)
+                if caller is not None and caller.filename.startswith(package) and "benchmarking" not in caller.filename:
+                    found.append(f"{func._schema.name} at {caller.filename[len(package) + 1:]}:{caller.lineno}")
             return func(*args, **(kwargs or {}))
 
     with Recorder():
