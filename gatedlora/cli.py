@@ -1,5 +1,6 @@
 """The ``gatedlora`` command. ``gatedlora bench``: base path against adapter path on a model.
-``gatedlora train-router``: train a PRISM router from labelled prompts (JSONL)."""
+``gatedlora train-router``: train a PRISM router from labelled prompts (JSONL).
+``gatedlora route``: each prompt's route (JSONL), from the blocks the router reads and the router alone."""
 from __future__ import annotations
 
 import argparse
@@ -247,6 +248,97 @@ def _run_train_router(parser: argparse.ArgumentParser, args: argparse.Namespace)
     return 0
 
 
+def _route_parser(sub) -> None:
+    p = sub.add_parser("route", help="decide each prompt's route (the adapter or the base model) with a trained "
+                                     "router, loading only the blocks it reads",
+                       description="Route prompts before serving: embeddings, blocks 0..router_layer and the router "
+                                   "of a gatedlora save, nothing else. Writes each input row with \"route\" (the "
+                                   "adapter's name, or \"base\") and \"probability\" (the router's probability "
+                                   "of the adapter) added.")
+    p.add_argument("--model", metavar="PATH", required=True, help="local model directory (with its tokenizer)")
+    p.add_argument("--router", metavar="DIR", required=True, help="gatedlora save with the trained router "
+                   "(gatedlora train-router --out, or gatedlora.save_pretrained)")
+    p.add_argument("--data", metavar="FILE.jsonl", required=True, help="one {\"prompt\": str, ...} per line")
+    p.add_argument("--out", metavar="FILE.jsonl", required=True, help="the routes, one line per prompt, in order")
+    p.add_argument("--adapter-name", default="adapter",
+                   help="the route name of prompts sent to the adapter: the name your serving engine knows it "
+                        "by (default: adapter)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward (default 32)")
+    p.add_argument("--max-length", type=int, help="truncate prompts to this many tokens (as in train-router)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _check_route_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import torch
+
+    from .io import CONFIG_NAME
+    from .prompts import prompt_problem, read_jsonl
+    from .route_only import BASE_ROUTE
+
+    if not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: no such directory")
+    if not (Path(args.router) / CONFIG_NAME).is_file():
+        parser.error(f"--router {args.router}: not a gatedlora save ({CONFIG_NAME} not found)")
+    if not Path(args.data).is_file():
+        parser.error(f"--data {args.data}: no such file")
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    if not Path(args.out).resolve().parent.is_dir():
+        parser.error(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 1:
+        parser.error(f"--max-length must be >= 1, got {args.max_length}")
+    if args.adapter_name == BASE_ROUTE or not args.adapter_name.strip():
+        parser.error(f"--adapter-name must be a non-empty name other than {BASE_ROUTE!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    try:
+        args.rows = read_jsonl(args.data, prompt_problem)
+    except (ValueError, UnicodeDecodeError) as err:
+        parser.error(f"--data: {err}")
+
+
+def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import json
+    import math
+    import os
+    import secrets
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from .route_only import RouteOnlyModel, route_prompts
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = RouteOnlyModel.from_pretrained(args.model, args.router, adapter_name=args.adapter_name,
+                                               device=device, dtype=getattr(torch, args.dtype))
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    probabilities, decisions = route_prompts(model, [row["prompt"] for row in args.rows], tokenizer, args.batch_size,
+                                  args.max_length, progress=not args.no_progress)
+    routes = model.routes(decisions)
+    # strict JSON has no NaN: a NaN probability (routed to the base model) is written as null
+    lines = "".join(json.dumps({**row, "route": route, "probability": None if math.isnan(p) else p}) + "\n"
+                    for row, route, p in zip(args.rows, routes, probabilities.tolist()))
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    try:  # a run that fails part way leaves no half-written --out
+        tmp.write_text(lines, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    opened = sum(route != "base" for route in routes)
+    print(f"routed {len(routes)} prompts: {opened} to {args.adapter_name!r} ({opened / len(routes):.1%}), "
+          f"{len(routes) - opened} to the base model; wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
@@ -255,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _bench_parser(sub)
     _train_router_parser(sub)
+    _route_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -265,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-router":
         _check_train_router_args(sub.choices["train-router"], args)
         return _run_train_router(sub.choices["train-router"], args)
+    if args.command == "route":
+        _check_route_args(sub.choices["route"], args)
+        return _run_route(sub.choices["route"], args)
     return 2
 
 

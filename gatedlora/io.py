@@ -61,6 +61,20 @@ def _saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _file_shape(key: str, tensor: torch.Tensor) -> torch.Size:
+    """A token gate's bias is a [1] parameter (FSDP2 refuses 0-dim ones) and 0-dim in the file, as format 1 has it."""
+    return torch.Size([]) if key.endswith(".gate_bias") else tensor.shape
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor: a parameter of a model sharded by FSDP2's ``fully_shard`` (or tensor parallelism)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def _adapter_record(model: nn.Module) -> dict:
     """The adapter's real rank and alpha (alpha = scaling * r): one value each, or one per layer where they differ."""
     layers = sorted(gated_layers(model))
@@ -134,20 +148,27 @@ def _sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> None:
+def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool = False,
+                    is_main_process: bool = True) -> None:
     """Write ``gatedlora_config.json`` and ``gatedlora_model.safetensors`` into directory ``path``.
 
     Existing gatedlora files are kept unless ``overwrite=True``; other files (a PEFT adapter) are
     never touched. A save that fails or is killed part way leaves the previous save loadable.
+    Distributed training: only the process with ``is_main_process`` writes. A model sharded by FSDP2
+    (``fully_shard``) is gathered first, which is a collective: call this on every rank with
+    ``is_main_process=(rank == 0)``. Under DDP every rank holds the whole model, so rank 0 alone may call it.
     """
     state = patch_state(model)
+    tensors = {k: (v.full_tensor() if _is_sharded(v) else v).detach().to("cpu").reshape(_file_shape(k, v))
+               .contiguous() for k, v in _saved_tensors(model).items()}
+    if not is_main_process:
+        return
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     existing = [str(t) for t in (config_path, weights_path) if t.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"save_pretrained: {existing} already exist; pass overwrite=True to replace them")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _saved_tensors(model).items()}
     payload = serialize_safetensors(tensors, metadata={"format": "pt"})
     sha256 = _sha256_of(payload)
     meta = {
@@ -244,6 +265,14 @@ def _read_weights(directory: Path, meta: dict) -> tuple[dict[str, torch.Tensor],
     return tensors, weights_path
 
 
+def read_saved(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The saved config (the fields ``GatedLoraConfig.to_dict`` wrote) and tensors (checked, on the CPU) of a
+    gatedlora save."""
+    directory = Path(path)
+    meta = _read_meta(directory)
+    return meta["config"], _read_weights(directory, meta)[0]
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module | None = None) -> nn.Module:
     """Load gates, router and config saved by ``save_pretrained`` into ``model`` (patching it if needed).
 
@@ -289,9 +318,15 @@ def _copy_checked(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tens
                          f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
                          f"{' ...' if len(unexpected) > 6 else ''}")
     for key, target in targets.items():
-        if loaded[key].shape != target.shape:
+        if loaded[key].shape != _file_shape(key, target):
             raise ValueError(f"load_pretrained: {key} has shape {list(loaded[key].shape)} in {source}, "
-                             f"the model expects {list(target.shape)}")
+                             f"the model expects {list(_file_shape(key, target))}")
     with torch.no_grad():
         for key, target in targets.items():
-            target.copy_(loaded[key])
+            value = loaded[key].reshape(target.shape)
+            if _is_sharded(target):  # every rank read the whole file: each keeps its own shard, no communication
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements,
+                                          src_data_rank=None)
+            target.copy_(value)

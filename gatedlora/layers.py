@@ -31,7 +31,7 @@ class GatedLoRALinear(nn.Module):
     Submodules keep PEFT's names (``base_layer``, ``lora_A[adapter]``, ``lora_B[adapter]``,
     ``lora_dropout[adapter]``), so state_dict keys and PEFT's ``save_pretrained`` are unchanged;
     for a PEFT layer they are the same module objects (shared, not copied). Token gates add
-    ``gate_weight`` [K] and ``gate_bias`` []; sequence gates read the model's ``SequenceRouter``.
+    ``gate_weight`` [K] and ``gate_bias`` [1]; sequence gates read the model's ``SequenceRouter``.
     In training mode the gates are ``train_hard`` (when set) instead of ``hard``; hard gates pass
     the gradient of a soft gate to the gate when ``straight_through`` (see ``ops/autograd.py``).
 
@@ -77,7 +77,9 @@ class GatedLoRALinear(nn.Module):
         if gate == "token":
             weight = self.lora_A[adapter_name].weight
             self.gate_weight = nn.Parameter(torch.zeros(self.in_features, dtype=weight.dtype, device=weight.device))
-            self.gate_bias = nn.Parameter(torch.tensor(open_logit(threshold), dtype=weight.dtype, device=weight.device))
+            # [1], not 0-dim: FSDP2's fully_shard refuses scalar parameters (the file keeps it 0-dim, see io.py)
+            self.gate_bias = nn.Parameter(torch.full((1,), open_logit(threshold), dtype=weight.dtype,
+                                                     device=weight.device))
 
     @classmethod
     def fresh(cls, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float, **gate_options: Any

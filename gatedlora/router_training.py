@@ -9,7 +9,6 @@ MMLU queries go to the adapter), reports accuracy on a held-out split and can sa
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from .io import save_pretrained
 from .patching import force_gate, get_router, patch_state
+from .prompts import prompt_problem, read_jsonl, right_padded_batches, token_ids
 from .routing import PrismRouter, TwoClassRouter, last_real_positions
 
 
@@ -53,29 +53,6 @@ class _StopForward(Exception):
     """Raised by the feature hook once block router_layer has run: the later blocks are not needed."""
 
 
-def _token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None) -> list[list[int]]:
-    if all(isinstance(p, str) for p in prompts):
-        if tokenizer is None:
-            raise ValueError("train_router: prompts are strings, so a tokenizer is needed (tokenizer=...)")
-        encoded = tokenizer(list(prompts), truncation=max_length is not None, max_length=max_length)["input_ids"]
-    else:
-        encoded = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, torch.Tensor) and p.dim() == 1 and not p.is_floating_point():
-                encoded.append(p.tolist())
-            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
-                encoded.append(list(p))
-            else:
-                raise TypeError(f"train_router: prompts[{i}] must be a string (with a tokenizer), a list of token ids "
-                                f"or a 1-D integer tensor, got {type(p).__name__}")
-        if max_length is not None:
-            encoded = [ids[:max_length] for ids in encoded]
-    empty = [i for i, ids in enumerate(encoded) if not ids]
-    if empty:
-        raise ValueError(f"train_router: prompts {empty[:8]} have no tokens")
-    return encoded
-
-
 def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer: Any = None, batch_size: int = 32,
                             max_length: int | None = None, progress: bool = True) -> torch.Tensor:
     """The router's input for each prompt: hidden state after block ``router_layer`` at the last token.
@@ -89,9 +66,8 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
     state = patch_state(model)
     get_router(model)  # raises unless gate="sequence"
     block = model.get_submodule(state.blocks_path)[state.config.router_layer]
-    ids = _token_ids(prompts, tokenizer, max_length)
+    ids = token_ids(prompts, tokenizer, max_length, "train_router")
     device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     captured: list[torch.Tensor] = []
 
     def stop_after_block(module: nn.Module, args: tuple, output: Any) -> None:
@@ -104,15 +80,10 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
     try:
         model.eval()
         with torch.no_grad(), force_gate(model, 0.0):
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc="router features", unit="batch", disable=not progress):
-                rows = order[start:start + batch_size]
-                length = max(len(ids[i]) for i in rows)
-                input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-                mask = torch.zeros(len(rows), length, dtype=torch.long)
-                for j, i in enumerate(rows):
-                    input_ids[j, :len(ids[i])] = torch.tensor(ids[i])
-                    mask[j, :len(ids[i])] = 1
+            batches = right_padded_batches(ids, batch_size)
+            for rows, input_ids, mask in tqdm(batches, total=math.ceil(len(ids) / batch_size), desc="router features",
+                                              unit="batch", disable=not progress):
+                length = input_ids.shape[1]
                 captured.clear()
                 try:
                     model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
@@ -258,30 +229,14 @@ def read_router_data(path: str | Path) -> tuple[list[str], list[int]]:
 
     Raises ValueError naming the file and line of the first bad row.
     """
-    prompts: list[str] = []
-    labels: list[int] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected an object {{\"prompt\": ..., \"label\": 0|1}}, "
-                                 f"got {type(row).__name__}")
-            missing = [key for key in ("prompt", "label") if key not in row]
-            if missing:
-                raise ValueError(f"{where}: missing {' and '.join(repr(k) for k in missing)}")
-            prompt, label = row["prompt"], row["label"]
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{where}: \"prompt\" must be a non-empty string, got {prompt!r:.60}")
-            if isinstance(label, bool) or label not in (0, 1) or isinstance(label, float):
-                raise ValueError(f"{where}: \"label\" must be 0 or 1, got {label!r:.60}")
-            prompts.append(prompt)
-            labels.append(int(label))
-    if not prompts:
-        raise ValueError(f"{path}: no rows")
-    return prompts, labels
+    def problem(row: dict) -> str | None:
+        missing = [key for key in ("prompt", "label") if key not in row]
+        if missing:
+            return f"missing {' and '.join(repr(k) for k in missing)}"
+        label = row["label"]
+        if isinstance(label, bool) or label not in (0, 1) or isinstance(label, float):
+            return f"\"label\" must be 0 or 1, got {label!r:.60}"
+        return prompt_problem(row)
+
+    rows = read_jsonl(path, problem)
+    return [row["prompt"] for row in rows], [int(row["label"]) for row in rows]

@@ -11,13 +11,16 @@ EXPECTED = {
     "prism_generate.py": "every sequence followed its own route in one batched pass",
     "save_and_load.py": "loaded: the same logits, bit for bit",
 }
+# scripts that need a peer (an engine's server): their own test file runs them against a stand-in
+TESTED_ELSEWHERE = {"serve_routed.py": "test_serve_routed.py"}
 
 
 def test_every_example_is_listed():
     scripts = {p.name for p in EXAMPLES.glob("*.py")} - {"tiny_llama.py"}
-    assert scripts == set(EXPECTED)
+    assert scripts == set(EXPECTED) | set(TESTED_ELSEWHERE)
+    assert all((EXAMPLES.parent / "tests" / test).is_file() for test in TESTED_ELSEWHERE.values())
     readme = (EXAMPLES / "README.md").read_text()
-    assert all(f"examples/{name}" in readme for name in EXPECTED)
+    assert all(f"examples/{name}" in readme for name in scripts)
 
 
 @pytest.mark.slow

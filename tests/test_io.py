@@ -132,3 +132,30 @@ def test_unpatch_after_load_restores_peft_state_dict(tmp_path):
     unpatch_model(model)
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_token_gate_bias_is_one_element_in_the_model_and_0_dim_in_the_file(tmp_path):
+    """FSDP2's fully_shard refuses 0-dim parameters, so the bias is [1]; the file keeps format 1's 0-dim."""
+    from safetensors.torch import load_file
+
+    model = patch_model(tiny_peft_model("llama"))
+    scramble_gates(model)
+    biases = {name: layer.gate_bias for name, layer in gated_layers(model)}
+    assert biases and all(b.shape == torch.Size([1]) for b in biases.values())
+    save_pretrained(model, tmp_path)
+    saved = load_file(str(tmp_path / "gatedlora_model.safetensors"))
+    for name, bias in biases.items():
+        assert saved[f"{name}.gate_bias"].shape == torch.Size([])
+        assert saved[f"{name}.gate_bias"].item() == bias.item()
+    other = patch_model(tiny_peft_model("llama"))
+    load_pretrained(other, tmp_path)
+    assert all(torch.equal(layer.gate_bias, biases[name]) for name, layer in gated_layers(other))
+
+
+def test_only_the_main_process_writes(tmp_path):
+    model = patch_model(tiny_peft_model("llama"))
+    save_pretrained(model, tmp_path / "out", is_main_process=False)
+    assert not (tmp_path / "out").exists()
+    save_pretrained(model, tmp_path / "out", is_main_process=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gatedlora_config.json",
+                                                                   "gatedlora_model.safetensors"]

