@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for the JSON, PNG and log (created)")
     parser.add_argument("--dry-run", action="store_true", help="CPU: every stage's plumbing on tiny shapes")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for all stages together")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated subset of {','.join(STAGES)}, in order; NAME:SECONDS fixes a stage's "
+                             "budget, the others share what is left in proportion to their default shares")
     parser.add_argument("--payload", help=argparse.SUPPRESS)  # internal: run one stage in this process
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -105,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_payload(args.payload, Path(args.result), args.deadline or 60.0, args.dry_run)
     if not args.out:
         parser.error("--out DIR is required")
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        parser.error(f"--stages: unknown {unknown}; choose from {list(STAGES)}")
+    try:
+        stages = parse_stages(args.stages)
+    except ValueError as err:
+        parser.error(f"--stages: {err}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".stages"
@@ -120,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         log_file.write(text)
         log_file.flush()
 
-    share = sum(STAGES[s] for s in stages)
     results = {}
-    for name in stages:
-        budget = args.budget * STAGES[name] / share
+    deadline = time.perf_counter() + args.budget
+    for i, (name, fixed) in enumerate(stages):
+        budget = stage_budget(stages[i:], deadline - time.perf_counter())
         print(f"[gpu_check] stage {name} (budget {budget:.0f} s) ...", flush=True)
         results[name] = run_stage(name, budget, work, args.dry_run, log)
         print(f"[gpu_check] stage {name}: {results[name]['status']} ({results[name]['seconds']} s)", flush=True)
@@ -143,6 +145,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu_check] no plot: {plot_problem}")
     failed = [n for n, r in results.items() if not (r["status"] == "ok" or r["status"].startswith("skipped"))]
     return 1 if failed else 0
+
+
+def parse_stages(text: str) -> list[tuple[str, float | None]]:
+    """"tests:80,layer" -> [("tests", 80.0), ("layer", None)]; raises ValueError naming what is wrong."""
+    stages = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, seconds = item.partition(":")
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; choose from {list(STAGES)}")
+        try:
+            fixed = float(seconds) if seconds else None
+        except ValueError:
+            raise ValueError(f"{item!r}: expected NAME or NAME:SECONDS") from None
+        if fixed is not None and fixed <= 0:
+            raise ValueError(f"{item!r}: seconds must be positive")
+        stages.append((name, fixed))
+    if not stages:
+        raise ValueError("no stage named")
+    return stages
+
+
+def stage_budget(remaining: list[tuple[str, float | None]], seconds_left: float) -> float:
+    """The first of ``remaining``'s budget: its fixed seconds, or its share of what the unfixed ones have
+    left (so time a stage does not use goes to the stages after it)."""
+    name, fixed = remaining[0]
+    if fixed is not None:
+        return max(1.0, min(fixed, seconds_left))
+    free = seconds_left - sum(f for _, f in remaining[1:] if f is not None)
+    shares = sum(STAGES[n] for n, f in remaining if f is None)
+    return max(1.0, free * STAGES[name] / shares)
 
 
 def _slug(text: str) -> str:
@@ -468,7 +502,11 @@ def stage_model(result: dict, save, deadline_s: float, dry_run: bool) -> None:
 
     device = _device()
     if device.type == "cuda":
-        result.update(run_model_benchmark(device="cuda", dtype=torch.bfloat16, budget_s=0.5,
+        from gatedlora.benchmarking.scenarios import default_scenarios
+
+        # decode first: its CUDA-graph replays are what only a GPU shows; prefill as the deadline allows
+        order = sorted(default_scenarios(False, device), key=lambda sc: sc.phase != "decode")
+        result.update(run_model_benchmark(device="cuda", dtype=torch.bfloat16, budget_s=0.5, scenarios=order,
                                           deadline_s=deadline_s - 30))
     else:
         from gatedlora.benchmarking.models import LlamaSpec
