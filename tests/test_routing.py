@@ -194,7 +194,7 @@ def test_all_closed_batch_is_the_base_model_and_skips_the_adapter(monkeypatch):
         base = model(input_ids=ids, attention_mask=mask).logits
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
     calls = []
-    monkeypatch.setattr(gatedlora.layers, "apply_gated_lora", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(gatedlora.layers, "gated_lora", lambda *a, **k: calls.append(1))
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(logits, base) and calls == []  # the host knew: no adapter call at all

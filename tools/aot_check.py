@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ARCHS = (80, 90)
 # Largest dynamic shared memory a block may opt into (CUDA C Programming Guide, compute capabilities).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# (x dtype, LoRA dtype, allow TF32): the pairs triton_backend.dtype_pair_supported accepts, and
+# (x dtype, LoRA dtype, allow TF32): the pairs contract.dtype_pair_supported accepts, and
 # TF32 on/off where the LoRA weights are fp32 (the only dtype for which the flag changes the dot).
 DTYPE_VARIANTS = (
     ("float16", "float16", False),
@@ -90,7 +90,7 @@ def build_jobs() -> list[Job]:
 
     from gatedlora.ops import triton_backend as tb
     from gatedlora.ops import triton_kernel
-    from gatedlora.ops.checks import GatedLoraArgs
+    from gatedlora.ops.args import make_args
 
     kernel = triton_kernel.gated_lora_add_kernel
     jobs = []
@@ -110,14 +110,15 @@ def build_jobs() -> list[Job]:
                             if key[2] != lora_dtype.itemsize:
                                 continue
                             r = tiles.block_r
-                            args = GatedLoraArgs(
+                            args = make_args(
                                 x=_tensor((m, k), x_dtype, aligned),
+                                n=n,
                                 lora_a=_tensor((r, k), lora_dtype, aligned),
                                 lora_b=_tensor((n, r), lora_dtype, aligned),
                                 scaling=2.0,
                                 gate=_tensor((m,), torch.float32, aligned) if mode == "given" else None,
                                 gate_weight=_tensor((k,), torch.float32, aligned) if mode == "token" else None,
-                                gate_bias=_tensor((), torch.float32, aligned) if mode == "token" else 0.0,
+                                gate_bias=_tensor((), torch.float32, aligned) if mode == "token" else None,
                                 threshold=0.5,
                                 hard=True,
                             )

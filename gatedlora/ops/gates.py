@@ -1,4 +1,4 @@
-"""Gate probabilities and values in PyTorch, shared by the torch backend and the layers."""
+"""Gate probabilities and values in PyTorch, shared by the torch backend, autograd and the layers."""
 from __future__ import annotations
 
 import torch
@@ -9,13 +9,11 @@ def probability_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def token_gate_probabilities(
-    x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: float | torch.Tensor
-) -> torch.Tensor:
-    """``sigmoid(x . w_g + b_g)`` per row. x: [M, K]; gate_weight: [K]. Returns [M] in fp32 (fp64 for fp64 x)."""
+def token_gate_probabilities(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(x . w_g + b_g)`` per row. x: [M, K]; gate_weight: [K]; gate_bias: 0-dim.
+    Returns [M] in fp32 (fp64 for fp64 x), the precision the kernels use."""
     dtype = probability_dtype(x.dtype)
-    logit = x.to(dtype) @ gate_weight.to(dtype)
-    return torch.sigmoid(logit + (gate_bias.to(dtype) if isinstance(gate_bias, torch.Tensor) else gate_bias))
+    return torch.sigmoid(x.to(dtype) @ gate_weight.to(dtype) + gate_bias.to(dtype))
 
 
 def gate_values(probabilities: torch.Tensor, threshold: float, hard: bool) -> torch.Tensor:
