@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -22,7 +23,7 @@ from gatedlora.benchmarking.scenarios import Scenario, build_setup, decode_provi
 from gatedlora.benchmarking.timing import time_side_by_side
 
 
-def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device) -> list[dict]:
+def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device, clock) -> list[dict]:
     spec, dtype = (GPU_DEFAULT, torch.bfloat16) if device.type == "cuda" else (CPU_DEFAULT, torch.float32)
     backend = "cuda" if device.type == "cuda" else "torch"
     setup = build_setup(build_llama(spec, device, dtype), lambda m: add_prism_adapter(m, 0), 0, [backend])
@@ -39,7 +40,7 @@ def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device
                 providers = {"base": make(setup, ids, mask, every)["base"],
                              "peft": make(setup, ids, mask, every)["peft"],
                              gated: make(setup, ids, mask, open_mask)[gated]}
-                timings = time_side_by_side(providers, device, budget_s=budget_s)
+                timings = time_side_by_side(providers, device, budget_s=budget_s, clock=clock)
             base = timings["base"].median_s
             rows.append({"phase": phase, "batch": batch, "open": open_count, "base_ms": base * 1e3,
                          "peft_ratio": timings["peft"].median_s / base, "gated_ratio": timings[gated].median_s / base})
@@ -55,16 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="prompt length (prefill) and context (decode)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="CPU timing: wall time (default) or the thread's CPU time (with --threads 1, "
+                             "unaffected by other processes on a shared machine)")
     parser.add_argument("--json", help="write the rows and the environment here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = sweep([int(b) for b in args.batches.split(",")], args.tokens, args.budget, device)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    rows = sweep([int(b) for b in args.batches.split(",")], args.tokens, args.budget, device, clock)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(device), "threads": torch.get_num_threads(), "rows": rows}, f,
-                      indent=1)
+            json.dump({"environment": environment(device), "threads": torch.get_num_threads(), "clock": args.clock,
+                       "tokens": args.tokens, "rows": rows}, f, indent=1)
     return 0 if all(r["gated_ratio"] < r["peft_ratio"] for r in rows) else 1
 
 

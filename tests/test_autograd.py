@@ -328,7 +328,8 @@ def test_gradcheck_triton_forward_fp32(kind):
 
 @needs_triton
 @pytest.mark.parametrize("kind,hard,straight_through",
-                         [("token", False, False), ("token", True, True), ("given", True, True), ("given", False, False),
+                         [("token", False, False), ("token", True, True), ("given", True, True),
+                          ("given", False, False),
                           ("plain", True, False)])
 def test_triton_forward_gradients_equal_the_torch_backend(kind, hard, straight_through):
     """The backward is the same PyTorch code on every backend and reads only the inputs (not the forward's

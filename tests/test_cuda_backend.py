@@ -9,7 +9,7 @@ import torch
 
 import gatedlora
 from gate_cases import check_against_reference, check_fused, fused_kwargs, make_case, op_kwargs
-from gatedlora.ops import backends, cuda_backend, cuda_build
+from gatedlora.ops import backends, cuda_backend, cuda_build, gated_lora_fused
 from gatedlora.ops.args import make_args
 from gatedlora.ops.contract import GateKind
 

@@ -15,7 +15,8 @@ import torch
 from gatedlora.ops import contract, cuda_backend, cuda_build
 
 HAS_GPU = torch.cuda.is_available()
-needs_nvcc = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found: the CUDA toolkit is not installed")
+needs_nvcc = pytest.mark.skipif(cuda_build.find_nvcc() is None,
+                                reason="nvcc not found: the CUDA toolkit is not installed")
 
 
 @pytest.fixture

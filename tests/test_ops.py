@@ -30,8 +30,8 @@ def test_leading_dims_and_gate_shapes():
     assert (out.double() - ref).abs().max() < 1e-5
 
 
-STRATEGIES = {"masked": torch_backend.add_masked, "masked-counted": torch_backend.add_masked_counted,
-              "gathered": torch_backend.add_gathered}
+STRATEGIES = {"folded": torch_backend.add_folded, "gathered": torch_backend.add_gathered,
+              "counted": torch_backend.add_counted}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -69,18 +69,19 @@ def test_gathered_strategy_runs_lora_on_open_rows_only(open_rows, monkeypatch):
     gate[torch.randperm(133, generator=torch.Generator().manual_seed(open_rows))[:open_rows]] = 1.0
     seen = []
     real_linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda t, w, *r: seen.append(t.shape[0]) or real_linear(t, w, *r))
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda t, w, *r: seen.append(t.shape[0]) or real_linear(t, w, *r))
     out = base.clone()
     torch_backend.add_gathered(out, make_args(x, 30, a, b, 1.0, gate, None, None, 0.5, True))
-    assert seen == [open_rows] * (2 if 0 < open_rows < 133 else 1 if open_rows else 0)  # no matmul on closed rows
+    assert seen == [open_rows, open_rows]  # the LoRA matmuls see the open rows only
     assert torch.equal(out[gate == 0], base[gate == 0])
     ref = gated_lora_reference(x, base, a, b, 1.0, gate=gate)
     assert (out.double() - ref).abs().max() < 1e-5
 
 
-def test_strategy_is_chosen_by_size_once_per_configuration(monkeypatch):
-    """Small calls mask (gathering costs more than it saves), large ones gather; M = 1 reads its gate;
-    without a gate every row; off the CPU always masked (no host sync). The choice is cached."""
+def test_strategy_is_chosen_once_per_configuration(monkeypatch):
+    """M = 1 reads its gate; more rows on the CPU count the open ones; without a gate every row; off the
+    CPU folded (no host read). The choice is cached per bucket of M."""
     def strategy(m, k=256, n=256, r=16, kind="given", device="cpu"):
         x = torch.empty(m, k, device=device)
         gate = torch.empty(m, device=device) if kind == "given" else None
@@ -90,17 +91,46 @@ def test_strategy_is_chosen_by_size_once_per_configuration(monkeypatch):
         return backends.dispatch("torch", args).launch
 
     assert strategy(1) is torch_backend.add_one_row
-    assert strategy(32) is torch_backend.add_masked
-    assert strategy(32, kind="token") is torch_backend.add_masked_counted
-    assert strategy(2048) is torch_backend.add_gathered
+    assert strategy(8) is torch_backend.add_folded
+    assert strategy(32) is torch_backend.add_counted
+    assert strategy(32, kind="token") is torch_backend.add_counted
     assert strategy(8, kind="none") is torch_backend.add_every_row
-    assert strategy(2048, device="meta") is torch_backend.add_masked
+    assert strategy(2048, device="meta") is torch_backend.add_folded
     calls = []
-    monkeypatch.setattr(torch_backend, "choose_strategy", lambda args: calls.append(args.m) or torch_backend.add_masked)
+    monkeypatch.setattr(torch_backend, "choose_strategy", lambda args: calls.append(args.m) or torch_backend.add_folded)
     backends.clear_dispatch_cache()
     strategy(20), strategy(29), strategy(31), strategy(33)
     assert calls == [20, 33]  # one choice per bucket of M (17..32, 33..64)
     backends.clear_dispatch_cache()
+
+
+@pytest.mark.parametrize("opened,expected", [(0, "none"), (40, "every"), (9, "gathered"), (20, "folded")])
+def test_counted_strategy_picks_by_the_open_count(opened, expected, monkeypatch):
+    """Fewer than half the rows open (and M >= 16): gathered; otherwise folded; none or all: no mask at all."""
+    seen = []
+    for name in ("_add_every_row", "_add_gathered", "_add_folded"):
+        monkeypatch.setattr(torch_backend, name, lambda *a, name=name: seen.append(name))
+    x, base, a, b = make_inputs(40, 8, 6, 2, torch.float32, 0)
+    gate = torch.zeros(40)
+    gate[:opened] = 1.0
+    torch_backend.add_counted(base, make_args(x, 6, a, b, 1.0, gate, None, None, 0.5, True))
+    names = {"none": [], "every": ["_add_every_row"], "gathered": ["_add_gathered"], "folded": ["_add_folded"]}
+    assert seen == names[expected]
+
+
+def test_folded_strategy_keeps_closed_rows_up_to_the_sign_of_zero():
+    """The folded strategy adds +0.0 to a closed row: every bit stays, except that -0.0 becomes +0.0 (the
+    same number). The gathered strategy does not touch closed rows at all."""
+    x, base, a, b = make_inputs(20, 8, 6, 2, torch.float32, 0)
+    base[1::2] = -0.0
+    gate = torch.zeros(20)
+    gate[::2] = 1.0
+    args = make_args(x, 6, a, b, 1.0, gate, None, None, 0.5, True)
+    folded, gathered = base.clone(), base.clone()
+    torch_backend.add_folded(folded, args)
+    torch_backend.add_gathered(gathered, args)
+    assert torch.equal(folded[1::2], base[1::2])  # equal numbers
+    assert torch.equal(bits(gathered[1::2]), bits(base[1::2]))  # equal bits
 
 
 def test_empty_input_and_inplace():

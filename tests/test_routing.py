@@ -158,7 +158,8 @@ def test_default_router_starts_open_and_matches_peft():
 
 def test_adapter_on_router_layer_is_refused_with_a_fix():
     model = tiny_peft_model("llama", layers=LAYERS)
-    with pytest.raises(ValueError, match=r"LoRA covers layers at or before block 1.*layers_to_transform=list\(range\(2, 4\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"LoRA covers layers at or before block 1.*layers_to_transform=list\(range\(2, 4\)\)"):
         patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER))
 
 

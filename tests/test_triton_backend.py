@@ -7,8 +7,6 @@ TRITON_INTERPRET=1 and patches two bf16 defects of the interpreter, tested at th
 """
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 import torch
@@ -90,7 +88,8 @@ def test_not_supported_reasons(monkeypatch):
     assert any("float64" in reason for reason in backend.not_supported_reasons(args_for(torch.float64)))
     assert any("rank 129" in reason for reason in backend.not_supported_reasons(args_for(r=129)))
     assert not any("rank" in reason for reason in backend.not_supported_reasons(args_for(r=128)))
-    assert any("not compiled" in reason for reason in backend.not_supported_reasons(args_for(lora_dtype=torch.bfloat16)))
+    reasons = backend.not_supported_reasons(args_for(lora_dtype=torch.bfloat16))
+    assert any("not compiled" in reason for reason in reasons)
     monkeypatch.setattr(tb, "kernel_is_interpreted", lambda: False)
     assert any("TRITON_INTERPRET" in reason for reason in backend.not_supported_reasons(args_for()))
 

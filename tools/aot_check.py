@@ -4,11 +4,12 @@
 
 What is compiled: every (gate mode, x dtype, LoRA dtype, dot precision, tile config) the triton
 backend can launch, in the layout of contiguous, 16-byte aligned tensors with K and N multiples
-of 16 (the usual case; Triton then assumes 16-byte alignment and divisibility). The token-gate mode, the one with the most work in its K loop, is compiled a second
-time in a generic layout (misaligned pointers, odd row strides, odd K and N; inner strides are
-always 1 because the launcher copies other layouts), the specialisation with the least
-information. The argument lists come from ``triton_backend.launch_plan`` and pass
-through Triton's own specialisation code, so what is compiled is what the launcher launches.
+of 16 (the usual case; Triton then assumes 16-byte alignment and divisibility). The token-gate
+mode, the one with the most work in its K loop, is compiled a second time in a generic layout
+(misaligned pointers, odd row strides, odd K and N; inner strides are always 1 because the
+launcher copies other layouts), the specialisation with the least information. The argument
+lists come from ``triton_backend.launch_plan`` and pass through Triton's own specialisation
+code, so what is compiled is what the launcher launches.
 
 For each compiled kernel it reads registers, stack and local memory from the cubin with the
 ``cuobjdump`` shipped inside the triton package, and shared memory from the kernel's metadata

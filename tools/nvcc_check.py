@@ -137,7 +137,8 @@ def main() -> int:
         for arch in archs:
             mine = [r for r in rows if r["arch"] == f"sm_{arch}" and "error" not in r]
             print(f"sm_{arch}: {len(mine)} kernels, registers {min(r['regs'] for r in mine)}-"
-                  f"{max(r['regs'] for r in mine)}, spills {sum(r['spill_stores'] + r['spill_loads'] for r in mine)} B, "
+                  f"{max(r['regs'] for r in mine)}, "
+                  f"spills {sum(r['spill_stores'] + r['spill_loads'] for r in mine)} B, "
                   f"static shared <= {max(r['smem'] for r in mine)} B")
 
         proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK, str(module)], capture_output=True, text=True,
@@ -155,7 +156,8 @@ def main() -> int:
             for name, error in report["errors"].items():
                 ok = error is not None and error.startswith("RuntimeError: gatedlora cuda: no CUDA device")
                 failures += not ok
-                print(f"{name} without a GPU: {error!r} ({'ok' if ok else 'FAILED: expected the no CUDA device error'})")
+                verdict = "ok" if ok else "FAILED: expected the no CUDA device error"
+                print(f"{name} without a GPU: {error!r} ({verdict})")
         else:
             print("a CUDA device is present: the no-device error check is skipped (run the gpu tests instead)")
     finally:

@@ -1,6 +1,7 @@
 """Timing side by side: providers run interleaved in rounds so drift hits them all alike.
 
-CPU: ``time.perf_counter``. CUDA: CUDA events around each call, after warm-up.
+CPU: ``time.perf_counter`` (or another clock, see ``time_side_by_side``). CUDA: CUDA events around
+each call, after warm-up.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class Timing:
     runs: int
 
 
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+def _time_once(fn: Callable[[], object], device: torch.device, clock: Callable[[], float]) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -30,14 +31,19 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
+    begin = clock()
     fn()
-    return time.perf_counter() - begin
+    return clock() - begin
 
 
 def time_side_by_side(providers: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
-                      min_rounds: int = 5, max_rounds: int = 50, budget_s: float = 2.0) -> dict[str, Timing]:
-    """Time every provider in interleaved rounds until ``budget_s`` is spent (at least ``min_rounds``)."""
+                      min_rounds: int = 5, max_rounds: int = 50, budget_s: float = 2.0,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, Timing]:
+    """Time every provider in interleaved rounds until ``budget_s`` is spent (at least ``min_rounds``).
+
+    ``clock`` (CPU only): ``time.perf_counter`` (wall time, the default) or ``time.thread_time`` (the
+    calling thread's CPU time: with ``torch.set_num_threads(1)`` the work of a call, unaffected by
+    other processes on a shared machine)."""
     for fn in providers.values():
         for _ in range(warmup):
             fn()
@@ -48,7 +54,7 @@ def time_side_by_side(providers: dict[str, Callable[[], object]], device: torch.
     rounds = 0
     while rounds < min_rounds or (spent < budget_s and rounds < max_rounds):
         for name, fn in providers.items():
-            t = _time_once(fn, device)
+            t = _time_once(fn, device, clock)
             samples[name].append(t)
             spent += t
         rounds += 1

@@ -83,7 +83,8 @@ def make_args(x: torch.Tensor, n: int, lora_a: torch.Tensor, lora_b: torch.Tenso
             gate_bias = gate_bias.reshape(())  # a view: gradients reach the caller's [1] or [1, 1] tensor
     elif gate is not None:
         kind = GateKind.GIVEN
-        gate = gate.reshape(rows.shape[0])
+        if gate.dim() != 1:
+            gate = gate.reshape(rows.shape[0])
         gate_bias = None
     else:
         kind = GateKind.NONE

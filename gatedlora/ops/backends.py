@@ -133,11 +133,10 @@ def dispatch_key(name: str, args: GatedLoraArgs) -> tuple:
 def dispatch(requested: str, args: GatedLoraArgs) -> Dispatch:
     """The backend that runs ``args`` and its launch function; raises RuntimeError with every reason
     when none can."""
-    name = resolve_backend_name(requested)
-    key = dispatch_key(name, args)
+    key = dispatch_key(resolve_backend_name(requested), args)
     found = _DISPATCH.get(key)
     if found is None:
-        backend = _choose(name, args)
+        backend = _choose(key[0], args)
         found = Dispatch(backend, backend.launcher(args))
         if len(_DISPATCH) >= _CACHE_LIMIT:
             _DISPATCH.clear()

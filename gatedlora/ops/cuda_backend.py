@@ -134,7 +134,8 @@ def workspace(device: torch.device) -> torch.Tensor:
     return ws
 
 
-def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], args: GatedLoraArgs) -> torch.Tensor:
+def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               args: GatedLoraArgs) -> torch.Tensor:
     """``x W^T + bias + scaling * g * (x A^T) B^T`` in one launch of ``fused_gemv_kernel``.
 
     x: [M, K] with M <= 16 (args.x); weight: [N, K] with unit inner stride; bias: [N] or None.

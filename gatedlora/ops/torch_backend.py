@@ -1,19 +1,24 @@
 """The torch backend: the CPU path and the fallback everywhere.
 
-Two strategies, chosen per configuration by size (``choose_strategy``; the measurements behind the
-choice are in docs/design.md, "Choosing the strategy on the CPU"):
+Strategies (measured on one CPU core, in docs/design.md, "Choosing the strategy on the CPU"):
 
-* ``masked``: the LoRA matmuls on every row, then the closed rows' term replaced by ``-0.0`` and the
-  whole term added (``b + (-0.0) == b`` bit for bit for every ``b``, so closed rows stay exactly the
-  base output, whatever a closed row of x holds: inf or NaN are overwritten before the add). No
-  ``nonzero``, so no host sync: the only strategy off the CPU (CUDA-graph capturable there). On the
-  CPU, where reading a value costs no sync, token gates first count the open rows (2 us): none open
-  skips the matmuls, all open skips the mask.
-* ``gathered``: the open rows found with ``nonzero``, gathered, multiplied and added back, so 6% open
-  rows cost about 6% of the LoRA work and no open row costs no matmul. Gather and scatter cost more
-  than the matmuls they save until the LoRA work per call is large (prefill-sized M).
+* ``folded``: the gate folded into the matmuls: ``u = x A^T`` on every row, closed rows of ``u`` set to
+  0 (``masked_fill`` on [M, r]: an inf or NaN in a closed row of x goes no further) and soft gates
+  scaled in, then ``out.addmm_(u, B^T, alpha=s)``: the second matmul, the scaling and the add in one
+  call. No host read, so the strategy off the CPU (no sync, CUDA-graph capturable). A closed row gets
+  ``+0.0`` added: bit for bit its base output, except that an exact ``-0.0`` in it comes back ``+0.0``
+  (equal as numbers; masking the [M, N] term instead would keep the sign and cost 2.5x the add
+  itself at prefill sizes).
+* ``gathered``: the open rows found with ``nonzero``, gathered, multiplied and added back with
+  ``index_add_``: closed rows are not touched at all. Costs about twice as much per open row as the
+  folded strategy per row, so it pays when fewer than half the rows are open and M is not tiny.
+* on the CPU, where reading a value costs no device sync, the host first counts the open rows (1 to 2
+  us): none open costs nothing more, all open is plain LoRA, otherwise folded or gathered by the
+  count; a single row (decode at batch 1) reads its gate instead. A given gate on fewer rows than
+  gathering needs is folded without counting (its router has already told the host when every row
+  is open or closed).
 
-Without a gate the term is added to every row.
+Without a gate the term is added to every row (``addmm_``).
 
 Host cost: at decode sizes each PyTorch call costs 1 to 5 us of host time, more than its arithmetic,
 and an operation with a Python float (``p >= 0.5``, ``t * 2.0``) costs about 2 us more than the same
@@ -25,12 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from .args import GatedLoraArgs
-from .backends import Backend, Launch, m_bucket, register_backend
+from .backends import Backend, Launch, register_backend
 from .contract import GateKind
 
-# Multiply-adds of the LoRA term per call (M * r * (K + N)) from which gathering the open rows pays
-# for its nonzero, index_select and index_add on the CPU (docs/design.md, "Choosing the strategy").
-GATHER_MIN_WORK = 1 << 22
+# Gathering needs at least this many rows to pay for its nonzero and index_add (docs/design.md).
+GATHER_MIN_ROWS = 16
 
 _SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
 
@@ -47,17 +51,15 @@ def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _add(out: torch.Tensor, delta: torch.Tensor) -> None:
-    """out += delta with PEFT's dtype rule: add in the promoted dtype, store in out's dtype."""
-    if delta.dtype == out.dtype:
-        out.add_(delta)
-    else:
-        out.copy_(out + delta)
-
-
-def _lora_input(args: GatedLoraArgs) -> torch.Tensor:
+def _lora_input(args: GatedLoraArgs, is_open: torch.Tensor | None = None) -> torch.Tensor:
+    """x in the LoRA dtype (PEFT casts x to it). A bfloat16 matmul on the CPU (oneDNN) computes rows in
+    pairs, so an inf or NaN in one row of x also spoils the other row of its pair: there the closed rows
+    (``is_open`` [M]) are zeroed first; fp32 and fp16 matmuls keep rows apart."""
     x = args.x
-    return x if x.dtype == args.lora_a.dtype else x.to(args.lora_a.dtype)  # PEFT casts x to the LoRA dtype
+    x = x if x.dtype == args.lora_a.dtype else x.to(args.lora_a.dtype)
+    if is_open is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        x = torch.where(is_open.unsqueeze(1), x, _scalar(0.0, x.dtype))
+    return x
 
 
 def _probabilities(args: GatedLoraArgs) -> torch.Tensor:
@@ -73,35 +75,37 @@ def _probabilities(args: GatedLoraArgs) -> torch.Tensor:
     return gate if gate.dtype == dtype else gate.to(dtype)
 
 
-def _lora_term(args: GatedLoraArgs, g: torch.Tensor | None, is_open: torch.Tensor | None = None) -> torch.Tensor:
-    """``s * g * (x A^T) B^T`` [M, N] in the LoRA weights' dtype (g: [M] soft gate values, or None: 1),
-    as PEFT's ``lora_B(lora_A(x)) * scaling``; the per-row factor scales [M, r], not [M, N]. With
-    ``is_open`` [M] the closed rows of x are zeroed first where that is needed (see ``_rank_product``)."""
-    delta = F.linear(_rank_product(args, g, is_open), args.lora_b)
-    return delta.mul_(_scalar(args.scaling, delta.dtype) if delta.device.type == "cpu" else args.scaling)
+def _gate(args: GatedLoraArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(is_open [M] bool, soft gate values [M] or None for hard gates). NaN closes the gate."""
+    p = _probabilities(args)
+    if args.hard:
+        return p.ge(_scalar(args.threshold, p.dtype) if p.device.type == "cpu" else args.threshold), None
+    g = torch.nan_to_num(p, nan=0.0)
+    return g != 0, g
 
 
-def _rank_product(args: GatedLoraArgs, g: torch.Tensor | None, is_open: torch.Tensor | None = None) -> torch.Tensor:
-    """``g * (x A^T)`` [M, r]. A bfloat16 matmul on the CPU (oneDNN) computes rows in pairs, so an inf
-    or NaN in one row of x also spoils the other row of its pair: there closed rows are zeroed first
-    (one more pass over x; fp32 and fp16 matmuls keep rows apart)."""
-    x = _lora_input(args)
-    if is_open is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        x = torch.where(is_open.unsqueeze(1), x, _scalar(0.0, x.dtype))
-    u = F.linear(x, args.lora_a)
-    return u if g is None else u.mul_(g.to(u.dtype).unsqueeze(1))
+def _add_product(out: torch.Tensor, u: torch.Tensor, args: GatedLoraArgs, rows: torch.Tensor | None = None) -> None:
+    """``out += s * u B^T`` (u: [M, r]), or into the rows ``rows`` of out. Where out has the LoRA dtype
+    the second matmul, the scaling and the add are one call (``addmm_``/``index_add_`` with alpha), else
+    PEFT's dtype rule: add in the promoted dtype, store in out's dtype."""
+    b = args.lora_b
+    if out.dtype == u.dtype == b.dtype:  # (under autocast u may come out in a lower precision)
+        if rows is None:
+            out.addmm_(u, b.t(), alpha=args.scaling)
+        else:
+            out.index_add_(0, rows, F.linear(u, b), alpha=args.scaling)
+        return
+    delta = F.linear(u, b)
+    delta = delta.mul_(_scalar(args.scaling, delta.dtype) if delta.device.type == "cpu" else args.scaling)
+    if rows is None:
+        out.copy_(out + delta)
+    else:
+        out.index_copy_(0, rows, (out.index_select(0, rows) + delta).to(out.dtype))
 
 
 def _add_every_row(out: torch.Tensor, args: GatedLoraArgs, g: torch.Tensor | None) -> None:
-    """``out += s * g * (x A^T) B^T`` on every row. Where out has the LoRA dtype, the second matmul, the
-    scaling and the add are one ``addmm_`` (one call instead of three: about 2.5 us less at decode
-    sizes, and one rounding fewer than PEFT's)."""
-    u = _rank_product(args, g)
-    if out.dtype == u.dtype == args.lora_b.dtype:  # (under autocast u may come out in a lower precision)
-        out.addmm_(u, args.lora_b.t(), alpha=args.scaling)
-    else:
-        delta = F.linear(u, args.lora_b)
-        out.copy_(out + delta.mul_(_scalar(args.scaling, delta.dtype) if delta.device.type == "cpu" else args.scaling))
+    u = F.linear(_lora_input(args), args.lora_a)
+    _add_product(out, u if g is None else u.mul_(g.to(u.dtype).unsqueeze(1)), args)
 
 
 def add_every_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
@@ -109,39 +113,50 @@ def add_every_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
     _add_every_row(out, args, None)
 
 
-def _gate(args: GatedLoraArgs, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(is_open [M] bool, soft gate values [M] or None for hard gates). NaN closes the gate."""
-    if args.hard:
-        on_cpu = p.device.type == "cpu"
-        return p.ge(_scalar(args.threshold, p.dtype) if on_cpu else args.threshold), None
-    g = torch.nan_to_num(p, nan=0.0)
-    return g != 0, g
+def _add_folded(out: torch.Tensor, args: GatedLoraArgs, is_open: torch.Tensor, g: torch.Tensor | None) -> None:
+    u = F.linear(_lora_input(args, is_open), args.lora_a)  # [M, r]
+    if g is not None:
+        u.mul_(g.to(u.dtype).unsqueeze(1))
+    u.masked_fill_(is_open.logical_not().unsqueeze_(1), 0.0)
+    _add_product(out, u, args)
 
 
-def _masked(count_open: bool) -> Launch:
-    def add_masked(out: torch.Tensor, args: GatedLoraArgs) -> None:
-        is_open, g = _gate(args, _probabilities(args))
-        if count_open:
-            opened = is_open.count_nonzero().item()
-            if opened == 0:
-                return
-            if opened == args.m:
-                _add_every_row(out, args, g)
-                return
-        delta = _lora_term(args, g, is_open)
-        negative_zero = _scalar(-0.0, delta.dtype) if delta.device.type == "cpu" else -0.0
-        delta.masked_fill_(is_open.logical_not_().unsqueeze_(1), negative_zero)
-        _add(out, delta)
-
-    return add_masked
+def add_folded(out: torch.Tensor, args: GatedLoraArgs) -> None:
+    """Every row through the matmuls, closed rows zeroed in ``u``: no host read."""
+    is_open, g = _gate(args)
+    _add_folded(out, args, is_open, g)
 
 
-add_masked = _masked(count_open=False)
-add_masked_counted = _masked(count_open=True)
+def _add_gathered(out: torch.Tensor, args: GatedLoraArgs, is_open: torch.Tensor, g: torch.Tensor | None) -> None:
+    rows = is_open.nonzero().flatten()
+    u = F.linear(_lora_input(args).index_select(0, rows), args.lora_a)
+    if g is not None:
+        u.mul_(g.index_select(0, rows).to(u.dtype).unsqueeze(1))
+    _add_product(out, u, args, rows)
+
+
+def add_gathered(out: torch.Tensor, args: GatedLoraArgs) -> None:
+    """The LoRA matmuls on the open rows only (``nonzero``: a host read)."""
+    is_open, g = _gate(args)
+    _add_gathered(out, args, is_open, g)
+
+
+def add_counted(out: torch.Tensor, args: GatedLoraArgs) -> None:
+    """CPU, M > 1: count the open rows, then nothing, every row, gathered or folded."""
+    is_open, g = _gate(args)
+    opened = is_open.count_nonzero().item()
+    if opened == 0:
+        return
+    if opened == args.m:
+        _add_every_row(out, args, g)
+    elif 2 * opened < args.m and args.m >= GATHER_MIN_ROWS:
+        _add_gathered(out, args, is_open, g)
+    else:
+        _add_folded(out, args, is_open, g)
 
 
 def add_one_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
-    """M = 1 on the CPU: one read of the gate (1.5 us) decides, where masking would cost more."""
+    """M = 1 on the CPU: one read of the gate (1.5 us) decides."""
     p = _probabilities(args)
     value = p.item()
     if args.hard:
@@ -151,36 +166,19 @@ def add_one_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
         _add_every_row(out, args, p)
 
 
-def add_gathered(out: torch.Tensor, args: GatedLoraArgs) -> None:
-    """The LoRA matmuls on the open rows only (found with ``nonzero``: a host sync on a GPU)."""
-    is_open, g = _gate(args, _probabilities(args))
-    open_rows = is_open.nonzero().flatten()
-    if open_rows.numel() == 0:
-        return
-    if open_rows.numel() == args.m:
-        _add_every_row(out, args, g)
-        return
-    rows = args.replace(x=args.x.index_select(0, open_rows))
-    delta = _lora_term(rows, None if g is None else g.index_select(0, open_rows))
-    if delta.dtype == out.dtype:
-        out.index_add_(0, open_rows, delta)
-    else:
-        out.index_copy_(0, open_rows, (out.index_select(0, open_rows) + delta).to(out.dtype))
-
-
 def choose_strategy(args: GatedLoraArgs) -> Launch:
     """The function that adds the term for this configuration (``TorchBackend.launcher``)."""
     if args.gate_kind is GateKind.NONE:
         return add_every_row
     if args.x.device.type != "cpu":
-        return add_masked  # nonzero, or reading a value, would sync with the device
+        return add_folded  # counting or nonzero would sync with the device
     if args.m == 1:
         return add_one_row
-    if m_bucket(args.m) * args.r * (args.k + args.n) >= GATHER_MIN_WORK:
-        return add_gathered
-    # Token gates are decided inside the call, so the host learns only here whether every row is
-    # open or closed; a given gate comes from a router that already told the host (routing.py).
-    return add_masked_counted if args.gate_kind is GateKind.TOKEN else add_masked
+    if args.m < GATHER_MIN_ROWS and args.gate_kind is GateKind.GIVEN:
+        # Too few rows to gather, and a given gate comes from a router that has already told the host
+        # when every row is open or closed (routing.py): counting would only find a mixed batch.
+        return add_folded
+    return add_counted
 
 
 class TorchBackend(Backend):

@@ -15,12 +15,13 @@ the LoRA weights, ``rows = min(M, BLOCK_M)`` and ``S = n_split``, one program mo
     share = (r*N*e_l + 2*rows*N*e_x) / S      its part of B and of the read+write of the output
 
 and the whole grid (``blocks * S`` programs, ``blocks = cdiv(M, BLOCK_M)``) moves
-``blocks * (S*fixed + S*share)`` bytes through L2, of which only x, A, B and the output are unique (HBM). The time estimate is the
-largest of three bounds: waves * bytes-per-program / per-SM bandwidth (latency of one program),
-L2 bytes / L2 bandwidth, unique bytes / HBM bandwidth. The heuristic takes the (BLOCK_M, S) with
-the smallest estimate. The bandwidths are H100 SXM figures (3.35 TB/s HBM3; about 5.5 TB/s L2;
-64 B/clock/SM at 1.75 GHz = 112 GB/s per SM). They are assumptions, not measurements: no GPU has
-run this code yet, and the constants are meant to be replaced by measured ones.
+``blocks * (S*fixed + S*share)`` bytes through L2, of which only x, A, B and the output are unique
+(HBM). The time estimate is the largest of three bounds: waves * bytes-per-program / per-SM
+bandwidth (latency of one program), L2 bytes / L2 bandwidth, unique bytes / HBM bandwidth. The
+heuristic takes the (BLOCK_M, S) with the smallest estimate. The bandwidths are H100 SXM figures
+(3.35 TB/s HBM3; about 5.5 TB/s L2; 64 B/clock/SM at 1.75 GHz = 112 GB/s per SM). They are
+assumptions, not measurements: no GPU has run this code yet, and the constants are meant to be
+replaced by measured ones.
 
 Worked examples (bf16, r = 16, K = N = 4096, Llama-3-8B q_proj; estimates from
 ``_estimate_seconds``, not measurements):
