@@ -11,9 +11,21 @@ def probability_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def token_gate_probabilities(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
     """``sigmoid(x . w_g + b_g)`` per row. x: [M, K]; gate_weight: [K]; gate_bias: 0-dim.
-    Returns [M] in fp32 (fp64 for fp64 x), the precision the kernels use."""
+    Returns [M] in fp32 (fp64 for fp64 x), the precision the kernels use. One ``addmv`` and an in-place
+    sigmoid: two calls where ``x @ w + b`` then ``sigmoid`` are three (host time, docs/design.md)."""
     dtype = probability_dtype(x.dtype)
-    return torch.sigmoid(x.to(dtype) @ gate_weight.to(dtype) + gate_bias.to(dtype))
+    x = x if x.dtype == dtype else x.to(dtype)
+    gate_weight = gate_weight if gate_weight.dtype == dtype else gate_weight.to(dtype)
+    gate_bias = gate_bias if gate_bias.dtype == dtype else gate_bias.to(dtype)
+    return torch.addmv(gate_bias, x, gate_weight).sigmoid_()
+
+
+def gate_is_open(probability: float, threshold: float, hard: bool) -> bool:
+    """The rule of ``gate_values`` for one probability read on the host: hard ``p >= threshold``, soft
+    ``p != 0``; NaN closes either way."""
+    if hard:
+        return probability >= threshold
+    return probability == probability and probability != 0.0
 
 
 def gate_values(probabilities: torch.Tensor, threshold: float, hard: bool) -> torch.Tensor:

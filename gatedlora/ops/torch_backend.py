@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .args import GatedLoraArgs
 from .backends import Backend, Launch, register_backend
 from .contract import GateKind
+from .gates import gate_is_open, probability_dtype, token_gate_probabilities
 
 # Gathering needs at least this many rows to pay for its nonzero and index_add (docs/design.md).
 GATHER_MIN_ROWS = 16
@@ -64,14 +65,9 @@ def _lora_input(args: GatedLoraArgs, is_open: torch.Tensor | None = None) -> tor
 
 def _probabilities(args: GatedLoraArgs) -> torch.Tensor:
     """Gate probabilities [M] in fp32 (fp64 for fp64 x), as ``gates.token_gate_probabilities``."""
-    x = args.x
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if args.gate_kind is GateKind.TOKEN:
-        w, bias = args.gate_weight, args.gate_bias
-        x = x if x.dtype == dtype else x.to(dtype)
-        w = w if w.dtype == dtype else w.to(dtype)
-        return torch.addmv(bias if bias.dtype == dtype else bias.to(dtype), x, w).sigmoid_()
-    gate = args.gate
+        return token_gate_probabilities(args.x, args.gate_weight, args.gate_bias)
+    gate, dtype = args.gate, probability_dtype(args.x.dtype)
     return gate if gate.dtype == dtype else gate.to(dtype)
 
 
@@ -158,12 +154,8 @@ def add_counted(out: torch.Tensor, args: GatedLoraArgs) -> None:
 def add_one_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
     """M = 1 on the CPU: one read of the gate (1.5 us) decides."""
     p = _probabilities(args)
-    value = p.item()
-    if args.hard:
-        if value >= args.threshold:  # NaN compares false: NaN closes
-            _add_every_row(out, args, None)
-    elif value == value and value != 0.0:
-        _add_every_row(out, args, p)
+    if gate_is_open(p.item(), args.threshold, args.hard):
+        _add_every_row(out, args, None if args.hard else p)
 
 
 def choose_strategy(args: GatedLoraArgs) -> Launch:
