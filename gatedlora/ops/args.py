@@ -146,8 +146,9 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
     named = [("lora_a", lora_a), ("lora_b", lora_b), ("base_out", base_out)]
     if gate is not None:
         m = x.shape[:-1].numel()
-        if not isinstance(gate, torch.Tensor) or not gate.is_floating_point():
-            raise TypeError(f"{op}: gate must be a floating-point tensor of probabilities, got {gate!r:.80}")
+        if not isinstance(gate, torch.Tensor) or gate.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: gate must be a float32, float16, bfloat16 or float64 tensor of probabilities, "
+                            f"got {gate!r:.80}")
         if tuple(gate.shape) not in ((m,), tuple(x.shape[:-1])):
             raise ValueError(f"{op}: gate must have one value per row of x: shape [{m}] or {_shape(x)[:-1]}, "
                              f"got {_shape(gate)}")
@@ -156,15 +157,15 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
         if not isinstance(gate_weight, torch.Tensor) or gate_weight.shape != (k,):
             shape = _shape(gate_weight) if isinstance(gate_weight, torch.Tensor) else type(gate_weight).__name__
             raise ValueError(f"{op}: gate_weight must have shape [K] = [{k}], got {shape}")
-        if not gate_weight.is_floating_point():
-            raise TypeError(f"{op}: gate_weight must be a floating-point tensor, got {gate_weight.dtype}")
+        if gate_weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: gate_weight must be float32, float16, bfloat16 or float64, got {gate_weight.dtype}")
         named.append(("gate_weight", gate_weight))
     if isinstance(gate_bias, torch.Tensor):
         if gate_bias.numel() != 1:
             raise ValueError(f"{op}: gate_bias must be a scalar (a float or a one-element tensor), got shape "
                              f"{_shape(gate_bias)}")
-        if not gate_bias.is_floating_point():
-            raise TypeError(f"{op}: gate_bias must be a floating-point tensor, got {gate_bias.dtype}")
+        if gate_bias.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: gate_bias must be float32, float16, bfloat16 or float64, got {gate_bias.dtype}")
         named.append(("gate_bias", gate_bias))
     elif gate_bias is not None and (isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float))):
         raise TypeError(f"{op}: gate_bias must be a float, a one-element tensor or None, got {gate_bias!r:.80}")
