@@ -95,6 +95,11 @@ def mark_unavailable(name: str, reason: str) -> None:
     clear_dispatch_cache()
 
 
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` is not registered (None when it is)."""
+    return None if name in _REGISTRY else _UNAVAILABLE.get(name, "not registered")
+
+
 def clear_dispatch_cache() -> None:
     """Forget every cached choice (after a backend's state changed: registered, built, patched in a test)."""
     _DISPATCH.clear()
@@ -151,9 +156,7 @@ def select_backend(requested: str, args: GatedLoraArgs) -> Backend:
 
 def _reasons(name: str, args: GatedLoraArgs) -> list[str]:
     backend = _REGISTRY.get(name)
-    if backend is None:
-        return [_UNAVAILABLE.get(name, "not registered")]
-    return backend.not_supported_reasons(args)
+    return [unavailable_reason(name)] if backend is None else backend.not_supported_reasons(args)
 
 
 def _choose(name: str, args: GatedLoraArgs) -> Backend:
