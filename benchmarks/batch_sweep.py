@@ -23,6 +23,11 @@ from gatedlora.benchmarking.scenarios import Scenario, build_setup, decode_provi
 from gatedlora.benchmarking.timing import time_side_by_side
 
 
+def _providers(make, *args) -> dict:
+    result = make(*args)
+    return result[0] if isinstance(result, tuple) else result  # some versions return (providers, notes)
+
+
 def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device, clock) -> list[dict]:
     spec, dtype = (GPU_DEFAULT, torch.bfloat16) if device.type == "cuda" else (CPU_DEFAULT, torch.float32)
     backend = "cuda" if device.type == "cuda" else "torch"
@@ -37,9 +42,9 @@ def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device
             make = prefill_providers if phase == "prefill" else decode_providers
             with torch.inference_mode():
                 # PEFT runs every sequence open whatever the routing; gatedlora sees the scenario's routes
-                providers = {"base": make(setup, ids, mask, every)["base"],
-                             "peft": make(setup, ids, mask, every)["peft"],
-                             gated: make(setup, ids, mask, open_mask)[gated]}
+                providers = {"base": _providers(make, setup, ids, mask, every)["base"],
+                             "peft": _providers(make, setup, ids, mask, every)["peft"],
+                             gated: _providers(make, setup, ids, mask, open_mask)[gated]}
                 timings = time_side_by_side(providers, device, budget_s=budget_s, clock=clock)
             base = timings["base"].median_s
             rows.append({"phase": phase, "batch": batch, "open": open_count, "base_ms": base * 1e3,

@@ -71,8 +71,8 @@ def test_fused_base_mode_falls_back_to_exact_on_cpu_and_says_why_once():
 
 
 def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypatch):
-    """M = 1 on the CPU without autograd: a closed token gate costs the base layer alone (no op call), an
-    open one the op with the probability computed once; both equal the reference."""
+    """On the CPU without autograd the layer decides a token gate on the host before the base layer: a closed
+    row costs the base layer alone (no op call), an open one plain LoRA; both equal the reference."""
     import gatedlora.layers as layers
 
     layer = fresh_layer().eval()
@@ -92,5 +92,5 @@ def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypa
         assert (y.double() - ref).abs().max() < 1e-5
         if not expect_call:
             assert torch.equal(y, base)
-        else:
-            assert "gate" in calls[0] and "gate_weight" not in calls[0]
+        else:  # hard and open: plain LoRA, the gate is not evaluated again
+            assert "gate" not in calls[0] and "gate_weight" not in calls[0]

@@ -20,9 +20,8 @@ Strategies (measured on one CPU core, in docs/design.md, "Choosing the strategy 
 
 Without a gate the term is added to every row (``addmm_``).
 
-Host cost: at decode sizes each PyTorch call costs 1 to 5 us of host time, more than its arithmetic,
-and an operation with a Python float (``p >= 0.5``, ``t * 2.0``) costs about 2 us more than the same
-operation with a 0-dim tensor (4.4 against 2.1 us for ``ge`` on one core): hence ``_scalar``.
+Host cost: at decode sizes each PyTorch call costs 1 to 5 us of host time, more than its arithmetic;
+scalars travel as cached 0-dim tensors (``gates.cpu_scalar``).
 """
 from __future__ import annotations
 
@@ -32,25 +31,10 @@ import torch.nn.functional as F
 from .args import GatedLoraArgs
 from .backends import Backend, Launch, register_backend
 from .contract import GateKind
-from .gates import gate_is_open, probability_dtype, token_gate_probabilities
+from .gates import cpu_scalar, gate_is_open, open_rows, probability_dtype, token_gate_probabilities
 
 # Gathering needs at least this many rows to pay for its nonzero and index_add (docs/design.md).
 GATHER_MIN_ROWS = 16
-
-_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
-
-
-def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-    """A 0-dim CPU tensor holding ``value`` (fp64 for fp64 operands, else fp32: the precision PyTorch
-    computes a Python float in, so results are bitwise those of the float)."""
-    dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    t = _SCALARS.get((value, dtype))
-    if t is None:
-        if len(_SCALARS) > 1024:
-            _SCALARS.clear()
-        t = _SCALARS[(value, dtype)] = torch.tensor(value, dtype=dtype)
-    return t
-
 
 def _lora_input(args: GatedLoraArgs, is_open: torch.Tensor | None = None) -> torch.Tensor:
     """x in the LoRA dtype (PEFT casts x to it). A bfloat16 matmul on the CPU (oneDNN) computes rows in
@@ -59,7 +43,7 @@ def _lora_input(args: GatedLoraArgs, is_open: torch.Tensor | None = None) -> tor
     x = args.x
     x = x if x.dtype == args.lora_a.dtype else x.to(args.lora_a.dtype)
     if is_open is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        x = torch.where(is_open.unsqueeze(1), x, _scalar(0.0, x.dtype))
+        x = torch.where(is_open.unsqueeze(1), x, cpu_scalar(0.0, x.dtype))
     return x
 
 
@@ -75,7 +59,7 @@ def _gate(args: GatedLoraArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(is_open [M] bool, soft gate values [M] or None for hard gates). NaN closes the gate."""
     p = _probabilities(args)
     if args.hard:
-        return p.ge(_scalar(args.threshold, p.dtype) if p.device.type == "cpu" else args.threshold), None
+        return open_rows(p, args.threshold, True), None
     g = torch.nan_to_num(p, nan=0.0)
     return g != 0, g
 
@@ -92,7 +76,7 @@ def _add_product(out: torch.Tensor, u: torch.Tensor, args: GatedLoraArgs, rows: 
             out.index_add_(0, rows, F.linear(u, b), alpha=args.scaling)
         return
     delta = F.linear(u, b)
-    delta = delta.mul_(_scalar(args.scaling, delta.dtype) if delta.device.type == "cpu" else args.scaling)
+    delta = delta.mul_(cpu_scalar(args.scaling, delta.dtype) if delta.device.type == "cpu" else args.scaling)
     if rows is None:
         out.copy_(out + delta)
     else:
