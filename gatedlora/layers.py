@@ -184,7 +184,7 @@ class GatedLoRALinear(nn.Module):
 
         Why before the base layer: every op right after a large memory-bound GEMV costs about 13 us more than
         before it (one core, K=N=2048: x.sum() 13 us, the gate's ops 27 us against a 680 us GEMV); a closed
-        row costs 1.04x the base layer this way, 1.07-1.09x with the gate decided after it. With more rows
+        row costs 1.04-1.07x the base layer this way, 1.07-1.09x with the gate decided after it. With more rows
         the op counts the open rows itself (measured: the same count here cost 4-7 us more at M=8)."""
         p = token_gate_probabilities(x.reshape(1, -1), options.pop("gate_weight"), options.pop("gate_bias"))
         if not gate_is_open(p.item(), options["threshold"], options["hard"]):
