@@ -8,7 +8,8 @@ from conftest import DEVICE, synchronized
 
 from gatedlora.benchmarking.models import CPU_DEFAULT, GPU_DEFAULT, add_prism_adapter, build_llama
 from gatedlora.benchmarking.runner import choose_backends
-from gatedlora.benchmarking.scenarios import build_setup, decode_providers, default_scenarios, make_batch, prefill_providers
+from gatedlora.benchmarking.scenarios import (build_setup, decode_providers, default_scenarios, make_batch,
+                                              prefill_providers)
 
 PROVIDERS = ["base", "peft", "peft mixed", "prism two-pass", "gatedlora torch", "gatedlora triton", "gatedlora cuda",
              "gatedlora cuda fused"]

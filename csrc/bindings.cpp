@@ -18,11 +18,11 @@ using gatedlora::GateParams;
 
 namespace {
 
-GateParams make_gate(int mode, int hard, float threshold, std::uintptr_t gate, std::int64_t stride_g, int gate_dtype,
-                     std::uintptr_t gate_weight, int gate_weight_dtype, std::uintptr_t gate_bias, int gate_bias_dtype,
-                     int bias_from_ptr, float gate_bias_value) {
+GateParams make_gate(int kind, int hard, float threshold, std::uintptr_t gate, std::int64_t stride_g, int gate_dtype,
+                     std::uintptr_t gate_weight, int gate_weight_dtype, std::uintptr_t gate_bias,
+                     int gate_bias_dtype) {
   GateParams g;
-  g.mode = mode;
+  g.kind = kind;
   g.hard = hard;
   g.threshold = threshold;
   g.gate = gate;
@@ -32,24 +32,22 @@ GateParams make_gate(int mode, int hard, float threshold, std::uintptr_t gate, s
   g.gate_weight_dtype = gate_weight_dtype;
   g.gate_bias = gate_bias;
   g.gate_bias_dtype = gate_bias_dtype;
-  g.bias_from_ptr = bias_from_ptr;
-  g.gate_bias_value = gate_bias_value;
   return g;
 }
 
 void adapter_add(std::uintptr_t out, std::uintptr_t x, std::uintptr_t a, std::uintptr_t b, std::int64_t m,
                  std::int64_t n, std::int64_t k, std::int64_t r, std::int64_t stride_xm, std::int64_t stride_ar,
                  std::int64_t stride_bn, std::int64_t stride_om, int x_dtype, int lora_dtype, float scaling,
-                 int gate_mode, int hard, float threshold, std::uintptr_t gate, std::int64_t stride_g, int gate_dtype,
+                 int gate_kind, int hard, float threshold, std::uintptr_t gate, std::int64_t stride_g, int gate_dtype,
                  std::uintptr_t gate_weight, int gate_weight_dtype, std::uintptr_t gate_bias, int gate_bias_dtype,
-                 int bias_from_ptr, float gate_bias_value, int n_split, int device, std::uintptr_t stream) {
+                 int n_split, int device, std::uintptr_t stream) {
   gatedlora::AdapterParams p;
   p.out = out; p.x = x; p.a = a; p.b = b;
   p.m = m; p.n = n; p.k = k; p.r = r;
   p.stride_xm = stride_xm; p.stride_ar = stride_ar; p.stride_bn = stride_bn; p.stride_om = stride_om;
   p.x_dtype = x_dtype; p.lora_dtype = lora_dtype; p.scaling = scaling;
-  p.gate = make_gate(gate_mode, hard, threshold, gate, stride_g, gate_dtype, gate_weight, gate_weight_dtype, gate_bias,
-                     gate_bias_dtype, bias_from_ptr, gate_bias_value);
+  p.gate = make_gate(gate_kind, hard, threshold, gate, stride_g, gate_dtype, gate_weight, gate_weight_dtype, gate_bias,
+                     gate_bias_dtype);
   p.n_split = n_split; p.device = device; p.stream = stream;
   gatedlora::launch_adapter(p);
 }
@@ -58,17 +56,17 @@ void fused_gemv(std::uintptr_t y, std::uintptr_t x, std::uintptr_t w, std::uintp
                 std::uintptr_t b, std::uintptr_t workspace, std::int64_t m, std::int64_t n, std::int64_t k,
                 std::int64_t r, std::int64_t stride_xm, std::int64_t stride_wn, std::int64_t stride_ar,
                 std::int64_t stride_bn, std::int64_t stride_ym, int x_dtype, int lora_dtype, float scaling,
-                int gate_mode, int hard, float threshold, std::uintptr_t gate, std::int64_t stride_g, int gate_dtype,
+                int gate_kind, int hard, float threshold, std::uintptr_t gate, std::int64_t stride_g, int gate_dtype,
                 std::uintptr_t gate_weight, int gate_weight_dtype, std::uintptr_t gate_bias, int gate_bias_dtype,
-                int bias_from_ptr, float gate_bias_value, int device, std::uintptr_t stream) {
+                int device, std::uintptr_t stream) {
   gatedlora::FusedParams p;
   p.y = y; p.x = x; p.w = w; p.bias = bias; p.a = a; p.b = b; p.workspace = workspace;
   p.m = m; p.n = n; p.k = k; p.r = r;
   p.stride_xm = stride_xm; p.stride_wn = stride_wn; p.stride_ar = stride_ar; p.stride_bn = stride_bn;
   p.stride_ym = stride_ym;
   p.x_dtype = x_dtype; p.lora_dtype = lora_dtype; p.scaling = scaling;
-  p.gate = make_gate(gate_mode, hard, threshold, gate, stride_g, gate_dtype, gate_weight, gate_weight_dtype, gate_bias,
-                     gate_bias_dtype, bias_from_ptr, gate_bias_value);
+  p.gate = make_gate(gate_kind, hard, threshold, gate, stride_g, gate_dtype, gate_weight, gate_weight_dtype, gate_bias,
+                     gate_bias_dtype);
   p.device = device; p.stream = stream;
   gatedlora::launch_fused(p);
 }
@@ -82,22 +80,23 @@ PYBIND11_MODULE(_cuda_kernels, mod) {
   mod.attr("MAX_RANK") = gatedlora::kMaxRank;
   mod.attr("MAX_FUSED_ROWS") = gatedlora::kMaxFusedRows;
   mod.attr("WORKSPACE_BYTES") = gatedlora::kWorkspaceBytes;
+  mod.attr("GATE_NONE") = static_cast<int>(gatedlora::kGateNone);
+  mod.attr("GATE_GIVEN") = static_cast<int>(gatedlora::kGateGiven);
+  mod.attr("GATE_TOKEN") = static_cast<int>(gatedlora::kGateToken);
 
   mod.def("device_problem", &gatedlora::device_problem, py::arg("device"),
           "'' when the device can run kernels, else why not ('no CUDA device ...' when there is none).");
   mod.def("adapter_add", &adapter_add, "out[m] += scaling * g_m * (x[m] A^T) B^T for open rows; see gated_lora.h",
           py::arg("out"), py::arg("x"), py::arg("a"), py::arg("b"), py::arg("m"), py::arg("n"), py::arg("k"),
           py::arg("r"), py::arg("stride_xm"), py::arg("stride_ar"), py::arg("stride_bn"), py::arg("stride_om"),
-          py::arg("x_dtype"), py::arg("lora_dtype"), py::arg("scaling"), py::arg("gate_mode"), py::arg("hard"),
+          py::arg("x_dtype"), py::arg("lora_dtype"), py::arg("scaling"), py::arg("gate_kind"), py::arg("hard"),
           py::arg("threshold"), py::arg("gate"), py::arg("stride_g"), py::arg("gate_dtype"), py::arg("gate_weight"),
-          py::arg("gate_weight_dtype"), py::arg("gate_bias"), py::arg("gate_bias_dtype"), py::arg("bias_from_ptr"),
-          py::arg("gate_bias_value"), py::arg("n_split"), py::arg("device"), py::arg("stream"));
+          py::arg("gate_weight_dtype"), py::arg("gate_bias"), py::arg("gate_bias_dtype"), py::arg("n_split"), py::arg("device"), py::arg("stream"));
   mod.def("fused_gemv", &fused_gemv, "y = x W^T + bias + scaling * g * (x A^T) B^T, M <= 16; see gated_lora.h",
           py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("a"), py::arg("b"), py::arg("workspace"),
           py::arg("m"), py::arg("n"), py::arg("k"), py::arg("r"), py::arg("stride_xm"), py::arg("stride_wn"),
           py::arg("stride_ar"), py::arg("stride_bn"), py::arg("stride_ym"), py::arg("x_dtype"), py::arg("lora_dtype"),
-          py::arg("scaling"), py::arg("gate_mode"), py::arg("hard"), py::arg("threshold"), py::arg("gate"),
+          py::arg("scaling"), py::arg("gate_kind"), py::arg("hard"), py::arg("threshold"), py::arg("gate"),
           py::arg("stride_g"), py::arg("gate_dtype"), py::arg("gate_weight"), py::arg("gate_weight_dtype"),
-          py::arg("gate_bias"), py::arg("gate_bias_dtype"), py::arg("bias_from_ptr"), py::arg("gate_bias_value"),
-          py::arg("device"), py::arg("stream"));
+          py::arg("gate_bias"), py::arg("gate_bias_dtype"), py::arg("device"), py::arg("stream"));
 }

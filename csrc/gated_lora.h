@@ -12,8 +12,9 @@ namespace gatedlora {
 
 // Element types, as the Python wrapper encodes them.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-// Gate sources (DESIGN.md section 2).
-enum GateMode : int { kGateNone = 0, kGateGiven = 1, kGateToken = 2 };
+// Gate kinds: gatedlora/ops/contract.py GateKind (NONE, GIVEN, TOKEN) mirrored by name; the module
+// exports them and the Python side refuses a build whose values differ.
+enum GateKind : int { kGateNone = 0, kGateGiven = 1, kGateToken = 2 };
 
 constexpr int kMaxRank = 128;       // rank products live in shared memory: rows x (kMaxRank + 1) floats
 constexpr int kMaxFusedRows = 16;   // the one-pass GEMV serves decode (M <= 16)
@@ -22,7 +23,7 @@ constexpr int kUStride = 132;       // floats per row of rank products (kMaxRank
 constexpr int64_t kWorkspaceBytes = 4 * 4 + int64_t(kMaxFusedRows) * kUStride * 4;
 
 struct GateParams {
-  int mode = kGateNone;
+  int kind = kGateNone;
   int hard = 1;
   float threshold = 0.5f;
   std::uintptr_t gate = 0;          // [M] probabilities (kGateGiven), any float dtype, any stride
@@ -30,10 +31,8 @@ struct GateParams {
   int gate_dtype = kFloat32;
   std::uintptr_t gate_weight = 0;   // [K] contiguous (kGateToken), x's dtype or float32
   int gate_weight_dtype = kFloat32;
-  std::uintptr_t gate_bias = 0;     // 0-dim tensor on the device (bias_from_ptr), any float dtype
+  std::uintptr_t gate_bias = 0;     // 0-dim tensor on the device (kGateToken), any float dtype
   int gate_bias_dtype = kFloat32;
-  int bias_from_ptr = 0;
-  float gate_bias_value = 0.f;
 };
 
 // out[m, :] += scaling * g_m * (x[m] A^T) B^T for open rows (base_mode="exact").

@@ -1,4 +1,5 @@
-// Gated-LoRA CUDA kernels (DESIGN.md sections 2 and 5): no torch headers, only the CUDA runtime.
+// Gated-LoRA CUDA kernels (docs/design.md: the operation, the kernel contract, the CUDA kernels):
+// no torch headers, only the CUDA runtime.
 //
 //   adapter_kernel     base_mode="exact": out[m] += s * g_m * (x[m] A^T) B^T for the open rows only
 //   fused_gemv_kernel  base_mode="fused", M <= 16: y = x W^T + bias + s * g * (x A^T) B^T in one pass
@@ -88,16 +89,15 @@ __device__ __forceinline__ float warp_sum(float v) {
 // ---- gates --------------------------------------------------------------------------------------
 
 struct DeviceGate {
-  int mode, hard;
+  int kind, hard;
   float threshold;
   const void* gate;
   std::int64_t stride_g;
   int gate_dtype;
   const void* gate_weight;
   int gate_weight_f32;  // token-gate weight in fp32 (else in x's dtype)
-  const void* gate_bias;
-  int gate_bias_dtype, bias_from_ptr;
-  float gate_bias_value;
+  const void* gate_bias;  // 0-dim, read by pointer (no host sync, capturable)
+  int gate_bias_dtype;
 };
 
 // Hard: open where p >= threshold (NaN compares false, so NaN closes), g = 1.
@@ -114,7 +114,7 @@ __device__ __forceinline__ void decide(float p, const DeviceGate& gt, bool& open
 
 // Token gate from its logit x . w: p = sigmoid(logit + bias), in fp32 as gates.token_gate_probabilities.
 __device__ __forceinline__ float token_probability(float logit, const DeviceGate& gt) {
-  const float bias = gt.bias_from_ptr ? load_any(gt.gate_bias, gt.gate_bias_dtype, 0) : gt.gate_bias_value;
+  const float bias = load_any(gt.gate_bias, gt.gate_bias_dtype, 0);
   return 1.f / (1.f + expf(-(logit + bias)));
 }
 
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_kernel(const AdapterArgs 
   if (tid < BM) {
     bool open = tid < rows;
     float g = 1.f;
-    if (gt.mode == kGateGiven && open) decide(load_any(gt.gate, gt.gate_dtype, (row0 + tid) * gt.stride_g), gt, open, g);
+    if (gt.kind == kGateGiven && open) decide(load_any(gt.gate, gt.gate_dtype, (row0 + tid) * gt.stride_g), gt, open, g);
     open_s[tid] = open;
     coef_s[tid] = g * p.scaling;
   }
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_kernel(const AdapterArgs 
   bool use[BM];
 #pragma unroll
   for (int m = 0; m < BM; ++m) use[m] = open_s[m];
-  const bool token = gt.mode == kGateToken;
+  const bool token = gt.kind == kGateToken;
   const int items = static_cast<int>(p.r) + (token ? 1 : 0);
   for (int item = warp; item < items; item += kWarps) {
     float acc[BM];
@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, MB >= 16 ? 1 : 2) fused_gemv_kernel(
   const DeviceGate& gt = p.gate;
   const TX* x = static_cast<const TX*>(p.x);
   const int m_rows = static_cast<int>(p.m);
-  const bool token = gt.mode == kGateToken;
+  const bool token = gt.kind == kGateToken;
   const int items = static_cast<int>(p.r) + (token ? 1 : 0);
   const int u_blocks = (items + kWarps - 1) / kWarps;
 
@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, MB >= 16 ? 1 : 2) fused_gemv_kernel(
   if (tid < MB) {
     bool open = tid < m_rows;
     float g = 1.f;
-    if (gt.mode == kGateGiven && open) decide(load_any(gt.gate, gt.gate_dtype, tid * gt.stride_g), gt, open, g);
+    if (gt.kind == kGateGiven && open) decide(load_any(gt.gate, gt.gate_dtype, tid * gt.stride_g), gt, open, g);
     open_s[tid] = open;
     coef_s[tid] = g * p.scaling;
   }
@@ -538,7 +538,7 @@ int element_size(int dtype) { return dtype == kFloat32 ? 4 : dtype == kFloat64 ?
 
 DeviceGate device_gate(const GateParams& g) {
   DeviceGate d;
-  d.mode = g.mode;
+  d.kind = g.kind;
   d.hard = g.hard;
   d.threshold = g.threshold;
   d.gate = reinterpret_cast<const void*>(g.gate);
@@ -548,20 +548,18 @@ DeviceGate device_gate(const GateParams& g) {
   d.gate_weight_f32 = g.gate_weight_dtype == kFloat32;
   d.gate_bias = reinterpret_cast<const void*>(g.gate_bias);
   d.gate_bias_dtype = g.gate_bias_dtype;
-  d.bias_from_ptr = g.bias_from_ptr;
-  d.gate_bias_value = g.gate_bias_value;
   return d;
 }
 
 void check_gate(const GateParams& g, int x_dtype, std::int64_t m) {
-  if (g.mode != kGateNone && g.mode != kGateGiven && g.mode != kGateToken)
-    throw std::invalid_argument("gatedlora cuda: unknown gate mode " + std::to_string(g.mode));
-  if (g.mode == kGateGiven && m > 0 && g.gate == 0) throw std::invalid_argument("gatedlora cuda: gate pointer is null");
-  if (g.mode == kGateToken) {
+  if (g.kind != kGateNone && g.kind != kGateGiven && g.kind != kGateToken)
+    throw std::invalid_argument("gatedlora cuda: unknown gate kind " + std::to_string(g.kind));
+  if (g.kind == kGateGiven && m > 0 && g.gate == 0) throw std::invalid_argument("gatedlora cuda: gate pointer is null");
+  if (g.kind == kGateToken) {
     if (g.gate_weight == 0) throw std::invalid_argument("gatedlora cuda: gate_weight pointer is null");
     if (g.gate_weight_dtype != kFloat32 && g.gate_weight_dtype != x_dtype)
       throw std::invalid_argument("gatedlora cuda: gate_weight must be float32 or x's dtype");
-    if (g.bias_from_ptr && g.gate_bias == 0) throw std::invalid_argument("gatedlora cuda: gate_bias pointer is null");
+    if (g.gate_bias == 0) throw std::invalid_argument("gatedlora cuda: gate_bias pointer is null");
   }
 }
 
@@ -669,7 +667,7 @@ void launch_adapter(const AdapterParams& p) {
   args.gate = device_gate(p.gate);
   const int ex = element_size(p.x_dtype), el = element_size(p.lora_dtype);
   args.vec_k = rows_aligned16(p.x, p.stride_xm, ex) && rows_aligned16(p.a, p.stride_ar, el) &&
-               (p.gate.mode != kGateToken || aligned16(p.gate.gate_weight));
+               (p.gate.kind != kGateToken || aligned16(p.gate.gate_weight));
   args.vec_b = rows_aligned16(p.b, p.stride_bn, el);
 
   // Rows per block: a decode row alone, else 4 or 8 (each thread keeps one accumulator per row).
@@ -721,8 +719,8 @@ void launch_fused(const FusedParams& p) {
   args.gate = device_gate(p.gate);
   const int ex = element_size(p.x_dtype), el = element_size(p.lora_dtype);
   args.vec_k = rows_aligned16(p.x, p.stride_xm, ex) && rows_aligned16(p.w, p.stride_wn, ex) &&
-               rows_aligned16(p.a, p.stride_ar, el) && (p.gate.mode != kGateToken || aligned16(p.gate.gate_weight));
-  const int items = static_cast<int>(p.r) + (p.gate.mode == kGateToken ? 1 : 0);
+               rows_aligned16(p.a, p.stride_ar, el) && (p.gate.kind != kGateToken || aligned16(p.gate.gate_weight));
+  const int items = static_cast<int>(p.r) + (p.gate.kind == kGateToken ? 1 : 0);
   const int u_blocks = (items + kWarps - 1) / kWarps;
   dispatch_dtypes<FusedLaunch>(p.x_dtype, p.lora_dtype, args, u_blocks, reinterpret_cast<cudaStream_t>(p.stream));
 }

@@ -38,7 +38,8 @@ class GatedLoraConfig:
                                                             "layers are patched."})
     r: int = field(default=16, metadata={"help": "Fresh adapters: LoRA rank."})
     lora_alpha: float = field(default=32, metadata={"help": "Fresh adapters: scaling is lora_alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Fresh adapters: dropout on the LoRA input in training."})
+    lora_dropout: float = field(default=0.0,
+                                metadata={"help": "Fresh adapters: dropout on the LoRA input in training."})
     backend: str = field(default="auto", metadata={"help": "Kernel backend: auto, torch, triton or cuda."})
     base_mode: str = field(default="exact", metadata={"help": "'exact': the base layer computes the base output and "
                            "closed rows are bitwise the base model. 'fused': one pass for base matmul and "
@@ -57,7 +58,8 @@ class GatedLoraConfig:
 
         if self.gate not in GATE_MODES:
             raise bad("gate", f"one of {GATE_MODES}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 < self.threshold < 1:
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
             raise bad("threshold", "a number in (0, 1)")
         if not isinstance(self.hard, bool):
             raise bad("hard", "a bool")

@@ -14,16 +14,18 @@ def gate_probabilities_reference(
     x: torch.Tensor,
     gate: torch.Tensor | None = None,
     gate_weight: torch.Tensor | None = None,
-    gate_bias: float | torch.Tensor = 0.0,
+    gate_bias: float | torch.Tensor | None = 0.0,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor | None:
     """Per-row gate probability ``p_m``, or None when there is no gate (plain LoRA).
 
-    x: [..., K]; gate: [M] or x.shape[:-1]; gate_weight: [K]. Returns [M] in ``dtype``.
+    x: [..., K]; gate: [M] or x.shape[:-1]; gate_weight: [K]; gate_bias: a scalar (one-element tensor,
+    float, or None for no bias). Returns [M] in ``dtype``.
     """
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])
     if gate_weight is not None:
-        logit = rows.to(dtype) @ gate_weight.to(dtype) + torch.as_tensor(gate_bias, dtype=dtype)
+        bias = torch.as_tensor(0.0 if gate_bias is None else gate_bias, dtype=dtype, device=x.device).reshape(())
+        logit = rows.to(dtype) @ gate_weight.to(dtype) + bias
         return torch.sigmoid(logit)
     if gate is not None:
         return gate.reshape(-1).to(dtype)
@@ -48,7 +50,7 @@ def gated_lora_reference(
     scaling: float,
     gate: torch.Tensor | None = None,
     gate_weight: torch.Tensor | None = None,
-    gate_bias: float | torch.Tensor = 0.0,
+    gate_bias: float | torch.Tensor | None = 0.0,
     threshold: float = 0.5,
     hard: bool = True,
     dtype: torch.dtype = torch.float64,
@@ -59,8 +61,9 @@ def gated_lora_reference(
     Rows whose gate is 0 are exactly ``base_out`` (converted to ``dtype``).
     """
     k, n = x.shape[-1], base_out.shape[-1]
-    rows = x.reshape(-1, k).to(dtype)
-    base = base_out.reshape(-1, n).to(dtype)
+    m = x.shape[:-1].numel()
+    rows = x.reshape(m, k).to(dtype)
+    base = base_out.reshape(m, n).to(dtype)
     delta = (rows @ lora_a.to(dtype).T) @ lora_b.to(dtype).T * scaling
     g = gate_values_reference(
         gate_probabilities_reference(x, gate, gate_weight, gate_bias, dtype), threshold, hard

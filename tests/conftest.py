@@ -1,5 +1,6 @@
 """Test setup shared by every test file.
 
+0. The ``backend`` fixture (every backend on its device) and the ``gpu`` marker's skip, at the end.
 1. ``TRITON_INTERPRET=1`` before anything imports gatedlora when there is no GPU: ``@triton.jit``
    reads it when the decorator runs (at import), so the Triton kernels then run on CPU tensors.
    With a GPU the kernels are compiled and the same tests run on CUDA tensors.
@@ -96,3 +97,55 @@ def install_interpreter_bf16_dot_fix() -> bool:
 
 install_interpreter_bf16_dot_fix()
 install_interpreter_bf16_cast_fix()
+
+
+# --- GPU tests and the backend fixture -----------------------------------------------------------
+
+import pytest  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: skipped, with the reason, where there is none."""
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class BackendUnderTest:
+    """A backend name and the device its tensors live on."""
+
+    def __init__(self, name: str, device: str) -> None:
+        self.name = name
+        self.device = device
+
+    def __repr__(self) -> str:
+        return f"{self.name}@{self.device}"
+
+
+def _backend_params() -> list:
+    from gatedlora.ops import available_backends
+
+    params = [pytest.param(BackendUnderTest("torch", "cpu"), id="torch")]
+    if "triton" in available_backends():
+        from gatedlora.ops.triton_backend import kernel_is_interpreted
+
+        if kernel_is_interpreted():
+            params.append(pytest.param(BackendUnderTest("triton", "cpu"), id="triton-interpreter"))
+        else:
+            params.append(pytest.param(BackendUnderTest("triton", "cuda"), id="triton", marks=pytest.mark.gpu))
+    if HAS_GPU:
+        params.append(pytest.param(BackendUnderTest("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu))
+        params.append(pytest.param(BackendUnderTest("torch", "cuda"), id="torch-cuda", marks=pytest.mark.gpu))
+    return params
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request) -> BackendUnderTest:
+    """Every backend this machine can run, on its device: torch on the CPU, triton in the interpreter
+    (or compiled, with a GPU), and with a CUDA device also cuda and torch on CUDA tensors (marked gpu)."""
+    return request.param

@@ -1,15 +1,22 @@
-"""Gate test cases shared by the backend sweeps (triton, cuda): fresh random inputs with an exact
-number of open rows, and the check against the fp64 reference (closed rows bitwise, open rows within
-2x the torch backend's error)."""
+"""Gate test cases shared by the backend sweeps: fresh random inputs with an exact number of open
+rows, and the check against the fp64 reference (closed rows bitwise, open rows within 2x the torch
+backend's error)."""
 from __future__ import annotations
 
-
 import torch
+import torch.nn.functional as F
 
 import gatedlora
-from gatedlora.reference import gated_lora_reference
+from gatedlora.reference import gate_probabilities_reference, gate_values_reference, gated_lora_reference
 
 FRACTIONS = ("none", "one", "6%", "75%", "all")
+# Gate modes with every open fraction where the fraction is the caller's to choose; a soft token
+# gate and no gate open every row.
+MODES_FRACTIONS = [(mode, fraction) for mode in ("given-hard", "given-soft", "token-hard") for fraction in FRACTIONS]
+MODES_FRACTIONS += [("none", "all"), ("token-soft", "all")]
+# Odd sizes (flash-attention's habit): (M, r, (K, N)); M = 1, 3 (decode), 64, 133 (a partial block).
+SHAPES = [(m, r, kn) for m in (1, 3, 64, 133)
+          for r, kn in zip((1, 4, 16, 64), ((113, 203), (59, 113), (203, 59), (113, 59)))]
 
 
 def open_count(fraction: str, m: int) -> int:
@@ -78,20 +85,65 @@ def op_kwargs(case: dict) -> dict:
     return {key: value for key, value in case.items() if key not in ("open", "weight", "bias")}
 
 
+def same_dtype_result(case: dict, base: torch.Tensor) -> torch.Tensor:
+    """The operation done by plain PyTorch at the inputs' dtypes (flash-attention's yardstick): PEFT's
+    ``base + lora_B(lora_A(x)) * s`` with the gate value per row, gates in fp32, on every row (the
+    rounding of a CPU matmul depends on its row count) with closed rows of x zeroed (they may hold
+    inf, and a bf16 CPU matmul lets a row's inf reach its neighbour). Returns [M, N]."""
+    x, a, b = case["x"], case["lora_a"], case["lora_b"]
+    x_rows = x.reshape(-1, x.shape[-1])
+    x_rows = torch.where(case["open"].reshape(-1, 1), x_rows, torch.zeros_like(x_rows))
+    delta = (x_rows.to(a.dtype) @ a.T) @ b.T * case["scaling"]
+    p = gate_probabilities_reference(case["x"], case.get("gate"), case.get("gate_weight"), case.get("gate_bias", 0.0),
+                                     dtype=torch.float32)
+    g = gate_values_reference(p, case["threshold"], case["hard"])
+    if g is not None:
+        delta = delta * g[:, None].to(delta.dtype)
+    return (base.reshape(-1, base.shape[-1]) + delta).to(base.dtype)
+
+
 def check_against_reference(case: dict, out: torch.Tensor, base_before: torch.Tensor | None = None) -> None:
-    """Exact mode. Open rows: error <= 2x the torch backend's + 1 ulp; closed rows: bitwise the base."""
+    """Exact mode. Open rows: error against the fp64 reference at most 2x that of the same computation
+    in PyTorch at the same dtype, + 1 ulp of the largest value; closed rows: bitwise the base output."""
     kwargs = op_kwargs(case)
     base = kwargs["base_out"] if base_before is None else base_before
     kwargs["base_out"] = base
-    ref = gated_lora_reference(**kwargs)
-    ours = gatedlora.gated_lora(**kwargs, backend="torch")
-    is_open = case["open"]
+    n = base.shape[-1]
+    ref = gated_lora_reference(**kwargs).reshape(-1, n)
+    out, base = out.reshape(-1, n), base.reshape(-1, n)
+    is_open = case["open"].reshape(-1)
     assert torch.equal(bits(out[~is_open]), bits(base[~is_open])), "a closed row differs from base_out"
     if is_open.any():
+        plain = same_dtype_result(case, base)
         err_kernel = (out[is_open].double() - ref[is_open]).abs().max().item()
-        err_torch = (ours[is_open].double() - ref[is_open]).abs().max().item()
+        err_plain = (plain[is_open].double() - ref[is_open]).abs().max().item()
         floor = torch.finfo(out.dtype).eps * ref[is_open].abs().max().item()
-        assert err_kernel <= 2 * err_torch + floor, (err_kernel, err_torch, floor)
+        assert err_kernel <= 2 * err_plain + floor, (err_kernel, err_plain, floor)
+
+
+def fused_kwargs(case: dict) -> dict:
+    """``gated_lora_fused``'s arguments from a case made with ``linear=True``."""
+    return {key: value for key, value in case.items() if key not in ("open", "base_out")}
+
+
+def fused_reference(case: dict) -> torch.Tensor:
+    """x W^T + bias + the gated LoRA term, all in fp64. Returns [M, N]."""
+    base = F.linear(case["x"].double(), case["weight"].double(), case["bias"].double())
+    kwargs = dict(op_kwargs(case), base_out=base)
+    return gated_lora_reference(**kwargs)
+
+
+def check_fused(case: dict, y: torch.Tensor) -> None:
+    """Every row: error <= 2x that of F.linear + the torch backend at the same dtype, + 1 ulp."""
+    ref = fused_reference(case)
+    with torch.no_grad():
+        base = F.linear(case["x"], case["weight"], case["bias"])
+        same_dtype = gatedlora.gated_lora(**dict(op_kwargs(case), base_out=base), backend="torch")
+    err = (y.double() - ref).abs().max().item()
+    err_torch = (same_dtype.double() - ref).abs().max().item()
+    floor = torch.finfo(y.dtype).eps * ref.abs().max().item()
+    assert y.shape == ref.shape and y.dtype == case["x"].dtype
+    assert err <= 2 * err_torch + floor, (err, err_torch, floor)
 
 
 def check_strided_inplace(backend: str, device: str, x_offset: int) -> None:
@@ -116,5 +168,4 @@ def check_strided_inplace(backend: str, device: str, x_offset: int) -> None:
     out = gatedlora.gated_lora(**op_kwargs(case), backend=backend, inplace=True)
     assert out.data_ptr() == base_out.data_ptr()
     assert torch.equal(bits(buffer[..., n:]), poison_before), "the kernel wrote outside base_out"
-    rows = dict(case, x=x.reshape(-1, k), base_out=out.reshape(-1, n), gate=p.reshape(-1))
-    check_against_reference(rows, out.reshape(-1, n), base_before=before.reshape(-1, n))
+    check_against_reference(case, out, base_before=before)

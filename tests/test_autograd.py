@@ -167,13 +167,69 @@ def test_row_selection_and_masking_agree(hard):
     inputs = make_inputs(shape=(11,))
     args = {k: inputs[k].detach() for k in ("x", "lora_a", "lora_b", "gate")}
     go = torch.randn(11, 5, dtype=FP64)
-    picked = lora_backward(go, args["x"], args["lora_a"], args["lora_b"], SCALING, args["gate"], None, 0.0, 0.5,
+    picked = lora_backward(go, args["x"], args["lora_a"], args["lora_b"], SCALING, args["gate"], None, None, 0.5,
                            hard, gate_grad=True, select_rows=True)
-    masked = lora_backward(go, args["x"], args["lora_a"], args["lora_b"], SCALING, args["gate"], None, 0.0, 0.5,
+    masked = lora_backward(go, args["x"], args["lora_a"], args["lora_b"], SCALING, args["gate"], None, None, 0.5,
                            hard, gate_grad=True, select_rows=False)
     assert picked.keys() == masked.keys() == {"x", "lora_a", "lora_b", "gate"}
     for name in picked:
         torch.testing.assert_close(picked[name], masked[name], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("select_rows", [True, False])
+def test_inf_in_a_closed_row_leaves_the_lora_gradients_finite(select_rows):
+    """A closed row of x holding inf gives the LoRA weights no gradient: both backward paths (rows left
+    out on the CPU, rows zeroed elsewhere and under compile) give the gradients of the open rows alone."""
+    inputs = make_inputs(shape=(11,))
+    gate = inputs["gate"].detach()
+    x = inputs["x"].detach().clone()
+    closed = (gate < 0.5).nonzero().flatten()
+    x[closed[0]] = float("inf")
+    x[closed[-1], 2] = float("nan")
+    go = torch.randn(11, 5, dtype=FP64)
+    got = lora_backward(go, x, inputs["lora_a"].detach(), inputs["lora_b"].detach(), SCALING, gate, None, None, 0.5,
+                        True, gate_grad=False, select_rows=select_rows)
+    clean = torch.where((gate >= 0.5)[:, None], x, torch.zeros_like(x))
+    want = lora_backward(go, clean, inputs["lora_a"].detach(), inputs["lora_b"].detach(), SCALING, gate, None, None,
+                         0.5, True, gate_grad=False, select_rows=True)
+    for name in ("lora_a", "lora_b", "x"):
+        assert torch.isfinite(got[name]).all(), name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["plain", "given", "token"])
+def test_double_backward_through_soft_gates(kind):
+    """create_graph=True: the gradients are themselves differentiable (gradient penalties, gradgradcheck),
+    the gate included: d/dgate of dL/dA is the right second derivative, not None."""
+    inputs = make_inputs(shape=(4,), k=5, n=3, r=2)
+    names = list(GATE_KINDS[kind])
+    fn = op(inputs, kind, names, hard=False, backend="torch")
+    assert torch.autograd.gradgradcheck(fn, [inputs[k] for k in names])
+    if kind == "given":
+        out = fn(*[inputs[k] for k in names])
+        (grad_a,) = torch.autograd.grad(out.square().sum(), inputs["lora_a"], create_graph=True)
+        (second,) = torch.autograd.grad(grad_a.sum(), inputs["gate"])
+        assert second is not None and torch.count_nonzero(second) > 0
+
+
+def test_double_backward_of_a_hard_gate_matches_the_soft_formula_it_stands_for():
+    """Straight-through gradients are not derivatives of the forward (no finite difference can check
+    them); their second derivatives are those of ``g = p + (hard(p) - p).detach()``, the fp64 oracle."""
+    inputs = make_inputs(shape=(4,), k=5, n=3, r=2)
+    x, a, b, base, gate = (inputs[k] for k in ("x", "lora_a", "lora_b", "base_out", "gate"))
+
+    def second(fn):
+        (grad_a,) = torch.autograd.grad(fn().square().sum(), a, create_graph=True)
+        return torch.autograd.grad(grad_a.square().sum(), [x, gate, b])
+
+    ours = second(lambda: gated_lora(x, base, a, b, SCALING, gate=gate, hard=True, straight_through=True))
+
+    def oracle():
+        g = gate + ((gate >= 0.5).to(gate.dtype) - gate).detach()
+        return base + g[..., None] * ((x @ a.T) @ b.T) * SCALING
+
+    for got, want in zip(ours, second(oracle)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_nan_probability_closes_the_gate_and_passes_no_gradient():
@@ -260,9 +316,11 @@ def test_gradcheck_triton_forward_fp32(kind):
     in every single input element (y = base + s*g*B A x is linear in each of x, A, B, g, base), so a
     central difference is exact up to rounding for any step: with eps=0.5 the fp32 rounding error of
     the difference is about 1e-7*|y|/0.5, and atol=1e-4 still catches a wrong gradient of any
-    visible size. Token gates (sigmoid) are not affine: see the next test."""
+    visible size. The gate is left out: a step of 0.5 would leave [0, 1], which the op refuses; its
+    gradient through the triton forward is compared with the torch backend's in the next test. Token
+    gates (sigmoid) are not affine: see the next test too."""
     inputs = make_inputs(shape=(5,), k=6, n=7, r=2, dtype=torch.float32, device=TRITON_DEVICE)
-    names = list(GATE_KINDS[kind])
+    names = [name for name in GATE_KINDS[kind] if name != "gate"]
     fn = op(inputs, kind, names, hard=False, backend="triton")
     with pytest.warns(UserWarning, match="double precision"):
         assert torch.autograd.gradcheck(fn, [inputs[k] for k in names], eps=0.5, atol=1e-4, rtol=1e-4)
@@ -270,7 +328,9 @@ def test_gradcheck_triton_forward_fp32(kind):
 
 @needs_triton
 @pytest.mark.parametrize("kind,hard,straight_through",
-                         [("token", False, False), ("token", True, True), ("given", True, True), ("plain", True, False)])
+                         [("token", False, False), ("token", True, True), ("given", True, True),
+                          ("given", False, False),
+                          ("plain", True, False)])
 def test_triton_forward_gradients_equal_the_torch_backend(kind, hard, straight_through):
     """The backward is the same PyTorch code on every backend and reads only the inputs (not the forward's
     output), so the gradients through the triton forward are the torch backend's, bit for bit; the

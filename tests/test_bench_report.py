@@ -40,14 +40,16 @@ def test_a_wide_spread_or_a_failed_check_is_called_out():
                                 warnings=["other processes used 40% of the CPUs during the run"]))
     assert "FAILED" in table and "check FAILED in 'decode b=8 t=128 open 6/8': torch: closed sequences differ" in table
     assert "5.00 ±40% (1.67x)" in table
-    assert "WARNING: 1 of 2 timings spread by more than ±10% (worst: peft in 'decode b=8 t=128 open 6/8', ±40%)" in table
+    assert ("WARNING: 1 of 2 timings spread by more than ±10% (worst: peft in 'decode b=8 t=128 open 6/8', ±40%)"
+            in table)
     assert "WARNING: other processes used 40% of the CPUs during the run" in table
     assert "rerun on a quiet machine" in table
 
 
 def test_the_load_meter_sees_another_process_busy():
     meter = LoadMeter.start()
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    spin = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
     busy.wait()
     share = meter.others_share()
     if share is None:

@@ -99,4 +99,5 @@ def test_a_backend_that_cannot_run_here_fails_before_any_timing(capsys):
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(SystemExit):
         main(["bench", "--backends", "triton"])
-    assert "no gatedlora backend can run here: gatedlora triton: skipped, needs a CUDA device" in capsys.readouterr().err
+    expected = "no gatedlora backend can run here: gatedlora triton: skipped, needs a CUDA device"
+    assert expected in capsys.readouterr().err

@@ -1,14 +1,14 @@
-"""gated_lora (torch backend) against the fp64 reference: gate modes, dtypes, odd shapes, bad input."""
+"""The op boundary and the torch backend: argument checks, dispatch, the torch backend's strategies.
+The accuracy sweep of every backend is tests/test_backends.py."""
 import pytest
 import torch
 
+from gate_cases import bits, check_against_reference, make_case
 from gatedlora import gated_lora
-from gatedlora.ops import backends
-from gatedlora.reference import gate_probabilities_reference, gate_values_reference, gated_lora_reference
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-POISON = {torch.float32: float("nan"), torch.float16: float("nan"), torch.bfloat16: float("nan")}
-
+from gatedlora.ops import backends, torch_backend
+from gatedlora.ops.args import make_args
+from gatedlora.ops.contract import GateKind
+from gatedlora.reference import gated_lora_reference
 
 def make_inputs(m, k, n, r, dtype, seed, lead=None):
     gen = torch.Generator().manual_seed(seed)
@@ -18,50 +18,6 @@ def make_inputs(m, k, n, r, dtype, seed, lead=None):
     a = (torch.randn(r, k, generator=gen) / k ** 0.5).to(dtype)
     b = (torch.randn(n, r, generator=gen) / r ** 0.5).to(dtype)
     return x, base, a, b
-
-
-def gate_kwargs(mode, x, seed):
-    gen = torch.Generator().manual_seed(seed + 7)
-    rows = x.shape[:-1]
-    if mode == "given":
-        return {"gate": torch.rand(rows, generator=gen)}
-    if mode == "token":
-        return {"gate_weight": torch.randn(x.shape[-1], generator=gen) / x.shape[-1] ** 0.5, "gate_bias": 0.1}
-    return {}
-
-
-def same_dtype_error(x, base, a, b, s, kw, hard):
-    """Error of the same computation done in PyTorch at the inputs' dtype (flash-attention's yardstick)."""
-    m = x.reshape(-1, x.shape[-1])
-    delta = (m @ a.T) @ b.T * s
-    g = gate_values_reference(gate_probabilities_reference(x, **kw, dtype=torch.float32), 0.5, hard)
-    if g is not None:
-        delta = delta * g[:, None].to(delta.dtype)
-    out = base.reshape(-1, base.shape[-1]) + delta
-    ref = gated_lora_reference(x, base, a, b, s, **kw, hard=hard).reshape(out.shape)
-    return (out.double() - ref).abs().max().item()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["given", "token", "none"])
-@pytest.mark.parametrize("hard", [True, False])
-@pytest.mark.parametrize("m,k,n,r", [(1, 33, 45, 4), (7, 50, 21, 16), (133, 70, 113, 8)])
-def test_matches_fp64_reference(dtype, mode, hard, m, k, n, r):
-    seed = hash((str(dtype), mode, hard, m)) % 10_000
-    x, base, a, b = make_inputs(m, k, n, r, dtype, seed)
-    kw = gate_kwargs(mode, x, seed)
-    out = gated_lora(x, base, a, b, 1.7, hard=hard, backend="torch", **kw)
-    ref = gated_lora_reference(x, base, a, b, 1.7, hard=hard, **kw)
-    assert out.dtype == dtype and out.shape == base.shape
-    err = (out.double() - ref).abs().max().item()
-    floor = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
-    assert err <= 2 * same_dtype_error(x, base, a, b, 1.7, kw, hard) + floor
-    g = gate_values_reference(gate_probabilities_reference(x, **kw), 0.5, hard)
-    if g is not None:
-        closed = g == 0
-        assert torch.equal(out[closed], base[closed])  # bitwise
-        if mode == "given" and hard:
-            assert 0 < int(closed.sum()) < m or m < 3
 
 
 def test_leading_dims_and_gate_shapes():
@@ -74,19 +30,107 @@ def test_leading_dims_and_gate_shapes():
     assert (out.double() - ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("open_rows", [0, 1, 8, 100, 133])
-def test_skip_branch_runs_lora_on_open_rows_only(open_rows, monkeypatch):
+STRATEGIES = {"folded": torch_backend.add_folded, "gathered": torch_backend.add_gathered,
+              "counted": torch_backend.add_counted}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mode,fraction", [("given-hard", "none"), ("given-hard", "one"), ("given-hard", "75%"),
+                                           ("given-hard", "all"), ("given-soft", "75%"), ("token-hard", "6%"),
+                                           ("token-soft", "all")])
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                              (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32"])
+def test_every_strategy_against_the_reference(strategy, mode, fraction, dtype, lora_dtype):
+    """Each strategy the torch backend can choose, whatever the size would choose: same contract."""
+    case = make_case(len(mode) * 31 + len(fraction), 37, 50, 29, 8, dtype, mode, fraction, lora_dtype=lora_dtype)
+    case["x"][(~case["open"]).nonzero().flatten()[:1]] = float("inf")  # a closed row may hold anything
+    out = case["base_out"].clone()
+    args = make_args(case["x"], 29, case["lora_a"], case["lora_b"], case["scaling"], case.get("gate"),
+                     case.get("gate_weight"), case.get("gate_bias"), case["threshold"], case["hard"])
+    STRATEGIES[strategy](out, args)
+    check_against_reference(case, out)
+
+
+@pytest.mark.parametrize("mode", ["given-hard", "given-soft", "token-hard"])
+@pytest.mark.parametrize("fraction", ["none", "all"])
+def test_one_row_strategy(mode, fraction):
+    case = make_case(5, 1, 50, 29, 8, torch.float32, mode, fraction)
+    out = case["base_out"].clone()
+    args = make_args(case["x"], 29, case["lora_a"], case["lora_b"], case["scaling"], case.get("gate"),
+                     case.get("gate_weight"), case.get("gate_bias"), case["threshold"], case["hard"])
+    torch_backend.add_one_row(out, args)
+    check_against_reference(case, out)
+
+
+@pytest.mark.parametrize("open_rows", [0, 1, 8, 133])
+def test_gathered_strategy_runs_lora_on_open_rows_only(open_rows, monkeypatch):
     x, base, a, b = make_inputs(133, 40, 30, 8, torch.float32, open_rows)
     gate = torch.zeros(133)
-    gate[torch.randperm(133)[:open_rows]] = 1.0
+    gate[torch.randperm(133, generator=torch.Generator().manual_seed(open_rows))[:open_rows]] = 1.0
     seen = []
     real_linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda t, w, *r: seen.append(t.shape[0]) or real_linear(t, w, *r))
-    out = gated_lora(x, base, a, b, 1.0, gate=gate, backend="torch")
-    assert seen == ([] if open_rows == 0 else [open_rows, open_rows])  # LoRA matmuls see only the open rows
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda t, w, *r: seen.append(t.shape[0]) or real_linear(t, w, *r))
+    out = base.clone()
+    torch_backend.add_gathered(out, make_args(x, 30, a, b, 1.0, gate, None, None, 0.5, True))
+    assert seen == [open_rows, open_rows]  # the LoRA matmuls see the open rows only
     assert torch.equal(out[gate == 0], base[gate == 0])
     ref = gated_lora_reference(x, base, a, b, 1.0, gate=gate)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_strategy_is_chosen_once_per_configuration(monkeypatch):
+    """M = 1 reads its gate; more rows on the CPU count the open ones; without a gate every row; off the
+    CPU folded (no host read). The choice is cached per bucket of M."""
+    def strategy(m, k=256, n=256, r=16, kind="given", device="cpu"):
+        x = torch.empty(m, k, device=device)
+        gate = torch.empty(m, device=device) if kind == "given" else None
+        gate_weight = torch.empty(k, device=device) if kind == "token" else None
+        args = make_args(x, n, torch.empty(r, k, device=device), torch.empty(n, r, device=device), 1.0, gate,
+                         gate_weight, 0.0, 0.5, True)
+        return backends.dispatch("torch", args).launch
+
+    assert strategy(1) is torch_backend.add_one_row
+    assert strategy(8) is torch_backend.add_folded
+    assert strategy(32) is torch_backend.add_counted
+    assert strategy(32, kind="token") is torch_backend.add_counted
+    assert strategy(8, kind="none") is torch_backend.add_every_row
+    assert strategy(2048, device="meta") is torch_backend.add_folded
+    calls = []
+    monkeypatch.setattr(torch_backend, "choose_strategy", lambda args: calls.append(args.m) or torch_backend.add_folded)
+    backends.clear_dispatch_cache()
+    strategy(20), strategy(29), strategy(31), strategy(33)
+    assert calls == [20, 33]  # one choice per bucket of M (17..32, 33..64)
+    backends.clear_dispatch_cache()
+
+
+@pytest.mark.parametrize("opened,expected", [(0, "none"), (40, "every"), (9, "gathered"), (20, "folded")])
+def test_counted_strategy_picks_by_the_open_count(opened, expected, monkeypatch):
+    """Fewer than half the rows open (and M >= 16): gathered; otherwise folded; none or all: no mask at all."""
+    seen = []
+    for name in ("_add_every_row", "_add_gathered", "_add_folded"):
+        monkeypatch.setattr(torch_backend, name, lambda *a, name=name: seen.append(name))
+    x, base, a, b = make_inputs(40, 8, 6, 2, torch.float32, 0)
+    gate = torch.zeros(40)
+    gate[:opened] = 1.0
+    torch_backend.add_counted(base, make_args(x, 6, a, b, 1.0, gate, None, None, 0.5, True))
+    names = {"none": [], "every": ["_add_every_row"], "gathered": ["_add_gathered"], "folded": ["_add_folded"]}
+    assert seen == names[expected]
+
+
+def test_folded_strategy_keeps_closed_rows_up_to_the_sign_of_zero():
+    """The folded strategy adds +0.0 to a closed row: every bit stays, except that -0.0 becomes +0.0 (the
+    same number). The gathered strategy does not touch closed rows at all."""
+    x, base, a, b = make_inputs(20, 8, 6, 2, torch.float32, 0)
+    base[1::2] = -0.0
+    gate = torch.zeros(20)
+    gate[::2] = 1.0
+    args = make_args(x, 6, a, b, 1.0, gate, None, None, 0.5, True)
+    folded, gathered = base.clone(), base.clone()
+    torch_backend.add_folded(folded, args)
+    torch_backend.add_gathered(gathered, args)
+    assert torch.equal(folded[1::2], base[1::2])  # equal numbers
+    assert torch.equal(bits(gathered[1::2]), bits(base[1::2]))  # equal bits
 
 
 def test_empty_input_and_inplace():
@@ -136,10 +180,41 @@ def test_explicit_backend_lists_its_reasons(monkeypatch):
             return ["x is on cpu, needs cuda", "fp64 is not supported"]
 
     monkeypatch.setitem(backends._REGISTRY, "cuda", Picky())
+    backends.clear_dispatch_cache()
     x, base, a, b = make_inputs(3, 8, 8, 2, torch.float32, 0)
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run these inputs: x is on cpu, needs cuda; fp64"):
         gated_lora(x, base, a, b, 1.0, backend="cuda")
     assert torch.equal(gated_lora(x, base, a, b, 1.0), gated_lora(x, base, a, b, 1.0, backend="torch"))
+    monkeypatch.undo()
+    backends.clear_dispatch_cache()
+
+
+def test_the_choice_is_made_once_per_configuration(monkeypatch):
+    """not_supported_reasons runs once per configuration, not once per call."""
+    asked = []
+    torch_backend_object = backends._REGISTRY["torch"]
+    monkeypatch.setattr(torch_backend_object, "not_supported_reasons", lambda args: asked.append(args.m) or [])
+    backends.clear_dispatch_cache()
+    x, base, a, b = make_inputs(6, 8, 8, 2, torch.float32, 0)
+    for _ in range(3):
+        gated_lora(x, base, a, b, 1.0, backend="torch")
+    gated_lora(x[:1], base[:1], a, b, 1.0, backend="torch")
+    assert asked == [6, 1]
+    monkeypatch.undo()
+    backends.clear_dispatch_cache()
+
+
+def test_gate_kind_is_one_enum_and_gate_bias_one_type():
+    x = torch.randn(2, 3, 8)
+    a, b = torch.randn(4, 8), torch.randn(6, 4)
+    token = make_args(x, 6, a, b, 1.0, None, torch.randn(8), 0.25, 0.5, True)
+    assert token.gate_kind is GateKind.TOKEN and token.x.shape == (6, 8)
+    assert token.gate_bias.shape == () and float(token.gate_bias) == 0.25
+    assert make_args(x, 6, a, b, 1.0, None, torch.randn(8), torch.tensor([[0.5]]), 0.5, True).gate_bias.shape == ()
+    assert float(make_args(x, 6, a, b, 1.0, None, torch.randn(8), None, 0.5, True).gate_bias) == 0.0
+    given = make_args(x, 6, a, b, 1.0, torch.rand(2, 3), None, 0.25, 0.5, True)
+    assert given.gate_kind is GateKind.GIVEN and given.gate.shape == (6,) and given.gate_bias is None
+    assert make_args(x, 6, a, b, 1.0, None, None, 0.25, 0.5, True).gate_kind is GateKind.NONE
 
 
 @pytest.mark.parametrize("change,message", [
@@ -152,7 +227,18 @@ def test_explicit_backend_lists_its_reasons(monkeypatch):
     (dict(x=torch.randint(0, 3, (3, 8))), r"x must be float32, float16, bfloat16 or float64, got torch.int64"),
     (dict(a=torch.randn(4, 8).half()), r"lora_a and lora_b must share a dtype"),
     (dict(gate=torch.rand(4)), r"gate must have one value per row of x: shape \[3\] or \[3\], got \[4\]"),
-    (dict(gate=torch.tensor([0.2, float("nan"), 1.0])), r"gate contains NaN at rows \[1\]"),
+    (dict(gate=torch.tensor([0.2, float("nan"), 1.0])), r"gate must hold probabilities in \[0, 1\]; rows \[1\]"),
+    (dict(gate=torch.tensor([1.7, 0.5, -0.5])), r"rows \[0, 2\] \(of 3\) hold \[1.7.*, -0.5\]"),
+    (dict(gate=torch.tensor([0.5, float("inf"), 0.5])), r"gate must hold probabilities in \[0, 1\]; rows \[1\]"),
+    (dict(gate=torch.tensor([0, 1, 1])), r"gate must be a float32, float16, bfloat16 or float64 tensor"),
+    (dict(gate=torch.rand(3).to(torch.float8_e4m3fn)), r"gate must be a float32, float16, bfloat16 or float64"),
+    (dict(hard=None), r"hard must be a bool, got None"),
+    (dict(hard=1), r"hard must be a bool, got 1"),
+    (dict(inplace="yes"), r"inplace must be a bool, got 'yes'"),
+    (dict(gate_weight=torch.randn(8), gate_bias=torch.zeros(2)), r"gate_bias must be a scalar .*got shape \[2\]"),
+    (dict(gate_weight=torch.randn(8), gate_bias="0.5"), r"gate_bias must be a float, a one-element tensor or None"),
+    (dict(gate_weight=torch.randn(8), gate_bias=torch.tensor(1)), r"gate_bias must be float32, float16, bfloat16"),
+    (dict(gate_weight=torch.randint(0, 2, (8,))), r"gate_weight must be float32, float16, bfloat16 or float64"),
     (dict(gate=torch.rand(3), gate_weight=torch.randn(8)), r"either gate .* or gate_weight .*, not both"),
     (dict(gate_weight=torch.randn(7)), r"gate_weight must have shape \[K\] = \[8\], got \[7\]"),
     (dict(a=torch.randn(4, 8, device="meta"), b=torch.randn(6, 4, device="meta")),
@@ -162,7 +248,8 @@ def test_explicit_backend_lists_its_reasons(monkeypatch):
 ])
 def test_bad_input_is_named(change, message):
     args = dict(x=torch.randn(3, 8), base=torch.randn(3, 6), a=torch.randn(4, 8), b=torch.randn(6, 4), scaling=1.0)
-    extra = {k: change.pop(k) for k in ("gate", "gate_weight", "threshold") if k in change}
+    extra = {k: change.pop(k) for k in ("gate", "gate_weight", "gate_bias", "threshold", "hard", "inplace")
+             if k in change}
     args.update(change)
     with pytest.raises((ValueError, TypeError), match=message):
         gated_lora(args["x"], args["base"], args["a"], args["b"], args["scaling"], **extra)

@@ -40,7 +40,8 @@ def test_peft_methods_that_cannot_see_gated_layers_refuse_and_say_how(method):
     model = patch_model(tiny_peft_model("llama"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for owner in (model, model.base_model):  # PeftModel and its LoraModel
-        with pytest.raises(RuntimeError, match=rf"{method}\(\) on a gatedlora-patched model: .*(unpatch_model|force_gate)"):
+        refusal = rf"{method}\(\) on a gatedlora-patched model: .*(unpatch_model|force_gate)"
+        with pytest.raises(RuntimeError, match=refusal):
             getattr(owner, method)()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

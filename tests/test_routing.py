@@ -126,7 +126,8 @@ def test_default_router_starts_open_and_matches_peft():
 
 def test_adapter_on_router_layer_is_refused_with_a_fix():
     model = tiny_peft_model("llama", layers=LAYERS)
-    with pytest.raises(ValueError, match=r"LoRA covers layers at or before block 1.*layers_to_transform=list\(range\(2, 4\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"LoRA covers layers at or before block 1.*layers_to_transform=list\(range\(2, 4\)\)"):
         patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER))
 
 
@@ -162,7 +163,7 @@ def test_all_closed_batch_is_the_base_model_and_skips_the_adapter(monkeypatch):
         base = model(input_ids=ids, attention_mask=mask).logits
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
     calls = []
-    monkeypatch.setattr(gatedlora.layers, "apply_gated_lora", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(gatedlora.layers, "gated_lora", lambda *a, **k: calls.append(1))
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(logits, base) and calls == []  # the host knew: no adapter call at all

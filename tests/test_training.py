@@ -1,4 +1,5 @@
-"""Training patched models on CPU: a plain loop, transformers.Trainer, checkpointing, bf16 autocast, train/eval gates."""
+"""Training patched models on CPU: a plain loop, transformers.Trainer, checkpointing, bf16 autocast,
+train/eval gates."""
 import warnings
 
 import pytest
@@ -195,9 +196,9 @@ def test_transformers_trainer_trains_a_patched_model(tmp_path):
     model = patched(GatedLoraConfig(gate="sequence", router_layer=0, straight_through=True))
     data = batch(lengths=(9, 9, 9, 9, 9, 9, 9, 9), seed=5)
     dataset = [{k: v[i] for k, v in data.items()} for i in range(8)]  # any indexable of dicts will do
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8, learning_rate=1e-2, lr_scheduler_type="constant",
-                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-                             gradient_checkpointing=True, disable_tqdm=True)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8,
+                             learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, seed=0, gradient_checkpointing=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

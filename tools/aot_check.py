@@ -4,11 +4,12 @@
 
 What is compiled: every (gate mode, x dtype, LoRA dtype, dot precision, tile config) the triton
 backend can launch, in the layout of contiguous, 16-byte aligned tensors with K and N multiples
-of 16 (the usual case; Triton then assumes 16-byte alignment and divisibility). The token-gate mode, the one with the most work in its K loop, is compiled a second
-time in a generic layout (misaligned pointers, odd row strides, odd K and N; inner strides are
-always 1 because the launcher copies other layouts), the specialisation with the least
-information. The argument lists come from ``triton_backend.launch_plan`` and pass
-through Triton's own specialisation code, so what is compiled is what the launcher launches.
+of 16 (the usual case; Triton then assumes 16-byte alignment and divisibility). The token-gate
+mode, the one with the most work in its K loop, is compiled a second time in a generic layout
+(misaligned pointers, odd row strides, odd K and N; inner strides are always 1 because the
+launcher copies other layouts), the specialisation with the least information. The argument
+lists come from ``triton_backend.launch_plan`` and pass through Triton's own specialisation
+code, so what is compiled is what the launcher launches.
 
 For each compiled kernel it reads registers, stack and local memory from the cubin with the
 ``cuobjdump`` shipped inside the triton package, and shared memory from the kernel's metadata
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ARCHS = (80, 90)
 # Largest dynamic shared memory a block may opt into (CUDA C Programming Guide, compute capabilities).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# (x dtype, LoRA dtype, allow TF32): the pairs triton_backend.dtype_pair_supported accepts, and
+# (x dtype, LoRA dtype, allow TF32): the pairs contract.dtype_pair_supported accepts, and
 # TF32 on/off where the LoRA weights are fp32 (the only dtype for which the flag changes the dot).
 DTYPE_VARIANTS = (
     ("float16", "float16", False),
@@ -90,7 +91,7 @@ def build_jobs() -> list[Job]:
 
     from gatedlora.ops import triton_backend as tb
     from gatedlora.ops import triton_kernel
-    from gatedlora.ops.checks import GatedLoraArgs
+    from gatedlora.ops.args import make_args
 
     kernel = triton_kernel.gated_lora_add_kernel
     jobs = []
@@ -110,14 +111,15 @@ def build_jobs() -> list[Job]:
                             if key[2] != lora_dtype.itemsize:
                                 continue
                             r = tiles.block_r
-                            args = GatedLoraArgs(
+                            args = make_args(
                                 x=_tensor((m, k), x_dtype, aligned),
+                                n=n,
                                 lora_a=_tensor((r, k), lora_dtype, aligned),
                                 lora_b=_tensor((n, r), lora_dtype, aligned),
                                 scaling=2.0,
                                 gate=_tensor((m,), torch.float32, aligned) if mode == "given" else None,
                                 gate_weight=_tensor((k,), torch.float32, aligned) if mode == "token" else None,
-                                gate_bias=_tensor((), torch.float32, aligned) if mode == "token" else 0.0,
+                                gate_bias=_tensor((), torch.float32, aligned) if mode == "token" else None,
                                 threshold=0.5,
                                 hard=True,
                             )

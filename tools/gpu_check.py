@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     deadline = time.perf_counter() + args.budget
-    for i, (name, fixed) in enumerate(stages):
+    for i, (name, _) in enumerate(stages):
         budget = stage_budget(stages[i:], deadline - time.perf_counter())
         print(f"[gpu_check] stage {name} (budget {budget:.0f} s) ...", flush=True)
         results[name] = run_stage(name, budget, work, args.dry_run, log)
@@ -561,7 +561,7 @@ def decode_fullgraph_check(spec) -> dict:
         try:
             with torch.inference_mode():
                 _, _, step = prefill_static(model, ids, mask, setup.cache_argument)
-                reads = sorted(set(gatedlora_host_reads(lambda: model(**step))))
+                reads = sorted(set(gatedlora_host_reads(lambda model=model, step=step: model(**step))))
                 if name != "gatedlora triton":  # the interpreter cannot be compiled; its host reads are checked
                     compile_decode_step(model, ids, mask, setup.cache_argument)
             out[name] = "ok" if not reads else "host reads: " + ", ".join(reads)

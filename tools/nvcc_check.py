@@ -84,13 +84,7 @@ ext = cuda_build.load_module_from(sys.argv[1])
 report = dict(source_hash=ext.SOURCE_HASH, expected_hash=cuda_build.source_hash(), archs=ext.CUDA_ARCHS,
               device_problem=ext.device_problem(0), errors={})
 if report["device_problem"]:
-    gate = dict(gate_mode=0, hard=1, threshold=0.5, gate=0, stride_g=0, gate_dtype=0, gate_weight=0,
-                gate_weight_dtype=0, gate_bias=0, gate_bias_dtype=0, bias_from_ptr=0, gate_bias_value=0.0)
-    common = dict(gate, x=0, a=0, b=0, m=1, n=8, k=8, r=4, stride_xm=8, stride_ar=8, stride_bn=4, x_dtype=1,
-                  lora_dtype=1, scaling=1.0, device=0, stream=0)
-    calls = dict(adapter_add=dict(common, out=0, stride_om=8, n_split=0),
-                 fused_gemv=dict(common, y=0, w=0, bias=0, workspace=0, stride_wn=8, stride_ym=8))
-    for name, kwargs in calls.items():
+    for name, kwargs in cuda_build.null_launch_arguments().items():
         try:
             getattr(ext, name)(**kwargs)
             report["errors"][name] = None
@@ -143,7 +137,8 @@ def main() -> int:
         for arch in archs:
             mine = [r for r in rows if r["arch"] == f"sm_{arch}" and "error" not in r]
             print(f"sm_{arch}: {len(mine)} kernels, registers {min(r['regs'] for r in mine)}-"
-                  f"{max(r['regs'] for r in mine)}, spills {sum(r['spill_stores'] + r['spill_loads'] for r in mine)} B, "
+                  f"{max(r['regs'] for r in mine)}, "
+                  f"spills {sum(r['spill_stores'] + r['spill_loads'] for r in mine)} B, "
                   f"static shared <= {max(r['smem'] for r in mine)} B")
 
         proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK, str(module)], capture_output=True, text=True,
@@ -161,7 +156,8 @@ def main() -> int:
             for name, error in report["errors"].items():
                 ok = error is not None and error.startswith("RuntimeError: gatedlora cuda: no CUDA device")
                 failures += not ok
-                print(f"{name} without a GPU: {error!r} ({'ok' if ok else 'FAILED: expected the no CUDA device error'})")
+                verdict = "ok" if ok else "FAILED: expected the no CUDA device error"
+                print(f"{name} without a GPU: {error!r} ({verdict})")
         else:
             print("a CUDA device is present: the no-device error check is skipped (run the gpu tests instead)")
     finally:

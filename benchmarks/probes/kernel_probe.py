@@ -1,5 +1,8 @@
 """GPU diagnostic probe behind benchmarks/results/gpu-notes.md (run by kernel_probe.sh in one device call; not part of the package).
 
+Kept as it ran: it imports the op API of commit 6c2e5d1 (``gatedlora.ops.checks``), so run it from a checkout
+of that commit (``git worktree add /tmp/probe 6c2e5d1``). tools/gpu_check.py is the maintained GPU check.
+
     python benchmarks/probes/kernel_probe.py ncu|sweep|twophase|decode
 """
 import sys, os, time, torch, triton

@@ -15,7 +15,8 @@ import torch
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return (f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads)")
 
 
 def _version(package: str) -> str | None:

@@ -1,6 +1,7 @@
 """Timing side by side: providers run interleaved in rounds so drift hits them all alike.
 
-CPU: ``time.perf_counter``. CUDA: CUDA events around each call, after warm-up.
+CPU: ``time.perf_counter`` (or another clock, see ``time_side_by_side``). CUDA: CUDA events around
+each call, after warm-up.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class Timing:
     runs: int
 
 
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+def _time_once(fn: Callable[[], object], device: torch.device, clock: Callable[[], float]) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -30,9 +31,9 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
+    begin = clock()
     fn()
-    return time.perf_counter() - begin
+    return clock() - begin
 
 
 def warm_up(providers: dict[str, Callable[[], object]], device: torch.device, calls: int = 2,
@@ -55,10 +56,14 @@ def warm_up(providers: dict[str, Callable[[], object]], device: torch.device, ca
 
 def time_side_by_side(providers: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
                       min_rounds: int = 8, max_rounds: int = 50, budget_s: float = 2.0,
-                      warmup_s: float = 0.0) -> dict[str, Timing]:
+                      warmup_s: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> dict[str, Timing]:
     """Time every provider in interleaved rounds until ``budget_s`` is spent (at least ``min_rounds``,
     enough for a quartile spread). Each round starts with the next provider, so no provider always
-    runs first after a switch."""
+    runs first after a switch.
+
+    ``clock`` (CPU only): ``time.perf_counter`` (wall time, the default) or ``time.thread_time`` (the
+    calling thread's CPU time: with ``torch.set_num_threads(1)`` the work of a call, unaffected by
+    other processes on a shared machine)."""
     warm_up(providers, device, warmup, warmup_s)
     names = list(providers)
     samples: dict[str, list[float]] = {name: [] for name in providers}
@@ -67,7 +72,7 @@ def time_side_by_side(providers: dict[str, Callable[[], object]], device: torch.
     while rounds < min_rounds or (spent < budget_s and rounds < max_rounds):
         for i in range(len(names)):
             name = names[(rounds + i) % len(names)]
-            t = _time_once(providers[name], device)
+            t = _time_once(providers[name], device, clock)
             samples[name].append(t)
             spent += t
         rounds += 1

@@ -1,18 +1,20 @@
-"""Functional ops and backends. Knows nothing of modules, layers or transformers."""
-from . import torch_backend  # noqa: F401  (registers the torch backend)
-from .backends import available_backends, mark_unavailable, register_backend, select_backend
+"""Functional ops and backends. Knows nothing of modules, layers or transformers.
 
-try:
-    from . import triton_backend  # noqa: F401  (registers the triton backend)
-except ImportError as exc:  # triton is an optional dependency
-    mark_unavailable("triton", f"triton cannot be imported ({exc})")
-try:
-    # Registers the cuda backend; its extension is built or loaded on first use with CUDA tensors.
-    from . import cuda_backend  # noqa: F401
-except ImportError as exc:
-    mark_unavailable("cuda", f"the cuda backend cannot be imported ({exc})")
+Backends register themselves on import; triton is optional (``pip install triton``) and the cuda
+backend needs nothing to import (its extension is built on first use with CUDA tensors).
+"""
+import importlib.util
+
+from . import cuda_backend, torch_backend  # noqa: F401  (register the cuda and torch backends)
+from .backends import available_backends, clear_dispatch_cache, mark_unavailable, register_backend, select_backend
+from .contract import GateKind
 from .fused import fused_fallback_reason, gated_lora_fused, warn_fused_fallback_once
 from .gated_lora import gated_lora
 
-__all__ = ["gated_lora", "gated_lora_fused", "fused_fallback_reason", "warn_fused_fallback_once",
-           "available_backends", "register_backend", "select_backend"]
+if importlib.util.find_spec("triton") is not None:
+    from . import triton_backend  # noqa: F401  (registers the triton backend)
+else:
+    mark_unavailable("triton", "triton is not installed (pip install triton)")
+
+__all__ = ["gated_lora", "gated_lora_fused", "fused_fallback_reason", "warn_fused_fallback_once", "GateKind",
+           "available_backends", "clear_dispatch_cache", "register_backend", "select_backend"]

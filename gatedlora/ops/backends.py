@@ -1,16 +1,31 @@
-"""Backend registry and dispatch (xformers style: each backend says why it cannot take an input).
+"""Backend registry and dispatch, decided once per configuration and cached.
 
-Order of preference under ``backend="auto"``: cuda, triton, torch. ``auto`` takes the first
-backend that supports the inputs and falls back quietly; an explicit choice that cannot run
-raises an error with its reasons. ``GATEDLORA_BACKEND`` overrides ``auto``.
+Each backend says why it cannot take an input (xformers' ``not_supported_reasons``). Under
+``backend="auto"`` the first backend in ``PREFERENCE`` (cuda, triton, torch) without a reason runs;
+CPU tensors go to torch (the GPU backends take CPU tensors only in the Triton interpreter, a test
+tool orders of magnitude slower). An explicit choice that cannot run raises an error with its
+reasons; with ``auto`` and no backend left, the error lists every reason. ``GATEDLORA_BACKEND``
+overrides ``auto``.
+
+The choice and the backend's launch function depend only on the configuration (``dispatch_key``:
+device, dtypes, gate kind, N, K, rank and the power-of-two bucket of M), so they are computed once
+per configuration and cached: a layer's call after the first costs one dict lookup here (the
+hot-path budget is in docs/design.md, "The hot path"). Gradients never reach a backend: calls
+that autograd records run the backend's forward inside ``autograd.GatedLoraFunction``.
+
+Adding a backend: subclass ``Backend`` in a new module, register an instance, add its name to
+``PREFERENCE`` and import the module in ``ops/__init__.py`` (docs/design.md, "Backends").
 """
 from __future__ import annotations
 
 import os
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .checks import GatedLoraArgs
+from .args import GatedLoraArgs
+
+Launch = Callable[[torch.Tensor, GatedLoraArgs], None]
 
 PREFERENCE = ("cuda", "triton", "torch")
 BACKEND_CHOICES = ("auto",) + PREFERENCE
@@ -18,27 +33,50 @@ ENV_VAR = "GATEDLORA_BACKEND"
 
 
 class Backend:
-    """One implementation of the op. Subclasses set ``name`` and implement both methods."""
+    """One implementation of the op. Subclasses set ``name`` and implement ``not_supported_reasons`` and
+    ``launcher``. A backend with ``fused = True`` also implements ``fused_reasons`` and ``gated_lora_fused``
+    (the base linear layer and the LoRA term in one pass)."""
 
     name: str = ""
+    fused: bool = False
 
     def not_supported_reasons(self, args: GatedLoraArgs) -> list[str]:
-        """Why this backend cannot run ``args`` (empty list: it can)."""
+        """Why this backend cannot run ``args`` (empty list: it can). Depends only on what
+        ``dispatch_key`` holds: the dispatcher caches the answer."""
         raise NotImplementedError
 
-    def add_into(self, out: torch.Tensor, args: GatedLoraArgs) -> None:
-        """Add ``scaling * g * (x A^T) B^T`` into ``out`` [M, N] (holding the base output) in place.
-
-        Rows whose gate is 0 must not be written.
-        """
+    def launcher(self, args: GatedLoraArgs) -> Launch:
+        """The function that adds the term for this configuration: ``launch(out, args)`` does
+        ``out[m] += scaling * g_m * (x[m] A^T) B^T`` in place for rows with ``g_m != 0`` and writes no
+        other row (out: [M, N] holding the base output). Called once per configuration (the dispatcher
+        caches the result), so it may take time: a launch heuristic, a choice of strategy."""
         raise NotImplementedError
+
+    def fused_reasons(self, args: GatedLoraArgs, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> list[str]:
+        """Why ``gated_lora_fused`` cannot run these inputs in one pass (``fused`` backends)."""
+        return [f"backend {self.name!r} has no fused kernel"]
+
+    def gated_lora_fused(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         args: GatedLoraArgs) -> torch.Tensor:
+        """``x W^T + bias + scaling * g * (x A^T) B^T``: x [M, K], weight [N, K], bias [N] or None -> [M, N]."""
+        raise NotImplementedError
+
+
+class Dispatch(NamedTuple):
+    backend: Backend
+    launch: Launch
+
+
+class FusedDispatch(NamedTuple):
+    backend: Optional[Backend]  # None: exact mode
+    reason: Optional[str]  # why exact mode (None when the backend runs)
 
 
 _REGISTRY: dict[str, Backend] = {}
-_UNAVAILABLE: dict[str, str] = {
-    "triton": "the triton backend is not part of this build yet",
-    "cuda": "the cuda backend is not part of this build yet",
-}
+_UNAVAILABLE: dict[str, str] = {}
+_DISPATCH: dict[tuple, Dispatch] = {}
+_FUSED: dict[tuple, FusedDispatch] = {}
+_CACHE_LIMIT = 4096  # configurations; a long-running process with ever new shapes starts over
 
 
 def register_backend(backend: Backend) -> None:
@@ -47,17 +85,25 @@ def register_backend(backend: Backend) -> None:
         raise ValueError(f"unknown backend name {backend.name!r}; expected one of {PREFERENCE}")
     _REGISTRY[backend.name] = backend
     _UNAVAILABLE.pop(backend.name, None)
+    clear_dispatch_cache()
 
 
 def mark_unavailable(name: str, reason: str) -> None:
     """Record why backend ``name`` could not be loaded (shown when a user asks for it)."""
     if name not in _REGISTRY:
         _UNAVAILABLE[name] = reason
+    clear_dispatch_cache()
 
 
 def unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` is not registered (None when it is)."""
     return None if name in _REGISTRY else _UNAVAILABLE.get(name, "not registered")
+
+
+def clear_dispatch_cache() -> None:
+    """Forget every cached choice (after a backend's state changed: registered, built, patched in a test)."""
+    _DISPATCH.clear()
+    _FUSED.clear()
 
 
 def available_backends() -> list[str]:
@@ -78,26 +124,93 @@ def resolve_backend_name(requested: str) -> str:
     return requested
 
 
+def m_bucket(m: int) -> int:
+    """The power of two at or above M: decode and every prefill length do not each get an entry."""
+    return 1 << max(0, m - 1).bit_length()
+
+
+def dispatch_key(name: str, args: GatedLoraArgs) -> tuple:
+    """What decides the backend and its launch for ``args`` under the resolved backend ``name``."""
+    return (name, args.x.device, args.x.dtype, args.lora_a.dtype, args.gate_kind, m_bucket(args.m), args.n,
+            args.k, args.r)
+
+
+def dispatch(requested: str, args: GatedLoraArgs) -> Dispatch:
+    """The backend that runs ``args`` and its launch function; raises RuntimeError with every reason
+    when none can."""
+    key = dispatch_key(resolve_backend_name(requested), args)
+    found = _DISPATCH.get(key)
+    if found is None:
+        backend = _choose(key[0], args)
+        found = Dispatch(backend, backend.launcher(args))
+        if len(_DISPATCH) >= _CACHE_LIMIT:
+            _DISPATCH.clear()
+        _DISPATCH[key] = found
+    return found
+
+
 def select_backend(requested: str, args: GatedLoraArgs) -> Backend:
-    """The backend that will run ``args``; raises RuntimeError with every reason when none can."""
-    name = resolve_backend_name(requested)
-    if name == "auto":
-        reasons: list[str] = []
-        for candidate in PREFERENCE:
-            if args.x.device.type == "cpu" and candidate != "torch":
-                # GPU backends take CPU tensors only in the Triton interpreter, a test tool that is
-                # orders of magnitude slower than torch: auto never picks it; ask by name instead.
-                continue
-            backend = _REGISTRY.get(candidate)
-            why = [_UNAVAILABLE.get(candidate, "not registered")] if backend is None else backend.not_supported_reasons(args)
-            if not why:
-                return backend
-            reasons.extend(f"{candidate}: {r}" for r in why)
-        raise RuntimeError("gated_lora: no backend can run these inputs:\n  " + "\n  ".join(reasons))
+    """The backend that will run ``args`` (``dispatch`` without the launch)."""
+    return dispatch(requested, args).backend
+
+
+def _reasons(name: str, args: GatedLoraArgs) -> list[str]:
     backend = _REGISTRY.get(name)
-    if backend is None:
-        raise RuntimeError(f"gated_lora: backend {name!r} is not available: {_UNAVAILABLE.get(name, 'not registered')}")
-    why = backend.not_supported_reasons(args)
-    if why:
-        raise RuntimeError(f"gated_lora: backend {name!r} cannot run these inputs: " + "; ".join(why))
-    return backend
+    return [unavailable_reason(name)] if backend is None else backend.not_supported_reasons(args)
+
+
+def _choose(name: str, args: GatedLoraArgs) -> Backend:
+    if name != "auto":
+        why = _reasons(name, args)
+        if why:
+            verb = "is not available" if name not in _REGISTRY else "cannot run these inputs"
+            raise RuntimeError(f"gated_lora: backend {name!r} {verb}: " + "; ".join(why))
+        return _REGISTRY[name]
+    reasons: list[str] = []
+    for candidate in _candidates(args):
+        why = _reasons(candidate, args)
+        if not why:
+            return _REGISTRY[candidate]
+        reasons.extend(f"{candidate}: {r}" for r in why)
+    raise RuntimeError("gated_lora: no backend can run these inputs:\n  " + "\n  ".join(reasons))
+
+
+def _candidates(args: GatedLoraArgs) -> tuple:
+    # GPU backends take CPU tensors only in the Triton interpreter: auto never picks it; ask by name instead.
+    return ("torch",) if args.x.device.type == "cpu" else PREFERENCE
+
+
+def dispatch_fused(requested: str, args: GatedLoraArgs, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> FusedDispatch:
+    """The backend whose ``gated_lora_fused`` runs these inputs, or None and why exact mode runs.
+
+    Only backends with the ``fused`` capability qualify; ``requested`` must be ``auto`` or one of them.
+    Cached like ``dispatch`` (plus the base weight's dtype, its inner stride and whether there is a bias).
+    """
+    name = resolve_backend_name(requested)
+    key = dispatch_key(name, args) + (weight.dtype, weight.stride(-1) == 1 or weight.shape[-1] <= 1,
+                                      bias is None or bias.dtype)
+    found = _FUSED.get(key)
+    if found is None:
+        found = _choose_fused(name, args, weight, bias)
+        if len(_FUSED) >= _CACHE_LIMIT:
+            _FUSED.clear()
+        _FUSED[key] = found
+    return found
+
+
+def _choose_fused(name: str, args: GatedLoraArgs, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> FusedDispatch:
+    fused_names = [n for n in PREFERENCE if n in _REGISTRY and _REGISTRY[n].fused]
+    if name != "auto" and name not in fused_names:
+        return FusedDispatch(None, f"backend {name!r} was asked for, and only {', '.join(fused_names) or 'no backend'} "
+                                   "has a fused kernel")
+    if args.m == 0 or args.n == 0:
+        return FusedDispatch(None, "the input has no rows or no output features")
+    reasons: list[str] = []
+    for candidate in fused_names if name == "auto" else [name]:
+        backend = _REGISTRY[candidate]
+        why = backend.fused_reasons(args, weight, bias)
+        if not why:
+            return FusedDispatch(backend, None)
+        reasons.extend(why)
+    return FusedDispatch(None, "; ".join(reasons) or "no backend with a fused kernel is available")

@@ -306,3 +306,14 @@ def reset() -> None:
     """Forget the remembered outcome (tests)."""
     with _lock:
         _state.clear()
+
+
+def null_launch_arguments() -> dict[str, dict]:
+    """Keyword arguments of one ``adapter_add`` and one ``fused_gemv`` call with null pointers, by entry
+    point: on a machine without a CUDA device each must raise "no CUDA device" before it reads a pointer
+    (the check that the launchers test the device first; tests and tools/nvcc_check.py run it)."""
+    common = dict(gate_kind=0, hard=1, threshold=0.5, gate=0, stride_g=0, gate_dtype=0, gate_weight=0,
+                  gate_weight_dtype=0, gate_bias=0, gate_bias_dtype=0, x=0, a=0, b=0, m=1, n=8, k=8, r=4, stride_xm=8,
+                  stride_ar=8, stride_bn=4, x_dtype=1, lora_dtype=1, scaling=1.0, device=0, stream=0)
+    return dict(adapter_add=dict(common, out=0, stride_om=8, n_split=0),
+                fused_gemv=dict(common, y=0, w=0, bias=0, workspace=0, stride_wn=8, stride_ym=8))

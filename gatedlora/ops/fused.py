@@ -2,15 +2,14 @@
 
     y = x W^T + bias + scaling * g * (x A^T) B^T
 
-Where it applies (CUDA tensors, at most 16 rows, fp16/bf16/fp32, rank <= 128, no grad, the CUDA
-extension loaded) one launch of the one-pass decode GEMV in csrc/ reads W and x once and writes y
-once. Elsewhere it is exact mode: ``F.linear`` then ``gated_lora(..., inplace=True)``;
-``fused_fallback_reason`` says why, for a caller that wants to warn (``warn_fused_fallback_once``).
+A backend with the ``fused`` capability (today: cuda's one-pass decode GEMV, up to 16 rows) runs it
+in one launch that reads W and x once and writes y once. Elsewhere it is exact mode: ``F.linear``
+then the gated term added in place; ``fused_fallback_reason`` says why, for a caller that wants to
+warn (``warn_fused_fallback_once``). The choice is made once per configuration (``backends.dispatch_fused``).
 
-Closed rows of the GEMV equal the base layer only to the rounding of a different summation order
-(DESIGN.md section 2); exact mode keeps them bitwise equal. Registered with torch.library as
-``gatedlora::gated_lora_fused`` so ``torch.compile`` keeps a call in one graph node; the choice
-between the GEMV and exact mode is made inside the op, at run time.
+Closed rows of a one-pass kernel equal the base layer only to the rounding of a different summation
+order (docs/design.md, "Two base modes"); exact mode keeps them bitwise equal. Registered with
+torch.library as ``gatedlora::gated_lora_fused`` so ``torch.compile`` keeps a call in one graph node.
 """
 # No ``from __future__ import annotations``: torch.library reads the annotations to infer the schema.
 import re
@@ -21,12 +20,12 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from . import cuda_backend
-from .backends import resolve_backend_name
-from .checks import GatedLoraArgs, check_inputs
-from .gated_lora import gated_lora
+from .args import GatedLoraArgs, check_inputs, make_args
+from .backends import dispatch_fused, resolve_backend_name
+from .gated_lora import run
 
 OP_NAME = "gatedlora::gated_lora_fused"
+GRAD_REASON = "inputs require grad and the fused kernel has no backward (exact mode runs under autograd)"
 
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -60,32 +59,24 @@ def _base_like(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], n)
 
 
+def _differentiable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], args: GatedLoraArgs) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, bias) + args.tensors())
+
+
 def fused_fallback_reason(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                           lora_b: torch.Tensor, gate: Optional[torch.Tensor] = None,
                           gate_weight: Optional[torch.Tensor] = None,
-                          gate_bias: Union[float, torch.Tensor] = 0.0, backend: str = "auto") -> Optional[str]:
-    """None when ``gated_lora_fused`` runs the one-pass GEMV for these inputs, else why it runs exact mode.
+                          gate_bias: Union[float, torch.Tensor, None] = 0.0, backend: str = "auto") -> Optional[str]:
+    """None when ``gated_lora_fused`` runs a one-pass kernel for these inputs, else why it runs exact mode.
 
-    Shapes as in ``gated_lora_fused``. Cheap checks come first; the CUDA extension is built or
-    loaded only when every other condition holds. Reads no tensor value (no host sync).
+    Shapes as in ``gated_lora_fused``. Reads no tensor value (no host sync); the CUDA extension is built
+    or loaded only when every other condition holds.
     """
-    name = resolve_backend_name(backend)
-    if name not in ("auto", "cuda"):
-        return f"backend {name!r} was asked for (the fused GEMV is the cuda backend's)"
-    k = x.shape[-1]
-    m = x.numel() // k if k else 0
-    if m == 0 or weight.shape[0] == 0:
-        return "the input has no rows or no output features"
-    tensors = (x, weight, bias, lora_a, lora_b, gate, gate_weight, gate_bias)
-    reasons = cuda_backend.input_reasons(x, lora_a, gate, tensors)
-    if m > cuda_backend.MAX_FUSED_ROWS:
-        reasons.append(f"more than {cuda_backend.MAX_FUSED_ROWS} rows (the one-pass GEMV serves decode; "
-                       f"got {m})")
-    if weight.shape[-1] > 1 and weight.stride(-1) != 1:
-        reasons.append(f"weight has stride {weight.stride(-1)} along K (the GEMV streams rows of W)")
-    if reasons:
-        return "; ".join(reasons)
-    return cuda_backend.extension_problem(x.device)
+    args = make_args(x, weight.shape[0], lora_a, lora_b, 1.0, gate, gate_weight, gate_bias, 0.5, True)
+    if _differentiable(x, weight, bias, args):
+        return GRAD_REASON
+    return dispatch_fused(backend, args, weight, bias).reason
 
 
 _warned: set = set()
@@ -105,27 +96,24 @@ def warn_fused_fallback_once(reason: str, stacklevel: int = 2) -> bool:
     return True
 
 
-def _exact(x, weight, bias, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard, backend,
-           straight_through=False) -> torch.Tensor:
-    base = F.linear(x, weight, bias)
-    return gated_lora(x, base, lora_a, lora_b, scaling, gate=gate, gate_weight=gate_weight, gate_bias=gate_bias,
-                      threshold=threshold, hard=hard, backend=backend, inplace=True, straight_through=straight_through)
+def _exact(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], args: GatedLoraArgs, backend: str,
+           straight_through: bool) -> torch.Tensor:
+    return run(args, F.linear(x, weight, bias), backend, inplace=True, straight_through=straight_through)
 
 
-def _fused_forward(x, weight, bias, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
-                   backend) -> torch.Tensor:
-    """The GEMV where it applies, exact mode elsewhere (no autograd here)."""
-    if fused_fallback_reason(x, weight, bias, lora_a, lora_b, gate, gate_weight, gate_bias, backend) is not None:
-        return _exact(x, weight, bias, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard, backend)
-    k, n = x.shape[-1], weight.shape[0]
-    rows = x.reshape(-1, k)
-    args = GatedLoraArgs(rows, lora_a, lora_b, float(scaling), None if gate is None else gate.reshape(-1),
-                         gate_weight, gate_bias, float(threshold), bool(hard))
-    return cuda_backend.fused_gemv(rows, weight, bias, args).view(*x.shape[:-1], n)
+def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], args: GatedLoraArgs,
+                   backend: str, warn_fallback: bool) -> torch.Tensor:
+    """The one-pass kernel where a backend can run it, exact mode elsewhere (no autograd here)."""
+    chosen = dispatch_fused(backend, args, weight, bias)
+    if chosen.backend is None:
+        if warn_fallback:
+            warn_fused_fallback_once(chosen.reason, stacklevel=4)
+        return _exact(x, weight, bias, args, backend, False)
+    return chosen.backend.gated_lora_fused(args.x, weight, bias, args).view(*x.shape[:-1], args.n)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
-def gated_lora_fused_op(
+def registered_gated_lora_fused(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -134,21 +122,19 @@ def gated_lora_fused_op(
     scaling: float,
     gate: Optional[torch.Tensor],
     gate_weight: Optional[torch.Tensor],
-    gate_bias_tensor: Optional[torch.Tensor],
-    gate_bias_value: float,
+    gate_bias: Optional[torch.Tensor],
     threshold: float,
     hard: bool,
     backend: str,
 ) -> torch.Tensor:
-    """The registered op: y [..., N] (a new tensor); gate_bias as a tensor or a float (no union in a schema)."""
-    bias_arg = gate_bias_tensor if gate_bias_tensor is not None else gate_bias_value
-    return _fused_forward(x, weight, bias, lora_a, lora_b, scaling, gate, gate_weight, bias_arg, threshold, hard,
-                          backend)
+    """The registered op: y [..., N], a new tensor; gate_bias 0-dim (token gates) or None."""
+    args = make_args(x, weight.shape[0], lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard)
+    return _fused_forward(x, weight, bias, args, backend, warn_fallback=False)
 
 
-@gated_lora_fused_op.register_fake
-def _gated_lora_fused_fake(x, weight, bias, lora_a, lora_b, scaling, gate, gate_weight, gate_bias_tensor,
-                           gate_bias_value, threshold, hard, backend) -> torch.Tensor:
+@registered_gated_lora_fused.register_fake
+def _gated_lora_fused_fake(x, weight, bias, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
+                           backend) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -161,37 +147,41 @@ def gated_lora_fused(
     scaling: float,
     gate: Optional[torch.Tensor] = None,
     gate_weight: Optional[torch.Tensor] = None,
-    gate_bias: Union[float, torch.Tensor] = 0.0,
+    gate_bias: Union[float, torch.Tensor, None] = 0.0,
     threshold: float = 0.5,
     hard: bool = True,
     backend: str = "auto",
     straight_through: bool = False,
+    *,
+    validate: bool = True,
+    warn_fallback: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + scaling * g * (x A^T) B^T`` with one gate value per row.
 
     Args:
-        x: [..., K] (fp16, bf16 or fp32 for the GEMV; anything ``gated_lora`` takes otherwise).
+        x: [..., K] (fp16, bf16 or fp32 for the one-pass kernel; anything ``gated_lora`` takes otherwise).
         weight: [N, K] base weight, x's dtype. bias: [N] or None.
         lora_a: [r, K]; lora_b: [N, r]; scaling, gate [M] or x.shape[:-1], gate_weight [K],
-            gate_bias, threshold, hard, straight_through: as in ``gated_lora``.
-        backend: ``auto`` or ``cuda`` allow the GEMV; any backend is used for exact mode.
+            gate_bias, threshold, hard, straight_through, validate: as in ``gated_lora``.
+        backend: ``auto`` or a backend with a fused kernel allow the one-pass kernel; any backend is
+            used for exact mode.
+        warn_fallback: warn (once per kind of reason) when exact mode runs instead.
 
-    Returns: y [..., N] in x's dtype. Calls that autograd records run exact mode (the GEMV has no
-    backward). ``fused_fallback_reason`` tells whether a call runs the GEMV.
+    Returns: y [..., N] in x's dtype. Calls that autograd records run exact mode (the one-pass kernel
+    has no backward). ``fused_fallback_reason`` tells whether a call runs the one-pass kernel.
     """
-    _check_linear(x, weight, bias)
-    check_inputs(x, _base_like(x, weight.shape[0]), lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold)
-    differentiable = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad
-        for t in (x, weight, bias, lora_a, lora_b, gate, gate_weight, gate_bias))
-    if differentiable:
-        return _exact(x, weight, bias, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
-                      backend, straight_through)
+    if validate:
+        _check_linear(x, weight, bias)
+        check_inputs(x, _base_like(x, weight.shape[0]), lora_a, lora_b, scaling, gate, gate_weight, gate_bias,
+                     threshold, hard, False, straight_through, op="gated_lora_fused")
+    args = make_args(x, weight.shape[0], lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard)
+    if _differentiable(x, weight, bias, args):
+        if warn_fallback:
+            warn_fused_fallback_once(GRAD_REASON, stacklevel=3)
+        return _exact(x, weight, bias, args, backend, straight_through)
     resolve_backend_name(backend)  # reject an unknown name before anything runs
     if torch.compiler.is_compiling():
-        bias_tensor = gate_bias if isinstance(gate_bias, torch.Tensor) else None
-        bias_value = 0.0 if bias_tensor is not None else float(gate_bias)
-        return torch.ops.gatedlora.gated_lora_fused(x, weight, bias, lora_a, lora_b, float(scaling), gate, gate_weight,
-                                                    bias_tensor, bias_value, float(threshold), bool(hard), backend)
-    return _fused_forward(x, weight, bias, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
-                          backend)
+        return torch.ops.gatedlora.gated_lora_fused(x, weight, bias, lora_a, lora_b, float(scaling), gate,
+                                                    gate_weight, args.gate_bias, float(threshold), bool(hard),
+                                                    backend)
+    return _fused_forward(x, weight, bias, args, backend, warn_fallback)

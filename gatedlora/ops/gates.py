@@ -1,7 +1,32 @@
-"""Gate probabilities and values in PyTorch, shared by the torch backend and the layers."""
+"""Gate probabilities and values in PyTorch, shared by the torch backend, autograd and the layers."""
 from __future__ import annotations
 
 import torch
+
+
+_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+
+def cpu_scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim CPU tensor holding ``value``, for operations with CPU tensors of ``dtype``: fp64 for fp64
+    operands, else fp32, the precision PyTorch computes a Python float in, so results are bitwise those
+    of the float. An operation with a Python float costs about 2 us more host time than with a 0-dim
+    tensor (one core: 4.4 against 2.1 us for ``p >= 0.5``), more than its arithmetic at decode sizes."""
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    t = _SCALARS.get((value, dtype))
+    if t is None:
+        if len(_SCALARS) > 1024:
+            _SCALARS.clear()
+        t = _SCALARS[(value, dtype)] = torch.tensor(value, dtype=dtype)
+    return t
+
+
+def open_rows(probabilities: torch.Tensor, threshold: float, hard: bool) -> torch.Tensor:
+    """Which rows are open, [M] bool: hard ``p >= threshold``, soft ``p != 0``; NaN closes either way."""
+    if hard:
+        on_cpu = probabilities.device.type == "cpu"
+        return probabilities.ge(cpu_scalar(threshold, probabilities.dtype) if on_cpu else threshold)
+    return torch.nan_to_num(probabilities, nan=0.0) != 0
 
 
 def probability_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -9,13 +34,23 @@ def probability_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def token_gate_probabilities(
-    x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: float | torch.Tensor
-) -> torch.Tensor:
-    """``sigmoid(x . w_g + b_g)`` per row. x: [M, K]; gate_weight: [K]. Returns [M] in fp32 (fp64 for fp64 x)."""
+def token_gate_probabilities(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(x . w_g + b_g)`` per row. x: [M, K]; gate_weight: [K]; gate_bias: 0-dim.
+    Returns [M] in fp32 (fp64 for fp64 x), the precision the kernels use. One ``addmv`` and an in-place
+    sigmoid: two calls where ``x @ w + b`` then ``sigmoid`` are three (host time, docs/design.md)."""
     dtype = probability_dtype(x.dtype)
-    logit = x.to(dtype) @ gate_weight.to(dtype)
-    return torch.sigmoid(logit + (gate_bias.to(dtype) if isinstance(gate_bias, torch.Tensor) else gate_bias))
+    x = x if x.dtype == dtype else x.to(dtype)
+    gate_weight = gate_weight if gate_weight.dtype == dtype else gate_weight.to(dtype)
+    gate_bias = gate_bias if gate_bias.dtype == dtype else gate_bias.to(dtype)
+    return torch.addmv(gate_bias, x, gate_weight).sigmoid_()
+
+
+def gate_is_open(probability: float, threshold: float, hard: bool) -> bool:
+    """The rule of ``gate_values`` for one probability read on the host: hard ``p >= threshold``, soft
+    ``p != 0``; NaN closes either way."""
+    if hard:
+        return probability >= threshold
+    return probability == probability and probability != 0.0
 
 
 def gate_values(probabilities: torch.Tensor, threshold: float, hard: bool) -> torch.Tensor:

@@ -1,32 +1,160 @@
 """The torch backend: the CPU path and the fallback everywhere.
 
-The skip branch is real: the LoRA matmuls run on the open rows only (gathered with
-``index_select``), so 6% open rows cost about 6% of the LoRA work, and a batch with no
-open row runs no LoRA matmul. Finding the open rows needs ``nonzero`` (a host sync on a
-GPU); the triton and cuda backends skip on the device instead.
+Strategies (measured on one CPU core, in docs/design.md, "Choosing the strategy on the CPU"):
+
+* ``folded``: the gate folded into the matmuls: ``u = x A^T`` on every row, closed rows of ``u`` set to
+  0 (``masked_fill`` on [M, r]: an inf or NaN in a closed row of x goes no further) and soft gates
+  scaled in, then ``out.addmm_(u, B^T, alpha=s)``: the second matmul, the scaling and the add in one
+  call. No host read, so the strategy off the CPU (no sync, CUDA-graph capturable). A closed row gets
+  ``+0.0`` added: bit for bit its base output, except that an exact ``-0.0`` in it comes back ``+0.0``
+  (equal as numbers; masking the [M, N] term instead would keep the sign and cost 2.5x the add
+  itself at prefill sizes).
+* ``gathered``: the open rows found with ``nonzero``, gathered, multiplied and added back with
+  ``index_add_``: closed rows are not touched at all. Costs about twice as much per open row as the
+  folded strategy per row, so it pays when fewer than half the rows are open and M is not tiny.
+* on the CPU, where reading a value costs no device sync, the host first counts the open rows (1 to 2
+  us): none open costs nothing more, all open is plain LoRA, otherwise folded or gathered by the
+  count; a single row (decode at batch 1) reads its gate instead. A given gate on fewer rows than
+  gathering needs is folded without counting (its router has already told the host when every row
+  is open or closed).
+
+Without a gate the term is added to every row (``addmm_``).
+
+Host cost: at decode sizes each PyTorch call costs 1 to 5 us of host time, more than its arithmetic;
+scalars travel as cached 0-dim tensors (``gates.cpu_scalar``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .backends import Backend, register_backend
-from .checks import GatedLoraArgs
-from .gates import gate_values, probability_dtype, token_gate_probabilities
+from .args import GatedLoraArgs
+from .backends import Backend, Launch, register_backend
+from .contract import GateKind
+from .gates import cpu_scalar, gate_is_open, open_rows, probability_dtype, token_gate_probabilities
+
+# Gathering needs at least this many rows to pay for its nonzero and index_add (docs/design.md).
+GATHER_MIN_ROWS = 16
+
+def _lora_input(args: GatedLoraArgs, is_open: torch.Tensor | None = None) -> torch.Tensor:
+    """x in the LoRA dtype (PEFT casts x to it). A bfloat16 matmul on the CPU (oneDNN) computes rows in
+    pairs, so an inf or NaN in one row of x also spoils the other row of its pair: there the closed rows
+    (``is_open`` [M]) are zeroed first; fp32 and fp16 matmuls keep rows apart."""
+    x = args.x
+    x = x if x.dtype == args.lora_a.dtype else x.to(args.lora_a.dtype)
+    if is_open is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        x = torch.where(is_open.unsqueeze(1), x, cpu_scalar(0.0, x.dtype))
+    return x
 
 
-def _add_rows(out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None) -> None:
-    """out[rows] += delta, with PEFT's dtype rule: add in the promoted dtype, store in out's dtype."""
-    if rows is None:
-        if delta.dtype == out.dtype:
-            out.add_(delta)
+def _probabilities(args: GatedLoraArgs) -> torch.Tensor:
+    """Gate probabilities [M] in fp32 (fp64 for fp64 x), as ``gates.token_gate_probabilities``."""
+    if args.gate_kind is GateKind.TOKEN:
+        return token_gate_probabilities(args.x, args.gate_weight, args.gate_bias)
+    gate, dtype = args.gate, probability_dtype(args.x.dtype)
+    return gate if gate.dtype == dtype else gate.to(dtype)
+
+
+def _gate(args: GatedLoraArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(is_open [M] bool, soft gate values [M] or None for hard gates). NaN closes the gate."""
+    p = _probabilities(args)
+    if args.hard:
+        return open_rows(p, args.threshold, True), None
+    g = torch.nan_to_num(p, nan=0.0)
+    return g != 0, g
+
+
+def _add_product(out: torch.Tensor, u: torch.Tensor, args: GatedLoraArgs, rows: torch.Tensor | None = None) -> None:
+    """``out += s * u B^T`` (u: [M, r]), or into the rows ``rows`` of out. Where out has the LoRA dtype
+    the second matmul, the scaling and the add are one call (``addmm_``/``index_add_`` with alpha), else
+    PEFT's dtype rule: add in the promoted dtype, store in out's dtype."""
+    b = args.lora_b
+    if out.dtype == u.dtype == b.dtype:  # (under autocast u may come out in a lower precision)
+        if rows is None:
+            out.addmm_(u, b.t(), alpha=args.scaling)
         else:
-            out.copy_(out + delta)
+            out.index_add_(0, rows, F.linear(u, b), alpha=args.scaling)
         return
-    if delta.dtype == out.dtype:
-        out.index_add_(0, rows, delta)
+    delta = F.linear(u, b)
+    delta = delta.mul_(cpu_scalar(args.scaling, delta.dtype) if delta.device.type == "cpu" else args.scaling)
+    if rows is None:
+        out.copy_(out + delta)
     else:
         out.index_copy_(0, rows, (out.index_select(0, rows) + delta).to(out.dtype))
+
+
+def _add_every_row(out: torch.Tensor, args: GatedLoraArgs, g: torch.Tensor | None) -> None:
+    u = F.linear(_lora_input(args), args.lora_a)
+    _add_product(out, u if g is None else u.mul_(g.to(u.dtype).unsqueeze(1)), args)
+
+
+def add_every_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
+    """No gate: ``out += s * (x A^T) B^T``."""
+    _add_every_row(out, args, None)
+
+
+def _add_folded(out: torch.Tensor, args: GatedLoraArgs, is_open: torch.Tensor, g: torch.Tensor | None) -> None:
+    u = F.linear(_lora_input(args, is_open), args.lora_a)  # [M, r]
+    if g is not None:
+        u.mul_(g.to(u.dtype).unsqueeze(1))
+    u.masked_fill_(is_open.logical_not().unsqueeze_(1), 0.0)
+    _add_product(out, u, args)
+
+
+def add_folded(out: torch.Tensor, args: GatedLoraArgs) -> None:
+    """Every row through the matmuls, closed rows zeroed in ``u``: no host read."""
+    is_open, g = _gate(args)
+    _add_folded(out, args, is_open, g)
+
+
+def _add_gathered(out: torch.Tensor, args: GatedLoraArgs, is_open: torch.Tensor, g: torch.Tensor | None) -> None:
+    rows = is_open.nonzero().flatten()
+    u = F.linear(_lora_input(args).index_select(0, rows), args.lora_a)
+    if g is not None:
+        u.mul_(g.index_select(0, rows).to(u.dtype).unsqueeze(1))
+    _add_product(out, u, args, rows)
+
+
+def add_gathered(out: torch.Tensor, args: GatedLoraArgs) -> None:
+    """The LoRA matmuls on the open rows only (``nonzero``: a host read)."""
+    is_open, g = _gate(args)
+    _add_gathered(out, args, is_open, g)
+
+
+def add_counted(out: torch.Tensor, args: GatedLoraArgs) -> None:
+    """CPU, M > 1: count the open rows, then nothing, every row, gathered or folded."""
+    is_open, g = _gate(args)
+    opened = is_open.count_nonzero().item()
+    if opened == 0:
+        return
+    if opened == args.m:
+        _add_every_row(out, args, g)
+    elif 2 * opened < args.m and args.m >= GATHER_MIN_ROWS:
+        _add_gathered(out, args, is_open, g)
+    else:
+        _add_folded(out, args, is_open, g)
+
+
+def add_one_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
+    """M = 1 on the CPU: one read of the gate (1.5 us) decides."""
+    p = _probabilities(args)
+    if gate_is_open(p.item(), args.threshold, args.hard):
+        _add_every_row(out, args, None if args.hard else p)
+
+
+def choose_strategy(args: GatedLoraArgs) -> Launch:
+    """The function that adds the term for this configuration (``TorchBackend.launcher``)."""
+    if args.gate_kind is GateKind.NONE:
+        return add_every_row
+    if args.x.device.type != "cpu":
+        return add_folded  # counting or nonzero would sync with the device
+    if args.m == 1:
+        return add_one_row
+    if args.m < GATHER_MIN_ROWS and args.gate_kind is GateKind.GIVEN:
+        # Too few rows to gather, and a given gate comes from a router that has already told the host
+        # when every row is open or closed (routing.py): counting would only find a mixed batch.
+        return add_folded
+    return add_counted
 
 
 class TorchBackend(Backend):
@@ -35,32 +163,8 @@ class TorchBackend(Backend):
     def not_supported_reasons(self, args: GatedLoraArgs) -> list[str]:
         return []
 
-    def add_into(self, out: torch.Tensor, args: GatedLoraArgs) -> None:
-        x = args.x
-        if args.gate_weight is not None:
-            probabilities = token_gate_probabilities(x, args.gate_weight, args.gate_bias)
-        elif args.gate is not None:
-            probabilities = args.gate.reshape(-1).to(probability_dtype(x.dtype))
-        else:
-            probabilities = None
-        lora_x = x.to(args.lora_a.dtype)
-        if probabilities is None:
-            _add_rows(out, F.linear(F.linear(lora_x, args.lora_a), args.lora_b) * args.scaling, None)
-            return
-        if args.hard:  # NaN >= threshold is False: NaN closes
-            open_rows = (probabilities >= args.threshold).nonzero().flatten()
-        else:
-            g = gate_values(probabilities, args.threshold, args.hard)
-            open_rows = (g != 0).nonzero().flatten()
-        if open_rows.numel() == 0:
-            return
-        all_open = open_rows.numel() == x.shape[0]
-        rows_x = lora_x if all_open else lora_x.index_select(0, open_rows)
-        delta = F.linear(F.linear(rows_x, args.lora_a), args.lora_b) * args.scaling
-        if not args.hard:
-            g_open = g if all_open else g.index_select(0, open_rows)
-            delta = delta * g_open[:, None].to(delta.dtype)
-        _add_rows(out, delta, None if all_open else open_rows)
+    def launcher(self, args: GatedLoraArgs) -> Launch:
+        return choose_strategy(args)
 
 
 register_backend(TorchBackend())

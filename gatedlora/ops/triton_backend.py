@@ -1,11 +1,12 @@
-"""The triton backend: constraint checks, a config heuristic, one launch of ``gated_lora_add_kernel``.
+"""The triton backend: the kernel contract's reasons, a launch heuristic, one launch of ``gated_lora_add_kernel``.
 
 Nothing here synchronises with the device: the gate is decided inside the kernel, ``gate_bias``
-given as a tensor is passed by pointer, and every launch parameter comes from shapes, strides and
-dtypes. A call can therefore be captured in a CUDA graph (after a first call has compiled it).
+is passed by pointer, and every launch parameter comes from shapes, strides and dtypes. A call can
+therefore be captured in a CUDA graph (after a first call has compiled it). The heuristic runs once
+per configuration: the dispatcher caches the launch function built on its result.
 
-Choosing a configuration (DESIGN.md section 5)
-----------------------------------------------
+Choosing a configuration (docs/design.md, "Numbers to design against")
+----------------------------------------------------------------------
 The adapter term is memory bound at every shape of interest (r <= 128: at most 2*r FLOPs per
 byte of x), so the heuristic compares bytes. With ``e_x``, ``e_l`` the element sizes of x and
 the LoRA weights, ``rows = min(M, BLOCK_M)`` and ``S = n_split``, one program moves
@@ -14,12 +15,13 @@ the LoRA weights, ``rows = min(M, BLOCK_M)`` and ``S = n_split``, one program mo
     share = (r*N*e_l + 2*rows*N*e_x) / S      its part of B and of the read+write of the output
 
 and the whole grid (``blocks * S`` programs, ``blocks = cdiv(M, BLOCK_M)``) moves
-``blocks * (S*fixed + S*share)`` bytes through L2, of which only x, A, B and the output are unique (HBM). The time estimate is the
-largest of three bounds: waves * bytes-per-program / per-SM bandwidth (latency of one program),
-L2 bytes / L2 bandwidth, unique bytes / HBM bandwidth. The heuristic takes the (BLOCK_M, S) with
-the smallest estimate. The bandwidths are H100 SXM figures (3.35 TB/s HBM3; about 5.5 TB/s L2;
-64 B/clock/SM at 1.75 GHz = 112 GB/s per SM). They are assumptions, not measurements: no GPU has
-run this code yet, and the constants are meant to be replaced by measured ones.
+``blocks * (S*fixed + S*share)`` bytes through L2, of which only x, A, B and the output are unique
+(HBM). The time estimate is the largest of three bounds: waves * bytes-per-program / per-SM
+bandwidth (latency of one program), L2 bytes / L2 bandwidth, unique bytes / HBM bandwidth. The
+heuristic takes the (BLOCK_M, S) with the smallest estimate. The bandwidths are H100 SXM figures
+(3.35 TB/s HBM3; about 5.5 TB/s L2; 64 B/clock/SM at 1.75 GHz = 112 GB/s per SM). They are
+assumptions, not measurements: no GPU has run this code yet, and the constants are meant to be
+replaced by measured ones.
 
 Worked examples (bf16, r = 16, K = N = 4096, Llama-3-8B q_proj; estimates from
 ``_estimate_seconds``, not measurements):
@@ -34,7 +36,7 @@ Worked examples (bf16, r = 16, K = N = 4096, Llama-3-8B q_proj; estimates from
   any S (6.2 us at best), whose programs each read 512 KiB of x.
 * prefill, M = 4096, BLOCK_M = 64: HBM bound. x (32 MiB) plus the output read and write (64 MiB)
   take 30 us at 3.35 TB/s for S = 1 or 2; S = 4 needs two waves (44 us). The tie goes to S = 1
-  (fewer redundant reads). This 30 us is the exact-mode floor of DESIGN.md section 5.
+  (fewer redundant reads). This 30 us is the exact-mode floor of docs/design.md.
 
 Tile shapes per (BLOCK_M, BLOCK_R, LoRA element size) are in ``TILE_CONFIGS``; all of them are
 compiled for sm_80 and sm_90 by tools/aot_check.py, which fails on a spill or on shared memory
@@ -49,12 +51,9 @@ import torch
 import triton
 
 from . import triton_kernel
-from .backends import Backend, register_backend
-from .checks import GatedLoraArgs
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_RANK = 128
-BLOCK_R_CHOICES = (16, 32, 64, 128)
+from .args import GatedLoraArgs
+from .backends import Backend, Launch, m_bucket, register_backend
+from .contract import GateKind, kernel_reasons, staged_output, unit_inner_stride
 
 # Assumed H100 SXM bandwidths in bytes/s (see the module docstring); unmeasured.
 HBM_BANDWIDTH = 3.35e12
@@ -114,12 +113,6 @@ def block_r_for(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def m_bucket(m: int) -> int:
-    """Power-of-two bucket of the row count: the heuristic's cache key, so decode and every prefill
-    length do not each get their own entry."""
-    return triton.next_power_of_2(max(1, m))
-
-
 def _estimate_seconds(m: int, n: int, k: int, r: int, e_x: int, e_l: int, block_m: int, block_n: int,
                       n_split: int, num_sms: int) -> float:
     rows = min(m, block_m)
@@ -133,7 +126,6 @@ def _estimate_seconds(m: int, n: int, k: int, r: int, e_x: int, e_l: int, block_
     return max(waves * per_program / SM_BANDWIDTH, l2_bytes / L2_BANDWIDTH, hbm_bytes / HBM_BANDWIDTH)
 
 
-@functools.lru_cache(maxsize=4096)
 def choose_launch(m_key: int, n: int, k: int, r: int, e_x: int, e_l: int, num_sms: int) -> tuple[TileConfig, int]:
     """(tile config, n_split) for an M bucket, N, K, rank and element sizes; see the module docstring."""
     block_r = block_r_for(r)
@@ -176,14 +168,6 @@ def dot_precision(lora_dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def dtype_pair_supported(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> bool:
-    """The kernel runs x and LoRA weights of one dtype, and 16-bit x with fp32 LoRA weights (what PEFT
-    creates by default on a bf16/fp16 model: autocast_adapter_dtype upcasts adapters to fp32)."""
-    if x_dtype not in SUPPORTED_DTYPES or lora_dtype not in SUPPORTED_DTYPES:
-        return False
-    return x_dtype == lora_dtype or lora_dtype == torch.float32
-
-
 def _as_fp32(t: torch.Tensor) -> torch.Tensor:
     # Gate inputs enter the kernel as fp32 so that one compiled variant serves every gate dtype
     # (tools/aot_check.py compiles each variant). fp32 inputs, the common case, are not copied;
@@ -191,73 +175,51 @@ def _as_fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:
-    # The kernel assumes stride 1 along the last dim (contiguous vector loads; see the kernel's
-    # docstring). Layouts without it (a transposed x, for instance) are copied: one extra read and
-    # write of the tensor, on an uncommon path. Row strides are passed as they are.
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+def _num_sms_for(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_NUM_SMS
 
 
-def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig | None = None,
-                n_split: int | None = None) -> tuple[tuple[int, int], tuple, dict] | None:
-    """(grid, positional args, keyword args) of the kernel launch for ``out`` [M, N] and ``args``;
-    None when there is nothing to do (M or N is 0).
+def heuristic_launch(args: GatedLoraArgs) -> tuple[TileConfig, int]:
+    """(tile config, n_split) for this configuration (the dispatcher caches the launch built on it)."""
+    return choose_launch(m_bucket(args.m), args.n, args.k, args.r, args.x.element_size(), args.lora_a.element_size(),
+                         _num_sms_for(args.x.device))
 
-    ``tiles``/``n_split`` override the heuristic (tests run every configuration through this).
+
+def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig,
+                n_split: int) -> tuple[tuple[int, int], tuple, dict]:
+    """(grid, positional args, keyword args) of the kernel launch that adds into ``out`` [M, N].
+
+    ``out`` must have unit stride along N (``contract.staged_output``); M, N and K are at least 1.
     tools/aot_check.py compiles from these same plans, so what it checks is what is launched.
     """
-    if out.stride(-1) != 1 and out.shape[-1] > 1:
-        raise ValueError("gated_lora (triton): out must have unit stride along N (launch() copies otherwise)")
-    x, a, b = (_unit_inner_stride(t) for t in (args.x, args.lora_a, args.lora_b))
-    m, k = x.shape
-    n = out.shape[1]
-    r = a.shape[0]
-    if m == 0 or n == 0:
-        return None
-    if tiles is None or n_split is None:
-        if x.device.type == "cuda":
-            sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        else:
-            sms = DEFAULT_NUM_SMS
-        chosen, split = choose_launch(m_bucket(m), n, k, r, x.element_size(), a.element_size(), sms)
-        tiles = tiles or chosen
-        n_split = n_split or split
-    if tiles.block_r < r:
-        raise ValueError(f"gated_lora (triton): BLOCK_R={tiles.block_r} is smaller than the rank {r}")
-    n_split = max(1, min(n_split, triton.cdiv(n, tiles.block_n)))
-
-    # Pointers a mode does not read still need a value; each mode fills them the same way every
+    x, a, b = unit_inner_stride(args.x), unit_inner_stride(args.lora_a), unit_inner_stride(args.lora_b)
+    if tiles.block_r < args.r:
+        raise ValueError(f"gated_lora (triton): BLOCK_R={tiles.block_r} is smaller than the rank {args.r}")
+    n_split = max(1, min(n_split, triton.cdiv(args.n, tiles.block_n)))
+    # Pointers a gate kind does not read still need a value; each kind fills them the same way every
     # time so that it has one signature (and one compiled variant) per dtype pair.
-    bias_is_tensor = isinstance(args.gate_bias, torch.Tensor)
-    if args.gate_weight is not None:
-        mode = triton_kernel.GATE_TOKEN
+    kind = args.gate_kind
+    if kind is GateKind.TOKEN:
         gate_weight = _as_fp32(args.gate_weight).contiguous()
-        gate = gate_weight
-        gate_bias = _as_fp32(args.gate_bias) if bias_is_tensor else gate_weight
-        stride_g = 0
-    elif args.gate is not None:
-        mode = triton_kernel.GATE_GIVEN
+        gate, gate_bias, stride_g = gate_weight, _as_fp32(args.gate_bias), 0
+    elif kind is GateKind.GIVEN:
         gate = _as_fp32(args.gate)
         gate_weight = gate_bias = gate
         stride_g = gate.stride(0)
-        bias_is_tensor = False
     else:
-        mode = triton_kernel.GATE_NONE
         gate = gate_weight = gate_bias = x
         stride_g = 0
-        bias_is_tensor = False
-    gate_bias_value = 0.0 if isinstance(args.gate_bias, torch.Tensor) else float(args.gate_bias)
-
-    grid = (triton.cdiv(m, tiles.block_m), n_split)
+    grid = (triton.cdiv(args.m, tiles.block_m), n_split)
     positional = (
         x, a, b, out, gate, gate_weight, gate_bias,
-        m, n, k, r,
+        args.m, args.n, args.k, args.r,
         x.stride(0), a.stride(0), b.stride(0), out.stride(0), stride_g,
-        float(args.scaling), float(args.threshold), gate_bias_value,
-        int(args.hard), int(bias_is_tensor),
+        float(args.scaling), float(args.threshold), int(args.hard),
     )
     keywords = dict(
-        GATE_MODE=mode,
+        GATE_KIND=int(kind),
         DOT_PRECISION=dot_precision(a.dtype),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -265,58 +227,33 @@ def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig | None
     return grid, positional, keywords
 
 
-def launch(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig | None = None, n_split: int | None = None) -> None:
+def launch(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig, n_split: int) -> None:
     """Add the gated LoRA term into ``out`` [M, N] in place: one kernel launch, no host sync.
-
-    x: [M, K]; lora_a: [r, K]; lora_b: [N, r]; gate: [M] or None; gate_weight: [K] or None.
-    """
-    if out.stride(-1) != 1 and out.shape[-1] > 1:
-        staged = out.contiguous()
-        launch(staged, args, tiles, n_split)
-        out.copy_(staged)
-        return
-    plan = launch_plan(out, args, tiles, n_split)
-    if plan is None:
-        return
-    grid, positional, keywords = plan
+    ``tiles``/``n_split`` as the heuristic gives them, or any entry of ``TILE_CONFIGS`` (tests)."""
+    target = staged_output(out)
+    grid, positional, keywords = launch_plan(target, args, tiles, n_split)
     triton_kernel.gated_lora_add_kernel[grid](*positional, **keywords)
+    if target is not out:
+        out.copy_(target)
 
 
 class TritonBackend(Backend):
     name = "triton"
 
     def not_supported_reasons(self, args: GatedLoraArgs) -> list[str]:
-        reasons = []
-        x, a = args.x, args.lora_a
-        for label, dtype in (("x", x.dtype), ("lora weights", a.dtype)):
-            if dtype not in SUPPORTED_DTYPES:
-                reasons.append(f"{label} dtype {dtype} is not supported (float16, bfloat16, float32)")
-        if x.dtype in SUPPORTED_DTYPES and a.dtype in SUPPORTED_DTYPES and not dtype_pair_supported(x.dtype, a.dtype):
-            reasons.append(
-                f"x in {x.dtype} with lora weights in {a.dtype} is not compiled (same dtype, or "
-                "16-bit x with float32 lora weights as PEFT makes them)"
-            )
-        if args.gate is not None and not args.gate.is_floating_point():
-            reasons.append(f"gate dtype {args.gate.dtype} is not floating point")
-        if a.shape[0] > MAX_RANK:
-            reasons.append(f"rank {a.shape[0]} exceeds the kernel's maximum of {MAX_RANK}")
+        reasons = kernel_reasons(args.x.dtype, args.lora_a.dtype, args.r)
+        device = args.x.device
         if kernel_is_interpreted():
-            if x.device.type not in ("cpu", "cuda"):
-                reasons.append(f"tensors on {x.device} (the interpreter takes CPU or CUDA tensors)")
-        elif x.device.type != "cuda":
-            reasons.append(
-                f"tensors are on {x.device.type}; the kernel runs on CUDA tensors (or on CPU tensors "
-                "under TRITON_INTERPRET=1, set before gatedlora is imported)"
-            )
-        if torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad
-            for t in (x, a, args.lora_b, args.gate, args.gate_weight, args.gate_bias)
-        ):
-            reasons.append("inputs require grad and the kernel has no backward yet (the torch backend has)")
+            if device.type not in ("cpu", "cuda"):
+                reasons.append(f"tensors on {device} (the interpreter takes CPU or CUDA tensors)")
+        elif device.type != "cuda":
+            reasons.append(f"tensors are on {device.type}; the kernel runs on CUDA tensors (or on CPU tensors "
+                           "under TRITON_INTERPRET=1, set before gatedlora is imported)")
         return reasons
 
-    def add_into(self, out: torch.Tensor, args: GatedLoraArgs) -> None:
-        launch(out, args)
+    def launcher(self, args: GatedLoraArgs) -> Launch:
+        tiles, n_split = heuristic_launch(args)
+        return functools.partial(launch, tiles=tiles, n_split=n_split)
 
 
 register_backend(TritonBackend())

@@ -11,16 +11,18 @@ open rows. Grid: ``(cdiv(M, BLOCK_M), n_split)``. Program ``(i, j)`` owns rows
   multiply-adds, cheap when M is small).
 
 The launcher (``triton_backend.py``) picks ``n_split`` and the tile sizes. This file knows
-nothing about modules or dispatch.
+nothing about modules or dispatch; the gate kinds are the contract's (``contract.GateKind``).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-GATE_NONE = 0  # plain LoRA: g = 1 for every row
-GATE_GIVEN = 1  # per-row probabilities read from gate_ptr
-GATE_TOKEN = 2  # p = sigmoid(x . w_g + b_g), computed in the K loop that computes x A^T
+from .contract import GateKind
+
+# Kernels may read module globals only as constexprs.
+GATE_GIVEN = tl.constexpr(int(GateKind.GIVEN))  # per-row probabilities read from gate_ptr
+GATE_TOKEN = tl.constexpr(int(GateKind.TOKEN))  # p = sigmoid(x . w_g + b_g), in the K loop that computes x A^T
 
 
 @triton.jit
@@ -36,16 +38,15 @@ def _gate_from_probability(p, threshold, hard):
     return is_open, g
 
 
-# M varies with every prompt length and R, hard, bias_from_ptr are runtime switches: specialising
-# them on ==1 or %16 would only multiply compiled variants.
-@triton.jit(do_not_specialize=["M", "R", "hard", "bias_from_ptr"])
+# M varies with every prompt length and R and hard are runtime switches: specialising them on ==1
+# or %16 would only multiply compiled variants.
+@triton.jit(do_not_specialize=["M", "R", "hard"])
 def gated_lora_add_kernel(
     x_ptr, a_ptr, b_ptr, out_ptr, gate_ptr, gw_ptr, gb_ptr,
     M, N, K, R,
     stride_xm, stride_ar, stride_bn, stride_om, stride_g,
-    scaling, threshold, gate_bias_value,
-    hard, bias_from_ptr,
-    GATE_MODE: tl.constexpr,
+    scaling, threshold, hard,
+    GATE_KIND: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -53,12 +54,10 @@ def gated_lora_add_kernel(
 
     x [M, K], a [R, K] (lora_A.weight), b [N, R] (lora_B.weight), out [M, N] holding the base
     output, all with unit stride along their last dim (rows may have any stride); gate [M]
-    probabilities (GATE_GIVEN, any stride); gw [K] contiguous token-gate weight and gb a 0-dim bias
-    tensor when ``bias_from_ptr`` (else ``gate_bias_value``) (GATE_TOKEN). Unit inner strides
-    let every tile load as contiguous vectors: with a runtime inner stride each element needs its
-    own 64-bit address, which made 64-row tiles spill on sm_90 (tools/aot_check.py). ``hard`` and
-    ``bias_from_ptr`` are runtime ints: both paths cost a scalar branch, and keeping them out of
-    the constexprs halves the number of compiled variants twice over (tools/aot_check.py).
+    probabilities (GATE_GIVEN, any stride); gw [K] contiguous token-gate weight and gb its 0-dim
+    bias (GATE_TOKEN), all fp32. Unit inner strides let every tile load as contiguous vectors
+    (``contract.unit_inner_stride``). ``hard`` is a runtime int: both paths cost a scalar branch,
+    and keeping it out of the constexprs halves the number of compiled variants (tools/aot_check.py).
     BLOCK_R >= R is a power of two >= 16 (tl.dot's minimum); the padded ranks load as zeros.
     """
     pid_m = tl.program_id(0)
@@ -74,7 +73,7 @@ def gated_lora_add_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_in = offs_r < R
 
-    if GATE_MODE == 1:
+    if GATE_KIND == GATE_GIVEN:
         # Given gates: decide before touching x or the LoRA weights, so a closed block costs one
         # load of BLOCK_M gate values; closed rows of a partly open block are not even read.
         p = tl.load(gate_ptr + rows64 * stride_g, mask=row_in, other=0.0).to(tl.float32)
@@ -98,7 +97,7 @@ def gated_lora_add_kernel(
             x_ptr + rows64[:, None] * stride_xm + offs_k[None, :],
             mask=load_rows[:, None] & k_in[None, :], other=0.0,
         )
-        if GATE_MODE == 2:
+        if GATE_KIND == GATE_TOKEN:
             # Gate in fp32 on x in its own dtype, as gates.token_gate_probabilities does.
             w = tl.load(gw_ptr + offs_k, mask=k_in, other=0.0).to(tl.float32)
             logit += tl.sum(x.to(tl.float32) * w[None, :], axis=1)
@@ -109,12 +108,8 @@ def gated_lora_add_kernel(
         # PEFT casts x to the LoRA dtype before lora_A.
         xa = tl.dot(x.to(lora_ty), a, xa, input_precision=DOT_PRECISION)
 
-    if GATE_MODE == 2:
-        if bias_from_ptr != 0:
-            bias = tl.load(gb_ptr).to(tl.float32)
-        else:
-            bias = gate_bias_value
-        p = tl.sigmoid(logit + bias)
+    if GATE_KIND == GATE_TOKEN:
+        p = tl.sigmoid(logit + tl.load(gb_ptr))
         is_open, g = _gate_from_probability(p, threshold, hard)
         is_open = is_open & row_in
         # The token gate needs the whole K loop, so only the B side can be skipped here.

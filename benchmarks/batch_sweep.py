@@ -1,0 +1,82 @@
+"""Model level, CPU or GPU: gatedlora with half the sequences open against PEFT with every sequence open,
+at each batch size, for prefill and decode (the hot-path target of docs/design.md, "Choosing the strategy").
+
+    python benchmarks/batch_sweep.py [--batches 1,2,4,8,16,32] [--tokens 64] [--budget 1.0] [--json FILE]
+
+Uses the machinery of ``gatedlora bench`` (gatedlora/benchmarking): the same Llama built from a config, the
+same PRISM adapter (r=16 on blocks after the router layer), providers timed in interleaved rounds, medians.
+Each row: time / base time for PEFT (every sequence open) and gatedlora torch with ``max(1, B // 2)`` of B
+sequences open, and, at batch 8, 1 of 8 open. The target: gatedlora's ratio below PEFT's in every row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from gatedlora.benchmarking.models import CPU_DEFAULT, GPU_DEFAULT, add_prism_adapter, build_llama
+from gatedlora.benchmarking.report import environment
+from gatedlora.benchmarking.scenarios import Scenario, build_setup, decode_providers, make_batch, prefill_providers
+from gatedlora.benchmarking.timing import time_side_by_side
+
+
+def _providers(make, *args) -> dict:
+    result = make(*args)
+    return result[0] if isinstance(result, tuple) else result  # some versions return (providers, notes)
+
+
+def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device, clock) -> list[dict]:
+    spec, dtype = (GPU_DEFAULT, torch.bfloat16) if device.type == "cuda" else (CPU_DEFAULT, torch.float32)
+    backend = "cuda" if device.type == "cuda" else "torch"
+    setup = build_setup(build_llama(spec, device, dtype), lambda m: add_prism_adapter(m, 0), 0, [backend])
+    gated = f"gatedlora {backend}"
+    rows = []
+    for phase in ("prefill", "decode"):
+        cases = [(b, max(1, b // 2)) for b in batches] + ([(8, 1)] if 8 in batches else [])
+        for batch, open_count in cases:
+            ids, mask, open_mask = make_batch(Scenario(phase, batch, tokens, open_count), setup.vocab_size, device)
+            every = torch.ones_like(open_mask)
+            make = prefill_providers if phase == "prefill" else decode_providers
+            with torch.inference_mode():
+                # PEFT runs every sequence open whatever the routing; gatedlora sees the scenario's routes
+                providers = {"base": _providers(make, setup, ids, mask, every)["base"],
+                             "peft": _providers(make, setup, ids, mask, every)["peft"],
+                             gated: _providers(make, setup, ids, mask, open_mask)[gated]}
+                timings = time_side_by_side(providers, device, budget_s=budget_s, clock=clock)
+            base = timings["base"].median_s
+            rows.append({"phase": phase, "batch": batch, "open": open_count, "base_ms": base * 1e3,
+                         "peft_ratio": timings["peft"].median_s / base, "gated_ratio": timings[gated].median_s / base})
+            print(f"{phase:7s} b={batch:2d} open {open_count:2d}/{batch:<2d} base {base * 1e3:7.2f} ms  "
+                  f"peft {rows[-1]['peft_ratio']:.2f}x  gatedlora {rows[-1]['gated_ratio']:.2f}x  "
+                  f"{'ok' if rows[-1]['gated_ratio'] < rows[-1]['peft_ratio'] else 'SLOWER'}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="1,2,4,8,16,32")
+    parser.add_argument("--tokens", type=int, default=64, help="prompt length (prefill) and context (decode)")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="CPU timing: wall time (default) or the thread's CPU time (with --threads 1, "
+                             "unaffected by other processes on a shared machine)")
+    parser.add_argument("--json", help="write the rows and the environment here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    rows = sweep([int(b) for b in args.batches.split(",")], args.tokens, args.budget, device, clock)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(device), "threads": torch.get_num_threads(), "clock": args.clock,
+                       "tokens": args.tokens, "rows": rows}, f, indent=1)
+    return 0 if all(r["gated_ratio"] < r["peft_ratio"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The op's arguments: validated and normalised once, at the op boundary, into one ``GatedLoraArgs``.
+
+Every backend, the autograd function and the registered op receive this object; none of them checks
+or converts an argument again. Normalised means: x and the gate flattened to rows, the gate kind an
+enum (``contract.GateKind``), ``gate_bias`` always a 0-dim tensor (token gates) or None (other
+kinds), shapes read once. Errors name the argument, what was expected and what came.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .contract import GateKind
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class GatedLoraArgs:
+    """The inputs of one call, flattened to rows.
+
+    x: [M, K]; lora_a: [r, K]; lora_b: [N, r]; gate: [M] probabilities (``GateKind.GIVEN``) or None;
+    gate_weight: [K] (``GateKind.TOKEN``) or None; gate_bias: 0-dim tensor (``GateKind.TOKEN``) or None;
+    m, n, k, r: the sizes.
+    """
+
+    __slots__ = ("x", "lora_a", "lora_b", "scaling", "gate_kind", "gate", "gate_weight", "gate_bias",
+                 "threshold", "hard", "m", "n", "k", "r")
+
+    def __init__(self, x: torch.Tensor, n: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                 gate_kind: GateKind, gate: torch.Tensor | None, gate_weight: torch.Tensor | None,
+                 gate_bias: torch.Tensor | None, threshold: float, hard: bool) -> None:
+        self.m, self.k = x.shape
+        self.n = n
+        self.r = lora_a.shape[0]
+        self.x = x
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.scaling = scaling
+        self.gate_kind = gate_kind
+        self.gate = gate
+        self.gate_weight = gate_weight
+        self.gate_bias = gate_bias
+        self.threshold = threshold
+        self.hard = hard
+
+    def tensors(self) -> tuple:
+        """The input tensors a backend reads (None where the gate kind has none)."""
+        return self.x, self.lora_a, self.lora_b, self.gate, self.gate_weight, self.gate_bias
+
+    def replace(self, **changes) -> GatedLoraArgs:
+        """A copy with some fields changed (tests, launch variants)."""
+        fields = {name: getattr(self, name) for name in self.__slots__ if name not in ("m", "k", "r")}
+        fields.update(changes)
+        return GatedLoraArgs(**fields)
+
+    def __repr__(self) -> str:
+        return (f"GatedLoraArgs(m={self.m}, n={self.n}, k={self.k}, r={self.r}, gate_kind={self.gate_kind.name}, "
+                f"x={self.x.dtype}, lora={self.lora_a.dtype}, device={self.x.device}, hard={self.hard})")
+
+
+def make_args(x: torch.Tensor, n: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+              gate: torch.Tensor | None, gate_weight: torch.Tensor | None,
+              gate_bias: float | torch.Tensor | None, threshold: float, hard: bool) -> GatedLoraArgs:
+    """Normalise arguments that ``check_inputs`` accepted (or that are valid by construction).
+
+    x: [..., K] -> [M, K] (a view where the layout allows); gate: [M] or x.shape[:-1] -> [M];
+    gate_bias: float, None (no bias) or a one-element tensor -> 0-dim tensor on x's device.
+    """
+    if x.dim() == 2:
+        rows = x
+    else:
+        k = x.shape[-1]
+        rows = x.reshape(x.shape[:-1].numel(), k)
+    if gate_weight is not None:
+        kind = GateKind.TOKEN
+        gate = None
+        if not isinstance(gate_bias, torch.Tensor):
+            # A fill kernel where x is on a GPU: no host-to-device copy, so no sync and capturable.
+            gate_bias = torch.full((), 0.0 if gate_bias is None else float(gate_bias), dtype=torch.float32,
+                                   device=x.device)
+        elif gate_bias.dim():
+            gate_bias = gate_bias.reshape(())  # a view: gradients reach the caller's [1] or [1, 1] tensor
+    elif gate is not None:
+        kind = GateKind.GIVEN
+        if gate.dim() != 1:
+            gate = gate.reshape(rows.shape[0])
+        gate_bias = None
+    else:
+        kind = GateKind.NONE
+        gate_bias = None
+    return GatedLoraArgs(rows, n, lora_a, lora_b, scaling, kind, gate, gate_weight, gate_bias, threshold, hard)
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
+                 inplace: bool = False, straight_through: bool = False, op: str = "gated_lora") -> None:
+    """Raise TypeError/ValueError naming the first argument that is wrong (shapes as in ``gated_lora``).
+
+    On CPU tensors a given ``gate`` is also checked for values outside [0, 1] (NaN included): there
+    the check costs no device sync. On a GPU it would, so there a NaN closes the gate and other values
+    are used as they are (docs/design.md, "The operation").
+    """
+    for name, t in (("x", x), ("base_out", base_out), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    for name, value in (("hard", hard), ("inplace", inplace), ("straight_through", straight_through)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape [..., K], got a 0-dim tensor")
+    k = x.shape[-1]
+    if base_out.shape[:-1] != x.shape[:-1] or base_out.dim() != x.dim():
+        raise ValueError(f"{op}: base_out must have the leading dims of x, shape {_shape(x)[:-1] + ['N']}, "
+                         f"got {_shape(base_out)}")
+    n = base_out.shape[-1]
+    if lora_a.dim() != 2 or lora_a.shape[1] != k:
+        raise ValueError(f"{op}: lora_a must have shape [r, K] = [r, {k}], got {_shape(lora_a)}")
+    r = lora_a.shape[0]
+    if r < 1:
+        raise ValueError(f"{op}: rank r must be at least 1, lora_a has shape {_shape(lora_a)}")
+    if lora_b.dim() != 2 or lora_b.shape[0] != n:
+        raise ValueError(f"{op}: lora_b must have shape [N, r] = [{n}, {r}], got {_shape(lora_b)}")
+    if lora_b.shape[1] != r:
+        raise ValueError(f"{op}: rank mismatch: lora_a has rank {r} (shape {_shape(lora_a)}) but lora_b has "
+                         f"rank {lora_b.shape[1]} (shape {_shape(lora_b)}); expected lora_b of shape [{n}, {r}]")
+    if lora_a.dtype != lora_b.dtype:
+        raise TypeError(f"{op}: lora_a and lora_b must share a dtype, got {lora_a.dtype} and {lora_b.dtype}")
+    if x.dtype != base_out.dtype:
+        raise TypeError(f"{op}: x and base_out must share a dtype, got {x.dtype} and {base_out.dtype}")
+    if isinstance(scaling, (bool, torch.Tensor)) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise TypeError(f"{op}: scaling must be a finite Python float, got {scaling!r}")
+    if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
+        raise ValueError(f"{op}: threshold must be a float in (0, 1), got {threshold!r}")
+    if inplace and any(stride == 0 and size > 1 for size, stride in zip(base_out.shape, base_out.stride())):
+        raise ValueError(f"{op}: inplace=True needs a base_out whose elements have their own memory, got an "
+                         f"expanded tensor (shape {_shape(base_out)}, strides {list(base_out.stride())}); "
+                         "pass inplace=False or base_out.contiguous()")
+    if gate is not None and gate_weight is not None:
+        raise ValueError(f"{op}: pass either gate (given per-row values) or gate_weight (token gate), not both")
+    named = [("lora_a", lora_a), ("lora_b", lora_b), ("base_out", base_out)]
+    if gate is not None:
+        m = x.shape[:-1].numel()
+        if not isinstance(gate, torch.Tensor) or gate.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: gate must be a float32, float16, bfloat16 or float64 tensor of probabilities, "
+                            f"got {gate!r:.80}")
+        if tuple(gate.shape) not in ((m,), tuple(x.shape[:-1])):
+            raise ValueError(f"{op}: gate must have one value per row of x: shape [{m}] or {_shape(x)[:-1]}, "
+                             f"got {_shape(gate)}")
+        named.append(("gate", gate))
+    if gate_weight is not None:
+        if not isinstance(gate_weight, torch.Tensor) or gate_weight.shape != (k,):
+            shape = _shape(gate_weight) if isinstance(gate_weight, torch.Tensor) else type(gate_weight).__name__
+            raise ValueError(f"{op}: gate_weight must have shape [K] = [{k}], got {shape}")
+        if gate_weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: gate_weight must be float32, float16, bfloat16 or float64, got {gate_weight.dtype}")
+        named.append(("gate_weight", gate_weight))
+    if isinstance(gate_bias, torch.Tensor):
+        if gate_bias.numel() != 1:
+            raise ValueError(f"{op}: gate_bias must be a scalar (a float or a one-element tensor), got shape "
+                             f"{_shape(gate_bias)}")
+        if gate_bias.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: gate_bias must be float32, float16, bfloat16 or float64, got {gate_bias.dtype}")
+        named.append(("gate_bias", gate_bias))
+    elif gate_bias is not None and (isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float))):
+        raise TypeError(f"{op}: gate_bias must be a float, a one-element tensor or None, got {gate_bias!r:.80}")
+    for name, t in named:
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+    if gate is not None and gate.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_gate_values(gate, op)
+
+
+def _check_gate_values(gate: torch.Tensor, op: str) -> None:
+    """Reject probabilities outside [0, 1] (NaN and inf included): a soft gate scales the LoRA term by
+    the value, so 1.7 or -0.5 would silently give a different operation."""
+    flat = gate.detach().reshape(-1)
+    bad = ~((flat >= 0) & (flat <= 1))  # NaN fails both comparisons
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:8].tolist()
+        values = flat[rows].tolist()
+        raise ValueError(f"{op}: gate must hold probabilities in [0, 1]; rows {rows} (of {flat.numel()}) hold "
+                         f"{values} (use 0.0 to close a row's gate)")
+
+
+def overlaps(out: torch.Tensor, inputs: tuple) -> bool:
+    """True when ``out`` shares memory with one of ``inputs`` (same storage and intersecting byte ranges)."""
+    if not out.numel():
+        return False
+    storage = out.untyped_storage().data_ptr()
+    start = out.data_ptr()
+    end = start + _extent_bytes(out)
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() == storage:
+            other = t.data_ptr()
+            if other < end and start < other + _extent_bytes(t):
+                return True
+    return False
+
+
+def _extent_bytes(t: torch.Tensor) -> int:
+    return (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
