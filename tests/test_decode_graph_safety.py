@@ -14,7 +14,7 @@ import torch
 from steered_routers import PatternRouter
 from tiny_models import randomize_lora_b, tiny_peft_model
 
-from gatedlora import GatedLoraConfig, patch_model
+from gatedlora import GatedLoraConfig, gated_lora, patch_model
 from gatedlora.benchmarking.cuda_graphs import capture_decode_step, gatedlora_host_reads, prefill_static
 from gatedlora.ops import available_backends
 
@@ -52,14 +52,13 @@ def test_decode_step_reads_no_decision_on_the_host():
 
 
 def test_host_read_recorder_sees_a_read_in_gatedlora_code():
-    """The recorder is not blind: the torch backend finds open rows with nonzero, a host read by design."""
-    _, model = routed_pair("torch", "cpu", torch.float32)
-    ids = torch.randint(3, 97, (4, 9), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    with torch.inference_mode():
-        _, _, step = prefill_static(model, ids, mask, cache_argument(model))
-        reads = gatedlora_host_reads(lambda: model(**step))
-    assert reads and all("torch_backend.py" in read for read in reads), reads
+    """The recorder is not blind: on the CPU the op checks a caller's gate values on the host (free there),
+    a read in gatedlora's own code; a read inside torch itself is not blamed on the caller."""
+    x, base = torch.randn(5, 8), torch.randn(5, 6)
+    a, b, gate = torch.randn(4, 8), torch.randn(6, 4), torch.rand(5)
+    reads = gatedlora_host_reads(lambda: gated_lora(x, base, a, b, 1.0, gate=gate, backend="torch"))
+    assert reads and all(" at ops/args.py:" in read for read in reads), reads
+    assert gatedlora_host_reads(lambda: torch.randn(3).sum().item()) == []
 
 
 GPU_BACKENDS = [b for b in ("triton", "cuda") if b in available_backends()]
