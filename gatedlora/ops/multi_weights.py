@@ -1,0 +1,120 @@
+"""Several adapters' weights in the forms the multi-adapter kernels read, built once and kept in sync.
+
+The op reads each adapter's ``lora_A``/``lora_B`` weight where it lives (PEFT keeps one module per
+adapter, and training updates those parameters), so nothing is copied per call. Two derived forms
+are kept per set of weights, each rebuilt only when what it depends on changes:
+
+* ``pointer_table``: for the Triton kernel, one int64 row per field (A pointer, B pointer, rank, A row
+  stride, B row stride) and one column per adapter, plus the scalings in fp32, on the weights' device.
+  It holds addresses, not values, so an in-place update (an optimizer step, ``load_state_dict``) keeps
+  it valid; it is rebuilt when a weight moves (``model.to``, FSDP2's unshard into new storage). A weight
+  whose last dim is not unit-stride is pointed to through a contiguous copy kept with the table, which
+  is then also rebuilt when that weight's version counter moves.
+* ``concatenated``: for the torch backend's small-M strategy (one matmul for every adapter), A stacked
+  along the rank ``[R, K]``, B along its columns ``[N, R]`` (``R = sum r_i``) and a table of per-route
+  column coefficients ``[A + 2, R]`` (row ``i + 1``: ``scaling[i]`` on adapter i's columns, 0 elsewhere;
+  rows 0 and ``A + 1``: zeros, for the base and for indices outside [0, A)). Values are copied, so it is
+  rebuilt when a weight's version counter or storage changes (one check per weight and call: about
+  0.25 us each on the CPU). Every in-place update through autograd's view of a tensor moves its version
+  counter (optimizer steps, ``load_state_dict``, writes under ``torch.no_grad()``); a write through
+  ``param.data`` does not (``.data`` has a counter of its own), so such a write is not seen here.
+
+Entries are found through the first adapter's A tensor (by identity, held weakly: a freed weight frees
+its forms) and validated against every weight's identity, so a layer's calls and a caller who passes the same tensors
+again share them. Why pointer tables rather than a stacked copy for the kernel: docs/design.md,
+"Several adapters".
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .multi_args import MultiLoraArgs
+
+TABLE_FIELDS = 5  # A pointer, B pointer, rank, A row stride, B row stride
+
+# id(first adapter's A) -> its forms. Not a WeakKeyDictionary: its lookups compare keys with ``==``, which
+# on tensors is elementwise.
+_FORMS: dict[int, "_Forms"] = {}
+
+
+class _Forms:
+    """The derived forms of one set of weights (weakly referenced, so a freed weight frees them)."""
+
+    __slots__ = ("weights", "scaling", "tables", "concatenation")
+
+    def __init__(self, weights: tuple, scaling: tuple) -> None:
+        key = id(weights[0])
+
+        def forget(_ref: weakref.ref) -> None:
+            if _FORMS.get(key) is self:
+                del _FORMS[key]
+
+        self.weights = (weakref.ref(weights[0], forget),) + tuple(weakref.ref(t) for t in weights[1:])
+        self.scaling = scaling
+        self.tables: dict = {}
+        self.concatenation = None
+
+    def holds(self, weights: tuple, scaling: tuple) -> bool:
+        return (len(weights) == len(self.weights) and scaling == self.scaling
+                and all(ref() is t for ref, t in zip(self.weights, weights)))
+
+
+def _forms(args: MultiLoraArgs) -> _Forms:
+    weights = args.lora_a + args.lora_b
+    forms = _FORMS.get(id(weights[0]))
+    if forms is None or not forms.holds(weights, args.scaling):
+        forms = _FORMS[id(weights[0])] = _Forms(weights, args.scaling)
+    return forms
+
+
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table int64 [5, A], scaling fp32 [A]) on the weights' device, for ``args`` with at least one adapter.
+
+    Built on the host and copied to the device the first time (and after a weight moves); a call that
+    finds it current reads no tensor value and copies nothing, so it can be captured in a CUDA graph.
+    """
+    forms = _forms(args)
+    weights = args.lora_a + args.lora_b
+    pointers = tuple(t.data_ptr() for t in weights)
+    entry = forms.tables.get(args.x.device)
+    if entry is not None and entry[0] == pointers and all(
+            weights[i]._version == version for i, version in entry[1]):
+        return entry[2], entry[3]
+    copied = tuple((i, t._version) for i, t in enumerate(weights) if _unit_inner(t) is not t)
+    read = [_unit_inner(t) for t in weights]  # copies are kept alive with the table
+    a, b = read[:args.adapters], read[args.adapters:]
+    rows = [[t.data_ptr() for t in a], [t.data_ptr() for t in b], list(args.ranks),
+            [t.stride(0) for t in a], [t.stride(0) for t in b]]
+    table = torch.tensor(rows, dtype=torch.int64).to(args.x.device)
+    scaling = torch.tensor(args.scaling, dtype=torch.float32).to(args.x.device)
+    forms.tables[args.x.device] = (pointers, copied, table, scaling, read)
+    return table, scaling
+
+
+def concatenated(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A_cat [R, K], B_cat [N, R], coefficients [A + 2, R]) in the adapters' dtype (see the module docstring)."""
+    forms = _forms(args)
+    weights = args.lora_a + args.lora_b
+    key = tuple((t.data_ptr(), t._version) for t in weights)
+    found = forms.concatenation
+    if found is not None and found[0] == key:
+        return found[1]
+    # Built outside inference mode (the weights are ordinary tensors), so the copies are ordinary tensors
+    # too and later calls with autograd recording may read them.
+    with torch.inference_mode(False), torch.no_grad():
+        lora_a = torch.cat(args.lora_a, dim=0)
+        lora_b = torch.cat(args.lora_b, dim=1)
+        coefficients = torch.zeros(args.adapters + 2, lora_a.shape[0], dtype=lora_a.dtype, device=lora_a.device)
+        start = 0
+        for i, (rank, scale) in enumerate(zip(args.ranks, args.scaling)):
+            coefficients[i + 1, start:start + rank] = scale
+            start += rank
+    forms.concatenation = (key, (lora_a, lora_b, coefficients))
+    return lora_a, lora_b, coefficients
+
