@@ -64,19 +64,21 @@ class RouteDecision:
         """Each sequence's route, [B] long: 0 the base model, i the i-th adapter (with one adapter, 1)."""
         return self.multi_routes if self.multi_routes is not None else self.decisions.long()
 
-    def row_adapters(self, x: torch.Tensor, slots: tuple[int, ...], slot_table: torch.Tensor) -> torch.Tensor:
-        """Each row's adapter in a layer that holds route r's adapter at ``slots[r]`` (-1: not there, and the
-        base model for route 0); ``slot_table`` is ``slots`` as an int32 tensor on the layer's device.
-        Returns [M] int32 for the rows of x [B, ..., K], kept per row count, device and slots, so a
-        generation's decode steps and the layers with the same adapters share one tensor."""
+    def row_adapters(self, x: torch.Tensor, slot_table: torch.Tensor) -> torch.Tensor:
+        """Each row's adapter in a layer that holds route r's adapter at ``slot_table[r]`` (int64 on the layer's
+        device; -1: not there, and the base model for route 0). Returns [M] int64 for the rows of x
+        [B, ..., K], kept per row count and table, so a generation's decode steps reuse one tensor."""
         rows = self._rows_per_sequence(x)
-        key = (rows, x.device, slots)
+        key = (rows, id(slot_table))  # ids hash faster than devices and tuples; the table is kept to compare
         cached = self._row_gates.get(key)
-        if cached is None:
+        if cached is None or cached[0] is not slot_table:
             routes = self.multi_routes.to(slot_table.device, non_blocking=True)
-            cached = slot_table.index_select(0, routes).repeat_interleave(rows)
+            # outside inference mode: an ordinary tensor has a version counter, which lets the op keep what it
+            # derives from the index for the whole generation (multi_weights.row_coefficients)
+            with torch.inference_mode(False):
+                cached = (slot_table, slot_table.index_select(0, routes).repeat_interleave(rows))
             self._row_gates[key] = cached
-        return cached
+        return cached[1]
 
     def _rows_per_sequence(self, x: torch.Tensor) -> int:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

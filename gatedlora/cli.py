@@ -41,6 +41,9 @@ def _bench_parser(sub) -> None:
     p.add_argument("--budget", type=float, default=1.0, metavar="SECONDS",
                    help="timing budget per scenario (default 1.0; at least 5 rounds each)")
     p.add_argument("--quick", action="store_true", help="a few small scenarios (a smoke run, seconds)")
+    p.add_argument("--adapters", type=int, metavar="N", help="several adapters, one router: N fresh PEFT adapters "
+                   "and each batch's routes spread over them (25%% base), against PEFT's mixed batch, one PEFT "
+                   "forward per route group and (decode) PEFT with one adapter on every sequence")
     p.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the ratios (needs matplotlib)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
@@ -62,6 +65,10 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--budget must be positive, got {args.budget}")
     if args.router_layer < 0:
         parser.error(f"--router-layer must be >= 0, got {args.router_layer}")
+    if args.adapters is not None and args.adapters < 1:
+        parser.error(f"--adapters must be >= 1, got {args.adapters}")
+    if args.adapters and args.adapter:
+        parser.error("--adapters makes its own fresh adapters; it does not take --adapter")
     for flag in ("json", "plot"):
         path = getattr(args, flag)
         if path is None:
@@ -107,7 +114,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     result = run_model_benchmark(
         model_path=args.model, adapter_path=args.adapter, device=args.device,
         dtype=getattr(torch, args.dtype) if args.dtype else None, quick=args.quick, backends=args.backends,
-        router_layer=args.router_layer, budget_s=args.budget, progress=progress)
+        router_layer=args.router_layer, budget_s=args.budget, progress=progress, adapters=args.adapters)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)

@@ -40,7 +40,7 @@ class RoutedLoRALinear(GatedLoRALinear):
                                          for a in adapters)
         # The slots on the device the layer runs on (a buffer moves with the model), so that turning routes into
         # row adapters needs no host-to-device copy at a decode step (none may happen in a CUDA graph capture).
-        self.register_buffer("route_slot_table", torch.tensor(self.route_slots, dtype=torch.int32,
+        self.register_buffer("route_slot_table", torch.tensor(self.route_slots, dtype=torch.int64,
                                                               device=base_layer.weight.device), persistent=False)
         self.gate_mode = "sequence"
         self.threshold = route.threshold
@@ -86,7 +86,7 @@ class RoutedLoRALinear(GatedLoRALinear):
             return gated_lora(lora_x, result, a_modules[name]._parameters["weight"],
                               b_modules[name]._parameters["weight"], self.scalings[slot], backend=self.backend,
                               inplace=inplace, validate=False)
-        index = decision.row_adapters(x, self.route_slots, self.route_slot_table)
+        index = decision.row_adapters(x, self._buffers["route_slot_table"])
         result, lora_x, inplace = self._base_output(x, self._dropout(x, names), args, kwargs)
         return gated_lora_multi(lora_x, result, [a_modules[n]._parameters["weight"] for n in names],
                                 [b_modules[n]._parameters["weight"] for n in names], self.scalings, index,

@@ -11,9 +11,9 @@ are kept per set of weights, each rebuilt only when what it depends on changes:
   whose last dim is not unit-stride is pointed to through a contiguous copy kept with the table, which
   is then also rebuilt when that weight's version counter moves.
 * ``concatenated``: for the torch backend's small-M strategy (one matmul for every adapter), A stacked
-  along the rank ``[R, K]``, B along its columns ``[N, R]`` (``R = sum r_i``) and a table of per-route
-  column coefficients ``[A + 2, R]`` (row ``i + 1``: ``scaling[i]`` on adapter i's columns, 0 elsewhere;
-  rows 0 and ``A + 1``: zeros, for the base and for indices outside [0, A)). Values are copied, so it is
+  along the rank ``[R, K]``, B along its columns ``[N, R]`` (``R = sum r_i``) and a table of per-adapter
+  column coefficients ``[A + 1, R]`` (row i: ``scaling[i]`` on adapter i's columns, 0 elsewhere; row A:
+  zeros, which index -1 reads). Values are copied, so it is
   rebuilt when a weight's version counter or storage changes (one check per weight and call: about
   0.25 us each on the CPU). Every in-place update through autograd's view of a tensor moves its version
   counter (optimizer steps, ``load_state_dict``, writes under ``torch.no_grad()``); a write through
@@ -40,33 +40,45 @@ _FORMS: dict[int, "_Forms"] = {}
 
 
 class _Forms:
-    """The derived forms of one set of weights (weakly referenced, so a freed weight frees them)."""
+    """The derived forms of one set of weights. It holds them weakly, and the first one freed removes it: so while
+    it is in ``_FORMS`` every weight is alive, no other object can have one of their ids, and comparing ids
+    (0.5 us for 8 weights) is comparing identities (weak references: 1.5 us)."""
 
-    __slots__ = ("weights", "scaling", "tables", "concatenation")
+    __slots__ = ("ids", "references", "scaling", "tables", "concatenation", "rows", "__weakref__")
 
     def __init__(self, weights: tuple, scaling: tuple) -> None:
         key = id(weights[0])
+        this = weakref.ref(self)
 
         def forget(_ref: weakref.ref) -> None:
-            if _FORMS.get(key) is self:
+            forms = this()
+            if forms is not None and _FORMS.get(key) is forms:
                 del _FORMS[key]
 
-        self.weights = (weakref.ref(weights[0], forget),) + tuple(weakref.ref(t) for t in weights[1:])
+        self.ids = tuple(map(id, weights))
+        self.references = tuple(weakref.ref(t, forget) for t in weights)
         self.scaling = scaling
         self.tables: dict = {}
         self.concatenation = None
-
-    def holds(self, weights: tuple, scaling: tuple) -> bool:
-        return (len(weights) == len(self.weights) and scaling == self.scaling
-                and all(ref() is t for ref, t in zip(self.weights, weights)))
+        self.rows = None  # (index reference, its version, coefficients, [M, R]): see row_coefficients
 
 
 def _forms(args: MultiLoraArgs) -> _Forms:
     weights = args.lora_a + args.lora_b
-    forms = _FORMS.get(id(weights[0]))
-    if forms is None or not forms.holds(weights, args.scaling):
-        forms = _FORMS[id(weights[0])] = _Forms(weights, args.scaling)
+    ids = tuple(map(id, weights))
+    forms = _FORMS.get(ids[0])
+    if forms is None or forms.ids != ids or forms.scaling != args.scaling:
+        forms = _FORMS[ids[0]] = _Forms(weights, args.scaling)
     return forms
+
+
+def _versions(weights: tuple) -> tuple:
+    """What changes when a weight's values or storage change: its data pointer and version counter (an
+    inference tensor has no version counter; it can change in place only inside inference mode)."""
+    try:
+        return tuple((t.data_ptr(), t._version) for t in weights)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in weights)
 
 
 def _unit_inner(t: torch.Tensor) -> torch.Tensor:
@@ -83,10 +95,9 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     weights = args.lora_a + args.lora_b
     pointers = tuple(t.data_ptr() for t in weights)
     entry = forms.tables.get(args.x.device)
-    if entry is not None and entry[0] == pointers and all(
-            weights[i]._version == version for i, version in entry[1]):
+    if entry is not None and entry[0] == pointers and (not entry[1] or _versions(weights) == entry[1]):
         return entry[2], entry[3]
-    copied = tuple((i, t._version) for i, t in enumerate(weights) if _unit_inner(t) is not t)
+    copied = _versions(weights) if any(_unit_inner(t) is not t for t in weights) else ()
     read = [_unit_inner(t) for t in weights]  # copies are kept alive with the table
     a, b = read[:args.adapters], read[args.adapters:]
     rows = [[t.data_ptr() for t in a], [t.data_ptr() for t in b], list(args.ranks),
@@ -98,10 +109,9 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def concatenated(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_cat [R, K], B_cat [N, R], coefficients [A + 2, R]) in the adapters' dtype (see the module docstring)."""
+    """(A_cat [R, K], B_cat [N, R], coefficients [A + 1, R]) in the adapters' dtype (see the module docstring)."""
     forms = _forms(args)
-    weights = args.lora_a + args.lora_b
-    key = tuple((t.data_ptr(), t._version) for t in weights)
+    key = _versions(args.lora_a + args.lora_b)
     found = forms.concatenation
     if found is not None and found[0] == key:
         return found[1]
@@ -110,11 +120,34 @@ def concatenated(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch
     with torch.inference_mode(False), torch.no_grad():
         lora_a = torch.cat(args.lora_a, dim=0)
         lora_b = torch.cat(args.lora_b, dim=1)
-        coefficients = torch.zeros(args.adapters + 2, lora_a.shape[0], dtype=lora_a.dtype, device=lora_a.device)
+        coefficients = torch.zeros(args.adapters + 1, lora_a.shape[0], dtype=lora_a.dtype, device=lora_a.device)
         start = 0
         for i, (rank, scale) in enumerate(zip(args.ranks, args.scaling)):
-            coefficients[i + 1, start:start + rank] = scale
+            coefficients[i, start:start + rank] = scale
             start += rank
     forms.concatenation = (key, (lora_a, lora_b, coefficients))
     return lora_a, lora_b, coefficients
 
+
+
+def row_coefficients(args: MultiLoraArgs, coefficients: torch.Tensor) -> torch.Tensor:
+    """Each row's coefficients [M, R] from ``concatenated``'s table: row ``adapter_index[m]`` (-1 reads the
+    zeros; off the CPU, where the index is not checked, one outside [-1, A) is clamped onto the zeros too).
+
+    On the CPU the result is kept for the last index tensor (3.4 us a call; the patched layers pass one tensor
+    for a whole generation) while its version counter stays (a refill in place moves it). An inference tensor
+    has no version counter, and a CUDA graph would replay a lookup it never recorded: neither is kept.
+    """
+    index = args.adapter_index
+    on_cpu = index.device.type == "cpu"
+    if not on_cpu or index.dtype != torch.int64:
+        index = index.long().clamp_(-1, args.adapters)
+    if not on_cpu or index.is_inference():
+        return coefficients[index]
+    forms = _forms(args)
+    found = forms.rows
+    if found is not None and found[0]() is index and found[1] == index._version and found[2] is coefficients:
+        return found[3]
+    rows = coefficients[index]
+    forms.rows = (weakref.ref(index), index._version, coefficients, rows)
+    return rows

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .backends import register_multi
 from .gates import cpu_scalar
 from .multi_args import MultiLoraArgs
-from .multi_weights import concatenated
+from .multi_weights import concatenated, row_coefficients
 from .torch_backend import add_promoted
 
 # At or below this many rows the concatenated strategy runs on the CPU (docs/design.md, "Several adapters").
@@ -57,13 +57,8 @@ def _add(out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None = Non
 def add_concatenated(out: torch.Tensor, args: MultiLoraArgs) -> None:
     """Every adapter on every row in one pair of matmuls, each row keeping its own adapter's term."""
     lora_a, lora_b, coefficients = concatenated(args)
-    index = args.adapter_index
     u = F.linear(_lora_x(args, every_row=True), lora_a)  # [M, R]
-    # Each row's coefficients, looked up on every call (a caller may refill one index tensor in place, as a
-    # CUDA graph's static input is). Off the CPU the index is not checked (a host read): one outside
-    # [-1, A) reads the zero row A + 1.
-    shifted = index + 1 if index.device.type == "cpu" else (index + 1).clamp_(0, args.adapters + 1)
-    u.mul_(coefficients.index_select(0, shifted))
+    u.mul_(row_coefficients(args, coefficients))
     if out.dtype == u.dtype:
         out.addmm_(u, lora_b.t())
     else:

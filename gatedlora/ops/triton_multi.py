@@ -47,7 +47,7 @@ def gated_lora_multi_add_kernel(
 ):
     """out[m, :] += scaling[i] * (x[m] A_i^T) B_i^T for the rows m of this block with index[m] == i, i = program 1.
 
-    x [M, K] and out [M, N] with unit stride along their last dim; index [M] int32; table int64
+    x [M, K] and out [M, N] with unit stride along their last dim; index [M] int64; table int64
     [5, stride_table] (rows: A_i pointer, B_i pointer, r_i, A_i row stride, B_i row stride); scaling [A]
     fp32; lora_ptr: any adapter weight, for its element type. BLOCK_R >= every r_i, a power of two >= 16.
     """
@@ -103,10 +103,11 @@ def gated_lora_multi_add_kernel(
         tl.store(o_ptrs, y.to(out_ty), mask=o_mask)
 
 
-def _as_int32(index: torch.Tensor) -> torch.Tensor:
+def _as_int64(index: torch.Tensor) -> torch.Tensor:
     # One compiled variant for every index dtype (tools/aot_check.py compiles each variant); the patched
-    # layers pass int32 already, an int64 index costs one small cast kernel (no sync).
-    return index if index.dtype == torch.int32 else index.to(torch.int32)
+    # layers pass int64 already (the torch backend indexes with it), an int32 index costs one small cast
+    # kernel (no sync).
+    return index if index.dtype == torch.int64 else index.to(torch.int64)
 
 
 def launch_plan(out: torch.Tensor, args: MultiLoraArgs, tiles: TileConfig,
@@ -119,7 +120,7 @@ def launch_plan(out: torch.Tensor, args: MultiLoraArgs, tiles: TileConfig,
                          f"{args.r_max}")
     x = unit_inner_stride(args.x)
     table, scaling = pointer_table(args)
-    index = _as_int32(args.adapter_index)
+    index = _as_int64(args.adapter_index)
     n_split = max(1, min(n_split, triton.cdiv(args.n, tiles.block_n)))
     grid = (triton.cdiv(args.m, tiles.block_m), args.adapters, n_split)
     positional = (x, out, index, table, scaling, args.lora_a[0], args.m, args.n, args.k,
