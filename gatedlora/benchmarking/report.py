@@ -81,7 +81,7 @@ def _legend(result: dict) -> list[str]:
               "adapters, as a router decides" if several else
               "open k/B: k of the batch's B sequences take the adapter, as a router decides; the others get the "
               "base model")
-    check = ("its sequences on the base model equal it bitwise and the others match PEFT's mixed batch" if several
+    check = ("sequences on the base model equal it bitwise and its others match PEFT's mixed batch" if several
              else "closed sequences equal the base model bitwise and its open ones match PEFT")
     return [
         (f"times: median ms per call, lower is better; ±p%: half the interquartile range of the {rounds} per "

@@ -19,9 +19,9 @@ are kept per set of weights, each rebuilt only when what it depends on changes:
   counter (optimizer steps, ``load_state_dict``, writes under ``torch.no_grad()``); a write through
   ``param.data`` does not (``.data`` has a counter of its own), so such a write is not seen here.
 
-Entries are found through the first adapter's A tensor (by identity, held weakly: a freed weight frees
-its forms) and validated against every weight's identity, so a layer's calls and a caller who passes the same tensors
-again share them. Why pointer tables rather than a stacked copy for the kernel: docs/design.md,
+Entries are found by the weights' identities (held weakly: a freed weight frees its forms), so a layer's
+calls and a caller who passes the same tensors again share them, and two sets that share a weight do not
+evict each other. Why pointer tables rather than a stacked copy for the kernel: docs/design.md,
 "Several adapters".
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ from .multi_args import MultiLoraArgs
 
 TABLE_FIELDS = 5  # A pointer, B pointer, rank, A row stride, B row stride
 
-# id(first adapter's A) -> its forms. Not a WeakKeyDictionary: its lookups compare keys with ``==``, which
-# on tensors is elementwise.
-_FORMS: dict[int, "_Forms"] = {}
+# The weights' ids (every A, then every B) -> their forms. Not a WeakKeyDictionary of tensors: its lookups
+# compare keys with ``==``, which on tensors is elementwise.
+_FORMS: dict[tuple[int, ...], "_Forms"] = {}
 
 
 class _Forms:
@@ -47,7 +47,7 @@ class _Forms:
     __slots__ = ("ids", "references", "scaling", "tables", "concatenation", "rows", "__weakref__")
 
     def __init__(self, weights: tuple, scaling: tuple) -> None:
-        key = id(weights[0])
+        key = self.ids = tuple(map(id, weights))
         this = weakref.ref(self)
 
         def forget(_ref: weakref.ref) -> None:
@@ -55,7 +55,6 @@ class _Forms:
             if forms is not None and _FORMS.get(key) is forms:
                 del _FORMS[key]
 
-        self.ids = tuple(map(id, weights))
         self.references = tuple(weakref.ref(t, forget) for t in weights)
         self.scaling = scaling
         self.tables: dict = {}
@@ -66,9 +65,9 @@ class _Forms:
 def _forms(args: MultiLoraArgs) -> _Forms:
     weights = args.lora_a + args.lora_b
     ids = tuple(map(id, weights))
-    forms = _FORMS.get(ids[0])
-    if forms is None or forms.ids != ids or forms.scaling != args.scaling:
-        forms = _FORMS[ids[0]] = _Forms(weights, args.scaling)
+    forms = _FORMS.get(ids)
+    if forms is None or forms.scaling != args.scaling:
+        forms = _FORMS[ids] = _Forms(weights, args.scaling)
     return forms
 
 
