@@ -1,4 +1,4 @@
-"""Compile every configuration of the gated-LoRA Triton kernel for sm_80 and sm_90, without a GPU.
+"""Compile every configuration of the gated-LoRA Triton kernels for sm_80 and sm_90, without a GPU.
 
     python tools/aot_check.py [--jobs N] [--quiet]
 
@@ -9,7 +9,9 @@ mode, the one with the most work in its K loop, is compiled a second time in a g
 (misaligned pointers, odd row strides, odd K and N; inner strides are always 1 because the
 launcher copies other layouts), the specialisation with the least information. The argument
 lists come from ``triton_backend.launch_plan`` and pass through Triton's own specialisation
-code, so what is compiled is what the launcher launches.
+code, so what is compiled is what the launcher launches. The multi-adapter kernel
+(``triton_multi.gated_lora_multi_add_kernel``, gate mode ``multi`` below) is compiled the same way, from
+``triton_multi.launch_plan``, in both layouts.
 
 For each compiled kernel it reads registers, stack and local memory from the cubin with the
 ``cuobjdump`` shipped inside the triton package, and shared memory from the kernel's metadata
@@ -49,7 +51,8 @@ DTYPE_VARIANTS = (
     ("bfloat16", "float32", False),
     ("bfloat16", "float32", True),
 )
-MODES = ("none", "given", "token")
+MODES = ("none", "given", "token", "multi")  # multi: the multi-adapter kernel (one launch for every adapter)
+KERNELS = {"multi": "gated_lora_multi_add_kernel"}  # by mode, in gatedlora.ops.triton_multi; the others: triton_kernel
 
 
 @dataclass
@@ -83,6 +86,26 @@ def _tensor(shape, dtype, aligned: bool):
     return flat.as_strided(shape, strides, storage_offset=1)
 
 
+def kernel_of(mode: str):
+    """The JIT function that gate mode ``mode`` compiles."""
+    from gatedlora.ops import triton_kernel, triton_multi
+
+    return getattr(triton_multi, KERNELS[mode]) if mode in KERNELS else triton_kernel.gated_lora_add_kernel
+
+
+def _multi_plan(x, n, lora_a, lora_b, out, tiles):
+    """``triton_multi.launch_plan`` for two adapters (ranks BLOCK_R and BLOCK_R / 2) and a per-row index."""
+    import torch
+
+    from gatedlora.ops import triton_multi
+    from gatedlora.ops.multi_args import make_multi_args
+
+    half = lora_a[: max(1, lora_a.shape[0] // 2)]
+    index = torch.zeros(x.shape[0], dtype=torch.int64)
+    args = make_multi_args(x, n, [lora_a, half], [lora_b, lora_b[:, :half.shape[0]]], (2.0, 1.5), index)
+    return triton_multi.launch_plan(out, args, tiles=tiles, n_split=1)
+
+
 def build_jobs() -> list[Job]:
     import torch
     from triton.backends.compiler import GPUTarget
@@ -90,41 +113,43 @@ def build_jobs() -> list[Job]:
     from triton.runtime.jit import create_function_from_signature
 
     from gatedlora.ops import triton_backend as tb
-    from gatedlora.ops import triton_kernel
+    from gatedlora.ops import triton_multi
     from gatedlora.ops.args import make_args
 
-    kernel = triton_kernel.gated_lora_add_kernel
     jobs = []
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         for arch in ARCHS:
             backend = make_backend(GPUTarget("cuda", arch, 32))
-            binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+            binders = {mode: (kernel_of(mode), create_function_from_signature(kernel_of(mode).signature,
+                                                                              kernel_of(mode).params, backend))
+                       for mode in MODES}
             for layout in ("aligned", "generic"):
                 aligned = layout == "aligned"
                 m, k, n = (64, 4096, 4096) if aligned else (63, 4095, 4093)
-                for mode in MODES if aligned else ("token",):
+                for mode in MODES if aligned else ("token", "multi"):
+                    kernel, binder = binders[mode]
                     for x_name, lora_name, tf32 in DTYPE_VARIANTS:
                         x_dtype, lora_dtype = getattr(torch, x_name), getattr(torch, lora_name)
                         torch.backends.cuda.matmul.allow_tf32 = tf32
-                        for key, tiles in sorted(tb.TILE_CONFIGS.items()):
+                        table = triton_multi.multi_tiles() if mode == "multi" else tb.TILE_CONFIGS
+                        for key, tiles in sorted(table.items()):
                             if key[2] != lora_dtype.itemsize:
                                 continue
                             r = tiles.block_r
-                            args = make_args(
-                                x=_tensor((m, k), x_dtype, aligned),
-                                n=n,
-                                lora_a=_tensor((r, k), lora_dtype, aligned),
-                                lora_b=_tensor((n, r), lora_dtype, aligned),
-                                scaling=2.0,
-                                gate=_tensor((m,), torch.float32, aligned) if mode == "given" else None,
-                                gate_weight=_tensor((k,), torch.float32, aligned) if mode == "token" else None,
-                                gate_bias=_tensor((), torch.float32, aligned) if mode == "token" else None,
-                                threshold=0.5,
-                                hard=True,
-                            )
+                            x, a, b = (_tensor((m, k), x_dtype, aligned), _tensor((r, k), lora_dtype, aligned),
+                                       _tensor((n, r), lora_dtype, aligned))
                             out = _tensor((m, n), x_dtype, aligned)
-                            _, positional, keywords = tb.launch_plan(out, args, tiles=tiles, n_split=1)
+                            if mode == "multi":
+                                _, positional, keywords = _multi_plan(x, n, a, b, out, tiles)
+                            else:
+                                args = make_args(
+                                    x=x, n=n, lora_a=a, lora_b=b, scaling=2.0,
+                                    gate=_tensor((m,), torch.float32, aligned) if mode == "given" else None,
+                                    gate_weight=_tensor((k,), torch.float32, aligned) if mode == "token" else None,
+                                    gate_bias=_tensor((), torch.float32, aligned) if mode == "token" else None,
+                                    threshold=0.5, hard=True)
+                                _, positional, keywords = tb.launch_plan(out, args, tiles=tiles, n_split=1)
                             bound, specialization, options = binder(*positional, **keywords)
                             options, signature, constexprs, attrs = kernel._pack_args(
                                 backend, keywords, bound, specialization, options)
@@ -144,12 +169,10 @@ def compile_job(job: Job) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from gatedlora.ops import triton_kernel
-
     result = dict(job=job)
     try:
-        source = ASTSource(fn=triton_kernel.gated_lora_add_kernel, signature=job.signature,
-                           constexprs=job.constexprs, attrs=job.attrs)
+        source = ASTSource(fn=kernel_of(job.mode), signature=job.signature, constexprs=job.constexprs,
+                           attrs=job.attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32), options=job.options)
     except Exception as exc:  # any compiler error is a failed check, reported per configuration
         result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"

@@ -16,7 +16,8 @@ so a base row stays bitwise its base output. Nothing is read on the host: the in
 scalings stay on the device, and a call whose table is current can be captured in a CUDA graph.
 
 Tiles: those of the one-adapter kernel (``triton_backend.TILE_CONFIGS``, chosen by its byte model for
-the largest rank), all compiled for sm_80 and sm_90 by tools/aot_check.py. Per active (block, adapter)
+the largest rank) but where they spill here (``TILE_OVERRIDES``), all compiled for sm_80 and sm_90 by
+tools/aot_check.py. Per active (block, adapter)
 pair the program moves what the one-adapter kernel's program moves for that adapter; the byte model
 does not count the pairs that exit early.
 """
@@ -32,9 +33,26 @@ from .backends import m_bucket, register_multi
 from .contract import kernel_reasons, staged_output, unit_inner_stride
 from .multi_args import MultiLoraArgs
 from .multi_weights import pointer_table
-from .triton_backend import TileConfig, _num_sms_for, choose_launch, dot_precision, kernel_is_interpreted
+from .triton_backend import (TILE_CONFIGS, TileConfig, _num_sms_for, choose_launch, dot_precision,
+                             kernel_is_interpreted)
 
 MAX_GRID_ADAPTERS = 65535  # CUDA's limit on grid dimension y
+
+# Where the one-adapter kernel's tile spills in this kernel (tools/aot_check.py, sm_80: fp16 x with fp32 LoRA
+# weights and TF32, 16 x 64 x 32 tiles at BLOCK_R = 32 spilled 16 bytes; the pointers, rank and strides read
+# from the table take registers the one-adapter kernel keeps in its parameters), the tile this kernel uses.
+# (Loading the rank and strides as 32-bit ints instead spilled in six other variants on sm_90.)
+TILE_OVERRIDES = {(16, 32, 4): TileConfig(16, 32, 32, 32, 4, 3)}
+
+
+def multi_tile(tiles: TileConfig, lora_element_size: int) -> TileConfig:
+    """The tile this kernel runs where the one-adapter heuristic chose ``tiles``."""
+    return TILE_OVERRIDES.get((tiles.block_m, tiles.block_r, lora_element_size), tiles)
+
+
+def multi_tiles() -> dict[tuple[int, int, int], TileConfig]:
+    """Every tile config this kernel can run, by (BLOCK_M, BLOCK_R, LoRA element size): tools/aot_check.py."""
+    return {key: TILE_OVERRIDES.get(key, tiles) for key, tiles in TILE_CONFIGS.items()}
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -157,9 +175,10 @@ def multi_reasons(args: MultiLoraArgs) -> list[str]:
 
 def multi_launcher(args: MultiLoraArgs):
     """The launch for this configuration: tiles and N split from the one-adapter byte model at the largest rank."""
-    tiles, n_split = choose_launch(m_bucket(args.m), args.n, args.k, args.r_max, args.x.element_size(),
-                                   args.lora_a[0].element_size(), _num_sms_for(args.x.device))
-    return functools.partial(launch, tiles=tiles, n_split=n_split)
+    lora_size = args.lora_a[0].element_size()
+    tiles, n_split = choose_launch(m_bucket(args.m), args.n, args.k, args.r_max, args.x.element_size(), lora_size,
+                                   _num_sms_for(args.x.device))
+    return functools.partial(launch, tiles=multi_tile(tiles, lora_size), n_split=n_split)
 
 
 register_multi("triton", multi_reasons, multi_launcher)
