@@ -522,6 +522,32 @@ def stage_model(result: dict, save, deadline_s: float, dry_run: bool) -> None:
     result["status"] = "ok" if not failed else f"failed: outputs differ in {failed}"
 
 
+# --- several adapters, one router: a model-level scenario list for the model stage ----------------------------
+
+def multi_adapter_model(deadline_s: float, dry_run: bool) -> dict:
+    """``gatedlora bench --adapters 4`` at model level: four adapters, each batch's sequences 25% on the base
+    model and the rest spread over the adapters; gatedlora (triton; torch on a CPU) against PEFT's mixed batch,
+    one PEFT forward per route group and, at decode, PEFT with one adapter on every sequence. GPU: bf16, the
+    Llama-3-8B-shaped model of the model stage, decode replayed from CUDA graphs at batch 8 and 32 first, then
+    prefill (512 tokens) at batch 8, within ``deadline_s``. Dry run (CPU): a tiny model, batch 4. Returns the
+    run's JSON-ready result; its scenarios' ``check`` says whether the outputs matched."""
+    import torch
+
+    from gatedlora.benchmarking.multi_adapter import multi_scenarios
+    from gatedlora.benchmarking.runner import run_model_benchmark
+
+    if _device().type == "cuda":
+        scenarios = [s for s in multi_scenarios(device=_device(), batches=(8, 32)) if s.phase == "decode"]
+        scenarios += [s for s in multi_scenarios(device=_device(), batches=(8,)) if s.phase == "prefill"]
+        return run_model_benchmark(device="cuda", dtype=torch.bfloat16, budget_s=0.5, scenarios=scenarios,
+                                   adapters=4, deadline_s=deadline_s)
+    from gatedlora.benchmarking.models import LlamaSpec
+
+    return run_model_benchmark(device="cpu", dtype=torch.float32, budget_s=0.02, backends=["torch"],
+                               scenarios=multi_scenarios(quick=True), spec=LlamaSpec(64, 128, 3, 4, 2, 256),
+                               adapters=4, deadline_s=deadline_s)
+
+
 def stage_route(result: dict, save, deadline_s: float, dry_run: bool) -> None:
     import torch
 
