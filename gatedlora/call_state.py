@@ -74,7 +74,7 @@ class RouteDecision:
         if cached is None or cached[0] is not slot_table:
             routes = self.multi_routes.to(slot_table.device, non_blocking=True)
             # outside inference mode: an ordinary tensor has a version counter, which lets the op keep what it
-            # derives from the index for the whole generation (multi_weights.row_coefficients)
+            # derives from the index for the whole generation (multi_weights.concatenated)
             with torch.inference_mode(False):
                 cached = (slot_table, slot_table.index_select(0, routes).repeat_interleave(rows))
             self._row_gates[key] = cached

@@ -88,8 +88,8 @@ class RoutedLoRALinear(GatedLoRALinear):
                               inplace=inplace, validate=False)
         index = decision.row_adapters(x, self._buffers["route_slot_table"])
         result, lora_x, inplace = self._base_output(x, self._dropout(x, names), args, kwargs)
-        return gated_lora_multi(lora_x, result, [a_modules[n]._parameters["weight"] for n in names],
-                                [b_modules[n]._parameters["weight"] for n in names], self.scalings, index,
+        return gated_lora_multi(lora_x, result, tuple([a_modules[n]._parameters["weight"] for n in names]),
+                                tuple([b_modules[n]._parameters["weight"] for n in names]), self.scalings, index,
                                 backend=self.backend, inplace=inplace, validate=False)
 
     def _records_gradients(self) -> bool:

@@ -62,7 +62,9 @@ def make_multi_args(x: torch.Tensor, n: int, lora_a: Sequence[torch.Tensor], lor
     rows = x if x.dim() == 2 else x.reshape(x.shape[:-1].numel(), x.shape[-1])
     if adapter_index.dim() != 1:
         adapter_index = adapter_index.reshape(rows.shape[0])
-    return MultiLoraArgs(rows, n, tuple(lora_a), tuple(lora_b), tuple(scaling), adapter_index)
+    return MultiLoraArgs(rows, n, lora_a if type(lora_a) is tuple else tuple(lora_a),
+                         lora_b if type(lora_b) is tuple else tuple(lora_b),
+                         scaling if type(scaling) is tuple else tuple(scaling), adapter_index)
 
 
 def normalise_scaling(scaling, adapters: int, op: str = "gated_lora_multi") -> tuple[float, ...]:

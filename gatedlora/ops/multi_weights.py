@@ -59,7 +59,7 @@ class _Forms:
         self.scaling = scaling
         self.tables: dict = {}
         self.concatenation = None
-        self.rows = None  # (index reference, its version, coefficients, [M, R]): see row_coefficients
+        self.rows = None  # (index reference, its version, coefficients, [M, R]): see concatenated
 
 
 def _forms(args: MultiLoraArgs) -> _Forms:
@@ -108,14 +108,35 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def concatenated(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_cat [R, K], B_cat [N, R], coefficients [A + 1, R]) in the adapters' dtype (see the module docstring)."""
+    """(A_cat [R, K], B_cat [N, R], each row's coefficients [M, R]) in the adapters' dtype (the module docstring).
+
+    A row's coefficients are row ``adapter_index[m]`` of the table (-1 reads its last row, the zeros; off the
+    CPU, where the index is not checked, one outside [-1, A) is clamped onto the zeros too). On the CPU they
+    are kept for the last index tensor (a lookup costs 3.4 us; the patched layers pass one tensor for a whole
+    generation) while its version counter stays (a refill in place moves it). An inference tensor has no
+    version counter, and a CUDA graph would replay a lookup it never recorded: neither is kept.
+    """
     forms = _forms(args)
     key = _versions(args.lora_a + args.lora_b)
     found = forms.concatenation
-    if found is not None and found[0] == key:
-        return found[1]
-    # Built outside inference mode (the weights are ordinary tensors), so the copies are ordinary tensors
-    # too and later calls with autograd recording may read them.
+    if found is None or found[0] != key:
+        found = forms.concatenation = (key, _concatenate(args))
+    lora_a, lora_b, coefficients = found[1]
+    index = args.adapter_index
+    on_cpu = index.device.type == "cpu"
+    if not on_cpu or index.dtype != torch.int64:
+        index = index.long().clamp_(-1, args.adapters)
+    if not on_cpu or index.is_inference():
+        return lora_a, lora_b, coefficients[index]
+    rows = forms.rows
+    if rows is None or rows[0]() is not index or rows[1] != index._version or rows[2] is not coefficients:
+        rows = forms.rows = (weakref.ref(index), index._version, coefficients, coefficients[index])
+    return lora_a, lora_b, rows[3]
+
+
+def _concatenate(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A_cat [R, K], B_cat [N, R], coefficients [A + 1, R]), built outside inference mode: the weights are
+    ordinary tensors, so the copies are too, and later calls with autograd recording may read them."""
     with torch.inference_mode(False), torch.no_grad():
         lora_a = torch.cat(args.lora_a, dim=0)
         lora_b = torch.cat(args.lora_b, dim=1)
@@ -124,29 +145,4 @@ def concatenated(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch
         for i, (rank, scale) in enumerate(zip(args.ranks, args.scaling)):
             coefficients[i, start:start + rank] = scale
             start += rank
-    forms.concatenation = (key, (lora_a, lora_b, coefficients))
     return lora_a, lora_b, coefficients
-
-
-
-def row_coefficients(args: MultiLoraArgs, coefficients: torch.Tensor) -> torch.Tensor:
-    """Each row's coefficients [M, R] from ``concatenated``'s table: row ``adapter_index[m]`` (-1 reads the
-    zeros; off the CPU, where the index is not checked, one outside [-1, A) is clamped onto the zeros too).
-
-    On the CPU the result is kept for the last index tensor (3.4 us a call; the patched layers pass one tensor
-    for a whole generation) while its version counter stays (a refill in place moves it). An inference tensor
-    has no version counter, and a CUDA graph would replay a lookup it never recorded: neither is kept.
-    """
-    index = args.adapter_index
-    on_cpu = index.device.type == "cpu"
-    if not on_cpu or index.dtype != torch.int64:
-        index = index.long().clamp_(-1, args.adapters)
-    if not on_cpu or index.is_inference():
-        return coefficients[index]
-    forms = _forms(args)
-    found = forms.rows
-    if found is not None and found[0]() is index and found[1] == index._version and found[2] is coefficients:
-        return found[3]
-    rows = coefficients[index]
-    forms.rows = (weakref.ref(index), index._version, coefficients, rows)
-    return rows

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .backends import register_multi
 from .gates import cpu_scalar
 from .multi_args import MultiLoraArgs
-from .multi_weights import concatenated, row_coefficients
+from .multi_weights import concatenated
 from .torch_backend import add_promoted
 
 # At or below this many rows the concatenated strategy runs on the CPU (docs/design.md, "Several adapters").
@@ -58,7 +58,7 @@ def add_concatenated(out: torch.Tensor, args: MultiLoraArgs) -> None:
     """Every adapter on every row in one pair of matmuls, each row keeping its own adapter's term."""
     lora_a, lora_b, coefficients = concatenated(args)
     u = F.linear(_lora_x(args, every_row=True), lora_a)  # [M, R]
-    u.mul_(row_coefficients(args, coefficients))
+    u.mul_(coefficients)
     if out.dtype == u.dtype:
         out.addmm_(u, lora_b.t())
     else:
