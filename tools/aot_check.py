@@ -1,15 +1,16 @@
-"""Compile every configuration of the gated-LoRA Triton kernel for sm_80 and sm_90, without a GPU.
+"""Compile every configuration of the gated-LoRA Triton kernels for sm_80 and sm_90, without a GPU.
 
     python tools/aot_check.py [--jobs N] [--quiet]
 
-What is compiled: every (gate mode, x dtype, LoRA dtype, dot precision, tile config) the triton
-backend can launch, in the layout of contiguous, 16-byte aligned tensors with K and N multiples
+What is compiled: every (kernel, gate mode, x dtype, LoRA dtype, dot precision, tile config) the triton
+backend can launch (the one-pass kernel, and the two-pass path's shrink and expand kernels), in the
+layout of contiguous, 16-byte aligned tensors with K and N multiples
 of 16 (the usual case; Triton then assumes 16-byte alignment and divisibility). The token-gate
 mode, the one with the most work in its K loop, is compiled a second time in a generic layout
 (misaligned pointers, odd row strides, odd K and N; inner strides are always 1 because the
 launcher copies other layouts), the specialisation with the least information. The argument
-lists come from ``triton_backend.launch_plan`` and pass through Triton's own specialisation
-code, so what is compiled is what the launcher launches.
+lists come from ``triton_backend.launch_plan`` and ``two_pass_plan`` and pass through Triton's own
+specialisation code, so what is compiled is what the launcher launches.
 
 For each compiled kernel it reads registers, stack and local memory from the cubin with the
 ``cuobjdump`` shipped inside the triton package, and shared memory from the kernel's metadata
@@ -60,7 +61,8 @@ class Job:
     x_dtype: str
     lora_dtype: str
     precision: str
-    tiles: object
+    kernel: str  # "one-pass", "shrink" or "expand"
+    tiles: str  # the tile sizes, as the table prints them
     signature: dict
     constexprs: dict
     attrs: dict
@@ -83,6 +85,38 @@ def _tensor(shape, dtype, aligned: bool):
     return flat.as_strided(shape, strides, storage_offset=1)
 
 
+KERNELS = {"one-pass": ("triton_kernel", "gated_lora_add_kernel"), "shrink": ("triton_two_pass", "shrink_kernel"),
+           "expand": ("triton_two_pass", "expand_kernel")}
+
+
+def kernel_function(name: str):
+    import importlib
+
+    module, attribute = KERNELS[name]
+    return getattr(importlib.import_module(f"gatedlora.ops.{module}"), attribute)
+
+
+def _one_pass_label(t) -> str:
+    return f"BM{t.block_m} BN{t.block_n} BK{t.block_k} BR{t.block_r} w{t.num_warps} s{t.num_stages}"
+
+
+def _launches(tb, out, args):
+    """(kernel name, tiles label, positional, keywords) for every tile config of both paths that fits ``args``'s
+    LoRA element size and rank (``args.r`` is the largest rank of a BLOCK_R)."""
+    elt = args.lora_a.element_size()
+    for key, tiles in sorted(tb.TILE_CONFIGS.items()):
+        if key[1] == elt and tiles.block_r == args.r:
+            _, positional, keywords = tb.launch_plan(out, args, tiles=tiles, n_split=1)
+            yield "one-pass", _one_pass_label(tiles), positional, keywords
+    for tiles in sorted({tb.two_pass_tiles(m_key, args.r, elt) for m_key in (1, 64)}, key=str):
+        for (_, _, positional, keywords), name in zip(tb.two_pass_plan(out, args, tiles, split_k=4),
+                                                            ("shrink", "expand")):
+            label = (f"BM{tiles.shrink_m} BK{tiles.block_k} BR{tiles.block_r} w{tiles.shrink_warps} "
+                     f"s{tiles.shrink_stages}" if name == "shrink" else
+                     f"BM{tiles.expand_m} BN{tiles.block_n} BR{tiles.block_r} w{tiles.expand_warps}")
+            yield name, label, positional, keywords
+
+
 def build_jobs() -> list[Job]:
     import torch
     from triton.backends.compiler import GPUTarget
@@ -90,16 +124,16 @@ def build_jobs() -> list[Job]:
     from triton.runtime.jit import create_function_from_signature
 
     from gatedlora.ops import triton_backend as tb
-    from gatedlora.ops import triton_kernel
     from gatedlora.ops.args import make_args
 
-    kernel = triton_kernel.gated_lora_add_kernel
     jobs = []
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         for arch in ARCHS:
             backend = make_backend(GPUTarget("cuda", arch, 32))
-            binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+            binders = {name: create_function_from_signature(kernel_function(name).signature,
+                                                            kernel_function(name).params, backend)
+                       for name in KERNELS}
             for layout in ("aligned", "generic"):
                 aligned = layout == "aligned"
                 m, k, n = (64, 4096, 4096) if aligned else (63, 4095, 4093)
@@ -107,10 +141,7 @@ def build_jobs() -> list[Job]:
                     for x_name, lora_name, tf32 in DTYPE_VARIANTS:
                         x_dtype, lora_dtype = getattr(torch, x_name), getattr(torch, lora_name)
                         torch.backends.cuda.matmul.allow_tf32 = tf32
-                        for key, tiles in sorted(tb.TILE_CONFIGS.items()):
-                            if key[2] != lora_dtype.itemsize:
-                                continue
-                            r = tiles.block_r
+                        for r in sorted({t.block_r for t in tb.TILE_CONFIGS.values()}):
                             args = make_args(
                                 x=_tensor((m, k), x_dtype, aligned),
                                 n=n,
@@ -124,12 +155,12 @@ def build_jobs() -> list[Job]:
                                 hard=True,
                             )
                             out = _tensor((m, n), x_dtype, aligned)
-                            _, positional, keywords = tb.launch_plan(out, args, tiles=tiles, n_split=1)
-                            bound, specialization, options = binder(*positional, **keywords)
-                            options, signature, constexprs, attrs = kernel._pack_args(
-                                backend, keywords, bound, specialization, options)
-                            jobs.append(Job(arch, layout, mode, x_name, lora_name, keywords["DOT_PRECISION"], tiles,
-                                            signature, constexprs, attrs, options.__dict__))
+                            for name, label, positional, keywords in _launches(tb, out, args):
+                                bound, specialization, options = binders[name](*positional, **keywords)
+                                options, signature, constexprs, attrs = kernel_function(name)._pack_args(
+                                    backend, keywords, bound, specialization, options)
+                                jobs.append(Job(arch, layout, mode, x_name, lora_name, keywords["DOT_PRECISION"],
+                                                name, label, signature, constexprs, attrs, options.__dict__))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     return jobs
@@ -144,11 +175,9 @@ def compile_job(job: Job) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from gatedlora.ops import triton_kernel
-
     result = dict(job=job)
     try:
-        source = ASTSource(fn=triton_kernel.gated_lora_add_kernel, signature=job.signature,
+        source = ASTSource(fn=kernel_function(job.kernel), signature=job.signature,
                            constexprs=job.constexprs, attrs=job.attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32), options=job.options)
     except Exception as exc:  # any compiler error is a failed check, reported per configuration
@@ -188,6 +217,7 @@ def main() -> int:
     parser.add_argument("--arch", type=int, choices=ARCHS, help="only this target (default: all)")
     parser.add_argument("--mode", choices=MODES, help="only this gate mode (default: all)")
     parser.add_argument("--layout", choices=("aligned", "generic"), help="only this layout (default: both)")
+    parser.add_argument("--kernel", choices=tuple(KERNELS), help="only this kernel (default: all)")
     options = parser.parse_args()
 
     start = time.time()
@@ -196,46 +226,43 @@ def main() -> int:
         os.environ["TRITON_CACHE_DIR"] = os.environ.get("GATEDLORA_AOT_CACHE_DIR", cache)
         jobs = [job for job in build_jobs()
                 if options.arch in (None, job.arch) and options.mode in (None, job.mode)
-                and options.layout in (None, job.layout)]
+                and options.layout in (None, job.layout) and options.kernel in (None, job.kernel)]
         import multiprocessing
 
         with ProcessPoolExecutor(max_workers=options.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows = list(pool.map(compile_job, jobs, chunksize=4))
 
-    header = (f"{'sm':>3} {'layout':<8} {'gate':<6} {'x':<9} {'lora':<9} {'dot':<5} "
-              f"{'BM':>3} {'BN':>3} {'BK':>4} {'BR':>4} {'wp':>3} {'st':>3} {'REG':>4} {'STACK':>5} {'LOCAL':>5} "
-              f"{'SHARED':>7}  status")
+    header = (f"{'sm':>3} {'layout':<8} {'gate':<6} {'x':<9} {'lora':<9} {'dot':<6} {'kernel':<8} {'tiles':<28} "
+              f"{'REG':>4} {'STACK':>5} {'LOCAL':>5} {'SHARED':>7}  status")
     failures = 0
     lines = [header]
     for row in rows:
-        job, t = row["job"], row["job"].tiles
+        job = row["job"]
         found = problems(row)
         failures += bool(found)
         resources = ("   -     -     -       -" if "error" in row else
                      f"{row['regs']:>4} {row['stack']:>5} {row['local']:>5} {row['shared']:>7}")
         line = (f"{job.arch:>3} {job.layout:<8} {job.mode:<6} {job.x_dtype:<9} {job.lora_dtype:<9} "
-                f"{job.precision:<5} {t.block_m:>3} {t.block_n:>3} {t.block_k:>4} {t.block_r:>4} "
-                f"{t.num_warps:>3} {t.num_stages:>3} {resources}  {'; '.join(found) or 'ok'}")
+                f"{job.precision:<6} {job.kernel:<8} {job.tiles:<28} {resources}  {'; '.join(found) or 'ok'}")
         if found or not options.quiet:
             lines.append(line)
     print("\n".join(lines))
 
-    # Per tile config and arch: the worst case over gate modes, dtypes and layouts.
-    print("\nsummary: worst case per (sm, tile config) over gate modes, dtypes and layouts")
-    print(f"{'sm':>3} {'BM':>3} {'BN':>3} {'BK':>4} {'BR':>4} {'elt':>3} {'wp':>3} {'st':>3} {'variants':>8} "
-          f"{'REG max':>7} {'spills':>6} {'SHARED max':>10} {'limit':>7}")
+    # Per kernel, tile config and arch: the worst case over gate modes, dtypes and layouts.
+    print("\nsummary: worst case per (sm, kernel, tile config, LoRA element size) over gate modes, dtypes and layouts")
+    print(f"{'sm':>3} {'kernel':<8} {'tiles':<28} {'elt':>3} {'variants':>8} {'REG max':>7} {'spills':>6} "
+          f"{'SHARED max':>10} {'limit':>7}")
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         job = row["job"]
         elt = 4 if job.lora_dtype == "float32" else 2
-        groups.setdefault((job.arch, job.tiles, elt), []).append(row)
-    for (arch, t, elt), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][2], item[0][1].block_m,
-                                                                          item[0][1].block_r)):
+        groups.setdefault((job.arch, job.kernel, job.tiles, elt), []).append(row)
+    for (arch, kernel, tiles, elt), group in sorted(groups.items()):
         ok = [r for r in group if "error" not in r]
         spills = sum(r["stack"] + r["local"] for r in ok)
-        print(f"{arch:>3} {t.block_m:>3} {t.block_n:>3} {t.block_k:>4} {t.block_r:>4} {elt:>3} {t.num_warps:>3} "
-              f"{t.num_stages:>3} {len(group):>8} {max((r['regs'] for r in ok), default=0):>7} {spills:>6} "
-              f"{max((r['shared'] for r in ok), default=0):>10} {SHARED_LIMIT[arch]:>7}"
+        regs, shared = max((r["regs"] for r in ok), default=0), max((r["shared"] for r in ok), default=0)
+        print(f"{arch:>3} {kernel:<8} {tiles:<28} {elt:>3} {len(group):>8} {regs:>7} {spills:>6} {shared:>10} "
+              f"{SHARED_LIMIT[arch]:>7}"
               + (f"  {len(group) - len(ok)} failed to compile" if len(ok) < len(group) else ""))
     print(f"\n{len(rows)} kernels compiled for sm_{' sm_'.join(map(str, ARCHS))} in {time.time() - start:.0f} s; "
           f"{failures} failed the check")
