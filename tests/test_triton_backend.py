@@ -45,10 +45,11 @@ def args_of(case: dict):
 @pytest.mark.parametrize("key", sorted(tb.TILE_CONFIGS) if "triton" in available_backends() else [], ids=str)
 @pytest.mark.parametrize("n_split", (1, 2))
 def test_every_tile_config(key, n_split):
-    """Each tile config the heuristic can pick, with every loop taking more than one step: two K
+    """Each one-pass tile config the heuristic can pick, with every loop taking more than one step: two K
     steps, three N tiles, a partial second row block, a rank that leaves BLOCK_R padding."""
-    block_m, block_r, elt = key
+    block_r, elt = key
     tiles = tb.TILE_CONFIGS[key]
+    block_m = tiles.block_m
     dtype = torch.float32 if elt == 4 else torch.bfloat16
     m, k, n, r = block_m + 3, tiles.block_k + 37, 2 * tiles.block_n + 22, max(1, block_r - 3)
     case = make_case(block_m * 1000 + block_r * 10 + n_split, m, k, n, r, dtype, "token-hard", "75%",
@@ -56,6 +57,56 @@ def test_every_tile_config(key, n_split):
     out = case["base_out"].clone()
     tb.launch(out, args_of(case), tiles=tiles, n_split=n_split)
     check_against_reference(case, out)
+
+
+TWO_PASS_TILES = sorted({(tb.two_pass_tiles(m_key, r, elt), r, elt) for m_key in (1, 64) for r in (3, 16, 40, 100)
+                         for elt in (2, 4)}, key=str) if "triton" in available_backends() else []
+
+
+@pytest.mark.parametrize("tiles,r,elt", TWO_PASS_TILES, ids=lambda v: str(v) if isinstance(v, int) else
+                         f"s{v.shrink_m}x{v.block_k}-e{v.expand_m}x{v.block_n}-R{v.block_r}")
+@pytest.mark.parametrize("split_k", (1, 3))
+@pytest.mark.parametrize("mode", ("given-hard", "token-soft", "none"))
+def test_two_pass_every_tile_config(tiles, r, elt, split_k, mode):
+    """Each two-pass tile config with every loop taking more than one step: K shares of two BLOCK_K steps
+    and a partial one, a partial row block in both kernels, a partial N tile, ranks that leave BLOCK_R
+    padding; the output poisoned past N and between rows."""
+    dtype = torch.float32 if elt == 4 else torch.bfloat16
+    m, k, n = max(tiles.shrink_m, tiles.expand_m) + 3, split_k * 2 * tiles.block_k + 37, tiles.block_n + 22
+    case = make_case(tiles.block_r * 100 + split_k * 10 + elt, m, k, n, r, dtype, mode, "75%", bias_tensor=True,
+                     lora_dtype=torch.float32 if elt == 4 else None)
+    buffer = torch.full((m, n + 9), float("nan"), dtype=dtype, device=DEVICE)
+    out = buffer[:, :n]
+    out.copy_(case["base_out"])
+    tb.launch_two_pass(out, args_of(case), tiles=tiles, split_k=split_k)
+    assert torch.isnan(buffer[:, n:]).all(), "the expand kernel wrote past N"
+    check_against_reference(case, out)
+
+
+def test_two_pass_path_by_rows():
+    """Decode sizes keep the one-launch kernel; from TWO_PASS_FROM_ROWS rows the two passes run."""
+    case = make_case(3, 1, 64, 48, 8, torch.float32, "given-hard", "all")
+    assert not tb.uses_two_pass(args_of(case))
+    case = make_case(3, tb.TWO_PASS_FROM_ROWS, 64, 48, 8, torch.float32, "given-hard", "all")
+    assert tb.uses_two_pass(args_of(case))
+    tiles, split_k = tb.two_pass_launch(args_of(make_case(3, 1, 4096, 48, 16, torch.bfloat16, "none")))
+    assert tiles.shrink_m == 16 and split_k == 4096 // tiles.block_k  # one token: K split as far as it goes
+
+
+def test_dot_precision_for_fp32_lora_weights():
+    """16-bit x with fp32 LoRA weights: TF32x3 (tensor cores, about fp32 accuracy); fp32 x: IEEE; TF32 only
+    where PyTorch's matmuls allow it."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert tb.dot_precision(torch.bfloat16, torch.float32) == "tf32x3"
+        assert tb.dot_precision(torch.float16, torch.float32) == "tf32x3"
+        assert tb.dot_precision(torch.float32, torch.float32) == "ieee"
+        assert tb.dot_precision(torch.bfloat16, torch.bfloat16) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert tb.dot_precision(torch.bfloat16, torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_launch_plan_never_syncs(monkeypatch):
@@ -107,18 +158,15 @@ def test_kernel_uses_the_contracts_gate_kinds_by_name():
 
 
 def test_heuristic_matches_the_documented_examples():
-    """The choices the launcher's docstring derives (bf16, r=16, K=N=4096, 132 SMs)."""
+    """The choice the launcher's docstring derives (bf16, r=16, K=N=4096, 132 SMs), and every rank's tile."""
     decode, split = tb.choose_launch(1, 4096, 4096, 16, 2, 2, 132)
     assert (decode.block_m, split) == (16, 32)
-    batched, split = tb.choose_launch(64, 4096, 4096, 16, 2, 2, 132)
-    assert (batched.block_m, split) == (16, 8)
-    prefill, split = tb.choose_launch(4096, 4096, 4096, 16, 2, 2, 132)
-    assert (prefill.block_m, split) == (64, 1)
-    for m in (1, 7, 300, 9000):
-        for r in (1, 16, 100, 128):
-            tiles, split = tb.choose_launch(tb.m_bucket(m), 28672, 4096, r, 2, 4, 132)
+    for m in (1, 7, 16):
+        for r, elt in ((1, 2), (16, 2), (100, 2), (128, 2), (1, 4), (64, 4)):
+            tiles, split = tb.choose_launch(tb.m_bucket(m), 28672, 4096, r, 2, elt, 132)
             assert tiles in tb.TILE_CONFIGS.values() and tiles.block_r >= r
             assert 1 <= split <= triton.cdiv(28672, tiles.block_n)
+    assert not tb.has_one_pass_tile(100, 4)  # fp32 weights of rank > 64: the two-pass path at every M
 
 
 def test_custom_op_schema_and_fake():

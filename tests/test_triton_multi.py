@@ -50,8 +50,9 @@ def check(case: dict, out: torch.Tensor, tolerance: float) -> None:
 def test_every_tile_config(key, n_split):
     """Each tile the launcher can pick (overrides included), every loop taking more than one step: two K steps,
     three N tiles, a partial second row block, two adapters whose ranks leave BLOCK_R padding."""
-    block_m, block_r, elt = key
+    block_r, elt = key
     tiles = triton_multi.multi_tiles()[key]
+    block_m = tiles.block_m
     dtype = torch.float32 if elt == 4 else torch.bfloat16
     m, k, n = block_m + 3, tiles.block_k + 37, 2 * tiles.block_n + 22
     case = case_for(block_m * 1000 + block_r + n_split, m, k, n, (max(1, block_r - 3), max(1, block_r // 2)), dtype)
@@ -92,7 +93,7 @@ def test_launch_plan_reads_no_tensor_value(monkeypatch):
     for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     grid, positional, keywords = triton_multi.launch_plan(case["base_out"].clone(), args,
-                                                          triton_multi.multi_tiles()[(16, 16, 2)], 2)
+                                                          triton_multi.multi_tiles()[(16, 2)], 2)
     monkeypatch.undo()
     assert grid == (1, 2, 1) and positional[2] is case["adapter_index"]  # N = 24: one N tile, no split
 
@@ -162,3 +163,12 @@ def test_cuda_graph_replay_follows_a_refilled_index():
         graph.replay()
         torch.cuda.synchronize()
         check(dict(case, adapter_index=index.clone()), out, 2e-2)
+
+
+def test_fp32_weights_beyond_rank_64_are_refused_and_auto_runs_torch():
+    """fp32 LoRA weights with BLOCK_R = 128 have no one-pass tile (each one tried spilled): by name a clear
+    error, under auto the torch backend, which is still exact."""
+    case = case_for(11, 6, 32, 24, (80, 8), torch.float32)
+    with pytest.raises(RuntimeError, match="no tile for BLOCK_R=128"):
+        gatedlora.gated_lora_multi(**case, backend="triton")
+    check(case, gatedlora.gated_lora_multi(**case), 1e-5)

@@ -286,9 +286,16 @@ def stage_tests(result: dict, save, deadline_s: float, dry_run: bool) -> None:
     started, code = time.perf_counter(), 0
     counts: dict = {}
     result["failures"] = []
+    # On a GPU most of the time goes to compiling Triton variants, one after another: pytest-xdist spreads the
+    # tests (and so the compiles) over the machine's cores; they share the one GPU.
+    import importlib.util
+
+    parallel = ["-n", str(min(8, os.cpu_count() or 1))] if (
+        torch.cuda.is_available() and importlib.util.find_spec("xdist") is not None) else []
+    result["parallel"] = parallel
     for selection in selections:
         junit = Path(os.environ.get("TMPDIR", "/tmp")) / f"gatedlora-gpu-tests-{os.getpid()}.xml"
-        command = [sys.executable, "-m", "pytest", *selection, "-q", "-rfEs", "-p", "no:cacheprovider",
+        command = [sys.executable, "-m", "pytest", *selection, *parallel, "-q", "-rfEs", "-p", "no:cacheprovider",
                    f"--junitxml={junit}"]
         left = deadline_s - (time.perf_counter() - started)
         try:
@@ -468,30 +475,34 @@ def stage_layer(result: dict, save, deadline_s: float, dry_run: bool) -> None:
 
 
 def auto_table(cases: list[dict], device) -> dict:
-    """Which exact-mode backend is fastest per M and dtype, over the shapes and open fractions measured
-    (graph timing where there is one, else eager): the measured input to ``auto``'s order."""
+    """Which exact-mode backend is fastest per dtype pair and M, over the shapes and open fractions measured:
+    the measured input to ``auto``'s order (gatedlora/ops/preference.py ``MEASURED``). Where some backends were
+    timed as graph replays (decode sizes) only those compete, on graph times: a decode step a user captures
+    cannot hold the torch backend's host reads; elsewhere every backend competes on eager times."""
     import torch
 
-    winners: dict = {}
+    samples: dict = {}
     for case in cases:
-        key = (f"x {case['dtype']} lora {case['lora_dtype']}", case["m"])
+        key = (f"{case['dtype']}/{case['lora_dtype']}", case["m"])
         for name, entry in case["providers"].items():
-            if not name.startswith("gatedlora") or name.endswith("fused"):
+            parts = name.split()
+            if parts[0] != "gatedlora" or len(parts) != 2:  # exact mode per backend, not fused or forced paths
                 continue
-            mode = "graph" if "median_us" in entry.get("graph", {}) else "eager"
-            ratio = entry.get(mode, {}).get("ratio_to_base")
-            if ratio is not None:
-                winners.setdefault(key, {}).setdefault(name.split()[1], []).append(ratio)
+            for mode in ("graph", "eager"):
+                ratio = entry.get(mode, {}).get("ratio_to_base")
+                if ratio is not None:
+                    samples.setdefault(key, {}).setdefault(mode, {}).setdefault(parts[1], []).append(ratio)
     arch = "cpu"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         arch = f"sm_{major}{minor}"
     table: dict = {}
-    for (dtype, m), ratios in sorted(winners.items()):
+    for (dtypes, m), by_mode in sorted(samples.items()):
+        mode = "graph" if by_mode.get("graph") else "eager"
         # geometric mean over shapes and open fractions: one slow outlier does not decide
-        means = {backend: math.exp(sum(map(math.log, v)) / len(v)) for backend, v in ratios.items()}
+        means = {backend: math.exp(sum(map(math.log, v)) / len(v)) for backend, v in by_mode[mode].items()}
         best = min(means, key=means.get)
-        table.setdefault(dtype, {})[str(m)] = {"best": best, "mean_ratio_to_base": means}
+        table.setdefault(dtypes, {})[str(m)] = {"best": best, "mode": mode, "mean_ratio_to_base": means}
     return {arch: table}
 
 

@@ -24,9 +24,9 @@ from .device_timing import rotating, rotation_count, time_call
 
 # Llama-3-8B projections as label -> (K, N, LoRA weight dtype): q/o, k/v (GQA 8 of 32 heads), gate/up, down,
 # with the adapter weights PEFT creates on a bf16 model (fp32, None here); q/o also with bf16 adapter weights.
-LLAMA3_8B_SHAPES = {"q_proj/o_proj": (4096, 4096, None), "k_proj/v_proj": (4096, 1024, None),
-                    "gate_proj/up_proj": (4096, 14336, None), "down_proj": (14336, 4096, None),
-                    "q_proj/o_proj bf16 lora": (4096, 4096, torch.bfloat16)}
+LLAMA3_8B_SHAPES = {"q_proj/o_proj": (4096, 4096, None), "q_proj/o_proj bf16 lora": (4096, 4096, torch.bfloat16),
+                    "down_proj": (14336, 4096, None), "gate_proj/up_proj": (4096, 14336, None),
+                    "k_proj/v_proj": (4096, 1024, None)}  # in the order a time budget should cut them
 ROWS = (1, 8, 64, 512, 4096)
 OPEN_FRACTIONS = (0.0, 0.06, 0.75, 1.0)  # PRISM's routing rates: closed, MMLU (6%), safety (75%), all
 GRAPH_MAX_ROWS = 64  # decode sizes: host time dominates eager calls there, so they are also timed as graph replays
@@ -80,9 +80,13 @@ class LayerCopies:
         self.dtype = dtype
         self.k = k
 
-    def providers(self, m: int, open_fraction: float, backends: list[str]) -> dict[str, tuple[Callable, bool]]:
-        """name -> (function that runs one call, capturable in a CUDA graph)."""
+    def providers(self, m: int, open_fraction: float, backends: list[str],
+                  triton_paths: bool = False) -> dict[str, tuple[Callable, bool]]:
+        """name -> (function that runs one call, capturable in a CUDA graph). ``triton_paths`` adds the
+        triton backend's one-pass and two-pass paths, each forced, beside the one its dispatch picks."""
         from ..ops import gated_lora, gated_lora_fused
+        from ..ops import triton_backend as tb
+        from ..ops.args import make_args
 
         open_rows = round(open_fraction * m)
         gen = torch.Generator().manual_seed(m * 1000 + open_rows)
@@ -118,6 +122,19 @@ class LayerCopies:
             out[f"gatedlora {backend}"] = (adapter(backend), backend != "torch")
         if "cuda" in backends and m <= FUSED_MAX_ROWS:
             out["gatedlora cuda fused"] = (per_copy(fused), True)
+        if triton_paths and "triton" in backends:
+            def forced(two_pass: bool) -> Callable:
+                def make(layer, x):
+                    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                    args = make_args(x, b.shape[0], a, b, layer.scaling["default"], gate, None, None, 0.5, True)
+                    if two_pass:
+                        tiles, split_k = tb.two_pass_launch(args)
+                        return lambda: tb.launch_two_pass(layer.base_layer(x), args, tiles, split_k)
+                    tiles, n_split = tb.heuristic_launch(args)
+                    return lambda: tb.launch(layer.base_layer(x), args, tiles, n_split)
+                return per_copy(make)
+            out["gatedlora triton one-pass"] = (forced(False), True)
+            out["gatedlora triton two-pass"] = (forced(True), True)
         return out
 
 
@@ -156,7 +173,8 @@ def run_layer_benchmark(device: torch.device, backends: list[str], shapes: dict[
                     if case.open_rows in seen_open_rows:
                         continue
                     seen_open_rows.add(case.open_rows)
-                    providers = copies.providers(m, fraction, backends)
+                    both_paths = label.startswith(("q_proj", "tiny"))  # time the triton paths side by side
+                    providers = copies.providers(m, fraction, backends, triton_paths=both_paths)
                     timings = {}
                     for name, (fn, capturable) in providers.items():
                         if unconditional(name) and name in shared:

@@ -1,11 +1,12 @@
 """Backend registry and dispatch, decided once per configuration and cached.
 
 Each backend says why it cannot take an input (xformers' ``not_supported_reasons``). Under
-``backend="auto"`` the first backend in ``PREFERENCE`` (cuda, triton, torch) without a reason runs;
-CPU tensors go to torch (the GPU backends take CPU tensors only in the Triton interpreter, a test
-tool orders of magnitude slower). An explicit choice that cannot run raises an error with its
-reasons; with ``auto`` and no backend left, the error lists every reason. ``GATEDLORA_BACKEND``
-overrides ``auto``.
+``backend="auto"`` the first backend without a reason runs, in the order ``preference.gpu_order`` gives
+for CUDA tensors (measured per device class, M bucket and dtype pair where a GPU has run
+tools/gpu_check.py; the byte model's order elsewhere); CPU tensors go to torch (the GPU backends take
+CPU tensors only in the Triton interpreter, a test tool orders of magnitude slower). An explicit
+choice that cannot run raises an error with its reasons; with ``auto`` and no backend left, the error
+lists every reason. ``GATEDLORA_BACKEND`` overrides ``auto``.
 
 The choice and the backend's launch function depend only on the configuration (``dispatch_key``:
 device, dtypes, gate kind, N, K, rank and the power-of-two bucket of M), so they are computed once
@@ -27,11 +28,12 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from . import preference
 from .args import GatedLoraArgs
 
 Launch = Callable[[torch.Tensor, GatedLoraArgs], None]
 
-PREFERENCE = ("cuda", "triton", "torch")
+PREFERENCE = ("cuda", "triton", "torch")  # every backend name; auto orders the GPU ones by preference.gpu_order
 BACKEND_CHOICES = ("auto",) + PREFERENCE
 ENV_VAR = "GATEDLORA_BACKEND"
 
@@ -183,7 +185,11 @@ def _choose(name: str, args, reasons_of: Callable[[str, object], list[str]] = _r
 
 def _candidates(args) -> tuple:
     # GPU backends take CPU tensors only in the Triton interpreter: auto never picks it; ask by name instead.
-    return ("torch",) if args.x.device.type == "cpu" else PREFERENCE
+    if args.x.device.type == "cpu":
+        return ("torch",)
+    if args.x.device.type != "cuda":
+        return PREFERENCE
+    return preference.gpu_order(args.x.device, args.x.dtype, args.lora_a.dtype, m_bucket(args.m))
 
 
 def dispatch_fused(requested: str, args: GatedLoraArgs, weight: torch.Tensor,

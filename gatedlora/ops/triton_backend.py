@@ -1,12 +1,17 @@
-"""The triton backend: the kernel contract's reasons, a launch heuristic, one launch of ``gated_lora_add_kernel``.
+"""The triton backend: the kernel contract's reasons, and two launch paths chosen per configuration.
 
-Nothing here synchronises with the device: the gate is decided inside the kernel, ``gate_bias``
+* Decode sizes (fewer than ``TWO_PASS_FROM_ROWS`` rows): one launch of ``gated_lora_add_kernel``
+  (triton_kernel.py), 16-row tiles, ``n_split`` programs along N.
+* Larger M (and fp32 LoRA weights of rank above 64, which no 16-row one-pass tile fits without spilling):
+  ``shrink_kernel`` then ``expand_kernel`` (triton_two_pass.py).
+
+Nothing here synchronises with the device: the gate is decided inside the kernels, ``gate_bias``
 is passed by pointer, and every launch parameter comes from shapes, strides and dtypes. A call can
 therefore be captured in a CUDA graph (after a first call has compiled it). The heuristic runs once
 per configuration: the dispatcher caches the launch function built on its result.
 
-Choosing a configuration (docs/design.md, "Numbers to design against")
-----------------------------------------------------------------------
+Choosing ``n_split`` for the one-pass kernel (docs/design.md, "Numbers to design against")
+------------------------------------------------------------------------------------------
 The adapter term is memory bound at every shape of interest (r <= 128: at most 2*r FLOPs per
 byte of x), so the heuristic compares bytes. With ``e_x``, ``e_l`` the element sizes of x and
 the LoRA weights, ``rows = min(M, BLOCK_M)`` and ``S = n_split``, one program moves
@@ -18,29 +23,20 @@ and the whole grid (``blocks * S`` programs, ``blocks = cdiv(M, BLOCK_M)``) move
 ``blocks * (S*fixed + S*share)`` bytes through L2, of which only x, A, B and the output are unique
 (HBM). The time estimate is the largest of three bounds: waves * bytes-per-program / per-SM
 bandwidth (latency of one program), L2 bytes / L2 bandwidth, unique bytes / HBM bandwidth. The
-heuristic takes the (BLOCK_M, S) with the smallest estimate. The bandwidths are H100 SXM figures
-(3.35 TB/s HBM3; about 5.5 TB/s L2; 64 B/clock/SM at 1.75 GHz = 112 GB/s per SM). They are
-assumptions, not measurements: no GPU has run this code yet, and the constants are meant to be
-replaced by measured ones.
+heuristic takes the S with the smallest estimate. The bandwidths are H100 SXM datasheet figures
+(3.35 TB/s HBM3; about 5.5 TB/s L2; 64 B/clock/SM at 1.75 GHz = 112 GB/s per SM); they rank
+choices, they do not predict times (an H100 measured 2.96 TB/s for a copy).
 
-Worked examples (bf16, r = 16, K = N = 4096, Llama-3-8B q_proj; estimates from
-``_estimate_seconds``, not measurements):
+Worked example (bf16, r = 16, K = N = 4096, Llama-3-8B q_proj, M = 1; estimates from
+``_estimate_seconds``): a program reads fixed = 8 KiB (x) + 128 KiB (A) and share = (128 KiB (B) +
+16 KiB (out)) / S. Estimates for S = 1, 2, 4, ..., 64: 2.56, 1.90, 1.57, 1.41, 1.33, 1.28, 1.65 us.
+S = 32 wins: one wave, 140 KiB a program; at S = 64 the 64 copies of A read through L2 (8.8 MB) cost
+more than the shorter B share saves. Measured on an H100 (bf16 adapters, graph replays): 8.6 us, so the
+per-program A read dominates more than the model says; the two-pass path splits that read over K.
 
-* decode, M = 1, BLOCK_M = 16: a program reads fixed = 8 KiB (x) + 128 KiB (A) and share =
-  (128 KiB (B) + 16 KiB (out)) / S. Estimates for S = 1, 2, 4, ..., 64: 2.56, 1.90, 1.57, 1.41,
-  1.33, 1.28, 1.65 us. S = 32 wins: one wave, 140 KiB a program; at S = 64 the 64 copies of A
-  read through L2 (8.8 MB) cost more than the shorter B share saves. The floor of this design is
-  one program's A read (about 1.2 us): splitting K too would need a second pass, which the
-  one-launch design rules out.
-* batched decode, M = 64: BLOCK_M = 16 with S = 8 (32 programs, 2.8 us) beats BLOCK_M = 64 at
-  any S (6.2 us at best), whose programs each read 512 KiB of x.
-* prefill, M = 4096, BLOCK_M = 64: HBM bound. x (32 MiB) plus the output read and write (64 MiB)
-  take 30 us at 3.35 TB/s for S = 1 or 2; S = 4 needs two waves (44 us). The tie goes to S = 1
-  (fewer redundant reads). This 30 us is the exact-mode floor of docs/design.md.
-
-Tile shapes per (BLOCK_M, BLOCK_R, LoRA element size) are in ``TILE_CONFIGS``; all of them are
-compiled for sm_80 and sm_90 by tools/aot_check.py, which fails on a spill or on shared memory
-over the target's limit.
+The tiles (``TILE_CONFIGS`` for the one-pass kernel, ``two_pass_tiles`` for the two passes) are all
+compiled for sm_80 and sm_90 by tools/aot_check.py, which fails on a spill or on shared memory over
+the target's limit.
 """
 from __future__ import annotations
 
@@ -55,7 +51,7 @@ from .args import GatedLoraArgs
 from .backends import Backend, Launch, m_bucket, register_backend
 from .contract import GateKind, kernel_reasons, staged_output, unit_inner_stride
 
-# Assumed H100 SXM bandwidths in bytes/s (see the module docstring); unmeasured.
+# H100 SXM datasheet bandwidths in bytes/s (see the module docstring): the byte model's relative costs, not timings.
 HBM_BANDWIDTH = 3.35e12
 L2_BANDWIDTH = 5.5e12
 SM_BANDWIDTH = 112e9
@@ -74,38 +70,28 @@ class TileConfig:
     num_stages: int
 
 
-def _tile_table() -> dict[tuple[int, int, int], TileConfig]:
-    """(BLOCK_M, BLOCK_R, LoRA element size) -> tiles, as tuned by tools/aot_check.py on sm_80/sm_90.
+def _tile_table() -> dict[tuple[int, int], TileConfig]:
+    """(BLOCK_R, LoRA element size) -> 16-row tiles of the one-pass kernel, as tools/aot_check.py checks them on
+    sm_80/sm_90.
 
-    Registers bound every choice (fp32 accumulators; 4 warps = 128 threads): the rank-r
-    accumulator takes BLOCK_M*BLOCK_R/threads registers a thread, the B tile
-    BLOCK_R*BLOCK_N/threads and the output tile BLOCK_M*BLOCK_N/threads. Where a first choice
-    spilled (STACK > 0 in the cubin), BLOCK_K or BLOCK_N was halved or the warps doubled:
-    * 64-row tiles use 8 warps: with 4 they spilled from BLOCK_R = 64 up, and every fp32 one;
-    * fp32 LoRA weights (tf32/ieee dots) halve BLOCK_K, and BLOCK_N = 32 where BLOCK_R >= 64;
-    * 16-row tiles with BLOCK_R = 128 take BLOCK_K = 32 (64 spilled 96 bytes on sm_90);
-    * fp32 LoRA weights with BLOCK_R = 128 have no 16-row tile: each one tried (BLOCK_N 16 or 32,
-      4 or 8 warps, 2 or 3 stages) spilled 8 to 48 bytes on sm_80, so M <= 16 runs the 64-row
-      tile (masked rows: no extra bytes, idle tensor-core lanes); the 64-row tile spills with 3
-      stages and not with 2.
+    Registers bound every choice (fp32 accumulators; 4 warps = 128 threads): the rank-r accumulator takes
+    16*BLOCK_R/threads registers a thread, the B tile BLOCK_R*BLOCK_N/threads and the output tile
+    16*BLOCK_N/threads. Where a first choice spilled (STACK > 0 in the cubin), BLOCK_K or BLOCK_N was halved:
+    * fp32 LoRA weights (tf32/tf32x3/ieee dots) halve BLOCK_K, and BLOCK_N = 32 where BLOCK_R >= 64;
+    * BLOCK_R = 128 takes BLOCK_K = 32 (64 spilled 96 bytes on sm_90);
+    * fp32 LoRA weights with BLOCK_R = 128 have no tile: each one tried (BLOCK_N 16 or 32, 4 or 8 warps, 2 or 3
+      stages) spilled 8 to 48 bytes on sm_80; those configurations run the two-pass path at every M.
     """
     half, single = 2, 4
     rows = [
-        # block_m, block_r, elt, block_n, block_k, warps, stages
-        (16, 16, half, 64, 128, 4, 3), (16, 32, half, 64, 128, 4, 3), (16, 64, half, 64, 64, 4, 3),
-        (16, 128, half, 64, 32, 4, 3),
-        (64, 16, half, 64, 64, 8, 3), (64, 32, half, 64, 64, 8, 3), (64, 64, half, 64, 64, 8, 3),
-        (64, 128, half, 64, 32, 8, 3),
-        (16, 16, single, 64, 32, 4, 3), (16, 32, single, 64, 32, 4, 3), (16, 64, single, 32, 32, 4, 3),
-        (64, 16, single, 64, 16, 8, 3), (64, 32, single, 64, 32, 8, 3), (64, 64, single, 32, 16, 8, 3),
-        (64, 128, single, 32, 16, 8, 2),
+        # block_r, elt, block_n, block_k, warps, stages
+        (16, half, 64, 128, 4, 3), (32, half, 64, 128, 4, 3), (64, half, 64, 64, 4, 3), (128, half, 64, 32, 4, 3),
+        (16, single, 64, 32, 4, 3), (32, single, 64, 32, 4, 3), (64, single, 32, 32, 4, 3),
     ]
-    return {(bm, br, elt): TileConfig(bm, bn, bk, br, warps, stages) for bm, br, elt, bn, bk, warps, stages in rows}
+    return {(br, elt): TileConfig(16, bn, bk, br, warps, stages) for br, elt, bn, bk, warps, stages in rows}
 
 
 TILE_CONFIGS = _tile_table()
-# Larger tile first: on equal estimates the first candidate stays (fewer redundant reads).
-BLOCK_M_CHOICES = (64, 16)
 
 
 def block_r_for(rank: int) -> int:
@@ -126,26 +112,26 @@ def _estimate_seconds(m: int, n: int, k: int, r: int, e_x: int, e_l: int, block_
     return max(waves * per_program / SM_BANDWIDTH, l2_bytes / L2_BANDWIDTH, hbm_bytes / HBM_BANDWIDTH)
 
 
+@functools.lru_cache(maxsize=4096)
 def choose_launch(m_key: int, n: int, k: int, r: int, e_x: int, e_l: int, num_sms: int) -> tuple[TileConfig, int]:
-    """(tile config, n_split) for an M bucket, N, K, rank and element sizes; see the module docstring."""
-    block_r = block_r_for(r)
-    best = None
-    # A tile taller than M only adds masked rows: no bytes, but tensor-core work on padding that the
-    # byte model does not see.
-    compiled = [bm for bm in BLOCK_M_CHOICES if (bm, block_r, e_l) in TILE_CONFIGS]
-    for block_m in [bm for bm in compiled if bm <= max(m_key, min(compiled))]:
-        tiles = TILE_CONFIGS[(block_m, block_r, e_l)]
-        n_tiles = triton.cdiv(n, tiles.block_n)
-        split = 1
-        while True:
-            t = _estimate_seconds(m_key, n, k, r, e_x, e_l, block_m, tiles.block_n, split, num_sms)
-            # Strictly better only: ties keep the larger tile and the smaller split.
-            if best is None or t < best[0] * (1 - 1e-9):
-                best = (t, tiles, split)
-            if split >= n_tiles:
-                break
-            split = min(2 * split, n_tiles)
-    return best[1], best[2]
+    """(tile config, n_split) of the one-pass kernel for an M bucket, N, K, rank and element sizes; see the
+    module docstring. Only for configurations with a tile (``has_one_pass_tile``)."""
+    tiles = TILE_CONFIGS[(block_r_for(r), e_l)]
+    n_tiles = triton.cdiv(n, tiles.block_n)
+    best, split = None, 1
+    while True:
+        t = _estimate_seconds(m_key, n, k, r, e_x, e_l, tiles.block_m, tiles.block_n, split, num_sms)
+        if best is None or t < best[0] * (1 - 1e-9):  # strictly better only: ties keep the smaller split
+            best = (t, split)
+        if split >= n_tiles:
+            break
+        split = min(2 * split, n_tiles)
+    return tiles, best[1]
+
+
+def has_one_pass_tile(r: int, e_l: int) -> bool:
+    """Whether the one-pass kernel has a tile for this rank and LoRA element size (see ``_tile_table``)."""
+    return (block_r_for(r), e_l) in TILE_CONFIGS
 
 
 def kernel_is_interpreted() -> bool:
@@ -160,12 +146,20 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def dot_precision(lora_dtype: torch.dtype) -> str:
-    """fp32 LoRA weights use TF32 only where PyTorch's matmuls would (allow_tf32), as PEFT's
-    F.linear would; 16-bit operands ignore the setting."""
-    if lora_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+def dot_precision(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> str:
+    """How ``tl.dot`` multiplies when the LoRA weights are fp32 (16-bit operands ignore it).
+
+    TF32 where PyTorch's matmuls would use it (``allow_tf32``), as PEFT's F.linear would. Otherwise fp32 x
+    keeps IEEE fp32 products, and 16-bit x (PEFT's fp32 adapters on a bf16/fp16 model, the common case)
+    takes "tf32x3": three TF32 tensor-core products whose sum carries about 22 mantissa bits, where the
+    16-bit output keeps 8 (bf16) or 11 (fp16). IEEE fp32 has no tensor-core path: on an H100 the
+    one-pass kernel took about 91 us with fp32 adapters against 8.6 us with bf16 ones at M=1
+    (benchmarks/results/gpu-notes.md)."""
+    if lora_dtype != torch.float32:
+        return "ieee"
+    if torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
-    return "ieee"
+    return "ieee" if x_dtype == torch.float32 else "tf32x3"
 
 
 def _as_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -187,6 +181,19 @@ def heuristic_launch(args: GatedLoraArgs) -> tuple[TileConfig, int]:
                          _num_sms_for(args.x.device))
 
 
+def _gate_pointers(args: GatedLoraArgs, x: torch.Tensor) -> tuple:
+    """(gate, gate_weight, gate_bias, stride_g) as the kernels take them: fp32 tensors. Pointers a gate kind
+    does not read still need a value; each kind fills them the same way every time so that it has one
+    signature (and one compiled variant) per dtype pair."""
+    if args.gate_kind is GateKind.TOKEN:
+        gate_weight = _as_fp32(args.gate_weight).contiguous()
+        return gate_weight, gate_weight, _as_fp32(args.gate_bias), 0
+    if args.gate_kind is GateKind.GIVEN:
+        gate = _as_fp32(args.gate)
+        return gate, gate, gate, gate.stride(0)
+    return x, x, x, 0
+
+
 def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig,
                 n_split: int) -> tuple[tuple[int, int], tuple, dict]:
     """(grid, positional args, keyword args) of the kernel launch that adds into ``out`` [M, N].
@@ -198,19 +205,8 @@ def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig,
     if tiles.block_r < args.r:
         raise ValueError(f"gated_lora (triton): BLOCK_R={tiles.block_r} is smaller than the rank {args.r}")
     n_split = max(1, min(n_split, triton.cdiv(args.n, tiles.block_n)))
-    # Pointers a gate kind does not read still need a value; each kind fills them the same way every
-    # time so that it has one signature (and one compiled variant) per dtype pair.
     kind = args.gate_kind
-    if kind is GateKind.TOKEN:
-        gate_weight = _as_fp32(args.gate_weight).contiguous()
-        gate, gate_bias, stride_g = gate_weight, _as_fp32(args.gate_bias), 0
-    elif kind is GateKind.GIVEN:
-        gate = _as_fp32(args.gate)
-        gate_weight = gate_bias = gate
-        stride_g = gate.stride(0)
-    else:
-        gate = gate_weight = gate_bias = x
-        stride_g = 0
+    gate, gate_weight, gate_bias, stride_g = _gate_pointers(args, x)
     grid = (triton.cdiv(args.m, tiles.block_m), n_split)
     positional = (
         x, a, b, out, gate, gate_weight, gate_bias,
@@ -220,7 +216,7 @@ def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig,
     )
     keywords = dict(
         GATE_KIND=int(kind),
-        DOT_PRECISION=dot_precision(a.dtype),
+        DOT_PRECISION=dot_precision(x.dtype, a.dtype),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -235,6 +231,115 @@ def launch(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig, n_split: i
     triton_kernel.gated_lora_add_kernel[grid](*positional, **keywords)
     if target is not out:
         out.copy_(target)
+
+
+# --- the two-pass path (triton_two_pass.py): shrink split over K, then a 2-D expand -----------------------
+
+# Row counts (M buckets) from which the two-pass path runs. Below it the one-pass kernel's single launch
+# wins where it matters most: a decode step with every gate closed costs one early-exiting launch (1.2 us
+# on an H100) instead of two. From 64 rows up the one-pass kernel's few programs are the bottleneck (M=64:
+# 12.0 us one-pass against 7.9 us for a cuBLAS shrink plus a 2-D expand; M=4096: 121 us against 43.5 us;
+# benchmarks/results/gpu-notes.md). 32 rows sit between two measurements; the two-pass path takes them.
+TWO_PASS_FROM_ROWS = 32
+
+
+@dataclass(frozen=True)
+class TwoPassTiles:
+    """Tiles of the shrink (rows x K) and expand (rows x N) kernels; BLOCK_R pads the rank as in TileConfig."""
+
+    shrink_m: int
+    block_k: int
+    shrink_warps: int
+    shrink_stages: int
+    expand_m: int
+    block_n: int
+    expand_warps: int
+    block_r: int
+
+
+def two_pass_tiles(m_key: int, r: int, e_l: int) -> TwoPassTiles:
+    """Tiles for an M bucket, rank and LoRA element size.
+
+    Shrink: 16-row tiles for decode sizes, 64-row ones above (fewer re-reads of A per row). Expand: 32-row
+    tiles beyond decode sizes and 128 columns (64 from rank 64), the best of the tiles the H100 probe timed at
+    M=512 and M=4096 (benchmarks/results/gpu-notes.md). 16-bit LoRA weights keep BLOCK_K = 128 up to rank
+    32, then 64 and 32, as the one-pass kernel does. fp32 LoRA weights follow a search over BLOCK_M, BLOCK_K,
+    BLOCK_N and warps per rank on sm_80 and sm_90 (the worst of every dot precision and gate kind, checked
+    since by tools/aot_check.py): their shrink spilled from BLOCK_K = 64 (up to 3.6 KiB at rank 32), and at
+    32 with 16-row tiles on sm_90 (8 B), so it takes BLOCK_K = 16 there and 32 with 64-row tiles up to rank
+    32; their expand spilled with 64 columns from rank 64 (8 B to 3.2 KiB) and with 32-row tiles at rank 128,
+    so from rank 64 it takes 32 columns and 8 warps (4 left an 8-byte stack frame on sm_90 with token gates on
+    misaligned inputs), and 16-row tiles at rank 128."""
+    block_r = block_r_for(r)
+    small = m_key <= 16
+    if e_l == 2:
+        return TwoPassTiles(shrink_m=16 if small else 64, block_k=128 if block_r <= 32 else 64 if block_r <= 64 else 32,
+                            shrink_warps=4 if small else 8, shrink_stages=3, expand_m=16 if small else 32,
+                            block_n=128 if block_r <= 32 else 64, expand_warps=4, block_r=block_r)
+    return TwoPassTiles(shrink_m=16 if small else 64, block_k=32 if not small and block_r <= 32 else 16,
+                        shrink_warps=4 if small else 8, shrink_stages=3,
+                        expand_m=16 if small or block_r == 128 else 32, block_n=128 if block_r <= 32 else 32,
+                        expand_warps=8 if block_r >= 64 else 4, block_r=block_r)
+
+
+def choose_split_k(m_key: int, k: int, tiles: TwoPassTiles, num_sms: int) -> int:
+    """How many K shares the shrink splits into: enough programs for two per SM, each share at least one
+    BLOCK_K. One token (M=1, K=4096) takes 32 shares of 128, so its 256 KiB of A is read once over 32 SMs
+    instead of by every program."""
+    programs_m = triton.cdiv(m_key, tiles.shrink_m)
+    return max(1, min(triton.cdiv(k, tiles.block_k), triton.cdiv(2 * num_sms, programs_m)))
+
+
+def two_pass_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TwoPassTiles, split_k: int) -> list[tuple]:
+    """[(kernel, grid, positional args, keyword args)] for the shrink and the expand launch into ``out``.
+
+    Scratch [split_k, M, BLOCK_R] (and [split_k, M] for token-gate logits) in fp32 is allocated here,
+    from PyTorch's caching allocator (inside a CUDA-graph capture: the graph's pool). tools/aot_check.py
+    compiles from these plans."""
+    from . import triton_two_pass
+
+    x, a, b = unit_inner_stride(args.x), unit_inner_stride(args.lora_a), unit_inner_stride(args.lora_b)
+    if tiles.block_r < args.r:
+        raise ValueError(f"gated_lora (triton): BLOCK_R={tiles.block_r} is smaller than the rank {args.r}")
+    m, k = args.m, args.k
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), tiles.block_k) * tiles.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    kind = args.gate_kind
+    gate, gate_weight, gate_bias, stride_g = _gate_pointers(args, x)
+    xa = torch.empty((split_k, m, tiles.block_r), dtype=torch.float32, device=x.device)
+    logit = torch.empty((split_k, m) if kind is GateKind.TOKEN else (1,), dtype=torch.float32, device=x.device)
+    precision = dot_precision(x.dtype, a.dtype)
+    shrink = (triton_two_pass.shrink_kernel, (triton.cdiv(m, tiles.shrink_m), split_k),
+              (x, a, gate, gate_weight, xa, logit, m, k, args.r, k_per_split, x.stride(0), a.stride(0), stride_g,
+               float(args.threshold), int(args.hard)),
+              dict(GATE_KIND=int(kind), DOT_PRECISION=precision, BLOCK_M=tiles.shrink_m, BLOCK_K=tiles.block_k,
+                   BLOCK_R=tiles.block_r, num_warps=tiles.shrink_warps, num_stages=tiles.shrink_stages))
+    expand = (triton_two_pass.expand_kernel, (triton.cdiv(m, tiles.expand_m), triton.cdiv(args.n, tiles.block_n)),
+              (xa, logit, gate, gate_bias, b, out, m, args.n, args.r, split_k, stride_g, b.stride(0), out.stride(0),
+               float(args.scaling), float(args.threshold), int(args.hard)),
+              dict(GATE_KIND=int(kind), DOT_PRECISION=precision, BLOCK_M=tiles.expand_m, BLOCK_N=tiles.block_n,
+                   BLOCK_R=tiles.block_r, num_warps=tiles.expand_warps))
+    return [shrink, expand]
+
+
+def launch_two_pass(out: torch.Tensor, args: GatedLoraArgs, tiles: TwoPassTiles, split_k: int) -> None:
+    """Add the gated LoRA term into ``out`` [M, N] in place: a shrink and an expand launch, no host sync."""
+    target = staged_output(out)
+    for kernel, grid, positional, keywords in two_pass_plan(target, args, tiles, split_k):
+        kernel[grid](*positional, **keywords)
+    if target is not out:
+        out.copy_(target)
+
+
+def uses_two_pass(args: GatedLoraArgs) -> bool:
+    """Whether this configuration runs the two-pass path (see ``TWO_PASS_FROM_ROWS`` and ``_tile_table``)."""
+    return m_bucket(args.m) >= TWO_PASS_FROM_ROWS or not has_one_pass_tile(args.r, args.lora_a.element_size())
+
+
+def two_pass_launch(args: GatedLoraArgs) -> tuple[TwoPassTiles, int]:
+    """(tiles, split_k) for this configuration."""
+    tiles = two_pass_tiles(m_bucket(args.m), args.r, args.lora_a.element_size())
+    return tiles, choose_split_k(m_bucket(args.m), args.k, tiles, _num_sms_for(args.x.device))
 
 
 class TritonBackend(Backend):
@@ -252,6 +357,9 @@ class TritonBackend(Backend):
         return reasons
 
     def launcher(self, args: GatedLoraArgs) -> Launch:
+        if uses_two_pass(args):
+            tiles, split_k = two_pass_launch(args)
+            return functools.partial(launch_two_pass, tiles=tiles, split_k=split_k)
         tiles, n_split = heuristic_launch(args)
         return functools.partial(launch, tiles=tiles, n_split=n_split)
 

@@ -26,7 +26,7 @@ GATE_TOKEN = tl.constexpr(int(GateKind.TOKEN))  # p = sigmoid(x . w_g + b_g), in
 
 
 @triton.jit
-def _gate_from_probability(p, threshold, hard):
+def gate_from_probability(p, threshold, hard):
     """(is_open, g) for probabilities p [BLOCK_M] fp32. Hard: p >= threshold (NaN compares false,
     so NaN closes); soft: g = p with NaN -> 0, open where g != 0."""
     if hard != 0:
@@ -77,7 +77,7 @@ def gated_lora_add_kernel(
         # Given gates: decide before touching x or the LoRA weights, so a closed block costs one
         # load of BLOCK_M gate values; closed rows of a partly open block are not even read.
         p = tl.load(gate_ptr + rows64 * stride_g, mask=row_in, other=0.0).to(tl.float32)
-        is_open, g = _gate_from_probability(p, threshold, hard)
+        is_open, g = gate_from_probability(p, threshold, hard)
         is_open = is_open & row_in
         if tl.max(is_open.to(tl.int32), axis=0) == 0:
             return
@@ -110,7 +110,7 @@ def gated_lora_add_kernel(
 
     if GATE_KIND == GATE_TOKEN:
         p = tl.sigmoid(logit + tl.load(gb_ptr))
-        is_open, g = _gate_from_probability(p, threshold, hard)
+        is_open, g = gate_from_probability(p, threshold, hard)
         is_open = is_open & row_in
         # The token gate needs the whole K loop, so only the B side can be skipped here.
         if tl.max(is_open.to(tl.int32), axis=0) == 0:

@@ -33,8 +33,8 @@ from .backends import m_bucket, register_multi
 from .contract import kernel_reasons, staged_output, unit_inner_stride
 from .multi_args import MultiLoraArgs
 from .multi_weights import pointer_table
-from .triton_backend import (TILE_CONFIGS, TileConfig, _num_sms_for, choose_launch, dot_precision,
-                             kernel_is_interpreted)
+from .triton_backend import (TILE_CONFIGS, TileConfig, _num_sms_for, block_r_for, choose_launch, dot_precision,
+                             has_one_pass_tile, kernel_is_interpreted)
 
 MAX_GRID_ADAPTERS = 65535  # CUDA's limit on grid dimension y
 
@@ -42,16 +42,16 @@ MAX_GRID_ADAPTERS = 65535  # CUDA's limit on grid dimension y
 # weights and TF32, 16 x 64 x 32 tiles at BLOCK_R = 32 spilled 16 bytes; the pointers, rank and strides read
 # from the table take registers the one-adapter kernel keeps in its parameters), the tile this kernel uses.
 # (Loading the rank and strides as 32-bit ints instead spilled in six other variants on sm_90.)
-TILE_OVERRIDES = {(16, 32, 4): TileConfig(16, 32, 32, 32, 4, 3)}
+TILE_OVERRIDES = {(32, 4): TileConfig(16, 32, 32, 32, 4, 3)}  # (BLOCK_R, LoRA element size)
 
 
 def multi_tile(tiles: TileConfig, lora_element_size: int) -> TileConfig:
     """The tile this kernel runs where the one-adapter heuristic chose ``tiles``."""
-    return TILE_OVERRIDES.get((tiles.block_m, tiles.block_r, lora_element_size), tiles)
+    return TILE_OVERRIDES.get((tiles.block_r, lora_element_size), tiles)
 
 
-def multi_tiles() -> dict[tuple[int, int, int], TileConfig]:
-    """Every tile config this kernel can run, by (BLOCK_M, BLOCK_R, LoRA element size): tools/aot_check.py."""
+def multi_tiles() -> dict[tuple[int, int], TileConfig]:
+    """Every tile config this kernel can run, by (BLOCK_R, LoRA element size): tools/aot_check.py."""
     return {key: TILE_OVERRIDES.get(key, tiles) for key, tiles in TILE_CONFIGS.items()}
 
 
@@ -143,8 +143,8 @@ def launch_plan(out: torch.Tensor, args: MultiLoraArgs, tiles: TileConfig,
     grid = (triton.cdiv(args.m, tiles.block_m), args.adapters, n_split)
     positional = (x, out, index, table, scaling, args.lora_a[0], args.m, args.n, args.k,
                   x.stride(0), out.stride(0), index.stride(0), table.stride(0))
-    keywords = dict(DOT_PRECISION=dot_precision(args.lora_dtype), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                    BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r, num_warps=tiles.num_warps,
+    keywords = dict(DOT_PRECISION=dot_precision(args.x.dtype, args.lora_dtype), BLOCK_M=tiles.block_m,
+                    BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r, num_warps=tiles.num_warps,
                     num_stages=tiles.num_stages)
     return grid, positional, keywords
 
@@ -161,6 +161,10 @@ def launch(out: torch.Tensor, args: MultiLoraArgs, tiles: TileConfig, n_split: i
 def multi_reasons(args: MultiLoraArgs) -> list[str]:
     """Why the kernel cannot run ``args`` (empty: it can); depends only on the dispatch key."""
     reasons = kernel_reasons(args.x.dtype, args.lora_dtype, args.r_max)
+    lora_size = args.lora_a[0].element_size()
+    if not reasons and not has_one_pass_tile(args.r_max, lora_size):
+        reasons.append(f"no tile for BLOCK_R={block_r_for(args.r_max)} with {args.lora_dtype} LoRA weights (each one "
+                       "tried spilled registers; the one-adapter op runs its two-pass path there)")
     device = args.x.device
     if kernel_is_interpreted():
         if device.type not in ("cpu", "cuda"):
