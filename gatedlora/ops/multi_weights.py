@@ -10,8 +10,9 @@ are kept per set of weights, each rebuilt only when what it depends on changes:
   it valid; it is rebuilt when a weight moves (``model.to``, FSDP2's unshard into new storage). A weight
   whose last dim is not unit-stride is pointed to through a contiguous copy kept with the table, which
   is then also rebuilt when that weight's version counter moves.
-* ``concatenated``: for the torch backend's small-M strategy (one matmul for every adapter), A stacked
-  along the rank ``[R, K]``, B along its columns ``[N, R]`` (``R = sum r_i``) and a table of per-adapter
+* ``concatenated``: for the torch backend's small-M strategy (one matmul for every adapter), the A's
+  stacked along the rank and the B's along their columns, both kept transposed (``A_cat^T`` [K, R],
+  ``B_cat^T`` [R, N], ``R = sum r_i``: the layouts a row-major matmul reads fastest) and a table of per-adapter
   column coefficients ``[A + 1, R]`` (row i: ``scaling[i]`` on adapter i's columns, 0 elsewhere; row A:
   zeros, which index -1 reads). Values are copied, so it is
   rebuilt when a weight's version counter or storage changes (one check per weight and call: about
@@ -108,7 +109,8 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def concatenated(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_cat [R, K], B_cat [N, R], each row's coefficients [M, R]) in the adapters' dtype (the module docstring).
+    """(A_cat^T [K, R], B_cat^T [R, N], each row's coefficients [M, R]) in the adapters' dtype, both weights
+    contiguous (the module docstring).
 
     A row's coefficients are row ``adapter_index[m]`` of the table (-1 reads its last row, the zeros; off the
     CPU, where the index is not checked, one outside [-1, A) is clamped onto the zeros too). On the CPU they
@@ -135,12 +137,16 @@ def concatenated(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def _concatenate(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_cat [R, K], B_cat [N, R], coefficients [A + 1, R]), built outside inference mode: the weights are
-    ordinary tensors, so the copies are too, and later calls with autograd recording may read them."""
+    """(A_cat^T [K, R], B_cat^T [R, N], coefficients [A + 1, R]), built outside inference mode: the weights are
+    ordinary tensors, so the copies are too, and later calls with autograd recording may read them.
+
+    Transposed and contiguous because that is what the two matmuls read fastest: on one CPU core (M = 8,
+    K = 256, N = 688, R = 64, fp32) ``mm(u, B_cat^T)`` took 5.4 us where ``addmm_`` on a transposed view
+    of B_cat [N, R] took 11.7 us, and ``mm(x, A_cat^T)`` 3.2 us where ``F.linear(x, A_cat)`` took 4.7."""
     with torch.inference_mode(False), torch.no_grad():
-        lora_a = torch.cat(args.lora_a, dim=0)
-        lora_b = torch.cat(args.lora_b, dim=1)
-        coefficients = torch.zeros(args.adapters + 1, lora_a.shape[0], dtype=lora_a.dtype, device=lora_a.device)
+        lora_a = torch.cat(args.lora_a, dim=0).t().contiguous()
+        lora_b = torch.cat([b.t() for b in args.lora_b], dim=0)
+        coefficients = torch.zeros(args.adapters + 1, lora_a.shape[1], dtype=lora_a.dtype, device=lora_a.device)
         start = 0
         for i, (rank, scale) in enumerate(zip(args.ranks, args.scaling)):
             coefficients[i, start:start + rank] = scale

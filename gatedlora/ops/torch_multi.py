@@ -4,12 +4,12 @@ Strategies (docs/design.md, "Several adapters": measured on one CPU core):
 
 * ``concatenated`` (small M, and off the CPU): every adapter in one pair of matmuls. With the adapters'
   A stacked along the rank (``A_cat`` [R, K], ``R = sum r_i``) and B along its columns (``B_cat``
-  [N, R]), ``u = x A_cat^T`` holds every adapter's rank-r product of every row; multiplying each row of
-  u by its route's coefficients (``scaling[i]`` on adapter i's columns, 0 on the others) leaves exactly
-  that row's adapter, and ``out.addmm_(u, B_cat^T)`` adds it. Three or four PyTorch calls whatever the
-  number of adapters (at decode sizes each call costs more host time than its arithmetic), no host
-  read (so the strategy off the CPU). Costs ``R / r`` times the arithmetic of one adapter per row; a
-  base row gets ``+0.0`` added (bit for bit its base output, but that an exact ``-0.0`` comes back
+  [N, R]), both kept transposed, ``u = x A_cat^T`` holds every adapter's rank-r product of every row;
+  multiplying each row of u by its route's coefficients (``scaling[i]`` on adapter i's columns, 0 on the
+  others) leaves exactly that row's adapter, and ``out.addmm_(u, B_cat^T)`` adds it. Three or four PyTorch
+  calls whatever the number of adapters (at decode sizes each call costs more host time than its
+  arithmetic), no host read (so the strategy off the CPU). Costs ``R / r`` times the arithmetic of one
+  adapter per row; a base row gets ``+0.0`` added (bit for bit its base output, but that an exact ``-0.0`` comes back
   ``+0.0``, as in the one-adapter folded strategy).
 * ``grouped`` (larger M on the CPU, the PEFT mixed batch's plan done once): the rows sorted by adapter
   (one ``argsort``) and counted on the host (one ``bincount`` read); the non-base rows gathered once,
@@ -56,13 +56,13 @@ def _add(out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None = Non
 
 def add_concatenated(out: torch.Tensor, args: MultiLoraArgs) -> None:
     """Every adapter on every row in one pair of matmuls, each row keeping its own adapter's term."""
-    lora_a, lora_b, coefficients = concatenated(args)
-    u = F.linear(_lora_x(args, every_row=True), lora_a)  # [M, R]
+    lora_a_t, lora_b_t, coefficients = concatenated(args)
+    u = torch.mm(_lora_x(args, every_row=True), lora_a_t)  # [M, R]
     u.mul_(coefficients)
     if out.dtype == u.dtype:
-        out.addmm_(u, lora_b.t())
+        out.addmm_(u, lora_b_t)
     else:
-        _add(out, F.linear(u, lora_b))
+        _add(out, torch.mm(u, lora_b_t))
 
 
 def add_grouped(out: torch.Tensor, args: MultiLoraArgs) -> None:
