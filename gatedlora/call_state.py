@@ -73,8 +73,8 @@ class RouteDecision:
         cached = self._row_gates.get(key)
         if cached is None or cached[0] is not slot_table:
             routes = self.multi_routes.to(slot_table.device, non_blocking=True)
-            # outside inference mode: an ordinary tensor has a version counter, which lets the op keep what it
-            # derives from the index for the whole generation (multi_weights.concatenated)
+            # outside inference mode: a call that records autograd saves the index for backward, which an
+            # inference tensor cannot be
             with torch.inference_mode(False):
                 cached = (slot_table, slot_table.index_select(0, routes).repeat_interleave(rows))
             self._row_gates[key] = cached

@@ -195,7 +195,14 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
     peft_layers = _peft_lora_layers(model)
     fresh = not peft_layers
     if not fresh and config.target_modules is not None:
-        peft_layers = [(n, m) for n, m in peft_layers if _matches(n, config.target_modules)]
+        matched = [(n, m) for n, m in peft_layers if _matches(n, config.target_modules)]
+        left = [n for n, _ in peft_layers if not _matches(n, config.target_modules)]
+        if config.adapters is not None and left:
+            raise ValueError(
+                f"GatedLoraConfig(adapters=...) routes every PEFT LoRA layer (one left to PEFT would apply its active "
+                f"adapter to every sequence, whatever its route), but target_modules={config.target_modules!r} "
+                f"leaves out {left[:4]}{' ...' if len(left) > 4 else ''}: drop target_modules")
+        peft_layers = matched
     if fresh and config.adapters is not None:
         raise ValueError(f"GatedLoraConfig.adapters names PEFT adapters, and {type(model).__name__} has no PEFT LoRA "
                          "layers: load them first (PeftModel.from_pretrained(model, path, adapter_name=name), then "

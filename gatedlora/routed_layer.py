@@ -78,10 +78,10 @@ class RoutedLoRALinear(GatedLoRALinear):
         route = decision.uniform_route
         slot = -1 if route is None else self.route_slots[route]
         a_modules, b_modules = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
-        if route is not None and slot < 0 and not self._records_gradients():
-            return self.base_layer(x, *args, **kwargs)  # every sequence on the base model here (host-visible)
-        if slot >= 0:  # every sequence on one adapter (host-visible): plain LoRA with it, as PEFT computes
-            name = names[slot]
+        if route is not None and not self._records_gradients():  # one route for every sequence (host-visible)
+            if slot < 0:
+                return self.base_layer(x, *args, **kwargs)  # the base model, or an adapter this layer lacks
+            name = names[slot]  # one adapter: plain LoRA with it, as PEFT computes
             result, lora_x, inplace = self._base_output(x, self._dropout(x, (name,)), args, kwargs)
             return gated_lora(lora_x, result, a_modules[name]._parameters["weight"],
                               b_modules[name]._parameters["weight"], self.scalings[slot], backend=self.backend,
@@ -93,8 +93,10 @@ class RoutedLoRALinear(GatedLoRALinear):
                                 backend=self.backend, inplace=inplace, validate=False)
 
     def _records_gradients(self) -> bool:
-        """Whether autograd records this call for some adapter weight: then a batch on the base model still runs
-        the op, so the weights get a zero gradient rather than none (as ``GatedLoRALinear`` does)."""
+        """Whether autograd records this call for some adapter weight: then a batch on the base model or on one
+        adapter still runs the multi-adapter op, so every adapter's weights get a gradient, zero where no row
+        took it, rather than none (as ``GatedLoRALinear`` does; DDP without ``find_unused_parameters`` needs
+        one, and optimizers skip a parameter whose gradient is None)."""
         if not torch.is_grad_enabled():
             return False
         a_modules, b_modules = self.lora_A, self.lora_B

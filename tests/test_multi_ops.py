@@ -133,13 +133,31 @@ def test_poisoned_output_written_only_on_adapter_rows(multi_backend, m):
     check(case, out, base_before=before)
 
 
-def test_inf_in_a_base_row_reaches_no_other_row(multi_backend):
-    case = make_case(9, 24, 64, 40, (8, 4), torch.bfloat16, device=multi_backend.device)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inf_in_a_base_row_reaches_no_other_row(multi_backend, dtype):
+    """The base row keeps its bits (``check``) and no other row sees the inf."""
+    case = make_case(9, 24, 64, 40, (8, 4), dtype, device=multi_backend.device)
     on_base = (case["adapter_index"] < 0).nonzero().flatten()
     case["x"][on_base[0]] = float("inf")
     out = run(multi_backend, case)
     assert torch.isfinite(out).all()
     check(case, out)
+
+
+def test_an_overflow_in_another_adapters_product_reaches_no_row(multi_backend):
+    """fp16: adapter 1's x A^T overflows, but no row takes adapter 1; every row equals PEFT's adapter 0."""
+    device = multi_backend.device
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 32, generator=g).half().to(device)
+    a0 = (torch.randn(4, 32, generator=g) * 0.1).half().to(device)
+    a1 = torch.full((4, 32), 60000.0).half().to(device)
+    b0, b1 = (torch.randn(16, 4, generator=g).half().to(device) for _ in range(2))
+    base = torch.randn(4, 16, generator=g).half().to(device)
+    index = torch.zeros(4, dtype=torch.int64, device=device)
+    out = gatedlora.gated_lora_multi(x, base, [a0, a1], [b0, b1], [2.0, 2.0], index, backend=multi_backend.name)
+    want = gated_lora_multi_reference(x, base, [a0], [b0], [2.0], index)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=2e-3, atol=2e-3)
 
 
 def test_strided_inputs_int32_index_and_leading_dims(multi_backend):
@@ -172,6 +190,67 @@ def test_weights_updated_in_place_or_moved_are_read_as_they_are_now(multi_backen
     check(case, run(multi_backend, case))
     case["lora_a"][0].data = torch.randn_like(case["lora_a"][0])
     check(case, run(multi_backend, case))
+
+
+def test_the_callers_index_is_never_written(multi_backend):
+    """Values outside [-1, A) are refused on the CPU; whatever runs, the index passed in keeps its values."""
+    case = make_case(19, 8, 32, 24, (4, 8), torch.float32, device=multi_backend.device)
+    before = case["adapter_index"].clone()
+    check(case, run(multi_backend, case))
+    assert torch.equal(case["adapter_index"], before)
+
+
+def test_an_index_refilled_without_its_version_counter_is_read_as_it_is_now(multi_backend):
+    """A write through ``.data`` or a numpy view does not move the version counter: the op must not reuse what
+    it derived from the old values."""
+    case = make_case(21, 8, 32, 24, (4, 8), torch.float32, "no base", device=multi_backend.device)
+    check(case, run(multi_backend, case))
+    case["adapter_index"].data.fill_(-1)
+    out = run(multi_backend, case)
+    assert torch.equal(bits(out), bits(case["base_out"]))
+
+
+def test_forms_do_not_keep_freed_weights_alive(multi_backend):
+    """The derived forms (pointer table, concatenation) hold the weights weakly: dropping them frees them."""
+    import gc
+    import weakref
+
+    from gatedlora.ops import multi_weights
+
+    case = make_case(29, 6, 32, 24, (4, 8), torch.float32, device=multi_backend.device)
+    run(multi_backend, case)
+    refs = [weakref.ref(t) for t in case["lora_a"] + case["lora_b"]]
+    entries = len(multi_weights._FORMS)
+    del case
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert len(multi_weights._FORMS) < entries
+
+
+def test_auto_on_a_gpu_reads_the_dtype_of_every_adapter(monkeypatch):
+    """``auto``'s GPU order takes the LoRA dtype of multi-adapter arguments too (their weights are a tuple)."""
+    from types import SimpleNamespace
+
+    from gatedlora.ops import preference
+
+    seen = []
+    monkeypatch.setattr(preference, "gpu_order", lambda device, x_dtype, lora_dtype, m: seen.append(lora_dtype) or ())
+    case = make_case(31, 4, 16, 8, (4, 2), torch.float32, lora_dtype=torch.float16)
+    args = make_multi_args(case["x"], 8, case["lora_a"], case["lora_b"], tuple(case["scaling"]),
+                           case["adapter_index"])
+    args.x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    backends._candidates(args)
+    assert seen == [torch.float16]
+
+
+def test_a_backend_override_without_a_multi_adapter_kernel_leaves_auto_to_choose(monkeypatch):
+    case = make_case(37, 4, 16, 8, (4,), torch.float32)
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    backends.clear_dispatch_cache()
+    try:
+        check(case, gatedlora.gated_lora_multi(**case))
+    finally:
+        backends.clear_dispatch_cache()
 
 
 def test_no_adapter_and_no_row(multi_backend):

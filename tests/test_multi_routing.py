@@ -231,6 +231,24 @@ def test_training_updates_the_weights_the_kernels_read():
     check_routes(logits, routes, expected)
 
 
+@pytest.mark.parametrize("routes", ([0, 0, 0, 0, 0, 0], [2, 2, 2, 2, 2, 2]), ids=("all base", "all on code"))
+def test_training_a_batch_on_one_route_gives_every_adapter_a_gradient(routes):
+    """A batch whose sequences all take one route still gives every trainable adapter weight of a routed layer
+    a gradient, zero where no sequence took it (DDP without find_unused_parameters needs one on every rank)."""
+    model, (ids, mask), _, _ = routed_model()
+    get_router(model).router = RoutePatternRouter(40, len(NAMES))
+    get_router(model).router.pattern = torch.tensor(routes)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert all(p.grad is not None for p in lora.values()), [n for n, p in lora.items() if p.grad is None]
+    for name in ADAPTERS:
+        total = sum(p.grad.abs().sum().item() for n, p in lora.items() if f".{name}." in n)
+        assert (total > 0) == (routes[0] != 0 and ADAPTERS[routes[0] - 1] == name), (name, total)
+
+
 def test_configuration_errors_are_named():
     from tiny_models import tiny_causal_lm
 
@@ -246,6 +264,9 @@ def test_configuration_errors_are_named():
     with pytest.raises(ValueError, match=missing):
         patch_model(peft_model(), GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER,
                                                   adapters=["math", "poetry"]))
+    with pytest.raises(ValueError, match=r"routes every PEFT LoRA layer .* leaves out \['base_model"):
+        patch_model(peft_model(), GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS,
+                                                  target_modules=["q_proj"]))
     whole = tiny_multi_adapter_model(layers=3)  # adapters on every block, the router's too
     with pytest.raises(ValueError, match="the router's input must not depend on the adapter"):
         patch_model(whole, GatedLoraConfig(gate="sequence", adapters=ADAPTERS))

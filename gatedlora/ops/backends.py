@@ -189,7 +189,7 @@ def _candidates(args) -> tuple:
         return ("torch",)
     if args.x.device.type != "cuda":
         return PREFERENCE
-    return preference.gpu_order(args.x.device, args.x.dtype, args.lora_a.dtype, m_bucket(args.m))
+    return preference.gpu_order(args.x.device, args.x.dtype, args.lora_dtype, m_bucket(args.m))
 
 
 def dispatch_fused(requested: str, args: GatedLoraArgs, weight: torch.Tensor,
@@ -268,7 +268,10 @@ def multi_dispatch_key(name: str, args) -> tuple:
 
 def dispatch_multi(requested: str, args) -> Dispatch:
     """``dispatch`` for the multi-adapter op: the backend that runs ``MultiLoraArgs`` and its launch."""
-    key = multi_dispatch_key(resolve_backend_name(requested), args)
+    name = resolve_backend_name(requested)
+    if requested == "auto" and name not in _MULTI:  # GATEDLORA_BACKEND names a backend with no multi-adapter kernel
+        name = "auto"
+    key = multi_dispatch_key(name, args)
     found = _DISPATCH.get(key)
     if found is None:
         backend = _choose(key[1], args, _multi_reasons)

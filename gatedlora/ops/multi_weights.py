@@ -12,13 +12,13 @@ are kept per set of weights, each rebuilt only when what it depends on changes:
   is then also rebuilt when that weight's version counter moves.
 * ``concatenated``: for the torch backend's small-M strategy (one matmul for every adapter), the A's
   stacked along the rank and the B's along their columns, both kept transposed (``A_cat^T`` [K, R],
-  ``B_cat^T`` [R, N], ``R = sum r_i``: the layouts a row-major matmul reads fastest) and a table of per-adapter
-  column coefficients ``[A + 1, R]`` (row i: ``scaling[i]`` on adapter i's columns, 0 elsewhere; row A:
-  zeros, which index -1 reads). Values are copied, so it is
-  rebuilt when a weight's version counter or storage changes (one check per weight and call: about
-  0.25 us each on the CPU). Every in-place update through autograd's view of a tensor moves its version
-  counter (optimizer steps, ``load_state_dict``, writes under ``torch.no_grad()``); a write through
-  ``param.data`` does not (``.data`` has a counter of its own), so such a write is not seen here.
+  ``B_cat^T`` [R, N], ``R = sum r_i``: the layouts a row-major matmul reads fastest), each adapter's rows
+  of ``B_cat^T`` multiplied by its scaling, and which adapter owns each of the R columns (int64 [R]).
+  Values are copied, so it is rebuilt when a weight's version counter or storage changes, or the
+  scalings (one check per weight and call: about 0.25 us each on the CPU). Every in-place update through
+  autograd's view of a tensor moves its version counter (optimizer steps, ``load_state_dict``, writes
+  under ``torch.no_grad()``); a write through ``param.data`` does not (``.data`` has a counter of its
+  own), so such a write is not seen here.
 
 Entries are found by the weights' identities (held weakly: a freed weight frees its forms), so a layer's
 calls and a caller who passes the same tensors again share them, and two sets that share a weight do not
@@ -45,22 +45,21 @@ class _Forms:
     it is in ``_FORMS`` every weight is alive, no other object can have one of their ids, and comparing ids
     (0.5 us for 8 weights) is comparing identities (weak references: 1.5 us)."""
 
-    __slots__ = ("ids", "references", "scaling", "tables", "concatenation", "rows", "__weakref__")
+    __slots__ = ("ids", "references", "scaling", "tables", "concatenation", "__weakref__")
 
     def __init__(self, weights: tuple, scaling: tuple) -> None:
         key = self.ids = tuple(map(id, weights))
         this = weakref.ref(self)
 
-        def forget(_ref: weakref.ref) -> None:
+        def forget(_ref: weakref.ref) -> None:  # may run in any thread, as two weights of a set are freed
             forms = this()
             if forms is not None and _FORMS.get(key) is forms:
-                del _FORMS[key]
+                _FORMS.pop(key, None)
 
         self.references = tuple(weakref.ref(t, forget) for t in weights)
         self.scaling = scaling
         self.tables: dict = {}
         self.concatenation = None
-        self.rows = None  # (index reference, its version, coefficients, [M, R]): see concatenated
 
 
 def _forms(args: MultiLoraArgs) -> _Forms:
@@ -97,47 +96,34 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     entry = forms.tables.get(args.x.device)
     if entry is not None and entry[0] == pointers and (not entry[1] or _versions(weights) == entry[1]):
         return entry[2], entry[3]
-    copied = _versions(weights) if any(_unit_inner(t) is not t for t in weights) else ()
-    read = [_unit_inner(t) for t in weights]  # copies are kept alive with the table
+    read = [_unit_inner(t) for t in weights]
+    # Only the contiguous copies are kept with the table (the weights themselves must stay free to be freed:
+    # their weak references are what removes these forms).
+    copies = tuple(r for r, t in zip(read, weights) if r is not t)
+    copied = _versions(weights) if copies else ()
     a, b = read[:args.adapters], read[args.adapters:]
     rows = [[t.data_ptr() for t in a], [t.data_ptr() for t in b], list(args.ranks),
             [t.stride(0) for t in a], [t.stride(0) for t in b]]
     table = torch.tensor(rows, dtype=torch.int64).to(args.x.device)
     scaling = torch.tensor(args.scaling, dtype=torch.float32).to(args.x.device)
-    forms.tables[args.x.device] = (pointers, copied, table, scaling, read)
+    forms.tables[args.x.device] = (pointers, copied, table, scaling, copies)
     return table, scaling
 
 
 def concatenated(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_cat^T [K, R], B_cat^T [R, N], each row's coefficients [M, R]) in the adapters' dtype, both weights
-    contiguous (the module docstring).
-
-    A row's coefficients are row ``adapter_index[m]`` of the table (-1 reads its last row, the zeros; off the
-    CPU, where the index is not checked, one outside [-1, A) is clamped onto the zeros too). On the CPU they
-    are kept for the last index tensor (a lookup costs 3.4 us; the patched layers pass one tensor for a whole
-    generation) while its version counter stays (a refill in place moves it). An inference tensor has no
-    version counter, and a CUDA graph would replay a lookup it never recorded: neither is kept.
-    """
+    """(A_cat^T [K, R], scaled B_cat^T [R, N], column owners int64 [R]) in the adapters' dtype, both weights
+    contiguous (the module docstring): ``(x A_cat^T)[m, j]`` belongs to row m's adapter where
+    ``owners[j] == adapter_index[m]``. Read-only for the caller; shared by every call with these weights."""
     forms = _forms(args)
     key = _versions(args.lora_a + args.lora_b)
     found = forms.concatenation
     if found is None or found[0] != key:
         found = forms.concatenation = (key, _concatenate(args))
-    lora_a, lora_b, coefficients = found[1]
-    index = args.adapter_index
-    on_cpu = index.device.type == "cpu"
-    if not on_cpu or index.dtype != torch.int64:
-        index = index.long().clamp_(-1, args.adapters)
-    if not on_cpu or index.is_inference():
-        return lora_a, lora_b, coefficients[index]
-    rows = forms.rows
-    if rows is None or rows[0]() is not index or rows[1] != index._version or rows[2] is not coefficients:
-        rows = forms.rows = (weakref.ref(index), index._version, coefficients, coefficients[index])
-    return lora_a, lora_b, rows[3]
+    return found[1]
 
 
 def _concatenate(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_cat^T [K, R], B_cat^T [R, N], coefficients [A + 1, R]), built outside inference mode: the weights are
+    """(A_cat^T [K, R], scaled B_cat^T [R, N], owners [R]), built outside inference mode: the weights are
     ordinary tensors, so the copies are too, and later calls with autograd recording may read them.
 
     Transposed and contiguous because that is what the two matmuls read fastest: on one CPU core (M = 8,
@@ -145,10 +131,7 @@ def _concatenate(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch
     of B_cat [N, R] took 11.7 us, and ``mm(x, A_cat^T)`` 3.2 us where ``F.linear(x, A_cat)`` took 4.7."""
     with torch.inference_mode(False), torch.no_grad():
         lora_a = torch.cat(args.lora_a, dim=0).t().contiguous()
-        lora_b = torch.cat([b.t() for b in args.lora_b], dim=0)
-        coefficients = torch.zeros(args.adapters + 1, lora_a.shape[1], dtype=lora_a.dtype, device=lora_a.device)
-        start = 0
-        for i, (rank, scale) in enumerate(zip(args.ranks, args.scaling)):
-            coefficients[i, start:start + rank] = scale
-            start += rank
-    return lora_a, lora_b, coefficients
+        lora_b = torch.cat([b.t() * scale for b, scale in zip(args.lora_b, args.scaling)], dim=0)
+        owners = torch.repeat_interleave(torch.arange(args.adapters, device=lora_a.device),
+                                         torch.tensor(args.ranks, device=lora_a.device))
+    return lora_a, lora_b, owners

@@ -3,14 +3,15 @@
 Strategies (docs/design.md, "Several adapters": measured on one CPU core):
 
 * ``concatenated`` (small M, and off the CPU): every adapter in one pair of matmuls. With the adapters'
-  A stacked along the rank (``A_cat`` [R, K], ``R = sum r_i``) and B along its columns (``B_cat``
-  [N, R]), both kept transposed, ``u = x A_cat^T`` holds every adapter's rank-r product of every row;
-  multiplying each row of u by its route's coefficients (``scaling[i]`` on adapter i's columns, 0 on the
-  others) leaves exactly that row's adapter, and ``out.addmm_(u, B_cat^T)`` adds it. Three or four PyTorch
-  calls whatever the number of adapters (at decode sizes each call costs more host time than its
-  arithmetic), no host read (so the strategy off the CPU). Costs ``R / r`` times the arithmetic of one
-  adapter per row; a base row gets ``+0.0`` added (bit for bit its base output, but that an exact ``-0.0`` comes back
-  ``+0.0``, as in the one-adapter folded strategy).
+  A stacked along the rank (``A_cat`` [R, K], ``R = sum r_i``) and B along its columns, each adapter's
+  columns times its scaling (``B_cat`` [N, R]), both kept transposed, ``u = x A_cat^T`` holds every
+  adapter's rank-r product of every row; setting to 0 the columns of u that are not the row's adapter's
+  leaves exactly that adapter, and ``out.addmm_(u, B_cat^T)`` adds it. Four PyTorch calls whatever the
+  number of adapters (at decode sizes each call costs more host time than its arithmetic), no host read
+  (so the strategy off the CPU). Costs ``R / r`` times the arithmetic of one adapter per row; a base row
+  gets ``+0.0`` added (bit for bit its base output, but that an exact ``-0.0`` comes back ``+0.0``, as in
+  the one-adapter folded strategy). The columns are masked, not multiplied by 0: an inf in a base row, or
+  an overflow in another adapter's columns, would otherwise become NaN (inf * 0) in the row's output.
 * ``grouped`` (larger M on the CPU, the PEFT mixed batch's plan done once): the rows sorted by adapter
   (one ``argsort``) and counted on the host (one ``bincount`` read); the non-base rows gathered once,
   each adapter's two matmuls on its contiguous run of them, and one ``index_add_`` back. A batch whose
@@ -56,9 +57,11 @@ def _add(out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None = Non
 
 def add_concatenated(out: torch.Tensor, args: MultiLoraArgs) -> None:
     """Every adapter on every row in one pair of matmuls, each row keeping its own adapter's term."""
-    lora_a_t, lora_b_t, coefficients = concatenated(args)
+    lora_a_t, lora_b_t, owners = concatenated(args)
     u = torch.mm(_lora_x(args, every_row=True), lora_a_t)  # [M, R]
-    u.mul_(coefficients)
+    # Index -1 (the base output) and, off the CPU where the index is not checked, any value outside [0, A)
+    # match no column: those rows add 0.
+    u.masked_fill_(owners != args.adapter_index.unsqueeze(1), 0)
     if out.dtype == u.dtype:
         out.addmm_(u, lora_b_t)
     else:
