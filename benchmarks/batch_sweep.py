@@ -2,6 +2,13 @@
 at each batch size, for prefill and decode (the hot-path target of docs/design.md, "Choosing the strategy").
 
     python benchmarks/batch_sweep.py [--batches 1,2,4,8,16,32] [--tokens 64] [--budget 1.0] [--json FILE]
+    python benchmarks/batch_sweep.py --adapters 4 [...]
+
+With ``--adapters N`` (several adapters, one router): N adapters and each batch's sequences 25% on the base
+model, the rest spread over the adapters (``gatedlora bench --adapters``'s scenarios); each row times
+gatedlora against PEFT's mixed batch and, at decode, PEFT with one adapter on every sequence. The targets:
+gatedlora below PEFT's mixed batch in every row, and at decode with 8 sequences no slower than PEFT with one
+adapter.
 
 Uses the machinery of ``gatedlora bench`` (gatedlora/benchmarking): the same Llama built from a config, the
 same PRISM adapter (r=16 on blocks after the router layer), providers timed in interleaved rounds, medians.
@@ -19,6 +26,8 @@ import torch
 
 from gatedlora.benchmarking.models import CPU_DEFAULT, GPU_DEFAULT, add_prism_adapter, build_llama
 from gatedlora.benchmarking.report import environment
+from gatedlora.benchmarking.multi_adapter import (MultiScenario, build_multi_setup, make_multi_batch,
+                                                  multi_decode_providers, multi_prefill_providers)
 from gatedlora.benchmarking.scenarios import Scenario, build_setup, decode_providers, make_batch, prefill_providers
 from gatedlora.benchmarking.timing import time_side_by_side
 
@@ -55,6 +64,38 @@ def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device
     return rows
 
 
+def sweep_adapters(adapters: int, batches: list[int], tokens: int, budget_s: float, device: torch.device,
+                   clock) -> list[dict]:
+    spec, dtype = (GPU_DEFAULT, torch.bfloat16) if device.type == "cuda" else (CPU_DEFAULT, torch.float32)
+    backend = "triton" if device.type == "cuda" else "torch"
+    setup = build_multi_setup(build_llama(spec, device, dtype), 0, [backend], adapters)
+    gated = f"gatedlora {backend}"
+    rows = []
+    for phase in ("prefill", "decode"):
+        for batch in batches:
+            scenario = MultiScenario(phase, batch, tokens, adapters)
+            ids, mask, routes = make_multi_batch(scenario, setup.vocab_size, device)
+            with torch.inference_mode():
+                if phase == "prefill":
+                    providers = multi_prefill_providers(setup, ids, mask, routes)
+                else:
+                    providers = multi_decode_providers(setup, ids, mask, routes, graphs=device.type == "cuda")[0]
+                providers = {k: v for k, v in providers.items() if k != "peft per group"}
+                warmup_s = 2.0 if not rows else 0.0  # the first row settles thread pools and clocks
+                timings = time_side_by_side(providers, device, budget_s=budget_s, clock=clock, warmup_s=warmup_s)
+            base = timings["base"].median_s
+            row = {"phase": phase, "batch": batch, "base_ms": base * 1e3, "routes": routes.tolist(),
+                   **{f"{k}_ratio": t.median_s / base for k, t in timings.items() if k != "base"}}
+            rows.append(row)
+            one = row.get("peft one adapter_ratio")
+            on_base = routes.tolist().count(0)
+            print(f"{phase:7s} b={batch:2d} {on_base:2d}/{batch:<2d} on base  base {base * 1e3:7.2f} ms  "
+                  f"peft mixed {row['peft mixed_ratio']:.2f}x  " + (f"peft one adapter {one:.2f}x  " if one else "")
+                  + f"gatedlora {row[gated + '_ratio']:.2f}x  "
+                  + ("ok" if row[gated + "_ratio"] < row["peft mixed_ratio"] else "SLOWER than peft mixed"), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="1,2,4,8,16,32")
@@ -65,16 +106,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU timing: wall time (default) or the thread's CPU time (with --threads 1, "
                              "unaffected by other processes on a shared machine)")
     parser.add_argument("--json", help="write the rows and the environment here")
+    parser.add_argument("--adapters", type=int, help="several adapters, one router: this many (see above)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
-    rows = sweep([int(b) for b in args.batches.split(",")], args.tokens, args.budget, device, clock)
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.adapters:
+        rows = sweep_adapters(args.adapters, batches, args.tokens, args.budget, device, clock)
+    else:
+        rows = sweep(batches, args.tokens, args.budget, device, clock)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": environment(device), "threads": torch.get_num_threads(), "clock": args.clock,
                        "tokens": args.tokens, "rows": rows}, f, indent=1)
+    if args.adapters:
+        gated = [k for k in rows[0] if k.startswith("gatedlora")][0]
+        return 0 if all(r[gated] < r["peft mixed_ratio"] for r in rows) else 1
     return 0 if all(r["gated_ratio"] < r["peft_ratio"] for r in rows) else 1
 
 

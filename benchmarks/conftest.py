@@ -115,13 +115,15 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(line)
 
 
-PROVIDER_ORDER = ["base", "peft", "peft mixed", "prism two-pass", "gatedlora torch", "gatedlora triton",
-                  "gatedlora cuda"]
+PROVIDER_ORDER = ["base", "peft", "peft one adapter", "peft mixed", "peft per group", "prism two-pass",
+                  "gatedlora torch", "gatedlora triton", "gatedlora cuda"]
 SUMMARY_LEGEND = [
     "median ms per call (lower is better); ±p%: half the interquartile range as a share of the median; "
     "(r x): median / the base path's median in the same group",
     "layer rows: K N M dtype r = in/out features, rows per call (M), dtype and LoRA rank; open p%: the share "
     "of rows whose gate is open (PRISM's rates: 6% MMLU, 75% safety); base and peft do not depend on it",
     "model rows: b = batch, t = prompt tokens, open k/B = sequences routed to the adapter (see gatedlora bench)",
+    "rows with 4 adapters: each row (layer) or sequence (model) on the base model (25%) or one of 4 adapters; "
+    "peft one adapter: every row on one adapter (see gatedlora bench --adapters 4)",
     "pytest-benchmark's own table above puts ratios to the fastest case of its group in brackets, not to base",
 ]

@@ -4,7 +4,8 @@ Groups: ``K N M dtype r``. The base layer and PEFT LoRA (unmerged) do not depend
 fraction; PEFT's mixed batch and gatedlora are timed at each open fraction (PRISM's rates).
 CPU: K=N in {1024, 2048}, r=16, fp32 and bf16. GPU: Llama-3-8B projections, r in {8, 16, 64},
 fp16 and bf16, decode-sized calls replayed from CUDA graphs where the provider allows it.
-Case ids: ``PROVIDER-open=P%-K..-N..-M..-r..-DTYPE``: P% of the M rows have their gate open. Run:
+Case ids: ``PROVIDER-open=P%-K..-N..-M..-r..-DTYPE``: P% of the M rows have their gate open. Groups
+``... 4 adapters``: each row on the base layer (25%) or one of four adapters (``test_multi_adapter``). Run:
 ``pytest benchmarks/ --benchmark-only`` (``--benchmark-disable`` runs each once as a smoke test); the
 summary at the end gives each adapter path as a multiple of the base layer (benchmarks/README.md).
 """
@@ -15,7 +16,7 @@ import torch
 from conftest import DEVICE, in_cuda_graph, synchronized
 from torch import nn
 
-from gatedlora import gated_lora
+from gatedlora import gated_lora, gated_lora_multi
 from gatedlora.ops.backends import unavailable_reason
 
 ON_GPU = DEVICE.type == "cuda"
@@ -121,4 +122,55 @@ def test_gated(benchmark, provider, fraction, k, n, m, r, dtype):
             def fn():
                 x = case.x()
                 return gated_lora(x, case.base(x), a, b, scaling, gate=gate, backend=backend, inplace=True)
+        _run(benchmark, fn, m)
+
+
+# --- several adapters: 4 on one layer, each row on one of them or on the base layer (25%) -----------------
+
+ADAPTERS = 4
+
+
+class MultiCase(Case):
+    """A layer with ``ADAPTERS`` PEFT adapters (named adapter1..) and each row's route: a quarter of the rows on
+    the base layer, the rest round-robin over the adapters, shuffled."""
+
+    def __init__(self, k, n, m, r, dtype):
+        from peft import LoraConfig
+
+        super().__init__(k, n, m, r, dtype)
+        self.names = ["default"] + [f"adapter{i}" for i in range(2, ADAPTERS + 1)]
+        for name in self.names[1:]:
+            self.peft_layer.add_adapter(name, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+            nn.init.normal_(self.lora.lora_B[name].weight, std=0.02)
+        self.peft_layer.set_adapter("default")
+        base = round(0.25 * m) if m > 1 else 0
+        routes = torch.tensor([-1] * base + [i % ADAPTERS for i in range(m - base)])
+        self.index = routes[torch.randperm(m, generator=torch.Generator().manual_seed(m))].to(DEVICE)
+        self.adapter_names = ["__base__" if i < 0 else self.names[i] for i in self.index.tolist()]
+
+
+@pytest.mark.parametrize("k,n,m,r,dtype", list(_cases()))
+@pytest.mark.parametrize("provider", ["base", "peft one adapter", "peft mixed", "gatedlora torch",
+                                      "gatedlora triton"])
+def test_multi_adapter(benchmark, provider, k, n, m, r, dtype):
+    if provider == "gatedlora triton" and (unavailable_reason("triton") or not ON_GPU):
+        pytest.skip(f"gatedlora triton: {unavailable_reason('triton') or 'needs a CUDA device'}")
+    case = MultiCase(k, n, m, r, dtype)
+    benchmark.group = f"layer K={k} N={n} M={m} {str(dtype)[6:]} r={r} {ADAPTERS} adapters"
+    lora = case.lora
+    weights_a = [lora.lora_A[name].weight for name in case.names]
+    weights_b = [lora.lora_B[name].weight for name in case.names]
+    scalings = [lora.scaling[name] for name in case.names]
+    with torch.inference_mode():
+        if provider == "base":
+            fn = lambda: case.base(case.x())  # noqa: E731
+        elif provider == "peft one adapter":
+            fn = lambda: lora(case.x())  # noqa: E731
+        elif provider == "peft mixed":
+            fn = lambda: lora(case.x(), adapter_names=case.adapter_names)  # noqa: E731
+        else:
+            def fn():
+                x = case.x()
+                return gated_lora_multi(x, case.base(x), weights_a, weights_b, scalings, case.index,
+                                        backend=provider.split()[-1], inplace=True)
         _run(benchmark, fn, m)

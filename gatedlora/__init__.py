@@ -2,7 +2,7 @@
 from .config import GatedLoraConfig
 from .io import load_pretrained, save_pretrained
 from .layers import GatedLoRALinear
-from .ops import available_backends, gated_lora
+from .ops import available_backends, gated_lora, gated_lora_multi
 from .patching import force_gate, get_router, patch_model, unpatch_model
 from .router_training import RouterTrainingResult, extract_router_features, train_router
 from .routing import PrismRouter, TwoClassRouter, prism_two_class_router
@@ -10,6 +10,6 @@ from .routing import PrismRouter, TwoClassRouter, prism_two_class_router
 __version__ = "0.1.0"
 __all__ = [
     "GatedLoraConfig", "GatedLoRALinear", "PrismRouter", "TwoClassRouter", "available_backends", "force_gate",
-    "gated_lora", "get_router", "load_pretrained", "patch_model", "prism_two_class_router", "save_pretrained",
-    "unpatch_model", "train_router", "extract_router_features", "RouterTrainingResult",
+    "gated_lora", "gated_lora_multi", "get_router", "load_pretrained", "patch_model", "prism_two_class_router",
+    "save_pretrained", "unpatch_model", "train_router", "extract_router_features", "RouterTrainingResult",
 ]

@@ -38,6 +38,11 @@ class RouteDecision:
     the hard gates of this generation compare with. ``all_open`` / ``all_closed`` are True only
     where the host saw it for free (CPU tensors, eager): the layers then skip the gate gather or
     the adapter call. On a GPU they stay False (reading would sync).
+
+    Several adapters: ``multi_routes`` [B] long holds each sequence's route (0 the base model, i the
+    i-th adapter), ``probabilities`` [B, N + 1] the softmax of the router's logits, ``decisions`` and
+    ``gates`` whether an adapter is used; ``uniform_route`` is the route every sequence took where the
+    host saw that for free (CPU, eager), else None.
     """
 
     probabilities: torch.Tensor
@@ -46,26 +51,53 @@ class RouteDecision:
     threshold: float
     all_open: bool = False
     all_closed: bool = False
+    multi_routes: torch.Tensor | None = None
+    uniform_route: int | None = None
     _row_gates: dict = field(default_factory=dict, repr=False)
 
     @property
     def batch(self) -> int:
         return self.gates.shape[0]
 
-    def row_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Each sequence's gate repeated over its rows of x [B, ..., K]. Returns [M] (fp32).
+    @property
+    def routes(self) -> torch.Tensor:
+        """Each sequence's route, [B] long: 0 the base model, i the i-th adapter (with one adapter, 1)."""
+        return self.multi_routes if self.multi_routes is not None else self.decisions.long()
 
-        Kept per row count and device, so a generation's decode steps reuse one tensor."""
+    def row_adapters(self, x: torch.Tensor, slot_table: torch.Tensor) -> torch.Tensor:
+        """Each row's adapter in a layer that holds route r's adapter at ``slot_table[r]`` (int64 on the layer's
+        device; -1: not there, and the base model for route 0). Returns [M] int64 for the rows of x
+        [B, ..., K], kept per row count and table, so a generation's decode steps reuse one tensor."""
+        rows = self._rows_per_sequence(x)
+        key = (rows, id(slot_table))  # ids hash faster than devices and tuples; the table is kept to compare
+        cached = self._row_gates.get(key)
+        if cached is None or cached[0] is not slot_table:
+            routes = self.multi_routes.to(slot_table.device, non_blocking=True)
+            # outside inference mode: a call that records autograd saves the index for backward, which an
+            # inference tensor cannot be
+            with torch.inference_mode(False):
+                cached = (slot_table, slot_table.index_select(0, routes).repeat_interleave(rows))
+            self._row_gates[key] = cached
+        return cached[1]
+
+    def _rows_per_sequence(self, x: torch.Tensor) -> int:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         batch = self.batch
         if batch == 0 or rows % batch:
             raise RuntimeError(f"gatedlora: a gated layer got x of shape {list(x.shape)} ({rows} rows), which does "
                                f"not split over the {batch} sequences the router decided for: expected x of shape "
                                f"[{batch}, ..., K] (batch first)")
+        return rows // batch
+
+    def row_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sequence's gate repeated over its rows of x [B, ..., K]. Returns [M] (fp32).
+
+        Kept per row count and device, so a generation's decode steps reuse one tensor."""
+        rows = self._rows_per_sequence(x)
         key = (rows, x.device)  # layers of a model split over devices each get the gates on their own
         cached = self._row_gates.get(key)
         if cached is None:
-            cached = self.gates.to(x.device, non_blocking=True).repeat_interleave(rows // batch)
+            cached = self.gates.to(x.device, non_blocking=True).repeat_interleave(rows)
             self._row_gates[key] = cached
         return cached
 

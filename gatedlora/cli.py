@@ -41,6 +41,9 @@ def _bench_parser(sub) -> None:
     p.add_argument("--budget", type=float, default=1.0, metavar="SECONDS",
                    help="timing budget per scenario (default 1.0; at least 5 rounds each)")
     p.add_argument("--quick", action="store_true", help="a few small scenarios (a smoke run, seconds)")
+    p.add_argument("--adapters", type=int, metavar="N", help="several adapters, one router: N fresh PEFT adapters "
+                   "and each batch's routes spread over them (25%% base), against PEFT's mixed batch, one PEFT "
+                   "forward per route group and (decode) PEFT with one adapter on every sequence")
     p.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the ratios (needs matplotlib)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
@@ -62,6 +65,10 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--budget must be positive, got {args.budget}")
     if args.router_layer < 0:
         parser.error(f"--router-layer must be >= 0, got {args.router_layer}")
+    if args.adapters is not None and args.adapters < 1:
+        parser.error(f"--adapters must be >= 1, got {args.adapters}")
+    if args.adapters and args.adapter:
+        parser.error("--adapters makes its own fresh adapters; it does not take --adapter")
     for flag in ("json", "plot"):
         path = getattr(args, flag)
         if path is None:
@@ -107,7 +114,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     result = run_model_benchmark(
         model_path=args.model, adapter_path=args.adapter, device=args.device,
         dtype=getattr(torch, args.dtype) if args.dtype else None, quick=args.quick, backends=args.backends,
-        router_layer=args.router_layer, budget_s=args.budget, progress=progress)
+        router_layer=args.router_layer, budget_s=args.budget, progress=progress, adapters=args.adapters)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
@@ -129,13 +136,18 @@ def _train_router_parser(sub) -> None:
     p = sub.add_parser("train-router", help="train a PRISM router (which prompts go to the adapter) from a JSONL "
                                             "of {\"prompt\": ..., \"label\": 0|1}",
                        description="PRISM step A: hidden states after --router-layer at each prompt's last token "
-                                   "(adapter off), a class-weighted router on them, accuracy on a held-out split.")
+                                   "(adapter off), a class-weighted router on them, accuracy on a held-out split. "
+                                   "With several --adapter NAME=PATH, a router among them and the base model "
+                                   "(labels 0..N).")
     p.add_argument("--model", metavar="PATH", required=True, help="local model directory (with its tokenizer)")
     p.add_argument("--data", metavar="FILE.jsonl", required=True,
-                   help="one {\"prompt\": str, \"label\": 0|1} per line; 1 = the adapter should answer")
+                   help="one {\"prompt\": str, \"label\": 0|1} per line; 1 = the adapter should answer (with "
+                        "several adapters: 0..N, i = the i-th --adapter)")
     p.add_argument("--out", metavar="DIR", help="save the router here (gatedlora.save_pretrained)")
-    p.add_argument("--adapter", metavar="PATH", help="local PEFT LoRA adapter for --model (default: a fresh "
-                   "adapter on --target-modules after --router-layer, rank 16, alpha 32, as PRISM)")
+    p.add_argument("--adapter", metavar="PATH | NAME=PATH", action="append",
+                   help="local PEFT LoRA adapter for --model (default: a fresh adapter on --target-modules after "
+                        "--router-layer, rank 16, alpha 32, as PRISM). Several adapters, one router: repeat as "
+                        "--adapter NAME=PATH, in route order (label i is the i-th)")
     p.add_argument("--target-modules", default=PRISM_PROJECTIONS,
                    help=f"fresh adapter: comma-separated module names (default {PRISM_PROJECTIONS})")
     p.add_argument("--router", choices=("prism", "two-class"), default="prism",
@@ -158,10 +170,14 @@ def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Nam
 
     from .router_training import read_router_data
 
-    for flag in ("model", "adapter"):
-        path = getattr(args, flag)
-        if path and not Path(path).is_dir():
-            parser.error(f"--{flag} {path}: no such directory")
+    if not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: no such directory")
+    args.adapters = _named_adapters(parser, args.adapter or [])
+    for path in ([args.adapter[0]] if args.adapter and args.adapters is None else list((args.adapters or {}).values())):
+        if not Path(path).is_dir():
+            parser.error(f"--adapter {path}: no such directory")
+    if args.adapters is not None and args.router == "two-class":
+        parser.error("--router two-class has two classes; a router for several adapters is --router prism")
     if not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -186,13 +202,30 @@ def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Nam
     args.target_modules = [m.strip() for m in args.target_modules.split(",") if m.strip()]
     if not args.target_modules:
         parser.error("--target-modules: expected comma-separated module names")
+    classes = 2 if args.adapters is None else len(args.adapters) + 1
     try:
-        args.prompts, args.labels = read_router_data(args.data)
+        args.prompts, args.labels = read_router_data(args.data, classes)
     except (ValueError, UnicodeDecodeError) as err:
         parser.error(f"--data: {err}")
-    counts = [args.labels.count(0), args.labels.count(1)]
+    counts = [args.labels.count(c) for c in range(classes)]
     if min(counts) == 0:
-        parser.error(f"--data {args.data}: both labels are needed, got {counts[0]} rows with 0 and {counts[1]} with 1")
+        found = ", ".join(f"{n} with {c}" for c, n in enumerate(counts))
+        parser.error(f"--data {args.data}: every label 0..{classes - 1} is needed, got rows {found}")
+
+
+def _named_adapters(parser: argparse.ArgumentParser, values: list[str]) -> dict[str, str] | None:
+    """--adapter NAME=PATH given (several adapters, one router): {name: path} in order; one --adapter PATH: None."""
+    named = [v for v in values if "=" in v]
+    if not named:
+        if len(values) > 1:
+            parser.error("several --adapter values need names: --adapter NAME=PATH for each (label i is the i-th)")
+        return None
+    if len(named) != len(values):
+        parser.error("--adapter: give every adapter as NAME=PATH, or one adapter as PATH")
+    adapters = dict(v.split("=", 1) for v in values)
+    if len(adapters) != len(values) or not all(adapters):
+        parser.error(f"--adapter: the names must be distinct and non-empty, got {[v.split('=', 1)[0] for v in values]}")
+    return adapters
 
 
 def _load_for_routing(args: argparse.Namespace):
@@ -212,10 +245,19 @@ def _load_for_routing(args: argparse.Namespace):
     router = None
     if args.router == "two-class":
         router = prism_two_class_router(model.config.hidden_size).to(device)
-    if args.adapter:
+    if args.adapters:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        (first, path), *others = args.adapters.items()
+        model = PeftModel.from_pretrained(model, path, adapter_name=first)
+        for name, path in others:
+            model.load_adapter(path, adapter_name=name)
+        config = GatedLoraConfig(gate="sequence", router_layer=args.router_layer, adapters=list(args.adapters))
+        model = model.eval()
+    elif args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter[0]).eval()
         config = GatedLoraConfig(gate="sequence", router_layer=args.router_layer, router=router)
     else:
         # fresh adapters go only on the blocks after the router's tap layer (patch_model drops the
@@ -262,7 +304,8 @@ def _route_parser(sub) -> None:
     p.add_argument("--out", metavar="FILE.jsonl", required=True, help="the routes, one line per prompt, in order")
     p.add_argument("--adapter-name", default="adapter",
                    help="the route name of prompts sent to the adapter: the name your serving engine knows it "
-                        "by (default: adapter)")
+                        "by (default: adapter). A router for several adapters names them itself (the names it was "
+                        "saved with) and writes \"probabilities\" per route instead of \"probability\"")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per forward (default 32)")
     p.add_argument("--max-length", type=int, help="truncate prompts to this many tokens (as in train-router)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
@@ -320,12 +363,20 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    probabilities, decisions = route_prompts(model, [row["prompt"] for row in args.rows], tokenizer, args.batch_size,
-                                  args.max_length, progress=not args.no_progress)
-    routes = model.routes(decisions)
-    # strict JSON has no NaN: a NaN probability (routed to the base model) is written as null
-    lines = "".join(json.dumps({**row, "route": route, "probability": None if math.isnan(p) else p}) + "\n"
-                    for row, route, p in zip(args.rows, routes, probabilities.tolist()))
+    probabilities, indices = route_prompts(model, [row["prompt"] for row in args.rows], tokenizer, args.batch_size,
+                                           args.max_length, progress=not args.no_progress)
+    routes = model.routes(indices)
+
+    def finite(p: float) -> float | None:  # strict JSON has no NaN: a NaN (routed to the base model) is written null
+        return None if math.isnan(p) else p
+
+    if model.route.adapters is None:
+        columns = [{"probability": finite(p)} for p in probabilities.tolist()]
+    else:
+        columns = [{"probabilities": {name: finite(p) for name, p in zip(model.route_names, ps)}}
+                   for ps in probabilities.tolist()]
+    lines = "".join(json.dumps({**row, "route": route, **column}) + "\n"
+                    for row, route, column in zip(args.rows, routes, columns))
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
     try:  # a run that fails part way leaves no half-written --out
@@ -333,9 +384,9 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    opened = sum(route != "base" for route in routes)
-    print(f"routed {len(routes)} prompts: {opened} to {args.adapter_name!r} ({opened / len(routes):.1%}), "
-          f"{len(routes) - opened} to the base model; wrote {args.out}")
+    counts = {name: routes.count(name) for name in model.route_names[1:]}
+    taken = ", ".join(f"{count} to {name!r} ({count / len(routes):.1%})" for name, count in counts.items())
+    print(f"routed {len(routes)} prompts: {taken}, {routes.count('base')} to the base model; wrote {args.out}")
     return 0
 
 

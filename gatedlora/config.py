@@ -32,6 +32,12 @@ class GatedLoraConfig:
     router: Optional[nn.Module] = field(default=None, metadata={"help": "Sequence gates: a module mapping hidden "
                                         "states [B, H] to probabilities [B]. Default: PRISM MLP H-128-64-1, GELU, "
                                         "sigmoid, starting open."})
+    adapters: Optional[list[str]] = field(default=None, metadata={"help": "Several adapters, one router (gate="
+                                          "'sequence', a PEFT model): the names of the PEFT adapters the router "
+                                          "chooses among. The router maps hidden states [B, H] to logits "
+                                          "[B, len(adapters) + 1]: class 0 the base model, class i adapters[i - 1]; "
+                                          "one route per sequence by argmax. Default router: PrismMultiRouter, "
+                                          "starting with every sequence on adapters[0]. None: one adapter."})
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Fresh adapters on a "
                                                             "plain model: module names (suffix match) or a regex "
                                                             "(full match). On a PEFT model: restricts which LoRA "
@@ -73,6 +79,8 @@ class GatedLoraConfig:
             raise bad("router", "an nn.Module mapping [B, H] hidden states to [B] probabilities, or None")
         if self.router is not None and self.gate != "sequence":
             raise ValueError(f"GatedLoraConfig.router is used only with gate='sequence', got gate={self.gate!r}")
+        if self.adapters is not None:
+            self._check_adapters()
         if self.target_modules is not None:
             ok = isinstance(self.target_modules, str) or (
                 isinstance(self.target_modules, (list, tuple)) and self.target_modules
@@ -91,6 +99,25 @@ class GatedLoraConfig:
             raise bad("backend", f"one of {BACKENDS}")
         if self.base_mode not in BASE_MODES:
             raise bad("base_mode", f"one of {BASE_MODES}")
+
+    def _check_adapters(self) -> None:
+        names = self.adapters
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names or not all(
+                isinstance(a, str) and a for a in names) or len(set(names)) != len(names):
+            raise ValueError(f"GatedLoraConfig.adapters must be a non-empty list of distinct adapter names, got "
+                             f"{names!r}")
+        self.adapters = list(names)
+        if self.gate != "sequence":
+            raise ValueError(f"GatedLoraConfig.adapters needs gate='sequence' (one router chooses per sequence), got "
+                             f"gate={self.gate!r}")
+        soft = [name for name, bad in (("hard=False", not self.hard), ("train_gate='soft'", self.train_gate == "soft"),
+                                       ("straight_through=True", self.straight_through)) if bad]
+        if soft:
+            raise ValueError(f"GatedLoraConfig: routes among several adapters are hard (argmax), so {', '.join(soft)} "
+                             "does not apply; train the router with gatedlora.train_router")
+        if self.base_mode != "exact":
+            raise ValueError("GatedLoraConfig: base_mode='fused' is for one adapter; several adapters run in exact "
+                             "mode (base_mode='exact')")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; the router module is recorded by class name only."""

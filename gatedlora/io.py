@@ -41,6 +41,8 @@ FRESH_ADAPTER_FIELDS = ("target_modules", "r", "lora_alpha", "lora_dropout")
 # How the model runs here, not what was saved: chosen again at load.
 RUNTIME_FIELDS = ("backend", "base_mode")
 TEMP_PREFIX = ".gatedlora-"
+# Routers that patch_model builds itself (no router=... needed to load their parameters)
+DEFAULT_ROUTERS = (None, "PrismRouter", "PrismMultiRouter")
 
 
 def _saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -76,12 +78,26 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def _adapter_record(model: nn.Module) -> dict:
-    """The adapter's real rank and alpha (alpha = scaling * r): one value each, or one per layer where they differ."""
+    """The adapter's real rank and alpha (alpha = scaling * r): one value each, or one per layer where they differ.
+    With several adapters, the same per adapter under ``"adapters"`` (over the layers that hold it)."""
     layers = sorted(gated_layers(model))
-    ranks = {name: layer.rank for name, layer in layers}
-    alphas = {name: layer.scaling * layer.rank for name, layer in layers}
     record: dict = {"fresh": patch_state(model).fresh}
-    for key, values in (("r", ranks), ("lora_alpha", alphas)):
+    if patch_state(model).config.adapters is None:
+        record.update(_rank_and_alpha({name: (layer.rank, layer.scaling) for name, layer in layers}))
+        return record
+    record["adapters"] = {}
+    for adapter in patch_state(model).config.adapters:
+        held = {name: (layer.ranks()[adapter], layer.scalings[layer.adapter_names.index(adapter)])
+                for name, layer in layers if adapter in layer.adapter_names}
+        record["adapters"][adapter] = _rank_and_alpha(held)
+    return record
+
+
+def _rank_and_alpha(layers: dict[str, tuple[int, float]]) -> dict:
+    """{"r": ..., "lora_alpha": ...} from each layer's (rank, scaling): one value where every layer agrees."""
+    record = {}
+    for key, values in (("r", {n: r for n, (r, _) in layers.items()}),
+                        ("lora_alpha", {n: s * r for n, (r, s) in layers.items()})):
         distinct = set(values.values())
         record[key] = distinct.pop() if len(distinct) == 1 else values
     return record
@@ -288,7 +304,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     loaded, weights_path = _read_weights(directory, meta)
 
     saved = meta["config"]
-    if saved.get("router") not in (None, "PrismRouter") and router is None and not is_patched(model):
+    if saved.get("router") not in DEFAULT_ROUTERS and router is None and not is_patched(model):
         raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); pass router=<module "
                          "of that class> so its parameters can be loaded")
     config = GatedLoraConfig.from_dict(saved, router=router if saved.get("gate") == "sequence" else None)
@@ -297,7 +313,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         patch_model(model, config)
     try:
         current = patch_state(model).config.to_dict()
-        differing = {k: (current[k], saved.get(k)) for k in ("gate", "router_layer", "threshold", "hard")
+        differing = {k: (current[k], saved.get(k)) for k in ("gate", "router_layer", "threshold", "hard", "adapters")
                      if current[k] != saved.get(k)}
         if differing:
             raise ValueError(f"load_pretrained: the model is patched with a different config (model vs saved): "

@@ -185,15 +185,22 @@ class GatedLoRALinear(nn.Module):
                                         **options, backend=self.backend, straight_through=self.straight_through,
                                         validate=False, warn_fallback=True)
             warn_fused_fallback_once(reason, stacklevel=3)
-        result = self._modules["base_layer"](x, *args, **kwargs)
+        result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
+        # Arguments valid by construction (the layer's own shapes and gates): the op's checks are skipped.
+        return gated_lora(lora_x, result, lora_a, lora_b, self.scaling, **options, backend=self.backend,
+                          inplace=inplace, straight_through=self.straight_through, validate=False)
+
+    def _base_output(self, x: torch.Tensor, lora_x: torch.Tensor, args: tuple, kwargs: dict
+                     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(the base layer's output, the LoRA input in its dtype, whether the term may be added in place)."""
+        modules = self._modules
+        result = modules["base_layer"](x, *args, **kwargs)
         if lora_x.dtype != result.dtype:  # autocast: the base ran in a lower precision than x
             lora_x = lora_x.to(result.dtype)
         # In place unless someone else may hold the base output: a forward hook on the base layer sees (and
-        # may keep) that very tensor, which an in-place add would change under it. Arguments valid by
-        # construction (the layer's own shapes and gates): the op's checks are skipped.
-        inplace = not (self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks)
-        return gated_lora(lora_x, result, lora_a, lora_b, self.scaling, **options, backend=self.backend,
-                          inplace=inplace, straight_through=self.straight_through, validate=False)
+        # may keep) that very tensor, which an in-place add would change under it.
+        inplace = not (modules["base_layer"]._forward_hooks or nn.modules.module._global_forward_hooks)
+        return result, lora_x, inplace
 
     def _one_row_token_gate_opens(self, x: torch.Tensor, options: dict[str, Any]) -> bool:
         """One row on the CPU without autograd: decide the token gate on the host (no device to sync with)

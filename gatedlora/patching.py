@@ -17,7 +17,8 @@ from torch import nn
 from .call_state import forcing
 from .config import GatedLoraConfig
 from .layers import GatedLoRALinear, linear_features
-from .routing import PrismRouter, SequenceRouter, install_routing, remove_routing
+from .routed_layer import RoutedLoRALinear
+from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, install_routing, remove_routing
 
 ROUTER_ATTRIBUTE = "gate_router"  # no "lora_" in the name: PEFT's save_pretrained keeps keys with "lora_"
 STATE_ATTRIBUTE = "_gatedlora_patch"
@@ -100,8 +101,9 @@ def _peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def _check_peft_layer(name: str, layer: nn.Module) -> str:
-    """The active adapter of a supported PEFT LoRA layer; raises for anything else."""
+def _check_peft_layer(name: str, layer: nn.Module, routed: list[str] | None = None) -> str | list[str]:
+    """The active adapter of a supported PEFT LoRA layer, or with ``routed`` (several adapters, one router) the
+    ones of ``routed`` it holds, in that order; raises for anything else."""
     from peft.tuners.lora import Linear as LoraLinear
 
     if not isinstance(layer, LoraLinear):
@@ -114,16 +116,29 @@ def _check_peft_layer(name: str, layer: nn.Module) -> str:
     if layer.merged:
         raise ValueError(f"gatedlora cannot patch {name}: its adapter is merged into the base weight; "
                          "call model.unmerge_adapter() first")
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) != 1:
-        raise ValueError(f"gatedlora patches exactly one active LoRA adapter per layer; {name} has {active}")
-    adapter = active[0]
-    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
-        raise TypeError(f"gatedlora cannot patch {name}: LoRA variants such as DoRA are not supported; "
-                        f"supported: {'; '.join(SUPPORTED)}")
-    if getattr(layer, "lora_bias", {}).get(adapter):
-        raise TypeError(f"gatedlora cannot patch {name}: lora_bias=True is not supported")
-    return adapter
+    if routed is None:
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if len(active) != 1:
+            raise ValueError(f"gatedlora patches exactly one active LoRA adapter per layer; {name} has {active}")
+        held = active
+    else:
+        held = [a for a in routed if a in layer.lora_A]
+    for adapter in held:
+        if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
+            raise TypeError(f"gatedlora cannot patch {name}: LoRA variants such as DoRA are not supported "
+                            f"(adapter {adapter!r}); supported: {'; '.join(SUPPORTED)}")
+        if getattr(layer, "lora_bias", {}).get(adapter):
+            raise TypeError(f"gatedlora cannot patch {name}: lora_bias=True is not supported (adapter {adapter!r})")
+    return held if routed is not None else held[0]
+
+
+def _check_routed_adapters(model: nn.Module, held: dict[str, list[str]], routed: list[str]) -> None:
+    """Every adapter the router chooses among must be in the model."""
+    missing = [a for a in routed if not any(a in names for names in held.values())]
+    if missing:
+        loaded = sorted({a for _, layer in _peft_lora_layers(model) for a in layer.lora_A})
+        raise ValueError(f"GatedLoraConfig.adapters: {missing} not found in the LoRA layers of {type(model).__name__}, "
+                         f"which hold {loaded}; load each with model.load_adapter(path, adapter_name=name)")
 
 
 def _fresh_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:
@@ -160,6 +175,10 @@ def _linear_names_hint(model: nn.Module, fresh: bool) -> str:
 def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, freeze_base: bool = True) -> nn.Module:
     """Swap GatedLoRALinear in for LoRA layers (PEFT model) or add fresh gated adapters (plain model).
 
+    With ``config.adapters`` (several PEFT adapters, one router) every LoRA layer becomes a ``RoutedLoRALinear``
+    holding those of the adapters it has (the others, and PEFT's notion of the active adapter, no longer
+    apply): the router picks one route per sequence.
+
     ``freeze_base``: on a plain model, every parameter that was there before the patch stops
     requiring gradients, as ``get_peft_model`` does, so only the adapters, gates and router
     train; ``False`` leaves them as they are. A PEFT model's base is PEFT's business (already frozen).
@@ -176,7 +195,18 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
     peft_layers = _peft_lora_layers(model)
     fresh = not peft_layers
     if not fresh and config.target_modules is not None:
-        peft_layers = [(n, m) for n, m in peft_layers if _matches(n, config.target_modules)]
+        matched = [(n, m) for n, m in peft_layers if _matches(n, config.target_modules)]
+        left = [n for n, _ in peft_layers if not _matches(n, config.target_modules)]
+        if config.adapters is not None and left:
+            raise ValueError(
+                f"GatedLoraConfig(adapters=...) routes every PEFT LoRA layer (one left to PEFT would apply its active "
+                f"adapter to every sequence, whatever its route), but target_modules={config.target_modules!r} "
+                f"leaves out {left[:4]}{' ...' if len(left) > 4 else ''}: drop target_modules")
+        peft_layers = matched
+    if fresh and config.adapters is not None:
+        raise ValueError(f"GatedLoraConfig.adapters names PEFT adapters, and {type(model).__name__} has no PEFT LoRA "
+                         "layers: load them first (PeftModel.from_pretrained(model, path, adapter_name=name), then "
+                         "model.load_adapter(path, adapter_name=name) for each other one)")
     if fresh:
         if config.target_modules is None:
             raise ValueError(f"nothing to patch in {type(model).__name__}: it has no PEFT LoRA layers; pass "
@@ -187,14 +217,16 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
     if not targets:
         raise ValueError(f"nothing to patch in {type(model).__name__}: no module matches "
                          f"target_modules={config.target_modules!r}; {_linear_names_hint(model, fresh)}")
-    adapters = {} if fresh else {name: _check_peft_layer(name, layer) for name, layer in targets}
+    adapters = {} if fresh else {name: _check_peft_layer(name, layer, config.adapters) for name, layer in targets}
+    if config.adapters is not None:
+        _check_routed_adapters(model, adapters, config.adapters)
     if fresh and freeze_base:
         model.requires_grad_(False)  # before the adapters, gates and router exist: those stay trainable
 
     state = PatchState(config=config, fresh=fresh)
     route = None
     if config.gate == "sequence":
-        targets, route = _prepare_sequence_routing(model, config, targets, fresh, state)
+        targets, route = _prepare_sequence_routing(model, config, targets, fresh, state, adapters)
 
     options = dict(gate=config.gate, threshold=config.threshold, hard=config.hard, backend=config.backend,
                    base_mode=config.base_mode,
@@ -203,6 +235,8 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
     for name, module in targets:
         if fresh:
             new = GatedLoRALinear.fresh(module, config.r, config.lora_alpha, config.lora_dropout, **options)
+        elif config.adapters is not None:
+            new = RoutedLoRALinear.from_peft(module, config.adapters, route=route, backend=config.backend)
         else:
             new = GatedLoRALinear.from_peft(module, adapters[name], **options)
         state.originals[name] = module
@@ -309,13 +343,15 @@ def _restore_peft_methods(model: nn.Module) -> None:
             target.__dict__.pop(method, None)
 
 
-def _prepare_sequence_routing(model, config, targets, fresh, state):
+def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
     blocks_path, blocks = find_blocks(model)
     n_blocks = len(blocks)
     if config.router_layer >= n_blocks - 1:
         raise ValueError(f"router_layer={config.router_layer} leaves no layer for the adapter: the model has "
                          f"{n_blocks} blocks, so router_layer must be below {n_blocks - 1}")
-    before = [n for n, _ in targets if (i := block_index(n, blocks_path)) is not None and i <= config.router_layer]
+    # (with several adapters, a LoRA layer that holds none of them is patched to the base layer alone, wherever it is)
+    before = [n for n, _ in targets if (i := block_index(n, blocks_path)) is not None and i <= config.router_layer
+              and (config.adapters is None or adapters[n])]
     if before and not fresh:
         raise ValueError(
             f"gate='sequence' with router_layer={config.router_layer}: the router's input must not depend on the "
@@ -331,7 +367,8 @@ def _prepare_sequence_routing(model, config, targets, fresh, state):
         if hidden is None:
             raise ValueError("gate='sequence': the model config has no hidden_size; pass GatedLoraConfig(router=...)")
         weight = next(blocks.parameters())
-        router = PrismRouter(hidden, threshold=config.threshold).to(device=weight.device, dtype=weight.dtype)
+        router = (PrismRouter(hidden, threshold=config.threshold) if config.adapters is None
+                  else PrismMultiRouter(hidden, len(config.adapters) + 1)).to(device=weight.device, dtype=weight.dtype)
     route = SequenceRouter(router, config)
     route.train(model.training)  # a router built in training mode must not keep its dropout on in eval
     setattr(model, ROUTER_ATTRIBUTE, route)
@@ -381,7 +418,8 @@ def gated_layers(model: nn.Module) -> Iterator[tuple[str, GatedLoRALinear]]:
 @contextlib.contextmanager
 def force_gate(model: nn.Module, value: float) -> Iterator[nn.Module]:
     """Override every gate in ``model`` for the calling thread: 0.0 is the base model (bitwise), 1.0 plain
-    LoRA, else soft ``g = value``.
+    LoRA, else soft ``g = value``. With several adapters (``GatedLoraConfig.adapters``): 0.0 is the base
+    model, 1.0 leaves the routes as the router decides them (a sequence on the base model stays there).
 
     Per thread: forwards that other threads run meanwhile keep their own gates. Blocks nest (the
     innermost wins) and each restores exactly what was in force before it, in whatever order they end.
@@ -392,6 +430,9 @@ def force_gate(model: nn.Module, value: float) -> Iterator[nn.Module]:
     layers = [m for _, m in gated_layers(model)]
     if not layers:
         raise ValueError(f"force_gate: {type(model).__name__} has no GatedLoRALinear layers; call patch_model first")
+    if value not in (0.0, 1.0) and any(isinstance(m, RoutedLoRALinear) for m in layers):
+        raise ValueError(f"force_gate: with several adapters the routes are hard: value must be 0.0 (the base "
+                         f"model) or 1.0 (the routed adapters), got {value!r}")
     with forcing(layers, value):
         yield model
 
@@ -399,7 +440,8 @@ def force_gate(model: nn.Module, value: float) -> Iterator[nn.Module]:
 def get_router(model: nn.Module) -> SequenceRouter:
     """The model's SequenceRouter: ``.router`` is the router network, ``.threshold`` its threshold (settable).
 
-    ``.last_probabilities`` [B] and ``.last_decisions`` [B] describe each sequence of the last forward
+    ``.last_probabilities`` [B] (with several adapters [B, N + 1]), ``.last_decisions`` [B] and
+    ``.last_routes`` [B] (0 the base model, i ``adapters[i - 1]``) describe each sequence of the last forward
     that completed in the calling thread; ``.routes_of(cache)`` gives the decision a generation made
     at its prefill, from its KV cache or an output that holds one (``generate(...,
     return_dict_in_generate=True)``).

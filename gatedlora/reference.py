@@ -73,3 +73,29 @@ def gated_lora_reference(
     else:
         out = torch.where((g != 0)[:, None], base + g[:, None] * delta, base)
     return out.reshape(base_out.shape)
+
+
+def gated_lora_multi_reference(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    adapter_index: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Several adapters, one per row: ``base_out[m] + scaling[i] * (x[m] A_i^T) B_i^T`` with ``i = adapter_index[m]``.
+
+    x: [..., K]; base_out: [..., N]; lora_a[i]: [r_i, K]; lora_b[i]: [N, r_i]; adapter_index: [M] or
+    x.shape[:-1]. Rows whose index is not in [0, A) (-1: the base model) are exactly ``base_out``.
+    Returns [..., N] in ``dtype``.
+    """
+    k, n = x.shape[-1], base_out.shape[-1]
+    m = x.shape[:-1].numel()
+    rows = x.reshape(m, k).to(dtype)
+    out = base_out.reshape(m, n).to(dtype).clone()
+    index = adapter_index.reshape(m)
+    for i, (a, b, s) in enumerate(zip(lora_a, lora_b, scaling)):
+        mine = index == i
+        out[mine] += (rows[mine] @ a.to(dtype).T) @ b.to(dtype).T * s
+    return out.reshape(base_out.shape)

@@ -25,7 +25,7 @@ from .config import GatedLoraConfig
 from .io import read_saved
 from .patching import ROUTER_ATTRIBUTE, find_blocks
 from .prompts import right_padded_batches, token_ids
-from .routing import PrismRouter, SequenceRouter, prism_two_class_router
+from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, prism_two_class_router
 
 BASE_ROUTE = "base"  # the route name of prompts the base model answers
 ROUTER_PREFIX = f"{ROUTER_ATTRIBUTE}."  # the router's tensors in a gatedlora save
@@ -51,7 +51,9 @@ class RouteOnlyModel(nn.Module):
 
     ``forward(input_ids [B, T], attention_mask [B, T])`` returns the ``RouteDecision`` the full patched
     model makes at prefill: ``probabilities`` [B] (fp32) and ``decisions`` [B] (bool: ``p >= threshold``;
-    NaN goes to the base model). ``route_names`` lists the routes by index: 0 is ``"base"``, 1 the adapter.
+    NaN goes to the base model), ``routes`` [B] (long). ``route_names`` lists the routes by index: 0 is
+    ``"base"``, 1 the adapter (``adapter_name``), or with a router for several adapters i is ``adapters[i - 1]``
+    (the save's names; ``probabilities`` is then [B, N + 1]).
     """
 
     def __init__(self, backbone: nn.Module, route: SequenceRouter, adapter_name: str = "adapter") -> None:
@@ -61,11 +63,12 @@ class RouteOnlyModel(nn.Module):
         if len(blocks) != router_layer + 1:
             raise ValueError(f"RouteOnlyModel: the backbone must end at block router_layer={router_layer}, "
                              f"it has {len(blocks)} blocks")
-        if adapter_name == BASE_ROUTE:
-            raise ValueError(f"RouteOnlyModel: the adapter cannot be named {BASE_ROUTE!r} (the base model's route)")
+        adapters = route.adapters or [adapter_name]
+        if BASE_ROUTE in adapters:
+            raise ValueError(f"RouteOnlyModel: an adapter cannot be named {BASE_ROUTE!r} (the base model's route)")
         self.backbone = backbone
         self.route = route
-        self.route_names = (BASE_ROUTE, adapter_name)
+        self.route_names = (BASE_ROUTE, *adapters)
         blocks[router_layer].register_forward_hook(_capture_and_stop)
 
     @classmethod
@@ -110,14 +113,15 @@ class RouteOnlyModel(nn.Module):
                                "backbone's forward")
         return self.route.decide(captured[0], attention_mask)
 
-    def routes(self, decisions: torch.Tensor) -> list[str]:
-        """The route name of each decision [B] (bool or route index)."""
-        return [self.route_names[int(d)] for d in decisions.tolist()]
+    def routes(self, routes: torch.Tensor) -> list[str]:
+        """The name of each route [B] (a route index, or a one-adapter decision as bool)."""
+        return [self.route_names[int(r)] for r in routes.tolist()]
 
 
 def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any = None, batch_size: int = 32,
                   max_length: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each prompt's adapter probability [n] (fp32) and decision [n] (bool), in input order, on the CPU.
+    """Each prompt's probabilities (fp32: [n], the adapter's; with several adapters [n, N + 1], each route's)
+    and route [n] (long: 0 the base model, i ``model.route_names[i]``), in input order, on the CPU.
 
     prompts: n strings (with ``tokenizer``) or token-id sequences, tokenized as ``train_router`` does;
     batched by length and padded on the right, ``batch_size`` at a time.
@@ -126,15 +130,16 @@ def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any 
 
     ids = token_ids(prompts, tokenizer, max_length, "route_prompts")
     device = next(model.parameters()).device
-    probabilities, decisions = torch.empty(len(ids)), torch.empty(len(ids), dtype=torch.bool)
+    shape = (len(ids),) if model.route.adapters is None else (len(ids), len(model.route_names))
+    probabilities, routes = torch.empty(shape), torch.empty(len(ids), dtype=torch.long)
     batches = right_padded_batches(ids, batch_size)
     with torch.no_grad():
         for rows, input_ids, mask in tqdm(batches, total=math.ceil(len(ids) / batch_size), desc="routing",
                                           unit="batch", disable=not progress):
             decision = model(input_ids.to(device), mask.to(device))
             probabilities[torch.tensor(rows)] = decision.probabilities.float().cpu()
-            decisions[torch.tensor(rows)] = decision.decisions.cpu()
-    return probabilities, decisions
+            routes[torch.tensor(rows)] = decision.routes.cpu()
+    return probabilities, routes
 
 
 def cut_config(config: Any, blocks: int) -> Any:
@@ -154,17 +159,19 @@ def router_from_state(class_name: str | None, tensors: dict[str, torch.Tensor], 
                       ) -> nn.Module:
     """The router saved under ``gate_router.*`` in ``tensors``, filled with those tensors.
 
-    ``PrismRouter`` and ``TwoClassRouter`` (``prism_two_class_router``) are rebuilt from the saved shapes;
-    any other class needs ``router``, a module of that class.
+    ``PrismRouter``, ``PrismMultiRouter`` and ``TwoClassRouter`` (``prism_two_class_router``) are rebuilt from
+    the saved shapes; any other class needs ``router``, a module of that class.
     """
     state = {key[len(ROUTER_PREFIX):]: value for key, value in tensors.items() if key.startswith(ROUTER_PREFIX)}
     if not state:
         raise ValueError(f"the gatedlora save holds no router tensors ({ROUTER_PREFIX}*)")
     if router is None:
-        if class_name in (None, "PrismRouter"):
+        if class_name in (None, "PrismRouter", "PrismMultiRouter"):
             hidden = state["net.0.weight"].shape[1]
-            widths = tuple(state[f"net.{i}.weight"].shape[0] for i in range(0, len(state) - 2, 2))
-            router = PrismRouter(hidden, widths=widths, start_open=False)
+            sizes = tuple(state[f"net.{i}.weight"].shape[0] for i in range(0, len(state), 2))
+            # (a default router is saved as None: one output is PrismRouter's, one per route PrismMultiRouter's)
+            router = (PrismRouter(hidden, widths=sizes[:-1], start_open=False) if sizes[-1] == 1
+                      else PrismMultiRouter(hidden, sizes[-1], widths=sizes[:-1], start_route=None))
         elif class_name == "TwoClassRouter" and set(state) == {"net.0.weight", "net.0.bias", "net.3.weight",
                                                                  "net.3.bias"}:
             router = prism_two_class_router(state["net.0.weight"].shape[1], width=state["net.0.weight"].shape[0])

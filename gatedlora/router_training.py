@@ -5,7 +5,8 @@ The router of a model patched with ``gate="sequence"`` reads the hidden state af
 features once (adapter off, the forward stopped right after that block, batched), trains the
 router on them with class-weighted cross-entropy (PRISM's routing rates are skewed: about 6% of
 MMLU queries go to the adapter), reports accuracy on a held-out split and can save the router with
-``gatedlora.save_pretrained``.
+``gatedlora.save_pretrained``. Labels are routes: 0 the base model, 1 the adapter, or with several
+adapters (``GatedLoraConfig.adapters``) i the adapter ``adapters[i - 1]``.
 """
 from __future__ import annotations
 
@@ -21,32 +22,35 @@ from torch import nn
 from .io import save_pretrained
 from .patching import force_gate, get_router, patch_state
 from .prompts import prompt_problem, read_jsonl, right_padded_batches, token_ids
-from .routing import PrismRouter, TwoClassRouter, last_real_positions
+from .routing import PrismRouter, TwoClassRouter, last_real_positions, routes_from_logits
 
 
 @dataclass
 class RouterTrainingResult:
     """What ``train_router`` measured. Accuracies are fractions in [0, 1]; held-out ones are NaN
-    when ``heldout=0``. ``heldout_class_accuracy`` is (label 0, label 1): the recall of each route."""
+    when ``heldout=0``. ``heldout_class_accuracy`` is the recall of each route (label 0, label 1, ...);
+    ``heldout_open_rate`` the fraction of held-out prompts routed to an adapter (any of them);
+    ``class_counts`` the prompts per label."""
 
     train_accuracy: float
     heldout_accuracy: float
-    heldout_class_accuracy: tuple[float, float]
+    heldout_class_accuracy: tuple[float, ...]
     heldout_open_rate: float
     train_size: int
     heldout_size: int
-    class_counts: tuple[int, int]
+    class_counts: tuple[int, ...]
     threshold: float
     losses: list[float] = field(default_factory=list)
     saved_to: str | None = None
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
-        zero, one = self.heldout_class_accuracy
+        per_label = ", ".join(f"label {i} {a:.3f}" for i, a in enumerate(self.heldout_class_accuracy))
+        labels = "/".join(map(str, range(len(self.class_counts))))
         return (f"router: train accuracy {self.train_accuracy:.3f} ({self.train_size} prompts), held-out accuracy "
-                f"{self.heldout_accuracy:.3f} ({self.heldout_size} prompts; label 0 {zero:.3f}, label 1 {one:.3f}; "
-                f"adapter used for {self.heldout_open_rate:.1%}); labels 0/1: {self.class_counts[0]}/"
-                f"{self.class_counts[1]}" + (f"; saved to {self.saved_to}" if self.saved_to else ""))
+                f"{self.heldout_accuracy:.3f} ({self.heldout_size} prompts; {per_label}; "
+                f"adapter used for {self.heldout_open_rate:.1%}); labels {labels}: "
+                f"{'/'.join(map(str, self.class_counts))}" + (f"; saved to {self.saved_to}" if self.saved_to else ""))
 
 
 class _StopForward(Exception):
@@ -104,10 +108,11 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
 
 
 def router_logits(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The router's decision as one logit per row (>= logit(threshold) opens). hidden: [B, H] -> [B].
+    """A one-adapter router's decision as one logit per row (>= logit(threshold) opens). hidden: [B, H] -> [B].
 
     PrismRouter: the logit before its sigmoid; TwoClassRouter: l1 - l0 (softmax(l)[1] = sigmoid(l1 - l0));
-    any other router: the logit of its probability.
+    any other router: the logit of its probability. (A router for several adapters returns logits [B, N + 1]
+    itself.)
     """
     if isinstance(router, PrismRouter):
         return router.net(hidden).squeeze(-1)
@@ -117,10 +122,11 @@ def router_logits(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.logit(router(hidden).float(), eps=1e-6)
 
 
-def _split(labels: torch.Tensor, heldout: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(labels: torch.Tensor, classes: int, heldout: float, generator: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified split: a ``heldout`` fraction of each class (at least one where it has two or more)."""
     train, test = [], []
-    for c in (0, 1):
+    for c in range(classes):
         idx = (labels == c).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=generator)]
         n_test = min(len(idx) - 1, max(1, round(heldout * len(idx)))) if heldout > 0 else 0
@@ -129,17 +135,26 @@ def _split(labels: torch.Tensor, heldout: float, generator: torch.Generator) -> 
     return torch.cat(train), torch.cat(test)
 
 
-def _check_labels(prompts: Sequence[Any], labels: Any) -> torch.Tensor:
+def _label_meaning(classes: int) -> str:
+    """What the labels of a router with ``classes`` routes may be, for error messages."""
+    if classes == 2:
+        return "0 (base model) or 1 (adapter)"
+    return f"0 (base model) to {classes - 1} (adapter i is adapters[i - 1])"
+
+
+def _check_labels(prompts: Sequence[Any], labels: Any, classes: int) -> torch.Tensor:
     labels = torch.as_tensor(labels)
     if labels.dim() != 1 or len(labels) != len(prompts):
         raise ValueError(f"train_router: labels must have one value per prompt ({len(prompts)}), "
                          f"got shape {list(labels.shape)}")
-    if labels.is_floating_point() or not bool(((labels == 0) | (labels == 1)).all()):
-        bad = [i for i, v in enumerate(labels.tolist()) if v not in (0, 1) or isinstance(v, float)][:8]
-        raise ValueError(f"train_router: labels must be integers 0 (base model) or 1 (adapter); bad at {bad}")
-    counts = [int((labels == c).sum()) for c in (0, 1)]
+    if labels.is_floating_point() or labels.dtype == torch.bool or not bool(((labels >= 0) & (labels < classes)).all()):
+        bad = [i for i, v in enumerate(labels.tolist()) if v not in range(classes) or isinstance(v, float)][:8]
+        raise ValueError(f"train_router: labels must be integers {_label_meaning(classes)}; bad at {bad}")
+    counts = [int((labels == c).sum()) for c in range(classes)]
     if min(counts) == 0:
-        raise ValueError(f"train_router: both labels are needed to train a router, got counts 0/1 = {counts}")
+        every = "both labels are" if classes == 2 else "every label is"
+        raise ValueError(f"train_router: {every} needed to train a router, got counts "
+                         f"{'/'.join(map(str, range(classes)))} = {counts}")
     return labels.long()
 
 
@@ -151,10 +166,11 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
     """Train the router of ``model`` (patched with ``gate="sequence"``) on labelled prompts, in place.
 
     prompts: n strings (with ``tokenizer``) or token-id sequences; labels: n values, 1 where the
-    adapter should answer, 0 where the base model should. The features come from
-    ``extract_router_features`` (one pass, adapter off); a stratified ``heldout`` fraction is kept
-    out of training. Loss: binary cross-entropy on the router's logit, each class weighted by
-    n / (2 n_class) so a rare route counts as much as a common one; AdamW, ``epochs`` passes of
+    adapter should answer, 0 where the base model should; with several adapters (``GatedLoraConfig.adapters``)
+    i where ``adapters[i - 1]`` should. The features come from ``extract_router_features`` (one pass,
+    adapter off); a stratified ``heldout`` fraction is kept out of training. Loss: cross-entropy (binary on
+    a one-adapter router's logit, over the N + 1 logits of a router for N adapters), each class weighted by
+    n / (C n_class) (C classes) so a rare route counts as much as a common one; AdamW, ``epochs`` passes of
     shuffled minibatches. The router is left in eval mode; ``save_to``: written with
     ``gatedlora.save_pretrained`` (``overwrite`` as there). Returns a ``RouterTrainingResult``.
     """
@@ -165,7 +181,8 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"train_router: lr must be positive, got {lr!r}")
     route = get_router(model)  # raises unless the model is patched with gate="sequence"
-    y = _check_labels(prompts, labels)
+    classes = 2 if route.adapters is None else len(route.adapters) + 1
+    y = _check_labels(prompts, labels, classes)
     router = route.router
     threshold = float(route.threshold)
     features = extract_router_features(model, prompts, tokenizer, feature_batch_size, max_length, progress)
@@ -175,10 +192,10 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
     features = features.to(device=param.device, dtype=param.dtype)
     y = y.to(param.device)
     generator = torch.Generator().manual_seed(seed)
-    train_idx, test_idx = _split(y.cpu(), heldout, generator)
+    train_idx, test_idx = _split(y.cpu(), classes, heldout, generator)
     train_idx, test_idx = train_idx.to(param.device), test_idx.to(param.device)
-    counts = [int((y[train_idx] == c).sum()) for c in (0, 1)]
-    class_weight = torch.tensor([len(train_idx) / (2 * c) for c in counts], device=param.device)
+    counts = [int((y[train_idx] == c).sum()) for c in range(classes)]
+    class_weight = torch.tensor([len(train_idx) / (classes * c) for c in counts], device=param.device)
 
     flags = [p.requires_grad for p in router.parameters()]
     router.requires_grad_(True)
@@ -193,8 +210,12 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
                 for start in range(0, len(perm), batch_size):
                     rows = perm[start:start + batch_size]
                     target = y[rows]
-                    loss = F.binary_cross_entropy_with_logits(router_logits(router, features[rows]).float(),
-                                                              target.float(), weight=class_weight[target])
+                    if route.adapters is None:
+                        loss = F.binary_cross_entropy_with_logits(router_logits(router, features[rows]).float(),
+                                                                  target.float(), weight=class_weight[target])
+                    else:  # weighted per sample and averaged, as the binary loss is
+                        loss = (F.cross_entropy(router(features[rows]).float(), target, reduction="none")
+                                * class_weight[target]).mean()
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
@@ -206,26 +227,30 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
             p.requires_grad_(flag)
 
     with torch.no_grad():
-        decisions = router(features).float() >= threshold  # NaN compares False: closed, as in routing
-    correct = decisions == y.bool()
+        if route.adapters is None:
+            predicted = (router(features).float() >= threshold).long()  # NaN compares False: closed, as in routing
+        else:
+            predicted = routes_from_logits(router(features).float())  # as the model routes
+    correct = predicted == y
 
     def accuracy(idx: torch.Tensor) -> float:
         return float(correct[idx].float().mean()) if len(idx) else math.nan
 
     result = RouterTrainingResult(
         train_accuracy=accuracy(train_idx), heldout_accuracy=accuracy(test_idx),
-        heldout_class_accuracy=(accuracy(test_idx[y[test_idx] == 0]), accuracy(test_idx[y[test_idx] == 1])),
-        heldout_open_rate=float(decisions[test_idx].float().mean()) if len(test_idx) else math.nan,
+        heldout_class_accuracy=tuple(accuracy(test_idx[y[test_idx] == c]) for c in range(classes)),
+        heldout_open_rate=float((predicted[test_idx] != 0).float().mean()) if len(test_idx) else math.nan,
         train_size=len(train_idx), heldout_size=len(test_idx),
-        class_counts=(int((y == 0).sum()), int((y == 1).sum())), threshold=threshold, losses=losses)
+        class_counts=tuple(int((y == c).sum()) for c in range(classes)), threshold=threshold, losses=losses)
     if save_to is not None:
         save_pretrained(model, save_to, overwrite=overwrite)
         result.saved_to = str(save_to)
     return result
 
 
-def read_router_data(path: str | Path) -> tuple[list[str], list[int]]:
-    """Prompts and labels from a JSONL file of ``{"prompt": str, "label": 0 | 1}`` (blank lines skipped).
+def read_router_data(path: str | Path, classes: int = 2) -> tuple[list[str], list[int]]:
+    """Prompts and labels from a JSONL file of ``{"prompt": str, "label": 0 | 1}`` (blank lines skipped); with
+    ``classes`` routes, labels 0 to ``classes - 1``.
 
     Raises ValueError naming the file and line of the first bad row.
     """
@@ -234,8 +259,9 @@ def read_router_data(path: str | Path) -> tuple[list[str], list[int]]:
         if missing:
             return f"missing {' and '.join(repr(k) for k in missing)}"
         label = row["label"]
-        if isinstance(label, bool) or label not in (0, 1) or isinstance(label, float):
-            return f"\"label\" must be 0 or 1, got {label!r:.60}"
+        if isinstance(label, bool) or label not in range(classes) or isinstance(label, float):
+            allowed = "0 or 1" if classes == 2 else f"an integer from 0 to {classes - 1}"
+            return f"\"label\" must be {allowed}, got {label!r:.60}"
         return prompt_problem(row)
 
     rows = read_jsonl(path, problem)

@@ -79,6 +79,45 @@ class TwoClassRouter(nn.Module):
         return torch.softmax(logits.float(), dim=-1)[:, 1]
 
 
+class PrismMultiRouter(nn.Module):
+    """PRISM's router MLP with one output per route, for several adapters: ``Linear(H,128)-GELU-Linear(128,64)-
+    GELU-Linear(64,routes)``. Maps hidden states [B, H] to logits [B, routes]: route 0 the base model, route i
+    adapter i - 1; a sequence takes the argmax.
+
+    ``start_route`` (default 1, the first adapter): the last layer starts at weight 0 and a bias of
+    ``OPEN_LOGIT`` (6) on that route, 0 on the others, so every sequence takes it (softmax probability
+    ``e^6 / (e^6 + routes - 1)``, 0.990 with 4 adapters) until the router is trained or loaded. None: the
+    last layer keeps PyTorch's random initialisation.
+    """
+
+    def __init__(self, hidden_size: int, routes: int, widths: tuple[int, ...] = (128, 64),
+                 start_route: int | None = 1) -> None:
+        super().__init__()
+        if routes < 2:
+            raise ValueError(f"PrismMultiRouter: routes must be at least 2 (the base model and an adapter), got "
+                             f"{routes}")
+        sizes = (hidden_size, *widths)
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.GELU()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], routes))
+        if start_route is not None:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+            with torch.no_grad():
+                self.net[-1].bias[start_route] = OPEN_LOGIT
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, H] -> logits [B, routes]."""
+        return self.net(hidden)
+
+
+def routes_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Each sequence's route from router logits [B, routes]: the argmax; a row holding a NaN goes to the base
+    model (route 0), as a NaN probability closes a one-adapter gate. Returns [B] (long)."""
+    return torch.argmax(logits, dim=-1).masked_fill_(torch.isnan(logits).any(dim=-1), 0)
+
+
 def prism_two_class_router(hidden_size: int, width: int = 256, dropout: float = 0.1) -> TwoClassRouter:
     """PRISM's released router, ``Linear(H,256)-GELU-Dropout-Linear(256,2)`` with argmax, as a gatedlora router."""
     return TwoClassRouter(nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Dropout(dropout),
@@ -123,10 +162,14 @@ class _RoutedPrompt(Exception):
 class SequenceRouter(nn.Module):
     """The model's router network and threshold. The routes belong to each call, not to this module.
 
-    ``router`` maps [B, H] to probabilities [B]. A prefill's decision (a ``RouteDecision``) travels
-    with that generation's KV cache: ``routes_of(cache)`` returns it, and every forward that extends
-    the cache uses it. ``last_probabilities`` [B] (fp32) and ``last_decisions`` [B] (bool, adapter
-    used) are those of the last forward that completed in the calling thread (None before one).
+    ``router`` maps [B, H] to probabilities [B] (one adapter), or to logits [B, N + 1] with
+    ``config.adapters`` naming N adapters (route 0 the base model, route i ``adapters[i - 1]``, argmax).
+    A prefill's decision (a ``RouteDecision``) travels with that generation's KV cache:
+    ``routes_of(cache)`` returns it, and every forward that extends the cache uses it.
+    ``last_probabilities`` ([B] fp32; [B, N + 1] with several adapters, the softmax of the logits),
+    ``last_decisions`` ([B] bool, an adapter used) and ``last_routes`` ([B] long, 0 the base model, i
+    ``adapters[i - 1]``; with one adapter 1 is the adapter) are those of the last forward that completed
+    in the calling thread (None before one).
     """
 
     def __init__(self, router: nn.Module, config: GatedLoraConfig) -> None:
@@ -177,6 +220,16 @@ class SequenceRouter(nn.Module):
     def last_decisions(self) -> torch.Tensor | None:
         last = thread_slot(self._threads, "last")
         return None if last is None else last.decisions
+
+    @property
+    def last_routes(self) -> torch.Tensor | None:
+        last = thread_slot(self._threads, "last")
+        return None if last is None else last.routes
+
+    @property
+    def adapters(self) -> list[str] | None:
+        """The adapters the router chooses among (route i is ``adapters[i - 1]``), or None with one adapter."""
+        return self.config.adapters
 
     def routes_of(self, cache: Any) -> RouteDecision | None:
         """The decision this router made for the generation that ``cache`` belongs to: a KV cache, or the
@@ -275,6 +328,8 @@ class SequenceRouter(nn.Module):
         param = next(self.router.parameters(), None)
         if param is not None:
             last_hidden = last_hidden.to(device=param.device, dtype=param.dtype)
+        if self.config.adapters is not None:
+            return self._decide_route(self.router(last_hidden), batch, hidden)
         probabilities = self.router(last_hidden)
         if probabilities.numel() != batch:
             raise ValueError(
@@ -298,6 +353,27 @@ class SequenceRouter(nn.Module):
             all_open = bool(decisions.all())
             all_closed = not bool((gate_values(gates.detach(), threshold, self.hard) != 0).any())
         return RouteDecision(probabilities, gates, decisions, threshold, all_open, all_closed)
+
+    def _decide_route(self, logits: torch.Tensor, batch: int, hidden: torch.Tensor) -> RouteDecision:
+        """Several adapters: each sequence's route from the router's logits [B, N + 1] (argmax, in fp32)."""
+        routes_count = len(self.config.adapters) + 1
+        if tuple(logits.shape) != (batch, routes_count):
+            raise ValueError(
+                f"gatedlora: with adapters={self.config.adapters} the router must map hidden states [B, H] to logits "
+                f"[B, {routes_count}] = [{batch}, {routes_count}] (class 0 the base model, class i adapters[i - 1]), "
+                f"got {list(logits.shape)}")
+        # fp32, as one-adapter decisions: the same route whatever the router's dtype and batch-mates
+        logits = logits.to(hidden.device, probability_dtype(hidden.dtype))
+        routes = routes_from_logits(logits.detach())
+        decisions = routes != 0
+        uniform = None
+        # On the CPU the host sees for free when every sequence takes one route: the layers then run plain
+        # LoRA with that adapter (or the base layer alone). On a GPU reading it would sync.
+        if routes.device.type == "cpu" and not torch.compiler.is_compiling():
+            first = int(routes[0]) if batch else 0
+            uniform = first if bool((routes == first).all()) else None
+        return RouteDecision(torch.softmax(logits, dim=-1), decisions.to(logits.dtype), decisions, self.threshold,
+                             all_closed=uniform == 0, multi_routes=routes, uniform_route=uniform)
 
     def generate_whole_prompt_routed(self, generate: Callable, args: tuple, kwargs: dict) -> Any:
         """``generate`` with a chunked prefill, routed from the last real token of the whole prompt.

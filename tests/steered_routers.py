@@ -49,3 +49,30 @@ def splitting_router(model, batches, layer):
         router.proj.bias.zero_()
     assert torch.equal(router(hidden) >= 0.5, want)
     return router
+
+
+class RoutePatternRouter(nn.Module):
+    """Logits [B, routes] whose argmax is ``pattern`` [B] (set by the test), whatever the hidden states."""
+
+    def __init__(self, hidden: int, routes: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden, routes)
+        self.pattern: torch.Tensor | None = None
+
+    def forward(self, h):
+        return self.proj(h) * 0 + 5.0 * torch.nn.functional.one_hot(self.pattern, self.proj.out_features)
+
+
+def route_splitting_router(model, batches, layer, routes: int):
+    """A linear router [H -> routes] that sends each sequence of each ``(ids, mask, want_routes)`` of ``batches``
+    to its route (logits +4 on it, -4 elsewhere, by least squares over the batches' hidden states at the last
+    real tokens: fewer sequences than hidden units)."""
+    hidden = torch.cat([last_real_hidden(model, ids, mask, layer) for ids, mask, _ in batches])
+    want = torch.tensor([r for _, _, want_routes in batches for r in want_routes])
+    target = 8.0 * torch.nn.functional.one_hot(want, routes) - 4.0
+    router = nn.Linear(hidden.shape[1], routes)
+    with torch.no_grad():
+        router.weight.copy_(torch.linalg.lstsq(hidden, target).solution.T)
+        router.bias.zero_()
+    assert torch.equal(router(hidden).argmax(-1), want)
+    return router

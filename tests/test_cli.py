@@ -17,6 +17,8 @@ from gatedlora.cli import main
     (["bench", "--plot", "r.pdf"], "expected a .png file name"),
     (["bench", "--device", "cuda"], "no CUDA device is available"),
     (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["bench", "--adapters", "0"], "--adapters must be >= 1, got 0"),
+    (["bench", "--adapters", "2", "--model", ".", "--adapter", "."], "--adapters makes its own fresh adapters"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_arguments_exit_non_zero_with_a_message(argv, message, capsys):
@@ -55,6 +57,21 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path, capsys):
         assert scenario["ratio_to_base"]["peft"] == pytest.approx(times["peft"] / times["base"])
         assert scenario["check"] in ("ok", "not checked (decode)")
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quick_bench_with_several_adapters(tmp_path, capsys):
+    """gatedlora bench --adapters: PEFT's mixed batch, one PEFT forward per route group and (decode) PEFT with one
+    adapter on every sequence against gatedlora, outputs checked (base sequences bitwise) before timing."""
+    json_path = tmp_path / "r.json"
+    code = main(["bench", "--quick", "--adapters", "3", "--budget", "0.01", "--no-progress", "--json", str(json_path)])
+    assert code == 0
+    assert "decode b=4 t=32 3 adapters, 1/4 base" in capsys.readouterr().out
+    result = json.loads(json_path.read_text())
+    for scenario in result["scenarios"]:
+        assert scenario["check"] == "ok" and scenario["adapters"] == 3 and scenario["routes"].count(0) == 1
+        assert set(scenario["median_ms"]) >= {"base", "peft mixed", "peft per group", "gatedlora torch"}
+    assert "peft one adapter" in result["scenarios"][1]["median_ms"]
 
 
 def test_python_dash_m_entry_point():

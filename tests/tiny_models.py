@@ -54,3 +54,29 @@ def padded_batch(lengths: list[int], total: int, side: str = "left", vocab: int 
         ids[i, span] = tokens
         mask[i, span] = 1
     return ids, mask
+
+
+# Three adapters of different ranks on different projections: "code" lacks k_proj and o_proj, "chat" lacks
+# v_proj and the MLP's down_proj, so each is absent somewhere another is present. (PEFT warns about adapter
+# names contained in "lora_", such as "a".)
+MULTI_ADAPTERS = {"math": (4, ALL_PROJECTIONS), "code": (2, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),
+                  "chat": (8, ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"])}
+
+
+def tiny_multi_adapter_model(arch: str = "llama", layers: int = 3, layers_to_transform=None, seed: int = 0,
+                             adapters: dict = MULTI_ADAPTERS):
+    """A tiny causal LM with several PEFT LoRA adapters (``adapters``: name -> (rank, target modules)), loaded as
+    a user would (``get_peft_model`` with the first, ``add_adapter`` for the others), B random; the first
+    adapter is active."""
+    model = tiny_causal_lm(arch, layers, seed)
+    peft_model = None
+    for name, (r, targets) in adapters.items():
+        config = LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=list(targets), lora_dropout=0.0,
+                            layers_to_transform=layers_to_transform)
+        if peft_model is None:
+            peft_model = get_peft_model(model, config, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, config)
+    randomize_lora_b(peft_model, seed + 1)
+    peft_model.set_adapter(next(iter(adapters)))
+    return peft_model.eval()

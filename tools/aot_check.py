@@ -3,13 +3,16 @@
     python tools/aot_check.py [--jobs N] [--quiet]
 
 What is compiled: every (kernel, gate mode, x dtype, LoRA dtype, dot precision, tile config) the triton
-backend can launch (the one-pass kernel, and the two-pass path's shrink and expand kernels), in the
+backend can launch (the one-pass kernel, the two-pass path's shrink and expand kernels, and the
+multi-adapter kernel, gate mode ``multi`` below), in the
 layout of contiguous, 16-byte aligned tensors with K and N multiples
 of 16 (the usual case; Triton then assumes 16-byte alignment and divisibility). The token-gate
-mode, the one with the most work in its K loop, is compiled a second time in a generic layout
+mode, the one with the most work in its K loop, and the multi-adapter kernel are compiled a second time in a
+generic layout
 (misaligned pointers, odd row strides, odd K and N; inner strides are always 1 because the
 launcher copies other layouts), the specialisation with the least information. The argument
-lists come from ``triton_backend.launch_plan`` and ``two_pass_plan`` and pass through Triton's own
+lists come from ``triton_backend.launch_plan`` and ``two_pass_plan`` (``triton_multi.launch_plan``) and pass
+through Triton's own
 specialisation code, so what is compiled is what the launcher launches.
 
 For each compiled kernel it reads registers, stack and local memory from the cubin with the
@@ -50,7 +53,7 @@ DTYPE_VARIANTS = (
     ("bfloat16", "float32", False),
     ("bfloat16", "float32", True),
 )
-MODES = ("none", "given", "token")
+MODES = ("none", "given", "token", "multi")  # multi: the multi-adapter kernel (every adapter in one launch)
 
 
 @dataclass
@@ -86,7 +89,7 @@ def _tensor(shape, dtype, aligned: bool):
 
 
 KERNELS = {"one-pass": ("triton_kernel", "gated_lora_add_kernel"), "shrink": ("triton_two_pass", "shrink_kernel"),
-           "expand": ("triton_two_pass", "expand_kernel")}
+           "expand": ("triton_two_pass", "expand_kernel"), "multi": ("triton_multi", "gated_lora_multi_add_kernel")}
 
 
 def kernel_function(name: str):
@@ -117,6 +120,24 @@ def _launches(tb, out, args):
             yield name, label, positional, keywords
 
 
+def _multi_launches(out, x, lora_a, lora_b):
+    """The multi-adapter kernel's launch (as ``_launches`` yields it) for two adapters of ranks r and r / 2 and
+    a per-row index, where the kernel has a tile for rank r and this LoRA element size."""
+    import torch
+
+    from gatedlora.ops import triton_multi
+    from gatedlora.ops.multi_args import make_multi_args
+
+    tiles = triton_multi.multi_tiles().get((lora_a.shape[0], lora_a.element_size()))
+    if tiles is None:
+        return
+    half = lora_a[: lora_a.shape[0] // 2]
+    index = torch.zeros(x.shape[0], dtype=torch.int64)
+    args = make_multi_args(x, out.shape[1], [lora_a, half], [lora_b, lora_b[:, :half.shape[0]]], (2.0, 1.5), index)
+    _, positional, keywords = triton_multi.launch_plan(out, args, tiles=tiles, n_split=1)
+    yield "multi", _one_pass_label(tiles), positional, keywords
+
+
 def build_jobs() -> list[Job]:
     import torch
     from triton.backends.compiler import GPUTarget
@@ -137,25 +158,25 @@ def build_jobs() -> list[Job]:
             for layout in ("aligned", "generic"):
                 aligned = layout == "aligned"
                 m, k, n = (64, 4096, 4096) if aligned else (63, 4095, 4093)
-                for mode in MODES if aligned else ("token",):
+                for mode in MODES if aligned else ("token", "multi"):
                     for x_name, lora_name, tf32 in DTYPE_VARIANTS:
                         x_dtype, lora_dtype = getattr(torch, x_name), getattr(torch, lora_name)
                         torch.backends.cuda.matmul.allow_tf32 = tf32
                         for r in sorted({t.block_r for t in tb.TILE_CONFIGS.values()}):
-                            args = make_args(
-                                x=_tensor((m, k), x_dtype, aligned),
-                                n=n,
-                                lora_a=_tensor((r, k), lora_dtype, aligned),
-                                lora_b=_tensor((n, r), lora_dtype, aligned),
-                                scaling=2.0,
-                                gate=_tensor((m,), torch.float32, aligned) if mode == "given" else None,
-                                gate_weight=_tensor((k,), torch.float32, aligned) if mode == "token" else None,
-                                gate_bias=_tensor((), torch.float32, aligned) if mode == "token" else None,
-                                threshold=0.5,
-                                hard=True,
-                            )
+                            x = _tensor((m, k), x_dtype, aligned)
+                            lora_a, lora_b = _tensor((r, k), lora_dtype, aligned), _tensor((n, r), lora_dtype, aligned)
                             out = _tensor((m, n), x_dtype, aligned)
-                            for name, label, positional, keywords in _launches(tb, out, args):
+                            if mode == "multi":
+                                launches = _multi_launches(out, x, lora_a, lora_b)
+                            else:
+                                args = make_args(
+                                    x=x, n=n, lora_a=lora_a, lora_b=lora_b, scaling=2.0,
+                                    gate=_tensor((m,), torch.float32, aligned) if mode == "given" else None,
+                                    gate_weight=_tensor((k,), torch.float32, aligned) if mode == "token" else None,
+                                    gate_bias=_tensor((), torch.float32, aligned) if mode == "token" else None,
+                                    threshold=0.5, hard=True)
+                                launches = _launches(tb, out, args)
+                            for name, label, positional, keywords in launches:
                                 bound, specialization, options = binders[name](*positional, **keywords)
                                 options, signature, constexprs, attrs = kernel_function(name)._pack_args(
                                     backend, keywords, bound, specialization, options)

@@ -16,7 +16,9 @@ is reported and the next one runs):
 * ``layer``: each backend against the base layer and PEFT at the Llama-3-8B projection shapes
   (``gatedlora.benchmarking.layer_level``), timed with ``triton.testing.do_bench`` (L2 flushed) and,
   at decode sizes, ``do_bench_cudagraph`` over weights rotated past L2.
-* ``model``: ``gatedlora bench``'s model-level comparison in bf16, decode replayed from CUDA graphs.
+* ``model``: ``gatedlora bench``'s model-level comparison in bf16, decode replayed from CUDA graphs; then,
+  with the last third of its budget, the same with four adapters and one router (``gatedlora bench
+  --adapters 4``: PEFT's mixed batch, one PEFT forward per route group, PEFT with one adapter).
 * ``route``: the route-only front end (``gatedlora route``) against the full model's prefill, bf16, on a
   Llama with Llama-3-8B block shapes and 8 blocks: peak memory, load and forward time, and whether its
   probabilities equal the full model's bitwise.
@@ -507,18 +509,21 @@ def auto_table(cases: list[dict], device) -> dict:
 
 
 def stage_model(result: dict, save, deadline_s: float, dry_run: bool) -> None:
+    """One adapter (``gatedlora bench``'s scenarios), then several adapters (``multi_adapter``) with what is left."""
     import torch
 
     from gatedlora.benchmarking.runner import run_model_benchmark
 
+    started = time.perf_counter()
     device = _device()
     if device.type == "cuda":
         from gatedlora.benchmarking.scenarios import default_scenarios
 
-        # decode first: its CUDA-graph replays are what only a GPU shows; prefill as the deadline allows
+        # decode first: its CUDA-graph replays are what only a GPU shows; prefill as the deadline allows.
+        # Two thirds of the stage; each run also builds its model (about 10 s).
         order = sorted(default_scenarios(False, device), key=lambda sc: sc.phase != "decode")
         result.update(run_model_benchmark(device="cuda", dtype=torch.bfloat16, budget_s=0.5, scenarios=order,
-                                          deadline_s=deadline_s - 30))
+                                          deadline_s=deadline_s * 2 / 3 - 20))
     else:
         from gatedlora.benchmarking.models import LlamaSpec
         from gatedlora.benchmarking.scenarios import Scenario
@@ -529,8 +534,37 @@ def stage_model(result: dict, save, deadline_s: float, dry_run: bool) -> None:
                                           scenarios=scenarios, spec=tiny))
         save()
         result["decode_fullgraph"] = decode_fullgraph_check(tiny)
-    failed = [s["name"] for s in result.get("scenarios", []) if str(s.get("check", "")).startswith("FAILED")]
+    save()
+    result["multi_adapter"] = multi_adapter_model(deadline_s - (time.perf_counter() - started) - 20, dry_run)
+    scenarios = result.get("scenarios", []) + result["multi_adapter"].get("scenarios", [])
+    failed = [s["name"] for s in scenarios if str(s.get("check", "")).startswith("FAILED")]
     result["status"] = "ok" if not failed else f"failed: outputs differ in {failed}"
+
+
+# --- several adapters, one router: the model stage's second part ---------------------------------------------
+
+def multi_adapter_model(deadline_s: float, dry_run: bool) -> dict:
+    """``gatedlora bench --adapters 4`` at model level: four adapters, each batch's sequences 25% on the base
+    model and the rest spread over the adapters; gatedlora (triton; torch on a CPU) against PEFT's mixed batch,
+    one PEFT forward per route group and, at decode, PEFT with one adapter on every sequence. GPU: bf16, the
+    Llama-3-8B-shaped model of the model stage, decode replayed from CUDA graphs at batch 8 and 32 first, then
+    prefill (512 tokens) at batch 8, within ``deadline_s``. Dry run (CPU): a tiny model, batch 4. Returns the
+    run's JSON-ready result; its scenarios' ``check`` says whether the outputs matched."""
+    import torch
+
+    from gatedlora.benchmarking.multi_adapter import multi_scenarios
+    from gatedlora.benchmarking.runner import run_model_benchmark
+
+    if _device().type == "cuda":
+        scenarios = [s for s in multi_scenarios(device=_device(), batches=(8, 32)) if s.phase == "decode"]
+        scenarios += [s for s in multi_scenarios(device=_device(), batches=(8,)) if s.phase == "prefill"]
+        return run_model_benchmark(device="cuda", dtype=torch.bfloat16, budget_s=0.5, scenarios=scenarios,
+                                   adapters=4, deadline_s=deadline_s)
+    from gatedlora.benchmarking.models import LlamaSpec
+
+    return run_model_benchmark(device="cpu", dtype=torch.float32, budget_s=0.02, backends=["torch"],
+                               scenarios=multi_scenarios(quick=True), spec=LlamaSpec(64, 128, 3, 4, 2, 256),
+                               adapters=4, deadline_s=deadline_s)
 
 
 def stage_route(result: dict, save, deadline_s: float, dry_run: bool) -> None:
@@ -621,9 +655,10 @@ def summary(record: dict) -> str:
                 best = ", ".join(f"M={m}: {v['best']}" for m, v in per_m.items())
                 lines.append(f"  fastest exact backend on {arch} {dtype}: {best}")
     model = stages.get("model", {})
-    if model.get("scenarios"):
+    model_scenarios = model.get("scenarios", []) + model.get("multi_adapter", {}).get("scenarios", [])
+    if model_scenarios:
         lines.append("  model level, ratio to the base model:")
-        for s in model["scenarios"]:
+        for s in model_scenarios:
             if "base" not in s["median_ms"]:
                 lines.append(f"    {s['name']}: {s['check']}")
                 continue
@@ -652,12 +687,14 @@ def plot(record: dict, path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed"
     layer = record["stages"].get("layer", {}).get("cases", [])
-    model = record["stages"].get("model", {}).get("scenarios", [])
-    if not layer and not model:
-        return "no timings to draw"
-    model = [s for s in model if "base" in s.get("median_ms", {})]
+    model_stage = record["stages"].get("model", {})
+    model, multi = ([s for s in scenarios if "base" in s.get("median_ms", {})]
+                    for scenarios in (model_stage.get("scenarios", []),
+                                      model_stage.get("multi_adapter", {}).get("scenarios", [])))
     shown = [c for c in layer if c["projection"] in ("q_proj/o_proj", "tiny")]
-    panels = [p for p in (("layer", shown), ("model", model)) if p[1]]
+    panels = [p for p in (("layer", shown), ("model", model), ("multi", multi)) if p[1]]
+    if not panels:
+        return "no timings to draw"
     fig, axes = plt.subplots(len(panels), 1, figsize=(14, 4.5 * len(panels)), squeeze=False)
     for ax, (kind, items) in zip(axes[:, 0], panels):
         if kind == "layer":
@@ -667,7 +704,8 @@ def plot(record: dict, path: Path) -> str | None:
                          "(graph replay at M<=64, eager with L2 flushed above)", fontsize=9)
         else:
             _bars(ax, [s["name"] for s in items], [_model_ratios(s) for s in items])
-            ax.set_title("model level: time / base model (decode replayed from CUDA graphs on a GPU)", fontsize=9)
+            ax.set_title(("model level" if kind == "model" else "model level, 4 adapters and one router")
+                         + ": time / base model (decode replayed from CUDA graphs on a GPU)", fontsize=9)
     env = record["environment"]
     fig.suptitle(f"gpu_check: {env.get('device')} - commit {env.get('commit')}", fontsize=10)
     fig.tight_layout()

@@ -76,14 +76,20 @@ def _legend(result: dict) -> list[str]:
     within = f"within {tolerance:g}" if tolerance is not None else "within a dtype tolerance"
     runs = sorted({n for s in result["scenarios"] for n in s.get("runs", {}).values()})
     rounds = "several calls" if not runs else f"{runs[0]} calls" if len(runs) == 1 else f"{runs[0]}-{runs[-1]} calls"
+    several = any("adapters" in s for s in result["scenarios"])
+    routes = ("N adapters, k/B base: k of the batch's B sequences on the base model, the others spread over the N "
+              "adapters, as a router decides" if several else
+              "open k/B: k of the batch's B sequences take the adapter, as a router decides; the others get the "
+              "base model")
+    check = ("sequences on the base model equal it bitwise and its others match PEFT's mixed batch" if several
+             else "closed sequences equal the base model bitwise and its open ones match PEFT")
     return [
         (f"times: median ms per call, lower is better; ±p%: half the interquartile range of the {rounds} per "
          "provider, as a share of the median; (r x): median / base median, timed side by side (providers "
          "interleaved)"),
-        "open k/B: k of the batch's B sequences take the adapter, as a router decides; the others get the base model",
-        (f"check: gatedlora's closed sequences equal the base model bitwise and its open ones match PEFT {within} "
-         "(logits), tested before timing; 'not run' where a scenario was not checked; '-': the provider does not "
-         "take part in that scenario"),
+        routes,
+        (f"check: gatedlora's {check} {within} (logits), tested before timing; 'not run' where a scenario was not "
+         "checked; '-': the provider does not take part in that scenario"),
     ]
 
 

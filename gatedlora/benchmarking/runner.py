@@ -11,6 +11,8 @@ from ..ops.backends import PREFERENCE, unavailable_reason
 from .models import CPU_DEFAULT, GPU_DEFAULT, add_prism_adapter, build_llama, load_local_model
 from .machine_load import LoadMeter
 from .report import environment, spread_warnings
+from .multi_adapter import (MultiScenario, build_multi_setup, check_multi_outputs, make_multi_batch,
+                            multi_decode_providers, multi_prefill_providers, multi_scenarios)
 from .scenarios import (Scenario, build_setup, check_decode_outputs, check_gatedlora_outputs, decode_providers,
                         default_scenarios, make_batch, prefill_providers)
 
@@ -48,11 +50,13 @@ def run_model_benchmark(model_path: Optional[str] = None, adapter_path: Optional
                         device: Optional[str] = None, dtype: Optional[torch.dtype] = None, quick: bool = False,
                         backends: Optional[list[str]] = None, router_layer: int = 0, budget_s: float = 1.0,
                         progress: Callable = lambda items, **kw: items, deadline_s: Optional[float] = None,
-                        scenarios: Optional[list[Scenario]] = None, spec=None) -> dict:
+                        scenarios: Optional[list] = None, spec=None, adapters: Optional[int] = None) -> dict:
     """Time every provider of every scenario side by side; returns the JSON-ready result.
 
     ``deadline_s``: stop starting scenarios after this many seconds (the result says which ran).
-    ``scenarios`` and ``spec`` (a ``LlamaSpec``) replace the defaults (``gpu_check --dry-run``)."""
+    ``scenarios`` and ``spec`` (a ``LlamaSpec``) replace the defaults (``gpu_check --dry-run``).
+    ``adapters``: several adapters, one router (``multi_adapter``): that many fresh PEFT adapters and routes
+    mixed over each batch, instead of one adapter and open fractions (``--adapter`` does not apply)."""
     started = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -66,8 +70,13 @@ def run_model_benchmark(model_path: Optional[str] = None, adapter_path: Optional
     run_backends, notes = choose_backends(dev, backends)
     if not run_backends:
         raise RuntimeError("no gatedlora backend can run here: " + "; ".join(notes))
-    setup = build_setup(base_model, lambda m: add_prism_adapter(m, router_layer, adapter_path=adapter_path),
-                        router_layer, run_backends)
+    if adapters:
+        setup = build_multi_setup(base_model, router_layer, run_backends, adapters)
+        notes += setup.notes
+        scenarios = scenarios or multi_scenarios(quick, dev, adapters)
+    else:
+        setup = build_setup(base_model, lambda m: add_prism_adapter(m, router_layer, adapter_path=adapter_path),
+                            router_layer, run_backends)
     max_tokens = getattr(base_model.config, "max_position_embeddings", 4096) - 2
     scenarios = [s for s in scenarios or default_scenarios(quick, dev) if s.tokens <= max_tokens]
     results = []
@@ -88,9 +97,14 @@ def run_model_benchmark(model_path: Optional[str] = None, adapter_path: Optional
                                 "median_ms": {}, "iqr_ms": {}, "runs": {}, "ratio_to_base": {}, "notes": []})
                 continue
             providers_seen += [p for p in results[-1]["median_ms"] if p not in providers_seen]
-    notes.append("prism two-pass: a full base forward to route, then the open sequences again with the "
-                 "adapter (closed ones reuse the routing pass), as PRISM's released code routes; it has no "
-                 "decode of its own (its decode steps are PEFT's or the base model's), hence '-' there")
+    if adapters:
+        notes.append("peft per group: one PEFT forward per route group (set_adapter, or disable_adapter for the "
+                     "base model), each group its own sub-batch and at decode its own KV cache; peft one adapter "
+                     "(decode): every sequence on the first adapter, the yardstick of the decode target")
+    else:
+        notes.append("prism two-pass: a full base forward to route, then the open sequences again with the "
+                     "adapter (closed ones reuse the routing pass), as PRISM's released code routes; it has no "
+                     "decode of its own (its decode steps are PEFT's or the base model's), hence '-' there")
     if dev.type == "cuda":
         notes.append("decode: one step at a fixed context over a static KV cache, replayed from a CUDA graph "
                      "(the step is undone inside the graph); providers that cannot be captured run eagerly "
@@ -108,6 +122,8 @@ def _run_scenario(setup, scenario: Scenario, dtype: torch.dtype, budget_s: float
                   graphs: bool = False) -> dict:
     from .timing import time_side_by_side
 
+    if isinstance(scenario, MultiScenario):
+        return _run_multi_scenario(setup, scenario, dtype, budget_s, warmup_s, graphs)
     ids, mask, open_mask = make_batch(scenario, setup.vocab_size, setup.device)
     notes: list[str] = []
     if scenario.phase == "prefill":
@@ -119,7 +135,28 @@ def _run_scenario(setup, scenario: Scenario, dtype: torch.dtype, budget_s: float
     timings = time_side_by_side(providers, setup.device, budget_s=budget_s, warmup_s=warmup_s)
     return {
         "name": scenario.name, "phase": scenario.phase, "batch": scenario.batch, "tokens": scenario.tokens,
-        "open_sequences": scenario.open_count, "check": check, "notes": notes,
+        "open_sequences": scenario.open_count, "check": check, "notes": notes, **_timing_record(timings),
+    }
+
+
+def _run_multi_scenario(setup, scenario, dtype: torch.dtype, budget_s: float, warmup_s: float, graphs: bool) -> dict:
+    from .timing import time_side_by_side
+
+    ids, mask, routes = make_multi_batch(scenario, setup.vocab_size, setup.device)
+    notes: list[str] = []
+    if scenario.phase == "prefill":
+        providers = multi_prefill_providers(setup, ids, mask, routes)
+    else:
+        providers, notes = multi_decode_providers(setup, ids, mask, routes, graphs=graphs)
+    check = check_multi_outputs(providers, routes, CHECK_TOLERANCE[dtype])
+    timings = time_side_by_side(providers, setup.device, budget_s=budget_s, warmup_s=warmup_s)
+    return {"name": scenario.name, "phase": scenario.phase, "batch": scenario.batch, "tokens": scenario.tokens,
+            "adapters": scenario.adapters, "routes": routes.tolist(), "check": check, "notes": notes,
+            **_timing_record(timings)}
+
+
+def _timing_record(timings: dict) -> dict:
+    return {
         "median_ms": {k: t.median_s * 1e3 for k, t in timings.items()},
         "iqr_ms": {k: [t.q1_s * 1e3, t.q3_s * 1e3] for k, t in timings.items()},
         "runs": {k: t.runs for k, t in timings.items()},

@@ -158,41 +158,10 @@ def decode_providers(setup: BenchSetup, ids, mask, open_mask, graphs: bool = Fal
     names = [adapter if o else "__base__" for o in open_mask.tolist()]
     for router in setup.routers.values():
         router.pattern = open_mask.float()
-    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     notes: list[str] = []
 
-    def eager_stepper(model: nn.Module, **extra) -> Callable[[], object]:
-        with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
-        cache = _cache_of(out)
-        next_ids = out.logits[:, -1:].argmax(-1)
-
-        def step():
-            logits = model(input_ids=next_ids, attention_mask=step_mask, use_cache=True,
-                           **{setup.cache_argument: cache}, **extra).logits
-            cache.crop(-1)
-            return logits
-
-        return step
-
     def stepper(name: str, model: nn.Module, capturable: bool = True, **extra) -> Callable[[], object]:
-        if not graphs:
-            return eager_stepper(model, **extra)
-        if not capturable:
-            notes.append(f"{name}: decode timed eager (PEFT builds its sub-batch indices on the host every call, "
-                         "which a CUDA graph cannot hold)")
-            return eager_stepper(model, **extra)
-        from .cuda_graphs import capture_decode_step
-
-        try:
-            with torch.inference_mode():
-                replay, logits = capture_decode_step(model, ids, mask, setup.cache_argument, **extra)
-            return lambda: (replay(), logits)[1]
-        except Exception as exc:  # reported, and the provider is timed eagerly instead
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            notes.append(f"{name}: decode not captured in a CUDA graph ({type(exc).__name__}: {reason}); timed eager")
-            torch.cuda.synchronize()
-            return eager_stepper(model, **extra)
+        return decode_stepper(name, model, ids, mask, setup.cache_argument, graphs, notes, capturable, **extra)
 
     providers = {
         "base": stepper("base", setup.base),
@@ -202,6 +171,47 @@ def decode_providers(setup: BenchSetup, ids, mask, open_mask, graphs: bool = Fal
     for backend, model in setup.gated.items():
         providers[f"gatedlora {backend}"] = stepper(f"gatedlora {backend}", model)
     return providers, notes
+
+
+def decode_stepper(name: str, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_argument: str,
+                   graphs: bool, notes: list[str], capturable: bool = True, **extra) -> Callable[[], torch.Tensor]:
+    """One decode step of ``model`` at a fixed context after prefilling ``ids`` [B, T]; each call returns the
+    step's logits [B, 1, V]. Eager: over the model's own dynamic cache, undone after each call with
+    ``cache.crop(-1)``. With ``graphs`` (CUDA) and ``capturable``: captured in a CUDA graph over a static
+    cache and replayed; where that cannot be done the step runs eagerly and ``notes`` says why."""
+
+    def eager() -> Callable[[], torch.Tensor]:
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
+        cache = _cache_of(out)
+        next_ids = out.logits[:, -1:].argmax(-1)
+        step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+        def step():
+            logits = model(input_ids=next_ids, attention_mask=step_mask, use_cache=True, **{cache_argument: cache},
+                           **extra).logits
+            cache.crop(-1)
+            return logits
+
+        return step
+
+    if not graphs:
+        return eager()
+    if not capturable:
+        notes.append(f"{name}: decode timed eager (PEFT builds its sub-batch indices on the host every call, "
+                     "which a CUDA graph cannot hold)")
+        return eager()
+    from .cuda_graphs import capture_decode_step
+
+    try:
+        with torch.inference_mode():
+            replay, logits = capture_decode_step(model, ids, mask, cache_argument, **extra)
+        return lambda: (replay(), logits)[1]
+    except Exception as exc:  # reported, and the provider is timed eagerly instead
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        notes.append(f"{name}: decode not captured in a CUDA graph ({type(exc).__name__}: {reason}); timed eager")
+        torch.cuda.synchronize()
+        return eager()
 
 
 def check_gatedlora_outputs(setup: BenchSetup, ids, mask, open_mask, tolerance: float) -> str:

@@ -44,6 +44,11 @@ class GatedLoraArgs:
         self.threshold = threshold
         self.hard = hard
 
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        """The LoRA weights' dtype (``MultiLoraArgs`` has the same property)."""
+        return self.lora_a.dtype
+
     def tensors(self) -> tuple:
         """The input tensors a backend reads (None where the gate kind has none)."""
         return self.x, self.lora_a, self.lora_b, self.gate, self.gate_weight, self.gate_bias

@@ -16,6 +16,10 @@ that autograd records run the backend's forward inside ``autograd.GatedLoraFunct
 
 Adding a backend: subclass ``Backend`` in a new module, register an instance, add its name to
 ``PREFERENCE`` and import the module in ``ops/__init__.py`` (docs/design.md, "Backends").
+
+The multi-adapter op (``gated_lora_multi``) is dispatched the same way (``dispatch_multi``): a backend
+that has a multi-adapter implementation registers its reasons and launcher with ``register_multi``;
+the others say they have none, which ``auto`` honours.
 """
 from __future__ import annotations
 
@@ -161,29 +165,31 @@ def _reasons(name: str, args: GatedLoraArgs) -> list[str]:
     return [unavailable_reason(name)] if backend is None else backend.not_supported_reasons(args)
 
 
-def _choose(name: str, args: GatedLoraArgs) -> Backend:
+def _choose(name: str, args, reasons_of: Callable[[str, object], list[str]] = _reasons) -> Backend:
+    """The backend named (or under ``auto`` the first that can run ``args``); ``reasons_of(name, args)`` says
+    why a backend cannot."""
     if name != "auto":
-        why = _reasons(name, args)
+        why = reasons_of(name, args)
         if why:
             verb = "is not available" if name not in _REGISTRY else "cannot run these inputs"
             raise RuntimeError(f"gated_lora: backend {name!r} {verb}: " + "; ".join(why))
         return _REGISTRY[name]
     reasons: list[str] = []
     for candidate in _candidates(args):
-        why = _reasons(candidate, args)
+        why = reasons_of(candidate, args)
         if not why:
             return _REGISTRY[candidate]
         reasons.extend(f"{candidate}: {r}" for r in why)
     raise RuntimeError("gated_lora: no backend can run these inputs:\n  " + "\n  ".join(reasons))
 
 
-def _candidates(args: GatedLoraArgs) -> tuple:
+def _candidates(args) -> tuple:
     # GPU backends take CPU tensors only in the Triton interpreter: auto never picks it; ask by name instead.
     if args.x.device.type == "cpu":
         return ("torch",)
     if args.x.device.type != "cuda":
         return PREFERENCE
-    return preference.gpu_order(args.x.device, args.x.dtype, args.lora_a.dtype, m_bucket(args.m))
+    return preference.gpu_order(args.x.device, args.x.dtype, args.lora_dtype, m_bucket(args.m))
 
 
 def dispatch_fused(requested: str, args: GatedLoraArgs, weight: torch.Tensor,
@@ -220,3 +226,57 @@ def _choose_fused(name: str, args: GatedLoraArgs, weight: torch.Tensor, bias: Op
             return FusedDispatch(backend, None)
         reasons.extend(why)
     return FusedDispatch(None, "; ".join(reasons) or "no backend with a fused kernel is available")
+
+
+# --- the multi-adapter op -------------------------------------------------------------------------
+
+class MultiKernel(NamedTuple):
+    """A backend's implementation of the multi-adapter op (``register_multi``): ``reasons(args)`` says why it
+    cannot run ``MultiLoraArgs`` (depending only on ``multi_dispatch_key``), ``launcher(args)`` returns
+    ``launch(out, args)``, which adds ``scaling[i] * (x[m] A_i^T) B_i^T`` into ``out[m]`` for each row whose
+    ``adapter_index[m] = i`` is in [0, A) and writes no other row."""
+
+    reasons: Callable
+    launcher: Callable
+
+
+_MULTI: dict[str, MultiKernel] = {}
+
+
+def register_multi(name: str, reasons: Callable, launcher: Callable) -> None:
+    """Give backend ``name`` (registered, or registered later) a multi-adapter implementation."""
+    if name not in PREFERENCE:
+        raise ValueError(f"unknown backend name {name!r}; expected one of {PREFERENCE}")
+    _MULTI[name] = MultiKernel(reasons, launcher)
+    clear_dispatch_cache()
+
+
+def _multi_reasons(name: str, args) -> list[str]:
+    if name not in _REGISTRY:
+        return [unavailable_reason(name)]
+    kernel = _MULTI.get(name)
+    if kernel is None:
+        return [f"backend {name!r} has no multi-adapter kernel (these have one: {', '.join(sorted(_MULTI))})"]
+    return kernel.reasons(args)
+
+
+def multi_dispatch_key(name: str, args) -> tuple:
+    """What decides the backend and its launch for ``MultiLoraArgs`` under the resolved backend ``name``."""
+    return ("multi", name, args.x.device, args.x.dtype, args.lora_dtype, m_bucket(args.m), args.n, args.k,
+            args.r_max, args.adapters)
+
+
+def dispatch_multi(requested: str, args) -> Dispatch:
+    """``dispatch`` for the multi-adapter op: the backend that runs ``MultiLoraArgs`` and its launch."""
+    name = resolve_backend_name(requested)
+    if requested == "auto" and name not in _MULTI:  # GATEDLORA_BACKEND names a backend with no multi-adapter kernel
+        name = "auto"
+    key = multi_dispatch_key(name, args)
+    found = _DISPATCH.get(key)
+    if found is None:
+        backend = _choose(key[1], args, _multi_reasons)
+        found = Dispatch(backend, _MULTI[backend.name].launcher(args))
+        if len(_DISPATCH) >= _CACHE_LIMIT:
+            _DISPATCH.clear()
+        _DISPATCH[key] = found
+    return found

@@ -26,7 +26,7 @@ def gated_lora_add_(out: torch.Tensor, args: GatedLoraArgs, backend: str) -> Non
     if args.m == 0 or args.n == 0 or args.k == 0:  # K = 0: x A^T is 0, the term vanishes
         resolve_backend_name(backend)  # still reject a name that is not a backend
         return
-    rows, copied = (out, False) if out.dim() == 2 else _rows(out, args.m, args.n)
+    rows, copied = (out, False) if out.dim() == 2 else out_rows(out, args.m, args.n)
     if torch.compiler.is_compiling():
         torch.ops.gatedlora.gated_lora_add_(rows, args.x, args.lora_a, args.lora_b, args.scaling, args.gate,
                                             args.gate_weight, args.gate_bias, args.threshold, args.hard, backend)
@@ -36,7 +36,7 @@ def gated_lora_add_(out: torch.Tensor, args: GatedLoraArgs, backend: str) -> Non
         out.copy_(rows.view(out.shape))
 
 
-def _rows(out: torch.Tensor, m: int, n: int) -> tuple[torch.Tensor, bool]:
+def out_rows(out: torch.Tensor, m: int, n: int) -> tuple[torch.Tensor, bool]:
     """out [..., N] as [M, N], and whether that is a copy (a layout that cannot be viewed as rows)."""
     try:
         return out.view(m, n), False

@@ -75,8 +75,14 @@ def _add_product(out: torch.Tensor, u: torch.Tensor, args: GatedLoraArgs, rows: 
         else:
             out.index_add_(0, rows, F.linear(u, b), alpha=args.scaling)
         return
-    delta = F.linear(u, b)
-    delta = delta.mul_(cpu_scalar(args.scaling, delta.dtype) if delta.device.type == "cpu" else args.scaling)
+    add_promoted(out, F.linear(u, b), args.scaling, rows)
+
+
+def add_promoted(out: torch.Tensor, delta: torch.Tensor, scaling: float, rows: torch.Tensor | None = None) -> None:
+    """``out += scaling * delta`` (delta [M, N], or [len(rows), N] into the rows ``rows`` of out) where delta has
+    another dtype than out: PEFT's rule, add in the promoted dtype and store in out's dtype."""
+    if scaling != 1.0:  # (a product with 1.0 is exact: skipping it changes no bit)
+        delta = delta.mul_(cpu_scalar(scaling, delta.dtype) if delta.device.type == "cpu" else scaling)
     if rows is None:
         out.copy_(out + delta)
     else:

@@ -1,0 +1,78 @@
+"""``gated_lora_multi``, the functional op for several adapters, one per row: arguments checked and normalised
+once, then the backend's in-place add (``multi_custom_op.gated_lora_multi_add_``), through autograd when the
+call is recorded."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .args import overlaps
+from .autograd import Options
+from .backends import resolve_backend_name
+from .multi_args import MultiLoraArgs, check_multi_inputs, make_multi_args, normalise_scaling
+from .multi_autograd import GatedLoraMultiFunction
+from .multi_custom_op import gated_lora_multi_add_
+
+
+def gated_lora_multi(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scaling: float | Sequence[float],
+    adapter_index: torch.Tensor,
+    backend: str = "auto",
+    inplace: bool = False,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
+    """``base_out`` plus, on each row, the LoRA term of the adapter that row names.
+
+    Per row m with ``i = adapter_index[m]``: ``y[m] = base_out[m] + scaling[i] * (x[m] @ lora_a[i].T) @
+    lora_b[i].T``; a row with ``i = -1`` is bitwise ``base_out[m]``. The adapters may have different ranks.
+    Each adapter's weights are read where they are (no copy per call; docs/design.md, "Several adapters").
+    Registered with torch.library as ``gatedlora::gated_lora_multi_add_``, so ``torch.compile`` keeps a
+    call in one graph node. Calls that autograd records run the same backend forward and a PyTorch backward
+    (``multi_autograd.py``): every adapter's weights, x and base_out get gradients.
+
+    Args:
+        x: [..., K] LoRA input (fp32, fp16 or bf16; fp64 on the torch backend).
+        base_out: [..., N] base layer output, same leading dims and dtype as ``x``.
+        lora_a: A tensors [r_i, K] (PEFT ``lora_A[name].weight``), all of one dtype; ``x`` is cast to it.
+        lora_b: A tensors [N, r_i] (PEFT ``lora_B[name].weight``).
+        scaling: one float per adapter (PEFT's ``scaling[name]``), or one float for all.
+        adapter_index: [M] or ``x.shape[:-1]`` int32/int64: each row's adapter in [0, A), or -1 for none.
+            On the CPU other values are an error; on a GPU (where checking would sync) a row with an index
+            outside [0, A) gets the base output.
+        backend: ``auto``, ``torch`` or ``triton`` (``cuda`` has no multi-adapter kernel: ``auto`` skips it).
+        inplace: write into ``base_out`` and return it (one that shares memory with an input is computed
+            through a copy, then written).
+        validate: check every argument (the default); ``False`` for callers whose arguments are valid by
+            construction (the patched layers).
+
+    Returns: [..., N] in the dtype of ``base_out``.
+    """
+    if validate:
+        check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace)
+        scaling = normalise_scaling(scaling, len(lora_a))
+        if inplace and overlaps(base_out, (x, adapter_index, *lora_a, *lora_b)):
+            # a kernel would read x (or a weight) while writing base_out: compute into a copy first
+            args = make_multi_args(x, base_out.shape[-1], lora_a, lora_b, scaling, adapter_index)
+            return base_out.copy_(run_multi(args, base_out, backend, inplace=False))
+    args = make_multi_args(x, base_out.shape[-1], lora_a, lora_b, scaling, adapter_index)
+    return run_multi(args, base_out, backend, inplace)
+
+
+def run_multi(args: MultiLoraArgs, base_out: torch.Tensor, backend: str, inplace: bool) -> torch.Tensor:
+    """``gated_lora_multi`` on normalised arguments: through autograd when an input requires grad."""
+    if torch.is_grad_enabled() and (base_out.requires_grad or args.x.requires_grad
+                                    or any(t.requires_grad for t in args.lora_a + args.lora_b)):
+        # views are not written in place under autograd (see gated_lora.run)
+        inplace = inplace and not base_out._is_view()
+        resolve_backend_name(backend)  # reject an unknown backend name even when there is no row
+        return GatedLoraMultiFunction.apply(args, Options(False, backend, inplace), args.x, base_out,
+                                            args.adapter_index, *args.lora_a, *args.lora_b)
+    out = base_out if inplace else base_out.clone()
+    gated_lora_multi_add_(out, args, backend)
+    return out

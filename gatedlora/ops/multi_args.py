@@ -1,0 +1,152 @@
+"""The multi-adapter op's arguments: validated and normalised once, at the op boundary, into one ``MultiLoraArgs``.
+
+As ``args.py`` does for one adapter: every backend, the autograd function and the registered op receive
+this object and none of them checks an argument again. Normalised means: x and the adapter index
+flattened to rows, the weights and scalings as tuples, the ranks read once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .args import FLOAT_DTYPES, _shape
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class MultiLoraArgs:
+    """The inputs of one multi-adapter call, flattened to rows.
+
+    x: [M, K]; lora_a: A tensors [r_i, K]; lora_b: A tensors [N, r_i]; scaling: A floats; adapter_index:
+    [M] int32 or int64, the adapter of each row (-1: the base output alone); m, n, k: the sizes; ranks:
+    (r_0, ..., r_{A-1}); r_max: the largest rank (0 without adapters); adapters: A.
+    """
+
+    __slots__ = ("x", "lora_a", "lora_b", "scaling", "adapter_index", "m", "n", "k", "ranks", "r_max", "adapters")
+
+    def __init__(self, x: torch.Tensor, n: int, lora_a: tuple, lora_b: tuple, scaling: tuple,
+                 adapter_index: torch.Tensor) -> None:
+        self.m, self.k = x.shape
+        self.n = n
+        self.x = x
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.scaling = scaling
+        self.adapter_index = adapter_index
+        self.ranks = tuple(a.shape[0] for a in lora_a)
+        self.r_max = max(self.ranks, default=0)
+        self.adapters = len(lora_a)
+
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        """The adapters' dtype (x's when there is no adapter)."""
+        return self.lora_a[0].dtype if self.lora_a else self.x.dtype
+
+    def tensors(self) -> tuple:
+        """The input tensors a backend reads."""
+        return (self.x, self.adapter_index) + self.lora_a + self.lora_b
+
+    def __repr__(self) -> str:
+        return (f"MultiLoraArgs(m={self.m}, n={self.n}, k={self.k}, ranks={self.ranks}, x={self.x.dtype}, "
+                f"lora={self.lora_dtype}, device={self.x.device})")
+
+
+def make_multi_args(x: torch.Tensor, n: int, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+                    scaling: Sequence[float], adapter_index: torch.Tensor) -> MultiLoraArgs:
+    """Normalise arguments that ``check_multi_inputs`` accepted (or that are valid by construction).
+
+    x: [..., K] -> [M, K] (a view where the layout allows); adapter_index: [M] or x.shape[:-1] -> [M].
+    """
+    rows = x if x.dim() == 2 else x.reshape(x.shape[:-1].numel(), x.shape[-1])
+    if adapter_index.dim() != 1:
+        adapter_index = adapter_index.reshape(rows.shape[0])
+    return MultiLoraArgs(rows, n, lora_a if type(lora_a) is tuple else tuple(lora_a),
+                         lora_b if type(lora_b) is tuple else tuple(lora_b),
+                         scaling if type(scaling) is tuple else tuple(scaling), adapter_index)
+
+
+def normalise_scaling(scaling, adapters: int, op: str = "gated_lora_multi") -> tuple[float, ...]:
+    """One finite float per adapter from a float (every adapter), a sequence of floats, or a 1-D CPU tensor."""
+    if isinstance(scaling, torch.Tensor):
+        if scaling.dim() != 1 or scaling.device.type != "cpu":
+            raise TypeError(f"{op}: a scaling tensor must be 1-D on the CPU (one value per adapter), got shape "
+                            f"{_shape(scaling)} on {scaling.device}")
+        scaling = scaling.tolist()
+    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
+        scaling = [scaling] * adapters
+    if not isinstance(scaling, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, (int, float))
+                                                      or not math.isfinite(s) for s in scaling):
+        raise TypeError(f"{op}: scaling must be a finite float or one finite float per adapter, got {scaling!r:.80}")
+    if len(scaling) != adapters:
+        raise ValueError(f"{op}: scaling must have one value per adapter ({adapters}), got {len(scaling)}")
+    return tuple(float(s) for s in scaling)
+
+
+def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool = False,
+                       op: str = "gated_lora_multi") -> None:
+    """Raise TypeError/ValueError naming the first argument that is wrong (shapes as in ``gated_lora_multi``).
+
+    On CPU tensors the adapter index is also checked for values outside [-1, A): there the check costs
+    no device sync. On a GPU it would, so there a row whose index is outside [0, A) gets the base output.
+    """
+    for name, t in (("x", x), ("base_out", base_out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"{op}: inplace must be a bool, got {inplace!r}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape [..., K], got a 0-dim tensor")
+    if base_out.shape[:-1] != x.shape[:-1] or base_out.dim() != x.dim():
+        raise ValueError(f"{op}: base_out must have the leading dims of x, shape {_shape(x)[:-1] + ['N']}, "
+                         f"got {_shape(base_out)}")
+    if x.dtype != base_out.dtype:
+        raise TypeError(f"{op}: x and base_out must share a dtype, got {x.dtype} and {base_out.dtype}")
+    k, n = x.shape[-1], base_out.shape[-1]
+    for name, seq in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{op}: {name} must be a list of tensors, one per adapter, got {type(seq).__name__}")
+    if len(lora_a) != len(lora_b):
+        raise ValueError(f"{op}: lora_a and lora_b must list the same adapters, got {len(lora_a)} and {len(lora_b)}")
+    dtype = None
+    for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+        for name, t in ((f"lora_a[{i}]", a), (f"lora_b[{i}]", b)):
+            if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{op}: {name} must be a float32, float16, bfloat16 or float64 tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
+            if t.device != x.device:
+                raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must share a "
+                                 "device")
+        if a.dim() != 2 or a.shape[1] != k or a.shape[0] < 1:
+            raise ValueError(f"{op}: lora_a[{i}] must have shape [r, K] = [r, {k}] with r >= 1, got {_shape(a)}")
+        if b.dim() != 2 or b.shape != (n, a.shape[0]):
+            raise ValueError(f"{op}: lora_b[{i}] must have shape [N, r] = [{n}, {a.shape[0]}] (r from lora_a[{i}]), "
+                             f"got {_shape(b)}")
+        dtype = dtype or a.dtype
+        if a.dtype != dtype or b.dtype != dtype:
+            raise TypeError(f"{op}: every adapter's weights must share one dtype: lora_a[0] is {dtype}, "
+                            f"lora_a[{i}] is {a.dtype} and lora_b[{i}] is {b.dtype}")
+    if not isinstance(adapter_index, torch.Tensor) or adapter_index.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: adapter_index must be an int32 or int64 tensor (one adapter per row, -1 for the "
+                        f"base output), got {getattr(adapter_index, 'dtype', type(adapter_index).__name__)}")
+    m = x.shape[:-1].numel()
+    if tuple(adapter_index.shape) not in ((m,), tuple(x.shape[:-1])):
+        raise ValueError(f"{op}: adapter_index must have one value per row of x: shape [{m}] or {_shape(x)[:-1]}, "
+                         f"got {_shape(adapter_index)}")
+    if adapter_index.device != x.device:
+        raise ValueError(f"{op}: adapter_index is on {adapter_index.device} but x is on {x.device}; all tensors "
+                         "must share a device")
+    if inplace and any(stride == 0 and size > 1 for size, stride in zip(base_out.shape, base_out.stride())):
+        raise ValueError(f"{op}: inplace=True needs a base_out whose elements have their own memory, got an "
+                         f"expanded tensor (shape {_shape(base_out)}, strides {list(base_out.stride())}); "
+                         "pass inplace=False or base_out.contiguous()")
+    if adapter_index.device.type == "cpu" and not torch.compiler.is_compiling():
+        flat = adapter_index.reshape(-1)
+        bad = (flat < -1) | (flat >= len(lora_a))
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()[:8].tolist()
+            raise ValueError(f"{op}: adapter_index must hold -1 (base) or an adapter in [0, {len(lora_a)}); rows "
+                             f"{rows} (of {flat.numel()}) hold {flat[rows].tolist()}")

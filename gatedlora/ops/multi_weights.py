@@ -1,0 +1,137 @@
+"""Several adapters' weights in the forms the multi-adapter kernels read, built once and kept in sync.
+
+The op reads each adapter's ``lora_A``/``lora_B`` weight where it lives (PEFT keeps one module per
+adapter, and training updates those parameters), so nothing is copied per call. Two derived forms
+are kept per set of weights, each rebuilt only when what it depends on changes:
+
+* ``pointer_table``: for the Triton kernel, one int64 row per field (A pointer, B pointer, rank, A row
+  stride, B row stride) and one column per adapter, plus the scalings in fp32, on the weights' device.
+  It holds addresses, not values, so an in-place update (an optimizer step, ``load_state_dict``) keeps
+  it valid; it is rebuilt when a weight moves (``model.to``, FSDP2's unshard into new storage). A weight
+  whose last dim is not unit-stride is pointed to through a contiguous copy kept with the table, which
+  is then also rebuilt when that weight's version counter moves.
+* ``concatenated``: for the torch backend's small-M strategy (one matmul for every adapter), the A's
+  stacked along the rank and the B's along their columns, both kept transposed (``A_cat^T`` [K, R],
+  ``B_cat^T`` [R, N], ``R = sum r_i``: the layouts a row-major matmul reads fastest), each adapter's rows
+  of ``B_cat^T`` multiplied by its scaling, and which adapter owns each of the R columns (int64 [R]).
+  Values are copied, so it is rebuilt when a weight's version counter or storage changes, or the
+  scalings (one check per weight and call: about 0.25 us each on the CPU). Every in-place update through
+  autograd's view of a tensor moves its version counter (optimizer steps, ``load_state_dict``, writes
+  under ``torch.no_grad()``); a write through ``param.data`` does not (``.data`` has a counter of its
+  own), so such a write is not seen here.
+
+Entries are found by the weights' identities (held weakly: a freed weight frees its forms), so a layer's
+calls and a caller who passes the same tensors again share them, and two sets that share a weight do not
+evict each other. Why pointer tables rather than a stacked copy for the kernel: docs/design.md,
+"Several adapters".
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .multi_args import MultiLoraArgs
+
+TABLE_FIELDS = 5  # A pointer, B pointer, rank, A row stride, B row stride
+
+# The weights' ids (every A, then every B) -> their forms. Not a WeakKeyDictionary of tensors: its lookups
+# compare keys with ``==``, which on tensors is elementwise.
+_FORMS: dict[tuple[int, ...], "_Forms"] = {}
+
+
+class _Forms:
+    """The derived forms of one set of weights. It holds them weakly, and the first one freed removes it: so while
+    it is in ``_FORMS`` every weight is alive, no other object can have one of their ids, and comparing ids
+    (0.5 us for 8 weights) is comparing identities (weak references: 1.5 us)."""
+
+    __slots__ = ("ids", "references", "scaling", "tables", "concatenation", "__weakref__")
+
+    def __init__(self, weights: tuple, scaling: tuple) -> None:
+        key = self.ids = tuple(map(id, weights))
+        this = weakref.ref(self)
+
+        def forget(_ref: weakref.ref) -> None:  # may run in any thread, as two weights of a set are freed
+            forms = this()
+            if forms is not None and _FORMS.get(key) is forms:
+                _FORMS.pop(key, None)
+
+        self.references = tuple(weakref.ref(t, forget) for t in weights)
+        self.scaling = scaling
+        self.tables: dict = {}
+        self.concatenation = None
+
+
+def _forms(args: MultiLoraArgs) -> _Forms:
+    weights = args.lora_a + args.lora_b
+    ids = tuple(map(id, weights))
+    forms = _FORMS.get(ids)
+    if forms is None or forms.scaling != args.scaling:
+        forms = _FORMS[ids] = _Forms(weights, args.scaling)
+    return forms
+
+
+def _versions(weights: tuple) -> tuple:
+    """What changes when a weight's values or storage change: its data pointer and version counter (an
+    inference tensor has no version counter; it can change in place only inside inference mode)."""
+    try:
+        return tuple((t.data_ptr(), t._version) for t in weights)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in weights)
+
+
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table int64 [5, A], scaling fp32 [A]) on the weights' device, for ``args`` with at least one adapter.
+
+    Built on the host and copied to the device the first time (and after a weight moves); a call that
+    finds it current reads no tensor value and copies nothing, so it can be captured in a CUDA graph.
+    """
+    forms = _forms(args)
+    weights = args.lora_a + args.lora_b
+    pointers = tuple(t.data_ptr() for t in weights)
+    entry = forms.tables.get(args.x.device)
+    if entry is not None and entry[0] == pointers and (not entry[1] or _versions(weights) == entry[1]):
+        return entry[2], entry[3]
+    read = [_unit_inner(t) for t in weights]
+    # Only the contiguous copies are kept with the table (the weights themselves must stay free to be freed:
+    # their weak references are what removes these forms).
+    copies = tuple(r for r, t in zip(read, weights) if r is not t)
+    copied = _versions(weights) if copies else ()
+    a, b = read[:args.adapters], read[args.adapters:]
+    rows = [[t.data_ptr() for t in a], [t.data_ptr() for t in b], list(args.ranks),
+            [t.stride(0) for t in a], [t.stride(0) for t in b]]
+    table = torch.tensor(rows, dtype=torch.int64).to(args.x.device)
+    scaling = torch.tensor(args.scaling, dtype=torch.float32).to(args.x.device)
+    forms.tables[args.x.device] = (pointers, copied, table, scaling, copies)
+    return table, scaling
+
+
+def concatenated(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A_cat^T [K, R], scaled B_cat^T [R, N], column owners int64 [R]) in the adapters' dtype, both weights
+    contiguous (the module docstring): ``(x A_cat^T)[m, j]`` belongs to row m's adapter where
+    ``owners[j] == adapter_index[m]``. Read-only for the caller; shared by every call with these weights."""
+    forms = _forms(args)
+    key = _versions(args.lora_a + args.lora_b)
+    found = forms.concatenation
+    if found is None or found[0] != key:
+        found = forms.concatenation = (key, _concatenate(args))
+    return found[1]
+
+
+def _concatenate(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A_cat^T [K, R], scaled B_cat^T [R, N], owners [R]), built outside inference mode: the weights are
+    ordinary tensors, so the copies are too, and later calls with autograd recording may read them.
+
+    Transposed and contiguous because that is what the two matmuls read fastest: on one CPU core (M = 8,
+    K = 256, N = 688, R = 64, fp32) ``mm(u, B_cat^T)`` took 5.4 us where ``addmm_`` on a transposed view
+    of B_cat [N, R] took 11.7 us, and ``mm(x, A_cat^T)`` 3.2 us where ``F.linear(x, A_cat)`` took 4.7."""
+    with torch.inference_mode(False), torch.no_grad():
+        lora_a = torch.cat(args.lora_a, dim=0).t().contiguous()
+        lora_b = torch.cat([b.t() * scale for b, scale in zip(args.lora_b, args.scaling)], dim=0)
+        owners = torch.repeat_interleave(torch.arange(args.adapters, device=lora_a.device),
+                                         torch.tensor(args.ranks, device=lora_a.device))
+    return lora_a, lora_b, owners

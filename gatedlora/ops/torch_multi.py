@@ -1,0 +1,111 @@
+"""The torch backend of the multi-adapter op: the CPU path and the fallback everywhere.
+
+Strategies (docs/design.md, "Several adapters": measured on one CPU core):
+
+* ``concatenated`` (small M, and off the CPU): every adapter in one pair of matmuls. With the adapters'
+  A stacked along the rank (``A_cat`` [R, K], ``R = sum r_i``) and B along its columns, each adapter's
+  columns times its scaling (``B_cat`` [N, R]), both kept transposed, ``u = x A_cat^T`` holds every
+  adapter's rank-r product of every row; setting to 0 the columns of u that are not the row's adapter's
+  leaves exactly that adapter, and ``out.addmm_(u, B_cat^T)`` adds it. Four PyTorch calls whatever the
+  number of adapters (at decode sizes each call costs more host time than its arithmetic), no host read
+  (so the strategy off the CPU). Costs ``R / r`` times the arithmetic of one adapter per row; a base row
+  gets ``+0.0`` added (bit for bit its base output, but that an exact ``-0.0`` comes back ``+0.0``, as in
+  the one-adapter folded strategy). The columns are masked, not multiplied by 0: an inf in a base row, or
+  an overflow in another adapter's columns, would otherwise become NaN (inf * 0) in the row's output.
+* ``grouped`` (larger M on the CPU, the PEFT mixed batch's plan done once): the rows sorted by adapter
+  (one ``argsort``) and counted on the host (one ``bincount`` read); the non-base rows gathered once,
+  each adapter's two matmuls on its contiguous run of them, and one ``index_add_`` back. A batch whose
+  rows all take one adapter is plain LoRA on every row, with no gather.
+
+The weights are read where they live (``lora_a[i]``, ``lora_b[i]``); the concatenation is the one
+derived copy, kept between calls and rebuilt when a weight changes (``multi_weights.concatenated``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backends import register_multi
+from .gates import cpu_scalar
+from .multi_args import MultiLoraArgs
+from .multi_weights import concatenated
+from .torch_backend import add_promoted
+
+# At or below this many rows the concatenated strategy runs on the CPU (docs/design.md, "Several adapters").
+CONCATENATED_MAX_ROWS = 32
+
+
+def _lora_x(args: MultiLoraArgs, every_row: bool = False) -> torch.Tensor:
+    """x in the adapters' dtype (PEFT casts x to it). A bfloat16 matmul on the CPU computes rows in pairs,
+    so where ``every_row`` enters the matmul an inf in a base row would spoil its pair: there base rows
+    are zeroed first."""
+    x = args.x if args.x.dtype == args.lora_dtype else args.x.to(args.lora_dtype)
+    if every_row and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        x = torch.where((args.adapter_index < 0).unsqueeze(1), cpu_scalar(0.0, x.dtype), x)
+    return x
+
+
+def _add(out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """out += delta (into the rows ``rows`` of out), PEFT's dtype rule where the dtypes differ."""
+    if out.dtype != delta.dtype:
+        add_promoted(out, delta, 1.0, rows)
+    elif rows is None:
+        out.add_(delta)
+    else:
+        out.index_add_(0, rows, delta)
+
+
+def add_concatenated(out: torch.Tensor, args: MultiLoraArgs) -> None:
+    """Every adapter on every row in one pair of matmuls, each row keeping its own adapter's term."""
+    lora_a_t, lora_b_t, owners = concatenated(args)
+    u = torch.mm(_lora_x(args, every_row=True), lora_a_t)  # [M, R]
+    # Index -1 (the base output) and, off the CPU where the index is not checked, any value outside [0, A)
+    # match no column: those rows add 0.
+    u.masked_fill_(owners != args.adapter_index.unsqueeze(1), 0)
+    if out.dtype == u.dtype:
+        out.addmm_(u, lora_b_t)
+    else:
+        _add(out, torch.mm(u, lora_b_t))
+
+
+def add_grouped(out: torch.Tensor, args: MultiLoraArgs) -> None:
+    """CPU: the rows sorted and counted by adapter, each adapter's matmuls on its own rows only."""
+    index = args.adapter_index
+    counts = torch.bincount(index + 1, minlength=args.adapters + 1).tolist()  # [base, adapter 0, ...]
+    if counts[0] == args.m:
+        return
+    x = _lora_x(args)
+    whole = next((i for i, c in enumerate(counts[1:]) if c == args.m), None)
+    if whole is not None:  # one adapter on every row: plain LoRA
+        u = F.linear(x, args.lora_a[whole])
+        if out.dtype == u.dtype:
+            out.addmm_(u, args.lora_b[whole].t(), alpha=args.scaling[whole])
+        else:
+            add_promoted(out, F.linear(u, args.lora_b[whole]), args.scaling[whole])
+        return
+    rows = torch.argsort(index, stable=True)[counts[0]:]  # base rows (-1) sort first
+    x = x.index_select(0, rows)
+    delta = torch.empty(len(rows), args.n, dtype=x.dtype, device=x.device)
+    start = 0
+    for count, lora_a, lora_b, scaling in zip(counts[1:], args.lora_a, args.lora_b, args.scaling):
+        if count:
+            part = slice(start, start + count)
+            torch.addmm(delta[part], F.linear(x[part], lora_a), lora_b.t(), beta=0, alpha=scaling, out=delta[part])
+            start += count
+    _add(out, delta, rows)
+
+
+def add_nothing(out: torch.Tensor, args: MultiLoraArgs) -> None:
+    """No adapter: every row keeps its base output."""
+
+
+def choose_multi_strategy(args: MultiLoraArgs):
+    """The function that adds the term for this configuration (the dispatcher caches it)."""
+    if args.adapters == 0:
+        return add_nothing
+    if args.x.device.type != "cpu" or args.m <= CONCATENATED_MAX_ROWS:
+        return add_concatenated
+    return add_grouped
+
+
+register_multi("torch", lambda args: [], choose_multi_strategy)

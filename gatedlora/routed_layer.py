@@ -1,0 +1,125 @@
+"""RoutedLoRALinear: a base layer and several LoRA adapters, one chosen per sequence by the model's router."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .call_state import forced_gate
+from .layers import GatedLoRALinear, linear_features
+from .ops import gated_lora, gated_lora_multi
+from .routing import SequenceRouter
+
+
+class RoutedLoRALinear(GatedLoRALinear):
+    """``y[m] = base_layer(x)[m] + s_i * B_i(A_i(dropout_i(x[m])))`` with i the adapter the router chose for
+    row m's sequence; a sequence routed to the base model (or to an adapter this layer does not hold) gets
+    the base layer's output, bitwise.
+
+    Submodules are PEFT's (``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``: the same module objects,
+    every adapter kept), so state_dict keys and PEFT's ``save_pretrained`` are unchanged and training
+    updates the weights the kernels read. ``adapter_names`` lists the adapters this layer holds, in route
+    order; ``route_slots[r]`` is the position of route r's adapter among them, -1 for route 0 (the base
+    model) and for an adapter this layer does not hold. ``scalings`` are PEFT's, per adapter.
+
+    x: [B, ..., K] -> [B, ..., N].
+    """
+
+    def __init__(self, base_layer: nn.Module, lora_A: nn.ModuleDict, lora_B: nn.ModuleDict,
+                 lora_dropout: nn.ModuleDict, scalings: dict[str, float], adapters: Sequence[str],
+                 route: SequenceRouter, backend: str = "auto") -> None:
+        nn.Module.__init__(self)  # GatedLoRALinear's __init__ sets up one adapter and its gate: not these
+        self.base_layer = base_layer
+        self.lora_A = lora_A
+        self.lora_B = lora_B
+        self.lora_dropout = lora_dropout
+        self.adapter_names = tuple(a for a in adapters if a in lora_A)
+        self.scalings = tuple(float(scalings[a]) for a in self.adapter_names)
+        self.route_slots = (-1,) + tuple(self.adapter_names.index(a) if a in self.adapter_names else -1
+                                         for a in adapters)
+        # The slots on the device the layer runs on (a buffer moves with the model), so that turning routes into
+        # row adapters needs no host-to-device copy at a decode step (none may happen in a CUDA graph capture).
+        self.register_buffer("route_slot_table", torch.tensor(self.route_slots, dtype=torch.int64,
+                                                              device=base_layer.weight.device), persistent=False)
+        self.gate_mode = "sequence"
+        self.threshold = route.threshold
+        self.hard = True
+        self.train_hard = None
+        self.straight_through = False
+        self.backend = backend
+        self.base_mode = "exact"
+        self.adapter_name = None  # no single adapter: see adapter_names
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.__dict__["route"] = route  # a plain attribute, not a submodule: the router is registered once
+
+    @classmethod
+    def from_peft(cls, layer: nn.Module, adapters: Sequence[str], **options: Any) -> "RoutedLoRALinear":
+        """Wrap a ``peft.tuners.lora.Linear`` that holds some of ``adapters`` (the same modules and scalings)."""
+        return cls(layer.base_layer, layer.lora_A, layer.lora_B, layer.lora_dropout, layer.scaling, adapters,
+                   **options)
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of the adapters here (0 with none); ``ranks()`` gives each."""
+        return max(self.ranks().values(), default=0)
+
+    def ranks(self) -> dict[str, int]:
+        """Each adapter's rank in this layer, by name."""
+        return {name: self.lora_A[name].weight.shape[0] for name in self.adapter_names}
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        names = self.adapter_names
+        if not names or forced_gate(self) == 0.0:
+            return self.base_layer(x, *args, **kwargs)
+        decision = self.route.in_force()
+        if decision is None:
+            decision = self.route.decision()  # raises: not decided yet
+        route = decision.uniform_route
+        slot = -1 if route is None else self.route_slots[route]
+        a_modules, b_modules = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        if route is not None and not self._records_gradients():  # one route for every sequence (host-visible)
+            if slot < 0:
+                return self.base_layer(x, *args, **kwargs)  # the base model, or an adapter this layer lacks
+            name = names[slot]  # one adapter: plain LoRA with it, as PEFT computes
+            result, lora_x, inplace = self._base_output(x, self._dropout(x, (name,)), args, kwargs)
+            return gated_lora(lora_x, result, a_modules[name]._parameters["weight"],
+                              b_modules[name]._parameters["weight"], self.scalings[slot], backend=self.backend,
+                              inplace=inplace, validate=False)
+        index = decision.row_adapters(x, self._buffers["route_slot_table"])
+        result, lora_x, inplace = self._base_output(x, self._dropout(x, names), args, kwargs)
+        return gated_lora_multi(lora_x, result, tuple([a_modules[n]._parameters["weight"] for n in names]),
+                                tuple([b_modules[n]._parameters["weight"] for n in names]), self.scalings, index,
+                                backend=self.backend, inplace=inplace, validate=False)
+
+    def _records_gradients(self) -> bool:
+        """Whether autograd records this call for some adapter weight: then a batch on the base model or on one
+        adapter still runs the multi-adapter op, so every adapter's weights get a gradient, zero where no row
+        took it, rather than none (as ``GatedLoRALinear`` does; DDP without ``find_unused_parameters`` needs
+        one, and optimizers skip a parameter whose gradient is None)."""
+        if not torch.is_grad_enabled():
+            return False
+        a_modules, b_modules = self.lora_A, self.lora_B
+        return any(a_modules[n].weight.requires_grad or b_modules[n].weight.requires_grad for n in self.adapter_names)
+
+    def _dropout(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """x after the LoRA dropout of the adapters ``names``; x itself where dropout is off (eval, p=0).
+
+        Each row takes one adapter, so one dropout over every row is each adapter's dropout on its own rows
+        when they share one probability; adapters with different probabilities cannot share a pass."""
+        modules = self._modules["lora_dropout"]._modules
+        active = [modules[n] for n in names
+                  if not (isinstance(modules[n], nn.Identity) or (type(modules[n]) is nn.Dropout
+                                                                  and not modules[n].training))]
+        if not active:
+            return x
+        inactive = len(active) < len(names)
+        if inactive or len({getattr(m, "p", None) for m in active}) > 1:
+            raise NotImplementedError(
+                f"gatedlora: LoRA dropout differs between the adapters {list(names)} of this layer in training "
+                "(each row's adapter would need its own); train with one lora_dropout for every adapter")
+        return active[0](x)
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={r}" for n, r in self.ranks().items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}]"

@@ -1,0 +1,394 @@
+"""``gated_lora_multi``: several adapters, one per row, on every backend that has a multi-adapter kernel
+(torch; triton in the interpreter without a GPU, compiled with one), against the fp64 reference.
+
+Accuracy rule as in tests/test_backends.py: on adapter rows the largest error against the fp64 reference
+is at most twice that of the same computation in PyTorch at the same dtype, plus one unit in the last
+place of the largest output. The PyTorch computation is done two ways, since a CPU matmul's rounding
+depends on its row count: PEFT's mixed batch (each adapter on its own rows) and each adapter on every
+row; the larger error of the two is the yardstick. Base rows (index -1)
+equal ``base_out`` bit for bit, checked on outputs poisoned with NaN where nothing may write.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import gatedlora
+from gate_cases import bits
+from gatedlora.ops import backends
+from gatedlora.ops.multi_args import make_multi_args
+from gatedlora.reference import gated_lora_multi_reference
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (M, K, N, ranks): decode sizes, a partial Triton block, and the torch backend's grouped strategy (M > 32)
+SHAPES = [(1, 113, 59, (4, 16, 1)), (3, 59, 113, (16, 8)), (13, 203, 59, (1, 64, 4, 16)),
+          (64, 113, 203, (8, 8, 8)), (133, 59, 113, (16, 4, 32))]
+# rows per route: every row on base, every row on one adapter, PRISM-like mixes
+MIXES = ("base", "one adapter", "25% base", "no base")
+
+
+@pytest.fixture
+def multi_backend(backend):
+    if backend.name == "cuda":
+        pytest.skip("the cuda backend has no multi-adapter kernel (test_cuda_is_refused_and_auto_skips_it)")
+    return backend
+
+
+def seed_of(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def make_case(seed: int, m: int, k: int, n: int, ranks, dtype, mix: str = "25% base", lora_dtype=None,
+              device: str = "cpu") -> dict:
+    """Fresh random inputs; ``index`` [M] int64 with the routes of ``mix`` in a random order."""
+    g = torch.Generator().manual_seed(seed)
+    lora_dtype = lora_dtype or dtype
+
+    def randn(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dt).to(device)
+
+    adapters = len(ranks)
+    if mix == "base":
+        index = torch.full((m,), -1)
+    elif mix == "one adapter":
+        index = torch.full((m,), adapters - 1)
+    else:
+        low = 0 if mix == "no base" else -1
+        index = torch.arange(m) % (adapters - low) + low  # every route taken when M allows
+        index = index[torch.randperm(m, generator=g)]
+    return dict(x=randn(m, k), base_out=randn(m, n),
+                lora_a=[randn(r, k, dt=lora_dtype, scale=k ** -0.5) for r in ranks],
+                lora_b=[randn(n, r, dt=lora_dtype, scale=r ** -0.5) for r in ranks],
+                scaling=[0.5 + i for i in range(adapters)], adapter_index=index.to(device))
+
+
+def plain_result(case: dict, base: torch.Tensor, every_row: bool = False) -> torch.Tensor:
+    """``base + lora_B(lora_A(x)) * s`` at the inputs' dtypes with each row's adapter: PEFT's mixed batch
+    (each adapter's rows gathered), or with ``every_row`` each adapter on every row, then selected."""
+    out = base.clone()
+    for i, (a, b, s) in enumerate(zip(case["lora_a"], case["lora_b"], case["scaling"])):
+        rows = case["adapter_index"] == i
+        x = case["x"].to(a.dtype)
+        delta = ((x @ a.T) @ b.T * s)[rows] if every_row else (x[rows] @ a.T) @ b.T * s
+        out[rows] = (out[rows] + delta).to(out.dtype)
+    return out
+
+
+def check(case: dict, out: torch.Tensor, base_before: torch.Tensor | None = None) -> None:
+    base = case["base_out"] if base_before is None else base_before
+    ref = gated_lora_multi_reference(**dict(case, base_out=base))
+    on_base = case["adapter_index"] < 0
+    assert out.dtype == base.dtype
+    assert torch.equal(bits(out[on_base]), bits(base[on_base])), "a base row differs from base_out"
+    if (~on_base).any():
+        err = (out[~on_base].double() - ref[~on_base]).abs().max().item()
+        err_plain = max((plain_result(case, base, every)[~on_base].double() - ref[~on_base]).abs().max().item()
+                        for every in (False, True))
+        floor = torch.finfo(out.dtype).eps * ref[~on_base].abs().max().item()
+        assert err <= 2 * err_plain + floor, (err, err_plain, floor)
+
+
+def run(backend, case: dict, **changes) -> torch.Tensor:
+    return gatedlora.gated_lora_multi(**dict(case, **changes), backend=backend.name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", MIXES)
+def test_routes_and_dtypes(multi_backend, mix, dtype):
+    case = make_case(seed_of(mix, dtype), 45, 113, 59, (16, 4, 8), dtype, mix, device=multi_backend.device)
+    check(case, run(multi_backend, case))
+
+
+@pytest.mark.parametrize("m,k,n,ranks", SHAPES)
+def test_odd_shapes_and_ranks(multi_backend, m, k, n, ranks):
+    dtype = DTYPES[(m + k) % 3]
+    case = make_case(seed_of(m, k, n, ranks), m, k, n, ranks, dtype, device=multi_backend.device)
+    check(case, run(multi_backend, case))
+
+
+@pytest.mark.parametrize("x_dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_fp32_adapters_on_16bit_x(multi_backend, x_dtype):
+    """PEFT keeps adapter weights in fp32 on a 16-bit model: x is upcast, the sum stored in x's dtype."""
+    case = make_case(5, 40, 59, 113, (8, 16), x_dtype, lora_dtype=torch.float32, device=multi_backend.device)
+    check(case, run(multi_backend, case))
+
+
+@pytest.mark.parametrize("m", (3, 64))
+def test_poisoned_output_written_only_on_adapter_rows(multi_backend, m):
+    """Base rows of base_out hold NaN poison (and the buffer's gaps beside base_out too): after an in-place
+    call both keep their bits, and adapter rows are right."""
+    case = make_case(7 + m, m, 59, 48, (4, 16, 8), torch.float32, device=multi_backend.device)
+    buffer = torch.full((m, 53), float("nan"), device=multi_backend.device)
+    out = buffer[:, :48]
+    out.copy_(case["base_out"])
+    on_base = case["adapter_index"] < 0
+    out[on_base] = float("nan")
+    before, gaps = out.clone(), bits(buffer[:, 48:]).clone()
+    result = run(multi_backend, case, base_out=out, inplace=True)
+    assert result is out
+    assert torch.equal(bits(buffer[:, 48:]), gaps), "the kernel wrote outside base_out"
+    assert torch.isfinite(out[~on_base]).all()
+    check(case, out, base_before=before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inf_in_a_base_row_reaches_no_other_row(multi_backend, dtype):
+    """The base row keeps its bits (``check``) and no other row sees the inf."""
+    case = make_case(9, 24, 64, 40, (8, 4), dtype, device=multi_backend.device)
+    on_base = (case["adapter_index"] < 0).nonzero().flatten()
+    case["x"][on_base[0]] = float("inf")
+    out = run(multi_backend, case)
+    assert torch.isfinite(out).all()
+    check(case, out)
+
+
+def test_an_overflow_in_another_adapters_product_reaches_no_row(multi_backend):
+    """fp16: adapter 1's x A^T overflows, but no row takes adapter 1; every row equals PEFT's adapter 0."""
+    device = multi_backend.device
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 32, generator=g).half().to(device)
+    a0 = (torch.randn(4, 32, generator=g) * 0.1).half().to(device)
+    a1 = torch.full((4, 32), 60000.0).half().to(device)
+    b0, b1 = (torch.randn(16, 4, generator=g).half().to(device) for _ in range(2))
+    base = torch.randn(4, 16, generator=g).half().to(device)
+    index = torch.zeros(4, dtype=torch.int64, device=device)
+    out = gatedlora.gated_lora_multi(x, base, [a0, a1], [b0, b1], [2.0, 2.0], index, backend=multi_backend.name)
+    want = gated_lora_multi_reference(x, base, [a0], [b0], [2.0], index)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_strided_inputs_int32_index_and_leading_dims(multi_backend):
+    """x a column slice of a wider buffer with leading dims [2, 5], transposed weights (read through
+    contiguous copies), an int32 index of shape [2, 5]."""
+    device = multi_backend.device
+    case = make_case(13, 10, 59, 40, (8, 16), torch.float16, device=device)
+    wide = torch.randn(10, 66, dtype=torch.float16, device=device)
+    x = wide[:, 3:62]
+    x.copy_(case["x"])
+    case["lora_a"] = [a.t().contiguous().t() for a in case["lora_a"]]  # same values, stride (1, r)
+    case["lora_b"] = [b.t().contiguous().t() for b in case["lora_b"]]
+    assert case["lora_a"][0].stride(-1) != 1
+    out = gatedlora.gated_lora_multi(x.reshape(2, 5, 59), case["base_out"].reshape(2, 5, 40), case["lora_a"],
+                                     case["lora_b"], case["scaling"], case["adapter_index"].int().reshape(2, 5),
+                                     backend=multi_backend.name)
+    assert out.shape == (2, 5, 40)
+    check(case, out.reshape(10, 40))
+
+
+def test_weights_updated_in_place_or_moved_are_read_as_they_are_now(multi_backend):
+    """No stale copy: after an in-place update (an optimizer step) and after a weight's storage is
+    replaced (``param.data = ...``, as ``model.to`` does) the op computes with the current values."""
+    case = make_case(17, 6, 48, 32, (4, 8), torch.float32, "no base", device=multi_backend.device)
+    case["lora_a"] = [torch.nn.Parameter(a, requires_grad=False) for a in case["lora_a"]]
+    check(case, run(multi_backend, case))
+    with torch.no_grad():
+        case["lora_a"][1].mul_(-3.0)
+        case["lora_b"][0].add_(0.5)
+    check(case, run(multi_backend, case))
+    case["lora_a"][0].data = torch.randn_like(case["lora_a"][0])
+    check(case, run(multi_backend, case))
+
+
+def test_the_callers_index_is_never_written(multi_backend):
+    """Values outside [-1, A) are refused on the CPU; whatever runs, the index passed in keeps its values."""
+    case = make_case(19, 8, 32, 24, (4, 8), torch.float32, device=multi_backend.device)
+    before = case["adapter_index"].clone()
+    check(case, run(multi_backend, case))
+    assert torch.equal(case["adapter_index"], before)
+
+
+def test_an_index_refilled_without_its_version_counter_is_read_as_it_is_now(multi_backend):
+    """A write through ``.data`` or a numpy view does not move the version counter: the op must not reuse what
+    it derived from the old values."""
+    case = make_case(21, 8, 32, 24, (4, 8), torch.float32, "no base", device=multi_backend.device)
+    check(case, run(multi_backend, case))
+    case["adapter_index"].data.fill_(-1)
+    out = run(multi_backend, case)
+    assert torch.equal(bits(out), bits(case["base_out"]))
+
+
+def test_forms_do_not_keep_freed_weights_alive(multi_backend):
+    """The derived forms (pointer table, concatenation) hold the weights weakly: dropping them frees them."""
+    import gc
+    import weakref
+
+    from gatedlora.ops import multi_weights
+
+    case = make_case(29, 6, 32, 24, (4, 8), torch.float32, device=multi_backend.device)
+    run(multi_backend, case)
+    refs = [weakref.ref(t) for t in case["lora_a"] + case["lora_b"]]
+    entries = len(multi_weights._FORMS)
+    del case
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert len(multi_weights._FORMS) < entries
+
+
+def test_auto_on_a_gpu_reads_the_dtype_of_every_adapter(monkeypatch):
+    """``auto``'s GPU order takes the LoRA dtype of multi-adapter arguments too (their weights are a tuple)."""
+    from types import SimpleNamespace
+
+    from gatedlora.ops import preference
+
+    seen = []
+    monkeypatch.setattr(preference, "gpu_order", lambda device, x_dtype, lora_dtype, m: seen.append(lora_dtype) or ())
+    case = make_case(31, 4, 16, 8, (4, 2), torch.float32, lora_dtype=torch.float16)
+    args = make_multi_args(case["x"], 8, case["lora_a"], case["lora_b"], tuple(case["scaling"]),
+                           case["adapter_index"])
+    args.x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    backends._candidates(args)
+    assert seen == [torch.float16]
+
+
+def test_a_backend_override_without_a_multi_adapter_kernel_leaves_auto_to_choose(monkeypatch):
+    case = make_case(37, 4, 16, 8, (4,), torch.float32)
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    backends.clear_dispatch_cache()
+    try:
+        check(case, gatedlora.gated_lora_multi(**case))
+    finally:
+        backends.clear_dispatch_cache()
+
+
+def test_no_adapter_and_no_row(multi_backend):
+    x, base = torch.randn(4, 8), torch.randn(4, 6)
+    index = torch.full((4,), -1)
+    assert torch.equal(gatedlora.gated_lora_multi(x, base, [], [], [], index, backend=multi_backend.name), base)
+    case = make_case(3, 0, 8, 6, (4,), torch.float32)
+    assert run(multi_backend, case).shape == (0, 6)
+
+
+def test_cuda_is_refused_and_auto_skips_it():
+    """The cuda backend has no multi-adapter kernel: by name a clear error, under auto never chosen."""
+    case = make_case(1, 4, 16, 8, (4,), torch.float32)
+    with pytest.raises(RuntimeError, match="backend 'cuda' .*has no multi-adapter kernel"):
+        gatedlora.gated_lora_multi(**case, backend="cuda")
+    args = make_multi_args(case["x"], 8, case["lora_a"], case["lora_b"], tuple(case["scaling"]),
+                           case["adapter_index"])
+    assert backends.dispatch_multi("auto", args).backend.name == "torch"
+
+
+def test_both_torch_strategies_and_one_choice_per_configuration(monkeypatch):
+    from gatedlora.ops import torch_multi
+
+    calls = []
+    for name in ("add_concatenated", "add_grouped"):
+        original = getattr(torch_multi, name)
+        monkeypatch.setattr(torch_multi, name, lambda out, args, f=original, n=name: (calls.append(n), f(out, args)))
+    backends.clear_dispatch_cache()
+    for m in (8, 8, 100):
+        case = make_case(m, m, 32, 24, (4, 8), torch.float32)
+        check(case, gatedlora.gated_lora_multi(**case, backend="torch"))
+    assert calls == ["add_concatenated", "add_concatenated", "add_grouped"]
+    backends.clear_dispatch_cache()
+
+
+@pytest.mark.parametrize("m", (5, 70))  # both torch strategies
+def test_gradients_match_the_reference(multi_backend, m):
+    case = make_case(23 + m, m, 24, 16, (4, 8, 2), torch.float32, device=multi_backend.device)
+    leaves = {name: [t.clone().requires_grad_() for t in case[name]] for name in ("lora_a", "lora_b")}
+    x = case["x"].clone().requires_grad_()
+    base = case["base_out"].clone().requires_grad_()
+    go = torch.randn(m, 16, device=multi_backend.device)
+    out = gatedlora.gated_lora_multi(x, base, leaves["lora_a"], leaves["lora_b"], case["scaling"],
+                                     case["adapter_index"], backend=multi_backend.name)
+    grads = torch.autograd.grad(out, [x, base, *leaves["lora_a"], *leaves["lora_b"]], go)
+    ref_leaves = [t.detach().double().requires_grad_() for t in [x, base, *leaves["lora_a"], *leaves["lora_b"]]]
+    adapters = len(case["lora_a"])
+    ref = gated_lora_multi_reference(ref_leaves[0], ref_leaves[1], ref_leaves[2:2 + adapters],
+                                     ref_leaves[2 + adapters:], case["scaling"], case["adapter_index"])
+    expected = torch.autograd.grad(ref, ref_leaves, go.double())
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_and_gradgradcheck():
+    """fp64 on the torch backend's grouped strategy: first and second derivatives of every input. (gradcheck
+    perturbs inputs through ``.data``, which bypasses the version counters that keep the concatenated
+    strategy's copy current, so that strategy's gradients are checked against the reference above.)"""
+    case = make_case(71, 40, 6, 5, (2, 3), torch.float64)
+    inputs = [t.clone().requires_grad_() for t in [case["x"], case["base_out"], *case["lora_a"], *case["lora_b"]]]
+
+    def fn(x, base, a0, a1, b0, b1):
+        return gatedlora.gated_lora_multi(x, base, [a0, a1], [b0, b1], case["scaling"], case["adapter_index"],
+                                          backend="torch")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_base_rows_give_no_adapter_a_gradient():
+    case = make_case(41, 6, 8, 5, (2, 3), torch.float32, "one adapter")
+    weights = [t.clone().requires_grad_() for t in case["lora_a"] + case["lora_b"]]
+    out = gatedlora.gated_lora_multi(case["x"], case["base_out"], weights[:2], weights[2:], case["scaling"],
+                                     case["adapter_index"])
+    out.sum().backward()
+    assert torch.count_nonzero(weights[0].grad) == 0 and torch.count_nonzero(weights[2].grad) == 0
+    assert torch.count_nonzero(weights[1].grad) > 0 and torch.count_nonzero(weights[3].grad) > 0
+
+
+@pytest.mark.parametrize("backend_name", ("torch", "triton"))
+def test_torch_compile_keeps_the_op_whole(backend_name):
+    """fullgraph=True: the registered op is one node; the compiled result equals eager exactly."""
+    if backend_name not in gatedlora.available_backends():
+        pytest.skip("triton is not installed")
+    case = make_case(43, 12, 32, 24, (4, 8), torch.float32)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def fn(x, base, index):
+        y = gatedlora.gated_lora_multi(x, base, case["lora_a"], case["lora_b"], case["scaling"], index,
+                                       backend=backend_name)
+        return torch.nn.functional.gelu(y)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = fn(case["x"], case["base_out"], case["adapter_index"])
+        compiled = torch.compile(fn, fullgraph=True, backend=recording_backend)(
+            case["x"], case["base_out"], case["adapter_index"])
+    assert torch.equal(compiled, eager)
+    nodes = [n for n in graphs[0].graph.nodes if "gated_lora_multi_add_" in str(n.target)]
+    assert len(nodes) == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(lora_b="drop"), r"lora_a and lora_b must list the same adapters, got 2 and 1"),
+    (dict(lora_a="rank"), r"lora_b\[1\] must have shape \[N, r\] = \[6, 5\] \(r from lora_a\[1\]\), got \[6, 3\]"),
+    (dict(lora_a="k"), r"lora_a\[0\] must have shape \[r, K\] = \[r, 8\] with r >= 1, got \[2, 7\]"),
+    (dict(lora_b="dtype"), r"every adapter's weights must share one dtype"),
+    (dict(scaling=[1.0]), r"scaling must have one value per adapter \(2\), got 1"),
+    (dict(scaling=[1.0, float("nan")]), r"scaling must be a finite float"),
+    (dict(adapter_index="float"), r"adapter_index must be an int32 or int64 tensor"),
+    (dict(adapter_index="shape"), r"adapter_index must have one value per row of x: shape \[4\]"),
+    (dict(adapter_index="range"), r"adapter_index must hold -1 \(base\) or an adapter in \[0, 2\); rows \[1, 3\]"),
+    (dict(lora_a="tensor"), r"lora_a must be a list of tensors, one per adapter, got Tensor"),
+])
+def test_bad_input_is_named(change, message):
+    case = make_case(47, 4, 8, 6, (2, 3), torch.float32, "no base")
+    key, how = next(iter(change.items()))
+    if how == "drop":
+        case[key] = case[key][:1]
+    elif how == "rank":
+        case["lora_a"][1] = torch.randn(5, 8)
+    elif how == "k":
+        case["lora_a"][0] = torch.randn(2, 7)
+    elif how == "dtype":
+        case["lora_b"][1] = case["lora_b"][1].double()
+    elif how == "float":
+        case[key] = case[key].float()
+    elif how == "shape":
+        case[key] = case[key][:3]
+    elif how == "range":
+        case[key] = torch.tensor([0, 2, -1, -2])
+    elif how == "tensor":
+        case[key] = torch.stack([case["lora_a"][0], case["lora_a"][0]])
+    else:
+        case[key] = how
+    with pytest.raises((TypeError, ValueError), match=message):
+        gatedlora.gated_lora_multi(**case)

@@ -1,0 +1,298 @@
+"""Several adapters, one router: on tiny Llama and Qwen2 models with three PEFT adapters (different ranks, each
+absent on some projections), each sequence of a batch takes its own route in one pass and through generate();
+a sequence on the base model is bitwise the base model, one on adapter i matches PEFT with adapter i active."""
+import threading
+
+import pytest
+import torch
+from steered_routers import RoutePatternRouter, route_splitting_router
+from tiny_models import MULTI_ADAPTERS, padded_batch, tiny_multi_adapter_model
+
+import gatedlora
+from gatedlora import GatedLoraConfig, force_gate, get_router, patch_model, unpatch_model
+from gatedlora.routed_layer import RoutedLoRALinear
+from gatedlora.routing import PrismMultiRouter
+
+LAYERS, ROUTER_LAYER = 4, 1
+ADAPTERS = list(MULTI_ADAPTERS)  # route i is ADAPTERS[i - 1]
+NAMES = ["base"] + ADAPTERS
+
+
+def peft_model(arch="llama"):
+    return tiny_multi_adapter_model(arch, layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
+
+
+def peft_logits(model, ids, mask, **kwargs):
+    """Each route's logits from the unpatched PEFT model: the base model and each adapter active alone."""
+    out = {}
+    with torch.no_grad():
+        with model.disable_adapter():
+            out["base"] = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+        for name in ADAPTERS:
+            model.set_adapter(name)
+            out[name] = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+    model.set_adapter(ADAPTERS[0])
+    return out
+
+
+def routed_model(arch="llama", side="left", backend="auto"):
+    """A patched model whose router (linear, on the hidden states) sends the batch's sequences to every route;
+    returns it, the batch, the routes and each route's PEFT logits."""
+    model = peft_model(arch)
+    ids, mask = padded_batch([7, 4, 9, 5, 8, 6], 9, side=side, seed=5)
+    routes = [2, 0, 3, 1, 0, 3]
+    expected = peft_logits(model, ids, mask)
+    router = route_splitting_router(model, [(ids, mask, routes)], ROUTER_LAYER, len(NAMES))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router,
+                                       backend=backend))
+    return model, (ids, mask), torch.tensor(routes), expected
+
+
+def check_routes(logits, routes, expected, atol=1e-5):
+    for row, route in enumerate(routes.tolist()):
+        want = expected[NAMES[route]][row]
+        if route == 0:
+            assert torch.equal(logits[row], want), f"sequence {row} on the base model differs from it"
+        else:
+            err = (logits[row] - want).abs().max().item()
+            assert err <= atol, (row, NAMES[route], err)
+    # and the routes matter: every adapter changes its sequences' logits
+    for name in ADAPTERS:
+        assert (expected[name] - expected["base"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_each_sequence_takes_its_route_in_one_pass(arch, side):
+    model, (ids, mask), routes, expected = routed_model(arch, side)
+    layers = [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
+    assert len(layers) == 7 * (LAYERS - ROUTER_LAYER - 1)
+    assert any(len(m.adapter_names) < len(ADAPTERS) for m in layers)  # some adapter is absent somewhere
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    check_routes(logits, routes, expected)
+    router = get_router(model)
+    assert router.last_routes.dtype == torch.long and torch.equal(router.last_routes, routes)
+    assert torch.equal(router.last_decisions, routes != 0)
+    assert router.last_probabilities.shape == (6, 4)
+    torch.testing.assert_close(router.last_probabilities.sum(-1), torch.ones(6))
+
+
+def test_mixed_routes_match_peft_mixed_batch():
+    """PEFT's own answer for several adapters in one batch (``adapter_names``), against gatedlora's one pass."""
+    model, (ids, mask), routes, _ = routed_model()
+    names = ["__base__" if r == 0 else ADAPTERS[r - 1] for r in routes.tolist()]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        unpatch_model(model)
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    torch.testing.assert_close(logits, mixed, rtol=0, atol=1e-5)
+
+
+def test_one_route_for_every_sequence_runs_plain_lora_or_the_base_layer(monkeypatch):
+    """The host sees (on the CPU) when every sequence takes one route: that adapter's plain LoRA, or the base
+    layer alone, no multi-adapter op."""
+    model = peft_model()
+    ids, mask = padded_batch([5, 7, 3], 7)
+    expected = peft_logits(model, ids, mask)
+    router = RoutePatternRouter(40, len(NAMES))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router))
+    calls = []
+    monkeypatch.setattr("gatedlora.routed_layer.gated_lora_multi", lambda *a, **k: calls.append(1))
+    for route in range(len(NAMES)):
+        router.pattern = torch.full((3,), route)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        check_routes(logits, router.pattern, expected)
+    assert not calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_routes_hold_through_generate(arch):
+    """Greedy generate: each sequence's tokens and scores are those of PEFT generating with its route alone;
+    the decision rides on the KV cache (routes_of) and holds for every decode step."""
+    model, (ids, mask), routes, _ = routed_model(arch)
+    options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                   return_dict_in_generate=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, **options)
+    assert torch.equal(get_router(model).routes_of(out).routes, routes)
+    assert torch.equal(get_router(model).last_routes, routes)
+    scores = torch.stack(out.scores, 1)
+    unpatch_model(model)
+    for route, name in enumerate(NAMES):
+        rows = (routes == route).nonzero().flatten()
+        with torch.no_grad():
+            if name == "base":
+                with model.disable_adapter():
+                    want = model.generate(input_ids=ids[rows], attention_mask=mask[rows], **options)
+            else:
+                model.set_adapter(name)
+                want = model.generate(input_ids=ids[rows], attention_mask=mask[rows], **options)
+        assert torch.equal(out.sequences[rows], want.sequences), name
+        torch.testing.assert_close(scores[rows], torch.stack(want.scores, 1), rtol=0, atol=1e-4)
+
+
+def test_triton_backend_matches_torch_at_model_level():
+    """The interpreter's Triton kernel (compiled with a GPU) in every routed layer: the same routes and logits."""
+    if "triton" not in gatedlora.available_backends():
+        pytest.skip("triton is not installed")
+    model, (ids, mask), routes, expected = routed_model(backend="triton")
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    check_routes(logits, routes, expected)
+
+
+def test_default_router_starts_on_the_first_adapter():
+    model = peft_model()
+    ids, mask = padded_batch([5, 7], 7)
+    expected = peft_logits(model, ids, mask)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS))
+    router = get_router(model)
+    assert isinstance(router.router, PrismMultiRouter) and router.adapters == ADAPTERS
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(router.last_routes, torch.tensor([1, 1]))
+    assert router.last_probabilities[:, 1].min() > 0.99
+    torch.testing.assert_close(logits, expected[ADAPTERS[0]], rtol=0, atol=1e-5)
+
+
+def test_force_gate_zero_is_the_base_model_and_soft_values_are_refused():
+    model, (ids, mask), routes, expected = routed_model()
+    with torch.no_grad(), force_gate(model, 0.0):
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected["base"])
+    with torch.no_grad(), force_gate(model, 1.0):
+        check_routes(model(input_ids=ids, attention_mask=mask).logits, routes, expected)
+    with pytest.raises(ValueError, match=r"routes are hard: value must be 0.0 .* or 1.0"):
+        with force_gate(model, 0.5):
+            pass
+    with torch.no_grad(), model.disable_adapter():  # PEFT's switch, kept working
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected["base"])
+
+
+def test_last_routes_are_per_thread():
+    model, (ids, mask), routes, _ = routed_model()
+    seen = {}
+
+    def other():
+        with torch.no_grad():
+            model(input_ids=ids[:2], attention_mask=mask[:2])
+        seen["other"] = get_router(model).last_routes
+
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert torch.equal(seen["other"], routes[:2])
+    assert torch.equal(get_router(model).last_routes, routes)  # this thread's own, not the other's
+
+
+def test_patch_and_unpatch_round_trip():
+    model = peft_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = {n: type(m) for n, m in model.named_modules()}
+    q = model.base_model.model.model.layers[2].self_attn.q_proj
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS))
+    layer = model.base_model.model.model.layers[2].self_attn.q_proj
+    assert isinstance(layer, RoutedLoRALinear) and layer.lora_A is q.lora_A  # shared, not copied
+    assert layer.route_slots == (-1, 0, 1, 2)
+    k = model.base_model.model.model.layers[2].self_attn.k_proj
+    assert k.adapter_names == ("math", "chat") and k.route_slots == (-1, 0, -1, 1)  # code absent: base here
+    assert set(before) <= set(model.state_dict())
+    unpatch_model(model)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+
+
+def test_training_updates_the_weights_the_kernels_read():
+    """Gradients reach each adapter from its own sequences only; after an optimizer step the patched model
+    computes with the new weights (no stale copy), still matching PEFT."""
+    model, (ids, mask), _, _ = routed_model()
+    routes = torch.tensor([2, 0, 2, 1, 0, 1])  # no sequence on chat
+    get_router(model).router = RoutePatternRouter(40, len(NAMES))
+    get_router(model).router.pattern = routes
+    for name, param in model.named_parameters():  # PEFT trains only its active adapter: make each trainable
+        param.requires_grad_("lora_" in name)
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    params = dict(model.named_parameters())
+    grads = {name: sum(p.grad.abs().sum() for n, p in params.items() if f".{name}." in n and p.grad is not None)
+             for name in ADAPTERS}
+    assert grads["math"] > 0 and grads["code"] > 0 and grads["chat"] == 0
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        unpatch_model(model)
+        expected = peft_logits(model, ids, mask)
+    check_routes(logits, routes, expected)
+
+
+@pytest.mark.parametrize("routes", ([0, 0, 0, 0, 0, 0], [2, 2, 2, 2, 2, 2]), ids=("all base", "all on code"))
+def test_training_a_batch_on_one_route_gives_every_adapter_a_gradient(routes):
+    """A batch whose sequences all take one route still gives every trainable adapter weight of a routed layer
+    a gradient, zero where no sequence took it (DDP without find_unused_parameters needs one on every rank)."""
+    model, (ids, mask), _, _ = routed_model()
+    get_router(model).router = RoutePatternRouter(40, len(NAMES))
+    get_router(model).router.pattern = torch.tensor(routes)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert all(p.grad is not None for p in lora.values()), [n for n, p in lora.items() if p.grad is None]
+    for name in ADAPTERS:
+        total = sum(p.grad.abs().sum().item() for n, p in lora.items() if f".{name}." in n)
+        assert (total > 0) == (routes[0] != 0 and ADAPTERS[routes[0] - 1] == name), (name, total)
+
+
+def test_configuration_errors_are_named():
+    from tiny_models import tiny_causal_lm
+
+    with pytest.raises(ValueError, match="adapters needs gate='sequence'"):
+        GatedLoraConfig(gate="token", adapters=ADAPTERS)
+    with pytest.raises(ValueError, match="routes among several adapters are hard"):
+        GatedLoraConfig(gate="sequence", adapters=ADAPTERS, hard=False)
+    with pytest.raises(ValueError, match="non-empty list of distinct adapter names"):
+        GatedLoraConfig(gate="sequence", adapters=["math", "math"])
+    with pytest.raises(ValueError, match="adapters names PEFT adapters"):
+        patch_model(tiny_causal_lm(), GatedLoraConfig(gate="sequence", adapters=ADAPTERS, target_modules=["q_proj"]))
+    missing = r"\['poetry'\] not found in the LoRA layers .* hold \['chat', 'code', 'math'\]"
+    with pytest.raises(ValueError, match=missing):
+        patch_model(peft_model(), GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER,
+                                                  adapters=["math", "poetry"]))
+    with pytest.raises(ValueError, match=r"routes every PEFT LoRA layer .* leaves out \['base_model"):
+        patch_model(peft_model(), GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS,
+                                                  target_modules=["q_proj"]))
+    whole = tiny_multi_adapter_model(layers=3)  # adapters on every block, the router's too
+    with pytest.raises(ValueError, match="the router's input must not depend on the adapter"):
+        patch_model(whole, GatedLoraConfig(gate="sequence", adapters=ADAPTERS))
+    model = peft_model()
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS,
+                                       router=torch.nn.Linear(40, 3)))
+    ids, mask = padded_batch([3, 4], 4)
+    with pytest.raises(ValueError, match=r"router must map hidden states \[B, H\] to logits \[B, 4\] = \[2, 4\]"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_a_nan_logit_routes_the_sequence_to_the_base_model():
+    model = peft_model()
+    ids, mask = padded_batch([5, 6], 6)
+    expected = peft_logits(model, ids, mask)
+
+    class NanRouter(torch.nn.Module):
+        def forward(self, h):
+            logits = torch.zeros(h.shape[0], len(NAMES))
+            logits[:, 2] = 3.0
+            logits[0, 3] = float("nan")
+            return logits
+
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS,
+                                       router=NanRouter()))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(get_router(model).last_routes, torch.tensor([0, 2]))
+    check_routes(logits, torch.tensor([0, 2]), expected)
