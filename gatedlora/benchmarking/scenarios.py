@@ -139,9 +139,12 @@ def prefill_providers(setup: BenchSetup, ids, mask, open_mask) -> dict[str, Call
         "peft mixed": lambda: setup.peft(**args, adapter_names=names),
         "prism two-pass": two_pass,
     }
-    for backend, model in setup.gated.items():
-        providers[f"gatedlora {backend}"] = (lambda m: lambda: m(**args))(model)
-    return providers
+    return providers | gated_forwards(setup.gated, args)
+
+
+def gated_forwards(gated: dict[str, nn.Module], args: dict) -> dict[str, Callable[[], object]]:
+    """``gatedlora <backend>``: one forward of each patched model on ``args``."""
+    return {f"gatedlora {backend}": (lambda m: lambda: m(**args))(model) for backend, model in gated.items()}
 
 
 def decode_providers(setup: BenchSetup, ids, mask, open_mask, graphs: bool = False

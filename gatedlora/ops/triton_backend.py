@@ -342,19 +342,22 @@ def two_pass_launch(args: GatedLoraArgs) -> tuple[TwoPassTiles, int]:
     return tiles, choose_split_k(m_bucket(args.m), args.k, tiles, _num_sms_for(args.x.device))
 
 
+def device_reasons(device: torch.device) -> list[str]:
+    """Why the Triton kernels cannot take tensors on ``device`` (empty: they can)."""
+    if kernel_is_interpreted():
+        return [] if device.type in ("cpu", "cuda") else [f"tensors on {device} (the interpreter takes CPU or CUDA "
+                                                          "tensors)"]
+    if device.type != "cuda":
+        return [f"tensors are on {device.type}; the kernel runs on CUDA tensors (or on CPU tensors under "
+                "TRITON_INTERPRET=1, set before gatedlora is imported)"]
+    return []
+
+
 class TritonBackend(Backend):
     name = "triton"
 
     def not_supported_reasons(self, args: GatedLoraArgs) -> list[str]:
-        reasons = kernel_reasons(args.x.dtype, args.lora_a.dtype, args.r)
-        device = args.x.device
-        if kernel_is_interpreted():
-            if device.type not in ("cpu", "cuda"):
-                reasons.append(f"tensors on {device} (the interpreter takes CPU or CUDA tensors)")
-        elif device.type != "cuda":
-            reasons.append(f"tensors are on {device.type}; the kernel runs on CUDA tensors (or on CPU tensors "
-                           "under TRITON_INTERPRET=1, set before gatedlora is imported)")
-        return reasons
+        return kernel_reasons(args.x.dtype, args.lora_a.dtype, args.r) + device_reasons(args.x.device)
 
     def launcher(self, args: GatedLoraArgs) -> Launch:
         if uses_two_pass(args):

@@ -34,7 +34,7 @@ from .contract import kernel_reasons, staged_output, unit_inner_stride
 from .multi_args import MultiLoraArgs
 from .multi_weights import pointer_table
 from .triton_backend import (TILE_CONFIGS, TileConfig, _num_sms_for, block_r_for, choose_launch, dot_precision,
-                             has_one_pass_tile, kernel_is_interpreted)
+                             device_reasons, has_one_pass_tile)
 
 MAX_GRID_ADAPTERS = 65535  # CUDA's limit on grid dimension y
 
@@ -165,13 +165,7 @@ def multi_reasons(args: MultiLoraArgs) -> list[str]:
     if not reasons and not has_one_pass_tile(args.r_max, lora_size):
         reasons.append(f"no tile for BLOCK_R={block_r_for(args.r_max)} with {args.lora_dtype} LoRA weights (each one "
                        "tried spilled registers; the one-adapter op runs its two-pass path there)")
-    device = args.x.device
-    if kernel_is_interpreted():
-        if device.type not in ("cpu", "cuda"):
-            reasons.append(f"tensors on {device} (the interpreter takes CPU or CUDA tensors)")
-    elif device.type != "cuda":
-        reasons.append(f"tensors are on {device.type}; the kernel runs on CUDA tensors (or on CPU tensors under "
-                       "TRITON_INTERPRET=1, set before gatedlora is imported)")
+    reasons += device_reasons(args.x.device)
     if args.adapters > MAX_GRID_ADAPTERS:
         reasons.append(f"{args.adapters} adapters exceed the grid's {MAX_GRID_ADAPTERS}")
     return reasons
