@@ -28,17 +28,21 @@ def setup():
 @pytest.mark.parametrize("scenario", default_scenarios(), ids=lambda s: s.name.replace(" ", "-"))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_model(benchmark, setup, scenario, provider):
-    backend = provider.removeprefix("gatedlora ")
-    if provider.startswith("gatedlora") and backend not in setup.gated:
-        pytest.skip(f"{backend}: not available here ({'CPU run' if DEVICE.type == 'cpu' else 'not built'})")
     if provider == "prism two-pass" and scenario.phase == "decode":
         pytest.skip("prism two-pass routes at prefill; its decode is the peft or base decode")
     ids, mask, open_mask = make_batch(scenario, setup.vocab_size, setup.device)
+    time_provider(benchmark, setup.gated, scenario, provider, lambda: prefill_providers(setup, ids, mask, open_mask),
+                  lambda graphs: decode_providers(setup, ids, mask, open_mask, graphs=graphs)[0])
+
+
+def time_provider(benchmark, gated: dict, scenario, provider: str, prefill, decode) -> None:
+    """Time ``provider`` of ``prefill()`` or ``decode(graphs)`` (decode replayed from a CUDA graph on a GPU, eager
+    where a provider cannot be captured); skipped where it is a gatedlora backend not available here."""
+    backend = provider.removeprefix("gatedlora ")
+    if provider.startswith("gatedlora") and backend not in gated:
+        pytest.skip(f"{backend}: not available here ({'CPU run' if DEVICE.type == 'cpu' else 'not built'})")
     with torch.inference_mode():
-        if scenario.phase == "prefill":
-            fn = prefill_providers(setup, ids, mask, open_mask)[provider]
-        else:  # replayed from a CUDA graph on a GPU (eager where a provider cannot be captured)
-            fn = decode_providers(setup, ids, mask, open_mask, graphs=DEVICE.type == "cuda")[0][provider]
+        fn = (prefill() if scenario.phase == "prefill" else decode(DEVICE.type == "cuda"))[provider]
         benchmark.group = f"model {scenario.name}"
         benchmark(synchronized(fn))
 
@@ -59,16 +63,9 @@ def multi_setup():
 @pytest.mark.parametrize("scenario", MULTI_SCENARIOS, ids=lambda s: s.name.replace(" ", "-").replace(",", ""))
 @pytest.mark.parametrize("provider", MULTI_PROVIDERS)
 def test_model_multi_adapter(benchmark, multi_setup, scenario, provider):
-    backend = provider.removeprefix("gatedlora ")
-    if provider.startswith("gatedlora") and backend not in multi_setup.gated:
-        pytest.skip(f"{backend}: not available here ({'CPU run' if DEVICE.type == 'cpu' else 'not built'})")
     if provider == "peft one adapter" and scenario.phase == "prefill":
         pytest.skip("peft one adapter is the decode target's yardstick")
     ids, mask, routes = make_multi_batch(scenario, multi_setup.vocab_size, multi_setup.device)
-    with torch.inference_mode():
-        if scenario.phase == "prefill":
-            fn = multi_prefill_providers(multi_setup, ids, mask, routes)[provider]
-        else:
-            fn = multi_decode_providers(multi_setup, ids, mask, routes, graphs=DEVICE.type == "cuda")[0][provider]
-        benchmark.group = f"model {scenario.name}"
-        benchmark(synchronized(fn))
+    time_provider(benchmark, multi_setup.gated, scenario, provider,
+                  lambda: multi_prefill_providers(multi_setup, ids, mask, routes),
+                  lambda graphs: multi_decode_providers(multi_setup, ids, mask, routes, graphs=graphs)[0])
