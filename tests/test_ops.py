@@ -96,6 +96,10 @@ def test_strategy_is_chosen_once_per_configuration(monkeypatch):
     assert strategy(32, kind="token") is torch_backend.add_counted
     assert strategy(8, kind="none") is torch_backend.add_every_row
     assert strategy(2048, device="meta") is torch_backend.add_folded
+    # the choice is cached per bucket of M, so it must not depend on M within one (9..16): either order
+    for order in ((15, 16), (16, 15)):
+        backends.clear_dispatch_cache()
+        assert strategy(order[0]) is strategy(order[1]) is torch_backend.add_counted
     calls = []
     monkeypatch.setattr(torch_backend, "choose_strategy", lambda args: calls.append(args.m) or torch_backend.add_folded)
     backends.clear_dispatch_cache()

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .args import GatedLoraArgs
-from .backends import Backend, Launch, register_backend
+from .backends import Backend, Launch, m_bucket, register_backend
 from .contract import GateKind
 from .gates import cpu_scalar, gate_is_open, open_rows, probability_dtype, token_gate_probabilities
 
@@ -149,14 +149,15 @@ def add_one_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
 
 
 def choose_strategy(args: GatedLoraArgs) -> Launch:
-    """The function that adds the term for this configuration (``TorchBackend.launcher``)."""
+    """The function that adds the term for this configuration (``TorchBackend.launcher``). It is cached per
+    dispatch key, so it decides on the key's M bucket, never on M itself (M = 15 and 16 share a bucket)."""
     if args.gate_kind is GateKind.NONE:
         return add_every_row
     if args.x.device.type != "cpu":
         return add_folded  # counting or nonzero would sync with the device
     if args.m == 1:
         return add_one_row
-    if args.m < GATHER_MIN_ROWS and args.gate_kind is GateKind.GIVEN:
+    if m_bucket(args.m) < GATHER_MIN_ROWS and args.gate_kind is GateKind.GIVEN:
         # Too few rows to gather, and a given gate comes from a router that has already told the host
         # when every row is open or closed (routing.py): counting would only find a mixed batch.
         return add_folded
