@@ -77,30 +77,34 @@ class RoutedLoRALinear(GatedLoRALinear):
             decision = self.route.decision()  # raises: not decided yet
         route = decision.uniform_route
         slot = -1 if route is None else self.route_slots[route]
-        a_modules, b_modules = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
-        if route is not None and not self._records_gradients():  # one route for every sequence (host-visible)
+        lora_a, lora_b = self._adapter_weight_tuples()
+        if route is not None and not self._records_gradients(lora_a + lora_b):  # one route for every sequence
             if slot < 0:
                 return self.base_layer(x, *args, **kwargs)  # the base model, or an adapter this layer lacks
-            name = names[slot]  # one adapter: plain LoRA with it, as PEFT computes
-            result, lora_x, inplace = self._base_output(x, self._dropout(x, (name,)), args, kwargs)
-            return gated_lora(lora_x, result, a_modules[name]._parameters["weight"],
-                              b_modules[name]._parameters["weight"], self.scalings[slot], backend=self.backend,
+            # one adapter (host-visible): plain LoRA with it, as PEFT computes
+            result, lora_x, inplace = self._base_output(x, self._dropout(x, (names[slot],)), args, kwargs)
+            return gated_lora(lora_x, result, lora_a[slot], lora_b[slot], self.scalings[slot], backend=self.backend,
                               inplace=inplace, validate=False)
         index = decision.row_adapters(x, self._buffers["route_slot_table"])
         result, lora_x, inplace = self._base_output(x, self._dropout(x, names), args, kwargs)
-        return gated_lora_multi(lora_x, result, tuple([a_modules[n]._parameters["weight"] for n in names]),
-                                tuple([b_modules[n]._parameters["weight"] for n in names]), self.scalings, index,
-                                backend=self.backend, inplace=inplace, validate=False)
+        return gated_lora_multi(lora_x, result, lora_a, lora_b, self.scalings, index, backend=self.backend,
+                                inplace=inplace, validate=False)
 
-    def _records_gradients(self) -> bool:
+    def _adapter_weight_tuples(self) -> tuple[tuple, tuple]:
+        """(every adapter's lora_A weight, every lora_B weight), in ``adapter_names`` order, read through the
+        module dicts (``nn.Module.__getattr__`` costs about 0.4 us a lookup on this hot path)."""
+        a_modules, b_modules = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        names = self.adapter_names
+        return (tuple([a_modules[n]._parameters["weight"] for n in names]),
+                tuple([b_modules[n]._parameters["weight"] for n in names]))
+
+    @staticmethod
+    def _records_gradients(weights: tuple) -> bool:
         """Whether autograd records this call for some adapter weight: then a batch on the base model or on one
         adapter still runs the multi-adapter op, so every adapter's weights get a gradient, zero where no row
         took it, rather than none (as ``GatedLoRALinear`` does; DDP without ``find_unused_parameters`` needs
         one, and optimizers skip a parameter whose gradient is None)."""
-        if not torch.is_grad_enabled():
-            return False
-        a_modules, b_modules = self.lora_A, self.lora_B
-        return any(a_modules[n].weight.requires_grad or b_modules[n].weight.requires_grad for n in self.adapter_names)
+        return torch.is_grad_enabled() and any(w.requires_grad for w in weights)
 
     def _dropout(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """x after the LoRA dropout of the adapters ``names``; x itself where dropout is off (eval, p=0).

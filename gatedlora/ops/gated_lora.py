@@ -66,12 +66,11 @@ def gated_lora(
     if validate:
         check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
                      inplace, straight_through)
-        if inplace and overlaps(base_out, (x, lora_a, lora_b, gate, gate_weight, gate_bias)):
-            # a kernel would read x (or a weight) while writing base_out: compute into a copy first
-            args = make_args(x, base_out.shape[-1], lora_a, lora_b, float(scaling), gate, gate_weight, gate_bias,
-                             float(threshold), hard)
-            return base_out.copy_(run(args, base_out, backend, inplace=False, straight_through=straight_through))
+        scaling, threshold = float(scaling), float(threshold)
     args = make_args(x, base_out.shape[-1], lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard)
+    if validate and inplace and overlaps(base_out, (x, lora_a, lora_b, gate, gate_weight, gate_bias)):
+        # a kernel would read x (or a weight) while writing base_out: compute into a copy first
+        return base_out.copy_(run(args, base_out, backend, inplace=False, straight_through=straight_through))
     return run(args, base_out, backend, inplace, straight_through)
 
 

@@ -31,6 +31,7 @@ import weakref
 
 import torch
 
+from .contract import unit_inner_stride
 from .multi_args import MultiLoraArgs
 
 TABLE_FIELDS = 5  # A pointer, B pointer, rank, A row stride, B row stride
@@ -80,10 +81,6 @@ def _versions(weights: tuple) -> tuple:
         return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in weights)
 
 
-def _unit_inner(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """(table int64 [5, A], scaling fp32 [A]) on the weights' device, for ``args`` with at least one adapter.
 
@@ -96,7 +93,7 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     entry = forms.tables.get(args.x.device)
     if entry is not None and entry[0] == pointers and (not entry[1] or _versions(weights) == entry[1]):
         return entry[2], entry[3]
-    read = [_unit_inner(t) for t in weights]
+    read = [unit_inner_stride(t) for t in weights]
     # Only the contiguous copies are kept with the table (the weights themselves must stay free to be freed:
     # their weak references are what removes these forms).
     copies = tuple(r for r, t in zip(read, weights) if r is not t)
