@@ -154,3 +154,12 @@ def test_k_zero_gives_the_base_output(backend):
     token = gatedlora.gated_lora(x, base, a, b, 2.0, gate_weight=torch.zeros(0, device=device), gate_bias=0.3,
                                  backend=backend.name)
     assert torch.equal(bits(token), bits(base))
+
+
+@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
+def test_bool_decisions_as_the_gate(backend, hard):
+    """A bool gate holds each row's decision: the term of the probabilities that made it under hard gates,
+    and a gate of 1 or 0 under soft ones (the threshold is not read)."""
+    case = make_case(29, 24, 64, 40, 8, torch.float32, "given-hard", "75%", device=backend.device)
+    out = run(backend, case, gate=case["open"].to(case["x"].device), hard=hard, threshold=0.99)
+    check_against_reference(case, out)

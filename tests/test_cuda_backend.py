@@ -74,8 +74,13 @@ def test_explicit_cuda_backend_explains_itself(monkeypatch):
     with pytest.raises(RuntimeError, match=f"backend 'cuda' cannot run these inputs: .*{expected}"):
         gatedlora.gated_lora(**op_kwargs(case), backend="cuda")
     monkeypatch.setenv(backends.ENV_VAR, "cuda")
-    with pytest.raises(RuntimeError, match=expected):
-        gatedlora.gated_lora(**op_kwargs(case))
+    backends.clear_dispatch_cache()  # the variable is read when a configuration is first dispatched
+    try:
+        with pytest.raises(RuntimeError, match=expected):
+            gatedlora.gated_lora(**op_kwargs(case))
+    finally:
+        monkeypatch.delenv(backends.ENV_VAR)
+        backends.clear_dispatch_cache()
 
 
 def test_auto_still_takes_the_torch_backend_on_cpu():

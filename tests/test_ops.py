@@ -5,7 +5,7 @@ import torch
 
 from gate_cases import bits, check_against_reference, make_case
 from gatedlora import gated_lora
-from gatedlora.ops import backends, torch_backend
+from gatedlora.ops import backends, clear_dispatch_cache, torch_backend
 from gatedlora.ops.args import make_args
 from gatedlora.ops.contract import GateKind
 from gatedlora.reference import gated_lora_reference
@@ -165,11 +165,15 @@ def test_non_contiguous_inputs_and_lora_dtype_like_peft():
 def test_backend_selection_and_env_override(monkeypatch):
     x, base, a, b = make_inputs(3, 8, 8, 2, torch.float32, 0)
     monkeypatch.setenv("GATEDLORA_BACKEND", "torch")
+    clear_dispatch_cache()  # the variable is read when a configuration is first dispatched
     assert torch.equal(gated_lora(x, base, a, b, 1.0), gated_lora(x, base, a, b, 1.0, backend="torch"))
     monkeypatch.setenv("GATEDLORA_BACKEND", "fastest")
+    gated_lora(x, base, a, b, 1.0)  # already dispatched under "torch": not read again
+    clear_dispatch_cache()
     with pytest.raises(ValueError, match="GATEDLORA_BACKEND='fastest' is not a backend"):
         gated_lora(x, base, a, b, 1.0)
     monkeypatch.delenv("GATEDLORA_BACKEND")
+    clear_dispatch_cache()
     with pytest.raises(ValueError, match="backend must be one of"):
         gated_lora(x, base, a, b, 1.0, backend="tpu")
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run these inputs: .*no CUDA device"):

@@ -19,7 +19,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 class GatedLoraArgs:
     """The inputs of one call, flattened to rows.
 
-    x: [M, K]; lora_a: [r, K]; lora_b: [N, r]; gate: [M] probabilities (``GateKind.GIVEN``) or None;
+    x: [M, K]; lora_a: [r, K]; lora_b: [N, r]; gate: [M] probabilities, or bool decisions (True: open),
+    (``GateKind.GIVEN``) or None;
     gate_weight: [K] (``GateKind.TOKEN``) or None; gate_bias: 0-dim tensor (``GateKind.TOKEN``) or None;
     m, n, k, r: the sizes.
     """
@@ -151,9 +152,9 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
     named = [("lora_a", lora_a), ("lora_b", lora_b), ("base_out", base_out)]
     if gate is not None:
         m = x.shape[:-1].numel()
-        if not isinstance(gate, torch.Tensor) or gate.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{op}: gate must be a float32, float16, bfloat16 or float64 tensor of probabilities, "
-                            f"got {gate!r:.80}")
+        if not isinstance(gate, torch.Tensor) or (gate.dtype not in FLOAT_DTYPES and gate.dtype != torch.bool):
+            raise TypeError(f"{op}: gate must be a float32, float16, bfloat16 or float64 tensor of probabilities "
+                            f"or a bool tensor of decisions, got {gate!r:.80}")
         if tuple(gate.shape) not in ((m,), tuple(x.shape[:-1])):
             raise ValueError(f"{op}: gate must have one value per row of x: shape [{m}] or {_shape(x)[:-1]}, "
                              f"got {_shape(gate)}")
@@ -177,7 +178,8 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
     for name, t in named:
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must share a device")
-    if gate is not None and gate.device.type == "cpu" and not torch.compiler.is_compiling():
+    if gate is not None and gate.dtype != torch.bool and gate.device.type == "cpu" \
+            and not torch.compiler.is_compiling():
         _check_gate_values(gate, op)
 
 

@@ -6,7 +6,8 @@ for CUDA tensors (measured per device class, M bucket and dtype pair where a GPU
 tools/gpu_check.py; the byte model's order elsewhere); CPU tensors go to torch (the GPU backends take
 CPU tensors only in the Triton interpreter, a test tool orders of magnitude slower). An explicit
 choice that cannot run raises an error with its reasons; with ``auto`` and no backend left, the error
-lists every reason. ``GATEDLORA_BACKEND`` overrides ``auto``.
+lists every reason. ``GATEDLORA_BACKEND`` overrides ``auto``; it is read when a configuration is first
+dispatched (``clear_dispatch_cache`` after changing it in a running process).
 
 The choice and the backend's launch function depend only on the configuration (``dispatch_key``:
 device, dtypes, gate kind, N, K, rank and the power-of-two bucket of M), so they are computed once
@@ -136,18 +137,22 @@ def m_bucket(m: int) -> int:
 
 
 def dispatch_key(name: str, args: GatedLoraArgs) -> tuple:
-    """What decides the backend and its launch for ``args`` under the resolved backend ``name``."""
+    """What decides the backend and its launch for ``args`` under the backend ``name``."""
     return (name, args.x.device, args.x.dtype, args.lora_a.dtype, args.gate_kind, m_bucket(args.m), args.n,
             args.k, args.r)
 
 
 def dispatch(requested: str, args: GatedLoraArgs) -> Dispatch:
     """The backend that runs ``args`` and its launch function; raises RuntimeError with every reason
-    when none can."""
-    key = dispatch_key(resolve_backend_name(requested), args)
+    when none can.
+
+    Keyed on the requested name: ``GATEDLORA_BACKEND`` is read when a configuration is first dispatched
+    (reading the environment costs 1.7 us, a tenth of a decode-sized call; ``clear_dispatch_cache``
+    makes it read again)."""
+    key = dispatch_key(requested, args)
     found = _DISPATCH.get(key)
     if found is None:
-        backend = _choose(key[0], args)
+        backend = _choose(resolve_backend_name(requested), args)
         found = Dispatch(backend, backend.launcher(args))
         if len(_DISPATCH) >= _CACHE_LIMIT:
             _DISPATCH.clear()
@@ -199,12 +204,11 @@ def dispatch_fused(requested: str, args: GatedLoraArgs, weight: torch.Tensor,
     Only backends with the ``fused`` capability qualify; ``requested`` must be ``auto`` or one of them.
     Cached like ``dispatch`` (plus the base weight's dtype, its inner stride and whether there is a bias).
     """
-    name = resolve_backend_name(requested)
-    key = dispatch_key(name, args) + (weight.dtype, weight.stride(-1) == 1 or weight.shape[-1] <= 1,
-                                      bias is None or bias.dtype)
+    key = dispatch_key(requested, args) + (weight.dtype, weight.stride(-1) == 1 or weight.shape[-1] <= 1,
+                                           bias is None or bias.dtype)
     found = _FUSED.get(key)
     if found is None:
-        found = _choose_fused(name, args, weight, bias)
+        found = _choose_fused(resolve_backend_name(requested), args, weight, bias)
         if len(_FUSED) >= _CACHE_LIMIT:
             _FUSED.clear()
         _FUSED[key] = found
@@ -261,20 +265,20 @@ def _multi_reasons(name: str, args) -> list[str]:
 
 
 def multi_dispatch_key(name: str, args) -> tuple:
-    """What decides the backend and its launch for ``MultiLoraArgs`` under the resolved backend ``name``."""
+    """What decides the backend and its launch for ``MultiLoraArgs`` under the backend ``name``."""
     return ("multi", name, args.x.device, args.x.dtype, args.lora_dtype, m_bucket(args.m), args.n, args.k,
             args.r_max, args.adapters)
 
 
 def dispatch_multi(requested: str, args) -> Dispatch:
     """``dispatch`` for the multi-adapter op: the backend that runs ``MultiLoraArgs`` and its launch."""
-    name = resolve_backend_name(requested)
-    if requested == "auto" and name not in _MULTI:  # GATEDLORA_BACKEND names a backend with no multi-adapter kernel
-        name = "auto"
-    key = multi_dispatch_key(name, args)
+    key = multi_dispatch_key(requested, args)
     found = _DISPATCH.get(key)
     if found is None:
-        backend = _choose(key[1], args, _multi_reasons)
+        name = resolve_backend_name(requested)
+        if requested == "auto" and name not in _MULTI:  # GATEDLORA_BACKEND names a backend with no multi kernel
+            name = "auto"
+        backend = _choose(name, args, _multi_reasons)
         found = Dispatch(backend, _MULTI[backend.name].launcher(args))
         if len(_DISPATCH) >= _CACHE_LIMIT:
             _DISPATCH.clear()

@@ -11,6 +11,8 @@ in place. They share:
 * the layout rule: unit stride along the last dim of x, A, B and out (rows may have any stride);
   other inputs are copied (``unit_inner_stride``) and other outputs staged (``staged_output``);
   an out that overlaps an input never reaches a kernel (``args.py`` stages it at the op boundary);
+* bool gates (decisions, ``GateKind.GIVEN``) reach both kernels as fp32 0/1, which the hard rule
+  ``p >= threshold`` (threshold in (0, 1)) and soft gates read as the decisions themselves;
 * the reasons a backend gives when an input falls outside this contract (``kernel_reasons``).
 
 The derivation of these rules (why unit inner strides, why fp32 gate inputs) is in docs/design.md,
@@ -27,7 +29,7 @@ class GateKind(enum.IntEnum):
     """Where a row's gate probability comes from (docs/design.md, "The operation")."""
 
     NONE = 0  # plain LoRA: g = 1 for every row
-    GIVEN = 1  # per-row probabilities given by the caller (a router, a mask)
+    GIVEN = 1  # per-row probabilities (or bool decisions) given by the caller (a router, a mask)
     TOKEN = 2  # p = sigmoid(x . w_g + b_g), computed in the same pass over x as x A^T
 
 

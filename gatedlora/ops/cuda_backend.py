@@ -35,7 +35,10 @@ def _gate_kwargs(args: GatedLoraArgs) -> tuple[dict, Optional[torch.Tensor]]:
                   stride_g=0, gate_dtype=0, gate_weight=0, gate_weight_dtype=0, gate_bias=0, gate_bias_dtype=0)
     keep = None
     if args.gate_kind is GateKind.GIVEN:
-        kwargs.update(gate=args.gate.data_ptr(), stride_g=args.gate.stride(0), gate_dtype=DTYPE_CODES[args.gate.dtype])
+        gate = args.gate
+        if gate.dtype == torch.bool:  # decisions: 0/1 probabilities, which any threshold in (0, 1) reproduces
+            keep = gate = gate.float()
+        kwargs.update(gate=gate.data_ptr(), stride_g=gate.stride(0), gate_dtype=DTYPE_CODES[gate.dtype])
     elif args.gate_kind is GateKind.TOKEN:
         weight = args.gate_weight
         if weight.dtype not in (args.x.dtype, torch.float32):

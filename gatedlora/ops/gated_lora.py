@@ -42,7 +42,8 @@ def gated_lora(
         lora_a: [r, K] (PEFT ``lora_A.weight``). ``x`` is cast to its dtype, as PEFT does.
         lora_b: [N, r] (PEFT ``lora_B.weight``).
         scaling: PEFT's ``scaling`` (lora_alpha / r).
-        gate: [M] or ``x.shape[:-1]`` given gate probabilities in [0, 1] (M = rows of x), or None.
+        gate: [M] or ``x.shape[:-1]`` given gate probabilities in [0, 1] (M = rows of x), or bool
+            decisions (True: open; hard or soft, the gate is then 1 or 0 and ``threshold`` is unused), or None.
         gate_weight: [K] token-gate weight: ``p = sigmoid(x . gate_weight + gate_bias)``.
         gate_bias: token-gate bias: a float, a one-element tensor, or None (no bias).
         threshold: hard gates open where ``p >= threshold``; a NaN probability closes the gate.
