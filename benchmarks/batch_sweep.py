@@ -13,7 +13,9 @@ adapter.
 Uses the machinery of ``gatedlora bench`` (gatedlora/benchmarking): the same Llama built from a config, the
 same PRISM adapter (r=16 on blocks after the router layer), providers timed in interleaved rounds, medians.
 Each row: time / base time for PEFT (every sequence open) and gatedlora torch with ``max(1, B // 2)`` of B
-sequences open, and, at batch 8, 1 of 8 open. The target: gatedlora's ratio below PEFT's in every row.
+sequences open (the first ones: on the CPU the layers then add plain LoRA to that slice of the batch), and, at
+batch 8, 1 of 8 open and 4 of 8 scattered (every other sequence: the gate masks the closed rows). The target:
+gatedlora's ratio below PEFT's in every row.
 """
 from __future__ import annotations
 
@@ -44,9 +46,11 @@ def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device
     gated = f"gatedlora {backend}"
     rows = []
     for phase in ("prefill", "decode"):
-        cases = [(b, max(1, b // 2)) for b in batches] + ([(8, 1)] if 8 in batches else [])
-        for batch, open_count in cases:
+        cases = [(b, max(1, b // 2), False) for b in batches] + ([(8, 1, False), (8, 4, True)] if 8 in batches else [])
+        for batch, open_count, scattered in cases:
             ids, mask, open_mask = make_batch(Scenario(phase, batch, tokens, open_count), setup.vocab_size, device)
+            if scattered:  # every other sequence open: no slice of the batch holds the open ones
+                open_mask = torch.arange(batch) % 2 == 0
             every = torch.ones_like(open_mask)
             make = prefill_providers if phase == "prefill" else decode_providers
             with torch.inference_mode():
@@ -56,9 +60,11 @@ def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device
                              gated: _providers(make, setup, ids, mask, open_mask)[gated]}
                 timings = time_side_by_side(providers, device, budget_s=budget_s, clock=clock)
             base = timings["base"].median_s
-            rows.append({"phase": phase, "batch": batch, "open": open_count, "base_ms": base * 1e3,
-                         "peft_ratio": timings["peft"].median_s / base, "gated_ratio": timings[gated].median_s / base})
-            print(f"{phase:7s} b={batch:2d} open {open_count:2d}/{batch:<2d} base {base * 1e3:7.2f} ms  "
+            rows.append({"phase": phase, "batch": batch, "open": open_count, "scattered": scattered,
+                         "base_ms": base * 1e3, "peft_ratio": timings["peft"].median_s / base,
+                         "gated_ratio": timings[gated].median_s / base})
+            print(f"{phase:7s} b={batch:2d} open {open_count:2d}/{batch:<2d}{' scattered' if scattered else ''} "
+                  f"base {base * 1e3:7.2f} ms  "
                   f"peft {rows[-1]['peft_ratio']:.2f}x  gatedlora {rows[-1]['gated_ratio']:.2f}x  "
                   f"{'ok' if rows[-1]['gated_ratio'] < rows[-1]['peft_ratio'] else 'SLOWER'}", flush=True)
     return rows

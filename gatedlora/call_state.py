@@ -37,7 +37,9 @@ class RouteDecision:
     (NaN -> 0); decisions: [B] bool, adapter used (``p >= threshold`` in fp32); threshold: the one
     the hard gates of this generation compare with. ``all_open`` / ``all_closed`` are True only
     where the host saw it for free (CPU tensors, eager): the layers then skip the gate gather or
-    the adapter call. On a GPU they stay False (reading would sync).
+    the adapter call. On a GPU they stay False (reading would sync). ``open_span`` (lo, hi), seen the
+    same way: the open sequences, when some but not all are open, are exactly ``lo..hi-1``; the layers
+    then run the adapter on that slice of the batch, without a gate (a view, no copy).
 
     Several adapters: ``multi_routes`` [B] long holds each sequence's route (0 the base model, i the
     i-th adapter), ``probabilities`` [B, N + 1] the softmax of the router's logits, ``decisions`` and
@@ -51,6 +53,7 @@ class RouteDecision:
     threshold: float
     all_open: bool = False
     all_closed: bool = False
+    open_span: tuple[int, int] | None = None
     multi_routes: torch.Tensor | None = None
     uniform_route: int | None = None
     _row_gates: dict = field(default_factory=dict, repr=False)
@@ -93,12 +96,23 @@ class RouteDecision:
         """Each sequence's gate repeated over its rows of x [B, ..., K]. Returns [M] (fp32).
 
         Kept per row count and device, so a generation's decode steps reuse one tensor."""
-        rows = self._rows_per_sequence(x)
-        key = (rows, x.device)  # layers of a model split over devices each get the gates on their own
+        return self._per_row("gates", self.gates, x)
+
+    def row_decisions(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sequence's decision (True: adapter) repeated over its rows of x [B, ..., K]. Returns [M] bool,
+        kept as ``row_gates``. A layer with hard gates passes these to the op on the CPU, where the torch
+        backend then compares nothing (docs/design.md, "The hot path")."""
+        return self._per_row("decisions", self.decisions, x)
+
+    def _per_row(self, name: str, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # keyed by the leading shape of x, not the row count: the shape is at hand, the count needs arithmetic
+        # (the check that x splits over the sequences runs once per key); and by device: layers of a model split
+        # over devices each get the values on their own
+        key = (name, x.shape[:-1], x.device)
         cached = self._row_gates.get(key)
         if cached is None:
-            cached = self.gates.to(x.device, non_blocking=True).repeat_interleave(rows)
-            self._row_gates[key] = cached
+            rows = self._rows_per_sequence(x)
+            cached = self._row_gates[key] = values.to(x.device, non_blocking=True).repeat_interleave(rows)
         return cached
 
 

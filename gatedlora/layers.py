@@ -24,6 +24,12 @@ def linear_features(base_layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"unsupported base layer {type(base_layer).__name__}: expected nn.Linear or transformers Conv1D")
 
 
+def _weight(linear: nn.Module) -> torch.Tensor:
+    """``linear.weight`` without ``Module.__getattr__`` (0.4 us) where it is a registered parameter."""
+    weight = linear._parameters.get("weight")
+    return weight if weight is not None else linear.weight
+
+
 class GatedLoRALinear(nn.Module):
     """``y = base_layer(x) + s * g * B(A(dropout(x)))`` with one gate value g per row of x.
 
@@ -131,8 +137,11 @@ class GatedLoRALinear(nn.Module):
         if self.gate_mode == "sequence":
             if decision is None:
                 decision = self.route.decision()  # raises: not decided yet
-            if decision.all_open and self.gates_are_hard and not (self.training and self.straight_through):
-                return {}  # the host saw every gate open (CPU): plain LoRA, no gate gather or row selection
+            if self.gates_are_hard and not (self.training and self.straight_through):
+                if decision.all_open:
+                    return {}  # the host saw every gate open (CPU): plain LoRA, no gate gather or row selection
+                if x.is_cpu:  # decisions, which the torch backend uses without comparing (the kernels would cast)
+                    return {"gate": decision.row_decisions(x)}
             gate = decision.row_gates(x)
             if self.training and not gate.requires_grad and torch.is_grad_enabled():
                 self._warn_if_router_cut_off()
@@ -171,6 +180,9 @@ class GatedLoRALinear(nn.Module):
         if forced == 0.0 or (forced is None and skip_closed):
             return self.base_layer(x, *args, **kwargs)
         lora_x = self._lora_input(x)
+        span = self._open_span(x, hard, forced, decision)
+        if span is not None:
+            return self._add_to_span(x, lora_x, span, args, kwargs)
         # the gate arguments may override hard (a forced gate is a soft one)
         options = {"threshold": self.threshold, "hard": hard, **self._gate_arguments(x, lora_x, forced, decision)}
         if "gate_weight" in options and x.numel() == x.shape[-1] and x.device.type == "cpu" \
@@ -189,6 +201,30 @@ class GatedLoRALinear(nn.Module):
         # Arguments valid by construction (the layer's own shapes and gates): the op's checks are skipped.
         return gated_lora(lora_x, result, lora_a, lora_b, self.scaling, **options, backend=self.backend,
                           inplace=inplace, straight_through=self.straight_through, validate=False)
+
+    def _open_span(self, x: torch.Tensor, hard: bool, forced: float | None, decision: RouteDecision | None
+                   ) -> tuple[int, int] | None:
+        """The open sequences as one slice of the batch (``RouteDecision.open_span``) where this call may use it:
+        hard gates, nothing forced, no autograd, exact base mode, x batch first. Else None (the gate decides)."""
+        if decision is None or decision.open_span is None or forced is not None or not hard:
+            return None
+        if torch.is_grad_enabled() or self.base_mode != "exact" or x.dim() < 2 or x.shape[0] != decision.batch:
+            return None
+        return decision.open_span
+
+    def _add_to_span(self, x: torch.Tensor, lora_x: torch.Tensor, span: tuple[int, int], args: tuple, kwargs: dict
+                     ) -> torch.Tensor:
+        """The base output with plain LoRA added to the sequences ``span[0]..span[1]-1`` (views of x and of
+        the output: at decode this costs what every sequence open costs, where masking the closed rows of a
+        mixed batch cost 0.06x the step more, docs/design.md "The hot path")."""
+        lora_a, lora_b = self._adapter_weights()
+        result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
+        if not inplace:  # someone may hold the base output: leave it as it is
+            result = result.clone()
+        lo, hi = span
+        gated_lora(lora_x.narrow(0, lo, hi - lo), result.narrow(0, lo, hi - lo), lora_a, lora_b, self.scaling,
+                   backend=self.backend, inplace=True, validate=False)
+        return result
 
     def _base_output(self, x: torch.Tensor, lora_x: torch.Tensor, args: tuple, kwargs: dict
                      ) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -219,7 +255,7 @@ class GatedLoRALinear(nn.Module):
         return True
 
     # Host time matters here (docs/design.md, "The hot path"): each nn.Module attribute lookup costs about
-    # 0.4 us (Module.__getattr__), so the two helpers below read the submodule dict once.
+    # 0.4 us (Module.__getattr__), so the helpers below read the submodule and parameter dicts directly.
 
     def _lora_input(self, x: torch.Tensor) -> torch.Tensor:
         """x after LoRA dropout; x itself when dropout is off (eval, p=0), without calling the module."""
@@ -231,8 +267,8 @@ class GatedLoRALinear(nn.Module):
     def _adapter_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lora_A weight [r, K], lora_B weight [N, r]) of the adapter."""
         modules = self._modules
-        return (modules["lora_A"]._modules[self.adapter_name].weight,
-                modules["lora_B"]._modules[self.adapter_name].weight)
+        return (_weight(modules["lora_A"]._modules[self.adapter_name]),
+                _weight(modules["lora_B"]._modules[self.adapter_name]))
 
     def _fused_layer_reason(self, x: torch.Tensor, lora_x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """Why base_mode="fused" cannot hand this call to ``gated_lora_fused`` (None: it can)."""

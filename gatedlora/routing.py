@@ -32,6 +32,13 @@ from .ops.gates import gate_values, probability_dtype
 OPEN_LOGIT = 6.0
 
 
+def contiguous_span(decisions: torch.Tensor) -> tuple[int, int] | None:
+    """(lo, hi) where the True entries of ``decisions`` [B] (CPU, at least one) are exactly ``lo..hi-1``, else None."""
+    opened = decisions.nonzero().flatten().tolist()
+    lo, hi = opened[0], opened[-1] + 1
+    return (lo, hi) if hi - lo == len(opened) else None
+
+
 def open_logit(threshold: float) -> float:
     """A logit whose sigmoid clears ``threshold`` with margin (fresh gates start open)."""
     return max(OPEN_LOGIT, math.log(threshold / (1.0 - threshold)) + 4.0)
@@ -344,6 +351,7 @@ class SequenceRouter(nn.Module):
         threshold = self.threshold  # read once: another thread may set it meanwhile
         decisions = gate_values(probabilities.detach(), threshold, True).bool()
         all_open = all_closed = False
+        open_span = None
         # On the CPU the host sees the decision for free: a batch with every gate closed then skips the
         # adapter call (checks, gate gather, nonzero) in every layer. On a GPU reading it would be a host
         # sync, and in a compiled graph a graph break, so there the kernel skips on the device instead.
@@ -352,7 +360,8 @@ class SequenceRouter(nn.Module):
             # whatever self.hard is: soft routing with p = 0.2 must not open that row under hard gates
             all_open = bool(decisions.all())
             all_closed = not bool((gate_values(gates.detach(), threshold, self.hard) != 0).any())
-        return RouteDecision(probabilities, gates, decisions, threshold, all_open, all_closed)
+            open_span = contiguous_span(decisions) if not (all_open or all_closed) else None
+        return RouteDecision(probabilities, gates, decisions, threshold, all_open, all_closed, open_span)
 
     def _decide_route(self, logits: torch.Tensor, batch: int, hidden: torch.Tensor) -> RouteDecision:
         """Several adapters: each sequence's route from the router's logits [B, N + 1] (argmax, in fp32)."""

@@ -1,4 +1,6 @@
 """Single-pass PRISM routing: per-sequence gates decided after block router_layer, held through generate()."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -13,10 +15,10 @@ LAYERS = 4
 ROUTER_LAYER = 1
 
 
-def prism_setup(arch="llama", side="left"):
+def prism_setup(arch="llama", side="left", want_open=(True, False, False, True)):
     model = tiny_peft_model(arch, layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
     ids, mask = padded_batch([7, 4, 9, 5], 9, side=side)
-    want_open = [True, False, False, True]
+    want_open = list(want_open)
     router = splitting_router(model, [(ids, mask, want_open)], ROUTER_LAYER)
     with torch.no_grad():
         peft = model(input_ids=ids, attention_mask=mask).logits
@@ -36,6 +38,33 @@ def test_one_pass_routing_matches_base_and_peft_per_sequence(arch, side):
     assert torch.equal(logits[~want_open], base[~want_open])  # closed sequences: the base model, bitwise
     assert (logits[want_open] - peft[want_open]).abs().max() < 1e-5
     assert (logits[want_open] - base[want_open]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("want_open,span", [((False, True, True, False), (1, 3)), ((True, False, False, False), (0, 1)),
+                                             ((False, True, True, True), (1, 4)), ((True, False, True, False), None)])
+def test_open_sequences_in_one_slice_of_the_batch_match_base_and_peft_at_prefill_and_decode(want_open, span):
+    """Where the open sequences are one slice of the batch the layers add plain LoRA to that slice (views,
+    no gate); elsewhere the gate decides. Either way closed sequences are the base model bit for bit."""
+    model, ids, mask, want, router, _, _ = prism_setup(want_open=want_open)
+    step = torch.full((4, 1), 5)
+    step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+    with torch.no_grad():
+        want_logits = []
+        for adapter in (True, False):  # PEFT with the adapter on every sequence, then the base model
+            with contextlib.ExitStack() as stack:
+                if not adapter:
+                    stack.enter_context(model.disable_adapter())
+                out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+                decode = model(input_ids=step, attention_mask=step_mask, past_key_values=out.past_key_values)
+                want_logits.append((out.logits, decode.logits))
+        patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        assert get_router(model).routes_of(out).open_span == span
+        decode = model(input_ids=step, attention_mask=step_mask, past_key_values=out.past_key_values)
+    for got, peft, base in zip((out.logits, decode.logits), *want_logits):
+        assert torch.equal(got[~want], base[~want])
+        assert (got[want] - peft[want]).abs().max() < 1e-5
+        assert (got[want] - base[want]).abs().max() > 1e-3
 
 
 def _generate(model, ids, mask, **kw):
