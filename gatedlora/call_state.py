@@ -101,7 +101,7 @@ class RouteDecision:
     def row_decisions(self, x: torch.Tensor) -> torch.Tensor:
         """Each sequence's decision (True: adapter) repeated over its rows of x [B, ..., K]. Returns [M] bool,
         kept as ``row_gates``. A layer with hard gates passes these to the op on the CPU, where the torch
-        backend then compares nothing (docs/design.md, "The hot path")."""
+        backend then compares nothing (docs/design.md, "Sequence gates on the CPU")."""
         return self._per_row("decisions", self.decisions, x)
 
     def _per_row(self, name: str, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

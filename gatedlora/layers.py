@@ -216,7 +216,7 @@ class GatedLoRALinear(nn.Module):
                      ) -> torch.Tensor:
         """The base output with plain LoRA added to the sequences ``span[0]..span[1]-1`` (views of x and of
         the output: at decode this costs what every sequence open costs, where masking the closed rows of a
-        mixed batch cost 0.06x the step more, docs/design.md "The hot path")."""
+        mixed batch cost 0.04-0.06x the step more; docs/design.md, "Sequence gates on the CPU")."""
         lora_a, lora_b = self._adapter_weights()
         result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
         if not inplace:  # someone may hold the base output: leave it as it is
