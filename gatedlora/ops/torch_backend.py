@@ -36,14 +36,14 @@ from .gates import cpu_scalar, gate_is_open, open_rows, probability_dtype, token
 # Gathering needs at least this many rows to pay for its nonzero and index_add (docs/design.md).
 GATHER_MIN_ROWS = 16
 
-def _lora_input(args: GatedLoraArgs, is_open: torch.Tensor | None = None) -> torch.Tensor:
+def _lora_input(args: GatedLoraArgs, open_column: torch.Tensor | None = None) -> torch.Tensor:
     """x in the LoRA dtype (PEFT casts x to it). A bfloat16 matmul on the CPU (oneDNN) computes rows in
     pairs, so an inf or NaN in one row of x also spoils the other row of its pair: there the closed rows
-    (``is_open`` [M]) are zeroed first; fp32 and fp16 matmuls keep rows apart."""
+    (``open_column`` [M, 1] False) are zeroed first; fp32 and fp16 matmuls keep rows apart."""
     x = args.x
     x = x if x.dtype == args.lora_a.dtype else x.to(args.lora_a.dtype)
-    if is_open is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        x = torch.where(is_open.unsqueeze(1), x, _zero(x))
+    if open_column is not None and x.dtype == torch.bfloat16 and x.is_cpu:
+        x = torch.where(open_column, x, _zero(x))
     return x
 
 
@@ -105,15 +105,16 @@ def add_every_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
 
 
 def _zero(t: torch.Tensor) -> torch.Tensor | float:
-    return cpu_scalar(0.0, t.dtype) if t.device.type == "cpu" else 0.0
+    return cpu_scalar(0.0, t.dtype) if t.is_cpu else 0.0
 
 
 def _add_folded(out: torch.Tensor, args: GatedLoraArgs, is_open: torch.Tensor, g: torch.Tensor | None) -> None:
-    u = F.linear(_lora_input(args, is_open), args.lora_a)  # [M, r]
+    open_column = is_open.unsqueeze(1)
+    u = F.linear(_lora_input(args, open_column), args.lora_a)  # [M, r]
     if g is not None:
         u.mul_(g.to(u.dtype).unsqueeze(1))
     # one call where masked_fill_ on the negated mask is two (3.6 against 4.1 us at M=8, r=16, one core)
-    _add_product(out, torch.where(is_open.unsqueeze(1), u, _zero(u)), args)
+    _add_product(out, torch.where(open_column, u, _zero(u)), args)
 
 
 def add_folded(out: torch.Tensor, args: GatedLoraArgs) -> None:
