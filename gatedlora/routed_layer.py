@@ -71,7 +71,7 @@ class RoutedLoRALinear(GatedLoRALinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = self.adapter_names
         if not names or forced_gate(self) == 0.0:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base(x, args, kwargs)
         decision = self.route.in_force()
         if decision is None:
             decision = self.route.decision()  # raises: not decided yet
@@ -80,7 +80,7 @@ class RoutedLoRALinear(GatedLoRALinear):
         lora_a, lora_b = self._adapter_weight_tuples()
         if route is not None and not self._records_gradients(lora_a + lora_b):  # one route for every sequence
             if slot < 0:
-                return self.base_layer(x, *args, **kwargs)  # the base model, or an adapter this layer lacks
+                return self._base(x, args, kwargs)  # the base model, or an adapter this layer lacks
             # one adapter (host-visible): plain LoRA with it, as PEFT computes
             result, lora_x, inplace = self._base_output(x, self._dropout(x, (names[slot],)), args, kwargs)
             return gated_lora(lora_x, result, lora_a[slot], lora_b[slot], self.scalings[slot], backend=self.backend,
