@@ -1,4 +1,5 @@
 """GatedLoRALinear on its own: token gates, dropout in training, closed rows bitwise."""
+import pytest
 import torch
 from torch import nn
 
@@ -94,3 +95,40 @@ def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypa
             assert torch.equal(y, base)
         else:  # hard and open: plain LoRA, the gate is not evaluated again
             assert "gate" not in calls[0] and "gate_weight" not in calls[0]
+
+
+def _hook_pre(layer, calls):
+    return layer.base_layer.register_forward_pre_hook(lambda module, args: calls.append("pre"))
+
+
+def _hook_post(layer, calls):
+    return layer.base_layer.register_forward_hook(lambda module, args, output: calls.append("post"))
+
+
+def _replace_forward(layer, calls):  # as accelerate's offload hooks do
+    plain = layer.base_layer.forward
+
+    def forward(x):
+        calls.append("forward")
+        return plain(x)
+
+    layer.base_layer.forward = forward
+
+
+@pytest.mark.parametrize("attach", [_hook_pre, _hook_post, _replace_forward])
+@pytest.mark.parametrize("gate_open", [True, False], ids=["open", "closed"])
+def test_a_hooked_or_replaced_base_layer_is_called_as_a_module(attach, gate_open):
+    """A plain nn.Linear base layer runs as F.linear (its forward, without a module call's frames) only where
+    nothing hooks or replaces it: otherwise the module is called, hooks and all, open row or closed."""
+    layer = fresh_layer().eval()
+    with torch.no_grad():
+        layer.gate_bias.fill_(30.0 if gate_open else -30.0)
+        layer.gate_weight.zero_()
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        plain = layer(x)
+        calls = []
+        attach(layer, calls)
+        hooked = layer(x)
+    assert calls and torch.equal(hooked, plain)
+    assert torch.equal(plain, layer.base_layer(x)) != gate_open
