@@ -156,10 +156,11 @@ def test_k_zero_gives_the_base_output(backend):
     assert torch.equal(bits(token), bits(base))
 
 
+@pytest.mark.parametrize("m,fraction", [(24, "75%"), (1, "one"), (1, "none")])
 @pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
-def test_bool_decisions_as_the_gate(backend, hard):
+def test_bool_decisions_as_the_gate(backend, hard, m, fraction):
     """A bool gate holds each row's decision: the term of the probabilities that made it under hard gates,
     and a gate of 1 or 0 under soft ones (the threshold is not read)."""
-    case = make_case(29, 24, 64, 40, 8, torch.float32, "given-hard", "75%", device=backend.device)
+    case = make_case(29, m, 64, 40, 8, torch.float32, "given-hard", fraction, device=backend.device)
     out = run(backend, case, gate=case["open"].to(case["x"].device), hard=hard, threshold=0.99)
     check_against_reference(case, out)

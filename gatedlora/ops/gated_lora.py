@@ -72,9 +72,6 @@ def gated_lora(
     if validate and inplace and overlaps(base_out, (x, lora_a, lora_b, gate, gate_weight, gate_bias)):
         # a kernel would read x (or a weight) while writing base_out: compute into a copy first
         return base_out.copy_(run(args, base_out, backend, inplace=False, straight_through=straight_through))
-    if inplace and not torch.is_grad_enabled():  # nothing to record: ``run`` without its frame (the layers' path)
-        gated_lora_add_(base_out, args, backend)
-        return base_out
     return run(args, base_out, backend, inplace, straight_through)
 
 
