@@ -169,8 +169,7 @@ class GatedLoRALinear(nn.Module):
                           stacklevel=3)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # ``gates_are_hard`` written out: a property costs a Python frame on every call
-        hard = self.train_hard if self.training and self.train_hard is not None else self.hard
+        hard = self.gates_are_hard
         forced = forced_gate(self)
         decision = self.route.in_force() if self.gate_mode == "sequence" else None  # this call's routes
         # The router's all_closed is decided with the configured ``hard``; it also holds for hard
