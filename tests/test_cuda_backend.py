@@ -173,18 +173,18 @@ def test_gpu_fused_graph_replays_on_another_stream_beside_eager_calls():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            gatedlora.gated_lora_fused(**kwargs)
+            gated_lora_fused(**kwargs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            y = gatedlora.gated_lora_fused(**kwargs)
+            y = gated_lora_fused(**kwargs)
         torch.cuda.synchronize()
         results = []
         for _ in range(20):
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 graph.replay()
-            results.append(gatedlora.gated_lora_fused(**eager_kwargs))
+            results.append(gated_lora_fused(**eager_kwargs))
             torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
     check_fused(case, y)

@@ -89,7 +89,21 @@ def capture_decode_step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     graph.replay()
     torch.cuda.synchronize()
     check_lengths("after the first replay")
-    return graph.replay, logits
+    return CapturedStep(graph, cache, step), logits
+
+
+class CapturedStep:
+    """Replays a captured decode step. The graph holds raw addresses of what it reads and writes (the step's
+    input ids, mask and positions, the static cache and its lengths) but no reference to them: it keeps
+    them alive here. Returning ``graph.replay`` alone let them be freed, and a replay after the next
+    provider's allocations read token ids and cache lengths from reused memory (a device-side assert in
+    the embedding's ``index_select`` and the cache's ``index_copy_``, seen on an H100)."""
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph", cache: object, step: dict):
+        self.graph, self.cache, self.step = graph, cache, step
+
+    def __call__(self) -> None:
+        self.graph.replay()
 
 
 def compile_decode_step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_argument: str,

@@ -8,10 +8,11 @@ Strategies (docs/design.md, "Several adapters": measured on one CPU core):
   adapter's rank-r product of every row; setting to 0 the columns of u that are not the row's adapter's
   leaves exactly that adapter, and ``out.addmm_(u, B_cat^T)`` adds it. Four PyTorch calls whatever the
   number of adapters (at decode sizes each call costs more host time than its arithmetic), no host read
-  (so the strategy off the CPU). Costs ``R / r`` times the arithmetic of one adapter per row; a base row
-  gets ``+0.0`` added (bit for bit its base output, but that an exact ``-0.0`` comes back ``+0.0``, as in
-  the one-adapter folded strategy). The columns are masked, not multiplied by 0: an inf in a base row, or
-  an overflow in another adapter's columns, would otherwise become NaN (inf * 0) in the row's output.
+  (so the strategy off the CPU). Costs ``R / r`` times the arithmetic of one adapter per row. On the CPU a
+  base row gets ``+0.0`` added (bit for bit its base output, but that an exact ``-0.0`` comes back ``+0.0``,
+  as in the one-adapter folded strategy); off the CPU a ``where`` gives base rows back their exact bits.
+  The columns are masked, not multiplied by 0: an inf in a base row, or an overflow in another adapter's
+  columns, would otherwise become NaN (inf * 0) in the row's output.
 * ``grouped`` (larger M on the CPU, the PEFT mixed batch's plan done once): the rows sorted by adapter
   (one ``argsort``) and counted on the host (one ``bincount`` read); the non-base rows gathered once,
   each adapter's two matmuls on its contiguous run of them, and one ``index_add_`` back. A batch whose
@@ -61,8 +62,17 @@ def add_concatenated(out: torch.Tensor, args: MultiLoraArgs) -> None:
     u = torch.mm(_lora_x(args, every_row=True), lora_a_t)  # [M, R]
     # Index -1 (the base output) and, off the CPU where the index is not checked, any value outside [0, A)
     # match no column: those rows add 0.
-    u.masked_fill_(owners != args.adapter_index.unsqueeze(1), 0)
-    if out.dtype == u.dtype:
+    not_owned = owners != args.adapter_index.unsqueeze(1)
+    u.masked_fill_(not_owned, 0)
+    if out.device.type != "cpu":
+        # A GPU's add returns its own NaN for any NaN (an H100 turned a poisoned base row's 0x7FC00000 into
+        # 0x7FFFFFFF) and -0.0 + 0.0 is +0.0: base rows take their bits back with one where, a pass over out
+        # that this fallback pays for bitwise base rows (on the CPU NaN keeps its bits, and the host time
+        # of one more call is the decode target's margin).
+        on_base = not_owned.all(dim=1, keepdim=True)
+        summed = torch.addmm(out, u, lora_b_t) if out.dtype == u.dtype else (out + torch.mm(u, lora_b_t)).to(out.dtype)
+        torch.where(on_base, out, summed, out=out)
+    elif out.dtype == u.dtype:
         out.addmm_(u, lora_b_t)
     else:
         _add(out, torch.mm(u, lora_b_t))
