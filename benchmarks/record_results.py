@@ -23,15 +23,28 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
+def model_level_results(result: dict) -> dict[str, dict]:
+    """The model-level comparisons a results file holds, by label: a ``gatedlora bench`` JSON is one; a
+    ``tools/gpu_check.py`` JSON holds its model stage's (one adapter, and four adapters where it ran)."""
+    if result.get("kind") != "gpu_check":
+        return {"": result}
+    model = result.get("stages", {}).get("model", {})
+    found = {}
+    for label, part in (("", model), (", 4 adapters", model.get("multi_adapter", {}))):
+        if part.get("scenarios") and part.get("providers"):
+            found[label] = {**part, "environment": result["environment"]}
+    return found
+
+
 def latest_per_device(results_dir: Path) -> dict[str, dict]:
     latest: dict[str, dict] = {}
     for path in sorted(results_dir.glob("*.json")):
-        result = json.loads(path.read_text())
-        env = result.get("environment", {})
-        device = env.get("device", "unknown")
-        if device not in latest or env.get("date", "") > latest[device]["environment"].get("date", ""):
-            result["_file"] = path.name
-            latest[device] = result
+        for label, result in model_level_results(json.loads(path.read_text())).items():
+            env = result.get("environment", {})
+            device = env.get("device", "unknown") + label
+            if device not in latest or env.get("date", "") > latest[device]["environment"].get("date", ""):
+                result["_file"] = path.name
+                latest[device] = result
     return latest
 
 
