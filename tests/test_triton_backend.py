@@ -84,11 +84,13 @@ def test_two_pass_every_tile_config(tiles, r, elt, split_k, mode):
 
 
 def test_two_pass_path_by_rows():
-    """Decode sizes keep the one-launch kernel; from TWO_PASS_FROM_ROWS rows the two passes run."""
-    case = make_case(3, 1, 64, 48, 8, torch.float32, "given-hard", "all")
-    assert not tb.uses_two_pass(args_of(case))
-    case = make_case(3, tb.TWO_PASS_FROM_ROWS, 64, 48, 8, torch.float32, "given-hard", "all")
-    assert tb.uses_two_pass(args_of(case))
+    """From TWO_PASS_FROM_ROWS rows (one row, as the H100 measured) the two passes run; a launch plan below
+    it would be the one-pass kernel's."""
+    assert tb.TWO_PASS_FROM_ROWS == 1
+    for m in (1, 5, 64):
+        assert tb.uses_two_pass(args_of(make_case(3, m, 64, 48, 8, torch.float32, "given-hard", "all")))
+    launch = tb.TritonBackend().launcher(args_of(make_case(3, 1, 64, 48, 8, torch.bfloat16, "given-hard", "all")))
+    assert launch.func is tb.launch_two_pass
     tiles, split_k = tb.two_pass_launch(args_of(make_case(3, 1, 4096, 48, 16, torch.bfloat16, "none")))
     assert tiles.shrink_m == 16 and split_k == 4096 // tiles.block_k  # one token: K split as far as it goes
 

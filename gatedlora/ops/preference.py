@@ -16,7 +16,22 @@ from __future__ import annotations
 
 import torch
 
-MEASURED: dict[str, dict[tuple[str, str], dict[int, str]]] = {}
+# sm_90: an H100 80GB HBM3 (torch 2.11, Triton 3.6), gpu_check's layer stage at commit e758e95
+# (benchmarks/results/nvidia-h100-80gb-hbm3-e758e957e9fc.json; the stage ran out of time after q_proj's two
+# dtype pairs and part of down_proj and up_proj, so bf16 LoRA weights were measured at K=N=4096 only). M <= 64:
+# CUDA-graph replays of cuda and triton (the torch backend was not captured in that run); above, eager with L2
+# flushed. The triton backend's times at M <= 64 are those of its two-pass path, timed beside the one-pass
+# kernel that it ran then (q_proj; the two passes now run at every M, triton_backend.TWO_PASS_FROM_ROWS).
+# Geometric-mean ratio to the base layer over open fractions 0, 6%, 75%, 100%:
+#   bf16 x, fp32 LoRA: M=1 cuda 1.41 / triton 1.86; M=8 triton 2.17 / cuda 2.43; M=64 triton 1.49 / cuda 2.59;
+#   M=512 triton 2.60 / cuda 2.82 / torch 2.93; M=4096 triton 1.47 / cuda 1.70 / torch 2.17.
+#   bf16 x, bf16 LoRA: triton first at every M (M=1 1.31 against cuda 1.47; M=4096 1.27 against torch 1.31).
+MEASURED: dict[str, dict[tuple[str, str], dict[int, str]]] = {
+    "sm_90": {
+        ("bfloat16", "float32"): {1: "cuda", 8: "triton", 64: "triton", 512: "triton", 4096: "triton"},
+        ("bfloat16", "bfloat16"): {1: "triton", 8: "triton", 64: "triton", 512: "triton", 4096: "triton"},
+    },
+}
 
 
 def byte_model_order(m_bucket: int) -> tuple[str, ...]:

@@ -1,9 +1,10 @@
 """The triton backend: the kernel contract's reasons, and two launch paths chosen per configuration.
 
-* Decode sizes (fewer than ``TWO_PASS_FROM_ROWS`` rows): one launch of ``gated_lora_add_kernel``
-  (triton_kernel.py), 16-row tiles, ``n_split`` programs along N.
-* Larger M (and fp32 LoRA weights of rank above 64, which no 16-row one-pass tile fits without spilling):
+* From ``TWO_PASS_FROM_ROWS`` rows (every M, since an H100 measured it faster wherever a row is open):
   ``shrink_kernel`` then ``expand_kernel`` (triton_two_pass.py).
+* Below it (no M at present), where a 16-row one-pass tile fits (not fp32 LoRA weights of rank above 64):
+  one launch of ``gated_lora_add_kernel`` (triton_kernel.py), 16-row tiles, ``n_split`` programs along N;
+  the layer benchmark times it beside the two passes.
 
 Nothing here synchronises with the device: the gate is decided inside the kernels, ``gate_bias``
 is passed by pointer, and every launch parameter comes from shapes, strides and dtypes. A call can
@@ -235,12 +236,14 @@ def launch(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig, n_split: i
 
 # --- the two-pass path (triton_two_pass.py): shrink split over K, then a 2-D expand -----------------------
 
-# Row counts (M buckets) from which the two-pass path runs. Below it the one-pass kernel's single launch
-# wins where it matters most: a decode step with every gate closed costs one early-exiting launch (1.2 us
-# on an H100) instead of two. From 64 rows up the one-pass kernel's few programs are the bottleneck (M=64:
-# 12.0 us one-pass against 7.9 us for a cuBLAS shrink plus a 2-D expand; M=4096: 121 us against 43.5 us;
-# benchmarks/results/gpu-notes.md). 32 rows sit between two measurements; the two-pass path takes them.
-TWO_PASS_FROM_ROWS = 32
+# Row counts (M buckets) from which the two-pass path runs: every M. The H100's layer stage (e758e95, q_proj
+# K=N=4096, r=16, graph replays; benchmarks/results/gpu-notes.md) timed both paths side by side: with a row
+# open at M=1 and 8 the two passes took 35 us against the one-pass kernel's 72 us with fp32 LoRA weights
+# (PEFT's default on a bf16 model; base layer 15.5 us, PEFT 33-40 us) and 24 against 30.5 us with bf16
+# ones; with every row closed they cost 1.6 us more (two early-exiting launches, 19.7 against 18.1 us).
+# The one-pass kernel re-reads A in each of its N-tile programs; the shrink reads it once, split over K.
+# The one-pass kernel stays for that side-by-side timing (the layer stage's "triton one-pass").
+TWO_PASS_FROM_ROWS = 1
 
 
 @dataclass(frozen=True)
