@@ -470,7 +470,13 @@ def stage_layer(result: dict, save, deadline_s: float, dry_run: bool) -> None:
         kwargs = dict(shapes={"tiny": (64, 96, None)}, rows=(1, 8), fractions=(0.0, 0.75), r=8, dtype=torch.float32,
                       rep_ms=5)
     result["backends"] = backends
-    result.update(layer_level.run_layer_benchmark(device, backends, budget_s=deadline_s - 5, log=print, **kwargs))
+    def keep(record: dict) -> None:  # saved case by case: a stage killed at its budget keeps what it timed
+        result.setdefault("cases", []).append(record)
+        result["auto_table"] = auto_table(result["cases"], device)
+        save()
+
+    result.update(layer_level.run_layer_benchmark(device, backends, budget_s=deadline_s - 5, log=print,
+                                                  on_case=keep, **kwargs))
     result["auto_table"] = auto_table(result["cases"], device)
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["status"] = "ok" if result["cases"] else "failed: no case ran"
@@ -478,9 +484,9 @@ def stage_layer(result: dict, save, deadline_s: float, dry_run: bool) -> None:
 
 def auto_table(cases: list[dict], device) -> dict:
     """Which exact-mode backend is fastest per dtype pair and M, over the shapes and open fractions measured:
-    the measured input to ``auto``'s order (gatedlora/ops/preference.py ``MEASURED``). Where some backends were
-    timed as graph replays (decode sizes) only those compete, on graph times: a decode step a user captures
-    cannot hold the torch backend's host reads; elsewhere every backend competes on eager times."""
+    the measured input to ``auto``'s order (gatedlora/ops/preference.py ``MEASURED``). At decode sizes the
+    backends compete on graph replays (what a served decode step runs), elsewhere on eager times; a backend
+    with no time in that mode does not compete."""
     import torch
 
     samples: dict = {}

@@ -69,15 +69,25 @@ def load(kind: str, model_dir: Path, router_dir: Path, device: torch.device, dty
     return gatedlora.load_pretrained(model, router_dir)
 
 
-def run_forward(kind: str, model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One routing forward (route-only) or prefill (full, last position's logits only); the probabilities [B]."""
+def run_forward(kind: str, model, input_ids: torch.Tensor, mask: torch.Tensor, use_cache: bool = False
+                ) -> torch.Tensor:
+    """One routing forward (route-only) or prefill (full, last position's logits only; ``use_cache``: filling a
+    KV cache, as ``generate``'s prefill does); the probabilities [B]."""
     from gatedlora import get_router
 
     with torch.no_grad():
         if kind == "route-only":
             return model(input_ids, mask).probabilities
-        model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
+        model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1, use_cache=use_cache)
         return get_router(model).last_probabilities
+
+
+def compare_probabilities(route_only: torch.Tensor, full: torch.Tensor) -> dict:
+    """Bitwise equality, the largest difference and the number of decisions (p >= 0.5) that differ."""
+    difference = (route_only.float() - full.float()).abs().max().item() if route_only.numel() else 0.0
+    decisions = int(((route_only.float() >= 0.5) != (full.float() >= 0.5)).sum())
+    return {"bitwise_equal": torch.equal(route_only, full), "max_difference": difference,
+            "decisions_differing": decisions}
 
 
 def child_memory(kind: str, model_dir: str, router_dir: str, device: str, dtype: str, batch: int,
@@ -155,6 +165,10 @@ def run_route_only_benchmark(spec: LlamaSpec, router_layer: int = 0, batch: int 
     mask = torch.ones_like(ids)
     probabilities = {kind: run_forward(kind, m, ids, mask).clone() for kind, m in models.items()}
     bitwise = torch.equal(probabilities["route-only"], probabilities["full"])
+    # against both prefills a server may run: the one timed (no KV cache) and generate()'s (filling one)
+    agreement = {"full": compare_probabilities(probabilities["route-only"], probabilities["full"]),
+                 "full with KV cache": compare_probabilities(
+                     probabilities["route-only"], run_forward("full", models["full"], ids, mask, use_cache=True))}
     routed = int((probabilities["full"].float() >= 0.5).sum())
     timings = time_side_by_side({kind: (lambda k=kind, m=m: run_forward(k, m, ids, mask))
                                  for kind, m in models.items()}, dev, budget_s=budget_s)
@@ -163,7 +177,7 @@ def run_route_only_benchmark(spec: LlamaSpec, router_layer: int = 0, batch: int 
              for key in ("weight_bytes", "peak_bytes")}
     return {
         "environment": environment(dev), "spec": asdict(spec), "router_layer": router_layer, "batch": batch,
-        "length": length, "dtype": dtype_name, "probabilities_bitwise_equal": bitwise,
+        "length": length, "dtype": dtype_name, "probabilities_bitwise_equal": bitwise, "agreement": agreement,
         "routed_to_adapter": f"{routed}/{batch}", "memory": memory,
         "time_ms": {kind: {"median": t.median_s * 1e3, "q1": t.q1_s * 1e3, "q3": t.q3_s * 1e3, "runs": t.runs}
                     for kind, t in timings.items()},
@@ -187,6 +201,10 @@ def format_result(result: dict) -> str:
     peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes']:.3f}"
     lines.append(f"route-only / full: weights {r['weight_bytes']:.3f}, peak memory {peak}, "
                  f"forward time {r['time']:.3f} (blocks {r['blocks']:.3f}); peak: {m['full']['peak_measure']}")
+    for kind, found in result.get("agreement", {}).items():
+        if not found["bitwise_equal"]:
+            lines.append(f"against the {kind}: largest probability difference {found['max_difference']:.3g}, "
+                         f"{found['decisions_differing']} decision(s) differ")
     lines += [f"warning: {w}; the times are inflated and noisy" for w in result["machine_load_warnings"]]
     return "\n".join(lines)
 
