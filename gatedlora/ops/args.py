@@ -103,6 +103,29 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
+def check_x_and_base_out(x, base_out, inplace, op: str) -> None:
+    """The rules every op shares for x [..., K], base_out [..., N] and ``inplace``: float tensors of one dtype
+    with the same leading dims, and an in-place base_out whose elements have their own memory."""
+    for name, t in (("x", x), ("base_out", base_out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"{op}: inplace must be a bool, got {inplace!r}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape [..., K], got a 0-dim tensor")
+    if base_out.shape[:-1] != x.shape[:-1] or base_out.dim() != x.dim():
+        raise ValueError(f"{op}: base_out must have the leading dims of x, shape {_shape(x)[:-1] + ['N']}, "
+                         f"got {_shape(base_out)}")
+    if x.dtype != base_out.dtype:
+        raise TypeError(f"{op}: x and base_out must share a dtype, got {x.dtype} and {base_out.dtype}")
+    if inplace and any(stride == 0 and size > 1 for size, stride in zip(base_out.shape, base_out.stride())):
+        raise ValueError(f"{op}: inplace=True needs a base_out whose elements have their own memory, got an "
+                         f"expanded tensor (shape {_shape(base_out)}, strides {list(base_out.stride())}); "
+                         "pass inplace=False or base_out.contiguous()")
+
+
 def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
                  inplace: bool = False, straight_through: bool = False, op: str = "gated_lora") -> None:
     """Raise TypeError/ValueError naming the first argument that is wrong (shapes as in ``gated_lora``).
@@ -111,21 +134,16 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
     the check costs no device sync. On a GPU it would, so there a NaN closes the gate and other values
     are used as they are (docs/design.md, "The operation").
     """
-    for name, t in (("x", x), ("base_out", base_out), ("lora_a", lora_a), ("lora_b", lora_b)):
+    check_x_and_base_out(x, base_out, inplace, op)
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-    for name, value in (("hard", hard), ("inplace", inplace), ("straight_through", straight_through)):
+    for name, value in (("hard", hard), ("straight_through", straight_through)):
         if not isinstance(value, bool):
             raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have shape [..., K], got a 0-dim tensor")
-    k = x.shape[-1]
-    if base_out.shape[:-1] != x.shape[:-1] or base_out.dim() != x.dim():
-        raise ValueError(f"{op}: base_out must have the leading dims of x, shape {_shape(x)[:-1] + ['N']}, "
-                         f"got {_shape(base_out)}")
-    n = base_out.shape[-1]
+    k, n = x.shape[-1], base_out.shape[-1]
     if lora_a.dim() != 2 or lora_a.shape[1] != k:
         raise ValueError(f"{op}: lora_a must have shape [r, K] = [r, {k}], got {_shape(lora_a)}")
     r = lora_a.shape[0]
@@ -138,16 +156,10 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
                          f"rank {lora_b.shape[1]} (shape {_shape(lora_b)}); expected lora_b of shape [{n}, {r}]")
     if lora_a.dtype != lora_b.dtype:
         raise TypeError(f"{op}: lora_a and lora_b must share a dtype, got {lora_a.dtype} and {lora_b.dtype}")
-    if x.dtype != base_out.dtype:
-        raise TypeError(f"{op}: x and base_out must share a dtype, got {x.dtype} and {base_out.dtype}")
     if isinstance(scaling, (bool, torch.Tensor)) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise TypeError(f"{op}: scaling must be a finite Python float, got {scaling!r}")
     if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
         raise ValueError(f"{op}: threshold must be a float in (0, 1), got {threshold!r}")
-    if inplace and any(stride == 0 and size > 1 for size, stride in zip(base_out.shape, base_out.stride())):
-        raise ValueError(f"{op}: inplace=True needs a base_out whose elements have their own memory, got an "
-                         f"expanded tensor (shape {_shape(base_out)}, strides {list(base_out.stride())}); "
-                         "pass inplace=False or base_out.contiguous()")
     if gate is not None and gate_weight is not None:
         raise ValueError(f"{op}: pass either gate (given per-row values) or gate_weight (token gate), not both")
     named = [("lora_a", lora_a), ("lora_b", lora_b), ("base_out", base_out)]

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .args import FLOAT_DTYPES, _shape
+from .args import FLOAT_DTYPES, _shape, check_x_and_base_out
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -91,20 +91,7 @@ def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool
     On CPU tensors the adapter index is also checked for values outside [-1, A): there the check costs
     no device sync. On a GPU it would, so there a row whose index is outside [0, A) gets the base output.
     """
-    for name, t in (("x", x), ("base_out", base_out)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-    if not isinstance(inplace, bool):
-        raise TypeError(f"{op}: inplace must be a bool, got {inplace!r}")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have shape [..., K], got a 0-dim tensor")
-    if base_out.shape[:-1] != x.shape[:-1] or base_out.dim() != x.dim():
-        raise ValueError(f"{op}: base_out must have the leading dims of x, shape {_shape(x)[:-1] + ['N']}, "
-                         f"got {_shape(base_out)}")
-    if x.dtype != base_out.dtype:
-        raise TypeError(f"{op}: x and base_out must share a dtype, got {x.dtype} and {base_out.dtype}")
+    check_x_and_base_out(x, base_out, inplace, op)
     k, n = x.shape[-1], base_out.shape[-1]
     for name, seq in (("lora_a", lora_a), ("lora_b", lora_b)):
         if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
@@ -139,10 +126,6 @@ def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool
     if adapter_index.device != x.device:
         raise ValueError(f"{op}: adapter_index is on {adapter_index.device} but x is on {x.device}; all tensors "
                          "must share a device")
-    if inplace and any(stride == 0 and size > 1 for size, stride in zip(base_out.shape, base_out.stride())):
-        raise ValueError(f"{op}: inplace=True needs a base_out whose elements have their own memory, got an "
-                         f"expanded tensor (shape {_shape(base_out)}, strides {list(base_out.stride())}); "
-                         "pass inplace=False or base_out.contiguous()")
     if adapter_index.device.type == "cpu" and not torch.compiler.is_compiling():
         flat = adapter_index.reshape(-1)
         bad = (flat < -1) | (flat >= len(lora_a))
