@@ -234,7 +234,8 @@ def test_auto_on_a_gpu_reads_the_dtype_of_every_adapter(monkeypatch):
     from gatedlora.ops import preference
 
     seen = []
-    monkeypatch.setattr(preference, "gpu_order", lambda device, x_dtype, lora_dtype, m: seen.append(lora_dtype) or ())
+    monkeypatch.setattr(preference, "gpu_order",
+                        lambda device, x_dtype, lora_dtype, m, table=None: seen.append(lora_dtype) or ())
     case = make_case(31, 4, 16, 8, (4, 2), torch.float32, lora_dtype=torch.float16)
     args = make_multi_args(case["x"], 8, case["lora_a"], case["lora_b"], tuple(case["scaling"]),
                            case["adapter_index"])

@@ -1,6 +1,7 @@
 """The order in which ``backend="auto"`` tries the GPU backends (gatedlora/ops/preference.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gatedlora.ops import preference
@@ -34,8 +35,25 @@ def test_unmeasured_classes_and_dtype_pairs_take_the_byte_model(monkeypatch):
         preference.byte_model_order(4096)
 
 
-def test_the_shipped_table_names_known_backends_only():
-    for arch, by_dtype in preference.MEASURED.items():
+def test_the_multi_adapter_op_orders_by_its_own_table(monkeypatch):
+    """gated_lora_multi's auto reads MULTI_MEASURED (the H100's model-level four-adapter run), not the one-adapter
+    table: torch first at decode sizes, triton at prefill sizes."""
+    from types import SimpleNamespace
+
+    from gatedlora.ops import backends
+
+    monkeypatch.setattr(preference, "device_class", lambda device: "sm_90")
+    args = SimpleNamespace(x=SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16),
+                           lora_dtype=torch.float32, m=8)
+    assert backends._candidates(args, preference.MULTI_MEASURED)[0] == "torch"
+    assert backends._candidates(args)[0] == preference.MEASURED["sm_90"][("bfloat16", "float32")][8]
+    args.m = 4096
+    assert backends._candidates(args, preference.MULTI_MEASURED)[0] == "triton"
+
+
+@pytest.mark.parametrize("table", [preference.MEASURED, preference.MULTI_MEASURED], ids=["one", "multi"])
+def test_the_shipped_table_names_known_backends_only(table):
+    for arch, by_dtype in table.items():
         assert arch.startswith("sm_")
         for (x_dtype, lora_dtype), by_m in by_dtype.items():
             assert hasattr(torch, x_dtype) and hasattr(torch, lora_dtype)

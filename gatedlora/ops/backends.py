@@ -176,9 +176,11 @@ def _reasons(name: str, args: GatedLoraArgs) -> list[str]:
     return [unavailable_reason(name)] if backend is None else backend.not_supported_reasons(args)
 
 
-def _choose(name: str, args, reasons_of: Callable[[str, object], list[str]] = _reasons) -> Backend:
+def _choose(name: str, args, reasons_of: Callable[[str, object], list[str]] = _reasons,
+            measured: dict | None = None) -> Backend:
     """The backend named (or under ``auto`` the first that can run ``args``); ``reasons_of(name, args)`` says
-    why a backend cannot."""
+    why a backend cannot; ``measured``: the table of measured winners ``auto`` orders by (the one-adapter
+    op's, ``preference.MEASURED``, when None)."""
     if name != "auto":
         why = reasons_of(name, args)
         if why:
@@ -186,7 +188,7 @@ def _choose(name: str, args, reasons_of: Callable[[str, object], list[str]] = _r
             raise RuntimeError(f"gated_lora: backend {name!r} {verb}: " + "; ".join(why))
         return _REGISTRY[name]
     reasons: list[str] = []
-    for candidate in _candidates(args):
+    for candidate in _candidates(args, measured):
         why = reasons_of(candidate, args)
         if not why:
             return _REGISTRY[candidate]
@@ -194,13 +196,13 @@ def _choose(name: str, args, reasons_of: Callable[[str, object], list[str]] = _r
     raise RuntimeError("gated_lora: no backend can run these inputs:\n  " + "\n  ".join(reasons))
 
 
-def _candidates(args) -> tuple:
+def _candidates(args, measured: dict | None = None) -> tuple:
     # GPU backends take CPU tensors only in the Triton interpreter: auto never picks it; ask by name instead.
     if args.x.device.type == "cpu":
         return ("torch",)
     if args.x.device.type != "cuda":
         return PREFERENCE
-    return preference.gpu_order(args.x.device, args.x.dtype, args.lora_dtype, m_bucket(args.m))
+    return preference.gpu_order(args.x.device, args.x.dtype, args.lora_dtype, m_bucket(args.m), measured)
 
 
 def dispatch_fused(requested: str, args: GatedLoraArgs, weight: torch.Tensor,
@@ -281,6 +283,6 @@ def dispatch_multi(requested: str, args) -> Dispatch:
         name = resolve_backend_name(requested)
         if requested == "auto" and name not in _MULTI:  # GATEDLORA_BACKEND names a backend with no multi kernel
             name = "auto"
-        backend = _choose(name, args, _multi_reasons)
+        backend = _choose(name, args, _multi_reasons, preference.MULTI_MEASURED)
         found = _remember(_DISPATCH, key, Dispatch(backend, _MULTI[backend.name].launcher(args)))
     return found

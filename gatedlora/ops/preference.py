@@ -33,6 +33,15 @@ MEASURED: dict[str, dict[tuple[str, str], dict[int, str]]] = {
     },
 }
 
+# The multi-adapter op (``gated_lora_multi``): its model-level comparison with four adapters, same H100 and
+# versions, commit 9e1c12d (benchmarks/results/nvidia-h100-80gb-hbm3-9e1c12dec747.json, bf16 Llama-3-8B
+# blocks, fp32 LoRA weights, decode replayed from CUDA graphs), time / base model: decode at batch 8 (8 rows
+# a projection) torch 1.40, triton 2.00; at batch 32 torch 1.25, triton 1.60; prefill 8 x 512 (4096 rows)
+# triton 1.45, torch 1.74. The torch backend there is two cuBLAS matmuls over every adapter at once.
+MULTI_MEASURED: dict[str, dict[tuple[str, str], dict[int, str]]] = {
+    "sm_90": {("bfloat16", "float32"): {8: "torch", 32: "torch", 4096: "triton"}},
+}
+
 
 def byte_model_order(m_bucket: int) -> tuple[str, ...]:
     """The GPU order without a measurement: triton, then cuda up to 16 rows, then torch."""
