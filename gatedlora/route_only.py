@@ -12,7 +12,6 @@ same inputs, and ``SequenceRouter.decide`` turns the block's output into routes 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import os
 from typing import Any, Iterator, Sequence
@@ -20,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .block_capture import capture_and_stop, output_of_block
 from .call_state import RouteDecision
 from .config import GatedLoraConfig
 from .io import read_saved
@@ -29,22 +29,6 @@ from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, prism_two_cl
 
 BASE_ROUTE = "base"  # the route name of prompts the base model answers
 ROUTER_PREFIX = f"{ROUTER_ATTRIBUTE}."  # the router's tensors in a gatedlora save
-
-# The block output of the forward running in this context (a list the hook appends to), so that
-# concurrent forwards (threads) each read their own.
-_captured: contextvars.ContextVar[list | None] = contextvars.ContextVar("gatedlora_route_only_capture", default=None)
-
-
-class _StopForward(Exception):
-    """Raised once block router_layer has run: nothing after it (final norm, pooler) is needed."""
-
-
-def _capture_and_stop(module: nn.Module, args: tuple, output: Any) -> None:
-    captured = _captured.get()
-    if captured is not None:
-        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-        raise _StopForward
-
 
 class RouteOnlyModel(nn.Module):
     """Embeddings + blocks ``0..router_layer`` (``backbone``) and the router (``route``): prompts in, routes out.
@@ -69,7 +53,7 @@ class RouteOnlyModel(nn.Module):
         self.backbone = backbone
         self.route = route
         self.route_names = (BASE_ROUTE, *adapters)
-        blocks[router_layer].register_forward_hook(_capture_and_stop)
+        blocks[router_layer].register_forward_hook(capture_and_stop)
 
     @classmethod
     def from_pretrained(cls, model_path: str | os.PathLike, router_path: str | os.PathLike, *,
@@ -99,19 +83,12 @@ class RouteOnlyModel(nn.Module):
         Pad on the right (``route_prompts`` does), or pass what the backbone needs for left padding
         (``position_ids``, as ``generate`` derives them from the mask) in ``backbone_kwargs``.
         """
-        token = _captured.set([])
-        try:
-            try:
-                self.backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
-            except _StopForward:
-                pass
-            captured = _captured.get()
-        finally:
-            _captured.reset(token)
-        if not captured:
+        hidden = output_of_block(lambda: self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                                       **backbone_kwargs))
+        if hidden is None:
             raise RuntimeError(f"RouteOnlyModel: block {self.route.config.router_layer} did not run in the "
                                "backbone's forward")
-        return self.route.decide(captured[0], attention_mask)
+        return self.route.decide(hidden, attention_mask)
 
     def routes(self, routes: torch.Tensor) -> list[str]:
         """The name of each route [B] (a route index, or a one-adapter decision as bool)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block_capture import capture_and_stop, output_of_block
 from .io import save_pretrained
 from .patching import force_gate, get_router, patch_state
 from .prompts import prompt_problem, read_jsonl, right_padded_batches, token_ids
@@ -53,10 +55,6 @@ class RouterTrainingResult:
                 f"{'/'.join(map(str, self.class_counts))}" + (f"; saved to {self.saved_to}" if self.saved_to else ""))
 
 
-class _StopForward(Exception):
-    """Raised by the feature hook once block router_layer has run: the later blocks are not needed."""
-
-
 def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer: Any = None, batch_size: int = 32,
                             max_length: int | None = None, progress: bool = True) -> torch.Tensor:
     """The router's input for each prompt: hidden state after block ``router_layer`` at the last token.
@@ -72,15 +70,9 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
     block = model.get_submodule(state.blocks_path)[state.config.router_layer]
     ids = token_ids(prompts, tokenizer, max_length, "train_router")
     device = next(model.parameters()).device
-    captured: list[torch.Tensor] = []
-
-    def stop_after_block(module: nn.Module, args: tuple, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-        raise _StopForward
-
     features = torch.empty(len(ids), 0)
     was_training = model.training
-    handle = block.register_forward_hook(stop_after_block, prepend=True)
+    handle = block.register_forward_hook(capture_and_stop, prepend=True)  # before the routing hook
     try:
         model.eval()
         with torch.no_grad(), force_gate(model, 0.0):
@@ -88,14 +80,9 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
             for rows, input_ids, mask in tqdm(batches, total=math.ceil(len(ids) / batch_size), desc="router features",
                                               unit="batch", disable=not progress):
                 length = input_ids.shape[1]
-                captured.clear()
-                try:
-                    model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-                except _StopForward:
-                    pass
-                if not captured:
+                hidden = output_of_block(partial(model, input_ids=input_ids.to(device), attention_mask=mask.to(device)))
+                if hidden is None:
                     raise RuntimeError(f"train_router: block {state.config.router_layer} did not run in the forward")
-                hidden = captured[0]
                 positions = last_real_positions(mask, len(rows), length).to(hidden.device)
                 last = hidden[torch.arange(len(rows), device=hidden.device), positions].float().cpu()
                 if features.shape[1] == 0:
