@@ -104,6 +104,14 @@ class RouteDecision:
         backend then compares nothing (docs/design.md, "Sequence gates on the CPU")."""
         return self._per_row("decisions", self.decisions, x)
 
+    def open_rows_column(self, x: torch.Tensor) -> torch.Tensor:
+        """``row_decisions`` shaped [B, ..., 1] for x [B, ..., K]: a mask that broadcasts over x's last dim."""
+        key = ("column", x.shape[:-1], x.device)
+        cached = self._row_gates.get(key)
+        if cached is None:
+            cached = self._row_gates[key] = self.row_decisions(x).view(x.shape[:-1] + (1,))
+        return cached
+
     def _per_row(self, name: str, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # keyed by the leading shape of x, not the row count: the shape is at hand, the count needs arithmetic
         # (the check that x splits over the sequences runs once per key); and by device: layers of a model split

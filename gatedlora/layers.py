@@ -11,7 +11,8 @@ from torch import nn
 
 from .call_state import RouteDecision, forced_gate
 from .ops import gated_lora, gated_lora_fused, warn_fused_fallback_once
-from .ops.gates import gate_is_open, token_gate_probabilities
+from .ops.gates import cpu_scalar, gate_is_open, token_gate_probabilities
+from .ops.torch_backend import GATHER_MIN_ROWS
 from .routing import SequenceRouter, open_logit
 
 
@@ -185,10 +186,11 @@ class GatedLoRALinear(nn.Module):
         if forced == 0.0 or (forced is None and skip_closed):
             return self._base(x, args, kwargs)
         lora_x = self._lora_input(x)
-        if decision is not None and decision.open_span is not None:
-            span = self._open_span(x, hard, forced, decision)
-            if span is not None:
-                return self._add_to_span(x, lora_x, span, args, kwargs)
+        if decision is not None and not decision.all_open and self._plain_lora_applies(x, hard, forced, decision):
+            if decision.open_span is not None:
+                return self._add_to_span(x, lora_x, decision.open_span, args, kwargs)
+            if decision.decisions.device.type == "cpu" and x.numel() < GATHER_MIN_ROWS * x.shape[-1]:
+                return self._add_to_open_rows(x, lora_x, decision, args, kwargs)
         # the gate arguments may override hard (a forced gate is a soft one)
         options = {"threshold": self.threshold, "hard": hard, **self._gate_arguments(x, lora_x, forced, decision)}
         if "gate_weight" in options and x.numel() == x.shape[-1] and x.device.type == "cpu" \
@@ -208,15 +210,12 @@ class GatedLoRALinear(nn.Module):
         return gated_lora(lora_x, result, lora_a, lora_b, self.scaling, **options, backend=self.backend,
                           inplace=inplace, straight_through=self.straight_through, validate=False)
 
-    def _open_span(self, x: torch.Tensor, hard: bool, forced: float | None, decision: RouteDecision
-                   ) -> tuple[int, int] | None:
-        """The open sequences as one slice of the batch (``RouteDecision.open_span``) where this call may use it:
-        hard gates, nothing forced, no autograd, exact base mode, x batch first. Else None (the gate decides)."""
-        if forced is not None or not hard:
-            return None
-        if torch.is_grad_enabled() or self.base_mode != "exact" or x.dim() < 2 or x.shape[0] != decision.batch:
-            return None
-        return decision.open_span
+    def _plain_lora_applies(self, x: torch.Tensor, hard: bool, forced: float | None, decision: RouteDecision
+                            ) -> bool:
+        """Whether this call may add plain LoRA to the open sequences' rows (no gate through the op): hard
+        gates, nothing forced, no autograd, exact base mode, x batch first."""
+        return (forced is None and hard and not torch.is_grad_enabled() and self.base_mode == "exact"
+                and x.dim() >= 2 and x.shape[0] == decision.batch)
 
     def _add_to_span(self, x: torch.Tensor, lora_x: torch.Tensor, span: tuple[int, int], args: tuple, kwargs: dict
                      ) -> torch.Tensor:
@@ -230,6 +229,22 @@ class GatedLoRALinear(nn.Module):
         lo, hi = span  # (slicing costs 1.3 us a view where narrow costs 2.1)
         gated_lora(lora_x[lo:hi], result[lo:hi], lora_a, lora_b, self.scaling, backend=self.backend, inplace=True,
                    validate=False)
+        return result
+
+    def _add_to_open_rows(self, x: torch.Tensor, lora_x: torch.Tensor, decision: RouteDecision, args: tuple,
+                          kwargs: dict) -> torch.Tensor:
+        """The base output with plain LoRA added to x whose closed sequences' rows are zeroed first (a where: an
+        inf or NaN there stays out). A closed row then gets ``+0.0`` added, as in the op's folded strategy (an
+        exact -0.0 comes back +0.0). For few rows on the CPU, where the decisions are on the host, when the
+        open sequences are not one slice: one where and plain LoRA cost less than the op's way with a gate
+        (docs/design.md, "Sequence gates on the CPU")."""
+        lora_a, lora_b = self._adapter_weights()
+        result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
+        if not inplace:  # someone may hold the base output: leave it as it is
+            result = result.clone()
+        opened = decision.open_rows_column(x)
+        gated_lora(torch.where(opened, lora_x, cpu_scalar(0.0, lora_x.dtype)), result, lora_a, lora_b, self.scaling,
+                   backend=self.backend, inplace=True, validate=False)
         return result
 
     def _base(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -67,6 +67,42 @@ def test_open_sequences_in_one_slice_of_the_batch_match_base_and_peft_at_prefill
         assert (got[want] - base[want]).abs().max() > 1e-3
 
 
+def test_scattered_sequences_at_decode_keep_closed_rows_bitwise_with_inf_in_them():
+    """Open sequences that are no slice of the batch (1 and 3 of 4), a decode step: the layers zero the closed
+    rows of x before plain LoRA. An inf in a closed row stays out of every row's term, and the closed rows
+    keep the base layer's bits."""
+    model, ids, mask, want, router, _, _ = prism_setup(want_open=(False, True, False, True))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    layer = next(m for m in model.modules() if isinstance(m, gatedlora.GatedLoRALinear))
+    seen = {}
+
+    def poison(module, args):
+        x = args[0].clone()
+        x[0] = float("inf")  # sequence 0 is closed
+        return (x,) + args[1:]
+
+    def keep(module, args, output):
+        seen["x"], seen["y"] = args[0], output
+
+    step = torch.full((4, 1), 5)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        assert get_router(model).routes_of(out).open_span is None
+        handles = [layer.register_forward_pre_hook(poison), layer.register_forward_hook(keep)]
+        try:
+            model(input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1),
+                  past_key_values=out.past_key_values)
+        finally:
+            for handle in handles:
+                handle.remove()
+        x, y = seen["x"], seen["y"]
+        base = nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+        lora = layer.scaling * (x @ layer.lora_A["default"].weight.T) @ layer.lora_B["default"].weight.T
+    assert torch.equal(y[~want].view(torch.int32), base[~want].view(torch.int32))  # NaN and inf bits too
+    assert torch.isfinite(y[want]).all()
+    assert (y[want] - (base + lora)[want]).abs().max() < 1e-5
+
+
 def _generate(model, ids, mask, **kw):
     torch.manual_seed(1234)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0,
