@@ -367,7 +367,7 @@ class SequenceRouter(nn.Module):
         # a NaN probability closes the gate: the layers get 0 (they reject NaN in given gates on the CPU)
         gates = torch.nan_to_num(probabilities, nan=0.0)
         threshold = self.threshold  # read once: another thread may set it meanwhile
-        decisions = probabilities.detach() >= threshold  # gate_values' hard rule (NaN: False), as bool
+        decisions = probabilities >= threshold  # gate_values' hard rule (NaN: False), as bool (no graph)
         all_open = all_closed = False
         open_span = None
         # On the CPU the host sees the decision for free: a batch with every gate closed then skips the
