@@ -73,6 +73,13 @@ def unit_inner_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the host's grid and split arithmetic. (``triton.cdiv`` is a constexpr function in
+    Triton 3.9 whose Python call costs several microseconds: the two-pass launch plan's six took 46 us of host
+    time a call on one CPU core, more than all its other work.)"""
+    return -(-a // b)
+
+
 def staged_output(out: torch.Tensor) -> torch.Tensor:
     """The tensor a kernel should write: ``out`` itself when it has unit stride along N, else a
     contiguous copy that the caller copies back into ``out`` after the launch (the kernels store rows

@@ -50,7 +50,7 @@ import triton
 from . import triton_kernel
 from .args import GatedLoraArgs
 from .backends import Backend, Launch, m_bucket, register_backend
-from .contract import GateKind, kernel_reasons, staged_output, unit_inner_stride
+from .contract import GateKind, ceil_div, kernel_reasons, staged_output, unit_inner_stride
 
 # H100 SXM datasheet bandwidths in bytes/s (see the module docstring): the byte model's relative costs, not timings.
 HBM_BANDWIDTH = 3.35e12
@@ -103,11 +103,11 @@ def block_r_for(rank: int) -> int:
 def _estimate_seconds(m: int, n: int, k: int, r: int, e_x: int, e_l: int, block_m: int, block_n: int,
                       n_split: int, num_sms: int) -> float:
     rows = min(m, block_m)
-    blocks = triton.cdiv(m, block_m)
+    blocks = ceil_div(m, block_m)
     fixed = rows * k * e_x + r * k * e_l
     per_block = r * n * e_l + 2 * rows * n * e_x
     per_program = fixed + per_block / n_split
-    waves = triton.cdiv(blocks * n_split, num_sms)
+    waves = ceil_div(blocks * n_split, num_sms)
     l2_bytes = blocks * (n_split * fixed + per_block)
     hbm_bytes = m * k * e_x + r * k * e_l + r * n * e_l + 2 * m * n * e_x
     return max(waves * per_program / SM_BANDWIDTH, l2_bytes / L2_BANDWIDTH, hbm_bytes / HBM_BANDWIDTH)
@@ -118,7 +118,7 @@ def choose_launch(m_key: int, n: int, k: int, r: int, e_x: int, e_l: int, num_sm
     """(tile config, n_split) of the one-pass kernel for an M bucket, N, K, rank and element sizes; see the
     module docstring. Only for configurations with a tile (``has_one_pass_tile``)."""
     tiles = TILE_CONFIGS[(block_r_for(r), e_l)]
-    n_tiles = triton.cdiv(n, tiles.block_n)
+    n_tiles = ceil_div(n, tiles.block_n)
     best, split = None, 1
     while True:
         t = _estimate_seconds(m_key, n, k, r, e_x, e_l, tiles.block_m, tiles.block_n, split, num_sms)
@@ -205,10 +205,10 @@ def launch_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TileConfig,
     x, a, b = unit_inner_stride(args.x), unit_inner_stride(args.lora_a), unit_inner_stride(args.lora_b)
     if tiles.block_r < args.r:
         raise ValueError(f"gated_lora (triton): BLOCK_R={tiles.block_r} is smaller than the rank {args.r}")
-    n_split = max(1, min(n_split, triton.cdiv(args.n, tiles.block_n)))
+    n_split = max(1, min(n_split, ceil_div(args.n, tiles.block_n)))
     kind = args.gate_kind
     gate, gate_weight, gate_bias, stride_g = _gate_pointers(args, x)
-    grid = (triton.cdiv(args.m, tiles.block_m), n_split)
+    grid = (ceil_div(args.m, tiles.block_m), n_split)
     positional = (
         x, a, b, out, gate, gate_weight, gate_bias,
         args.m, args.n, args.k, args.r,
@@ -289,8 +289,8 @@ def choose_split_k(m_key: int, k: int, tiles: TwoPassTiles, num_sms: int) -> int
     """How many K shares the shrink splits into: enough programs for two per SM, each share at least one
     BLOCK_K. One token (M=1, K=4096) takes 32 shares of 128, so its 256 KiB of A is read once over 32 SMs
     instead of by every program."""
-    programs_m = triton.cdiv(m_key, tiles.shrink_m)
-    return max(1, min(triton.cdiv(k, tiles.block_k), triton.cdiv(2 * num_sms, programs_m)))
+    programs_m = ceil_div(m_key, tiles.shrink_m)
+    return max(1, min(ceil_div(k, tiles.block_k), ceil_div(2 * num_sms, programs_m)))
 
 
 def two_pass_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TwoPassTiles, split_k: int) -> list[tuple]:
@@ -305,19 +305,19 @@ def two_pass_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TwoPassTiles, s
     if tiles.block_r < args.r:
         raise ValueError(f"gated_lora (triton): BLOCK_R={tiles.block_r} is smaller than the rank {args.r}")
     m, k = args.m, args.k
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), tiles.block_k) * tiles.block_k
-    split_k = triton.cdiv(k, k_per_split)
+    k_per_split = ceil_div(ceil_div(k, split_k), tiles.block_k) * tiles.block_k
+    split_k = ceil_div(k, k_per_split)
     kind = args.gate_kind
     gate, gate_weight, gate_bias, stride_g = _gate_pointers(args, x)
     xa = torch.empty((split_k, m, tiles.block_r), dtype=torch.float32, device=x.device)
     logit = torch.empty((split_k, m) if kind is GateKind.TOKEN else (1,), dtype=torch.float32, device=x.device)
     precision = dot_precision(x.dtype, a.dtype)
-    shrink = (triton_two_pass.shrink_kernel, (triton.cdiv(m, tiles.shrink_m), split_k),
+    shrink = (triton_two_pass.shrink_kernel, (ceil_div(m, tiles.shrink_m), split_k),
               (x, a, gate, gate_weight, xa, logit, m, k, args.r, k_per_split, x.stride(0), a.stride(0), stride_g,
                float(args.threshold), int(args.hard)),
               dict(GATE_KIND=int(kind), DOT_PRECISION=precision, BLOCK_M=tiles.shrink_m, BLOCK_K=tiles.block_k,
                    BLOCK_R=tiles.block_r, num_warps=tiles.shrink_warps, num_stages=tiles.shrink_stages))
-    expand = (triton_two_pass.expand_kernel, (triton.cdiv(m, tiles.expand_m), triton.cdiv(args.n, tiles.block_n)),
+    expand = (triton_two_pass.expand_kernel, (ceil_div(m, tiles.expand_m), ceil_div(args.n, tiles.block_n)),
               (xa, logit, gate, gate_bias, b, out, m, args.n, args.r, split_k, stride_g, b.stride(0), out.stride(0),
                float(args.scaling), float(args.threshold), int(args.hard)),
               dict(GATE_KIND=int(kind), DOT_PRECISION=precision, BLOCK_M=tiles.expand_m, BLOCK_N=tiles.block_n,

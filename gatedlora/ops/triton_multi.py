@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .backends import m_bucket, register_multi
-from .contract import kernel_reasons, staged_output, unit_inner_stride
+from .contract import ceil_div, kernel_reasons, staged_output, unit_inner_stride
 from .multi_args import MultiLoraArgs
 from .multi_weights import pointer_table
 from .triton_backend import (TILE_CONFIGS, TileConfig, _num_sms_for, block_r_for, choose_launch, dot_precision,
@@ -139,8 +139,8 @@ def launch_plan(out: torch.Tensor, args: MultiLoraArgs, tiles: TileConfig,
     x = unit_inner_stride(args.x)
     table, scaling = pointer_table(args)
     index = _as_int64(args.adapter_index)
-    n_split = max(1, min(n_split, triton.cdiv(args.n, tiles.block_n)))
-    grid = (triton.cdiv(args.m, tiles.block_m), args.adapters, n_split)
+    n_split = max(1, min(n_split, ceil_div(args.n, tiles.block_n)))
+    grid = (ceil_div(args.m, tiles.block_m), args.adapters, n_split)
     positional = (x, out, index, table, scaling, args.lora_a[0], args.m, args.n, args.k,
                   x.stride(0), out.stride(0), index.stride(0), table.stride(0))
     keywords = dict(DOT_PRECISION=dot_precision(args.x.dtype, args.lora_dtype), BLOCK_M=tiles.block_m,
