@@ -310,7 +310,8 @@ def two_pass_plan(out: torch.Tensor, args: GatedLoraArgs, tiles: TwoPassTiles, s
     kind = args.gate_kind
     gate, gate_weight, gate_bias, stride_g = _gate_pointers(args, x)
     xa = torch.empty((split_k, m, tiles.block_r), dtype=torch.float32, device=x.device)
-    logit = torch.empty((split_k, m) if kind is GateKind.TOKEN else (1,), dtype=torch.float32, device=x.device)
+    # token gates' partial logits; other gate kinds never touch the pointer, so xa stands in (no allocation)
+    logit = torch.empty((split_k, m), dtype=torch.float32, device=x.device) if kind is GateKind.TOKEN else xa
     precision = dot_precision(x.dtype, a.dtype)
     shrink = (triton_two_pass.shrink_kernel, (ceil_div(m, tiles.shrink_m), split_k),
               (x, a, gate, gate_weight, xa, logit, m, k, args.r, k_per_split, x.stride(0), a.stride(0), stride_g,
