@@ -39,7 +39,8 @@ class RouteDecision:
     where the host saw it for free (CPU tensors, eager): the layers then skip the gate gather or
     the adapter call. On a GPU they stay False (reading would sync). ``open_span`` (lo, hi), seen the
     same way: the open sequences, when some but not all are open, are exactly ``lo..hi-1``; the layers
-    then run the adapter on that slice of the batch, without a gate (a view, no copy).
+    then run the adapter on that slice of the batch, without a gate (a view, no copy). ``scattered``, seen
+    the same way: some but not all are open, and not as one slice.
 
     Several adapters: ``multi_routes`` [B] long holds each sequence's route (0 the base model, i the
     i-th adapter), ``probabilities`` [B, N + 1] the softmax of the router's logits, ``decisions`` and
@@ -54,6 +55,7 @@ class RouteDecision:
     all_open: bool = False
     all_closed: bool = False
     open_span: tuple[int, int] | None = None
+    scattered: bool = False
     multi_routes: torch.Tensor | None = None
     uniform_route: int | None = None
     _row_gates: dict = field(default_factory=dict, repr=False)

@@ -186,10 +186,11 @@ class GatedLoRALinear(nn.Module):
         if forced == 0.0 or (forced is None and skip_closed):
             return self._base(x, args, kwargs)
         lora_x = self._lora_input(x)
-        if decision is not None and not decision.all_open and self._plain_lora_applies(x, hard, forced, decision):
+        if decision is not None and (decision.open_span is not None or decision.scattered) \
+                and self._plain_lora_applies(x, hard, forced, decision):
             if decision.open_span is not None:
                 return self._add_to_span(x, lora_x, decision.open_span, args, kwargs)
-            if decision.decisions.device.type == "cpu" and x.numel() < GATHER_MIN_ROWS * x.shape[-1]:
+            if x.numel() < GATHER_MIN_ROWS * x.shape[-1]:
                 return self._add_to_open_rows(x, lora_x, decision, args, kwargs)
         # the gate arguments may override hard (a forced gate is a soft one)
         options = {"threshold": self.threshold, "hard": hard, **self._gate_arguments(x, lora_x, forced, decision)}

@@ -369,7 +369,7 @@ class SequenceRouter(nn.Module):
         threshold = self.threshold  # read once: another thread may set it meanwhile
         decisions = probabilities >= threshold  # gate_values' hard rule (NaN: False), as bool (no graph)
         all_open = all_closed = False
-        open_span = None
+        open_span, scattered = None, False
         # On the CPU the host sees the decision for free: a batch with every gate closed then skips the
         # adapter call (checks, gate gather, nonzero) in every layer. On a GPU reading it would be a host
         # sync, and in a compiled graph a graph break, so there the kernel skips on the device instead.
@@ -383,7 +383,8 @@ class SequenceRouter(nn.Module):
             all_open = all(opened)
             all_closed = not any(opened) if self.hard else not bool(gates.detach().ne(0).any())
             open_span = contiguous_span(opened) if not (all_open or all_closed) else None
-        return RouteDecision(probabilities, gates, decisions, threshold, all_open, all_closed, open_span)
+            scattered = open_span is None and not (all_open or all_closed)
+        return RouteDecision(probabilities, gates, decisions, threshold, all_open, all_closed, open_span, scattered)
 
     def _decide_route(self, logits: torch.Tensor, batch: int, hidden: torch.Tensor) -> RouteDecision:
         """Several adapters: each sequence's route from the router's logits [B, N + 1] (argmax, in fp32)."""
