@@ -71,30 +71,36 @@ def test_fused_base_mode_falls_back_to_exact_on_cpu_and_says_why_once():
     assert (got - want).abs().max() < 1e-5  # exact mode: the PEFT output
 
 
-def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypatch):
+@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
+def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypatch, hard):
     """On the CPU without autograd the layer decides a token gate on the host before the base layer: a closed
-    row costs the base layer alone (no op call), an open one plain LoRA; both equal the reference."""
+    row costs the base layer alone (no op call), an open one plain LoRA (hard) or LoRA scaled by the
+    probability (soft); each equals the reference."""
     import gatedlora.layers as layers
 
     layer = fresh_layer().eval()
+    layer.hard = hard
     calls = []
     real = layers.gated_lora
     monkeypatch.setattr(layers, "gated_lora", lambda *a, **k: calls.append(sorted(k)) or real(*a, **k))
     x = torch.randn(1, 1, 24)
-    for bias, expect_call in ((-30.0, False), (30.0, True)):
+    for bias, expect_call in ((-200.0, False), (30.0, True), (0.3, True)):
         with torch.no_grad():
+            layer.gate_weight.normal_(std=0.01)
             layer.gate_bias.fill_(bias)
             calls.clear()
             y = layer(x)
             base = layer.base_layer(x)
         ref = gated_lora_reference(x, base, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-                                   layer.scaling, gate_weight=layer.gate_weight, gate_bias=layer.gate_bias)
+                                   layer.scaling, gate_weight=layer.gate_weight, gate_bias=layer.gate_bias, hard=hard)
         assert bool(calls) == expect_call
         assert (y.double() - ref).abs().max() < 1e-5
         if not expect_call:
             assert torch.equal(y, base)
-        else:  # hard and open: plain LoRA, the gate is not evaluated again
+        elif hard:  # hard and open: plain LoRA, the gate is not evaluated again
             assert "gate" not in calls[0] and "gate_weight" not in calls[0]
+        else:  # soft: the probability goes to the op as a given gate
+            assert "gate" in calls[0] and "gate_weight" not in calls[0]
 
 
 def _hook_pre(layer, calls):
