@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .call_state import RouteDecision, forced_gate
-from .ops import gated_lora, gated_lora_fused, warn_fused_fallback_once
+from .ops import add_lora_, gated_lora, gated_lora_fused, warn_fused_fallback_once
 from .ops.gates import cpu_scalar, gate_is_open, token_gate_probabilities
 from .ops.torch_backend import GATHER_MIN_ROWS
 from .routing import SequenceRouter, open_logit
@@ -210,6 +210,10 @@ class GatedLoRALinear(nn.Module):
                                         **options, backend=self.backend, straight_through=self.straight_through,
                                         validate=False, warn_fallback=True)
             warn_fused_fallback_once(reason, stacklevel=3)
+        if "gate" not in options and "gate_weight" not in options and not torch.is_grad_enabled():
+            # plain LoRA outside autograd: no gate, every sequence open, a forced gate of 1, one open row
+            result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)
+            return add_lora_(result, lora_x, lora_a, lora_b, self.scaling, self.backend)
         result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
         # Arguments valid by construction (the layer's own shapes and gates): the op's checks are skipped.
         return gated_lora(lora_x, result, lora_a, lora_b, self.scaling, **options, backend=self.backend,
@@ -228,12 +232,9 @@ class GatedLoRALinear(nn.Module):
         the output: at decode this costs what every sequence open costs, where masking the closed rows of a
         mixed batch cost 0.04-0.06x the step more; docs/design.md, "Sequence gates on the CPU")."""
         lora_a, lora_b = self._adapter_weights()
-        result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
-        if not inplace:  # someone may hold the base output: leave it as it is
-            result = result.clone()
+        result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)
         lo, hi = span  # (slicing costs 1.3 us a view where narrow costs 2.1)
-        gated_lora(lora_x[lo:hi], result[lo:hi], lora_a, lora_b, self.scaling, backend=self.backend, inplace=True,
-                   validate=False)
+        add_lora_(result[lo:hi], lora_x[lo:hi], lora_a, lora_b, self.scaling, self.backend)
         return result
 
     def _add_to_open_rows(self, x: torch.Tensor, lora_x: torch.Tensor, decision: RouteDecision, args: tuple,
@@ -244,13 +245,10 @@ class GatedLoRALinear(nn.Module):
         open sequences are not one slice: one where and plain LoRA cost less than the op's way with a gate
         (docs/design.md, "Sequence gates on the CPU")."""
         lora_a, lora_b = self._adapter_weights()
-        result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
-        if not inplace:  # someone may hold the base output: leave it as it is
-            result = result.clone()
+        result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)
         opened = decision.open_rows_column(x)
-        gated_lora(torch.where(opened, lora_x, cpu_scalar(0.0, lora_x.dtype)), result, lora_a, lora_b, self.scaling,
-                   backend=self.backend, inplace=True, validate=False)
-        return result
+        return add_lora_(result, torch.where(opened, lora_x, cpu_scalar(0.0, lora_x.dtype)), lora_a, lora_b,
+                         self.scaling, self.backend)
 
     def _base(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """The base layer's output for x. A plain ``nn.Linear`` that nothing hooks or replaces is ``F.linear``
@@ -273,6 +271,13 @@ class GatedLoRALinear(nn.Module):
         # may keep) that very tensor, which an in-place add would change under it.
         inplace = not (modules["base_layer"]._forward_hooks or nn.modules.module._global_forward_hooks)
         return result, lora_x, inplace
+
+    def _writable_base_output(self, x: torch.Tensor, lora_x: torch.Tensor, args: tuple, kwargs: dict
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the base layer's output, or a copy where someone else may hold it; the LoRA input in its dtype):
+        for the paths that add plain LoRA outside autograd."""
+        result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
+        return (result if inplace else result.clone()), lora_x
 
     def _one_row_token_gate(self, x: torch.Tensor, hard: bool) -> dict[str, Any] | None:
         """One row on the CPU without autograd: the token gate decided on the host (no device to sync with),

@@ -81,8 +81,9 @@ def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypa
     layer = fresh_layer().eval()
     layer.hard = hard
     calls = []
-    real = layers.gated_lora
-    monkeypatch.setattr(layers, "gated_lora", lambda *a, **k: calls.append(sorted(k)) or real(*a, **k))
+    gated, plain = layers.gated_lora, layers.add_lora_
+    monkeypatch.setattr(layers, "gated_lora", lambda *a, **k: calls.append(sorted(k)) or gated(*a, **k))
+    monkeypatch.setattr(layers, "add_lora_", lambda *a, **k: calls.append(["plain"]) or plain(*a, **k))
     x = torch.randn(1, 1, 24)
     for bias, expect_call in ((-200.0, False), (30.0, True), (0.3, True)):
         with torch.no_grad():
@@ -98,7 +99,7 @@ def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypa
         if not expect_call:
             assert torch.equal(y, base)
         elif hard:  # hard and open: plain LoRA, the gate is not evaluated again
-            assert "gate" not in calls[0] and "gate_weight" not in calls[0]
+            assert calls == [["plain"]]
         else:  # soft: the probability goes to the op as a given gate
             assert "gate" in calls[0] and "gate_weight" not in calls[0]
 

@@ -261,3 +261,66 @@ def test_bad_input_is_named(change, message):
     args.update(change)
     with pytest.raises((ValueError, TypeError), match=message):
         gated_lora(args["x"], args["base"], args["a"], args["b"], args["scaling"], **extra)
+
+
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16", "fp64", "bf16-fp32"])
+@pytest.mark.parametrize("lead", [(), (3, 2)], ids=["rows", "batch"])
+def test_add_lora_equals_the_op_without_a_gate(dtype, lora_dtype, lead):
+    """``add_lora_`` (the layers' plain-LoRA path) writes what ``gated_lora`` without a gate returns, bit for
+    bit, whether it runs the addmm directly (same dtypes) or through the op (mixed dtypes)."""
+    from gatedlora.ops import add_lora_
+
+    x, base, a, b = make_inputs(7, 40, 33, 8, dtype, 21, lead=lead)
+    a, b = a.to(lora_dtype), b.to(lora_dtype)
+    expected = gated_lora(x, base, a, b, 1.75, backend="torch")
+    out = base.clone()
+    assert add_lora_(out, x, a, b, 1.75) is out
+    assert torch.equal(bits(out), bits(expected))
+    ref = gated_lora_reference(x, base, a, b, 1.75)
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 5e-2)
+    assert (out.double() - ref).abs().max() < tolerance * ref.abs().max()
+
+
+def test_add_lora_takes_the_op_where_the_direct_add_does_not_apply(monkeypatch):
+    """A non-contiguous out, no rows, K = 0, another backend named or set by GATEDLORA_BACKEND: the op runs
+    (and gets the answer right)."""
+    import importlib
+
+    from gatedlora.ops import add_lora_
+
+    op_module = importlib.import_module("gatedlora.ops.gated_lora")  # (the package's name is the function)
+
+    calls = []
+    real = op_module.gated_lora
+    monkeypatch.setattr(op_module, "gated_lora", lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
+    x, base, a, b = make_inputs(6, 16, 12, 4, torch.float32, 5)
+    expected = gated_lora(x, base, a, b, 0.5, backend="torch")
+    strided = base.t().contiguous().t()  # the same values, column-major
+    add_lora_(strided, x, a, b, 0.5)
+    assert calls == ["auto"] and torch.equal(strided, expected)
+    for rows, k in ((0, 16), (6, 0)):
+        x0, base0, a0, b0 = make_inputs(rows, k, 12, 4, torch.float32, 6)
+        out = base0.clone()
+        add_lora_(out, x0, a0, b0, 0.5)
+        assert torch.equal(bits(out), bits(base0))  # nothing to add: no write (a -0.0 stays -0.0)
+    assert len(calls) == 3
+    calls.clear()
+    direct = base.clone()
+    add_lora_(direct, x, a, b, 0.5)
+    assert calls == [] and torch.equal(direct, expected)
+    if "triton" in backends.available_backends():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv(backends.ENV_VAR, "triton")
+        clear_dispatch_cache()
+        try:
+            out = base.clone()
+            add_lora_(out, x, a, b, 0.5)
+            assert calls == ["auto"]
+            assert (out.double() - gated_lora_reference(x, base, a, b, 0.5)).abs().max() < 1e-5
+        finally:
+            monkeypatch.delenv(backends.ENV_VAR)
+            clear_dispatch_cache()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        add_lora_(base.clone(), x, a, b, 0.5, backend="tritonn")

@@ -83,6 +83,7 @@ _REGISTRY: dict[str, Backend] = {}
 _UNAVAILABLE: dict[str, str] = {}
 _DISPATCH: dict[tuple, Dispatch] = {}
 _FUSED: dict[tuple, FusedDispatch] = {}
+_TORCH_ON_CPU: dict[str, bool] = {}
 _CACHE_LIMIT = 4096  # configurations; a long-running process with ever new shapes starts over
 
 
@@ -111,6 +112,7 @@ def clear_dispatch_cache() -> None:
     """Forget every cached choice (after a backend's state changed: registered, built, patched in a test)."""
     _DISPATCH.clear()
     _FUSED.clear()
+    _TORCH_ON_CPU.clear()
 
 
 def available_backends() -> list[str]:
@@ -129,6 +131,15 @@ def resolve_backend_name(requested: str) -> str:
                 raise ValueError(f"{ENV_VAR}={override!r} is not a backend; expected one of {BACKEND_CHOICES}")
             return override
     return requested
+
+
+def torch_runs_on_cpu(requested: str) -> bool:
+    """Whether the backend ``requested`` runs CPU tensors on the torch backend: ``torch``, and ``auto`` unless
+    ``GATEDLORA_BACKEND`` names another (read once per name, as ``dispatch`` reads it)."""
+    found = _TORCH_ON_CPU.get(requested)
+    if found is None:
+        found = _TORCH_ON_CPU[requested] = resolve_backend_name(requested) in ("auto", "torch")
+    return found
 
 
 def m_bucket(m: int) -> int:

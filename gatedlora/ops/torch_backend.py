@@ -98,10 +98,19 @@ def _add_every_row(out: torch.Tensor, args: GatedLoraArgs, g: torch.Tensor | Non
 
 
 def add_every_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
-    """No gate: ``out += s * (x A^T) B^T``. (``_add_every_row`` without its frames: this is the path of every
-    layer without a gate, and of each decode step's open slice, where a Python call costs about 1 us.)"""
+    """No gate: ``out += s * (x A^T) B^T``. (``_add_every_row`` without its frames: where a Python call costs
+    about 1 us, on the path of every layer without a gate.)"""
     x, a = args.x, args.lora_a
-    _add_product(out, F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a), args)
+    if out.dtype == x.dtype == a.dtype == args.lora_b.dtype:
+        addmm_lora_(out, x, a, args.lora_b, args.scaling)
+    else:
+        _add_product(out, F.linear(x.to(a.dtype), a), args)
+
+
+def addmm_lora_(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+    """Plain LoRA where every dtype is the same: ``out += scaling * (x A^T) B^T``, the second matmul, the
+    scaling and the add in one ``addmm_``. out: [M, N]; x: [M, K]; lora_a: [r, K]; lora_b: [N, r]."""
+    out.addmm_(F.linear(x, lora_a), lora_b.t(), alpha=scaling)
 
 
 def _zero(t: torch.Tensor) -> torch.Tensor | float:
