@@ -8,7 +8,7 @@ from torch import nn
 
 from .call_state import forced_gate
 from .layers import GatedLoRALinear, linear_features
-from .ops import add_lora_, gated_lora, gated_lora_multi
+from .ops import add_lora_, add_lora_multi_, gated_lora, gated_lora_multi
 from .routing import SequenceRouter
 
 
@@ -90,7 +90,11 @@ class RoutedLoRALinear(GatedLoRALinear):
             return gated_lora(lora_x, result, lora_a[slot], lora_b[slot], self.scalings[slot], backend=self.backend,
                               inplace=inplace, validate=False)
         index = decision.row_adapters(x, self._buffers["route_slot_table"])
-        result, lora_x, inplace = self._base_output(x, self._dropout(x, names), args, kwargs)
+        lora_x = self._dropout(x, names)
+        if not torch.is_grad_enabled():
+            result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)
+            return add_lora_multi_(result, lora_x, lora_a, lora_b, self.scalings, index, self.backend)
+        result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
         return gated_lora_multi(lora_x, result, lora_a, lora_b, self.scalings, index, backend=self.backend,
                                 inplace=inplace, validate=False)
 

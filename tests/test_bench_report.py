@@ -58,10 +58,16 @@ def test_the_load_meter_sees_another_process_busy():
     assert any("other processes used" in w for w in meter.warnings())
 
 
-def test_rounds_rotate_which_provider_goes_first():
+def test_rounds_shuffle_which_provider_follows_which():
+    """Each round runs every provider once, in a new order: over the rounds a provider follows different ones
+    (in a rotated order each always follows the same one, and pays for what that one evicted)."""
     order = []
-    providers = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
-    timings = time_side_by_side(providers, device=__import__("torch").device("cpu"), warmup=0, min_rounds=3,
-                                max_rounds=3, budget_s=0)
-    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert all(t.runs == 3 for t in timings.values())
+    providers = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c", "d")}
+    timings = time_side_by_side(providers, device=__import__("torch").device("cpu"), warmup=0, min_rounds=12,
+                                max_rounds=12, budget_s=0)
+    rounds = [order[i:i + 4] for i in range(0, len(order), 4)]
+    assert all(sorted(r) == ["a", "b", "c", "d"] for r in rounds) and len(rounds) == 12
+    predecessors = {name: {r[r.index(name) - 1] for r in rounds if r.index(name)} for name in providers}
+    assert all(len(before) >= 2 for before in predecessors.values())
+    assert len({tuple(r) for r in rounds}) > 1
+    assert all(t.runs == 12 for t in timings.values())

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import zlib
 
+import os
+
 import pytest
 import torch
 
@@ -393,3 +395,61 @@ def test_bad_input_is_named(change, message):
         case[key] = how
     with pytest.raises((TypeError, ValueError), match=message):
         gatedlora.gated_lora_multi(**case)
+
+
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                              (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32"])
+@pytest.mark.parametrize("m", [1, 8, 32, 40])
+def test_add_lora_multi_equals_the_op(dtype, lora_dtype, m):
+    """``add_lora_multi_`` (the layers' path outside autograd) writes what ``gated_lora_multi`` returns, bit for
+    bit, whether it runs the concatenated strategy directly (CPU, M <= 32, one dtype) or through the op; an
+    inf in a base row stays out; the same index tensor passed again after the weights changed in place, or
+    with other weights, gets their terms (the kept column mask belongs to one set of weights)."""
+    from gatedlora.ops import add_lora_multi_
+
+    case = make_case(seed_of("fast", m, dtype, lora_dtype), m, 40, 24, (4, 8, 16), dtype, lora_dtype=lora_dtype)
+    case["x"][(case["adapter_index"] < 0).nonzero().flatten()[:1]] = float("inf")
+    weights = (tuple(case["lora_a"]), tuple(case["lora_b"]), tuple(case["scaling"]))
+    index = case["adapter_index"]
+    for step in range(3):
+        if step == 1:
+            with torch.no_grad():
+                case["lora_b"][1].mul_(-2.0)  # in place: the version counter moves
+        if step == 2:
+            case["lora_a"] = [a.flip(1).contiguous() for a in case["lora_a"]]  # other weights, same index
+            weights = (tuple(case["lora_a"]),) + weights[1:]
+        expected = gatedlora.gated_lora_multi(case["x"], case["base_out"], *weights[:3], index, backend="torch")
+        out = case["base_out"].clone()
+        assert add_lora_multi_(out, case["x"], *weights, index) is out
+        assert torch.equal(bits(out), bits(expected))
+        check(case, out)
+
+
+def test_add_lora_multi_takes_the_op_off_its_path(monkeypatch):
+    """A non-contiguous out, a backend other than torch, or leading dims with an index of their shape: still the
+    op's answer."""
+    import importlib
+
+    from gatedlora.ops import add_lora_multi_
+
+    op_module = importlib.import_module("gatedlora.ops.gated_lora_multi")
+    calls = []
+    real = op_module.gated_lora_multi
+    monkeypatch.setattr(op_module, "gated_lora_multi", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case = make_case(seed_of("fast-op"), 6, 40, 24, (4, 8), torch.float32)
+    args = (case["x"], case["base_out"], case["lora_a"], case["lora_b"], case["scaling"], case["adapter_index"])
+    expected = real(*args, backend="torch")
+    strided = case["base_out"].t().contiguous().t()
+    add_lora_multi_(strided, case["x"], tuple(case["lora_a"]), tuple(case["lora_b"]), tuple(case["scaling"]),
+                    case["adapter_index"])
+    assert calls == [1] and torch.equal(strided, expected)
+    out = case["base_out"].clone().view(2, 3, 24)
+    add_lora_multi_(out, case["x"].view(2, 3, 40), tuple(case["lora_a"]), tuple(case["lora_b"]),
+                    tuple(case["scaling"]), case["adapter_index"].view(2, 3))
+    assert calls == [1] and torch.equal(out.view(6, 24), expected)
+    if "triton" in backends.available_backends() and os.environ.get("TRITON_INTERPRET") == "1":  # CPU tensors
+        out = case["base_out"].clone()
+        add_lora_multi_(out, case["x"], tuple(case["lora_a"]), tuple(case["lora_b"]), tuple(case["scaling"]),
+                        case["adapter_index"], backend="triton")
+        assert calls == [1, 1]
+        check(case, out)

@@ -10,13 +10,13 @@ from .backends import available_backends, clear_dispatch_cache, mark_unavailable
 from .contract import GateKind
 from .fused import fused_fallback_reason, gated_lora_fused, warn_fused_fallback_once
 from .gated_lora import add_lora_, gated_lora
-from .gated_lora_multi import gated_lora_multi
+from .gated_lora_multi import add_lora_multi_, gated_lora_multi
 
 if importlib.util.find_spec("triton") is not None:
     from . import triton_backend, triton_multi  # noqa: F401  (register triton, one and multi)
 else:
     mark_unavailable("triton", "triton is not installed (pip install triton)")
 
-__all__ = ["gated_lora", "add_lora_", "gated_lora_multi", "gated_lora_fused", "fused_fallback_reason",
-           "warn_fused_fallback_once", "GateKind", "available_backends", "clear_dispatch_cache",
-           "register_backend", "select_backend"]
+__all__ = ["gated_lora", "add_lora_", "gated_lora_multi", "add_lora_multi_", "gated_lora_fused",
+           "fused_fallback_reason", "warn_fused_fallback_once", "GateKind", "available_backends",
+           "clear_dispatch_cache", "register_backend", "select_backend"]

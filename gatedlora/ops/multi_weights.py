@@ -35,6 +35,7 @@ from .contract import unit_inner_stride
 from .multi_args import MultiLoraArgs
 
 TABLE_FIELDS = 5  # A pointer, B pointer, rank, A row stride, B row stride
+_MASKS_KEPT = 8  # column masks per set of weights (index tensors alive at once: one per generation and row count)
 
 # The weights' ids (every A, then every B) -> their forms. Not a WeakKeyDictionary of tensors: its lookups
 # compare keys with ``==``, which on tensors is elementwise.
@@ -46,7 +47,7 @@ class _Forms:
     it is in ``_FORMS`` every weight is alive, no other object can have one of their ids, and comparing ids
     (0.5 us for 8 weights) is comparing identities (weak references: 1.5 us)."""
 
-    __slots__ = ("ids", "references", "scaling", "tables", "concatenation", "__weakref__")
+    __slots__ = ("ids", "references", "scaling", "tables", "concatenation", "column_masks", "__weakref__")
 
     def __init__(self, weights: tuple, scaling: tuple) -> None:
         key = self.ids = tuple(map(id, weights))
@@ -61,14 +62,15 @@ class _Forms:
         self.scaling = scaling
         self.tables: dict = {}
         self.concatenation = None
+        self.column_masks: dict = {}
 
 
-def _forms(args: MultiLoraArgs) -> _Forms:
-    weights = args.lora_a + args.lora_b
+def _forms(weights: tuple, scaling: tuple) -> _Forms:
+    """The forms of ``weights`` (every A, then every B) with these scalings."""
     ids = tuple(map(id, weights))
     forms = _FORMS.get(ids)
-    if forms is None or forms.scaling != args.scaling:
-        forms = _FORMS[ids] = _Forms(weights, args.scaling)
+    if forms is None or forms.scaling != scaling:
+        forms = _FORMS[ids] = _Forms(weights, scaling)
     return forms
 
 
@@ -87,8 +89,8 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     Built on the host and copied to the device the first time (and after a weight moves); a call that
     finds it current reads no tensor value and copies nothing, so it can be captured in a CUDA graph.
     """
-    forms = _forms(args)
     weights = args.lora_a + args.lora_b
+    forms = _forms(weights, args.scaling)
     pointers = tuple(t.data_ptr() for t in weights)
     entry = forms.tables.get(args.x.device)
     if entry is not None and entry[0] == pointers and (not entry[1] or _versions(weights) == entry[1]):
@@ -107,19 +109,38 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     return table, scaling
 
 
-def concatenated(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_cat^T [K, R], scaled B_cat^T [R, N], column owners int64 [R]) in the adapters' dtype, both weights
-    contiguous (the module docstring): ``(x A_cat^T)[m, j]`` belongs to row m's adapter where
-    ``owners[j] == adapter_index[m]``. Read-only for the caller; shared by every call with these weights."""
-    forms = _forms(args)
-    key = _versions(args.lora_a + args.lora_b)
+def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: torch.Tensor, index_fixed: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A_cat^T [K, R], scaled B_cat^T [R, N], not_owned bool [M, R]) in the adapters' dtype, both weights
+    contiguous (the module docstring), for rows whose adapters are ``adapter_index`` [M]: ``not_owned[m, j]``
+    where column j of ``x A_cat^T`` is not row m's adapter's (index -1, and any index outside [0, A), match
+    no column). Read-only for the caller; shared by every call with these weights.
+
+    ``index_fixed``: the caller never changes this index tensor's values (the layers' index comes from the
+    routing decision, one tensor per generation and row count), so on the CPU its mask is kept with the
+    concatenation: the comparison ran in every layer of every decode step, where each op costs more than
+    alone. Otherwise the mask is computed per call: a write through ``.data`` moves no version counter, and
+    a CUDA graph replays what was captured, so a kept mask would not follow an index updated in place."""
+    weights = lora_a + lora_b
+    forms = _forms(weights, scaling)
+    key = _versions(weights)
     found = forms.concatenation
     if found is None or found[0] != key:
-        found = forms.concatenation = (key, _concatenate(args))
-    return found[1]
+        found = forms.concatenation = (key, _concatenate(lora_a, lora_b, scaling))
+        forms.column_masks = {}
+    lora_a_t, lora_b_t, owners = found[1]
+    if not (index_fixed and adapter_index.is_cpu):
+        return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1)
+    masks = forms.column_masks
+    entry = masks.get(id(adapter_index))
+    if entry is None:  # (the entry holds the index, so its id is not reused while it is here)
+        if len(masks) >= _MASKS_KEPT:
+            masks.clear()
+        entry = masks[id(adapter_index)] = (adapter_index, owners != adapter_index.unsqueeze(1))
+    return lora_a_t, lora_b_t, entry[1]
 
 
-def _concatenate(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A_cat^T [K, R], scaled B_cat^T [R, N], owners [R]), built outside inference mode: the weights are
     ordinary tensors, so the copies are too, and later calls with autograd recording may read them.
 
@@ -127,8 +148,8 @@ def _concatenate(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor, torch
     K = 256, N = 688, R = 64, fp32) ``mm(u, B_cat^T)`` took 5.4 us where ``addmm_`` on a transposed view
     of B_cat [N, R] took 11.7 us, and ``mm(x, A_cat^T)`` 3.2 us where ``F.linear(x, A_cat)`` took 4.7."""
     with torch.inference_mode(False), torch.no_grad():
-        lora_a = torch.cat(args.lora_a, dim=0).t().contiguous()
-        lora_b = torch.cat([b.t() * scale for b, scale in zip(args.lora_b, args.scaling)], dim=0)
-        owners = torch.repeat_interleave(torch.arange(args.adapters, device=lora_a.device),
-                                         torch.tensor(args.ranks, device=lora_a.device))
-    return lora_a, lora_b, owners
+        a_t = torch.cat(lora_a, dim=0).t().contiguous()
+        b_t = torch.cat([b.t() * scale for b, scale in zip(lora_b, scaling)], dim=0)
+        owners = torch.repeat_interleave(torch.arange(len(lora_a), device=a_t.device),
+                                         torch.tensor([a.shape[0] for a in lora_a], device=a_t.device))
+    return a_t, b_t, owners

@@ -36,14 +36,9 @@ from .torch_backend import add_promoted
 CONCATENATED_MAX_ROWS = 32
 
 
-def _lora_x(args: MultiLoraArgs, every_row: bool = False) -> torch.Tensor:
-    """x in the adapters' dtype (PEFT casts x to it). A bfloat16 matmul on the CPU computes rows in pairs,
-    so where ``every_row`` enters the matmul an inf in a base row would spoil its pair: there base rows
-    are zeroed first."""
-    x = args.x if args.x.dtype == args.lora_dtype else args.x.to(args.lora_dtype)
-    if every_row and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        x = torch.where((args.adapter_index < 0).unsqueeze(1), cpu_scalar(0.0, x.dtype), x)
-    return x
+def _lora_x(args: MultiLoraArgs) -> torch.Tensor:
+    """x in the adapters' dtype (PEFT casts x to it)."""
+    return args.x if args.x.dtype == args.lora_dtype else args.x.to(args.lora_dtype)
 
 
 def _add(out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None = None) -> None:
@@ -58,13 +53,27 @@ def _add(out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None = Non
 
 def add_concatenated(out: torch.Tensor, args: MultiLoraArgs) -> None:
     """Every adapter on every row in one pair of matmuls, each row keeping its own adapter's term."""
-    lora_a_t, lora_b_t, owners = concatenated(args)
-    u = torch.mm(_lora_x(args, every_row=True), lora_a_t)  # [M, R]
+    add_concatenated_rows(out, args.x, args.lora_a, args.lora_b, args.scaling, args.adapter_index)
+
+
+def add_concatenated_rows(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: tuple, scaling: tuple,
+                          adapter_index: torch.Tensor, index_fixed: bool = False) -> None:
+    """``add_concatenated`` on tensors (``ops.add_lora_multi_`` calls it without an arguments object). out: [M, N];
+    x: [M, K]; lora_a: A tensors [r_i, K]; lora_b: [N, r_i]; scaling: one float per adapter; adapter_index: [M];
+    index_fixed: see ``multi_weights.concatenated``."""
+    lora_a_t, lora_b_t, not_owned = concatenated(lora_a, lora_b, scaling, adapter_index, index_fixed)
+    if x.dtype != lora_a_t.dtype or x.dtype == torch.bfloat16:
+        x = x.to(lora_a_t.dtype)
+        if x.dtype == torch.bfloat16 and x.is_cpu:
+            # a bfloat16 matmul on the CPU computes rows in pairs: an inf in a base row would spoil its pair
+            x = torch.where((adapter_index < 0).unsqueeze(1), cpu_scalar(0.0, x.dtype), x)
+    u = torch.mm(x, lora_a_t)  # [M, R]
     # Index -1 (the base output) and, off the CPU where the index is not checked, any value outside [0, A)
     # match no column: those rows add 0.
-    not_owned = owners != args.adapter_index.unsqueeze(1)
     u.masked_fill_(not_owned, 0)
-    if out.device.type != "cpu":
+    if out.is_cpu and out.dtype == u.dtype:
+        out.addmm_(u, lora_b_t)
+    elif not out.is_cpu:
         # A GPU's add returns its own NaN for any NaN (an H100 turned a poisoned base row's 0x7FC00000 into
         # 0x7FFFFFFF) and -0.0 + 0.0 is +0.0: base rows take their bits back with one where, a pass over out
         # that this fallback pays for bitwise base rows (on the CPU NaN keeps its bits, and the host time
@@ -72,8 +81,6 @@ def add_concatenated(out: torch.Tensor, args: MultiLoraArgs) -> None:
         on_base = not_owned.all(dim=1, keepdim=True)
         summed = torch.addmm(out, u, lora_b_t) if out.dtype == u.dtype else (out + torch.mm(u, lora_b_t)).to(out.dtype)
         torch.where(on_base, out, summed, out=out)
-    elif out.dtype == u.dtype:
-        out.addmm_(u, lora_b_t)
     else:
         _add(out, torch.mm(u, lora_b_t))
 
