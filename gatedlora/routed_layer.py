@@ -93,7 +93,8 @@ class RoutedLoRALinear(GatedLoRALinear):
         lora_x = self._dropout(x, names)
         if not torch.is_grad_enabled():
             result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)
-            return add_lora_multi_(result, lora_x, lora_a, lora_b, self.scalings, index, self.backend)
+            # (the decision's index never changes: its column mask is kept)
+            return add_lora_multi_(result, lora_x, lora_a, lora_b, self.scalings, index, self.backend, True)
         result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
         return gated_lora_multi(lora_x, result, lora_a, lora_b, self.scalings, index, backend=self.backend,
                                 inplace=inplace, validate=False)

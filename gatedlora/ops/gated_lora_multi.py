@@ -65,16 +65,18 @@ def gated_lora_multi(
 
 
 def add_lora_multi_(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: tuple, scaling: tuple,
-                    adapter_index: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+                    adapter_index: torch.Tensor, backend: str = "auto", index_fixed: bool = False) -> torch.Tensor:
     """Several adapters, one per row, added in place outside autograd; returns out.
 
     ``gated_lora_multi(x, out, ..., inplace=True, validate=False)`` for callers whose arguments are valid by
-    construction (the layers: weight tuples, one float per adapter, ``adapter_index`` [M] int64) and whose
-    index tensor never changes its values (the routing decision's: derived masks are kept per tensor). Where the
-    torch backend runs a CPU call of at most ``CONCATENATED_MAX_ROWS`` rows and the dtypes are the same, its
-    concatenated strategy runs here directly, without the op's arguments object and dispatch: at decode with 8
-    sequences on 4 adapters (one CPU core, the bench model) the step cost 1.58-1.64x base through the op and
-    1.43-1.46x this way (docs/design.md, "Several adapters, one router").
+    construction (the layers: weight tuples, one float per adapter, ``adapter_index`` [M] int64).
+    ``index_fixed``: this index tensor's values never change (the routing decision's), so what is derived
+    from it may be kept per tensor (``multi_weights.concatenated``).
+
+    Where the torch backend runs a CPU call of at most ``CONCATENATED_MAX_ROWS`` rows and the dtypes are the
+    same, its concatenated strategy runs here directly, without the op's arguments object and dispatch: at
+    decode with 8 sequences on 4 adapters (one CPU core, the bench model) the step cost 1.58-1.64x base
+    through the op and 1.43-1.46x this way (docs/design.md, "Several adapters, one router").
 
     out: [..., N] (contiguous for the direct path); x: [..., K], the same leading dims.
     """
@@ -83,7 +85,7 @@ def add_lora_multi_(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: t
     rows = index.shape[0]
     if rows <= CONCATENATED_MAX_ROWS and x.is_cpu and out.dtype == x.dtype == lora_a[0].dtype and rows \
             and x.shape[-1] and out.shape[-1] and out.is_contiguous() and torch_runs_on_cpu(backend):
-        add_concatenated_rows(out.view(rows, -1), x.reshape(rows, -1), lora_a, lora_b, scaling, index, True)
+        add_concatenated_rows(out.view(rows, -1), x.reshape(rows, -1), lora_a, lora_b, scaling, index, index_fixed)
         return out
     return gated_lora_multi(x, out, lora_a, lora_b, scaling, adapter_index, backend, inplace=True, validate=False)
 
