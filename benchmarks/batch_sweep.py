@@ -3,6 +3,10 @@ at each batch size, for prefill and decode (the hot-path target of docs/design.m
 
     python benchmarks/batch_sweep.py [--batches 1,2,4,8,16,32] [--tokens 64] [--budget 1.0] [--json FILE]
     python benchmarks/batch_sweep.py --adapters 4 [...]
+    python benchmarks/batch_sweep.py --adapters 4 --hidden 2048 --phases decode --batches 8 [...]
+
+``--hidden H``: the default model's proportions at hidden size H (``models.at_width``: MLP width, head
+size and query heads per KV head kept), to see how a ratio moves with the model's width.
 
 With ``--adapters N`` (several adapters, one router): N adapters and each batch's sequences 25% on the base
 model, the rest spread over the adapters (``gatedlora bench --adapters``'s scenarios); each row times
@@ -23,10 +27,11 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
-from gatedlora.benchmarking.models import CPU_DEFAULT, GPU_DEFAULT, add_prism_adapter, build_llama
+from gatedlora.benchmarking.models import CPU_DEFAULT, GPU_DEFAULT, LlamaSpec, add_prism_adapter, at_width, build_llama
 from gatedlora.benchmarking.report import environment
 from gatedlora.benchmarking.multi_adapter import (MultiScenario, build_multi_setup, make_multi_batch,
                                                   multi_decode_providers, multi_prefill_providers)
@@ -39,13 +44,23 @@ def _providers(make, *args) -> dict:
     return result[0] if isinstance(result, tuple) else result  # some versions return (providers, notes)
 
 
-def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device, clock) -> list[dict]:
+PHASES = ("prefill", "decode")
+
+
+def default_model(device: torch.device, hidden: int | None = None) -> tuple[LlamaSpec, torch.dtype]:
+    """The bench's default model for the device, or its proportions at width ``hidden``."""
     spec, dtype = (GPU_DEFAULT, torch.bfloat16) if device.type == "cuda" else (CPU_DEFAULT, torch.float32)
+    return (spec if hidden is None else at_width(spec, hidden)), dtype
+
+
+def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device, clock,
+          hidden: int | None = None, phases: tuple[str, ...] = PHASES) -> list[dict]:
+    spec, dtype = default_model(device, hidden)
     backend = "cuda" if device.type == "cuda" else "torch"
     setup = build_setup(build_llama(spec, device, dtype), lambda m: add_prism_adapter(m, 0), 0, [backend])
     gated = f"gatedlora {backend}"
     rows = []
-    for phase in ("prefill", "decode"):
+    for phase in phases:
         cases = [(b, max(1, b // 2), False) for b in batches] + ([(8, 1, False), (8, 4, True)] if 8 in batches else [])
         for batch, open_count, scattered in cases:
             ids, mask, open_mask = make_batch(Scenario(phase, batch, tokens, open_count), setup.vocab_size, device)
@@ -71,13 +86,13 @@ def sweep(batches: list[int], tokens: int, budget_s: float, device: torch.device
 
 
 def sweep_adapters(adapters: int, batches: list[int], tokens: int, budget_s: float, device: torch.device,
-                   clock) -> list[dict]:
-    spec, dtype = (GPU_DEFAULT, torch.bfloat16) if device.type == "cuda" else (CPU_DEFAULT, torch.float32)
+                   clock, hidden: int | None = None, phases: tuple[str, ...] = PHASES) -> list[dict]:
+    spec, dtype = default_model(device, hidden)
     backend = "triton" if device.type == "cuda" else "torch"
     setup = build_multi_setup(build_llama(spec, device, dtype), 0, [backend], adapters)
     gated = f"gatedlora {backend}"
     rows = []
-    for phase in ("prefill", "decode"):
+    for phase in phases:
         for batch in batches:
             scenario = MultiScenario(phase, batch, tokens, adapters)
             ids, mask, routes = make_multi_batch(scenario, setup.vocab_size, device)
@@ -113,20 +128,26 @@ def main(argv: list[str] | None = None) -> int:
                              "unaffected by other processes on a shared machine)")
     parser.add_argument("--json", help="write the rows and the environment here")
     parser.add_argument("--adapters", type=int, help="several adapters, one router: this many (see above)")
+    parser.add_argument("--hidden", type=int, help="the default model's proportions at this hidden size")
+    parser.add_argument("--phases", default=",".join(PHASES), help="prefill, decode or both (comma-separated)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     batches = [int(b) for b in args.batches.split(",")]
+    phases = tuple(args.phases.split(","))
+    if set(phases) - set(PHASES):
+        parser.error(f"--phases: expected some of {PHASES}, got {args.phases!r}")
     if args.adapters:
-        rows = sweep_adapters(args.adapters, batches, args.tokens, args.budget, device, clock)
+        rows = sweep_adapters(args.adapters, batches, args.tokens, args.budget, device, clock, args.hidden, phases)
     else:
-        rows = sweep(batches, args.tokens, args.budget, device, clock)
+        rows = sweep(batches, args.tokens, args.budget, device, clock, args.hidden, phases)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": environment(device), "threads": torch.get_num_threads(), "clock": args.clock,
-                       "tokens": args.tokens, "rows": rows}, f, indent=1)
+                       "tokens": args.tokens, "model": asdict(default_model(device, args.hidden)[0]), "rows": rows},
+                      f, indent=1)
     if args.adapters:
         gated = [k for k in rows[0] if k.startswith("gatedlora")][0]
         return 0 if all(r[gated] < r["peft mixed_ratio"] for r in rows) else 1

@@ -3,7 +3,7 @@ download) or a local model, with a PRISM-style adapter, and its copies that shar
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -27,6 +27,14 @@ class LlamaSpec:
 CPU_DEFAULT = LlamaSpec(256, 688, 4, 8, 4, 2048)
 # Llama-3-8B projection shapes (K=N=4096, MLP 14336, GQA 32/8), 4 blocks, a smaller vocabulary.
 GPU_DEFAULT = LlamaSpec(4096, 14336, 4, 32, 8, 32000)
+
+
+def at_width(spec: LlamaSpec, hidden_size: int) -> LlamaSpec:
+    """``spec`` at another hidden size, its proportions kept (MLP width, head size, query heads per KV head)."""
+    scale = hidden_size / spec.hidden_size
+    return replace(spec, hidden_size=hidden_size, intermediate_size=round(spec.intermediate_size * scale),
+                   num_attention_heads=max(1, round(spec.num_attention_heads * scale)),
+                   num_key_value_heads=max(1, round(spec.num_key_value_heads * scale)))
 
 
 def build_llama(spec: LlamaSpec, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
