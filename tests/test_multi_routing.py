@@ -296,3 +296,50 @@ def test_a_nan_logit_routes_the_sequence_to_the_base_model():
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(get_router(model).last_routes, torch.tensor([0, 2]))
     check_routes(logits, torch.tensor([0, 2]), expected)
+
+
+def test_threads_generating_with_different_mixed_routes_each_match_their_run_alone():
+    """Two threads generate at once on one patched model, each batch with its own mix of routes: every decode
+    step takes the layers' mixed-batch path (on the CPU its column mask is kept per decision index, beside the
+    adapters' concatenated weights that both threads share); each thread's tokens and scores equal its run alone."""
+    model = peft_model()
+    batches = {"a": padded_batch([7, 4, 9, 5], 9, side="left", seed=11),
+               "b": padded_batch([6, 8, 3], 9, side="left", seed=12)}
+    routes = {"a": [2, 0, 3, 1], "b": [1, 3, 3]}
+    router = route_splitting_router(model, [(*batches[n], routes[n]) for n in batches], ROUTER_LAYER, len(NAMES))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router))
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+                   return_dict_in_generate=True)
+
+    def generate(name):
+        ids, mask = batches[name]
+        out = model.generate(input_ids=ids, attention_mask=mask, **options)
+        return out.sequences, torch.stack(out.scores, 1), get_router(model).last_routes
+
+    with torch.no_grad():
+        solo = {name: generate(name) for name in batches}
+    start = threading.Barrier(len(batches))
+    results = {name: [] for name in batches}
+    errors = []
+
+    def worker(name):
+        try:
+            with torch.no_grad():
+                start.wait()
+                for _ in range(3):
+                    results[name].append(generate(name))
+        except BaseException as err:  # noqa: BLE001  (reported below, with the thread's name)
+            errors.append((name, err))
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for name in batches:
+        assert torch.equal(solo[name][2], torch.tensor(routes[name]))
+        assert len(results[name]) == 3
+        for sequences, scores, last in results[name]:
+            assert torch.equal(sequences, solo[name][0]) and torch.equal(last, solo[name][2])
+            assert torch.equal(torch.nan_to_num(scores), torch.nan_to_num(solo[name][1]))
