@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from concurrent_runs import run_in_threads
 from steered_routers import RoutePatternRouter, route_splitting_router
 from tiny_models import MULTI_ADAPTERS, padded_batch, tiny_multi_adapter_model
 
@@ -318,28 +319,9 @@ def test_threads_generating_with_different_mixed_routes_each_match_their_run_alo
 
     with torch.no_grad():
         solo = {name: generate(name) for name in batches}
-    start = threading.Barrier(len(batches))
-    results = {name: [] for name in batches}
-    errors = []
-
-    def worker(name):
-        try:
-            with torch.no_grad():
-                start.wait()
-                for _ in range(3):
-                    results[name].append(generate(name))
-        except BaseException as err:  # noqa: BLE001  (reported below, with the thread's name)
-            errors.append((name, err))
-
-    threads = [threading.Thread(target=worker, args=(name,)) for name in batches]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_in_threads(generate, list(batches), repeats=3)
     for name in batches:
         assert torch.equal(solo[name][2], torch.tensor(routes[name]))
-        assert len(results[name]) == 3
         for sequences, scores, last in results[name]:
             assert torch.equal(sequences, solo[name][0]) and torch.equal(last, solo[name][2])
             assert torch.equal(torch.nan_to_num(scores), torch.nan_to_num(solo[name][1]))

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from concurrent_runs import run_in_threads
 from steered_routers import LinearRouter, PatternRouter, splitting_router
 from tiny_models import padded_batch, tiny_peft_model
 from torch import nn
@@ -98,27 +99,8 @@ def test_threads_generating_with_different_routes_each_match_their_run_alone():
     with torch.no_grad():
         solo = {name: generate(name) for name in batches}
     assert not torch.equal(solo["a"][0], solo["b"][0])
-    start = threading.Barrier(len(batches))
-    results = {name: [] for name in batches}
-    errors = []
-
-    def worker(name):
-        try:
-            with torch.no_grad():
-                start.wait()
-                for _ in range(3):
-                    results[name].append(generate(name))
-        except BaseException as err:  # noqa: BLE001  (reported below, with the thread's name)
-            errors.append((name, err))
-
-    threads = [threading.Thread(target=worker, args=(name,)) for name in batches]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_in_threads(generate, list(batches), repeats=3)
     for name in batches:
-        assert len(results[name]) == 3
         for sequences, scores, decided, last in results[name]:
             assert torch.equal(sequences, solo[name][0])
             finite = torch.isfinite(solo[name][1])
