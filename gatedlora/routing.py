@@ -12,6 +12,7 @@ device: no ``.item()``, no host sync, nothing a compiled graph would break on.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import math
@@ -407,30 +408,34 @@ class SequenceRouter(nn.Module):
         return RouteDecision(torch.softmax(logits, dim=-1), decisions.to(logits.dtype), decisions, self.threshold,
                              all_closed=uniform == 0, multi_routes=routes, uniform_route=uniform)
 
-    def generate_whole_prompt_routed(self, generate: Callable, args: tuple, kwargs: dict) -> Any:
-        """``generate`` with a chunked prefill, routed from the last real token of the whole prompt.
+    def generate_whole_prompt_routed(self, generate: Callable, args: tuple, kwargs: dict, unnamed: tuple,
+                                     routing_pass: dict) -> Any:
+        """``generate(*args, **kwargs)`` routed from the last real token of the whole prompt, where its first
+        forward is not a plain prefill of the prompt: a chunked prefill (the first chunk's last token), or
+        assisted generation (transformers 5 runs the prompt and the draft's first candidates in one forward,
+        whose last token is a guessed one).
 
-        Blocks ``0..router_layer`` carry no adapter, so a routing-only pass over the whole prompt (the
-        same generate call unchunked, stopped after block ``router_layer``) gives the decision that the
-        unchunked generation makes; the chunked prefill then adopts it in its first chunk. The pass
-        costs blocks ``0..router_layer`` once more and holds their activations for the whole prompt.
-        A generation that continues a cache that holds tokens keeps that cache's decision instead.
+        Blocks ``0..router_layer`` carry no adapter, so a routing-only pass over the whole prompt (a plain,
+        unchunked and unassisted generate of it: positional arguments ``unnamed``, named ones ``routing_pass``;
+        stopped after block ``router_layer``) gives the decision that the plain generation makes; the first
+        forward of the generation then adopts it. The pass costs blocks ``0..router_layer`` once more and
+        holds their activations for the whole prompt. A generation that continues a cache that holds tokens
+        keeps that cache's decision instead.
         """
-        cache_key = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
-        if cache_key is not None and holds_tokens(kwargs[cache_key]):
+        cache_key = next((k for k in ("cache", "past_key_values") if routing_pass.get(k) is not None), None)
+        if cache_key is not None and holds_tokens(routing_pass[cache_key]):
             return generate(*args, **kwargs)
-        routing_pass = {**kwargs, "prefill_chunk_size": None, "streamer": None}
         if cache_key is not None:
-            routing_pass[cache_key] = None  # the caller's cache must not take the routing pass's tokens
+            routing_pass = {**routing_pass, cache_key: None}  # the caller's cache must not take the pass's tokens
         threads = self._threads
         threads.route_only = True
         try:
-            generate(*args, **routing_pass)
+            generate(*unnamed, **routing_pass)
         except _RoutedPrompt as routed:
             decision = routed.decision
         else:
-            raise RuntimeError("gatedlora: the routing pass before a chunked prefill never reached block "
-                               "router_layer")
+            raise RuntimeError("gatedlora: the routing pass before a chunked prefill or an assisted generation "
+                               "never reached block router_layer")
         finally:
             threads.route_only = False
         threads.pending = decision
@@ -477,20 +482,86 @@ class RoutedForward(_Wrapper):
         return self.route.run_backbone(self.inner, self.names, args, kwargs)
 
 
+# generate() options whose first forward is not a plain prefill of the prompt, and the value that turns each off:
+# a chunked prefill, and the ways transformers' GenerationConfig.get_generation_mode enters assisted generation
+# (its first forward covers the prompt and the draft's candidates)
+_NOT_A_PLAIN_PREFILL = {"prefill_chunk_size": None, "prompt_lookup_num_tokens": None, "assistant_early_exit": None,
+                        "use_mtp": False}
+
+
+def _set(option: str, value: Any) -> bool:
+    """Whether generate() ``option`` is on, as transformers tests it (``use_mtp`` by truth, the others by None)."""
+    return bool(value) if option == "use_mtp" else value is not None
+
+
 class RoutedGenerate(_Wrapper):
-    """``generate`` of the model that owns the backbone: a chunked prefill is routed from the whole prompt."""
+    """``generate`` of the model that owns the backbone: a chunked prefill or an assisted generation is
+    routed from the whole prompt (``SequenceRouter.generate_whole_prompt_routed``)."""
 
     name = "generate"
 
+    def __init__(self, route: SequenceRouter, module: nn.Module) -> None:
+        super().__init__(route, module)
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.names = tuple(p.name for p in inspect.signature(self.inner).parameters.values() if p.kind in kinds)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if "prefill_chunk_size" in kwargs:
-            chunk = kwargs["prefill_chunk_size"]
-        else:
-            config = kwargs.get("generation_config") or getattr(self.inner.__self__, "generation_config", None)
-            chunk = getattr(config, "prefill_chunk_size", None)
-        if chunk is None:
+        threads = self.route._threads
+        outer = thread_slot(threads, "pending")
+        if outer is not None:
+            # a generate inside another's first step (assistant_early_exit drafts with this very model): the
+            # decision waiting there is the outer generation's first forward's, not this one's
+            threads.pending = None
+            try:
+                return self(*args, **kwargs)
+            finally:
+                threads.pending = outer
+        routing_pass = self._routing_pass(self._arguments(args, kwargs))
+        if routing_pass is None:
             return self.inner(*args, **kwargs)
-        return self.route.generate_whole_prompt_routed(self.inner, args, kwargs)
+        return self.route.generate_whole_prompt_routed(self.inner, args, kwargs, args[len(self.names):],
+                                                       routing_pass)
+
+    def _arguments(self, args: tuple, kwargs: dict) -> dict:
+        """The call's arguments by name (those its signature names). A GenerationConfig passed positionally is
+        ``generation_config``."""
+        from transformers import GenerationConfig
+
+        if not args:
+            return kwargs
+        arguments = {**dict(zip(self.names, args)), **kwargs}
+        if not isinstance(arguments.get("generation_config"), GenerationConfig):
+            config = next((a for a in args if isinstance(a, GenerationConfig)), None)
+            if config is not None:  # a generate whose signature names it otherwise
+                arguments = {name: value for name, value in arguments.items() if value is not config}
+                arguments["generation_config"] = config
+        return arguments
+
+    def _routing_pass(self, arguments: dict) -> dict | None:
+        """The arguments of a plain generation of the prompt, if this one's first forward is not a plain
+        prefill (else None). The options are read as transformers reads them: an argument, else the
+        GenerationConfig passed, else (where that leaves it unset) the model's own."""
+        config = arguments.get("generation_config")
+        model_config = getattr(self.inner.__self__, "generation_config", None)
+        routing_pass: dict = {}
+        cleared_config = None
+        for option, off in _NOT_A_PLAIN_PREFILL.items():
+            if option in arguments:
+                if _set(option, arguments[option]):
+                    routing_pass[option] = off
+                continue
+            if _set(option, getattr(config, option, None)):
+                cleared_config = cleared_config or copy.deepcopy(config)
+                setattr(cleared_config, option, off)
+            elif _set(option, getattr(model_config, option, None)):
+                routing_pass[option] = off  # where ``config`` leaves it unset, transformers takes the model's
+        if arguments.get("assistant_model") is not None:
+            routing_pass["assistant_model"] = None
+        if not routing_pass and cleared_config is None:
+            return None
+        if cleared_config is not None:
+            routing_pass["generation_config"] = cleared_config
+        return {**arguments, "streamer": None, **routing_pass}
 
 
 def install_routing(backbone: nn.Module, router_block: nn.Module, router: SequenceRouter,

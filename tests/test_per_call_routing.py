@@ -1,5 +1,6 @@
 """Routes belong to each call: interleaved generations, threads, interrupted forwards, chunked prefill,
 force_gate per thread, one precision for decisions, all-closed training and the base layer's output."""
+import contextlib
 import inspect
 import threading
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 from concurrent_runs import run_in_threads
 from steered_routers import LinearRouter, PatternRouter, splitting_router
-from tiny_models import padded_batch, tiny_peft_model
+from tiny_models import padded_batch, tiny_causal_lm, tiny_peft_model
 from torch import nn
-from transformers import DynamicCache, LlamaModel, StaticCache
+from transformers import DynamicCache, GenerationConfig, LlamaModel, StaticCache
 
 from gatedlora import GatedLoraConfig, GatedLoRALinear, force_gate, get_router, patch_model
 from gatedlora.call_state import output_cache
@@ -447,3 +448,81 @@ def test_a_static_cache_reset_for_a_new_prompt_is_routed_again():
             out = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **options)
             assert torch.equal(out.sequences, dynamic.sequences), name
             assert torch.equal(get_router(model).routes_of(out).decisions, routes[name])
+
+
+ASSISTED = {"prompt_lookup": dict(prompt_lookup_num_tokens=3), "assistant_model": "assistant",
+            "early_exit": dict(assistant_early_exit=3)}
+
+
+def assisted_options(mode):
+    if ASSISTED[mode] == "assistant":  # the base model as the draft model
+        return dict(assistant_model=tiny_causal_lm("llama", LAYERS, seed=0))
+    return ASSISTED[mode]
+
+
+@pytest.mark.parametrize("mode", list(ASSISTED))
+def test_assisted_generation_routes_from_the_prompt_not_the_drafts_candidates(mode):
+    """transformers 5's assisted generation has no prefill of its own: its first forward covers the prompt and
+    the draft's candidates on an empty cache. The router must read the prompt's last token (a routing pass),
+    as plain generate does, not the last guessed one. The router here routes each prompt one way and the
+    first forward's input (prompt + candidates) the other."""
+    model = tiny_peft_model(layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
+    prompts = {True: torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7]]), False: torch.tensor([[11, 12, 13, 14, 11, 12, 13]])}
+    options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                   return_dict_in_generate=True, **assisted_options(mode))
+    backbone = model.base_model.model.model
+    expected, first_inputs = {}, {}
+    for opened, prompt in prompts.items():
+        seen = []
+        hook = backbone.register_forward_pre_hook(lambda m, a, k, seen=seen: seen.append(k["input_ids"]),
+                                                  with_kwargs=True)
+        with torch.no_grad(), (contextlib.nullcontext() if opened else model.disable_adapter()):
+            expected[opened] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **options)
+        hook.remove()
+        # the main model's first forward: the prompt and candidates (early exit's draft runs the prompt first)
+        first_inputs[opened] = next(ids for ids in seen if ids.shape[1] > prompt.shape[1])
+    batches = [(ids, torch.ones_like(ids), [want]) for opened, prompt in prompts.items()
+               for ids, want in ((prompt, opened), (first_inputs[opened], not opened))]
+    router = splitting_router(model, batches, ROUTER_LAYER)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    for opened, prompt in prompts.items():
+        with torch.no_grad():
+            plain = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2)
+            assert get_router(model).last_decisions.tolist() == [opened]
+            assert plain.shape[1] == prompt.shape[1] + 2
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **options)
+        assert get_router(model).routes_of(out).decisions.tolist() == [opened], mode
+        assert torch.equal(out.sequences, expected[opened].sequences)
+        logits, reference = torch.stack(out.logits, 1), torch.stack(expected[opened].logits, 1)
+        if opened:  # the adapter: PEFT's own assisted generation
+            torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
+        else:  # the base model, bit for bit
+            assert torch.equal(logits, reference)
+
+
+def test_a_generation_config_passed_positionally_is_read_for_chunked_prefill_and_assisted_generation():
+    """generate(ids, GenerationConfig(...)) as transformers' signature allows: its prefill_chunk_size and
+    prompt_lookup_num_tokens are seen as when it is passed as generation_config=."""
+    model, batches, routes = prism_model()
+    ids, mask = batches["b"]  # left padded: sequence 2 (3 tokens of 8) has a first chunk of padding only
+    config = GenerationConfig(prefill_chunk_size=4, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                              pad_token_id=0, return_dict_in_generate=True)
+    with torch.no_grad():
+        whole = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                               do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        by_name = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        positional = model.generate(ids, config, attention_mask=mask)  # PeftModel.generate passes it on as is
+        inner = model.base_model.model.generate(ids, config, None, attention_mask=mask)  # the patched generate
+    for out in (whole, by_name, positional, inner):
+        assert torch.equal(get_router(model).routes_of(out).decisions, routes["b"])
+        assert torch.equal(out.sequences, whole.sequences)
+    assert config.prefill_chunk_size == 4  # the caller's config is left as it was
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7]])
+    with torch.no_grad():
+        model.generate(input_ids=prompt, max_new_tokens=1)
+        decision = get_router(model).last_decisions
+        lookup = GenerationConfig(prompt_lookup_num_tokens=3, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                  return_dict_in_generate=True)
+        out = model.generate(prompt, lookup)
+    assert torch.equal(get_router(model).routes_of(out).decisions, decision)
+    assert lookup.prompt_lookup_num_tokens == 3
