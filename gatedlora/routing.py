@@ -132,19 +132,39 @@ def prism_two_class_router(hidden_size: int, width: int = 256, dropout: float = 
                                         nn.Linear(width, 2)))
 
 
-def last_real_positions(attention_mask: torch.Tensor | None, batch: int, length: int,
+def prefill_mask(attention_mask: Any) -> Any:
+    """The attention mask as the router reads it. Models whose config names ``layer_types`` (Qwen2, Gemma2, ...)
+    are passed one prepared mask per attention type by generate() with a static cache, as a dict: each marks the
+    same real tokens (the full-attention one is taken where present; None there means no padding)."""
+    if isinstance(attention_mask, dict):
+        if "full_attention" in attention_mask:
+            return attention_mask["full_attention"]
+        return next((mask for mask in attention_mask.values() if mask is not None), None)
+    return attention_mask
+
+
+def last_real_positions(attention_mask: Any, batch: int, length: int,
                         device: torch.device | None = None) -> torch.Tensor:
     """Index of the last real position (``attention_mask == 1``) of this input per sequence. Returns [B] (long).
 
     attention_mask: [B, T'] with T' >= length (its last ``length`` columns cover this input), or a
     prepared mask [B, heads or 1, length, S] of a prefill on an empty cache (generate() with a static
-    cache passes one: True or 0 where a query attends; its first ``length`` keys are this input), or None.
+    cache passes one: True or 0 where a query attends; its first ``length`` keys are this input), or a
+    dict of those per attention type (``prefill_mask``), or None.
     """
+    attention_mask = prefill_mask(attention_mask)
     if attention_mask is None:
         return torch.full((batch,), length - 1, dtype=torch.long, device=device)  # made there: no copy
-    if attention_mask.dim() == 4 and attention_mask.shape[0] == batch and attention_mask.shape[-1] >= length:
-        # the last query attends to every real token of the prompt, and to nothing after it
-        keys = attention_mask[:, 0, -1, :length]
+    if attention_mask.dim() == 4 and attention_mask.shape[0] == batch and attention_mask.shape[-2] in (length, 1) \
+            and attention_mask.shape[-1] >= length:
+        if attention_mask.shape[-2] == length:
+            # A real token attends to itself and a padding one never does (padding is masked as a key), whether
+            # the padding is left or right and the mask full or sliding-window: the diagonal marks the real
+            # tokens. (A row of left padding that attends to nothing may be unmasked whole by transformers for
+            # SDPA; such rows come before the first real token, so the last real one is still found.)
+            keys = torch.diagonal(attention_mask[:, 0, :, :length], dim1=-2, dim2=-1)
+        else:  # one row for every query: a padding mask over the keys
+            keys = attention_mask[:, 0, 0, :length]
         real = keys if keys.dtype == torch.bool else keys == 0
     elif attention_mask.dim() == 2 and attention_mask.shape[0] == batch and attention_mask.shape[1] >= length:
         real = attention_mask[:, -length:] != 0
@@ -156,13 +176,14 @@ def last_real_positions(attention_mask: torch.Tensor | None, batch: int, length:
     return length - 1 - real.flip(1).to(torch.int8).argmax(dim=1)
 
 
-def last_real_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def last_real_hidden(hidden: torch.Tensor, attention_mask: Any) -> torch.Tensor:
     """hidden [B, T, H] at each sequence's last real position (``last_real_positions``). Returns [B, H].
 
     Where the host can see for free (a CPU mask, eager) that every sequence's last position is real (no
     padding, or left padding), that is ``hidden[:, -1]``: one view instead of seven small ops, which run
     right after block router_layer's matmuls and cost 2-3x there (0.13 ms of a 7 ms prefill at batch 1)."""
     batch, length = hidden.shape[:2]
+    attention_mask = prefill_mask(attention_mask)
     if attention_mask is None:
         return hidden[:, -1]
     if attention_mask.dim() == 2 and not attention_mask.is_cuda and not torch.compiler.is_compiling() \

@@ -14,6 +14,7 @@ from transformers import DynamicCache, GenerationConfig, LlamaModel, StaticCache
 
 from gatedlora import GatedLoraConfig, GatedLoRALinear, force_gate, get_router, patch_model
 from gatedlora.call_state import output_cache
+from gatedlora.routing import last_real_positions
 
 LAYERS, ROUTER_LAYER = 4, 1
 CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
@@ -526,3 +527,52 @@ def test_a_generation_config_passed_positionally_is_read_for_chunked_prefill_and
         out = model.generate(prompt, lookup)
     assert torch.equal(get_router(model).routes_of(out).decisions, decision)
     assert lookup.prompt_lookup_num_tokens == 3
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_static_cache_generate_on_qwen2_routes_from_its_dict_of_prepared_masks(side, attention):
+    """generate(cache_implementation="static") on a model whose config names layer_types (Qwen2) passes the
+    backbone a dict of prepared 4D masks, one per attention type (bool for SDPA, additive float for eager):
+    the routes, tokens and scores equal the dynamic cache's, left or right padded."""
+    model = tiny_peft_model("qwen2", layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
+    model.base_model.model.config._attn_implementation = attention
+    ids, mask = padded_batch([7, 4, 9, 5], 9, side=side, seed=3)
+    routes = torch.tensor([True, False, False, True])
+    router = splitting_router(model, [(ids, mask, routes.tolist())], ROUTER_LAYER)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    masks = []
+    hook = model.base_model.model.model.register_forward_pre_hook(
+        lambda m, a, k: masks.append(k.get("attention_mask")), with_kwargs=True)
+    options = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        dynamic = model.generate(input_ids=ids, attention_mask=mask, **options)
+        masks.clear()
+        static = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **options)
+    hook.remove()
+    assert isinstance(masks[0], dict) and masks[0]["full_attention"].dim() == 4
+    for out in (dynamic, static):
+        assert torch.equal(get_router(model).routes_of(out).decisions, routes)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    scores, reference = torch.stack(static.scores, 1), torch.stack(dynamic.scores, 1)
+    torch.testing.assert_close(scores, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_last_real_positions_from_prepared_sliding_window_masks(side, dtype):
+    """A prepared 4D mask marks a sequence's real tokens on its diagonal, for a sliding window too: there the
+    last query (right padding longer than the window) sees none of the prompt, its diagonal still does."""
+    lengths, total, window = [6, 2, 9, 1], 9, 2
+    _, mask = padded_batch(lengths, total, side=side)
+    query, key = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    padding = mask.bool()[:, None, None, :]
+    attends = (key <= query)[None, None] & padding  # [B, 1, T, T]
+    sliding = attends & (key > query - window)
+    prepared = sliding if dtype == torch.bool else torch.zeros(sliding.shape).masked_fill(~sliding, -1e30)
+    expected = last_real_positions(mask, 4, total)
+    assert expected.tolist() == ([total - 1] * 4 if side == "left" else [n - 1 for n in lengths])
+    padded_keys = torch.cat([prepared, prepared[..., :3]], dim=-1)  # a static cache's keys beyond the prompt
+    for given in (prepared, padded_keys, {"sliding_attention": prepared},
+                  {"full_attention": attends, "sliding_attention": prepared}):
+        assert torch.equal(last_real_positions(given, 4, total), expected)
