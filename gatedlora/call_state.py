@@ -29,6 +29,26 @@ from torch import nn
 ROUTES_ATTRIBUTE = "_gatedlora_routes"  # on a KV cache (or a legacy tuple cache's first key tensor)
 
 
+def contiguous_span(decisions: list[bool]) -> tuple[int, int] | None:
+    """(lo, hi) where the True entries of ``decisions`` (at least one) are exactly ``lo..hi-1``, else None."""
+    opened = [i for i, is_open in enumerate(decisions) if is_open]
+    lo, hi = opened[0], opened[-1] + 1
+    return (lo, hi) if hi - lo == len(opened) else None
+
+
+def host_facts(decisions: torch.Tensor, gates: torch.Tensor, hard: bool) -> tuple[bool, bool, tuple | None, bool]:
+    """``RouteDecision``'s (all_open, all_closed, open_span, scattered) of one adapter's CPU decisions [B] and
+    gates [B], from one read of the decisions. all_open serves a hard-gate shortcut (plain LoRA), so it is
+    decided with hard semantics whatever ``hard`` is: soft routing with p = 0.2 must not open that row under
+    hard gates; all_closed follows ``hard`` (soft: every gate exactly 0)."""
+    opened = decisions.tolist()
+    all_open = all(opened)
+    all_closed = not any(opened) if hard else not bool(gates.detach().ne(0).any())
+    open_span = contiguous_span(opened) if not (all_open or all_closed) else None
+    scattered = open_span is None and not (all_open or all_closed)
+    return all_open, all_closed, open_span, scattered
+
+
 @dataclass(eq=False)
 class RouteDecision:
     """One generation's routes, decided at prefill from each prompt's last real token.
@@ -58,6 +78,7 @@ class RouteDecision:
     scattered: bool = False
     multi_routes: torch.Tensor | None = None
     uniform_route: int | None = None
+    hard: bool = True  # the router's gates when it decided (what all_closed means)
     _row_gates: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -68,6 +89,27 @@ class RouteDecision:
     def routes(self) -> torch.Tensor:
         """Each sequence's route, [B] long: 0 the base model, i the i-th adapter (with one adapter, 1)."""
         return self.multi_routes if self.multi_routes is not None else self.decisions.long()
+
+    def select(self, rows: torch.Tensor) -> RouteDecision:
+        """This decision for the sequences ``rows`` ([B'] long) of its batch, in that order: the routes of a KV
+        cache whose batch was reordered, narrowed or repeated. The host-side facts are seen again where that
+        is free (CPU, eager); elsewhere those that hold for any rows of the batch (all open, all closed, one
+        route) are kept, and the others left unseen."""
+        def pick(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values.index_select(0, rows.to(values.device))
+
+        probabilities, gates, decisions = pick(self.probabilities), pick(self.gates), pick(self.decisions)
+        sees = gates.device.type == "cpu" and not torch.compiler.is_compiling()
+        if self.multi_routes is not None:
+            routes = pick(self.multi_routes)
+            uniform = self.uniform_route
+            if sees:
+                first = int(routes[0]) if routes.numel() else 0
+                uniform = first if bool((routes == first).all()) else None
+            return RouteDecision(probabilities, gates, decisions, self.threshold, all_closed=uniform == 0,
+                                 multi_routes=routes, uniform_route=uniform, hard=self.hard)
+        facts = host_facts(decisions, gates, self.hard) if sees else (self.all_open, self.all_closed, None, False)
+        return RouteDecision(probabilities, gates, decisions, self.threshold, *facts, hard=self.hard)
 
     def row_adapters(self, x: torch.Tensor, slot_table: torch.Tensor) -> torch.Tensor:
         """Each row's adapter in a layer that holds route r's adapter at ``slot_table[r]`` (int64 on the layer's
@@ -167,6 +209,9 @@ def attach_routes(cache: Any, key: int, decision: RouteDecision) -> None:
     anchor.__dict__[ROUTES_ATTRIBUTE] = {**(routes or {}), key: decision}
     if callable(getattr(type(anchor), "reset", None)) and "reset" not in anchor.__dict__:
         anchor.__dict__["reset"] = _ResetForgetsRoutes(anchor)
+    for name in _BATCH_OPERATIONS:
+        if callable(getattr(type(anchor), name, None)) and name not in anchor.__dict__:
+            anchor.__dict__[name] = _RoutesFollowBatch(anchor, name)
 
 
 class _ResetForgetsRoutes:
@@ -179,6 +224,66 @@ class _ResetForgetsRoutes:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.cache.__dict__.pop(ROUTES_ATTRIBUTE, None)
         return type(self.cache).reset(self.cache, *args, **kwargs)
+
+
+def _reordered_rows(batch: int, beam_idx: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(beam_idx).long()
+
+
+def _selected_rows(batch: int, indices: Any) -> torch.Tensor:
+    if isinstance(indices, slice):
+        return torch.arange(batch)[indices]
+    rows = torch.as_tensor(indices)  # the cache indexes with it: a tensor or list of rows, or a bool mask
+    if rows.dtype == torch.bool:
+        return rows.nonzero().squeeze(1)
+    return torch.arange(batch, device=rows.device)[rows].reshape(-1)  # negative indices and slices alike
+
+
+def _repeated_rows(batch: int, repeats: int) -> torch.Tensor:
+    return torch.arange(batch).repeat_interleave(repeats)
+
+
+# Cache methods that change its batch, and the rows of the old batch that make the new one, in order
+_BATCH_OPERATIONS = {"reorder_cache": _reordered_rows, "batch_select_indices": _selected_rows,
+                     "batch_repeat_interleave": _repeated_rows}
+
+
+class _RoutesFollowBatch:
+    """``cache.reorder_cache`` / ``batch_select_indices`` / ``batch_repeat_interleave`` on a cache that carries
+    routes: each sequence's route moves with its keys and values (``RouteDecision.select``). An object holding
+    the cache, as ``_ResetForgetsRoutes``. Only these calls pay for it: a decode step reads the routes as
+    before.
+
+    Inside a routed generate(), beam search reorders the cache every step, but only among one prompt's beams,
+    which were routed alike (the prompt repeated once per beam before the prefill): there the routes stay as
+    they are, which saves the step a new decision (and its layers the gates they keep per decision)."""
+
+    def __init__(self, cache: Any, name: str) -> None:
+        self.cache = cache
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cache = self.cache
+        result = getattr(type(cache), self.name)(cache, *args, **kwargs)
+        routes = cache.__dict__.get(ROUTES_ATTRIBUTE)
+        if routes and not (self.name == "reorder_cache" and thread_slot(_GENERATING, "depth")):
+            argument = args[0] if args else next(iter(kwargs.values()))
+            rows = {key: _BATCH_OPERATIONS[self.name](decision.batch, argument) for key, decision in routes.items()}
+            cache.__dict__[ROUTES_ATTRIBUTE] = {key: decision.select(rows[key]) for key, decision in routes.items()}
+        return result
+
+
+_GENERATING = threading.local()  # .depth: how many routed generate() calls run in this thread
+
+
+@contextlib.contextmanager
+def generating() -> Iterator[None]:
+    """Mark the calling thread as inside a routed ``generate`` (whose beam search reorders among beams only)."""
+    _GENERATING.depth = (thread_slot(_GENERATING, "depth") or 0) + 1
+    try:
+        yield
+    finally:
+        _GENERATING.depth -= 1
 
 
 def cache_length(cache: Any) -> int | torch.Tensor:

@@ -23,21 +23,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .call_state import (ForwardState, RouteDecision, attach_routes, continues, holds_tokens, in_backward,
-                         output_cache, routes_on, thread_slot)
+from .call_state import (ForwardState, RouteDecision, attach_routes, contiguous_span, continues, generating,  # noqa: F401
+                         holds_tokens, host_facts, in_backward, output_cache, routes_on, thread_slot)
 from .config import GatedLoraConfig
 from .ops.gates import probability_dtype
 
 # sigmoid(6) = 0.9975: a fresh gate or default router starts open with a wide margin, so the
 # freshly patched model computes what PEFT computed until the gate is trained or loaded.
 OPEN_LOGIT = 6.0
-
-
-def contiguous_span(decisions: list[bool]) -> tuple[int, int] | None:
-    """(lo, hi) where the True entries of ``decisions`` (at least one) are exactly ``lo..hi-1``, else None."""
-    opened = [i for i, is_open in enumerate(decisions) if is_open]
-    lo, hi = opened[0], opened[-1] + 1
-    return (lo, hi) if hi - lo == len(opened) else None
 
 
 def open_logit(threshold: float) -> float:
@@ -390,8 +383,8 @@ class SequenceRouter(nn.Module):
         gates = torch.nan_to_num(probabilities, nan=0.0)
         threshold = self.threshold  # read once: another thread may set it meanwhile
         decisions = probabilities >= threshold  # gate_values' hard rule (NaN: False), as bool (no graph)
-        all_open = all_closed = False
-        open_span, scattered = None, False
+        hard = self.hard
+        facts = (False, False, None, False)
         # On the CPU the host sees the decision for free: a batch with every gate closed then skips the
         # adapter call (checks, gate gather, nonzero) in every layer. On a GPU reading it would be a host
         # sync, and in a compiled graph a graph break, so there the kernel skips on the device instead.
@@ -399,14 +392,8 @@ class SequenceRouter(nn.Module):
         # router_layer's matmuls, where it costs 2-3x its cost alone (the whole decision took 0.47 ms of a
         # 7.3 ms prefill at batch 1 before, most of it in small ops).
         if gates.device.type == "cpu" and not torch.compiler.is_compiling():
-            opened = decisions.tolist()
-            # all_open serves a hard-gate shortcut (plain LoRA), so it is decided with hard semantics
-            # whatever self.hard is: soft routing with p = 0.2 must not open that row under hard gates
-            all_open = all(opened)
-            all_closed = not any(opened) if self.hard else not bool(gates.detach().ne(0).any())
-            open_span = contiguous_span(opened) if not (all_open or all_closed) else None
-            scattered = open_span is None and not (all_open or all_closed)
-        return RouteDecision(probabilities, gates, decisions, threshold, all_open, all_closed, open_span, scattered)
+            facts = host_facts(decisions, gates, hard)
+        return RouteDecision(probabilities, gates, decisions, threshold, *facts, hard=hard)
 
     def _decide_route(self, logits: torch.Tensor, batch: int, hidden: torch.Tensor) -> RouteDecision:
         """Several adapters: each sequence's route from the router's logits [B, N + 1] (argmax, in fp32)."""
@@ -427,7 +414,7 @@ class SequenceRouter(nn.Module):
             first = int(routes[0]) if batch else 0
             uniform = first if bool((routes == first).all()) else None
         return RouteDecision(torch.softmax(logits, dim=-1), decisions.to(logits.dtype), decisions, self.threshold,
-                             all_closed=uniform == 0, multi_routes=routes, uniform_route=uniform)
+                             all_closed=uniform == 0, multi_routes=routes, uniform_route=uniform, hard=self.hard)
 
     def generate_whole_prompt_routed(self, generate: Callable, args: tuple, kwargs: dict, unnamed: tuple,
                                      routing_pass: dict) -> Any:
@@ -538,10 +525,11 @@ class RoutedGenerate(_Wrapper):
             finally:
                 threads.pending = outer
         routing_pass = self._routing_pass(self._arguments(args, kwargs))
-        if routing_pass is None:
-            return self.inner(*args, **kwargs)
-        return self.route.generate_whole_prompt_routed(self.inner, args, kwargs, args[len(self.names):],
-                                                       routing_pass)
+        with generating():  # its beam search reorders the cache among a prompt's beams only (call_state)
+            if routing_pass is None:
+                return self.inner(*args, **kwargs)
+            return self.route.generate_whole_prompt_routed(self.inner, args, kwargs, args[len(self.names):],
+                                                           routing_pass)
 
     def _arguments(self, args: tuple, kwargs: dict) -> dict:
         """The call's arguments by name (those its signature names). A GenerationConfig passed positionally is

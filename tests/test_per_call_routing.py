@@ -1,6 +1,7 @@
 """Routes belong to each call: interleaved generations, threads, interrupted forwards, chunked prefill,
 force_gate per thread, one precision for decisions, all-closed training and the base layer's output."""
 import contextlib
+import copy
 import inspect
 import threading
 
@@ -13,7 +14,7 @@ from torch import nn
 from transformers import DynamicCache, GenerationConfig, LlamaModel, StaticCache
 
 from gatedlora import GatedLoraConfig, GatedLoRALinear, force_gate, get_router, patch_model
-from gatedlora.call_state import output_cache
+from gatedlora.call_state import RouteDecision, output_cache
 from gatedlora.routing import last_real_positions
 
 LAYERS, ROUTER_LAYER = 4, 1
@@ -576,3 +577,76 @@ def test_last_real_positions_from_prepared_sliding_window_masks(side, dtype):
     for given in (prepared, padded_keys, {"sliding_attention": prepared},
                   {"full_attention": attends, "sliding_attention": prepared}):
         assert torch.equal(last_real_positions(given, 4, total), expected)
+
+
+def selected_copy(cache, rows):
+    copied = copy.deepcopy(cache)
+    copied.batch_select_indices(rows)
+    return copied
+
+
+# operation on a prefilled cache (returns the cache to decode on, or None: the same one), and the rows it keeps
+CACHE_BATCH_OPERATIONS = {
+    "reorder_cache": (lambda cache: cache.reorder_cache(torch.tensor([1, 0, 3, 2])), torch.tensor([1, 0, 3, 2])),
+    "batch_select_indices": (lambda cache: cache.batch_select_indices(torch.tensor([0, 2, 3])),
+                             torch.tensor([0, 2, 3])),
+    "batch_repeat_interleave": (lambda cache: cache.batch_repeat_interleave(2), torch.arange(4).repeat_interleave(2)),
+    "deepcopy_then_select": (lambda cache: selected_copy(cache, [3, 1]), torch.tensor([3, 1])),
+}
+
+
+@pytest.mark.parametrize("operation", list(CACHE_BATCH_OPERATIONS))
+def test_routes_follow_the_caches_own_batch_operations(operation):
+    """A KV cache's reorder_cache / batch_select_indices / batch_repeat_interleave move each sequence's keys
+    and values: its route moves with them. A decode step then gives each sequence the base model bit for
+    bit or PEFT's adapter, as routed at its prefill (a deep copy of the cache is one of its own)."""
+    model, batches, routes = prism_model()
+    twin = tiny_peft_model(layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
+    apply, rows = CACHE_BATCH_OPERATIONS[operation]
+    ids, mask = batches["a"]
+    step = torch.tensor([[11], [12], [13], [14]])
+
+    def decode(m):
+        cache = DynamicCache(config=m.base_model.model.config)
+        m(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE: cache})
+        result = apply(cache)
+        cache = cache if result is None else result  # the deep copy, selected
+        step_mask = torch.cat([mask, torch.ones_like(step)], 1)[rows]
+        return m(input_ids=step[rows], attention_mask=step_mask, **{CACHE: cache}).logits[:, -1], cache
+
+    with torch.no_grad():
+        peft, _ = decode(twin)
+        with twin.disable_adapter():
+            base, _ = decode(twin)
+        got, cache = decode(model)
+        want = routes["a"][rows]
+        assert torch.equal(get_router(model).last_decisions, want)
+        original = DynamicCache(config=model.base_model.model.config)
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE: original})
+    assert torch.equal(get_router(model).routes_of(cache).decisions, want)
+    assert torch.equal(got[~want], base[~want])
+    torch.testing.assert_close(got[want], peft[want], rtol=0, atol=1e-5)
+    if operation == "deepcopy_then_select":  # the original cache keeps its batch and routes
+        selected_copy(original, [3, 1])
+        assert torch.equal(get_router(model).routes_of(original).decisions, routes["a"])
+        assert original.layers[0].keys.shape[0] == 4
+
+
+def test_routes_on_a_cache_follow_host_facts_and_several_adapters():
+    """RouteDecision.select: the host-side facts the layers shortcut on are seen again for the new batch (one
+    open span, all closed, one route for all), and several adapters' routes follow as one adapter's do."""
+    model, batches, routes = prism_model()
+    ids, mask = batches["a"]  # routes T F F T
+    with torch.no_grad():
+        decision = get_router(model).routes_of(model(input_ids=ids, attention_mask=mask, use_cache=True))
+    assert decision.scattered and decision.open_span is None
+    closed = decision.select(torch.tensor([1, 2]))
+    assert closed.all_closed and not closed.all_open and closed.batch == 2
+    span = decision.select(torch.tensor([1, 0, 3, 2]))
+    assert span.open_span == (1, 3) and not span.scattered
+    assert decision.select(torch.tensor([0, 3, 0])).all_open
+    multi = RouteDecision(torch.zeros(3, 4), torch.tensor([1.0, 1.0, 0.0]), torch.tensor([True, True, False]), 0.5,
+                          multi_routes=torch.tensor([2, 2, 0]))
+    one_route = multi.select(torch.tensor([1, 0]))
+    assert one_route.uniform_route == 2 and one_route.routes.tolist() == [2, 2]
+    assert multi.select(torch.tensor([2])).all_closed
