@@ -325,12 +325,32 @@ def in_backward() -> bool:
 
 
 def output_cache(output: Any) -> Any:
-    """The KV cache a backbone returned (ModelOutput field ``cache`` or ``past_key_values``), or None."""
+    """The KV cache a backbone returned (ModelOutput field ``cache`` or ``past_key_values``; with
+    ``return_dict=False``, the transformers Cache or legacy tuple cache among the tuple's entries), or None."""
     getter = getattr(output, "get", None)
     if getter is None:
-        return None
+        return _tuple_output_cache(output) if isinstance(output, tuple) else None
     found = getter("cache")
     return found if found is not None else getter("past_key_values")
+
+
+def _tuple_output_cache(output: tuple) -> Any:
+    """A ``return_dict=False`` output's cache: its entries are those of the ModelOutput that are not None, in
+    order, so the cache's position varies (after the loss and the logits, if any); it is the one entry that is
+    a transformers Cache, or else a legacy cache, a tuple with one (key, value, ...) tuple of tensors per
+    layer (hidden states and attentions are tuples of tensors)."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is there wherever a backbone returns a cache
+        Cache = ()
+    for entry in output:
+        if isinstance(entry, Cache):
+            return entry
+    for entry in output:
+        if isinstance(entry, tuple) and entry and all(
+                isinstance(layer, (tuple, list)) and layer and isinstance(layer[0], torch.Tensor) for layer in entry):
+            return entry
+    return None
 
 
 # --- force_gate: per thread -----------------------------------------------------------------------

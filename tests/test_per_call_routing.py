@@ -650,3 +650,33 @@ def test_routes_on_a_cache_follow_host_facts_and_several_adapters():
     one_route = multi.select(torch.tensor([1, 0]))
     assert one_route.uniform_route == 2 and one_route.routes.tolist() == [2, 2]
     assert multi.select(torch.tensor([2])).all_closed
+
+
+@pytest.mark.parametrize("module", ["backbone", "causal_lm"])
+def test_return_dict_false_outputs_carry_their_routes(module):
+    """With return_dict=False a model returns a tuple (the ModelOutput's non-None entries): the cache made at
+    the prefill is found there and carries its decision, so a decode step on it continues the generation
+    exactly as with return_dict=True."""
+    model, batches, routes = prism_model()
+    target = model.base_model.model.model if module == "backbone" else model.base_model.model
+    ids, mask = batches["a"]
+    step, step_mask = torch.full((4, 1), 9), torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        as_dict = target(input_ids=ids, attention_mask=mask, use_cache=True)
+        expected = target(input_ids=step, attention_mask=step_mask, **{CACHE: output_cache(as_dict)})[0]
+        as_tuple = target(input_ids=ids, attention_mask=mask, use_cache=True, return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        cache = output_cache(as_tuple)
+        assert isinstance(cache, DynamicCache)
+        assert torch.equal(get_router(model).routes_of(as_tuple).decisions, routes["a"])
+        got = target(input_ids=step, attention_mask=step_mask, return_dict=False, **{CACHE: cache})[0]
+    assert torch.equal(got, expected)
+    assert torch.equal(get_router(model).routes_of(cache).decisions, routes["a"])
+
+
+def test_output_cache_finds_a_legacy_cache_in_a_tuple_output_not_its_hidden_states():
+    k = torch.zeros(2, 1, 3, 4)
+    legacy = ((k, k), (k, k))
+    hidden_states = (torch.zeros(2, 3, 8), torch.zeros(2, 3, 8))
+    assert output_cache((torch.zeros(2, 3, 5), legacy, hidden_states)) is legacy
+    assert output_cache((torch.zeros(2, 3, 5), hidden_states)) is None
