@@ -294,10 +294,22 @@ def cache_length(cache: Any) -> int | torch.Tensor:
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
-        return cache.get_seq_length()
+        try:
+            return cache.get_seq_length()
+        except ValueError:  # no attention layer to count on (Mamba's cache): has a prefill set its states?
+            if not _linear_attention_only(cache):
+                raise
+            return int(any(any(layer.has_previous_state.values()) for layer in cache.layers))
     if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
         return int(cache[0][0].shape[-2])
     return 0
+
+
+def _linear_attention_only(cache: Any) -> bool:
+    """Whether ``cache`` is a transformers Cache of linear-attention (state-space) layers only, which keep no
+    tokens to count but mark each state ``has_previous_state`` once a prefill has set it."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(getattr(layer, "has_previous_state", None), dict) for layer in layers)
 
 
 def continues(cache: Any) -> bool:

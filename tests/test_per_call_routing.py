@@ -680,3 +680,37 @@ def test_output_cache_finds_a_legacy_cache_in_a_tuple_output_not_its_hidden_stat
     hidden_states = (torch.zeros(2, 3, 8), torch.zeros(2, 3, 8))
     assert output_cache((torch.zeros(2, 3, 5), legacy, hidden_states)) is legacy
     assert output_cache((torch.zeros(2, 3, 5), hidden_states)) is None
+
+
+def test_sequence_gates_generate_on_mamba_whose_cache_counts_no_tokens():
+    """A Mamba cache holds state-space layers only: get_seq_length() raises there, and whether a forward
+    continues a generation is read from its layers' has_previous_state. Sequences routed to the adapter
+    generate PEFT's tokens, those routed to the base model the base model's, and each decode step continues
+    its prefill's decision."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    base = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=3,
+                                        intermediate_size=64, pad_token_id=0)).eval()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["in_proj", "x_proj"], init_lora_weights=False,
+                                            layers_to_transform=[1, 2])).eval()
+    ids = torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+    options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                   return_dict_in_generate=True, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        peft = model.generate(input_ids=ids, **options)
+        with model.disable_adapter():
+            reference = model.generate(input_ids=ids, **options)
+    router = PatternRouter(32)
+    router.pattern = torch.tensor([1.0, 0.0, 1.0])
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, **options)
+    want = torch.tensor([True, False, True])
+    assert torch.equal(get_router(model).routes_of(out).decisions, want)
+    scores, peft_scores, base_scores = (torch.stack(o.scores, 1) for o in (out, peft, reference))
+    assert torch.equal(out.sequences[~want], reference.sequences[~want])
+    assert torch.equal(scores[~want], base_scores[~want])
+    assert torch.equal(out.sequences[want], peft.sequences[want])
+    torch.testing.assert_close(scores[want], peft_scores[want], rtol=0, atol=1e-5)
