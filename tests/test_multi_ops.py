@@ -194,6 +194,52 @@ def test_weights_updated_in_place_or_moved_are_read_as_they_are_now(multi_backen
     check(case, run(multi_backend, case))
 
 
+@pytest.mark.parametrize("optimizer", ("AdamW", "SGD"))
+def test_weights_updated_by_a_fused_optimizer_are_read_as_they_are_now(multi_backend, optimizer):
+    """Fused optimizer kernels write without moving the version counters that keep the torch backend's
+    concatenation (and a pointer table's contiguous copies) current: every optimizer step invalidates them.
+    B of adapter 1 is a transposed view (inner stride not 1), so the pointer table keeps a copy of it too."""
+    case = make_case(18, 6, 40, 24, (4, 8), torch.float32, device=multi_backend.device)
+    weights = [torch.nn.Parameter(t) for t in case["lora_a"]]
+    weights += [torch.nn.Parameter(case["lora_b"][0]),
+                torch.nn.Parameter(case["lora_b"][1].t().contiguous().t())]
+    case["lora_a"], case["lora_b"] = weights[:2], weights[2:]
+    step = getattr(torch.optim, optimizer)(weights, lr=0.1, fused=True)
+    for _ in range(2):
+        out = run(multi_backend, case)
+        with torch.no_grad():
+            check(case, out)
+        out.square().sum().backward()
+        before = [w.detach().clone() for w in weights]
+        step.step()
+        step.zero_grad()
+        assert all(not torch.equal(w, b) for w, b in zip(weights, before))
+        with torch.no_grad():
+            check(case, run(multi_backend, case))
+
+
+def test_weights_updated_by_an_unseen_write_are_read_after_forget_kept_copies(multi_backend):
+    """A write through ``.data`` moves no version counter; ``forget_kept_copies`` is the way to say it happened."""
+    case = make_case(20, 6, 40, 24, (4, 8), torch.float32, "no base", device=multi_backend.device)
+    check(case, run(multi_backend, case))
+    case["lora_b"][1].data.mul_(-3.0)
+    gatedlora.ops.forget_kept_copies()
+    check(case, run(multi_backend, case))
+
+
+def test_inference_weights_updated_in_place_are_read_as_they_are_now(multi_backend):
+    """Inference tensors have no version counter, so nothing derived from their values is kept between calls
+    (B of adapter 1 is a transposed view: the pointer table's contiguous copy of it is rebuilt too)."""
+    with torch.inference_mode():
+        case = make_case(22, 6, 40, 24, (4, 8), torch.float32, device=multi_backend.device)
+        case["lora_b"][1] = case["lora_b"][1].t().contiguous().t()
+        check(case, run(multi_backend, case))
+        case["lora_a"][0].copy_(torch.randn_like(case["lora_a"][0]))
+        case["lora_b"][1].mul_(-3.0)
+        check(case, run(multi_backend, case))
+    check(case, run(multi_backend, case))
+
+
 def test_the_callers_index_is_never_written(multi_backend):
     """Values outside [-1, A) are refused on the CPU; whatever runs, the index passed in keeps its values."""
     case = make_case(19, 8, 32, 24, (4, 8), torch.float32, device=multi_backend.device)
