@@ -240,6 +240,29 @@ def test_inference_weights_updated_in_place_are_read_as_they_are_now(multi_backe
     check(case, run(multi_backend, case))
 
 
+@pytest.mark.parametrize("m", (5, 45))  # both torch strategies
+def test_autocast_leaves_the_op_computing_in_the_adapters_dtype(multi_backend, m):
+    """Under ``torch.autocast`` the op computes as without it (x cast to the adapters' dtype), forward and
+    backward: the same bits, not a bf16 term the torch backend's in-place adds could not mix with fp32 weights."""
+    device = multi_backend.device
+    # x and the base output in bf16 (the base layer ran under autocast), PEFT's fp32 adapters
+    case = make_case(seed_of("autocast", m), m, 40, 24, (4, 8, 2), torch.bfloat16, lora_dtype=torch.float32,
+                     device=device)
+    leaves = [t.clone().requires_grad_() for t in [case["x"], *case["lora_a"], *case["lora_b"]]]
+    go = torch.randn(m, 24, device=device)
+    results = []
+    for enabled in (False, True):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled):
+            out = gatedlora.gated_lora_multi(leaves[0], case["base_out"], leaves[1:4], leaves[4:], case["scaling"],
+                                             case["adapter_index"], backend=multi_backend.name)
+            with torch.no_grad():
+                plain = run(multi_backend, case)
+        results.append((out.detach(), plain, *torch.autograd.grad(out, leaves, go.to(out.dtype))))
+    check(case, results[0][1])
+    for without, under in zip(*results):
+        assert torch.equal(bits(under), bits(without))
+
+
 def test_the_callers_index_is_never_written(multi_backend):
     """Values outside [-1, A) are refused on the CPU; whatever runs, the index passed in keeps its values."""
     case = make_case(19, 8, 32, 24, (4, 8), torch.float32, device=multi_backend.device)
