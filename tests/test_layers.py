@@ -104,6 +104,31 @@ def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypa
             assert "gate" in calls[0] and "gate_weight" not in calls[0]
 
 
+def test_a_token_gate_at_the_threshold_decides_alike_alone_and_in_a_batch():
+    """The layer's one-row token gate (read on the host) compares p with the threshold in fp32, as a batch does:
+    a row whose p is float32(0.7) with threshold 0.7 (float32(0.7) < 0.7 in fp64) opens alone and in a batch."""
+    layer = fresh_layer().eval()
+    layer.threshold = 0.7
+    at = torch.tensor(0.7)
+    bias = torch.logit(at.double()).float()  # the fp32 logit whose fp32 sigmoid is float32(0.7)
+    for _ in range(64):
+        if torch.sigmoid(bias) == at:
+            break
+        bias = bias.nextafter(torch.tensor(1.0 if torch.sigmoid(bias) < at else -1.0))
+    assert torch.sigmoid(bias) == at
+    with torch.no_grad():
+        layer.gate_weight.zero_()  # p = sigmoid(bias) on every row
+        layer.gate_bias.fill_(bias.item())
+        x = torch.randn(3, 24)
+        batch, alone, base = layer(x), layer(x[:1]), layer.base_layer(x)
+    # every row open (p = float32(0.7) >= float32(0.7)): plain LoRA. (The fp64 reference's own sigmoid of the
+    # bias is not float32(0.7), so it cannot decide a row at the threshold.)
+    ref = gated_lora_reference(x, base, layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling)
+    assert (batch.double() - ref).abs().max() < 1e-5
+    assert (alone[0].double() - ref[0]).abs().max() < 1e-5
+    assert (ref - base.double()).abs().amax(dim=1).min() > 1e-3  # open rows differ from the base output
+
+
 def _hook_pre(layer, calls):
     return layer.base_layer.register_forward_pre_hook(lambda module, args: calls.append("pre"))
 
