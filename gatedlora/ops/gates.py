@@ -44,6 +44,8 @@ def token_gate_probabilities(x: torch.Tensor, gate_weight: torch.Tensor, gate_bi
     x = x if x.dtype == dtype else x.to(dtype)
     gate_weight = gate_weight if gate_weight.dtype == dtype else gate_weight.to(dtype)
     gate_bias = gate_bias if gate_bias.dtype == dtype else gate_bias.to(dtype)
+    if x.numel() == 0:  # M = 0 or K = 0: addmv would return the 0-dim bias's shape, not [M]
+        return gate_bias.sigmoid().expand(x.shape[0]).clone()
     return torch.addmv(gate_bias, x, gate_weight).sigmoid_()
 
 
