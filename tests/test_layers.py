@@ -129,6 +129,25 @@ def test_a_token_gate_at_the_threshold_decides_alike_alone_and_in_a_batch():
     assert (ref - base.double()).abs().amax(dim=1).min() > 1e-3  # open rows differ from the base output
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("gate", "tokens", "GatedLoRALinear.gate must be one of ('sequence', 'token', 'none'), got 'tokens'"),
+    ("base_mode", "weird", "GatedLoRALinear.base_mode must be one of ('exact', 'fused'), got 'weird'"),
+    ("threshold", 1.5, "GatedLoRALinear.threshold must be a number in (0, 1), got 1.5"),
+    ("threshold", 1.0, "GatedLoRALinear.threshold must be a number in (0, 1), got 1.0"),
+    ("hard", "yes", "GatedLoRALinear.hard must be a bool, got 'yes'"),
+    ("straight_through", 1, "GatedLoRALinear.straight_through must be a bool, got 1"),
+    ("backend", "cuda-fast", "GatedLoRALinear.backend must be one of ('auto', 'torch', 'triton', 'cuda'), got "
+                             "'cuda-fast'"),
+    ("train_hard", "soft", "GatedLoRALinear.train_hard must be a bool or None, got 'soft'"),
+])
+def test_a_layer_built_directly_checks_its_options(option, value, message):
+    """GatedLoRALinear without a GatedLoraConfig checks its options by the config's rules: a misspelt gate used to
+    run ungated LoRA, and a threshold of 1 or more failed in math.log."""
+    with pytest.raises(ValueError) as error:
+        GatedLoRALinear.fresh(nn.Linear(8, 4), 2, 4, 0.0, **{"gate": "token", option: value})
+    assert str(error.value) == message
+
+
 def _hook_pre(layer, calls):
     return layer.base_layer.register_forward_pre_hook(lambda module, args: calls.append("pre"))
 
