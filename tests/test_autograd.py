@@ -325,6 +325,38 @@ def test_inplace_call_records_the_addition():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+# views [6, 5] of a [10, 6] buffer; split's outputs are views autograd does not let be modified in place
+BASE_VIEWS = {"slice": lambda b: b[2:8, 1:], "transpose": lambda b: b.t()[1:, 2:8].t(),
+              "split": lambda b: b[2:8].split([5, 1], 1)[0]}
+
+
+@pytest.mark.parametrize("view", BASE_VIEWS)
+def test_inplace_on_a_view_under_autograd(view):
+    """inplace=True on a base_out that is a view, autograd recording: written in place (the view itself comes back,
+    its base holds the sum) with the out-of-place gradients, also for what the view's base came from (K != N, so a
+    gradient routed to the wrong input would not even fit). A view autograd refuses to modify in place (one of
+    several outputs of ``split``) is computed out of place, as documented."""
+    inputs = make_inputs(shape=(6,), k=7, n=5)
+    source = torch.randn(10, 6, dtype=FP64, requires_grad=True)
+    go = torch.randn(6, 5, dtype=FP64)
+    names = ["x", "lora_a", "lora_b", "gate"]
+    results = []
+    for inplace in (False, True):
+        buffer = source * 1.0  # not a leaf: a view of it may be written
+        base = BASE_VIEWS[view](buffer)
+        before = base.detach().clone()
+        out = gated_lora(inputs["x"], base, inputs["lora_a"], inputs["lora_b"], SCALING, gate=inputs["gate"],
+                         hard=False, backend="torch", inplace=inplace)
+        written = inplace and view != "split"
+        assert (out is base) == written
+        assert torch.equal(base.detach(), out.detach() if written else before)
+        grads = torch.autograd.grad((out * go).sum(), [source] + [inputs[n] for n in names])
+        results.append((out.detach().clone(), grads))
+    assert torch.equal(results[0][0], results[1][0])
+    for plain, written in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(written, plain, rtol=1e-13, atol=1e-13)
+
+
 def test_empty_rows_and_mixed_dtypes_give_gradients_of_the_input_dtypes():
     """x bf16 with fp32 LoRA weights (PEFT's autocast_adapter_dtype); bf16 error at most 2x eager PyTorch's."""
     x = torch.randn(0, 6, requires_grad=True)

@@ -377,6 +377,27 @@ def test_gradients_match_the_reference(multi_backend, m):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_inplace_on_a_view_under_autograd():
+    """inplace=True on a base_out that is a view (a slice of a buffer), autograd recording: written in place, with
+    the out-of-place gradients (x, every weight, and what the buffer came from; K != N)."""
+    case = make_case(43, 6, 7, 5, (2, 3), torch.float64)
+    source = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    leaves = [t.clone().requires_grad_() for t in [case["x"], *case["lora_a"], *case["lora_b"]]]
+    go = torch.randn(6, 5, dtype=torch.float64)
+    results = []
+    for inplace in (False, True):
+        buffer = source * 1.0
+        base = buffer[2:8, 1:]
+        out = gatedlora.gated_lora_multi(leaves[0], base, leaves[1:3], leaves[3:], case["scaling"],
+                                         case["adapter_index"], backend="torch", inplace=inplace)
+        assert (out is base) == inplace
+        results.append((out.detach().clone(), torch.autograd.grad((out * go).sum(), [source, *leaves])))
+    check(case, results[1][0], base_before=source.detach()[2:8, 1:])
+    assert torch.equal(results[0][0], results[1][0])
+    for plain, written in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(written, plain, rtol=1e-13, atol=1e-13)
+
+
 def test_gradcheck_and_gradgradcheck():
     """fp64 on the torch backend's grouped strategy: first and second derivatives of every input. (gradcheck
     perturbs inputs through ``.data``, which bypasses the version counters that keep the concatenated
