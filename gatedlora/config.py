@@ -13,6 +13,27 @@ BASE_MODES = ("exact", "fused")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
+def check_gate_options(owner: str, gate: Any, threshold: Any, hard: Any, straight_through: Any, backend: Any,
+                       base_mode: Any) -> None:
+    """The rules for the options a gated layer takes, shared by ``GatedLoraConfig`` and ``GatedLoRALinear`` (which
+    may be built without a config): a ValueError naming ``owner.name``, what it must be and what it got."""
+    def bad(name: str, value: Any, expected: str) -> ValueError:
+        return ValueError(f"{owner}.{name} must be {expected}, got {value!r}")
+
+    if gate not in GATE_MODES:
+        raise bad("gate", gate, f"one of {GATE_MODES}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise bad("threshold", threshold, "a number in (0, 1)")
+    if not isinstance(hard, bool):
+        raise bad("hard", hard, "a bool")
+    if not isinstance(straight_through, bool):
+        raise bad("straight_through", straight_through, "a bool")
+    if backend not in BACKENDS:
+        raise bad("backend", backend, f"one of {BACKENDS}")
+    if base_mode not in BASE_MODES:
+        raise bad("base_mode", base_mode, f"one of {BASE_MODES}")
+
+
 @dataclass
 class GatedLoraConfig:
     """Configuration of a gated LoRA patch (validated on construction).
@@ -62,15 +83,8 @@ class GatedLoraConfig:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"GatedLoraConfig.{name} must be {expected}, got {getattr(self, name)!r}")
 
-        if self.gate not in GATE_MODES:
-            raise bad("gate", f"one of {GATE_MODES}")
-        threshold = self.threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
-            raise bad("threshold", "a number in (0, 1)")
-        if not isinstance(self.hard, bool):
-            raise bad("hard", "a bool")
-        if not isinstance(self.straight_through, bool):
-            raise bad("straight_through", "a bool")
+        check_gate_options("GatedLoraConfig", self.gate, self.threshold, self.hard, self.straight_through, self.backend,
+                           self.base_mode)
         if self.train_gate not in TRAIN_GATES:
             raise bad("train_gate", f"one of {TRAIN_GATES}")
         if isinstance(self.router_layer, bool) or not isinstance(self.router_layer, int) or self.router_layer < 0:
@@ -95,10 +109,6 @@ class GatedLoraConfig:
             raise bad("lora_alpha", "a finite number")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", "a number in [0, 1)")
-        if self.backend not in BACKENDS:
-            raise bad("backend", f"one of {BACKENDS}")
-        if self.base_mode not in BASE_MODES:
-            raise bad("base_mode", f"one of {BASE_MODES}")
 
     def _check_adapters(self) -> None:
         names = self.adapters

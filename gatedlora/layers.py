@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .call_state import RouteDecision, forced_gate
+from .config import check_gate_options
 from .ops import add_lora_, gated_lora, gated_lora_fused, warn_fused_fallback_once
 from .ops.gates import cpu_scalar, gate_is_open, token_gate_probabilities
 from .ops.torch_backend import GATHER_MIN_ROWS
@@ -67,6 +68,9 @@ class GatedLoRALinear(nn.Module):
         base_mode: str = "exact",
     ) -> None:
         super().__init__()
+        check_gate_options("GatedLoRALinear", gate, threshold, hard, straight_through, backend, base_mode)
+        if train_hard is not None and not isinstance(train_hard, bool):
+            raise ValueError(f"GatedLoRALinear.train_hard must be a bool or None, got {train_hard!r}")
         if gate == "sequence" and route is None:
             raise ValueError("GatedLoRALinear: gate='sequence' needs the model's SequenceRouter (route=...)")
         self.base_layer = base_layer
@@ -291,7 +295,7 @@ class GatedLoRALinear(nn.Module):
         the op counts the open rows itself (measured: the same count here cost 4-7 us more at M=8)."""
         threshold, parameters = self.threshold, self._parameters
         p = token_gate_probabilities(x.reshape(1, -1), parameters["gate_weight"], parameters["gate_bias"])
-        if not gate_is_open(p.item(), threshold, hard):
+        if not gate_is_open(p, threshold, hard):
             return None
         return {"threshold": threshold, "hard": True} if hard else {"threshold": threshold, "hard": False, "gate": p}
 

@@ -32,13 +32,19 @@ def gate_probabilities_reference(
     return None
 
 
-def gate_values_reference(probabilities: torch.Tensor | None, threshold: float, hard: bool) -> torch.Tensor | None:
-    """Gate value ``g_m`` from probabilities [M]: hard ``p >= threshold`` or soft ``p``; NaN closes."""
+def gate_values_reference(probabilities: torch.Tensor | None, threshold: float, hard: bool,
+                          threshold_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """Gate value ``g_m`` from probabilities [M]: hard ``p >= threshold`` or soft ``p``; NaN closes.
+
+    The threshold is rounded to ``threshold_dtype`` (default: the probabilities' dtype): the op compares
+    probabilities in fp32 (fp64 for fp64 inputs) with the threshold in that dtype, so a reference computed in
+    fp64 for fp32 inputs must round the threshold to fp32 to decide the rows at the threshold alike."""
     if probabilities is None:
         return None
     closed = torch.isnan(probabilities)
     if hard:
-        return (probabilities >= threshold).to(probabilities.dtype)
+        rounded = torch.tensor(threshold, dtype=threshold_dtype or probabilities.dtype).to(probabilities.dtype)
+        return (probabilities >= rounded).to(probabilities.dtype)
     return torch.where(closed, torch.zeros_like(probabilities), probabilities)
 
 
@@ -66,7 +72,8 @@ def gated_lora_reference(
     base = base_out.reshape(m, n).to(dtype)
     delta = (rows @ lora_a.to(dtype).T) @ lora_b.to(dtype).T * scaling
     g = gate_values_reference(
-        gate_probabilities_reference(x, gate, gate_weight, gate_bias, dtype), threshold, hard
+        gate_probabilities_reference(x, gate, gate_weight, gate_bias, dtype), threshold, hard,
+        torch.float64 if x.dtype == torch.float64 else torch.float32,
     )
     if g is None:
         out = base + delta

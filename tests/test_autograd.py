@@ -246,6 +246,69 @@ def test_nan_probability_closes_the_gate_and_passes_no_gradient():
         assert torch.equal(grad, expected), name
 
 
+def reference_grads(inputs, names, go, **options):
+    """Gradients of the fp64 reference w.r.t. ``names``, for ``inputs`` and the output gradient ``go``."""
+    leaves = {k: inputs[k].detach().double().requires_grad_() for k in names}
+    fixed = {k: v for k, v in inputs.items() if k not in leaves and k in GATE_KINDS["token"]}
+    out = gated_lora_reference(**leaves, **fixed, scaling=SCALING, **options)
+    return dict(zip(names, torch.autograd.grad(out, list(leaves.values()), go.double())))
+
+
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu", "as-on-a-gpu"])
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf"])
+def test_a_token_gate_row_whose_x_is_not_finite_passes_no_gate_gradient(poison, host_reads, monkeypatch):
+    """A row of x holding NaN (p NaN) or inf (p 0 or 1, sigmoid' 0) passes nothing on to the gate's weight and
+    bias, nor, where its gate is closed, to the LoRA weights: those gradients are the other rows' alone (0 * NaN
+    used to make dL/dw_g NaN). Both of the backward's paths: what the CPU runs, and what a GPU or torch.compile
+    runs."""
+    inputs = make_inputs(shape=(9,), dtype=torch.float32, seed=3)
+    x = inputs["x"].detach().clone()
+    w = inputs["gate_weight"].detach()
+    x[4] = float(poison) * (torch.sign(w) if poison != "nan" else 1)  # a logit of +-inf (p exactly 1 or 0), or NaN
+    go = torch.randn(9, 5)
+    args = (x, inputs["lora_a"].detach(), inputs["lora_b"].detach(), SCALING, None, w, inputs["gate_bias"].detach(),
+            0.5, False)
+    rest = [m for m in range(9) if m != 4]
+    want = lora_backward(go[rest], x[rest], *args[1:], gate_grad=True, need_x=False)
+    if not host_reads:  # the path a GPU or torch.compile runs: nothing read on the host
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = lora_backward(go, *args, gate_grad=True, need_x=False, select_rows=host_reads)
+    clean = dict(inputs, x=x[rest], base_out=inputs["base_out"][rest])
+    exact = reference_grads(clean, ["gate_weight", "gate_bias"], go[rest], hard=False)
+    # (a logit of +inf opens the soft gate: that row's LoRA gradients are inf, as its output is)
+    for name in ("gate_weight", "gate_bias") + (("lora_a", "lora_b") if poison != "inf" else ()):
+        assert torch.isfinite(got[name]).all(), name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
+    for name in ("gate_weight", "gate_bias"):
+        torch.testing.assert_close(got[name].double(), exact[name].reshape(got[name].shape), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,k", [((0,), 7), ((2, 0), 7), ((3,), 0)], ids=["M=0", "[2, 0]", "K=0"])
+@pytest.mark.parametrize("hard,straight_through", [(False, False), (True, False), (True, True)],
+                         ids=["soft", "hard", "straight-through"])
+def test_a_token_gate_on_an_empty_batch_has_gradients(shape, k, hard, straight_through):
+    """M = 0 (x [0, K] or [2, 0, K]) or K = 0: the token gate's probabilities are [M] (addmv gives a 0-dim result
+    there), so the backward runs and every input gets its gradient, equal to the reference's."""
+    gen = torch.Generator().manual_seed(5)
+    inputs = {name: t.requires_grad_() for name, t in dict(
+        x=torch.randn(*shape, k, generator=gen), base_out=torch.randn(*shape, 6, generator=gen),
+        lora_a=torch.randn(3, k, generator=gen), lora_b=torch.randn(6, 3, generator=gen),
+        gate_weight=torch.randn(k, generator=gen), gate_bias=torch.randn(1, generator=gen)).items()}
+    out = gated_lora(scaling=SCALING, hard=hard, straight_through=straight_through, **inputs)
+    go = torch.randn(out.shape, generator=gen)
+    names = list(inputs)
+    grads = dict(zip(names, torch.autograd.grad(out, list(inputs.values()), go, allow_unused=True)))
+    exact = reference_grads(inputs, [n for n in names if not hard or n in ("x", "base_out", "lora_a", "lora_b")], go,
+                            hard=hard)
+    for name, grad in grads.items():
+        if hard and not straight_through and name.startswith("gate_"):
+            assert grad is None, name  # a hard gate without straight-through has no derivative
+            continue
+        assert grad.shape == inputs[name].shape, name
+        if name in exact:
+            torch.testing.assert_close(grad.double(), exact[name], rtol=1e-6, atol=1e-6)
+
+
 def test_inplace_call_records_the_addition():
     """inplace=True on a non-leaf base output: the same tensor comes back, with the out-of-place gradients."""
     inputs = make_inputs()
@@ -260,6 +323,38 @@ def test_inplace_call_records_the_addition():
         (out ** 2).sum().backward()
         results.append((out.detach().clone(), w.grad.clone()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+# views [6, 5] of a [10, 6] buffer; split's outputs are views autograd does not let be modified in place
+BASE_VIEWS = {"slice": lambda b: b[2:8, 1:], "transpose": lambda b: b.t()[1:, 2:8].t(),
+              "split": lambda b: b[2:8].split([5, 1], 1)[0]}
+
+
+@pytest.mark.parametrize("view", BASE_VIEWS)
+def test_inplace_on_a_view_under_autograd(view):
+    """inplace=True on a base_out that is a view, autograd recording: written in place (the view itself comes back,
+    its base holds the sum) with the out-of-place gradients, also for what the view's base came from (K != N, so a
+    gradient routed to the wrong input would not even fit). A view autograd refuses to modify in place (one of
+    several outputs of ``split``) is computed out of place, as documented."""
+    inputs = make_inputs(shape=(6,), k=7, n=5)
+    source = torch.randn(10, 6, dtype=FP64, requires_grad=True)
+    go = torch.randn(6, 5, dtype=FP64)
+    names = ["x", "lora_a", "lora_b", "gate"]
+    results = []
+    for inplace in (False, True):
+        buffer = source * 1.0  # not a leaf: a view of it may be written
+        base = BASE_VIEWS[view](buffer)
+        before = base.detach().clone()
+        out = gated_lora(inputs["x"], base, inputs["lora_a"], inputs["lora_b"], SCALING, gate=inputs["gate"],
+                         hard=False, backend="torch", inplace=inplace)
+        written = inplace and view != "split"
+        assert (out is base) == written
+        assert torch.equal(base.detach(), out.detach() if written else before)
+        grads = torch.autograd.grad((out * go).sum(), [source] + [inputs[n] for n in names])
+        results.append((out.detach().clone(), grads))
+    assert torch.equal(results[0][0], results[1][0])
+    for plain, written in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(written, plain, rtol=1e-13, atol=1e-13)
 
 
 def test_empty_rows_and_mixed_dtypes_give_gradients_of_the_input_dtypes():

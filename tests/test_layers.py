@@ -104,6 +104,50 @@ def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypa
             assert "gate" in calls[0] and "gate_weight" not in calls[0]
 
 
+def test_a_token_gate_at_the_threshold_decides_alike_alone_and_in_a_batch():
+    """The layer's one-row token gate (read on the host) compares p with the threshold in fp32, as a batch does:
+    a row whose p is float32(0.7) with threshold 0.7 (float32(0.7) < 0.7 in fp64) opens alone and in a batch."""
+    layer = fresh_layer().eval()
+    layer.threshold = 0.7
+    at = torch.tensor(0.7)
+    bias = torch.logit(at.double()).float()  # the fp32 logit whose fp32 sigmoid is float32(0.7)
+    for _ in range(64):
+        if torch.sigmoid(bias) == at:
+            break
+        bias = bias.nextafter(torch.tensor(1.0 if torch.sigmoid(bias) < at else -1.0))
+    assert torch.sigmoid(bias) == at
+    with torch.no_grad():
+        layer.gate_weight.zero_()  # p = sigmoid(bias) on every row
+        layer.gate_bias.fill_(bias.item())
+        x = torch.randn(3, 24)
+        batch, alone, base = layer(x), layer(x[:1]), layer.base_layer(x)
+    # every row open (p = float32(0.7) >= float32(0.7)): plain LoRA. (The fp64 reference's own sigmoid of the
+    # bias is not float32(0.7), so it cannot decide a row at the threshold.)
+    ref = gated_lora_reference(x, base, layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling)
+    assert (batch.double() - ref).abs().max() < 1e-5
+    assert (alone[0].double() - ref[0]).abs().max() < 1e-5
+    assert (ref - base.double()).abs().amax(dim=1).min() > 1e-3  # open rows differ from the base output
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("gate", "tokens", "GatedLoRALinear.gate must be one of ('sequence', 'token', 'none'), got 'tokens'"),
+    ("base_mode", "weird", "GatedLoRALinear.base_mode must be one of ('exact', 'fused'), got 'weird'"),
+    ("threshold", 1.5, "GatedLoRALinear.threshold must be a number in (0, 1), got 1.5"),
+    ("threshold", 1.0, "GatedLoRALinear.threshold must be a number in (0, 1), got 1.0"),
+    ("hard", "yes", "GatedLoRALinear.hard must be a bool, got 'yes'"),
+    ("straight_through", 1, "GatedLoRALinear.straight_through must be a bool, got 1"),
+    ("backend", "cuda-fast", "GatedLoRALinear.backend must be one of ('auto', 'torch', 'triton', 'cuda'), got "
+                             "'cuda-fast'"),
+    ("train_hard", "soft", "GatedLoRALinear.train_hard must be a bool or None, got 'soft'"),
+])
+def test_a_layer_built_directly_checks_its_options(option, value, message):
+    """GatedLoRALinear without a GatedLoraConfig checks its options by the config's rules: a misspelt gate used to
+    run ungated LoRA, and a threshold of 1 or more failed in math.log."""
+    with pytest.raises(ValueError) as error:
+        GatedLoRALinear.fresh(nn.Linear(8, 4), 2, 4, 0.0, **{"gate": "token", option: value})
+    assert str(error.value) == message
+
+
 def _hook_pre(layer, calls):
     return layer.base_layer.register_forward_pre_hook(lambda module, args: calls.append("pre"))
 

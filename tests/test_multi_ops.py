@@ -194,6 +194,75 @@ def test_weights_updated_in_place_or_moved_are_read_as_they_are_now(multi_backen
     check(case, run(multi_backend, case))
 
 
+@pytest.mark.parametrize("optimizer", ("AdamW", "SGD"))
+def test_weights_updated_by_a_fused_optimizer_are_read_as_they_are_now(multi_backend, optimizer):
+    """Fused optimizer kernels write without moving the version counters that keep the torch backend's
+    concatenation (and a pointer table's contiguous copies) current: every optimizer step invalidates them.
+    B of adapter 1 is a transposed view (inner stride not 1), so the pointer table keeps a copy of it too."""
+    case = make_case(18, 6, 40, 24, (4, 8), torch.float32, device=multi_backend.device)
+    weights = [torch.nn.Parameter(t) for t in case["lora_a"]]
+    weights += [torch.nn.Parameter(case["lora_b"][0]),
+                torch.nn.Parameter(case["lora_b"][1].t().contiguous().t())]
+    case["lora_a"], case["lora_b"] = weights[:2], weights[2:]
+    step = getattr(torch.optim, optimizer)(weights, lr=0.1, fused=True)
+    for _ in range(2):
+        out = run(multi_backend, case)
+        with torch.no_grad():
+            check(case, out)
+        out.square().sum().backward()
+        before = [w.detach().clone() for w in weights]
+        step.step()
+        step.zero_grad()
+        assert all(not torch.equal(w, b) for w, b in zip(weights, before))
+        with torch.no_grad():
+            check(case, run(multi_backend, case))
+
+
+def test_weights_updated_by_an_unseen_write_are_read_after_forget_kept_copies(multi_backend):
+    """A write through ``.data`` moves no version counter; ``forget_kept_copies`` is the way to say it happened."""
+    case = make_case(20, 6, 40, 24, (4, 8), torch.float32, "no base", device=multi_backend.device)
+    check(case, run(multi_backend, case))
+    case["lora_b"][1].data.mul_(-3.0)
+    gatedlora.ops.forget_kept_copies()
+    check(case, run(multi_backend, case))
+
+
+def test_inference_weights_updated_in_place_are_read_as_they_are_now(multi_backend):
+    """Inference tensors have no version counter, so nothing derived from their values is kept between calls
+    (B of adapter 1 is a transposed view: the pointer table's contiguous copy of it is rebuilt too)."""
+    with torch.inference_mode():
+        case = make_case(22, 6, 40, 24, (4, 8), torch.float32, device=multi_backend.device)
+        case["lora_b"][1] = case["lora_b"][1].t().contiguous().t()
+        check(case, run(multi_backend, case))
+        case["lora_a"][0].copy_(torch.randn_like(case["lora_a"][0]))
+        case["lora_b"][1].mul_(-3.0)
+        check(case, run(multi_backend, case))
+    check(case, run(multi_backend, case))
+
+
+@pytest.mark.parametrize("m", (5, 45))  # both torch strategies
+def test_autocast_leaves_the_op_computing_in_the_adapters_dtype(multi_backend, m):
+    """Under ``torch.autocast`` the op computes as without it (x cast to the adapters' dtype), forward and
+    backward: the same bits, not a bf16 term the torch backend's in-place adds could not mix with fp32 weights."""
+    device = multi_backend.device
+    # x and the base output in bf16 (the base layer ran under autocast), PEFT's fp32 adapters
+    case = make_case(seed_of("autocast", m), m, 40, 24, (4, 8, 2), torch.bfloat16, lora_dtype=torch.float32,
+                     device=device)
+    leaves = [t.clone().requires_grad_() for t in [case["x"], *case["lora_a"], *case["lora_b"]]]
+    go = torch.randn(m, 24, device=device)
+    results = []
+    for enabled in (False, True):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled):
+            out = gatedlora.gated_lora_multi(leaves[0], case["base_out"], leaves[1:4], leaves[4:], case["scaling"],
+                                             case["adapter_index"], backend=multi_backend.name)
+            with torch.no_grad():
+                plain = run(multi_backend, case)
+        results.append((out.detach(), plain, *torch.autograd.grad(out, leaves, go.to(out.dtype))))
+    check(case, results[0][1])
+    for without, under in zip(*results):
+        assert torch.equal(bits(under), bits(without))
+
+
 def test_the_callers_index_is_never_written(multi_backend):
     """Values outside [-1, A) are refused on the CPU; whatever runs, the index passed in keeps its values."""
     case = make_case(19, 8, 32, 24, (4, 8), torch.float32, device=multi_backend.device)
@@ -306,6 +375,27 @@ def test_gradients_match_the_reference(multi_backend, m):
     expected = torch.autograd.grad(ref, ref_leaves, go.double())
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_on_a_view_under_autograd():
+    """inplace=True on a base_out that is a view (a slice of a buffer), autograd recording: written in place, with
+    the out-of-place gradients (x, every weight, and what the buffer came from; K != N)."""
+    case = make_case(43, 6, 7, 5, (2, 3), torch.float64)
+    source = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    leaves = [t.clone().requires_grad_() for t in [case["x"], *case["lora_a"], *case["lora_b"]]]
+    go = torch.randn(6, 5, dtype=torch.float64)
+    results = []
+    for inplace in (False, True):
+        buffer = source * 1.0
+        base = buffer[2:8, 1:]
+        out = gatedlora.gated_lora_multi(leaves[0], base, leaves[1:3], leaves[3:], case["scaling"],
+                                         case["adapter_index"], backend="torch", inplace=inplace)
+        assert (out is base) == inplace
+        results.append((out.detach().clone(), torch.autograd.grad((out * go).sum(), [source, *leaves])))
+    check(case, results[1][0], base_before=source.detach()[2:8, 1:])
+    assert torch.equal(results[0][0], results[1][0])
+    for plain, written in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(written, plain, rtol=1e-13, atol=1e-13)
 
 
 def test_gradcheck_and_gradgradcheck():

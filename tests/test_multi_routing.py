@@ -232,6 +232,61 @@ def test_training_updates_the_weights_the_kernels_read():
     check_routes(logits, routes, expected)
 
 
+@pytest.mark.parametrize("tokens", (9, 4))  # 54 rows a projection: the grouped strategy; 24: concatenated
+def test_bf16_autocast_logits_and_gradients_are_as_good_as_pefts(tokens):
+    """Under bf16 autocast on the CPU (base layers in bf16, PEFT's fp32 adapters) a mixed batch runs forward and
+    backward: each sequence's logits and each adapter's gradients are within 2x of PEFT's own bf16 error (that
+    adapter active on that adapter's sequences) plus one bf16 unit of the largest value, both against PEFT in
+    fp32; base sequences are bitwise the base model under the same autocast."""
+    model, (ids, mask), _, _ = routed_model()
+    ids, mask = ids[:, -tokens:], mask[:, -tokens:]  # left padded: the last tokens, every route kept
+    routes = torch.tensor([2, 0, 3, 1, 0, 3])
+    get_router(model).router = RoutePatternRouter(40, len(NAMES))
+    get_router(model).router.pattern = routes
+    reference = peft_model()
+    loss_weights = torch.randn(*ids.shape, model.config.vocab_size, generator=torch.Generator().manual_seed(11))
+
+    def loss_of(logits, rows):  # a sum over sequences, so each route's sequences can be run alone
+        return (logits.float() * loss_weights[rows]).sum()
+
+    def lora_parameters(m, name):
+        return {n: p.requires_grad_() for n, p in m.named_parameters()
+                if f"lora_A.{name}." in n or f"lora_B.{name}." in n}
+
+    def peft_run(name, autocast):
+        rows = routes == NAMES.index(name)
+        reference.set_adapter(name)
+        params = lora_parameters(reference, name)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = reference(input_ids=ids[rows], attention_mask=mask[rows]).logits
+        grads = torch.autograd.grad(loss_of(logits, rows), list(params.values()))
+        return logits.detach().float(), dict(zip(params, grads))
+
+    params = {name: lora_parameters(model, name) for name in ADAPTERS}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        with torch.no_grad(), force_gate(model, 0.0):
+            base = model(input_ids=ids, attention_mask=mask).logits
+    every = [p for named in params.values() for p in named.values()]
+    grads = dict(zip(every, torch.autograd.grad(loss_of(logits, slice(None)), every)))
+    on_base = routes == 0
+    assert torch.equal(logits[on_base].detach(), base[on_base])
+    for name in ADAPTERS:
+        rows = routes == NAMES.index(name)
+        (exact_logits, exact), (peft_logits_, peft) = peft_run(name, False), peft_run(name, True)
+        check_bf16_error(name, logits[rows].detach().float(), peft_logits_, exact_logits)
+        assert exact.keys() == params[name].keys()
+        for n, p in params[name].items():
+            assert grads[p].dtype == torch.float32
+            check_bf16_error(n, grads[p], peft[n], exact[n])
+
+
+def check_bf16_error(name, ours, peft, exact):
+    ours_err, peft_err = (ours - exact).abs().max(), (peft - exact).abs().max()
+    floor = torch.finfo(torch.bfloat16).eps * exact.abs().max()
+    assert ours_err <= 2 * peft_err + floor, (name, float(ours_err), float(peft_err), float(floor))
+
+
 @pytest.mark.parametrize("routes", ([0, 0, 0, 0, 0, 0], [2, 2, 2, 2, 2, 2]), ids=("all base", "all on code"))
 def test_training_a_batch_on_one_route_gives_every_adapter_a_gradient(routes):
     """A batch whose sequences all take one route still gives every trainable adapter weight of a routed layer

@@ -64,6 +64,45 @@ def test_one_row_strategy(mode, fraction):
     check_against_reference(case, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("threshold", [0.7, 0.9, 0.6])  # float32 of it below, below, above it
+def test_a_probability_at_the_threshold_decides_alike_alone_and_in_a_batch(threshold, dtype):
+    """Hard gates open where ``p >= threshold`` in the probabilities' dtype (fp32, fp64 for fp64 x): a batch
+    compares a tensor with the float, so does the one-row path, which reads p on the host."""
+    at = torch.tensor(threshold, dtype=dtype)
+    gate = torch.stack([at, at.nextafter(torch.zeros_like(at)), at.nextafter(torch.ones_like(at)),
+                        torch.tensor(threshold, dtype=torch.float32).to(dtype)])
+    x, base, a, b = make_inputs(len(gate), 16, 12, 4, dtype, 41)
+    batch = gated_lora(x, base, a, b, 1.5, gate=gate, threshold=threshold)
+    ref = gated_lora_reference(x, base, a, b, 1.5, gate=gate, threshold=threshold)
+    assert (batch.double() - ref).abs().max() < 1e-5
+    for m in range(len(gate)):
+        alone = gated_lora(x[m:m + 1], base[m:m + 1], a, b, 1.5, gate=gate[m:m + 1], threshold=threshold)
+        opened = bool(gate[m] >= threshold)
+        assert (not torch.equal(batch[m], base[m])) == opened, (m, gate[m].item())
+        assert (not torch.equal(alone[0], base[m])) == opened, (m, gate[m].item())
+        assert (alone[0].double() - ref[m]).abs().max() < 1e-5
+
+
+def test_the_host_read_gate_rule_is_the_tensor_comparison():
+    """``gates.gate_is_open`` (one probability read on the host) against ``p >= threshold`` on the tensor, for
+    fresh random thresholds and the fp32 and fp64 values around each one's rounding, NaN included."""
+    from gatedlora.ops.gates import gate_is_open
+
+    gen = torch.Generator().manual_seed(43)
+    for threshold in torch.rand(200, generator=gen, dtype=torch.float64).clamp_min(1e-6).tolist():
+        for dtype in (torch.float32, torch.float64):
+            p = torch.tensor(threshold, dtype=dtype)
+            values = [p, torch.tensor(float("nan"), dtype=dtype)]
+            for direction in (0.0, 1.0):
+                q = p
+                for _ in range(3):
+                    q = q.nextafter(torch.tensor(direction, dtype=dtype))
+                    values.append(q)
+            for value in values:
+                assert gate_is_open(value, threshold, True) == bool(value >= threshold), (threshold, value.item())
+
+
 @pytest.mark.parametrize("open_rows", [0, 1, 8, 133])
 def test_gathered_strategy_runs_lora_on_open_rows_only(open_rows, monkeypatch):
     x, base, a, b = make_inputs(133, 40, 30, 8, torch.float32, open_rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .args import GatedLoraArgs, check_inputs, make_args, overlaps
-from .autograd import GatedLoraFunction, Options
+from .autograd import GatedLoraFunction, Options, writable_in_place
 from .backends import resolve_backend_name, torch_runs_on_cpu
 from .custom_op import gated_lora_add_
 from .torch_backend import addmm_lora_
@@ -51,7 +51,10 @@ def gated_lora(
         hard: 0/1 gates (inference) if True, ``g = p`` (soft) if False.
         backend: ``auto``, ``torch``, ``triton`` or ``cuda`` (``GATEDLORA_BACKEND`` overrides ``auto``).
         inplace: write into ``base_out`` and return it instead of a new tensor (a ``base_out`` that
-            shares memory with an input is computed through a copy, then written).
+            shares memory with an input is computed through a copy, then written). Under autograd a view is
+            written too, except one autograd refuses to modify in place (one of several views from ``split``,
+            ``chunk`` or ``unbind``, or one made under ``no_grad``): that call returns a new tensor and leaves
+            ``base_out`` as it was.
         straight_through: with ``hard=True``, the gate gets the gradient of a soft gate
             (forward hard, backward as ``g = p``); without it a hard gate gets no gradient.
             Soft gates always get exact gradients. Closed rows give the LoRA weights no gradient.
@@ -102,12 +105,9 @@ def run(args: GatedLoraArgs, base_out: torch.Tensor, backend: str, inplace: bool
     """``gated_lora`` on normalised arguments: through autograd when an input requires grad."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (base_out,) + args.tensors()):
-        # A Function that modifies a view in place gets its first gradient output routed to the view's
-        # base by autograd's rebase, and that output is dL/dx here: wrong gradients, or a shape error
-        # when K != N. Views (transformers' Conv1D returns one) are therefore not written in place.
-        inplace = inplace and not base_out._is_view()
+        inplace = inplace and writable_in_place(base_out)
         resolve_backend_name(backend)  # reject an unknown backend name even when there is no row
-        return GatedLoraFunction.apply(args, Options(straight_through, backend, inplace), args.x, base_out,
+        return GatedLoraFunction.apply(args, Options(straight_through, backend, inplace), base_out, args.x,
                                        args.lora_a, args.lora_b, args.gate, args.gate_weight, args.gate_bias)
     out = base_out if inplace else base_out.clone()
     gated_lora_add_(out, args, backend)

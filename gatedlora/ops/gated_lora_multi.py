@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .args import overlaps
-from .autograd import Options
+from .autograd import Options, writable_in_place
 from .backends import resolve_backend_name, torch_runs_on_cpu
 from .multi_args import MultiLoraArgs, check_multi_inputs, make_multi_args, normalise_scaling
 from .multi_autograd import GatedLoraMultiFunction
@@ -48,7 +48,8 @@ def gated_lora_multi(
             outside [0, A) gets the base output.
         backend: ``auto``, ``torch`` or ``triton`` (``cuda`` has no multi-adapter kernel: ``auto`` skips it).
         inplace: write into ``base_out`` and return it (one that shares memory with an input is computed
-            through a copy, then written).
+            through a copy, then written; under autograd, as in ``gated_lora``: a view autograd refuses to modify
+            in place is left as it was and a new tensor comes back).
         validate: check every argument (the default); ``False`` for callers whose arguments are valid by
             construction (the patched layers).
 
@@ -94,10 +95,9 @@ def run_multi(args: MultiLoraArgs, base_out: torch.Tensor, backend: str, inplace
     """``gated_lora_multi`` on normalised arguments: through autograd when an input requires grad."""
     if torch.is_grad_enabled() and (base_out.requires_grad or args.x.requires_grad
                                     or any(t.requires_grad for t in args.lora_a + args.lora_b)):
-        # views are not written in place under autograd (see gated_lora.run)
-        inplace = inplace and not base_out._is_view()
+        inplace = inplace and writable_in_place(base_out)
         resolve_backend_name(backend)  # reject an unknown backend name even when there is no row
-        return GatedLoraMultiFunction.apply(args, Options(False, backend, inplace), args.x, base_out,
+        return GatedLoraMultiFunction.apply(args, Options(False, backend, inplace), base_out, args.x,
                                             args.adapter_index, *args.lora_a, *args.lora_b)
     out = base_out if inplace else base_out.clone()
     gated_lora_multi_add_(out, args, backend)

@@ -16,15 +16,16 @@ from .gates import probability_dtype
 from .multi_args import MultiLoraArgs
 from .multi_custom_op import gated_lora_multi_add_
 
-LEADING_INPUTS = ("args", "options", "x", "base_out", "adapter_index")  # then lora_a..., lora_b...
+# then lora_a..., lora_b...; base_out first of the tensors, as in autograd.INPUTS (a view written in place)
+LEADING_INPUTS = ("args", "options", "base_out", "x", "adapter_index")
 
 
 class GatedLoraMultiFunction(torch.autograd.Function):
-    """``gated_lora_multi`` with gradients; the tensors follow ``args`` (x as its [M, K] rows, base_out as
-    given, the adapter index, then every lora_a and every lora_b) so that autograd tracks them."""
+    """``gated_lora_multi`` with gradients; the tensors follow ``args`` (base_out as given, x as its [M, K] rows,
+    the adapter index, then every lora_a and every lora_b) so that autograd tracks them."""
 
     @staticmethod
-    def forward(ctx: Any, args: MultiLoraArgs, options: Options, x: torch.Tensor, base_out: torch.Tensor,
+    def forward(ctx: Any, args: MultiLoraArgs, options: Options, base_out: torch.Tensor, x: torch.Tensor,
                 adapter_index: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         out = base_out if options.inplace else base_out.clone()
         gated_lora_multi_add_(out, args, options.backend)
@@ -38,7 +39,8 @@ class GatedLoraMultiFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor):
         x, index, *weights = ctx.saved_tensors
         adapters = len(ctx.scaling)
-        need_x = ctx.needs_input_grad[2]
+        leading = dict(zip(LEADING_INPUTS, ctx.needs_input_grad))
+        need_x = leading["x"]
         need_weights = ctx.needs_input_grad[len(LEADING_INPUTS):]
         grad_x = None
         grad_weights: list[torch.Tensor | None] = [None] * (2 * adapters)
@@ -61,6 +63,6 @@ class GatedLoraMultiFunction(torch.autograd.Function):
             grad_weights[i], grad_weights[adapters + i] = grads.get("lora_a"), grads.get("lora_b")
         if need_x and grad_x is None:
             grad_x = torch.zeros_like(x)
-        base_grad = grad_out if ctx.needs_input_grad[3] else None
-        return (None, None, grad_x if need_x else None, base_grad, None,
+        base_grad = grad_out if leading["base_out"] else None
+        return (None, None, base_grad, grad_x if need_x else None, None,
                 *(g if need else None for g, need in zip(grad_weights, need_weights)))

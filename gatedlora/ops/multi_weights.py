@@ -14,11 +14,28 @@ are kept per set of weights, each rebuilt only when what it depends on changes:
   stacked along the rank and the B's along their columns, both kept transposed (``A_cat^T`` [K, R],
   ``B_cat^T`` [R, N], ``R = sum r_i``: the layouts a row-major matmul reads fastest), each adapter's rows
   of ``B_cat^T`` multiplied by its scaling, and which adapter owns each of the R columns (int64 [R]).
-  Values are copied, so it is rebuilt when a weight's version counter or storage changes, or the
-  scalings (one check per weight and call: about 0.25 us each on the CPU). Every in-place update through
-  autograd's view of a tensor moves its version counter (optimizer steps, ``load_state_dict``, writes
-  under ``torch.no_grad()``); a write through ``param.data`` does not (``.data`` has a counter of its
-  own), so such a write is not seen here.
+  Values are copied, so it is rebuilt when a weight's version counter or storage changes, the scalings,
+  or after any ``torch.optim`` optimizer step (one check per weight and call: about 0.25 us each on the
+  CPU, and one int comparison for the steps).
+
+What makes a kept copy stale, and what is seen:
+
+* Writes through autograd's view of a tensor move its version counter (non-fused optimizer steps,
+  ``load_state_dict``, ``copy_`` or ``mul_`` under ``torch.no_grad()``): seen.
+* Fused optimizer kernels (``fused=True`` on Adam, AdamW, SGD, ...) write without moving the counter. So
+  the first kept copy registers one global optimizer step post-hook
+  (``torch.optim.optimizer.register_optimizer_step_post_hook``) that advances ``_optimizer_steps``, and
+  every copy is keyed by that count too: any step of a ``torch.optim.Optimizer`` (fused, foreach or not;
+  subclasses such as bitsandbytes' or apex's optimizers get the hook) invalidates every kept copy. A post-
+  hook, read before a copy is built: a copy built while a step runs in another thread is keyed with the
+  count from before the step, so the next call rebuilds it.
+* Inference tensors (made under ``torch.inference_mode()``) have no version counter and may be updated in
+  place inside inference mode: nothing is kept for them, the concatenation is rebuilt in every call (and a
+  pointer table that reads a contiguous copy of one rebuilds that copy).
+* Not seen: a write through ``param.data`` (``.data`` has a counter of its own), through a NumPy view,
+  DLPack or ``__cuda_array_interface__`` (another framework's kernel), a custom kernel writing through
+  ``data_ptr()``, or an optimizer that is not a ``torch.optim.Optimizer`` and writes with fused kernels.
+  After such a write, call ``gatedlora.ops.forget_kept_copies()``.
 
 Entries are found by the weights' identities (held weakly: a freed weight frees its forms), so a layer's
 calls and a caller who passes the same tensors again share them, and two sets that share a weight do not
@@ -36,6 +53,11 @@ from .multi_args import MultiLoraArgs
 
 TABLE_FIELDS = 5  # A pointer, B pointer, rank, A row stride, B row stride
 _MASKS_KEPT = 8  # column masks per set of weights (index tensors alive at once: one per generation and row count)
+
+# Advanced after every torch.optim optimizer step (a post-hook, registered at the first kept copy) and by
+# forget_kept_copies(): a copy keyed by an older value is rebuilt (the module docstring).
+_epoch = 0
+_step_hook = None
 
 # The weights' ids (every A, then every B) -> their forms. Not a WeakKeyDictionary of tensors: its lookups
 # compare keys with ``==``, which on tensors is elementwise.
@@ -74,13 +96,39 @@ def _forms(weights: tuple, scaling: tuple) -> _Forms:
     return forms
 
 
-def _versions(weights: tuple) -> tuple:
-    """What changes when a weight's values or storage change: its data pointer and version counter (an
-    inference tensor has no version counter; it can change in place only inside inference mode)."""
+def forget_kept_copies() -> None:
+    """Make every kept copy of adapters' weights (the torch backend's concatenation, a pointer table's contiguous
+    copies) be rebuilt at its next use. Needed only after a write that moves no version counter and is not a
+    ``torch.optim`` optimizer step: through ``param.data``, a NumPy view, DLPack, another framework's kernel."""
+    global _epoch
+    _epoch += 1
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    forget_kept_copies()
+
+
+def _watch_optimizers() -> None:
+    """Register the optimizer step post-hook once, when the first copy is kept (importing gatedlora adds nothing
+    to the steps of a process that never keeps one)."""
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _copy_key(weights: tuple) -> tuple | None:
+    """What a copy of the weights' values stays valid for: (epoch, each weight's data pointer and version counter).
+    None when a weight is an inference tensor: it has no version counter and can change in place inside inference
+    mode, so nothing derived from its values may be kept."""
+    epoch = _epoch  # read before the copy is built (the module docstring)
     try:
-        return tuple((t.data_ptr(), t._version) for t in weights)
+        return epoch, tuple((t.data_ptr(), t._version) for t in weights)
     except RuntimeError:  # "Inference tensors do not track version counter"
-        return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in weights)
+        if any(t.is_inference() for t in weights):
+            return None
+        raise
 
 
 def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,13 +141,18 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     forms = _forms(weights, args.scaling)
     pointers = tuple(t.data_ptr() for t in weights)
     entry = forms.tables.get(args.x.device)
-    if entry is not None and entry[0] == pointers and (not entry[1] or _versions(weights) == entry[1]):
-        return entry[2], entry[3]
+    if entry is not None and entry[0] == pointers:
+        kept = entry[1]  # () without copies; None: copies of inference tensors, rebuilt in every call
+        if kept == () or (kept is not None and kept == _copy_key(weights)):
+            return entry[2], entry[3]
     read = [unit_inner_stride(t) for t in weights]
     # Only the contiguous copies are kept with the table (the weights themselves must stay free to be freed:
-    # their weak references are what removes these forms).
+    # their weak references are what removes these forms). Copies of inference tensors are kept too, until
+    # the next call rebuilds them: the kernel that reads them is launched after this returns.
     copies = tuple(r for r, t in zip(read, weights) if r is not t)
-    copied = _versions(weights) if copies else ()
+    if copies:
+        _watch_optimizers()
+    copied = _copy_key(weights) if copies else ()
     a, b = read[:args.adapters], read[args.adapters:]
     rows = [[t.data_ptr() for t in a], [t.data_ptr() for t in b], list(args.ranks),
             [t.stride(0) for t in a], [t.stride(0) for t in b]]
@@ -123,9 +176,13 @@ def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
     a CUDA graph replays what was captured, so a kept mask would not follow an index updated in place."""
     weights = lora_a + lora_b
     forms = _forms(weights, scaling)
-    key = _versions(weights)
+    key = _copy_key(weights)
+    if key is None:  # inference tensors: nothing kept
+        lora_a_t, lora_b_t, owners = _concatenate(lora_a, lora_b, scaling)
+        return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1)
     found = forms.concatenation
     if found is None or found[0] != key:
+        _watch_optimizers()
         found = forms.concatenation = (key, _concatenate(lora_a, lora_b, scaling))
         forms.column_masks = {}
     lora_a_t, lora_b_t, owners = found[1]

@@ -163,7 +163,7 @@ def add_counted(out: torch.Tensor, args: GatedLoraArgs) -> None:
 def add_one_row(out: torch.Tensor, args: GatedLoraArgs) -> None:
     """M = 1 on the CPU: one read of the gate (1.5 us) decides."""
     p = _probabilities(args)  # (bool decisions: 0 or 1, which the rule reads as the decision)
-    if gate_is_open(p.item(), args.threshold, args.hard):
+    if gate_is_open(p, args.threshold, args.hard):
         _add_every_row(out, args, None if args.hard else p)
 
 
