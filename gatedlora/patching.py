@@ -141,6 +141,43 @@ def _check_routed_adapters(model: nn.Module, held: dict[str, list[str]], routed:
                          f"which hold {loaded}; load each with model.load_adapter(path, adapter_name=name)")
 
 
+def _auxiliary_modules(model: nn.Module, gated: set[str]) -> list[tuple[str, str, list[str]]]:
+    """(name, PEFT option, adapters) of each PEFT module wrapper (``modules_to_save``, ``trainable_token_indices``)
+    that holds one of the adapters ``gated`` or one active in it."""
+    from peft.utils.other import AuxiliaryTrainingWrapper, TrainableTokensWrapper
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            running = module._get_available_adapters() & (gated | set(module.active_adapters))
+            if running:
+                option = "trainable_token_indices" if isinstance(module, TrainableTokensWrapper) else "modules_to_save"
+                found.append((name, option, sorted(running)))
+    return found
+
+
+def _check_no_auxiliary_modules(model: nn.Module, gated: set[str]) -> None:
+    """PEFT's modules_to_save and trainable_token_indices swap whole modules (a trained head, embedding rows) in for
+    every input. gatedlora gates LoRA layers only, so where it promises the base model (closed gates,
+    force_gate(model, 0.0), model.disable_adapter(), a sequence routed to the base model) those modules would
+    still run their trained copies: refuse rather than compute something else."""
+    found = _auxiliary_modules(model, gated)
+    if not found:
+        return
+    listed = "; ".join(f"{name} ({option}, adapter {', '.join(map(repr, adapters))})"
+                       for name, option, adapters in found[:4]) + (" ..." if len(found) > 4 else "")
+    name, option, adapters = found[0]
+    example = (f"`model.{name} = model.{name}.modules_to_save[{adapters[0]!r}]`" if option == "modules_to_save"
+               else f"`model.{name}.token_adapter.merge(); model.{name} = model.{name}.token_adapter.base_layer`")
+    raise ValueError(
+        f"gatedlora cannot patch {type(model).__name__}: besides its LoRA layers, the PEFT adapter replaces whole "
+        f"modules for every input: {listed}. gatedlora gates LoRA layers only, so closed gates, force_gate(model, "
+        "0.0), model.disable_adapter() and sequences routed to the base model would still run those trained modules "
+        "instead of the base model's. To go on, make them part of the base model before patching, by putting each "
+        f"trained module in place of PEFT's wrapper (here {example}): gatedlora's base model is then the model with "
+        "them as trained. Or drop them (an adapter trained without modules_to_save and trainable_token_indices)")
+
+
 def _fresh_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:
     found = []
     for name, module in model.named_modules():
@@ -218,6 +255,8 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
         raise ValueError(f"nothing to patch in {type(model).__name__}: no module matches "
                          f"target_modules={config.target_modules!r}; {_linear_names_hint(model, fresh)}")
     adapters = {} if fresh else {name: _check_peft_layer(name, layer, config.adapters) for name, layer in targets}
+    if not fresh:
+        _check_no_auxiliary_modules(model, set(config.adapters or adapters.values()))
     if config.adapters is not None:
         _check_routed_adapters(model, adapters, config.adapters)
     if fresh and freeze_base:

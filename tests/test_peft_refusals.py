@@ -1,0 +1,86 @@
+"""What a PEFT model can hold that gatedlora cannot gate is refused at patch time, leaving the model as it was."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_sequence_classifier
+
+from gatedlora import GatedLoRALinear, GatedLoraConfig, force_gate, patch_model
+from gatedlora.patching import is_patched
+
+
+def logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def assert_refused_and_untouched(model, config, match):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        patch_model(model, config)
+    assert not is_patched(model) and not any(isinstance(m, GatedLoRALinear) for m in model.modules())
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def classifier_with_trained_head(adapters=("default",)):
+    """task_type="SEQ_CLS" puts the head (``score``) in modules_to_save; each adapter's copy gets its own values."""
+    model = None
+    for i, name in enumerate(adapters):
+        lora = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2])
+        if model is None:
+            model = get_peft_model(tiny_sequence_classifier(), lora, adapter_name=name)
+        else:
+            model.add_adapter(name, lora)
+        with torch.no_grad():  # as if the head had been trained
+            model.base_model.model.score.modules_to_save[name].weight.add_(i + 1.0)
+    randomize_lora_b(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("config", [None, GatedLoraConfig(gate="sequence", router_layer=0)], ids=["token", "sequence"])
+def test_modules_to_save_are_refused_with_the_way_on(config):
+    model = classifier_with_trained_head()
+    assert_refused_and_untouched(model, config, r"base_model\.model\.score \(modules_to_save, adapter 'default'\)"
+                                 r".*would still run those trained modules.*model\.base_model\.model\.score = "
+                                 r"model\.base_model\.model\.score\.modules_to_save\['default'\]")
+
+
+def test_modules_to_save_of_routed_adapters_are_refused():
+    model = classifier_with_trained_head(adapters=("math", "code"))
+    config = GatedLoraConfig(gate="sequence", router_layer=0, adapters=["math", "code"])
+    assert_refused_and_untouched(model, config, r"score \(modules_to_save, adapter 'code', 'math'\)")
+
+
+def test_the_suggested_way_on_for_modules_to_save_patches_and_keeps_the_trained_head():
+    model = classifier_with_trained_head()
+    ids, mask = padded_batch([5, 8], 8)
+    peft = logits(model, ids, mask)
+    head = model.base_model.model.score
+    model.base_model.model.score = head.modules_to_save["default"]  # the refusal's suggestion
+    with model.disable_adapter():
+        base_with_head = logits(model, ids, mask)  # PEFT's base model, now with the trained head
+    patch_model(model)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids, mask), peft, rtol=0, atol=1e-5)
+        with force_gate(model, 0.0):
+            assert torch.equal(logits(model, ids, mask), base_with_head)
+    assert not torch.equal(peft, base_with_head)
+
+
+def test_trainable_tokens_are_refused_and_the_suggested_merge_keeps_them():
+    lora = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=list(range(3, 97)))
+    model = get_peft_model(tiny_causal_lm(), lora).eval()
+    randomize_lora_b(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(1.0)  # as if trained
+    ids, mask = padded_batch([5, 8], 8)
+    peft = logits(model, ids, mask)
+    assert_refused_and_untouched(model, None, r"model\.model\.embed_tokens \(trainable_token_indices, adapter "
+                                              r"'default'\).*token_adapter\.merge\(\)")
+    wrapper = model.base_model.model.model.embed_tokens
+    wrapper.token_adapter.merge()  # the refusal's suggestion
+    model.base_model.model.model.embed_tokens = wrapper.token_adapter.base_layer
+    patch_model(model)
+    torch.testing.assert_close(logits(model, ids, mask), peft, rtol=0, atol=1e-5)
