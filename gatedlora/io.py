@@ -37,7 +37,9 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no checksum, every config field recorded
 # Fields that describe a fresh adapter; a PEFT adapter's own rank and alpha are recorded under "adapter".
-FRESH_ADAPTER_FIELDS = ("target_modules", "r", "lora_alpha", "lora_dropout")
+# (target_modules is not one of them: on a PEFT model it says which LoRA layers are gated, and a load must
+# gate the same ones.)
+FRESH_ADAPTER_FIELDS = ("r", "lora_alpha", "lora_dropout")
 # How the model runs here, not what was saved: chosen again at load.
 RUNTIME_FIELDS = ("backend", "base_mode")
 TEMP_PREFIX = ".gatedlora-"
@@ -303,7 +305,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     meta = _read_meta(directory)
     loaded, weights_path = _read_weights(directory, meta)
 
-    saved = meta["config"]
+    saved = dict(meta["config"])
+    if "target_modules" not in saved and "layers" in meta:
+        # a PEFT model's save from before target_modules was recorded for it: gate exactly the layers it gated
+        saved["target_modules"] = meta["layers"]
     if saved.get("router") not in DEFAULT_ROUTERS and router is None and not is_patched(model):
         raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); pass router=<module "
                          "of that class> so its parameters can be loaded")
@@ -318,6 +323,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         if differing:
             raise ValueError(f"load_pretrained: the model is patched with a different config (model vs saved): "
                              f"{differing}; unpatch_model(model) first or load into an unpatched model")
+        _check_gated_layers(model, meta, directory / CONFIG_NAME)
         _copy_checked(_saved_tensors(model), loaded, weights_path)
     except Exception:
         if patched_here:
@@ -326,13 +332,28 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     return model
 
 
+def _mismatch(source: Path, here: set[str], saved: set[str], what: str = "") -> ValueError:
+    """The error for names the model has and the save lacks (missing) or the other way round (unexpected)."""
+    missing, unexpected = sorted(here - saved), sorted(saved - here)
+    return ValueError(f"load_pretrained: {source} does not match the model: missing {missing[:6]}"
+                      f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                      f"{' ...' if len(unexpected) > 6 else ''}{what}")
+
+
+def _check_gated_layers(model: nn.Module, meta: dict, source: Path) -> None:
+    """The model must gate the layers the save gated: a layer gated on one side and left to PEFT (always on) on
+    the other computes something else, even where no tensor of the save belongs to it (sequence gates)."""
+    saved = meta.get("layers")
+    here = {name for name, _ in gated_layers(model)}
+    if saved is not None and here != set(saved):
+        raise _mismatch(source, here, set(saved), f" (gated layers: the save gated {len(saved)}, the model "
+                        f"{len(here)}); patch with the save's GatedLoraConfig(target_modules=...), or load into an "
+                        "unpatched model of the saved structure")
+
+
 def _copy_checked(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: Path) -> None:
-    missing = sorted(set(targets) - set(loaded))
-    unexpected = sorted(set(loaded) - set(targets))
-    if missing or unexpected:
-        raise ValueError(f"load_pretrained: {source} does not match the model: missing {missing[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                         f"{' ...' if len(unexpected) > 6 else ''}")
+    if set(targets) != set(loaded):
+        raise _mismatch(source, set(targets), set(loaded))
     for key, target in targets.items():
         if loaded[key].shape != _file_shape(key, target):
             raise ValueError(f"load_pretrained: {key} has shape {list(loaded[key].shape)} in {source}, "

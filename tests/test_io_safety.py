@@ -225,7 +225,8 @@ def test_the_config_records_the_adapter_it_was_saved_with(tmp_path):
     meta = json.loads((tmp_path / gio.CONFIG_NAME).read_text())
     assert meta["adapter"] == {"fresh": False, "r": 8, "lora_alpha": 16.0}
     # fields for fresh adapters (r=16, alpha=32 by default) and run-time choices are not the adapter's
-    assert not {"r", "lora_alpha", "lora_dropout", "target_modules", "backend", "base_mode"} & set(meta["config"])
+    assert not {"r", "lora_alpha", "lora_dropout", "backend", "base_mode"} & set(meta["config"])
+    assert meta["config"]["target_modules"] is None  # which LoRA layers are gated: all of them
     assert meta["weights_sha256"] == gio._sha256_of((tmp_path / gio.WEIGHTS_NAME).read_bytes())
     assert len(meta["layers"]) == len(list(gated_layers(model)))
 
