@@ -344,9 +344,20 @@ SWITCH_REFUSAL = ("PEFT's switch does not reach gatedlora's layers. Use `with mo
 
 @contextlib.contextmanager
 def _disable_adapter(model: nn.Module) -> Iterator[None]:
-    """Every gate closed for the duration: the base model, bitwise (gatedlora.force_gate(model, 0.0))."""
+    """The base model, bitwise, for the duration: every gate closed (gatedlora.force_gate(model, 0.0)) and, where
+    GatedLoraConfig(target_modules=...) left some LoRA layers to PEFT, PEFT's own switch off on those, which
+    would otherwise keep running their adapter. PEFT's switch is the layers' flag, so it holds for every thread."""
+    left = [layer for _, layer in _peft_lora_layers(model)]
+    # the flag itself: PEFT's enable_adapters(True) would also make the adapter's weights require gradients
+    flags = [layer._disable_adapters for layer in left]
     with force_gate(model, 0.0):
-        yield
+        for layer in left:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, flag in zip(left, flags):
+                layer._disable_adapters = flag
 
 
 # PEFT methods that look for PEFT's own layer types, so on a patched model they would find none and

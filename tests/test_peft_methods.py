@@ -34,6 +34,22 @@ def test_disable_adapter_gives_the_base_model_bitwise_and_restores_the_gates():
     assert not torch.equal(base, lora)
 
 
+@pytest.mark.parametrize("gate", ["token", "sequence"])
+def test_disable_adapter_after_a_partial_patch_also_turns_off_the_layers_left_to_peft(gate):
+    model = tiny_peft_model("llama", target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2])
+    ids, mask = padded_batch([5, 8], 8)
+    base = logits(tiny_causal_lm("llama"), ids, mask)
+    patch_model(model, GatedLoraConfig(gate=gate, target_modules=["q_proj"]))  # v_proj stays PEFT's
+    left = [m for n, m in model.named_modules() if n.endswith("v_proj") and hasattr(m, "disable_adapters")]
+    assert left and not any(m.disable_adapters for m in left)
+    patched = logits(model, ids, mask)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, ids, mask), base)
+    assert not any(m.disable_adapters for m in left)  # PEFT's flag back as it was
+    assert torch.equal(logits(model, ids, mask), patched)
+    assert not torch.equal(patched, base)
+
+
 @pytest.mark.parametrize("method", ["merge_and_unload", "merge_adapter", "unload", "disable_adapter_layers",
                                     "enable_adapter_layers"])
 def test_peft_methods_that_cannot_see_gated_layers_refuse_and_say_how(method):
