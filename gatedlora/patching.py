@@ -116,6 +116,12 @@ def _check_peft_layer(name: str, layer: nn.Module, routed: list[str] | None = No
     if layer.merged:
         raise ValueError(f"gatedlora cannot patch {name}: its adapter is merged into the base weight; "
                          "call model.unmerge_adapter() first")
+    if layer.disable_adapters:
+        # PEFT runs it as the base layer; gatedlora's layers have no such switch, so patching would turn it back on
+        raise ValueError(f"gatedlora cannot patch {name}: its adapter is disabled (model.disable_adapter_layers()), "
+                         "and patching would turn it back on. Call model.enable_adapter_layers() first; on the patched "
+                         "model, `with model.disable_adapter():` or `with gatedlora.force_gate(model, 0.0):` gives "
+                         "the base model")
     if routed is None:
         active = [a for a in layer.active_adapters if a in layer.lora_A]
         if len(active) != 1:

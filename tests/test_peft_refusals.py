@@ -2,7 +2,7 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_sequence_classifier
+from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_peft_model, tiny_sequence_classifier
 
 from gatedlora import GatedLoRALinear, GatedLoraConfig, force_gate, patch_model
 from gatedlora.patching import is_patched
@@ -84,3 +84,15 @@ def test_trainable_tokens_are_refused_and_the_suggested_merge_keeps_them():
     model.base_model.model.model.embed_tokens = wrapper.token_adapter.base_layer
     patch_model(model)
     torch.testing.assert_close(logits(model, ids, mask), peft, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [None, GatedLoraConfig(gate="sequence", router_layer=0)], ids=["token", "sequence"])
+def test_adapter_layers_disabled_before_patching_are_refused_not_turned_back_on(config):
+    model = tiny_peft_model("llama", layers_to_transform=[1, 2])
+    model.disable_adapter_layers()
+    assert_refused_and_untouched(model, config, r"layers\.1\..*its adapter is disabled \(model\.disable_adapter_"
+                                                r"layers\(\)\), and patching would turn it back on\. Call model\."
+                                                r"enable_adapter_layers\(\) first")
+    model.enable_adapter_layers()  # the way on
+    patch_model(model, config)
+    assert is_patched(model)
