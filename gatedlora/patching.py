@@ -6,6 +6,7 @@ an error that lists what is supported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import types
 import warnings
@@ -366,17 +367,108 @@ def _disable_adapter(model: nn.Module) -> Iterator[None]:
                 layer._disable_adapters = flag
 
 
+def _running_adapters(model: nn.Module) -> set[str]:
+    """The adapters the patched layers run: the one each was patched with, or the routed ones."""
+    return set(patch_state(model).config.adapters or (layer.adapter_name for _, layer in gated_layers(model)))
+
+
+def _peft_method(model: nn.Module, owner: int, method: str, *args, **kwargs):
+    """PEFT's own ``method`` of ``_peft_objects(model)[owner]``, run with PEFT's layers in place: they share
+    their weights (the LoRA ModuleDicts) with the gated layers, so what PEFT changes in them the gated layers see."""
+    target = _peft_objects(model)[owner]
+    with original_modules(model):
+        return getattr(type(target), method)(target, *args, **kwargs)
+
+
+PATCH_AGAIN = ("gatedlora.save_pretrained(model, dir) if the gates or router are trained, gatedlora.unpatch_model("
+               "model), {step}, then patch_model(model, config) or gatedlora.load_pretrained(model, dir) again")
+
+
+def _adapter_argument(args: tuple, kwargs: dict, position: int = 0) -> set[str] | None:
+    """The adapter name(s) a PEFT method was called with (PEFT's ``adapter_name``, transformers' ``adapter_names``)."""
+    names = args[position] if len(args) > position else kwargs.get("adapter_name", kwargs.get("adapter_names"))
+    return None if names is None else {names} if isinstance(names, str) else set(names)
+
+
+def _active_adapters(target: nn.Module) -> set[str]:
+    active = target.active_adapters  # a property in PEFT, a method in transformers' PEFT integration
+    return set(active() if callable(active) else active)
+
+
+def _set_adapter(model: nn.Module, *args, owner: int = 0, **kwargs):
+    """PEFT's set_adapter for the adapter already active (it sets which weights train), else a refusal: the
+    gated layers keep the adapters they were patched with."""
+    if _adapter_argument(args, kwargs) == _active_adapters(_peft_objects(model)[owner]):
+        return _peft_method(model, owner, "set_adapter", *args, **kwargs)
+    raise RuntimeError(
+        f"set_adapter() on a gatedlora-patched model: the gated layers run the adapters they were patched with "
+        f"({sorted(_running_adapters(model))}), and PEFT's switch does not reach them. To run another adapter: "
+        f"{PATCH_AGAIN.format(step='model.set_adapter(name)')}. To route each sequence among several adapters, "
+        "patch with GatedLoraConfig(gate='sequence', adapters=[...])")
+
+
+def _delete_adapter(model: nn.Module, *args, owner: int = 0, **kwargs):
+    """PEFT's delete_adapter for an adapter nothing runs (its weights leave the shared ModuleDicts), else a
+    refusal: the gated layers would keep running the weights PEFT no longer knows."""
+    running = _running_adapters(model) | _active_adapters(_peft_objects(model)[owner])
+    if not (_adapter_argument(args, kwargs) or set()) & running:
+        return _peft_method(model, owner, "delete_adapter", *args, **kwargs)
+    raise RuntimeError(
+        f"delete_adapter() on a gatedlora-patched model: the patched model runs {sorted(running)}, and PEFT's "
+        f"method does not reach the gated layers. To delete one: "
+        f"{PATCH_AGAIN.format(step='model.delete_adapter(name)')}")
+
+
+NEW_ADAPTER_REFUSAL = ("PEFT would wrap layers that gatedlora does not gate (they would run the new adapter on every "
+                       "input) and cannot add it to the gated ones. Load every adapter before patching: {how}. "
+                       "GatedLoraConfig(gate='sequence', adapters=[...]) routes among several")
+
+
+def _load_adapter(model: nn.Module, *args, owner: int = 0, **kwargs):
+    """PEFT's load_adapter into an adapter the model holds (new weights into the shared modules, as the Trainer
+    does for its best checkpoint); a new adapter is refused."""
+    names = _adapter_argument(args, kwargs, position=1) or {"default"}  # (transformers' default name)
+    if names <= set(getattr(model, "peft_config", {})):
+        return _peft_method(model, owner, "load_adapter", *args, **kwargs)
+    raise RuntimeError(f"load_adapter() on a gatedlora-patched model: {sorted(names)} would be a new adapter. "
+                       + NEW_ADAPTER_REFUSAL.format(how=PATCH_AGAIN.format(step="model.load_adapter(path, "
+                                                                                "adapter_name=name)"))
+                       + ". Loading new weights into an adapter the model holds (adapter_name=its name) works")
+
+
+@contextlib.contextmanager
+def _forward_hooks(model: nn.Module, *args, owner: int = 0, **kwargs) -> Iterator[None]:
+    """PEFT's forward and generate enter this with their arguments. PEFT uses it only for ``adapter_names`` (a
+    mixed batch) and ``alora_offsets`` (aLoRA, which patch_model refuses); neither reaches the gated layers."""
+    if kwargs.get("adapter_names") is not None or kwargs.get("alora_offsets") is not None:
+        raise RuntimeError(
+            "forward(adapter_names=...) (PEFT's mixed batch) on a gatedlora-patched model: PEFT's choice of adapter "
+            "per row does not reach the gated layers, which would run their own gates or routes instead. Let the "
+            "router choose (GatedLoraConfig(gate='sequence', adapters=[...])), or use force_gate(model, 0.0 or 1.0) "
+            "for the base model or the adapter on every row; for PEFT's mixed batch, gatedlora.unpatch_model(model) "
+            "first")
+    yield
+
+
 # PEFT methods that look for PEFT's own layer types, so on a patched model they would find none and
 # fail or silently do nothing. Each gets a stand-in on the patched model (and on a PeftModel's inner
 # LoraModel) that does what a PEFT user expects, or says what to do instead. They are bound methods
-# of the patched model, so that copy.deepcopy rebinds them to the copy.
+# of the patched model, so that copy.deepcopy rebinds them to the copy; ``owner`` (0 the model, 1 its
+# LoraModel) says which object's own method a stand-in that defers to PEFT calls.
 PEFT_METHOD_STAND_INS = {
     "disable_adapter": _disable_adapter,
     **{m: _refusal(m, MERGE_REFUSAL.format(method=m)) for m in ("merge_and_unload", "merge_adapter")},
     "unload": _refusal("unload", "PEFT would remove only its own layer types. Call gatedlora.unpatch_model(model) "
                                  "first (that drops the gates and the router), then model.unload()"),
     **{m: _refusal(m, SWITCH_REFUSAL) for m in ("disable_adapter_layers", "enable_adapter_layers")},
+    "set_adapter": _set_adapter,
+    "delete_adapter": _delete_adapter,
+    "load_adapter": _load_adapter,
+    **{m: _refusal(m, NEW_ADAPTER_REFUSAL.format(how=PATCH_AGAIN.format(step=f"model.{m}(...)")))
+       for m in ("add_adapter", "add_weighted_adapter")},
+    "_enable_peft_forward_hooks": _forward_hooks,
 }
+DEFERRING_STAND_INS = (_set_adapter, _delete_adapter, _load_adapter, _forward_hooks)
 
 
 def _peft_objects(model: nn.Module) -> list[nn.Module]:
@@ -387,9 +479,11 @@ def _peft_objects(model: nn.Module) -> list[nn.Module]:
 
 
 def _replace_peft_methods(model: nn.Module) -> None:
-    for target in _peft_objects(model):
+    for owner, target in enumerate(_peft_objects(model)):
         for method, stand_in in PEFT_METHOD_STAND_INS.items():
             if callable(getattr(target, method, None)):
+                if stand_in in DEFERRING_STAND_INS:
+                    stand_in = functools.partial(stand_in, owner=owner)
                 target.__dict__[method] = types.MethodType(stand_in, model)
 
 
