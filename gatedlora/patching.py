@@ -500,15 +500,35 @@ def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
         raise ValueError(f"router_layer={config.router_layer} leaves no layer for the adapter: the model has "
                          f"{n_blocks} blocks, so router_layer must be below {n_blocks - 1}")
     # (with several adapters, a LoRA layer that holds none of them is patched to the base layer alone, wherever it is)
-    before = [n for n, _ in targets if (i := block_index(n, blocks_path)) is not None and i <= config.router_layer
-              and (config.adapters is None or adapters[n])]
-    if before and not fresh:
+    held = [n for n, _ in targets if config.adapters is None or adapters[n]]
+    in_blocks = [n for n in held if (i := block_index(n, blocks_path)) is not None and i <= config.router_layer]
+    # Outside the blocks, a layer is gated only where the routes are in force: inside the forward of the backbone
+    # that holds the blocks (install_routing wraps it), after the blocks. Transformers models register their
+    # modules in the order they run, so a layer registered before the blocks runs before them (an encoder, an input
+    # projection: no routes yet), and one outside the backbone runs outside its forward (lm_head, a task head: the
+    # routes are over). (OPT's project_out, registered before its blocks but run after them, is refused too: an
+    # error, where the other way round would compute something else.)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    backbone = _backbone(model, blocks_path)
+    prefix = next(name for name, module in model.named_modules() if module is backbone)
+    outside = [n for n in held if block_index(n, blocks_path) is None
+               and not (n.startswith(prefix + "." if prefix else "") and order[n] > order[blocks_path])]
+    if in_blocks and not fresh:
         raise ValueError(
             f"gate='sequence' with router_layer={config.router_layer}: the router's input must not depend on the "
-            f"adapter, but LoRA covers layers at or before block {config.router_layer}: {before[:4]}"
-            f"{' ...' if len(before) > 4 else ''}. Train the adapter with LoraConfig(layers_to_transform="
+            f"adapter, but LoRA covers layers at or before block {config.router_layer}: {in_blocks[:4]}"
+            f"{' ...' if len(in_blocks) > 4 else ''}. Train the adapter with LoraConfig(layers_to_transform="
             f"list(range({config.router_layer + 1}, {n_blocks}))), as PRISM does, or raise router_layer")
-    targets = [(n, m) for n, m in targets if n not in before]
+    if outside and not fresh:
+        raise ValueError(
+            f"gate='sequence': LoRA covers layers outside the block list {blocks_path} that the routes do not reach: "
+            f"{outside[:4]}{' ...' if len(outside) > 4 else ''}. The routes hold inside the forward of "
+            f"{prefix or 'the model'} ({type(backbone).__name__}) from block {config.router_layer} on, so a layer "
+            "that runs before the blocks (an encoder, an input projection: registered before them) or outside that "
+            "forward (lm_head, a task head) cannot be gated per sequence. Train the adapter without LoRA there "
+            "(LoraConfig(target_modules=...) on the blocks after router_layer), or use token gates "
+            "(GatedLoraConfig(gate='token'))")
+    targets = [(n, m) for n, m in targets if n not in in_blocks and n not in outside]
     if not targets:
         raise ValueError(f"nothing to patch after router_layer={config.router_layer}")
     router = config.router

@@ -2,9 +2,17 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_peft_model, tiny_sequence_classifier
+from transformers import BertConfig, BertModel, OPTConfig, OPTForCausalLM
+from tiny_models import (
+    padded_batch,
+    randomize_lora_b,
+    tiny_causal_lm,
+    tiny_peft_model,
+    tiny_sequence_classifier,
+    tiny_t5,
+)
 
-from gatedlora import GatedLoRALinear, GatedLoraConfig, force_gate, patch_model
+from gatedlora import GatedLoRALinear, GatedLoraConfig, force_gate, get_router, patch_model
 from gatedlora.patching import is_patched
 
 
@@ -96,3 +104,46 @@ def test_adapter_layers_disabled_before_patching_are_refused_not_turned_back_on(
     model.enable_adapter_layers()  # the way on
     patch_model(model, config)
     assert is_patched(model)
+
+
+def test_sequence_gates_refuse_lora_outside_the_blocks_where_the_routes_do_not_hold():
+    """The routes are decided after block router_layer and hold inside the forward of the model that holds the
+    blocks: LoRA before the blocks (T5's encoder when the decoder's blocks are routed, OPT's project_in) or outside
+    that forward (lm_head) cannot be gated per sequence. Before, patch_model accepted it and the first forward
+    failed with 'not decided yet'."""
+    config = GatedLoraConfig(gate="sequence", router_layer=0)
+    t5 = get_peft_model(tiny_t5(layers=3), LoraConfig(r=4, target_modules=["q", "v"], layers_to_transform=[1, 2]))
+    assert_refused_and_untouched(t5.eval(), config, r"outside the block list base_model\.model\.decoder\.block that "
+                                                    r"the routes do not reach: \['base_model\.model\.encoder\.block")
+    opt_config = OPTConfig(vocab_size=97, hidden_size=40, ffn_dim=76, num_hidden_layers=3, num_attention_heads=4,
+                           word_embed_proj_dim=24, pad_token_id=0, max_position_embeddings=64)  # project_in 24 -> 40
+    opt = get_peft_model(OPTForCausalLM(opt_config), LoraConfig(r=4, target_modules=r".*(project_in|layers\.[12]\."
+                                                                                    r"self_attn\.q_proj)"))
+    assert_refused_and_untouched(opt.eval(), config, r"\['base_model\.model\.model\.decoder\.project_in'\]")
+    llama = get_peft_model(tiny_causal_lm(), LoraConfig(r=4, target_modules=r".*(layers\.[12]\.self_attn\.q_proj|"
+                                                                              r"lm_head)"))
+    assert_refused_and_untouched(llama.eval(), config, r"\['base_model\.model\.lm_head'\]\. The routes hold inside "
+                                                       r"the forward of base_model\.model\.model \(LlamaModel\)")
+
+
+def test_sequence_gates_keep_lora_after_the_blocks_inside_their_model():
+    """BERT's pooler runs after the blocks, inside the forward of the model that holds them: gated per sequence,
+    open as PEFT, closed the base model bitwise."""
+    config = BertConfig(vocab_size=97, hidden_size=40, intermediate_size=76, num_hidden_layers=3, num_attention_heads=4,
+                        pad_token_id=0, max_position_embeddings=64)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=r".*(layer\.[12]\.attention\.self\.(query|value)|pooler\.dense)")
+    model = get_peft_model(BertModel(config), lora).eval()
+    randomize_lora_b(model)
+    ids, mask = padded_batch([5, 8], 8, side="right")
+    with torch.no_grad():
+        peft = model(input_ids=ids, attention_mask=mask).pooler_output
+        with model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask).pooler_output
+    assert (peft - base).abs().max() > 1e-3
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0))
+    assert any(n.endswith("pooler.dense") for n, m in model.named_modules() if isinstance(m, GatedLoRALinear))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).pooler_output, peft, rtol=0, atol=1e-5)
+        get_router(model).router.net[-1].bias.fill_(-20.0)  # every sequence to the base model
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).pooler_output, base)
