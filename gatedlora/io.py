@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -80,11 +81,13 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def _adapter_record(model: nn.Module) -> dict:
-    """The adapter's real rank and alpha (alpha = scaling * r): one value each, or one per layer where they differ.
-    With several adapters, the same per adapter under ``"adapters"`` (over the layers that hold it)."""
+    """The adapter's name, real rank and alpha (alpha = scaling * r): one value each, or one per layer where they
+    differ. With several adapters, rank and alpha per adapter under ``"adapters"`` (over the layers that hold it)."""
     layers = sorted(gated_layers(model))
     record: dict = {"fresh": patch_state(model).fresh}
     if patch_state(model).config.adapters is None:
+        names = {layer.adapter_name for _, layer in layers}
+        record["name"] = names.pop() if len(names) == 1 else {name: layer.adapter_name for name, layer in layers}
         record.update(_rank_and_alpha({name: (layer.rank, layer.scaling) for name, layer in layers}))
         return record
     record["adapters"] = {}
@@ -324,6 +327,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
             raise ValueError(f"load_pretrained: the model is patched with a different config (model vs saved): "
                              f"{differing}; unpatch_model(model) first or load into an unpatched model")
         _check_gated_layers(model, meta, directory / CONFIG_NAME)
+        _check_adapter(model, meta, directory / CONFIG_NAME)
         _copy_checked(_saved_tensors(model), loaded, weights_path)
     except Exception:
         if patched_here:
@@ -349,6 +353,27 @@ def _check_gated_layers(model: nn.Module, meta: dict, source: Path) -> None:
         raise _mismatch(source, here, set(saved), f" (gated layers: the save gated {len(saved)}, the model "
                         f"{len(here)}); patch with the save's GatedLoraConfig(target_modules=...), or load into an "
                         "unpatched model of the saved structure")
+
+
+def _same(a, b) -> bool:
+    """Equal records, floats to rounding (alpha is recorded as scaling * r)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+def _check_adapter(model: nn.Module, meta: dict, source: Path) -> None:
+    """Gates and a router are trained for one adapter: the model's must be the saved one (name, r, lora_alpha)."""
+    saved, here = meta.get("adapter") or {}, _adapter_record(model)
+    differing = {key: (here.get(key), saved[key]) for key in ("name", "r", "lora_alpha", "adapters")
+                 if key in saved and not _same(here.get(key), saved[key])}
+    if differing:
+        raise ValueError(f"load_pretrained: {source} was saved with another adapter (model vs saved): {differing}. "
+                         "Gates and a router trained for one adapter do not carry over to another: load the adapter "
+                         "the save was made with, under its name (PeftModel.from_pretrained(model, path, "
+                         "adapter_name=name)), or patch the model afresh and train new gates")
 
 
 def _copy_checked(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: Path) -> None:

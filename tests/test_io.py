@@ -221,3 +221,22 @@ def test_an_older_save_without_target_modules_gates_the_layers_it_lists(tmp_path
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
                            model(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("change", ["name", "r", "lora_alpha"])
+def test_a_save_for_another_adapter_is_refused(tmp_path, change):
+    """Gates and a router are trained for one adapter: its name, rank and alpha must be the model's."""
+    from peft import LoraConfig, get_peft_model
+
+    def peft_model(name="math", r=4, lora_alpha=8):
+        lora = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"])
+        return get_peft_model(tiny_causal_lm("llama"), lora, adapter_name=name).eval()
+
+    save_pretrained(patch_model(peft_model()), tmp_path)
+    other = peft_model(**{"name": {"name": "code"}, "r": {"r": 16}, "lora_alpha": {"lora_alpha": 64}}[change])
+    want = {"name": r"'name': \('code', 'math'\)", "r": r"'r': \(16, 4\)",
+            "lora_alpha": r"'lora_alpha': \(64\.0, 8\.0\)"}
+    with pytest.raises(ValueError, match=r"saved with another adapter \(model vs saved\): .*" + want[change]):
+        load_pretrained(other, tmp_path)
+    assert not is_patched(other)
+    load_pretrained(peft_model(), tmp_path)  # the adapter it was saved with

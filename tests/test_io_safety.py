@@ -223,7 +223,7 @@ def test_the_config_records_the_adapter_it_was_saved_with(tmp_path):
     model = patch_model(tiny_peft_model("llama", layers=2, r=8, lora_alpha=16))
     save_pretrained(model, tmp_path)
     meta = json.loads((tmp_path / gio.CONFIG_NAME).read_text())
-    assert meta["adapter"] == {"fresh": False, "r": 8, "lora_alpha": 16.0}
+    assert meta["adapter"] == {"fresh": False, "name": "default", "r": 8, "lora_alpha": 16.0}
     # fields for fresh adapters (r=16, alpha=32 by default) and run-time choices are not the adapter's
     assert not {"r", "lora_alpha", "lora_dropout", "backend", "base_mode"} & set(meta["config"])
     assert meta["config"]["target_modules"] is None  # which LoRA layers are gated: all of them
