@@ -278,10 +278,13 @@ def _read_weights(directory: Path, meta: dict) -> tuple[dict[str, torch.Tensor],
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"load_pretrained: {weights_path} is corrupt or not a safetensors file: {err}") from None
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point():
+        # a router's buffers may be integers (BatchNorm's num_batches_tracked); _copy_checked matches the kind
+        router_integer = key.startswith(ROUTER_ATTRIBUTE + ".") and not tensor.is_floating_point() \
+            and not tensor.is_complex() and tensor.dtype != torch.bool
+        if not (tensor.is_floating_point() or router_integer):
             raise ValueError(f"load_pretrained: {key} in {weights_path} has dtype {tensor.dtype}; gate, router "
-                             "and LoRA parameters are floating point")
-        if not bool(torch.isfinite(tensor).all()):
+                             "and LoRA parameters are floating point (router buffers may be integers)")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"load_pretrained: {key} in {weights_path} holds NaN or infinite values")
     return tensors, weights_path
 
@@ -380,6 +383,9 @@ def _copy_checked(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tens
     if set(targets) != set(loaded):
         raise _mismatch(source, set(targets), set(loaded))
     for key, target in targets.items():
+        if loaded[key].is_floating_point() != target.is_floating_point():
+            raise ValueError(f"load_pretrained: {key} has dtype {loaded[key].dtype} in {source}, the model's is "
+                             f"{target.dtype}: an integer tensor loads only into an integer buffer")
         if loaded[key].shape != _file_shape(key, target):
             raise ValueError(f"load_pretrained: {key} has shape {list(loaded[key].shape)} in {source}, "
                              f"the model expects {list(_file_shape(key, target))}")
