@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -37,7 +38,9 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no checksum, every config field recorded
 # Fields that describe a fresh adapter; a PEFT adapter's own rank and alpha are recorded under "adapter".
-FRESH_ADAPTER_FIELDS = ("target_modules", "r", "lora_alpha", "lora_dropout")
+# (target_modules is not one of them: on a PEFT model it says which LoRA layers are gated, and a load must
+# gate the same ones.)
+FRESH_ADAPTER_FIELDS = ("r", "lora_alpha", "lora_dropout")
 # How the model runs here, not what was saved: chosen again at load.
 RUNTIME_FIELDS = ("backend", "base_mode")
 TEMP_PREFIX = ".gatedlora-"
@@ -78,11 +81,13 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def _adapter_record(model: nn.Module) -> dict:
-    """The adapter's real rank and alpha (alpha = scaling * r): one value each, or one per layer where they differ.
-    With several adapters, the same per adapter under ``"adapters"`` (over the layers that hold it)."""
+    """The adapter's name, real rank and alpha (alpha = scaling * r): one value each, or one per layer where they
+    differ. With several adapters, rank and alpha per adapter under ``"adapters"`` (over the layers that hold it)."""
     layers = sorted(gated_layers(model))
     record: dict = {"fresh": patch_state(model).fresh}
     if patch_state(model).config.adapters is None:
+        names = {layer.adapter_name for _, layer in layers}
+        record["name"] = names.pop() if len(names) == 1 else {name: layer.adapter_name for name, layer in layers}
         record.update(_rank_and_alpha({name: (layer.rank, layer.scaling) for name, layer in layers}))
         return record
     record["adapters"] = {}
@@ -273,10 +278,13 @@ def _read_weights(directory: Path, meta: dict) -> tuple[dict[str, torch.Tensor],
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"load_pretrained: {weights_path} is corrupt or not a safetensors file: {err}") from None
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point():
+        # a router's buffers may be integers (BatchNorm's num_batches_tracked); _copy_checked matches the kind
+        router_integer = key.startswith(ROUTER_ATTRIBUTE + ".") and not tensor.is_floating_point() \
+            and not tensor.is_complex() and tensor.dtype != torch.bool
+        if not (tensor.is_floating_point() or router_integer):
             raise ValueError(f"load_pretrained: {key} in {weights_path} has dtype {tensor.dtype}; gate, router "
-                             "and LoRA parameters are floating point")
-        if not bool(torch.isfinite(tensor).all()):
+                             "and LoRA parameters are floating point (router buffers may be integers)")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"load_pretrained: {key} in {weights_path} holds NaN or infinite values")
     return tensors, weights_path
 
@@ -303,7 +311,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     meta = _read_meta(directory)
     loaded, weights_path = _read_weights(directory, meta)
 
-    saved = meta["config"]
+    saved = dict(meta["config"])
+    if "target_modules" not in saved and "layers" in meta:
+        # a PEFT model's save from before target_modules was recorded for it: gate exactly the layers it gated
+        saved["target_modules"] = meta["layers"]
     if saved.get("router") not in DEFAULT_ROUTERS and router is None and not is_patched(model):
         raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); pass router=<module "
                          "of that class> so its parameters can be loaded")
@@ -318,6 +329,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         if differing:
             raise ValueError(f"load_pretrained: the model is patched with a different config (model vs saved): "
                              f"{differing}; unpatch_model(model) first or load into an unpatched model")
+        _check_gated_layers(model, meta, directory / CONFIG_NAME)
+        _check_adapter(model, meta, directory / CONFIG_NAME)
         _copy_checked(_saved_tensors(model), loaded, weights_path)
     except Exception:
         if patched_here:
@@ -326,14 +339,53 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     return model
 
 
+def _mismatch(source: Path, here: set[str], saved: set[str], what: str = "") -> ValueError:
+    """The error for names the model has and the save lacks (missing) or the other way round (unexpected)."""
+    missing, unexpected = sorted(here - saved), sorted(saved - here)
+    return ValueError(f"load_pretrained: {source} does not match the model: missing {missing[:6]}"
+                      f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                      f"{' ...' if len(unexpected) > 6 else ''}{what}")
+
+
+def _check_gated_layers(model: nn.Module, meta: dict, source: Path) -> None:
+    """The model must gate the layers the save gated: a layer gated on one side and left to PEFT (always on) on
+    the other computes something else, even where no tensor of the save belongs to it (sequence gates)."""
+    saved = meta.get("layers")
+    here = {name for name, _ in gated_layers(model)}
+    if saved is not None and here != set(saved):
+        raise _mismatch(source, here, set(saved), f" (gated layers: the save gated {len(saved)}, the model "
+                        f"{len(here)}); patch with the save's GatedLoraConfig(target_modules=...), or load into an "
+                        "unpatched model of the saved structure")
+
+
+def _same(a, b) -> bool:
+    """Equal records, floats to rounding (alpha is recorded as scaling * r)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+def _check_adapter(model: nn.Module, meta: dict, source: Path) -> None:
+    """Gates and a router are trained for one adapter: the model's must be the saved one (name, r, lora_alpha)."""
+    saved, here = meta.get("adapter") or {}, _adapter_record(model)
+    differing = {key: (here.get(key), saved[key]) for key in ("name", "r", "lora_alpha", "adapters")
+                 if key in saved and not _same(here.get(key), saved[key])}
+    if differing:
+        raise ValueError(f"load_pretrained: {source} was saved with another adapter (model vs saved): {differing}. "
+                         "Gates and a router trained for one adapter do not carry over to another: load the adapter "
+                         "the save was made with, under its name (PeftModel.from_pretrained(model, path, "
+                         "adapter_name=name)), or patch the model afresh and train new gates")
+
+
 def _copy_checked(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: Path) -> None:
-    missing = sorted(set(targets) - set(loaded))
-    unexpected = sorted(set(loaded) - set(targets))
-    if missing or unexpected:
-        raise ValueError(f"load_pretrained: {source} does not match the model: missing {missing[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                         f"{' ...' if len(unexpected) > 6 else ''}")
+    if set(targets) != set(loaded):
+        raise _mismatch(source, set(targets), set(loaded))
     for key, target in targets.items():
+        if loaded[key].is_floating_point() != target.is_floating_point():
+            raise ValueError(f"load_pretrained: {key} has dtype {loaded[key].dtype} in {source}, the model's is "
+                             f"{target.dtype}: an integer tensor loads only into an integer buffer")
         if loaded[key].shape != _file_shape(key, target):
             raise ValueError(f"load_pretrained: {key} has shape {list(loaded[key].shape)} in {source}, "
                              f"the model expects {list(_file_shape(key, target))}")

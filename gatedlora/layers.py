@@ -133,6 +133,17 @@ class GatedLoRALinear(nn.Module):
     def rank(self) -> int:
         return self._adapter_weights()[0].shape[0]
 
+    # The base layer's weight and bias, read-only, as PEFT's lora.Linear forwards them: models read them from
+    # the layers they own (T5's feed-forward reads wo.weight.dtype, Mamba's generate lm_head.weight). Properties,
+    # not registered parameters, so state_dict keys stay PEFT's (base_layer.weight).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._modules["base_layer"].weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._modules["base_layer"].bias
+
     def _gate_arguments(self, x: torch.Tensor, lora_x: torch.Tensor, forced: float | None,
                         decision: RouteDecision | None) -> dict[str, Any]:
         if forced is not None:

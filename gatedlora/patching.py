@@ -6,6 +6,7 @@ an error that lists what is supported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import types
 import warnings
@@ -116,6 +117,12 @@ def _check_peft_layer(name: str, layer: nn.Module, routed: list[str] | None = No
     if layer.merged:
         raise ValueError(f"gatedlora cannot patch {name}: its adapter is merged into the base weight; "
                          "call model.unmerge_adapter() first")
+    if layer.disable_adapters:
+        # PEFT runs it as the base layer; gatedlora's layers have no such switch, so patching would turn it back on
+        raise ValueError(f"gatedlora cannot patch {name}: its adapter is disabled (model.disable_adapter_layers()), "
+                         "and patching would turn it back on. Call model.enable_adapter_layers() first; on the patched "
+                         "model, `with model.disable_adapter():` or `with gatedlora.force_gate(model, 0.0):` gives "
+                         "the base model")
     if routed is None:
         active = [a for a in layer.active_adapters if a in layer.lora_A]
         if len(active) != 1:
@@ -139,6 +146,43 @@ def _check_routed_adapters(model: nn.Module, held: dict[str, list[str]], routed:
         loaded = sorted({a for _, layer in _peft_lora_layers(model) for a in layer.lora_A})
         raise ValueError(f"GatedLoraConfig.adapters: {missing} not found in the LoRA layers of {type(model).__name__}, "
                          f"which hold {loaded}; load each with model.load_adapter(path, adapter_name=name)")
+
+
+def _auxiliary_modules(model: nn.Module, gated: set[str]) -> list[tuple[str, str, list[str]]]:
+    """(name, PEFT option, adapters) of each PEFT module wrapper (``modules_to_save``, ``trainable_token_indices``)
+    that holds one of the adapters ``gated`` or one active in it."""
+    from peft.utils.other import AuxiliaryTrainingWrapper, TrainableTokensWrapper
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            running = module._get_available_adapters() & (gated | set(module.active_adapters))
+            if running:
+                option = "trainable_token_indices" if isinstance(module, TrainableTokensWrapper) else "modules_to_save"
+                found.append((name, option, sorted(running)))
+    return found
+
+
+def _check_no_auxiliary_modules(model: nn.Module, gated: set[str]) -> None:
+    """PEFT's modules_to_save and trainable_token_indices swap whole modules (a trained head, embedding rows) in for
+    every input. gatedlora gates LoRA layers only, so where it promises the base model (closed gates,
+    force_gate(model, 0.0), model.disable_adapter(), a sequence routed to the base model) those modules would
+    still run their trained copies: refuse rather than compute something else."""
+    found = _auxiliary_modules(model, gated)
+    if not found:
+        return
+    listed = "; ".join(f"{name} ({option}, adapter {', '.join(map(repr, adapters))})"
+                       for name, option, adapters in found[:4]) + (" ..." if len(found) > 4 else "")
+    name, option, adapters = found[0]
+    example = (f"`model.{name} = model.{name}.modules_to_save[{adapters[0]!r}]`" if option == "modules_to_save"
+               else f"`model.{name}.token_adapter.merge(); model.{name} = model.{name}.token_adapter.base_layer`")
+    raise ValueError(
+        f"gatedlora cannot patch {type(model).__name__}: besides its LoRA layers, the PEFT adapter replaces whole "
+        f"modules for every input: {listed}. gatedlora gates LoRA layers only, so closed gates, force_gate(model, "
+        "0.0), model.disable_adapter() and sequences routed to the base model would still run those trained modules "
+        "instead of the base model's. To go on, make them part of the base model before patching, by putting each "
+        f"trained module in place of PEFT's wrapper (here {example}): gatedlora's base model is then the model with "
+        "them as trained. Or drop them (an adapter trained without modules_to_save and trainable_token_indices)")
 
 
 def _fresh_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:
@@ -218,6 +262,8 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
         raise ValueError(f"nothing to patch in {type(model).__name__}: no module matches "
                          f"target_modules={config.target_modules!r}; {_linear_names_hint(model, fresh)}")
     adapters = {} if fresh else {name: _check_peft_layer(name, layer, config.adapters) for name, layer in targets}
+    if not fresh:
+        _check_no_auxiliary_modules(model, set(config.adapters or adapters.values()))
     if config.adapters is not None:
         _check_routed_adapters(model, adapters, config.adapters)
     if fresh and freeze_base:
@@ -305,22 +351,124 @@ SWITCH_REFUSAL = ("PEFT's switch does not reach gatedlora's layers. Use `with mo
 
 @contextlib.contextmanager
 def _disable_adapter(model: nn.Module) -> Iterator[None]:
-    """Every gate closed for the duration: the base model, bitwise (gatedlora.force_gate(model, 0.0))."""
+    """The base model, bitwise, for the duration: every gate closed (gatedlora.force_gate(model, 0.0)) and, where
+    GatedLoraConfig(target_modules=...) left some LoRA layers to PEFT, PEFT's own switch off on those, which
+    would otherwise keep running their adapter. PEFT's switch is the layers' flag, so it holds for every thread."""
+    left = [layer for _, layer in _peft_lora_layers(model)]
+    # the flag itself: PEFT's enable_adapters(True) would also make the adapter's weights require gradients
+    flags = [layer._disable_adapters for layer in left]
     with force_gate(model, 0.0):
-        yield
+        for layer in left:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, flag in zip(left, flags):
+                layer._disable_adapters = flag
+
+
+def _running_adapters(model: nn.Module) -> set[str]:
+    """The adapters the patched layers run: the one each was patched with, or the routed ones."""
+    return set(patch_state(model).config.adapters or (layer.adapter_name for _, layer in gated_layers(model)))
+
+
+def _peft_method(model: nn.Module, owner: int, method: str, *args, **kwargs):
+    """PEFT's own ``method`` of ``_peft_objects(model)[owner]``, run with PEFT's layers in place: they share
+    their weights (the LoRA ModuleDicts) with the gated layers, so what PEFT changes in them the gated layers see."""
+    target = _peft_objects(model)[owner]
+    with original_modules(model):
+        return getattr(type(target), method)(target, *args, **kwargs)
+
+
+PATCH_AGAIN = ("gatedlora.save_pretrained(model, dir) if the gates or router are trained, gatedlora.unpatch_model("
+               "model), {step}, then patch_model(model, config) or gatedlora.load_pretrained(model, dir) again")
+
+
+def _adapter_argument(args: tuple, kwargs: dict, position: int = 0) -> set[str] | None:
+    """The adapter name(s) a PEFT method was called with (PEFT's ``adapter_name``, transformers' ``adapter_names``)."""
+    names = args[position] if len(args) > position else kwargs.get("adapter_name", kwargs.get("adapter_names"))
+    return None if names is None else {names} if isinstance(names, str) else set(names)
+
+
+def _active_adapters(target: nn.Module) -> set[str]:
+    active = target.active_adapters  # a property in PEFT, a method in transformers' PEFT integration
+    return set(active() if callable(active) else active)
+
+
+def _set_adapter(model: nn.Module, *args, owner: int = 0, **kwargs):
+    """PEFT's set_adapter for the adapter already active (it sets which weights train), else a refusal: the
+    gated layers keep the adapters they were patched with."""
+    if _adapter_argument(args, kwargs) == _active_adapters(_peft_objects(model)[owner]):
+        return _peft_method(model, owner, "set_adapter", *args, **kwargs)
+    raise RuntimeError(
+        f"set_adapter() on a gatedlora-patched model: the gated layers run the adapters they were patched with "
+        f"({sorted(_running_adapters(model))}), and PEFT's switch does not reach them. To run another adapter: "
+        f"{PATCH_AGAIN.format(step='model.set_adapter(name)')}. To route each sequence among several adapters, "
+        "patch with GatedLoraConfig(gate='sequence', adapters=[...])")
+
+
+def _delete_adapter(model: nn.Module, *args, owner: int = 0, **kwargs):
+    """PEFT's delete_adapter for an adapter nothing runs (its weights leave the shared ModuleDicts), else a
+    refusal: the gated layers would keep running the weights PEFT no longer knows."""
+    running = _running_adapters(model) | _active_adapters(_peft_objects(model)[owner])
+    if not (_adapter_argument(args, kwargs) or set()) & running:
+        return _peft_method(model, owner, "delete_adapter", *args, **kwargs)
+    raise RuntimeError(
+        f"delete_adapter() on a gatedlora-patched model: the patched model runs {sorted(running)}, and PEFT's "
+        f"method does not reach the gated layers. To delete one: "
+        f"{PATCH_AGAIN.format(step='model.delete_adapter(name)')}")
+
+
+NEW_ADAPTER_REFUSAL = ("PEFT would wrap layers that gatedlora does not gate (they would run the new adapter on every "
+                       "input) and cannot add it to the gated ones. Load every adapter before patching: {how}. "
+                       "GatedLoraConfig(gate='sequence', adapters=[...]) routes among several")
+
+
+def _load_adapter(model: nn.Module, *args, owner: int = 0, **kwargs):
+    """PEFT's load_adapter into an adapter the model holds (new weights into the shared modules, as the Trainer
+    does for its best checkpoint); a new adapter is refused."""
+    names = _adapter_argument(args, kwargs, position=1) or {"default"}  # (transformers' default name)
+    if names <= set(getattr(model, "peft_config", {})):
+        return _peft_method(model, owner, "load_adapter", *args, **kwargs)
+    raise RuntimeError(f"load_adapter() on a gatedlora-patched model: {sorted(names)} would be a new adapter. "
+                       + NEW_ADAPTER_REFUSAL.format(how=PATCH_AGAIN.format(step="model.load_adapter(path, "
+                                                                                "adapter_name=name)"))
+                       + ". Loading new weights into an adapter the model holds (adapter_name=its name) works")
+
+
+@contextlib.contextmanager
+def _forward_hooks(model: nn.Module, *args, owner: int = 0, **kwargs) -> Iterator[None]:
+    """PEFT's forward and generate enter this with their arguments. PEFT uses it only for ``adapter_names`` (a
+    mixed batch) and ``alora_offsets`` (aLoRA, which patch_model refuses); neither reaches the gated layers."""
+    if kwargs.get("adapter_names") is not None or kwargs.get("alora_offsets") is not None:
+        raise RuntimeError(
+            "forward(adapter_names=...) (PEFT's mixed batch) on a gatedlora-patched model: PEFT's choice of adapter "
+            "per row does not reach the gated layers, which would run their own gates or routes instead. Let the "
+            "router choose (GatedLoraConfig(gate='sequence', adapters=[...])), or use force_gate(model, 0.0 or 1.0) "
+            "for the base model or the adapter on every row; for PEFT's mixed batch, gatedlora.unpatch_model(model) "
+            "first")
+    yield
 
 
 # PEFT methods that look for PEFT's own layer types, so on a patched model they would find none and
 # fail or silently do nothing. Each gets a stand-in on the patched model (and on a PeftModel's inner
 # LoraModel) that does what a PEFT user expects, or says what to do instead. They are bound methods
-# of the patched model, so that copy.deepcopy rebinds them to the copy.
+# of the patched model, so that copy.deepcopy rebinds them to the copy; ``owner`` (0 the model, 1 its
+# LoraModel) says which object's own method a stand-in that defers to PEFT calls.
 PEFT_METHOD_STAND_INS = {
     "disable_adapter": _disable_adapter,
     **{m: _refusal(m, MERGE_REFUSAL.format(method=m)) for m in ("merge_and_unload", "merge_adapter")},
     "unload": _refusal("unload", "PEFT would remove only its own layer types. Call gatedlora.unpatch_model(model) "
                                  "first (that drops the gates and the router), then model.unload()"),
     **{m: _refusal(m, SWITCH_REFUSAL) for m in ("disable_adapter_layers", "enable_adapter_layers")},
+    "set_adapter": _set_adapter,
+    "delete_adapter": _delete_adapter,
+    "load_adapter": _load_adapter,
+    **{m: _refusal(m, NEW_ADAPTER_REFUSAL.format(how=PATCH_AGAIN.format(step=f"model.{m}(...)")))
+       for m in ("add_adapter", "add_weighted_adapter")},
+    "_enable_peft_forward_hooks": _forward_hooks,
 }
+DEFERRING_STAND_INS = (_set_adapter, _delete_adapter, _load_adapter, _forward_hooks)
 
 
 def _peft_objects(model: nn.Module) -> list[nn.Module]:
@@ -331,9 +479,11 @@ def _peft_objects(model: nn.Module) -> list[nn.Module]:
 
 
 def _replace_peft_methods(model: nn.Module) -> None:
-    for target in _peft_objects(model):
+    for owner, target in enumerate(_peft_objects(model)):
         for method, stand_in in PEFT_METHOD_STAND_INS.items():
             if callable(getattr(target, method, None)):
+                if stand_in in DEFERRING_STAND_INS:
+                    stand_in = functools.partial(stand_in, owner=owner)
                 target.__dict__[method] = types.MethodType(stand_in, model)
 
 
@@ -350,15 +500,35 @@ def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
         raise ValueError(f"router_layer={config.router_layer} leaves no layer for the adapter: the model has "
                          f"{n_blocks} blocks, so router_layer must be below {n_blocks - 1}")
     # (with several adapters, a LoRA layer that holds none of them is patched to the base layer alone, wherever it is)
-    before = [n for n, _ in targets if (i := block_index(n, blocks_path)) is not None and i <= config.router_layer
-              and (config.adapters is None or adapters[n])]
-    if before and not fresh:
+    held = [n for n, _ in targets if config.adapters is None or adapters[n]]
+    in_blocks = [n for n in held if (i := block_index(n, blocks_path)) is not None and i <= config.router_layer]
+    # Outside the blocks, a layer is gated only where the routes are in force: inside the forward of the backbone
+    # that holds the blocks (install_routing wraps it), after the blocks. Transformers models register their
+    # modules in the order they run, so a layer registered before the blocks runs before them (an encoder, an input
+    # projection: no routes yet), and one outside the backbone runs outside its forward (lm_head, a task head: the
+    # routes are over). (OPT's project_out, registered before its blocks but run after them, is refused too: an
+    # error, where the other way round would compute something else.)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    backbone = _backbone(model, blocks_path)
+    prefix = next(name for name, module in model.named_modules() if module is backbone)
+    outside = [n for n in held if block_index(n, blocks_path) is None
+               and not (n.startswith(prefix + "." if prefix else "") and order[n] > order[blocks_path])]
+    if in_blocks and not fresh:
         raise ValueError(
             f"gate='sequence' with router_layer={config.router_layer}: the router's input must not depend on the "
-            f"adapter, but LoRA covers layers at or before block {config.router_layer}: {before[:4]}"
-            f"{' ...' if len(before) > 4 else ''}. Train the adapter with LoraConfig(layers_to_transform="
+            f"adapter, but LoRA covers layers at or before block {config.router_layer}: {in_blocks[:4]}"
+            f"{' ...' if len(in_blocks) > 4 else ''}. Train the adapter with LoraConfig(layers_to_transform="
             f"list(range({config.router_layer + 1}, {n_blocks}))), as PRISM does, or raise router_layer")
-    targets = [(n, m) for n, m in targets if n not in before]
+    if outside and not fresh:
+        raise ValueError(
+            f"gate='sequence': LoRA covers layers outside the block list {blocks_path} that the routes do not reach: "
+            f"{outside[:4]}{' ...' if len(outside) > 4 else ''}. The routes hold inside the forward of "
+            f"{prefix or 'the model'} ({type(backbone).__name__}) from block {config.router_layer} on, so a layer "
+            "that runs before the blocks (an encoder, an input projection: registered before them) or outside that "
+            "forward (lm_head, a task head) cannot be gated per sequence. Train the adapter without LoRA there "
+            "(LoraConfig(target_modules=...) on the blocks after router_layer), or use token gates "
+            "(GatedLoraConfig(gate='token'))")
+    targets = [(n, m) for n, m in targets if n not in in_blocks and n not in outside]
     if not targets:
         raise ValueError(f"nothing to patch after router_layer={config.router_layer}")
     router = config.router

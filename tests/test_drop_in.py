@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from gatedlora import GatedLoRALinear, GatedLoraConfig, force_gate, patch_model, unpatch_model
-from tiny_models import padded_batch, tiny_peft_model
+from peft import LoraConfig, get_peft_model
+from tiny_models import padded_batch, randomize_lora_b, tiny_peft_model, tiny_t5
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -160,3 +161,32 @@ def test_gpt2_conv1d_training_gradients_match_peft():
     got = lora_grads()
     assert set(got) == set(want) and len(got) == 2 * 4 * 2  # c_attn, c_fc, attn.c_proj, mlp.c_proj; A and B
     assert all((got[n] - want[n]).abs().max() <= 1e-5 * (1 + want[n].abs().max()) for n in want)
+
+
+def test_t5_reads_the_weight_of_a_patched_layer_and_matches_peft():
+    """T5's feed-forward reads ``wo.weight.dtype``: a patched layer gives its base layer's weight and bias, as PEFT's
+    lora.Linear does, read-only and outside the state_dict."""
+    model = get_peft_model(tiny_t5(), LoraConfig(r=4, target_modules=["q", "v", "wo"])).eval()
+    randomize_lora_b(model)
+    ids, _ = padded_batch([6, 6], 6)
+    args = dict(input_ids=ids, decoder_input_ids=ids[:, :4])
+    with torch.no_grad():
+        peft_logits = model(**args).logits
+        with model.disable_adapter():
+            base_logits = model(**args).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    patch_model(model)
+    wo = model.base_model.model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, GatedLoRALinear)
+    assert wo.weight is wo.base_layer.weight and wo.bias is wo.base_layer.bias is None
+    with pytest.raises((AttributeError, KeyError)):
+        wo.weight = torch.nn.Parameter(torch.zeros_like(wo.weight))
+    assert set(model.state_dict()) - set(before) == {k for k in model.state_dict() if k.endswith(("gate_weight",
+                                                                                                   "gate_bias"))}
+    with torch.no_grad():
+        assert (model(**args).logits - peft_logits).abs().max() < 1e-5
+        with force_gate(model, 0.0):
+            assert torch.equal(model(**args).logits, base_logits)
+    unpatch_model(model)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)

@@ -4,7 +4,14 @@ import json
 import pytest
 import torch
 
-from gatedlora import GatedLoraConfig, get_router, load_pretrained, patch_model, save_pretrained, unpatch_model
+from gatedlora import (
+    GatedLoraConfig,
+    get_router,
+    load_pretrained,
+    patch_model,
+    save_pretrained,
+    unpatch_model,
+)
 from gatedlora.patching import gated_layers, is_patched
 from tiny_models import padded_batch, tiny_causal_lm, tiny_peft_model
 
@@ -159,3 +166,77 @@ def test_only_the_main_process_writes(tmp_path):
     save_pretrained(model, tmp_path / "out", is_main_process=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gatedlora_config.json",
                                                                    "gatedlora_model.safetensors"]
+
+
+@pytest.mark.parametrize("gate", ["token", "sequence"])
+def test_a_partial_patch_loads_as_saved(tmp_path, gate):
+    """GatedLoraConfig(target_modules=...) on a PEFT model gates some LoRA layers and leaves the others to PEFT;
+    a load gates the same ones (before the fix it gated all: a token save failed, a sequence save ran wrong)."""
+    from peft import PeftModel
+
+    model = tiny_peft_model("llama", target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2])
+    model.save_pretrained(tmp_path)
+    patch_model(model, GatedLoraConfig(gate=gate, router_layer=0, target_modules=["q_proj"]))
+    scramble_gates(model)
+    if gate == "sequence":  # every sequence to the base model: the gated q_proj closed, PEFT's v_proj still on
+        with torch.no_grad():
+            get_router(model).router.net[-1].bias.fill_(-20.0)
+    ids, mask = padded_batch([5, 8], 8)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        base = tiny_causal_lm("llama")(input_ids=ids, attention_mask=mask).logits
+    assert (want - base).abs().max() > 1e-3  # the layers left to PEFT run (gating them would give the base)
+    save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "gatedlora_config.json").read_text())["config"]["target_modules"] == ["q_proj"]
+
+    loaded = PeftModel.from_pretrained(tiny_causal_lm("llama"), tmp_path).eval()
+    load_pretrained(loaded, tmp_path)
+    assert sorted(n for n, _ in gated_layers(loaded)) == sorted(n for n, _ in gated_layers(model))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, want)
+
+    every_layer = patch_model(PeftModel.from_pretrained(tiny_causal_lm("llama"), tmp_path).eval(),
+                              GatedLoraConfig(gate=gate, router_layer=0))
+    with pytest.raises(ValueError, match=r"does not match the model: missing \[.*v_proj.*gated layers: the save "
+                                         r"gated 2, the model 4\); patch with the save's GatedLoraConfig"):
+        load_pretrained(every_layer, tmp_path)
+
+
+def test_an_older_save_without_target_modules_gates_the_layers_it_lists(tmp_path):
+    """Saves of PEFT models made before target_modules was recorded list their gated layers: a load gates those."""
+    from peft import PeftModel
+
+    model = tiny_peft_model("llama", target_modules=["q_proj", "v_proj"])
+    model.save_pretrained(tmp_path)
+    patch_model(model, GatedLoraConfig(target_modules=["v_proj"]))
+    scramble_gates(model)
+    save_pretrained(model, tmp_path)
+    path = tmp_path / "gatedlora_config.json"
+    meta = json.loads(path.read_text())
+    del meta["config"]["target_modules"]  # as those saves wrote it
+    path.write_text(json.dumps(meta))
+    loaded = load_pretrained(PeftModel.from_pretrained(tiny_causal_lm("llama"), tmp_path).eval(), tmp_path)
+    assert sorted(n for n, _ in gated_layers(loaded)) == meta["layers"]
+    ids, mask = padded_batch([5, 8], 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("change", ["name", "r", "lora_alpha"])
+def test_a_save_for_another_adapter_is_refused(tmp_path, change):
+    """Gates and a router are trained for one adapter: its name, rank and alpha must be the model's."""
+    from peft import LoraConfig, get_peft_model
+
+    def peft_model(name="math", r=4, lora_alpha=8):
+        lora = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"])
+        return get_peft_model(tiny_causal_lm("llama"), lora, adapter_name=name).eval()
+
+    save_pretrained(patch_model(peft_model()), tmp_path)
+    other = peft_model(**{"name": {"name": "code"}, "r": {"r": 16}, "lora_alpha": {"lora_alpha": 64}}[change])
+    want = {"name": r"'name': \('code', 'math'\)", "r": r"'r': \(16, 4\)",
+            "lora_alpha": r"'lora_alpha': \(64\.0, 8\.0\)"}
+    with pytest.raises(ValueError, match=r"saved with another adapter \(model vs saved\): .*" + want[change]):
+        load_pretrained(other, tmp_path)
+    assert not is_patched(other)
+    load_pretrained(peft_model(), tmp_path)  # the adapter it was saved with

@@ -195,6 +195,50 @@ def test_non_finite_router_weights_are_refused(tmp_path):
         load_pretrained(tiny_peft_model("llama", layers=3, layers_to_transform=[1, 2]), tmp_path)
 
 
+class BatchNormRouter(torch.nn.Module):
+    """A router with an integer buffer (BatchNorm1d's num_batches_tracked) beside its running statistics."""
+
+    def __init__(self, hidden=40):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(hidden, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                       torch.nn.Linear(8, 1))
+
+    def forward(self, hidden):
+        return torch.sigmoid(self.net(hidden)).squeeze(-1)
+
+
+def test_a_router_with_integer_buffers_round_trips(tmp_path):
+    from gatedlora import GatedLoraConfig, get_router
+
+    def model(router):
+        return patch_model(tiny_peft_model("llama", layers=3, layers_to_transform=[1, 2]),
+                           GatedLoraConfig(gate="sequence", router=router))
+
+    saved = model(BatchNormRouter())
+    router = get_router(saved).router
+    router.train()
+    with torch.no_grad():
+        for seed in range(3):  # running statistics and num_batches_tracked move, as in training
+            router(torch.randn(6, 40, generator=torch.Generator().manual_seed(seed)))
+    router.eval()
+    save_pretrained(saved, tmp_path)
+    assert load_file(str(tmp_path / gio.WEIGHTS_NAME))["gate_router.net.1.num_batches_tracked"].dtype == torch.int64
+
+    loaded = load_pretrained(model(BatchNormRouter()), tmp_path)
+    state, want = get_router(loaded).router.state_dict(), router.state_dict()
+    assert state["net.1.num_batches_tracked"].item() == 3
+    assert all(torch.equal(state[k], want[k]) and state[k].dtype == want[k].dtype for k in want)
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, saved(input_ids=ids).logits)
+
+    # an integer tensor loads only into an integer buffer, never into a parameter
+    rewrite_weights(tmp_path, lambda t: t.__setitem__("gate_router.net.0.bias", torch.zeros(8, dtype=torch.int64)))
+    with pytest.raises(ValueError, match=r"gate_router\.net\.0\.bias has dtype torch\.int64 .* an integer tensor "
+                                         r"loads only into an integer buffer"):
+        load_pretrained(model(BatchNormRouter()), tmp_path)
+
+
 def test_a_flipped_byte_in_the_payload_is_refused(old_and_new):
     path, _, target = old_and_new
     weights = path / gio.WEIGHTS_NAME
@@ -223,9 +267,10 @@ def test_the_config_records_the_adapter_it_was_saved_with(tmp_path):
     model = patch_model(tiny_peft_model("llama", layers=2, r=8, lora_alpha=16))
     save_pretrained(model, tmp_path)
     meta = json.loads((tmp_path / gio.CONFIG_NAME).read_text())
-    assert meta["adapter"] == {"fresh": False, "r": 8, "lora_alpha": 16.0}
+    assert meta["adapter"] == {"fresh": False, "name": "default", "r": 8, "lora_alpha": 16.0}
     # fields for fresh adapters (r=16, alpha=32 by default) and run-time choices are not the adapter's
-    assert not {"r", "lora_alpha", "lora_dropout", "target_modules", "backend", "base_mode"} & set(meta["config"])
+    assert not {"r", "lora_alpha", "lora_dropout", "backend", "base_mode"} & set(meta["config"])
+    assert meta["config"]["target_modules"] is None  # which LoRA layers are gated: all of them
     assert meta["weights_sha256"] == gio._sha256_of((tmp_path / gio.WEIGHTS_NAME).read_bytes())
     assert len(meta["layers"]) == len(list(gated_layers(model)))
 

@@ -1,9 +1,10 @@
-"""PEFT's own methods on a patched model, freezing on a plain model, and the config argument's type."""
+"""PEFT's own methods and mixed batch on a patched model, freezing on a plain model, the config argument's type."""
 import copy
 
 import pytest
 import torch
-from tiny_models import padded_batch, tiny_causal_lm, tiny_peft_model
+from peft import LoraConfig
+from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_multi_adapter_model, tiny_peft_model
 
 from gatedlora import (
     GatedLoraConfig,
@@ -32,6 +33,22 @@ def test_disable_adapter_gives_the_base_model_bitwise_and_restores_the_gates():
     with force_gate(model, 1.0), model.disable_adapter():
         assert torch.equal(logits(model, ids, mask), base)  # the inner context wins, as force_gate nests
     assert not torch.equal(base, lora)
+
+
+@pytest.mark.parametrize("gate", ["token", "sequence"])
+def test_disable_adapter_after_a_partial_patch_also_turns_off_the_layers_left_to_peft(gate):
+    model = tiny_peft_model("llama", target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2])
+    ids, mask = padded_batch([5, 8], 8)
+    base = logits(tiny_causal_lm("llama"), ids, mask)
+    patch_model(model, GatedLoraConfig(gate=gate, target_modules=["q_proj"]))  # v_proj stays PEFT's
+    left = [m for n, m in model.named_modules() if n.endswith("v_proj") and hasattr(m, "disable_adapters")]
+    assert left and not any(m.disable_adapters for m in left)
+    patched = logits(model, ids, mask)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, ids, mask), base)
+    assert not any(m.disable_adapters for m in left)  # PEFT's flag back as it was
+    assert torch.equal(logits(model, ids, mask), patched)
+    assert not torch.equal(patched, base)
 
 
 @pytest.mark.parametrize("method", ["merge_and_unload", "merge_adapter", "unload", "disable_adapter_layers",
@@ -89,3 +106,63 @@ def test_config_and_model_arguments_are_type_checked():
         patch_model("meta-llama/Llama-3-8B")
     with pytest.raises(TypeError, match="router must be an nn.Module or None, got dict"):
         load_pretrained(tiny_causal_lm("llama"), ".", router={})
+
+
+def test_set_adapter_to_another_adapter_is_refused_and_to_the_active_one_runs_pefts():
+    model = patch_model(tiny_multi_adapter_model())  # "math" active: the one patched
+    ids, mask = padded_batch([5, 8], 8)
+    before = logits(model, ids, mask)
+    for owner in (model, model.base_model):
+        with pytest.raises(RuntimeError, match=r"set_adapter\(\) on a gatedlora-patched model: the gated layers run "
+                                               r"the adapters they were patched with \(\['math'\]\).*unpatch_model"):
+            owner.set_adapter("code")
+    assert model.active_adapters == ["math"] and torch.equal(logits(model, ids, mask), before)
+    model.set_adapter("math", inference_mode=True)  # PEFT's own: it sets which weights train
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".math." in n)
+    assert torch.equal(logits(model, ids, mask), before)
+
+
+def test_delete_adapter_refuses_a_running_adapter_and_deletes_another_from_every_layer():
+    model = patch_model(tiny_multi_adapter_model())
+    ids, mask = padded_batch([5, 8], 8)
+    before = logits(model, ids, mask)
+    with pytest.raises(RuntimeError, match=r"delete_adapter\(\) on a gatedlora-patched model: the patched model runs "
+                                           r"\['math'\].*unpatch_model"):
+        model.delete_adapter("math")
+    model.delete_adapter("code")  # runs nowhere: PEFT deletes it, from the layers the gated ones share too
+    assert "code" not in model.peft_config and not any(".code." in k for k in model.state_dict())
+    assert torch.equal(logits(model, ids, mask), before)
+    unpatch_model(model)
+    assert not any(".code." in k for k in model.state_dict())
+
+
+def test_load_adapter_reloads_a_held_adapter_and_refuses_a_new_one(tmp_path):
+    trained = tiny_peft_model("llama")
+    randomize_lora_b(trained, seed=7)
+    trained.save_pretrained(tmp_path)
+    ids, mask = padded_batch([5, 8], 8)
+    want = logits(trained, ids, mask)
+    model = patch_model(tiny_peft_model("llama"))
+    assert (logits(model, ids, mask) - want).abs().max() > 1e-3
+    model.load_adapter(tmp_path, adapter_name="default")  # as the Trainer loads its best checkpoint
+    torch.testing.assert_close(logits(model, ids, mask), want, rtol=0, atol=1e-5)
+    keys = list(model.state_dict())
+    with pytest.raises(RuntimeError, match=r"load_adapter\(\) on a gatedlora-patched model: \['other'\] would be a "
+                                           r"new adapter.*unpatch_model.*works"):
+        model.load_adapter(tmp_path, adapter_name="other")
+    with pytest.raises(RuntimeError, match=r"add_adapter\(\) on a gatedlora-patched model: PEFT would wrap layers"):
+        model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    assert list(model.state_dict()) == keys and list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["one adapter", "several adapters"])
+def test_pefts_mixed_batch_is_refused_on_a_patched_model(multi):
+    model = tiny_multi_adapter_model(layers_to_transform=[1, 2])
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, adapters=["math", "code"]) if multi else None)
+    ids, mask = padded_batch([5, 8], 8)
+    refusal = r"forward\(adapter_names=...\) \(PEFT's mixed batch\) on a gatedlora-patched model: .*unpatch_model"
+    with pytest.raises(RuntimeError, match=refusal):
+        model(input_ids=ids, attention_mask=mask, adapter_names=["math", "__base__"])
+    with pytest.raises(RuntimeError, match=refusal):
+        model.generate(input_ids=ids, attention_mask=mask, adapter_names=["math", "__base__"], max_new_tokens=2)
+    assert logits(model, ids, mask).isfinite().all()  # a forward without adapter_names still runs

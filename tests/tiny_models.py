@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -21,6 +29,23 @@ def tiny_causal_lm(arch: str = "llama", layers: int = 3, seed: int = 0) -> torch
     else:
         raise ValueError(arch)
     return model.eval()
+
+
+def tiny_sequence_classifier(layers: int = 3, seed: int = 0, num_labels: int = 3) -> torch.nn.Module:
+    """A randomly initialised Llama sequence classifier (its head is ``score``), sized as ``tiny_causal_lm``."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=40, intermediate_size=76, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=num_labels)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def tiny_t5(layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised T5 encoder-decoder (``layers`` blocks each), fp32, eval mode."""
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=97, d_model=40, d_kv=10, d_ff=76, num_layers=layers, num_decoder_layers=layers,
+                      num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(config).eval()
 
 
 def randomize_lora_b(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
