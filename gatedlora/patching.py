@@ -285,6 +285,9 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
             new = RoutedLoRALinear.from_peft(module, config.adapters, route=route, backend=config.backend)
         else:
             new = GatedLoRALinear.from_peft(module, adapters[name], **options)
+        # a module is built in training mode: the new layer (its gates, a fresh adapter's dropout) takes the mode
+        # of the layer it replaces, so patching a model in eval mode does not turn dropout or soft gates on
+        new.train(module.training)
         state.originals[name] = module
         _set_submodule(model, name, new)
     object.__setattr__(model, STATE_ATTRIBUTE, state)

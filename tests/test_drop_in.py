@@ -190,3 +190,29 @@ def test_t5_reads_the_weight_of_a_patched_layer_and_matches_peft():
     unpatch_model(model)
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_patched_layers_take_the_mode_of_the_layers_they_replace(training):
+    """A module is built in training mode: patching a model in eval mode must not turn on a fresh adapter's LoRA
+    dropout or soft training gates (train_gate="soft") until the next model.eval()."""
+    from tiny_models import tiny_causal_lm
+
+    ids, mask = padded_batch([4, 6], 6)
+    fresh = tiny_causal_lm("llama").train(training)
+    patch_model(fresh, GatedLoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_dropout=0.5))
+    peft = tiny_peft_model("llama")
+    peft.train(training)
+    patch_model(peft, GatedLoraConfig(train_gate="soft"))
+    for model in (fresh, peft):
+        layers = [m for m in model.modules() if isinstance(m, GatedLoRALinear)]
+        assert layers and {m.training for layer in layers for m in layer.modules()} == {training}
+    if not training:
+        with torch.no_grad():
+            for layer in (m for m in fresh.modules() if isinstance(m, GatedLoRALinear)):
+                torch.nn.init.normal_(layer.lora_B["default"].weight)  # so that dropout would show
+            assert torch.equal(fresh(input_ids=ids, attention_mask=mask).logits,
+                               fresh(input_ids=ids, attention_mask=mask).logits)
+            soft = peft(input_ids=ids, attention_mask=mask).logits
+            with force_gate(peft, 1.0):  # eval gates are hard: the fresh token gates start open
+                assert torch.equal(soft, peft(input_ids=ids, attention_mask=mask).logits)
