@@ -23,8 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .call_state import (ForwardState, RouteDecision, attach_routes, contiguous_span, continues, generating,  # noqa: F401
-                         holds_tokens, host_facts, in_backward, output_cache, routes_on, thread_slot)
+from .call_state import (ForwardState, RouteDecision, attach_routes, continues, generating, holds_tokens, host_facts,
+                         in_backward, output_cache, routes_on, thread_slot)
 from .config import GatedLoraConfig
 from .ops.gates import probability_dtype
 
