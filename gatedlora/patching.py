@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import threading
 import types
 import warnings
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,13 @@ class PatchState:
     originals: dict[str, nn.Module] = field(default_factory=dict)
     fresh: bool = False
     blocks_path: str | None = None
+    # model.disable_adapter() blocks open at once (any thread), and the flags of the LoRA layers left to PEFT from
+    # before the first: PEFT's switch is one flag per layer, set by the first block and restored by the last
+    peft_switch_depth: int = 0
+    peft_switch_flags: list = field(default_factory=list)
+
+
+_PEFT_SWITCH = threading.Lock()  # guards every PatchState's peft_switch_* (entered and left in any order)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -356,18 +364,28 @@ SWITCH_REFUSAL = ("PEFT's switch does not reach gatedlora's layers. Use `with mo
 def _disable_adapter(model: nn.Module) -> Iterator[None]:
     """The base model, bitwise, for the duration: every gate closed (gatedlora.force_gate(model, 0.0)) and, where
     GatedLoraConfig(target_modules=...) left some LoRA layers to PEFT, PEFT's own switch off on those, which
-    would otherwise keep running their adapter. PEFT's switch is the layers' flag, so it holds for every thread."""
-    left = [layer for _, layer in _peft_lora_layers(model)]
-    # the flag itself: PEFT's enable_adapters(True) would also make the adapter's weights require gradients
-    flags = [layer._disable_adapters for layer in left]
+    would otherwise keep running their adapter. PEFT's switch is the layers' flag, so it holds for every thread:
+    the first block open sets it and the last one to end restores it, whatever order blocks end in (a block that
+    restored what it found would leave the flag set when an outer block ends before an inner one)."""
+    state = patch_state(model)
     with force_gate(model, 0.0):
-        for layer in left:
-            layer._disable_adapters = True
+        with _PEFT_SWITCH:
+            if state.peft_switch_depth == 0:
+                left = [layer for _, layer in _peft_lora_layers(model)]
+                # the flag itself: PEFT's enable_adapters(True) would also make the adapter's weights require grad
+                state.peft_switch_flags = [(layer, layer._disable_adapters) for layer in left]
+                for layer in left:
+                    layer._disable_adapters = True
+            state.peft_switch_depth += 1
         try:
             yield
         finally:
-            for layer, flag in zip(left, flags):
-                layer._disable_adapters = flag
+            with _PEFT_SWITCH:
+                state.peft_switch_depth -= 1
+                if state.peft_switch_depth == 0:
+                    for layer, flag in state.peft_switch_flags:
+                        layer._disable_adapters = flag
+                    state.peft_switch_flags = []
 
 
 def _running_adapters(model: nn.Module) -> set[str]:

@@ -51,6 +51,27 @@ def test_disable_adapter_after_a_partial_patch_also_turns_off_the_layers_left_to
     assert not torch.equal(patched, base)
 
 
+def test_disable_adapter_blocks_that_end_out_of_order_give_peft_its_layers_back():
+    """PEFT's switch is one flag per layer: two blocks open at once (two threads, two generators) must leave it as
+    it was once both end, whichever ends first, and keep the base model while either is open."""
+    model = tiny_peft_model("llama", target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2])
+    ids, mask = padded_batch([5, 8], 8)
+    base = logits(tiny_causal_lm("llama"), ids, mask)
+    patch_model(model, GatedLoraConfig(target_modules=["q_proj"]))
+    left = [m for n, m in model.named_modules() if n.endswith("v_proj") and hasattr(m, "disable_adapters")]
+    patched = logits(model, ids, mask)
+    outer, inner = model.disable_adapter(), model.disable_adapter()
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    assert all(m.disable_adapters for m in left)  # the inner block is still open
+    with model.disable_adapter():
+        assert torch.equal(logits(model, ids, mask), base)
+    inner.__exit__(None, None, None)
+    assert not any(m.disable_adapters for m in left)
+    assert torch.equal(logits(model, ids, mask), patched)
+
+
 @pytest.mark.parametrize("method", ["merge_and_unload", "merge_adapter", "unload", "disable_adapter_layers",
                                     "enable_adapter_layers"])
 def test_peft_methods_that_cannot_see_gated_layers_refuse_and_say_how(method):
