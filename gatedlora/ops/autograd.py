@@ -45,9 +45,13 @@ _creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
 def writable_in_place(base_out: torch.Tensor) -> bool:
     """Whether a Function recorded by autograd may write ``base_out`` in place: not a view, or a view autograd can
     rebase. Not one of several views one op returned (``split``, ``chunk``, ``unbind``), nor one made under
-    ``no_grad`` or inference mode: autograd refuses to modify those in place (about 1.4 us, for views only)."""
+    ``no_grad`` or inference mode, nor a view of a leaf that requires grad: autograd refuses to modify those in
+    place (about 1.4 us, for views only)."""
     if not base_out._is_view():
         return True
+    source = base_out._base
+    if source is not None and source.is_leaf and source.requires_grad:
+        return False
     return _creation_meta is not None and _creation_meta(base_out) == torch._C._autograd.CreationMeta.DEFAULT
 
 
