@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -61,8 +62,8 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--{flag} {path}: no such directory")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-    if args.budget <= 0:
-        parser.error(f"--budget must be positive, got {args.budget}")
+    if not math.isfinite(args.budget) or args.budget <= 0:  # inf would time the first scenario forever
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
     if args.router_layer < 0:
         parser.error(f"--router-layer must be >= 0, got {args.router_layer}")
     if args.adapters is not None and args.adapters < 1:
@@ -98,6 +99,29 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     runnable, reasons = choose_backends(device, args.backends)
     if not runnable:
         parser.error("no gatedlora backend can run here: " + "; ".join(reasons))
+    blocks = _bench_model_blocks(parser, args)  # checked now, not after the model is built
+    if args.router_layer >= blocks - 1:
+        parser.error(f"--router-layer {args.router_layer} leaves no block for the adapter: the model has {blocks} "
+                     f"blocks, so it must be below {blocks - 1}")
+
+
+def _bench_model_blocks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The number of blocks of the model ``gatedlora bench`` will time: --model's config (an error where that
+    directory holds no Transformers model), else the built-in default's."""
+    if not args.model:
+        from .benchmarking.models import CPU_DEFAULT, GPU_DEFAULT
+
+        return min(CPU_DEFAULT.num_hidden_layers, GPU_DEFAULT.num_hidden_layers)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError) as err:
+        parser.error(f"--model {args.model}: not a Transformers model directory ({str(err).splitlines()[0]})")
+    blocks = getattr(config, "num_hidden_layers", None)
+    if not isinstance(blocks, int):
+        parser.error(f"--model {args.model}: its config names no num_hidden_layers (a decoder's block count)")
+    return blocks
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -196,6 +220,8 @@ def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Nam
     if args.out:
         from .io import CONFIG_NAME, WEIGHTS_NAME
 
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            parser.error(f"--out {args.out} is a file: expected a directory for the router's save")
         existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (Path(args.out) / name).exists()]
         if existing and not args.overwrite:
             parser.error(f"--out {args.out} already holds {existing}; pass --overwrite to replace them")
@@ -327,6 +353,8 @@ def _check_route_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--router {args.router}: not a gatedlora save ({CONFIG_NAME} not found)")
     if not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file")
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a directory: expected the JSONL file to write the routes to")
     if Path(args.out).exists() and not args.overwrite:
         parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
     if not Path(args.out).resolve().parent.is_dir():

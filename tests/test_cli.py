@@ -11,7 +11,10 @@ from gatedlora.cli import main
 @pytest.mark.parametrize("argv,message", [
     (["bench", "--adapter", "."], "--adapter needs --model"),
     (["bench", "--model", "/no/such/dir"], "--model /no/such/dir: no such directory"),
-    (["bench", "--budget", "0"], "--budget must be positive"),
+    (["bench", "--budget", "0"], "--budget must be a positive number of seconds, got 0.0"),
+    (["bench", "--budget", "inf"], "--budget must be a positive number of seconds, got inf"),
+    (["bench", "--budget", "nan"], "--budget must be a positive number of seconds, got nan"),
+    (["bench", "--router-layer", "99"], "--router-layer 99 leaves no block for the adapter: the model has 4 blocks"),
     (["bench", "--backends", "tpu"], "--backends 'tpu': expected names from"),
     (["bench", "--json", "/no/such/dir/r.json"], "the directory /no/such/dir does not exist"),
     (["bench", "--plot", "r.pdf"], "expected a .png file name"),
@@ -94,7 +97,7 @@ def test_an_error_is_one_line_with_a_hint_and_no_usage_block(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--budget", "0"])
     err = capsys.readouterr().err
-    assert err.splitlines() == ["gatedlora bench: error: --budget must be positive, got 0.0 "
+    assert err.splitlines() == ["gatedlora bench: error: --budget must be a positive number of seconds, got 0.0 "
                                 "(see `gatedlora bench --help`)"]
 
 
@@ -118,3 +121,19 @@ def test_a_backend_that_cannot_run_here_fails_before_any_timing(capsys):
         main(["bench", "--backends", "triton"])
     expected = "no gatedlora backend can run here: gatedlora triton: skipped, needs a CUDA device"
     assert expected in capsys.readouterr().err
+
+
+def test_outputs_of_the_wrong_kind_and_non_models_fail_before_any_work(tmp_path, capsys):
+    """A --model directory that holds no model, a routes file that is a directory, a router save that is a file:
+    one-line errors before a model is built or trained (before, a traceback after the work)."""
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "data.jsonl").write_text('{"prompt": "a", "label": 0}\n')
+    cases = [(["bench", "--quick", "--model", str(tmp_path)], f"--model {tmp_path}: not a Transformers model"),
+             (["train-router", "--model", str(tmp_path), "--data", str(tmp_path / "data.jsonl"), "--out",
+               str(tmp_path / "file")], "is a file: expected a directory for the router's save")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
