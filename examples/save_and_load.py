@@ -14,6 +14,8 @@ from gatedlora import patch_model
 from tiny_llama import left_padded, prompts, tiny_llama, tiny_peft_model
 
 directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="gatedlora-example-"))
+if directory.exists() and any(directory.iterdir()):  # before PEFT's save_pretrained, which would overwrite its files
+    sys.exit(f"{directory} is not empty: give a new directory (this example does not replace an existing save)")
 model = tiny_peft_model()
 model.save_pretrained(directory)  # PEFT's own files: adapter_config.json, adapter_model.safetensors
 patch_model(model)  # token gates: g = sigmoid(w . x + b) per token and layer

@@ -128,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the answers here (JSONL); default: stdout")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    if args.out and Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a directory: expected the JSONL file for the answers")
     if args.out and Path(args.out).exists() and not args.overwrite:
         parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # checked before any request is sent
+        parser.error(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
     if args.concurrency < 1:
         parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
     here = (args.model, args.router, args.data)
