@@ -167,6 +167,11 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
         raise ValueError(f"train_router: heldout must be a fraction in [0, 1), got {heldout!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"train_router: lr must be positive, got {lr!r}")
+    for name, value in (("batch_size", batch_size), ("feature_batch_size", feature_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # < 1 would train on nothing
+            raise ValueError(f"train_router: {name} must be an int >= 1, got {value!r}")
+    if len(prompts) == 0:
+        raise ValueError("train_router: no prompts to train on (prompts and labels are empty)")
     route = get_router(model)  # raises unless the model is patched with gate="sequence"
     classes = 2 if route.adapters is None else len(route.adapters) + 1
     y = _check_labels(prompts, labels, classes)

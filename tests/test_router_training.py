@@ -108,6 +108,12 @@ def test_bad_calls_name_the_problem():
         train_router(model, [[1, 2], []], [0, 1])
     with pytest.raises(ValueError, match="heldout must be a fraction in \\[0, 1\\), got 1.0"):
         train_router(model, prompts, [0, 1, 1], heldout=1.0)
+    for name in ("batch_size", "feature_batch_size"):  # < 1 trained on nothing and reported zero losses
+        for value in (0, -1, True):
+            with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got {value!r}"):
+                train_router(model, prompts, [0, 1, 1], **{name: value})
+    with pytest.raises(ValueError, match="no prompts to train on"):
+        train_router(model, [], [])
 
 
 def write_jsonl(path, rows):
