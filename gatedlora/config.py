@@ -105,7 +105,8 @@ class GatedLoraConfig:
                 self.target_modules = list(self.target_modules)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise bad("r", "an int >= 1")
-        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not math.isfinite(self.lora_alpha):
             raise bad("lora_alpha", "a finite number")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", "a number in [0, 1)")
