@@ -18,6 +18,7 @@ def test_defaults_keep_the_drop_in_promise():
     ("hard", 1, r"hard must be a bool, got 1"),
     ("router_layer", -1, r"router_layer must be an int >= 0, got -1"),
     ("r", 0, r"r must be an int >= 1, got 0"),
+    ("lora_alpha", True, r"lora_alpha must be a finite number, got True"),
     ("lora_dropout", 1.0, r"lora_dropout must be a number in \[0, 1\), got 1.0"),
     ("backend", "tpu", r"backend must be one of .*got 'tpu'"),
     ("base_mode", "one-pass", r"base_mode must be one of \('exact', 'fused'\), got 'one-pass'"),
