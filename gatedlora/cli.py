@@ -100,9 +100,12 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if not runnable:
         parser.error("no gatedlora backend can run here: " + "; ".join(reasons))
     blocks = _bench_model_blocks(parser, args)  # checked now, not after the model is built
-    if args.router_layer >= blocks - 1:
-        parser.error(f"--router-layer {args.router_layer} leaves no block for the adapter: the model has {blocks} "
-                     f"blocks, so it must be below {blocks - 1}")
+    from .config import check_router_layer
+
+    try:
+        check_router_layer(args.router_layer, blocks)
+    except ValueError as err:
+        parser.error(f"--router-layer: {err}")
 
 
 def _bench_model_blocks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -13,6 +13,14 @@ BASE_MODES = ("exact", "fused")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
+def check_router_layer(router_layer: int, blocks: int) -> None:
+    """ValueError unless block ``router_layer`` leaves at least one of the model's ``blocks`` blocks after it for
+    the adapter (the router reads block router_layer's output; the adapter runs in the blocks after it)."""
+    if router_layer >= blocks - 1:
+        raise ValueError(f"router_layer={router_layer} leaves no block for the adapter: the model has {blocks} "
+                         f"blocks, so router_layer must be below {blocks - 1}")
+
+
 def check_gate_options(owner: str, gate: Any, threshold: Any, hard: Any, straight_through: Any, backend: Any,
                        base_mode: Any) -> None:
     """The rules for the options a gated layer takes, shared by ``GatedLoraConfig`` and ``GatedLoRALinear`` (which

@@ -17,7 +17,7 @@ from typing import Iterator
 from torch import nn
 
 from .call_state import forcing
-from .config import GatedLoraConfig
+from .config import GatedLoraConfig, check_router_layer
 from .layers import GatedLoRALinear, linear_features
 from .routed_layer import RoutedLoRALinear
 from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, install_routing, remove_routing
@@ -517,9 +517,7 @@ def _restore_peft_methods(model: nn.Module) -> None:
 def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
     blocks_path, blocks = find_blocks(model)
     n_blocks = len(blocks)
-    if config.router_layer >= n_blocks - 1:
-        raise ValueError(f"router_layer={config.router_layer} leaves no layer for the adapter: the model has "
-                         f"{n_blocks} blocks, so router_layer must be below {n_blocks - 1}")
+    check_router_layer(config.router_layer, n_blocks)
     # (with several adapters, a LoRA layer that holds none of them is patched to the base layer alone, wherever it is)
     held = [n for n, _ in targets if config.adapters is None or adapters[n]]
     in_blocks = [n for n in held if (i := block_index(n, blocks_path)) is not None and i <= config.router_layer]

@@ -21,7 +21,7 @@ from torch import nn
 
 from .block_capture import capture_and_stop, output_of_block
 from .call_state import RouteDecision
-from .config import GatedLoraConfig
+from .config import GatedLoraConfig, check_router_layer
 from .io import read_saved
 from .patching import ROUTER_ATTRIBUTE, find_blocks
 from .prompts import right_padded_batches, token_ids
@@ -123,8 +123,7 @@ def cut_config(config: Any, blocks: int) -> Any:
     """A copy of a Transformers config with only the first ``blocks`` blocks (per-block lists cut too)."""
     config = config.__class__.from_dict(config.to_dict())
     total = config.num_hidden_layers
-    if blocks >= total:
-        raise ValueError(f"router_layer={blocks - 1} leaves no block for the adapter: the model has {total} blocks")
+    check_router_layer(blocks - 1, total)
     for key, value in config.to_dict().items():
         if isinstance(value, list) and len(value) == total and key != "architectures":
             setattr(config, key, value[:blocks])  # e.g. layer_types (sliding or full attention per block)
