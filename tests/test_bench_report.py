@@ -1,5 +1,6 @@
 """The bench report: spread next to every median, the legend, warnings for spread and a busy machine."""
 import subprocess
+import pytest
 import sys
 
 from gatedlora.benchmarking.machine_load import BUSY_FRACTION, LoadMeter
@@ -71,3 +72,31 @@ def test_rounds_shuffle_which_provider_follows_which():
     assert all(len(before) >= 2 for before in predecessors.values())
     assert len({tuple(r) for r in rounds}) > 1
     assert all(t.runs == 12 for t in timings.values())
+
+
+def test_the_check_records_how_far_each_output_is_from_peft():
+    """compare_outputs: the verdict names a failure with its size; the differences hold every non-reference
+    output's largest difference from PEFT on the open sequences, closed sequences left out."""
+    import torch
+
+    from gatedlora.benchmarking.report import differences_text
+    from gatedlora.benchmarking.scenarios import compare_outputs
+
+    base, peft = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
+    open_mask = torch.tensor([True, False, True])
+    close = peft.clone()
+    close[0, 1, 3] += 0.004
+    close[1] = base[1]
+    far = close.clone()
+    far[2, 0, 0] += 0.5
+    far[1, 0, 0] += 9.0  # a closed sequence that is not the base model's: named, not a difference from PEFT
+    verdict, differences = compare_outputs({"base": base, "peft": peft, "gatedlora a": close, "gatedlora b": far,
+                                            "peft other": peft + 0.002}, open_mask, tolerance=0.01)
+    assert differences["gatedlora a"] == pytest.approx(0.004, abs=1e-6)
+    assert differences["gatedlora b"] == pytest.approx((far[2, 0, 0] - peft[2, 0, 0]).abs().item(), abs=1e-6)
+    assert differences["peft other"] == pytest.approx(0.002, abs=1e-6)
+    problems = verdict.removeprefix("FAILED: ").split("; ")
+    assert verdict.startswith("FAILED: ") and problems[0] == "b: closed sequences differ from the base model"
+    assert problems[1].startswith("b: open sequences differ from PEFT by 0.5") and len(problems) == 2
+    assert differences_text({"differences": differences}).startswith("largest difference from PEFT (logits): "
+                                                                      "gatedlora a 0.004")

@@ -75,6 +75,9 @@ def test_quick_bench_with_several_adapters(tmp_path, capsys):
     for scenario in result["scenarios"]:
         assert scenario["check"] == "ok" and scenario["adapters"] == 3 and scenario["routes"].count(0) == 1
         assert set(scenario["median_ms"]) >= {"base", "peft mixed", "peft per group", "gatedlora torch"}
+        # the check's measured differences from PEFT's mixed batch, both PEFT plans' spread among them (fp32)
+        assert set(scenario["differences"]) == {"peft per group", "gatedlora torch"}
+        assert all(0.0 <= d <= result["check_tolerance"] for d in scenario["differences"].values())
     assert "peft one adapter" in result["scenarios"][1]["median_ms"]
 
 

@@ -627,6 +627,8 @@ def decode_fullgraph_check(spec) -> dict:
 # --- report --------------------------------------------------------------------------------------------------
 
 def summary(record: dict) -> str:
+    from gatedlora.benchmarking.report import differences_text
+
     lines = [f"gpu_check on {record['environment'].get('device')} (commit {record['environment'].get('commit')})"
              + (" [dry run]" if record["dry_run"] else "")]
     stages = record["stages"]
@@ -672,6 +674,8 @@ def summary(record: dict) -> str:
                 continue
             ratios = ", ".join(f"{k} {v:.2f}" for k, v in s["ratio_to_base"].items() if k != "base")
             lines.append(f"    {s['name']} (base {s['median_ms']['base']:.2f} ms, check {s['check']}): {ratios}")
+            if s.get("differences"):
+                lines.append(f"      {differences_text(s)}")
             for note in s.get("notes", []):
                 lines.append(f"      note: {note}")
     if stages.get("route", {}).get("memory"):

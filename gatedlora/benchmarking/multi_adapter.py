@@ -219,14 +219,28 @@ def multi_decode_providers(setup: MultiSetup, ids, mask, routes, graphs: bool = 
     return providers, sorted(set(notes))
 
 
-def check_multi_outputs(providers: dict[str, Callable[[], object]], routes: torch.Tensor, tolerance: float) -> str:
-    """"ok", or what differs: gatedlora's sequences on the base model bitwise the base model's, the others
-    within ``tolerance`` of PEFT's mixed batch (the logits one call of each provider returns)."""
+def check_multi_outputs(providers: dict[str, Callable[[], object]], routes: torch.Tensor, tolerance: float
+                        ) -> tuple[str, dict]:
+    """(verdict, differences) as ``scenarios.compare_outputs`` gives them: gatedlora's sequences on the base model
+    bitwise the base model's, the others within ``tolerance`` of PEFT's mixed batch (the logits one call of each
+    provider returns). ``peft per group``'s difference from the mixed batch, two correct PEFT plans, is the
+    spread the tolerance is read against."""
     with torch.inference_mode():
         outputs = {name: _logits(fn()) for name, fn in providers.items()
                    if name in ("base", "peft mixed") or name.startswith("gatedlora")}
+        if "peft per group" in providers:
+            outputs["peft per group"] = _in_batch_order(providers["peft per group"](), routes)
     outputs["peft"] = outputs.pop("peft mixed")
     return compare_outputs(outputs, routes != 0, tolerance)
+
+
+def _in_batch_order(parts: list, routes: torch.Tensor) -> torch.Tensor:
+    """One logits tensor [B, ...] from ``peft per group``'s outputs, one per route taken in ``_groups``' order."""
+    parts = [_logits(part) for part in parts]
+    whole = parts[0].new_empty((len(routes),) + tuple(parts[0].shape[1:]))
+    for route, part in zip(sorted(set(routes.tolist())), parts):
+        whole[(routes == route).nonzero().flatten().to(whole.device)] = part
+    return whole
 
 
 def _logits(output) -> torch.Tensor:

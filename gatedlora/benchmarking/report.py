@@ -123,6 +123,15 @@ def timing_table(scenarios: list[dict], providers: list[str], with_check: bool =
     return lines
 
 
+def differences_text(scenario: dict) -> str:
+    """The check's measured differences, e.g. "largest difference from PEFT (logits): gatedlora torch 0.102, ..."
+    (a scenario recorded before they were kept has none: empty)."""
+    differences = scenario.get("differences") or {}
+    if not differences:
+        return ""
+    return "largest difference from PEFT (logits): " + ", ".join(f"{k} {v:.3g}" for k, v in differences.items())
+
+
 def format_table(result: dict) -> str:
     """A text table: per scenario the correctness check, the base time and each adapter path's time and
     ratio to base, each with its spread; then the legend, notes and warnings."""
@@ -134,7 +143,8 @@ def format_table(result: dict) -> str:
     lines += [f"note: {note}" for note in result.get("notes", [])]
     lines += [f"note: {s['name']}: {note}" for s in result["scenarios"] for note in s.get("notes", [])]
     for problem in [s for s in result["scenarios"] if s["check"].startswith("FAILED")]:
-        lines.append(f"check FAILED in '{problem['name']}': {problem['check'][len('FAILED: '):]}")
+        lines.append(f"check FAILED in '{problem['name']}': {problem['check'][len('FAILED: '):]}"
+                     + (f" ({differences_text(problem)})" if problem.get("differences") else ""))
     warnings = result.get("warnings")
     if warnings is None:  # a run recorded before the report judged the spread: judge it now
         warnings = spread_warnings(result) if all("iqr_ms" in s for s in result["scenarios"]) else []

@@ -128,14 +128,15 @@ def _run_scenario(setup, scenario: Scenario, dtype: torch.dtype, budget_s: float
     notes: list[str] = []
     if scenario.phase == "prefill":
         providers = prefill_providers(setup, ids, mask, open_mask)
-        check = check_gatedlora_outputs(setup, ids, mask, open_mask, CHECK_TOLERANCE[dtype])
+        check, differences = check_gatedlora_outputs(setup, ids, mask, open_mask, CHECK_TOLERANCE[dtype])
     else:
         providers, notes = decode_providers(setup, ids, mask, open_mask, graphs=graphs)
-        check = check_decode_outputs(providers, open_mask, CHECK_TOLERANCE[dtype])
+        check, differences = check_decode_outputs(providers, open_mask, CHECK_TOLERANCE[dtype])
     timings = time_side_by_side(providers, setup.device, budget_s=budget_s, warmup_s=warmup_s)
     return {
         "name": scenario.name, "phase": scenario.phase, "batch": scenario.batch, "tokens": scenario.tokens,
-        "open_sequences": scenario.open_count, "check": check, "notes": notes, **_timing_record(timings),
+        "open_sequences": scenario.open_count, "check": check, "differences": differences, "notes": notes,
+        **_timing_record(timings),
     }
 
 
@@ -148,10 +149,11 @@ def _run_multi_scenario(setup, scenario, dtype: torch.dtype, budget_s: float, wa
         providers = multi_prefill_providers(setup, ids, mask, routes)
     else:
         providers, notes = multi_decode_providers(setup, ids, mask, routes, graphs=graphs)
-    check = check_multi_outputs(providers, routes, CHECK_TOLERANCE[dtype])
+    check, differences = check_multi_outputs(providers, routes, CHECK_TOLERANCE[dtype])
     timings = time_side_by_side(providers, setup.device, budget_s=budget_s, warmup_s=warmup_s)
     return {"name": scenario.name, "phase": scenario.phase, "batch": scenario.batch, "tokens": scenario.tokens,
-            "adapters": scenario.adapters, "routes": routes.tolist(), "check": check, "notes": notes,
+            "adapters": scenario.adapters, "routes": routes.tolist(), "check": check,
+            "differences": differences, "notes": notes,
             **_timing_record(timings)}
 
 

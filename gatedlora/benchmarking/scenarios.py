@@ -218,7 +218,7 @@ def decode_stepper(name: str, model: nn.Module, ids: torch.Tensor, mask: torch.T
         return eager()
 
 
-def check_gatedlora_outputs(setup: BenchSetup, ids, mask, open_mask, tolerance: float) -> str:
+def check_gatedlora_outputs(setup: BenchSetup, ids, mask, open_mask, tolerance: float) -> tuple[str, dict]:
     """Prefill: closed sequences bitwise equal to the base model, open ones within ``tolerance`` of PEFT."""
     args = dict(input_ids=ids, attention_mask=mask, use_cache=False)
     with torch.inference_mode():
@@ -227,7 +227,8 @@ def check_gatedlora_outputs(setup: BenchSetup, ids, mask, open_mask, tolerance: 
     return compare_outputs(outputs, open_mask, tolerance)
 
 
-def check_decode_outputs(providers: dict[str, Callable[[], torch.Tensor]], open_mask, tolerance: float) -> str:
+def check_decode_outputs(providers: dict[str, Callable[[], torch.Tensor]], open_mask, tolerance: float
+                         ) -> tuple[str, dict]:
     """Decode: one more step of each provider, compared as ``check_gatedlora_outputs`` compares a prefill."""
     with torch.inference_mode():
         outputs = {name: fn().clone() for name, fn in providers.items()
@@ -235,25 +236,34 @@ def check_decode_outputs(providers: dict[str, Callable[[], torch.Tensor]], open_
     return compare_outputs(outputs, open_mask, tolerance)
 
 
-def compare_outputs(outputs: dict[str, torch.Tensor], open_mask, tolerance: float) -> str:
-    """"ok", or what differs: gatedlora's closed sequences must equal ``outputs["base"]`` bit for bit (fused
-    mode: within ``tolerance``, its base matmul sums in another order), its open ones ``outputs["peft"]``
-    within ``tolerance`` (logits [B, T, V])."""
+def largest_difference(logits: torch.Tensor, reference: torch.Tensor, rows) -> float:
+    """max |logits - reference| over the sequences ``rows`` (bool [B]), in fp32; 0.0 where no row is chosen."""
+    return (logits[rows].float() - reference[rows].float()).abs().max().item() if rows.any() else 0.0
+
+
+def compare_outputs(outputs: dict[str, torch.Tensor], open_mask, tolerance: float) -> tuple[str, dict]:
+    """(verdict, differences). The verdict is "ok", or what differs: gatedlora's closed sequences must equal
+    ``outputs["base"]`` bit for bit (fused mode: within ``tolerance``, its base matmul sums in another order), its
+    open ones ``outputs["peft"]`` within ``tolerance`` (logits [B, T, V]). ``differences`` maps every output
+    but the two references to its largest difference from PEFT on the open sequences, so that a report says by
+    how much a check passed or failed; other PEFT plans among the outputs (``peft per group``) give the spread
+    between two correct answers, against which the tolerance can be read."""
     base, peft = outputs["base"], outputs["peft"]
     closed = ~open_mask.to(base.device)
-    problems = []
+    problems, differences = [], {}
     for name, logits in outputs.items():
+        if name in ("base", "peft"):
+            continue
+        differences[name] = largest_difference(logits, peft, ~closed)
         if not name.startswith("gatedlora"):
             continue
         variant = name.split(" ", 1)[1]
         if variant.endswith("fused"):
-            err = (logits[closed].float() - base[closed].float()).abs().max().item() if closed.any() else 0.0
+            err = largest_difference(logits, base, closed)
             if not err <= tolerance:
                 problems.append(f"{variant}: closed sequences differ from the base model by {err:.3g}")
         elif not torch.equal(logits[closed], base[closed]):
             problems.append(f"{variant}: closed sequences differ from the base model")
-        if open_mask.any():
-            err = (logits[~closed].float() - peft[~closed].float()).abs().max().item()
-            if not err <= tolerance:
-                problems.append(f"{variant}: open sequences differ from PEFT by {err:.3g}")
-    return "ok" if not problems else "FAILED: " + "; ".join(problems)
+        if not differences[name] <= tolerance:
+            problems.append(f"{variant}: open sequences differ from PEFT by {differences[name]:.3g}")
+    return ("ok" if not problems else "FAILED: " + "; ".join(problems)), differences
