@@ -130,3 +130,34 @@ def test_gpu_decode_step_captured_in_a_cuda_graph(backend):
     torch.testing.assert_close(captured.float(), eager.float(), rtol=2e-2, atol=2e-2)
     closed = ~PATTERN.bool().cuda()
     assert torch.equal(eager[closed], plain[closed])  # closed sequences: the base model, bit for bit
+
+
+def test_every_provider_decodes_the_same_token():
+    """The benchmarks' decode step feeds each model the prompt's last tokens, not its own argmax: two models
+    that disagree on the next token (here the base and its adapter, with large LoRA weights) still step on
+    the same input, so the check compares their logits on equal inputs."""
+    from gatedlora.benchmarking.scenarios import decode_stepper
+
+    base, _ = routed_pair("torch", "cpu", torch.float32)
+    for name, param in base.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0.0, 3.0)  # make the adapter move the argmax
+    ids = torch.randint(3, 97, (4, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    fed = []
+    hook = base.get_input_embeddings().register_forward_hook(lambda module, args, out: fed.append(args[0].clone()))
+    try:
+        with torch.inference_mode():
+            plain = base(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)
+            with base.disable_adapter():
+                assert not torch.equal(plain, base(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1))
+            fed.clear()
+            decode_stepper("peft", base, ids, mask, cache_argument(base), graphs=False, notes=[])()
+            with base.disable_adapter():
+                decode_stepper("base", base, ids, mask, cache_argument(base), graphs=False, notes=[])()
+            _, step_ids, _ = prefill_static(base, ids, mask, cache_argument(base))
+    finally:
+        hook.remove()
+    steps = [t for t in fed if t.shape == (4, 1)]
+    assert len(steps) == 2 and all(torch.equal(t, ids[:, -1:]) for t in steps)
+    assert torch.equal(step_ids, ids[:, -1:])

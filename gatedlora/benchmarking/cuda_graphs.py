@@ -35,14 +35,22 @@ def _static_layers_lengths(cache) -> list[torch.Tensor]:
     return lengths
 
 
+def step_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """The token ids [B, 1] that every provider's decode step feeds: the prompt's last ones, the same for all.
+    Not each provider's own argmax after its prefill: in bf16 a near tie flips between two correct models, and
+    the step then compares different inputs (an H100 saw PEFT per group 8.2 from PEFT's mixed batch in the
+    logits of a batch of 32, where every gatedlora backend was within 0.07)."""
+    return ids[:, -1:]
+
+
 def prefill_static(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_argument: str, extra_len: int = 8,
                    **extra) -> tuple[object, torch.Tensor, dict]:
     """Prefill ``ids`` [B, T] into a new StaticCache; returns (cache, next token ids [B, 1], step kwargs)."""
     from transformers import StaticCache
 
     cache = StaticCache(config=_text_config(model), max_cache_len=ids.shape[1] + extra_len)
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_argument: cache}, **extra)
-    next_ids = out.logits[:, -1:].argmax(-1)
+    model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_argument: cache}, **extra)
+    next_ids = step_tokens(ids)
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     # Positions as generate() computes them for left or right padding: real tokens before this one.
     position_ids = (mask.sum(dim=1, keepdim=True)).to(torch.long)

@@ -17,6 +17,7 @@ from torch import nn
 from ..config import GatedLoraConfig
 from ..patching import patch_model
 from ..routing import PrismRouter
+from .cuda_graphs import step_tokens
 from .models import weight_sharing_copy
 
 
@@ -188,7 +189,7 @@ def decode_stepper(name: str, model: nn.Module, ids: torch.Tensor, mask: torch.T
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
         cache = _cache_of(out)
-        next_ids = out.logits[:, -1:].argmax(-1)
+        next_ids = step_tokens(ids)
         step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
         def step():
