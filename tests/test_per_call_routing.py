@@ -595,16 +595,21 @@ CACHE_BATCH_OPERATIONS = {
 }
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("operation", list(CACHE_BATCH_OPERATIONS))
-def test_routes_follow_the_caches_own_batch_operations(operation):
+def test_routes_follow_the_caches_own_batch_operations(operation, device):
     """A KV cache's reorder_cache / batch_select_indices / batch_repeat_interleave move each sequence's keys
     and values: its route moves with them. A decode step then gives each sequence the base model bit for
-    bit or PEFT's adapter, as routed at its prefill (a deep copy of the cache is one of its own)."""
+    bit or PEFT's adapter, as routed at its prefill (a deep copy of the cache is one of its own). On a GPU
+    the routes are device tensors, selected there with the operation's host-side indices."""
     model, batches, routes = prism_model()
     twin = tiny_peft_model(layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
+    model.to(device)
+    twin.to(device)
     apply, rows = CACHE_BATCH_OPERATIONS[operation]
-    ids, mask = batches["a"]
-    step = torch.tensor([[11], [12], [13], [14]])
+    ids, mask = (t.to(device) for t in batches["a"])
+    step = torch.tensor([[11], [12], [13], [14]], device=device)
+    routes = {name: r.to(device) for name, r in routes.items()}
 
     def decode(m):
         cache = DynamicCache(config=m.base_model.model.config)
