@@ -74,7 +74,11 @@ class RouteOnlyModel(nn.Module):
         with _quiet_transformers():
             backbone = AutoModel.from_pretrained(model_path, config=model_config, dtype=dtype or torch.float32)
         model = cls(backbone, SequenceRouter(router, config), adapter_name).eval()
-        return model.to(device=device, dtype=dtype) if device or dtype else model
+        if dtype is not None:
+            # the router only, in the weights' dtype as patching makes it: the backbone was loaded in ``dtype``,
+            # and casting it again would round the buffers Transformers keeps in fp32 (the rotary inv_freq)
+            model.route.to(dtype=dtype)
+        return model.to(device=device) if device is not None else model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **backbone_kwargs: Any) -> RouteDecision:

@@ -47,6 +47,28 @@ def test_probabilities_are_the_full_models_bitwise(tmp_path, arch, router_layer,
     assert route_only.routes(got.decisions) == ["adapter" if d else "base" for d in decisions.tolist()]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_probabilities_are_the_full_models_bitwise(tmp_path, arch):
+    """Both loaded in bf16 as a user loads them (``from_pretrained(dtype=...)``): the route-only model's
+    probabilities are the full model's bit for bit. Transformers keeps the rotary ``inv_freq`` buffer in fp32
+    there; casting the loaded backbone with ``.to(dtype)`` would round it to bf16 and move the positions'
+    angles (an H100 saw 2 of 8 decisions differ that way, at 512 tokens). Long prompts make that visible."""
+    from transformers import AutoModelForCausalLM
+
+    import gatedlora
+
+    model_dir, router_dir, _ = saved_model_and_router(tmp_path, arch, router_layer=1)
+    full = gatedlora.load_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
+                                     router_dir)
+    route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir, dtype=torch.bfloat16)
+    ids, mask = padded_batch([200, 37, 160, 111], 200, seed=7)
+    with torch.no_grad():
+        full(input_ids=ids, attention_mask=mask)
+        got = route_only(ids, mask)
+    assert torch.equal(got.probabilities, get_router(full).last_probabilities)
+    assert torch.equal(got.decisions, get_router(full).last_decisions)
+
+
 def test_only_the_routing_blocks_are_loaded(tmp_path):
     model_dir, router_dir, full = saved_model_and_router(tmp_path, layers=4, router_layer=1)
     route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir)
