@@ -9,6 +9,14 @@ import sys
 from pathlib import Path
 
 DTYPES = ("float32", "float16", "bfloat16")
+LOAD_DTYPES = ("auto",) + DTYPES  # "auto": Transformers' from_pretrained default, the checkpoint's dtype
+
+
+def load_dtype(name: str):
+    """``--dtype`` as from_pretrained takes it: "auto", or a torch dtype."""
+    import torch
+
+    return name if name == "auto" else getattr(torch, name)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,6 +196,9 @@ def _train_router_parser(sub) -> None:
     p.add_argument("--max-length", type=int, help="truncate prompts to this many tokens")
     p.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=LOAD_DTYPES, default="auto",
+                   help="dtype the model is loaded in (default auto: the checkpoint's, as from_pretrained and "
+                        "route load it); train in the dtype the model will run in")
     p.add_argument("--overwrite", action="store_true", help="replace gatedlora files already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -270,7 +281,7 @@ def _load_for_routing(args: argparse.Namespace):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     architectures = getattr(AutoConfig.from_pretrained(args.model), "architectures", None) or []
     loader = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in architectures) else AutoModel
-    model = loader.from_pretrained(args.model).to(device).eval()
+    model = loader.from_pretrained(args.model, dtype=load_dtype(args.dtype)).to(device).eval()
     router = None
     if args.router == "two-class":
         router = prism_two_class_router(model.config.hidden_size).to(device)
@@ -338,7 +349,9 @@ def _route_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="prompts per forward (default 32)")
     p.add_argument("--max-length", type=int, help="truncate prompts to this many tokens (as in train-router)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    p.add_argument("--dtype", choices=LOAD_DTYPES, default="auto",
+                   help="dtype the model is loaded in (default auto: the checkpoint's, as from_pretrained and "
+                        "train-router load it); route in the dtype the full model runs in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -390,7 +403,7 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = RouteOnlyModel.from_pretrained(args.model, args.router, adapter_name=args.adapter_name,
-                                               device=device, dtype=getattr(torch, args.dtype))
+                                               device=device, dtype=load_dtype(args.dtype))
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     tokenizer = AutoTokenizer.from_pretrained(args.model)

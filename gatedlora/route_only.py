@@ -22,7 +22,7 @@ from torch import nn
 from .block_capture import capture_and_stop, output_of_block
 from .call_state import RouteDecision
 from .config import GatedLoraConfig, check_router_layer
-from .io import read_saved
+from .io import DEFAULT_ROUTERS, read_saved
 from .patching import ROUTER_ATTRIBUTE, find_blocks
 from .prompts import right_padded_batches, token_ids
 from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, prism_two_class_router
@@ -58,26 +58,34 @@ class RouteOnlyModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model_path: str | os.PathLike, router_path: str | os.PathLike, *,
                         router: nn.Module | None = None, adapter_name: str = "adapter",
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                         ) -> RouteOnlyModel:
         """Load blocks ``0..router_layer`` of the Hugging Face model at ``model_path`` and the router saved in
-        ``router_path``. ``router``: a module of the saved class, for routers other than gatedlora's own."""
+        ``router_path``. ``router``: a module of the saved class, for routers other than gatedlora's own.
+
+        ``dtype`` goes to Transformers' ``from_pretrained`` as it is (None: its default, ``"auto"``, the
+        checkpoint's dtype), so the blocks hold the numbers of a full model loaded with the same ``dtype``. The
+        router takes the dtype the full patched model gives it: gatedlora's default router the blocks' weight
+        dtype (as ``patch_model`` builds it), a two-class router the dtype it was saved in, a ``router`` passed
+        in its own."""
         from transformers import AutoConfig, AutoModel
 
         saved, tensors = read_saved(router_path)
         if saved.get("gate") != "sequence":
             raise ValueError(f"RouteOnlyModel: {router_path} holds gate={saved.get('gate')!r} gates; "
                              "a route-only model needs a router (gate='sequence')")
+        default_router = router is None and saved.get("router") in DEFAULT_ROUTERS
         router = router_from_state(saved.get("router"), tensors, router)
         config = GatedLoraConfig.from_dict(saved, router=router)
         model_config = cut_config(AutoConfig.from_pretrained(model_path), config.router_layer + 1)
         with _quiet_transformers():
-            backbone = AutoModel.from_pretrained(model_path, config=model_config, dtype=dtype or torch.float32)
+            backbone = AutoModel.from_pretrained(model_path, config=model_config,
+                                                 **({} if dtype is None else {"dtype": dtype}))
         model = cls(backbone, SequenceRouter(router, config), adapter_name).eval()
-        if dtype is not None:
-            # the router only, in the weights' dtype as patching makes it: the backbone was loaded in ``dtype``,
-            # and casting it again would round the buffers Transformers keeps in fp32 (the rotary inv_freq)
-            model.route.to(dtype=dtype)
+        if default_router:
+            # Only the router is cast: casting the loaded backbone again would round the buffers Transformers
+            # keeps in fp32 (the rotary inv_freq), which a full model loaded with the same dtype keeps.
+            model.route.to(dtype=next(find_blocks(backbone)[1].parameters()).dtype)
         return model.to(device=device) if device is not None else model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -154,7 +162,9 @@ def router_from_state(class_name: str | None, tensors: dict[str, torch.Tensor], 
                       else PrismMultiRouter(hidden, sizes[-1], widths=sizes[:-1], start_route=None))
         elif class_name == "TwoClassRouter" and set(state) == {"net.0.weight", "net.0.bias", "net.3.weight",
                                                                  "net.3.bias"}:
-            router = prism_two_class_router(state["net.0.weight"].shape[1], width=state["net.0.weight"].shape[0])
+            # in the dtype it was saved in: the full model loads it into the module its user passes, as saved
+            router = prism_two_class_router(state["net.0.weight"].shape[1], width=state["net.0.weight"].shape[0]
+                                            ).to(state["net.0.weight"].dtype)
         else:
             raise ValueError(f"the save used a custom router ({class_name}); pass router=<module of that class>")
     expected = {key: value.shape for key, value in router.state_dict().items()}

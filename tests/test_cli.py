@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gatedlora.cli import main
 
@@ -141,3 +142,22 @@ def test_outputs_of_the_wrong_kind_and_non_models_fail_before_any_work(tmp_path,
             main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_train_router_and_route_load_the_model_in_one_dtype_by_default():
+    """train-router trains on the numbers that route computes with: both load the checkpoint as from_pretrained
+    does by default ("auto", its own dtype) unless --dtype says otherwise, and --dtype means the same in both."""
+    import argparse
+
+    from gatedlora.cli import _route_parser, _train_router_parser, load_dtype
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    _train_router_parser(sub)
+    _route_parser(sub)
+    trained = parser.parse_args(["train-router", "--model", "m", "--data", "d.jsonl"])
+    routed = parser.parse_args(["route", "--model", "m", "--router", "r", "--data", "d.jsonl", "--out", "o"])
+    assert trained.dtype == routed.dtype == "auto" and load_dtype("auto") == "auto"
+    for name in ("float32", "bfloat16", "float16"):
+        assert parser.parse_args(["train-router", "--model", "m", "--data", "d", "--dtype", name]).dtype == name
+        assert load_dtype(name) is getattr(torch, name)

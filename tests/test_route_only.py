@@ -47,20 +47,36 @@ def test_probabilities_are_the_full_models_bitwise(tmp_path, arch, router_layer,
     assert route_only.routes(got.decisions) == ["adapter" if d else "base" for d in decisions.tolist()]
 
 
+@pytest.mark.parametrize("loaded_as", ["dtype=bf16", "bf16 checkpoint, no dtype"])
+@pytest.mark.parametrize("router_kind", ["prism", "two-class"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_bf16_probabilities_are_the_full_models_bitwise(tmp_path, arch):
-    """Both loaded in bf16 as a user loads them (``from_pretrained(dtype=...)``): the route-only model's
-    probabilities are the full model's bit for bit. Transformers keeps the rotary ``inv_freq`` buffer in fp32
-    there; casting the loaded backbone with ``.to(dtype)`` would round it to bf16 and move the positions'
-    angles (an H100 saw 2 of 8 decisions differ that way, at 512 tokens). Long prompts make that visible."""
+def test_bf16_probabilities_are_the_full_models_bitwise(tmp_path, arch, router_kind, loaded_as):
+    """Both models loaded in bf16 the same way (``from_pretrained(dtype=bf16)``, or a bf16 checkpoint with no
+    dtype, Transformers' "auto"): the route-only model's probabilities are the full model's bit for bit.
+    Transformers keeps the rotary ``inv_freq`` buffer in fp32 there; casting the loaded backbone with
+    ``.to(dtype)`` would round it to bf16 (an H100 saw 2 of 8 decisions differ that way, at 512 tokens); long
+    prompts make that visible. The router takes the full model's dtype: the default one the blocks' weight
+    dtype, the two-class one (fp32, as prism_two_class_router makes it) the dtype it was saved in."""
     from transformers import AutoModelForCausalLM
 
     import gatedlora
+    from gatedlora.routing import prism_two_class_router
 
-    model_dir, router_dir, _ = saved_model_and_router(tmp_path, arch, router_layer=1)
-    full = gatedlora.load_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
-                                     router_dir)
-    route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir, dtype=torch.bfloat16)
+    def two_class():
+        return prism_two_class_router(tiny_causal_lm(arch).config.hidden_size) if router_kind == "two-class" else None
+
+    model_dir, router_dir, _ = saved_model_and_router(tmp_path, arch, router_layer=1, router=two_class())
+    dtype = {"dtype": torch.bfloat16}
+    if loaded_as != "dtype=bf16":
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+        model_dir, dtype = tmp_path / "bf16", {}
+    full = gatedlora.load_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, **dtype), router_dir,
+                                     router=two_class())
+    route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir, **dtype)
+    assert next(route_only.backbone.parameters()).dtype == torch.bfloat16
+    router_dtypes = {p.dtype for p in get_router(full).router.parameters()}
+    assert router_dtypes == {p.dtype for p in route_only.route.router.parameters()}
+    assert router_dtypes == {torch.float32 if router_kind == "two-class" else torch.bfloat16}
     ids, mask = padded_batch([200, 37, 160, 111], 200, seed=7)
     with torch.no_grad():
         full(input_ids=ids, attention_mask=mask)
