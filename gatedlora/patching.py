@@ -19,6 +19,7 @@ from torch import nn
 from .call_state import forcing
 from .config import GatedLoraConfig, check_router_layer
 from .layers import GatedLoRALinear, linear_features
+from .ops.multi_args import check_one_dtype
 from .routed_layer import RoutedLoRALinear
 from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, install_routing, remove_routing
 
@@ -138,6 +139,15 @@ def _check_peft_layer(name: str, layer: nn.Module, routed: list[str] | None = No
         held = active
     else:
         held = [a for a in routed if a in layer.lora_A]
+        try:
+            check_one_dtype([layer.lora_A[a].weight for a in held], [layer.lora_B[a].weight for a in held],
+                            f"gatedlora cannot patch {name}", names=held)
+        except TypeError as err:
+            # PEFT makes adapters fp32 on a half-precision model unless autocast_adapter_dtype=False
+            raise TypeError(f"{err}. Load every adapter the same way (PEFT casts an adapter to fp32 unless "
+                            "load_adapter(..., autocast_adapter_dtype=False)), or cast them to one dtype before "
+                            "patching: for m in model.modules(): if isinstance(m, peft.tuners.lora.LoraLayer): "
+                            "m.lora_A.float(); m.lora_B.float()") from None
     for adapter in held:
         if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
             raise TypeError(f"gatedlora cannot patch {name}: LoRA variants such as DoRA are not supported "

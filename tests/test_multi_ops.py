@@ -194,6 +194,27 @@ def test_weights_updated_in_place_or_moved_are_read_as_they_are_now(multi_backen
     check(case, run(multi_backend, case))
 
 
+@pytest.mark.parametrize("m", [6, 40])  # the torch backend's concatenated and grouped strategies on the CPU
+def test_adapters_of_different_dtypes_are_refused_where_the_layers_call_the_op(multi_backend, m):
+    """The layers call the op without validation (``add_lora_multi_``): adapters whose weights differ in dtype
+    (PEFT's fp32 default beside one loaded with autocast_adapter_dtype=False, or a weight cast after patching)
+    raise a TypeError that names them, where the triton kernel read one with the other's element type (values
+    of 1e9, inf or NaN) and the torch backend raised a matmul dtype error or gave a result."""
+    case = make_case(23, m, 48, 32, (4, 8), torch.float32, device=multi_backend.device)
+    out = case["base_out"].clone()
+    gatedlora.ops.add_lora_multi_(out, case["x"], case["lora_a"], case["lora_b"], case["scaling"],
+                                  case["adapter_index"], multi_backend.name)
+    check(case, out)
+    case["lora_a"][1] = torch.nn.Parameter(case["lora_a"][1].to(torch.bfloat16), requires_grad=False)
+    case["lora_b"][1] = case["lora_b"][1].to(torch.bfloat16)
+    with pytest.raises(TypeError, match="adapters' weights must share one dtype, got adapter 0: A float32, B float32, "
+                                        "adapter 1: A bfloat16, B bfloat16"):
+        gatedlora.ops.add_lora_multi_(case["base_out"].clone(), case["x"], case["lora_a"], case["lora_b"],
+                                      case["scaling"], case["adapter_index"], multi_backend.name)
+    with pytest.raises(TypeError, match="share one dtype"):
+        run(multi_backend, case)
+
+
 @pytest.mark.parametrize("optimizer", ("AdamW", "SGD"))
 def test_weights_updated_by_a_fused_optimizer_are_read_as_they_are_now(multi_backend, optimizer):
     """Fused optimizer kernels write without moving the version counters that keep the torch backend's

@@ -147,3 +147,31 @@ def test_sequence_gates_keep_lora_after_the_blocks_inside_their_model():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).pooler_output, peft, rtol=0, atol=1e-5)
         get_router(model).router.net[-1].bias.fill_(-20.0)  # every sequence to the base model
         assert torch.equal(model(input_ids=ids, attention_mask=mask).pooler_output, base)
+
+
+def test_routed_adapters_of_different_dtypes_are_refused_with_the_way_on():
+    """PEFT keeps adapters in fp32 on a bf16 model unless one is loaded with autocast_adapter_dtype=False: one
+    router cannot choose among adapters of different dtypes (the kernels read them as one type), so patching
+    refuses, naming the layer, the adapters and their dtypes, and the cast it suggests makes patching work."""
+    from tiny_models import tiny_multi_adapter_model
+
+    model = tiny_multi_adapter_model(layers_to_transform=[1, 2]).to(torch.bfloat16)
+    names = list(model.peft_config)
+    for module in model.modules():
+        if hasattr(module, "lora_A") and names[0] in module.lora_A:
+            module.lora_A[names[0]].float()
+            module.lora_B[names[0]].float()
+    config = GatedLoraConfig(gate="sequence", router_layer=0, adapters=names)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=rf"cannot patch .*: the adapters' weights must share one dtype, got "
+                                        rf"{names[0]}: A float32, B float32, {names[1]}: A bfloat16"):
+        patch_model(model, config)
+    assert not is_patched(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    import peft
+
+    for m in model.modules():  # the error's way on, as written there
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            m.lora_A.float()
+            m.lora_B.float()
+    patch_model(model, config)
+    assert is_patched(model)

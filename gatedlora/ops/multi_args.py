@@ -84,6 +84,18 @@ def normalise_scaling(scaling, adapters: int, op: str = "gated_lora_multi") -> t
     return tuple(float(s) for s in scaling)
 
 
+def check_one_dtype(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], op: str,
+                    names: Sequence[str] | None = None) -> None:
+    """Every adapter's A and B in one dtype: the kernels read every adapter with one element type (the Triton
+    kernel takes it from its first pointer), and the torch backend multiplies them in one matmul. ``names``:
+    the adapters' names, for the message (else their positions)."""
+    dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b)]
+    if len({d for pair in dtypes for d in pair}) > 1:
+        labels = list(names) if names is not None else [f"adapter {i}" for i in range(len(dtypes))]
+        found = ", ".join(f"{label}: A {str(a)[6:]}, B {str(b)[6:]}" for label, (a, b) in zip(labels, dtypes))
+        raise TypeError(f"{op}: the adapters' weights must share one dtype, got {found}")
+
+
 def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool = False,
                        op: str = "gated_lora_multi") -> None:
     """Raise TypeError/ValueError naming the first argument that is wrong (shapes as in ``gated_lora_multi``).
@@ -98,7 +110,6 @@ def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool
             raise TypeError(f"{op}: {name} must be a list of tensors, one per adapter, got {type(seq).__name__}")
     if len(lora_a) != len(lora_b):
         raise ValueError(f"{op}: lora_a and lora_b must list the same adapters, got {len(lora_a)} and {len(lora_b)}")
-    dtype = None
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):
         for name, t in ((f"lora_a[{i}]", a), (f"lora_b[{i}]", b)):
             if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
@@ -112,10 +123,7 @@ def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool
         if b.dim() != 2 or b.shape != (n, a.shape[0]):
             raise ValueError(f"{op}: lora_b[{i}] must have shape [N, r] = [{n}, {a.shape[0]}] (r from lora_a[{i}]), "
                              f"got {_shape(b)}")
-        dtype = dtype or a.dtype
-        if a.dtype != dtype or b.dtype != dtype:
-            raise TypeError(f"{op}: every adapter's weights must share one dtype: lora_a[0] is {dtype}, "
-                            f"lora_a[{i}] is {a.dtype} and lora_b[{i}] is {b.dtype}")
+    check_one_dtype(lora_a, lora_b, op)
     if not isinstance(adapter_index, torch.Tensor) or adapter_index.dtype not in INDEX_DTYPES:
         raise TypeError(f"{op}: adapter_index must be an int32 or int64 tensor (one adapter per row, -1 for the "
                         f"base output), got {getattr(adapter_index, 'dtype', type(adapter_index).__name__)}")

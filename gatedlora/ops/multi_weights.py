@@ -49,7 +49,7 @@ import weakref
 import torch
 
 from .contract import unit_inner_stride
-from .multi_args import MultiLoraArgs
+from .multi_args import MultiLoraArgs, check_one_dtype
 
 TABLE_FIELDS = 5  # A pointer, B pointer, rank, A row stride, B row stride
 _MASKS_KEPT = 8  # column masks per set of weights (index tensors alive at once: one per generation and row count)
@@ -145,6 +145,9 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
         kept = entry[1]  # () without copies; None: copies of inference tensors, rebuilt in every call
         if kept == () or (kept is not None and kept == _copy_key(weights)):
             return entry[2], entry[3]
+    # rebuilt whenever a weight is replaced, so a check here sees every weight the table will point to (the
+    # layers call the op without validation)
+    check_one_dtype(args.lora_a, args.lora_b, "gated_lora_multi")
     read = [unit_inner_stride(t) for t in weights]
     # Only the contiguous copies are kept with the table (the weights themselves must stay free to be freed:
     # their weak references are what removes these forms). Copies of inference tensors are kept too, until
@@ -177,6 +180,8 @@ def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
     weights = lora_a + lora_b
     forms = _forms(weights, scaling)
     key = _copy_key(weights)
+    if key is None or forms.concatenation is None or forms.concatenation[0] != key:
+        check_one_dtype(lora_a, lora_b, "gated_lora_multi")  # as in pointer_table: on every rebuild
     if key is None:  # inference tensors: nothing kept
         lora_a_t, lora_b_t, owners = _concatenate(lora_a, lora_b, scaling)
         return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1)

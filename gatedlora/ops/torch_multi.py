@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .backends import register_multi
 from .gates import cpu_scalar
-from .multi_args import MultiLoraArgs
+from .multi_args import MultiLoraArgs, check_one_dtype
 from .multi_weights import concatenated
 from .torch_backend import add_promoted
 
@@ -91,6 +91,7 @@ def add_grouped(out: torch.Tensor, args: MultiLoraArgs) -> None:
     counts = torch.bincount(index + 1, minlength=args.adapters + 1).tolist()  # [base, adapter 0, ...]
     if counts[0] == args.m:
         return
+    check_one_dtype(args.lora_a, args.lora_b, "gated_lora_multi")  # (the layers call the op without validation)
     x = _lora_x(args)
     whole = next((i for i, c in enumerate(counts[1:]) if c == args.m), None)
     if whole is not None:  # one adapter on every row: plain LoRA
