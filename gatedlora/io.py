@@ -82,7 +82,7 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
 
 def _adapter_record(model: nn.Module) -> dict:
     """The adapter's name, real rank and alpha (alpha = scaling * r): one value each, or one per layer where they
-    differ. With several adapters, rank and alpha per adapter under ``"adapters"`` (over the layers that hold it)."""
+    differ. With several adapters, rank, alpha and the layers that hold it per adapter under ``"adapters"``."""
     layers = sorted(gated_layers(model))
     record: dict = {"fresh": patch_state(model).fresh}
     if patch_state(model).config.adapters is None:
@@ -94,7 +94,9 @@ def _adapter_record(model: nn.Module) -> dict:
     for adapter in patch_state(model).config.adapters:
         held = {name: (layer.ranks()[adapter], layer.scalings[layer.adapter_names.index(adapter)])
                 for name, layer in layers if adapter in layer.adapter_names}
-        record["adapters"][adapter] = _rank_and_alpha(held)
+        # the layers too: two adapters of one rank and alpha on different layers, loaded under each other's
+        # names, must not pass for the saved ones (the router would send each route to the other adapter)
+        record["adapters"][adapter] = {**_rank_and_alpha(held), "layers": sorted(held)}
     return record
 
 
@@ -368,8 +370,14 @@ def _same(a, b) -> bool:
 
 
 def _check_adapter(model: nn.Module, meta: dict, source: Path) -> None:
-    """Gates and a router are trained for one adapter: the model's must be the saved one (name, r, lora_alpha)."""
+    """Gates and a router are trained for one adapter: the model's must be the saved one (name, r, lora_alpha; with
+    several adapters each one's, and the layers that hold it)."""
     saved, here = meta.get("adapter") or {}, _adapter_record(model)
+    if isinstance(saved.get("adapters"), dict) and isinstance(here.get("adapters"), dict):
+        # a save from before the layers were recorded per adapter is compared on what it recorded
+        here["adapters"] = {name: {k: v for k, v in record.items()
+                                   if k != "layers" or "layers" in saved["adapters"].get(name, {})}
+                            for name, record in here["adapters"].items()}
     differing = {key: (here.get(key), saved[key]) for key in ("name", "r", "lora_alpha", "adapters")
                  if key in saved and not _same(here.get(key), saved[key])}
     if differing:

@@ -240,3 +240,40 @@ def test_a_save_for_another_adapter_is_refused(tmp_path, change):
         load_pretrained(other, tmp_path)
     assert not is_patched(other)
     load_pretrained(peft_model(), tmp_path)  # the adapter it was saved with
+
+
+def test_several_adapters_swapped_under_each_others_names_are_refused(tmp_path):
+    """Two adapters of one rank and alpha on different layers, loaded under each other's names: the router's
+    routes would send every sequence to the other adapter, so the load refuses (the save records the layers
+    that hold each adapter). Loaded under their own names, in another order, they load and route as saved; a
+    save from before the layers were recorded still loads."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    configs = {"alpha": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2]),
+               "beta": LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj"], layers_to_transform=[2])}
+    model = get_peft_model(tiny_causal_lm("llama"), configs["alpha"], adapter_name="alpha")
+    model.add_adapter("beta", configs["beta"])
+    model.save_pretrained(tmp_path / "peft")
+    patch_model(model.eval(), GatedLoraConfig(gate="sequence", router_layer=0, adapters=["alpha", "beta"]))
+    save_pretrained(model, tmp_path / "router")
+
+    def fresh(loads):
+        (name, folder), *others = loads
+        peft = PeftModel.from_pretrained(tiny_causal_lm("llama"), tmp_path / "peft" / folder, adapter_name=name)
+        for name, folder in others:
+            peft.load_adapter(tmp_path / "peft" / folder, adapter_name=name)
+        return peft.eval()
+
+    swapped = fresh([("alpha", "beta"), ("beta", "alpha")])
+    with pytest.raises(ValueError, match=r"saved with another adapter \(model vs saved\): \{'adapters'"):
+        load_pretrained(swapped, tmp_path / "router")
+    assert not is_patched(swapped)
+    load_pretrained(fresh([("beta", "beta"), ("alpha", "alpha")]), tmp_path / "router")
+    path = tmp_path / "router" / "gatedlora_config.json"
+    meta = json.loads(path.read_text())
+    assert meta["adapter"]["adapters"]["beta"]["layers"] == sorted(
+        n for n, m in gated_layers(model) if "beta" in m.adapter_names)
+    for record in meta["adapter"]["adapters"].values():
+        del record["layers"]  # as saves before it wrote them
+    path.write_text(json.dumps(meta))
+    load_pretrained(fresh([("alpha", "alpha"), ("beta", "beta")]), tmp_path / "router")
