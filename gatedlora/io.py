@@ -30,7 +30,8 @@ from safetensors.torch import save as serialize_safetensors
 from torch import nn
 
 from .config import GatedLoraConfig
-from .patching import ROUTER_ATTRIBUTE, gated_layers, is_patched, patch_model, patch_state, unpatch_model
+from .patching import (ROUTER_ATTRIBUTE, gated_layers, is_patched, patch_model, patch_state, peft_lora_layers,
+                       unpatch_model)
 
 CONFIG_NAME = "gatedlora_config.json"
 WEIGHTS_NAME = "gatedlora_model.safetensors"
@@ -320,6 +321,13 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     if saved.get("router") not in DEFAULT_ROUTERS and router is None and not is_patched(model):
         raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); pass router=<module "
                          "of that class> so its parameters can be loaded")
+    router_only = _router_only(meta, loaded) and not is_patched(model) and bool(peft_lora_layers(model))
+    if router_only:
+        # the router of `gatedlora train-router` without --adapter (PRISM's step 1) onto the LoRA trained since
+        # (step 2): the PEFT model's own LoRA layers after router_layer are gated, whatever the save's fresh
+        # adapter covered
+        saved = {k: v for k, v in saved.items() if k not in FRESH_ADAPTER_FIELDS + ("target_modules",)}
+        loaded = {k: v for k, v in loaded.items() if k.startswith(ROUTER_ATTRIBUTE + ".")}
     config = GatedLoraConfig.from_dict(saved, router=router if saved.get("gate") == "sequence" else None)
     patched_here = not is_patched(model)
     if patched_here:
@@ -331,14 +339,28 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         if differing:
             raise ValueError(f"load_pretrained: the model is patched with a different config (model vs saved): "
                              f"{differing}; unpatch_model(model) first or load into an unpatched model")
-        _check_gated_layers(model, meta, directory / CONFIG_NAME)
-        _check_adapter(model, meta, directory / CONFIG_NAME)
-        _copy_checked(_saved_tensors(model), loaded, weights_path)
+        targets = _saved_tensors(model)
+        if router_only:
+            targets = {k: v for k, v in targets.items() if k.startswith(ROUTER_ATTRIBUTE + ".")}
+        else:
+            _check_gated_layers(model, meta, directory / CONFIG_NAME)
+            _check_adapter(model, meta, directory / CONFIG_NAME)
+        _copy_checked(targets, loaded, weights_path)
     except Exception:
         if patched_here:
             unpatch_model(model)
         raise
     return model
+
+
+def _router_only(meta: dict, loaded: dict[str, torch.Tensor]) -> bool:
+    """Whether a save holds a router and no adapter: one-adapter sequence gates on a fresh adapter whose every
+    lora_B is zero (`gatedlora train-router` without --adapter, PRISM's router trained before its LoRA). The
+    router reads the blocks before any adapter, so it serves whatever LoRA the model holds after them, and
+    the save's untrained adapter adds nothing that loading elsewhere would lose."""
+    config = meta.get("config", {})
+    return (config.get("gate") == "sequence" and not config.get("adapters") and bool(meta.get("fresh_adapter"))
+            and not any(t.any() for k, t in loaded.items() if k.endswith("lora_B.weight")))
 
 
 def _mismatch(source: Path, here: set[str], saved: set[str], what: str = "") -> ValueError:

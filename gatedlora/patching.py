@@ -103,7 +103,8 @@ def _generator(model: nn.Module, blocks_path: str) -> nn.Module | None:
     return None
 
 
-def _peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) for every PEFT LoRA layer in the model (none without PEFT installed)."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -161,7 +162,7 @@ def _check_routed_adapters(model: nn.Module, held: dict[str, list[str]], routed:
     """Every adapter the router chooses among must be in the model."""
     missing = [a for a in routed if not any(a in names for names in held.values())]
     if missing:
-        loaded = sorted({a for _, layer in _peft_lora_layers(model) for a in layer.lora_A})
+        loaded = sorted({a for _, layer in peft_lora_layers(model) for a in layer.lora_A})
         raise ValueError(f"GatedLoraConfig.adapters: {missing} not found in the LoRA layers of {type(model).__name__}, "
                          f"which hold {loaded}; load each with model.load_adapter(path, adapter_name=name)")
 
@@ -228,7 +229,7 @@ def _linear_names_hint(model: nn.Module, fresh: bool) -> str:
                 continue
             names.append(name)
     else:
-        names = [name for name, _ in _peft_lora_layers(model)]
+        names = [name for name, _ in peft_lora_layers(model)]
     kind = "linear layers" if fresh else "LoRA layers"
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in names if name})
     return f"the model's {kind} are named {suffixes}" if suffixes else f"the model has no {kind}"
@@ -254,7 +255,7 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
         raise ValueError("model is already patched with a different GatedLoraConfig; call unpatch_model(model) first")
     # the patch's own copy: get_router(model).threshold = t changes it, never the caller's object
     config = replace(config) if config is not None else GatedLoraConfig()
-    peft_layers = _peft_lora_layers(model)
+    peft_layers = peft_lora_layers(model)
     fresh = not peft_layers
     if not fresh and config.target_modules is not None:
         matched = [(n, m) for n, m in peft_layers if _matches(n, config.target_modules)]
@@ -381,7 +382,7 @@ def _disable_adapter(model: nn.Module) -> Iterator[None]:
     with force_gate(model, 0.0):
         with _PEFT_SWITCH:
             if state.peft_switch_depth == 0:
-                left = [layer for _, layer in _peft_lora_layers(model)]
+                left = [layer for _, layer in peft_lora_layers(model)]
                 # the flag itself: PEFT's enable_adapters(True) would also make the adapter's weights require grad
                 state.peft_switch_flags = [(layer, layer._disable_adapters) for layer in left]
                 for layer in left:

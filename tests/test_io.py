@@ -13,7 +13,7 @@ from gatedlora import (
     unpatch_model,
 )
 from gatedlora.patching import gated_layers, is_patched
-from tiny_models import padded_batch, tiny_causal_lm, tiny_peft_model
+from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_peft_model
 
 
 def scramble_gates(model, seed=0):
@@ -277,3 +277,49 @@ def test_several_adapters_swapped_under_each_others_names_are_refused(tmp_path):
         del record["layers"]  # as saves before it wrote them
     path.write_text(json.dumps(meta))
     load_pretrained(fresh([("alpha", "alpha"), ("beta", "beta")]), tmp_path / "router")
+
+
+def test_a_router_trained_before_its_lora_loads_onto_the_peft_model_trained_after(tmp_path):
+    """PRISM's recipe: the router first, on the plain model (a fresh adapter, never trained: every lora_B zero,
+    as `gatedlora train-router` without --adapter saves it), then the LoRA with PEFT, then load_pretrained onto
+    that PEFT model. The router reads the blocks before any adapter, so it loads there and gates the PEFT
+    model's own LoRA layers; its routes are the saved model's. A save whose fresh adapter was trained holds an
+    adapter that such a load would drop: it is refused, as before."""
+    from peft import LoraConfig, get_peft_model
+
+    plain = tiny_causal_lm("llama")
+    patch_model(plain, GatedLoraConfig(gate="sequence", router_layer=0, r=4, target_modules=["q_proj", "v_proj"]))
+    scramble_gates(plain)
+    ids, mask = padded_batch([5, 8, 3, 7], 8)
+    with torch.no_grad():  # half the batch to each route
+        plain(input_ids=ids, attention_mask=mask)
+        last = [m for m in get_router(plain).router.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.bias -= torch.logit(get_router(plain).last_probabilities.double()).median().float()
+        plain(input_ids=ids, attention_mask=mask)
+    save_pretrained(plain, tmp_path / "router")
+    routes = get_router(plain).last_decisions
+    assert 0 < int(routes.sum()) < len(routes)
+
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                      layers_to_transform=[1, 2])
+    peft = get_peft_model(tiny_causal_lm("llama"), lora, adapter_name="prism").eval()
+    randomize_lora_b(peft)
+    with torch.no_grad():
+        with_adapter = peft(input_ids=ids, attention_mask=mask).logits
+        with peft.disable_adapter():
+            base = peft(input_ids=ids, attention_mask=mask).logits
+    load_pretrained(peft, tmp_path / "router")
+    with torch.no_grad():
+        got = peft(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(get_router(peft).last_decisions, routes)
+    assert torch.equal(got[~routes], base[~routes])
+    torch.testing.assert_close(got[routes], with_adapter[routes], rtol=0, atol=1e-5)
+
+    trained = tiny_causal_lm("llama")
+    patch_model(trained, GatedLoraConfig(gate="sequence", router_layer=0, r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_b(trained)
+    save_pretrained(trained, tmp_path / "trained")
+    other = get_peft_model(tiny_causal_lm("llama"), lora, adapter_name="prism").eval()
+    with pytest.raises(ValueError, match="gated layers"):
+        load_pretrained(other, tmp_path / "trained")
+    assert not is_patched(other)
