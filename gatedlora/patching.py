@@ -6,10 +6,9 @@ an error that lists what is supported.
 from __future__ import annotations
 
 import contextlib
-import functools
+import copy
 import re
 import threading
-import types
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Iterator
@@ -342,17 +341,42 @@ def original_modules(model: nn.Module) -> Iterator[nn.Module]:
             _set_submodule(model, name, module)
 
 
+class StandIn:
+    """A method of one patched model, stored in its ``__dict__`` in place of PEFT's: ``model.name(...)`` calls
+    ``function(model, ...)``. ``copy.deepcopy`` binds the copy's to the copied model (a closure over the model
+    would stay with the original: a copy's ``save_pretrained`` wrote the original's weights). Pickling is refused
+    with the way on: the stand-ins and the layers' routing state belong to this process."""
+
+    def __init__(self, function, model: nn.Module, **bound) -> None:
+        self.function, self.model, self.bound = function, model, bound
+        self.__name__ = getattr(function, "__name__", type(self).__name__)
+        self.__doc__ = function.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.model, *args, **self.bound, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> StandIn:
+        return StandIn(self.function, copy.deepcopy(self.model, memo), **self.bound)
+
+    def __reduce__(self):
+        raise TypeError("a gatedlora-patched model cannot be pickled (torch.save(model), pickle, multiprocessing): "
+                        "save it with model.save_pretrained(dir) (PEFT's files) and gatedlora.save_pretrained(model, "
+                        "dir), then PeftModel.from_pretrained and gatedlora.load_pretrained; or call "
+                        "gatedlora.unpatch_model(model) first")
+
+
+def _peft_save_pretrained(model: nn.Module, *args, **kwargs):
+    """PEFT's save_pretrained, with PEFT's layers in place for the call."""
+    with original_modules(model):
+        return type(model).save_pretrained(model, *args, **kwargs)
+
+
 def _keep_peft_save_working(model: nn.Module) -> None:
     """PEFT's save_pretrained finds LoRA weights by visiting its own layer types; on a patched model it
     would find none and write an empty adapter over the user's. Save with the PEFT layers in place."""
-    peft_save = model.save_pretrained
-
-    def save_pretrained(*args, **kwargs):
-        with original_modules(model):
-            return peft_save(*args, **kwargs)
-
-    save_pretrained.__doc__ = peft_save.__doc__
-    model.__dict__["save_pretrained"] = save_pretrained
+    stand_in = StandIn(_peft_save_pretrained, model)
+    stand_in.__doc__ = type(model).save_pretrained.__doc__
+    model.__dict__["save_pretrained"] = stand_in
 
 
 def _refusal(method: str, reason: str):
@@ -514,9 +538,8 @@ def _replace_peft_methods(model: nn.Module) -> None:
     for owner, target in enumerate(_peft_objects(model)):
         for method, stand_in in PEFT_METHOD_STAND_INS.items():
             if callable(getattr(target, method, None)):
-                if stand_in in DEFERRING_STAND_INS:
-                    stand_in = functools.partial(stand_in, owner=owner)
-                target.__dict__[method] = types.MethodType(stand_in, model)
+                bound = {"owner": owner} if stand_in in DEFERRING_STAND_INS else {}
+                target.__dict__[method] = StandIn(stand_in, model, **bound)
 
 
 def _restore_peft_methods(model: nn.Module) -> None:

@@ -108,6 +108,36 @@ def test_a_deep_copy_disables_its_own_adapter():
         assert torch.equal(logits(model, ids, mask), lora)
 
 
+def test_a_deep_copy_saves_its_own_weights_and_pickling_is_refused_with_the_way_on(tmp_path):
+    """A deep copy's PEFT save_pretrained writes the copy's LoRA weights, not the original's (the stand-in is
+    bound to the copy), and leaves the original's files alone. Pickling a patched model (torch.save(model))
+    says how to save it instead of failing inside pickle."""
+    import pickle
+
+    from safetensors.torch import load_file
+
+    model = tiny_peft_model("llama")
+    patch_model(model)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in clone.named_parameters():
+            if "lora_B" in name:
+                param.add_(1.0)
+    model.save_pretrained(tmp_path / "original")
+    clone.save_pretrained(tmp_path / "clone")
+    original, copied = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("original", "clone"))
+    clone_b = {n: p for n, p in clone.named_parameters() if "lora_B" in n}
+    assert original.keys() == copied.keys() and any("lora_B" in k for k in copied)
+    for key in copied:
+        if "lora_B" in key:
+            assert torch.equal(copied[key], original[key] + 1.0)
+            assert any(torch.equal(copied[key], p) for p in clone_b.values())
+    with pytest.raises(TypeError, match=r"patched model cannot be pickled .*gatedlora.save_pretrained"):
+        pickle.dumps(model)
+    unpatch_model(model)
+    assert pickle.loads(pickle.dumps(model)) is not None
+
+
 def test_fresh_adapters_freeze_the_base_as_get_peft_model_does():
     model = patch_model(tiny_causal_lm("llama"), GatedLoraConfig(target_modules=["q_proj", "v_proj"]))
     trainable = sorted({n.rsplit(".", 2)[-2] if "lora_" in n else n.rsplit(".", 1)[-1]
