@@ -204,3 +204,34 @@ def test_transformers_trainer_trains_a_patched_model(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 10 and all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] - 0.25, losses
+
+
+def test_trainer_checkpoints_keep_gates_and_router_and_a_resumed_run_ends_as_the_whole_one(tmp_path):
+    """With SaveGatedLoraCallback each Trainer checkpoint holds the trained router beside PEFT's LoRA files
+    (PEFT's save keeps LoRA weights only), and a run resumed from one, after load_pretrained, ends with the
+    uninterrupted run's router and LoRA weights."""
+    from transformers import Trainer, TrainingArguments
+
+    from gatedlora import SaveGatedLoraCallback, load_pretrained
+
+    data = batch(lengths=(9, 9, 9, 9, 9, 9, 9, 9), seed=5)
+    dataset = [{k: v[i] for k, v in data.items()} for i in range(8)]
+
+    def train(output, resume=None):
+        model = patched(GatedLoraConfig(gate="sequence", router_layer=0, straight_through=True))
+        if resume is not None:
+            load_pretrained(model, resume)
+        args = TrainingArguments(output_dir=str(output), max_steps=6, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, lr_scheduler_type="constant", report_to=[], save_steps=3,
+                                 use_cpu=True, seed=0, disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=dataset,
+                callbacks=[SaveGatedLoraCallback()]).train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole = train(tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+    assert all((checkpoint / f).is_file() for f in ("gatedlora_model.safetensors", "adapter_model.safetensors"))
+    resumed = train(tmp_path / "resumed", resume=checkpoint)
+    assert whole.keys() == resumed.keys() and any(n.startswith("gate_router.") for n in whole)
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-6, atol=1e-7, msg=name)
