@@ -262,9 +262,13 @@ def _named_adapters(parser: argparse.ArgumentParser, values: list[str]) -> dict[
         return None
     if len(named) != len(values):
         parser.error("--adapter: give every adapter as NAME=PATH, or one adapter as PATH")
+    from .route_only import BASE_ROUTE
+
     adapters = dict(v.split("=", 1) for v in values)
     if len(adapters) != len(values) or not all(adapters):
         parser.error(f"--adapter: the names must be distinct and non-empty, got {[v.split('=', 1)[0] for v in values]}")
+    if BASE_ROUTE in adapters:  # `gatedlora route` names the base model's route so
+        parser.error(f"--adapter: an adapter cannot be named {BASE_ROUTE!r}, the name of the base model's route")
     return adapters
 
 

@@ -157,6 +157,24 @@ def _check_peft_layer(name: str, layer: nn.Module, routed: list[str] | None = No
     return held if routed is not None else held[0]
 
 
+# PEFT initialisations that replace the base weights by a residual (the adapter holds the rest)
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def _warn_of_rewritten_base(model: nn.Module, adapters: set[str]) -> None:
+    """Warn where an adapter was initialised by rewriting the base weights: closed gates and the base route then
+    run the residual weights PEFT left, not the model as loaded (as PEFT's own disable_adapter does)."""
+    for name in sorted(adapters):
+        init = getattr(getattr(model, "peft_config", {}).get(name), "init_lora_weights", None)
+        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+            warnings.warn(f"gatedlora: adapter {name!r} was initialised with init_lora_weights={init!r}, which "
+                          "replaced the base weights by their residual: closed gates and sequences routed to the "
+                          "base model run those residual weights, not the original base model. To route to the "
+                          "original, convert the adapter as PEFT documents (save_pretrained(..., "
+                          "path_initial_model_for_weight_conversion=...)) and load it onto the original base model",
+                          UserWarning, stacklevel=3)
+
+
 def _check_routed_adapters(model: nn.Module, held: dict[str, list[str]], routed: list[str]) -> None:
     """Every adapter the router chooses among must be in the model."""
     missing = [a for a in routed if not any(a in names for names in held.values())]
@@ -282,6 +300,7 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
     adapters = {} if fresh else {name: _check_peft_layer(name, layer, config.adapters) for name, layer in targets}
     if not fresh:
         _check_no_auxiliary_modules(model, set(config.adapters or adapters.values()))
+        _warn_of_rewritten_base(model, set(config.adapters or adapters.values()))
     if config.adapters is not None:
         _check_routed_adapters(model, adapters, config.adapters)
     if fresh and freeze_base:

@@ -139,6 +139,7 @@ def test_cli_trains_a_router_for_several_adapters_and_route_names_them(minilm_pa
     (["math=x", "y"], "give every adapter as NAME=PATH, or one adapter as PATH"),
     (["x", "y"], "several --adapter values need names"),
     (["math=x", "math=y"], "the names must be distinct and non-empty"),
+    (["base=x", "math=y"], "an adapter cannot be named 'base', the name of the base model's route"),
 ])
 def test_cli_adapter_arguments_are_checked(adapters, message, minilm_path, tmp_path, capsys):
     data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "a river", "label": 0}, {"prompt": "b", "label": 1}])

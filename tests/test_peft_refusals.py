@@ -175,3 +175,22 @@ def test_routed_adapters_of_different_dtypes_are_refused_with_the_way_on():
             m.lora_B.float()
     patch_model(model, config)
     assert is_patched(model)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian", True])
+def test_adapters_that_rewrote_the_base_weights_are_warned_of(init):
+    """PiSSA and OLoRA initialisations replace the base weights by a residual: the base route then runs those, not
+    the model as loaded, and patching says so (other initialisations leave the base weights alone: no warning)."""
+    import warnings
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    model = get_peft_model(tiny_causal_lm("llama"), lora).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch_model(model)
+    ours = [w for w in caught if "gatedlora:" in str(w.message)]
+    if init in ("pissa", "olora"):
+        assert len(ours) == 1 and f"init_lora_weights='{init}', which replaced the base weights" in str(ours[0].message)
+        assert ours[0].filename == __file__
+    else:
+        assert not ours
