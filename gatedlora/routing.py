@@ -366,9 +366,15 @@ class SequenceRouter(nn.Module):
         param = next(self.router.parameters(), None)
         if param is not None:
             last_hidden = last_hidden.to(device=param.device, dtype=param.dtype)
+        try:
+            output = self.router(last_hidden)
+        except RuntimeError as err:  # a router built for another width, say: name what it was given
+            raise RuntimeError(f"gatedlora: the router failed on the hidden states after block "
+                               f"{self.config.router_layer}, [B, H] = {list(last_hidden.shape)} "
+                               f"({last_hidden.dtype}): {err}") from err
         if self.config.adapters is not None:
-            return self._decide_route(self.router(last_hidden), batch, hidden)
-        probabilities = self.router(last_hidden)
+            return self._decide_route(output, batch, hidden)
+        probabilities = output
         if probabilities.numel() != batch:
             raise ValueError(
                 f"gatedlora: the router must map hidden states [B, H] = {list(last_hidden.shape)} to "
@@ -403,7 +409,7 @@ class SequenceRouter(nn.Module):
                 f"gatedlora: with adapters={self.config.adapters} the router must map hidden states [B, H] to logits "
                 f"[B, {routes_count}] = [{batch}, {routes_count}] (class 0 the base model, class i adapters[i - 1]), "
                 f"got {list(logits.shape)}")
-        # fp32, as one-adapter decisions: the same route whatever the router's dtype and batch-mates
+        # fp32, as one-adapter decisions: the same route whatever the router's dtype
         logits = logits.to(hidden.device, probability_dtype(hidden.dtype))
         routes = routes_from_logits(logits.detach())
         decisions = routes != 0

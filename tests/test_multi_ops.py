@@ -475,7 +475,7 @@ def test_torch_compile_keeps_the_op_whole(backend_name):
     (dict(lora_b="drop"), r"lora_a and lora_b must list the same adapters, got 2 and 1"),
     (dict(lora_a="rank"), r"lora_b\[1\] must have shape \[N, r\] = \[6, 5\] \(r from lora_a\[1\]\), got \[6, 3\]"),
     (dict(lora_a="k"), r"lora_a\[0\] must have shape \[r, K\] = \[r, 8\] with r >= 1, got \[2, 7\]"),
-    (dict(lora_b="dtype"), r"every adapter's weights must share one dtype"),
+    (dict(lora_b="dtype"), r"the adapters' weights must share one dtype"),
     (dict(scaling=[1.0]), r"scaling must have one value per adapter \(2\), got 1"),
     (dict(scaling=[1.0, float("nan")]), r"scaling must be a finite float"),
     (dict(adapter_index="float"), r"adapter_index must be an int32 or int64 tensor"),

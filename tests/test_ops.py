@@ -275,7 +275,7 @@ def test_gate_kind_is_one_enum_and_gate_bias_one_type():
     (dict(x=torch.randn(3, 8).double()), r"x and base_out must share a dtype, got torch.float64 and torch.float32"),
     (dict(x=torch.randint(0, 3, (3, 8))), r"x must be float32, float16, bfloat16 or float64, got torch.int64"),
     (dict(a=torch.randn(4, 8).half()), r"lora_a and lora_b must share a dtype"),
-    (dict(gate=torch.rand(4)), r"gate must have one value per row of x: shape \[3\] or \[3\], got \[4\]"),
+    (dict(gate=torch.rand(4)), r"gate must have one value per row of x: shape \[3\], got \[4\]"),
     (dict(gate=torch.tensor([0.2, float("nan"), 1.0])), r"gate must hold probabilities in \[0, 1\]; rows \[1\]"),
     (dict(gate=torch.tensor([1.7, 0.5, -0.5])), r"rows \[0, 2\] \(of 3\) hold \[1.7.*, -0.5\]"),
     (dict(gate=torch.tensor([0.5, float("inf"), 0.5])), r"gate must hold probabilities in \[0, 1\]; rows \[1\]"),

@@ -280,3 +280,16 @@ def test_unpatch_puts_the_backbone_forward_and_generate_back_and_signatures_stay
     assert "forward" not in hf.model.__dict__ and "generate" not in hf.__dict__
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, peft)
+
+
+def test_a_router_of_another_width_is_named_with_what_it_was_given():
+    """A router built for another hidden size fails inside its own matmul: the error says it was the router, on
+    which block's hidden states, and their shape, beside torch's own message."""
+    model = tiny_peft_model("llama", layers_to_transform=[1, 2])
+    hidden = model.get_base_model().config.hidden_size
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=nn.Linear(hidden + 3, 1)))
+    ids, mask = padded_batch([5, 8], 8)
+    with pytest.raises(RuntimeError, match=rf"the router failed on the hidden states after block 0, \[B, H\] = "
+                                           rf"\[2, {hidden}\] \(torch.float32\): .*"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)

@@ -169,8 +169,8 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
             raise TypeError(f"{op}: gate must be a float32, float16, bfloat16 or float64 tensor of probabilities "
                             f"or a bool tensor of decisions, got {gate!r:.80}")
         if tuple(gate.shape) not in ((m,), tuple(x.shape[:-1])):
-            raise ValueError(f"{op}: gate must have one value per row of x: shape [{m}] or {_shape(x)[:-1]}, "
-                             f"got {_shape(gate)}")
+            shapes = " or ".join(dict.fromkeys((str([m]), str(_shape(x)[:-1]))))  # one where they agree
+            raise ValueError(f"{op}: gate must have one value per row of x: shape {shapes}, got {_shape(gate)}")
         named.append(("gate", gate))
     if gate_weight is not None:
         if not isinstance(gate_weight, torch.Tensor) or gate_weight.shape != (k,):
