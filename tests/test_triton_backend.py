@@ -278,6 +278,33 @@ def test_interpreter_bf16_dot_workaround_is_needed_and_correct(monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="tests the Triton interpreter (TRITON_INTERPRET=1)")
+def test_without_the_workaround_the_interpreted_backend_refuses_bf16(monkeypatch):
+    """Outside this suite (no workaround) the interpreted kernels would return values near 1e9 for bf16: the
+    triton backend refuses bf16 there with the reason, for one adapter and several, and auto runs torch."""
+    import gatedlora
+    from gatedlora.ops.backends import clear_dispatch_cache
+
+    builder = _interpreter_builder()
+    monkeypatch.setattr(builder, "create_dot", builder.create_dot._gatedlora_original)
+    clear_dispatch_cache()
+    try:
+        g = torch.Generator().manual_seed(2)
+        x, base = torch.randn(4, 32, generator=g).bfloat16(), torch.randn(4, 16, generator=g).bfloat16()
+        a, b = torch.randn(8, 32, generator=g).bfloat16(), torch.randn(16, 8, generator=g).bfloat16()
+        reason = r"bfloat16 under TRITON_INTERPRET=1: Triton's interpreter multiplies bf16 as integers"
+        with pytest.raises(RuntimeError, match=reason):
+            gatedlora.gated_lora(x, base, a, b, 1.0, backend="triton")
+        with pytest.raises(RuntimeError, match=reason):
+            gatedlora.gated_lora_multi(x, base, [a], [b], 1.0, torch.tensor([0, -1, 0, 0]), backend="triton")
+        assert torch.equal(gatedlora.gated_lora(x, base, a, b, 1.0),
+                           gatedlora.gated_lora(x, base, a, b, 1.0, backend="torch"))
+        gatedlora.gated_lora(x.float(), base.float(), a.float(), b.float(), 1.0, backend="triton")  # fp32 runs
+    finally:
+        monkeypatch.undo()
+        clear_dispatch_cache()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="tests the Triton interpreter (TRITON_INTERPRET=1)")
 def test_interpreter_bf16_cast_workaround_is_needed_and_correct(monkeypatch):
     g = torch.Generator().manual_seed(1)
     src = torch.randn(1024, generator=g)

@@ -346,11 +346,24 @@ def two_pass_launch(args: GatedLoraArgs) -> tuple[TwoPassTiles, int]:
     return tiles, choose_split_k(m_bucket(args.m), args.k, tiles, _num_sms_for(args.x.device))
 
 
-def device_reasons(device: torch.device) -> list[str]:
-    """Why the Triton kernels cannot take tensors on ``device`` (empty: they can)."""
+def interpreter_multiplies_bf16() -> bool:
+    """Whether Triton's interpreter multiplies bf16 right here: Triton 3.9's ``create_dot`` hands bf16 operands to
+    NumPy as their uint16 bit patterns (triton-lang/triton issue 11584), so a bf16 kernel returns values near
+    1e9, unless a workaround patched it (the test suite's conftest.py does, and marks the patch)."""
+    from triton.runtime import interpreter
+
+    return bool(getattr(interpreter.InterpreterBuilder.create_dot, "_gatedlora_bf16_fix", False))
+
+
+def device_reasons(device: torch.device, *dtypes: torch.dtype) -> list[str]:
+    """Why the Triton kernels cannot take tensors on ``device`` of these dtypes (empty: they can)."""
     if kernel_is_interpreted():
-        return [] if device.type in ("cpu", "cuda") else [f"tensors on {device} (the interpreter takes CPU or CUDA "
-                                                          "tensors)"]
+        if device.type not in ("cpu", "cuda"):
+            return [f"tensors on {device} (the interpreter takes CPU or CUDA tensors)"]
+        if torch.bfloat16 in dtypes and not interpreter_multiplies_bf16():
+            return ["bfloat16 under TRITON_INTERPRET=1: Triton's interpreter multiplies bf16 as integers "
+                    "(triton-lang/triton issue 11584); compiled kernels on a GPU are not affected"]
+        return []
     if device.type != "cuda":
         return [f"tensors are on {device.type}; the kernel runs on CUDA tensors (or on CPU tensors under "
                 "TRITON_INTERPRET=1, set before gatedlora is imported)"]
@@ -361,7 +374,8 @@ class TritonBackend(Backend):
     name = "triton"
 
     def not_supported_reasons(self, args: GatedLoraArgs) -> list[str]:
-        return kernel_reasons(args.x.dtype, args.lora_a.dtype, args.r) + device_reasons(args.x.device)
+        return kernel_reasons(args.x.dtype, args.lora_a.dtype, args.r) + device_reasons(
+            args.x.device, args.x.dtype, args.lora_a.dtype)
 
     def launcher(self, args: GatedLoraArgs) -> Launch:
         if uses_two_pass(args):

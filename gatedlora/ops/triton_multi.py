@@ -165,7 +165,7 @@ def multi_reasons(args: MultiLoraArgs) -> list[str]:
     if not reasons and not has_one_pass_tile(args.r_max, lora_size):
         reasons.append(f"no tile for BLOCK_R={block_r_for(args.r_max)} with {args.lora_dtype} LoRA weights (each one "
                        "tried spilled registers; the one-adapter op runs its two-pass path there)")
-    reasons += device_reasons(args.x.device)
+    reasons += device_reasons(args.x.device, args.x.dtype, args.lora_dtype)
     if args.adapters > MAX_GRID_ADAPTERS:
         reasons.append(f"{args.adapters} adapters exceed the grid's {MAX_GRID_ADAPTERS}")
     return reasons
