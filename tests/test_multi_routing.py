@@ -380,3 +380,24 @@ def test_threads_generating_with_different_mixed_routes_each_match_their_run_alo
         for sequences, scores, last in results[name]:
             assert torch.equal(sequences, solo[name][0]) and torch.equal(last, solo[name][2])
             assert torch.equal(torch.nan_to_num(scores), torch.nan_to_num(solo[name][1]))
+
+
+def test_compiled_with_fullgraph_routes_as_eager():
+    """torch.compile(fullgraph=True) of a model routed among several adapters: one graph (the multi-adapter add is
+    the op's graph node, not the CPU path's kept Python state), the prefill's logits as each route's PEFT logits,
+    and a decode step on the cache equal to the eager model's."""
+    from transformers import DynamicCache
+
+    model, (ids, mask), routes, expected = routed_model()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    step = torch.tensor([[11], [12], [13], [14], [15], [16]])
+    step_mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+    logits = {}
+    with torch.no_grad():
+        for name, run in (("compiled", compiled), ("eager", model)):
+            cache = DynamicCache(config=model.get_base_model().config)
+            prefill = run(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            assert torch.equal(get_router(model).last_routes, routes)
+            logits[name] = (prefill, run(input_ids=step, attention_mask=step_mask, past_key_values=cache).logits)
+    check_routes(logits["compiled"][0], routes, expected)
+    torch.testing.assert_close(logits["compiled"][1], logits["eager"][1], rtol=0, atol=1e-6)

@@ -84,8 +84,11 @@ def add_lora_multi_(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: t
     # (an index of one dim is passed as it is: the strategy keeps its column mask per index tensor)
     index = adapter_index if adapter_index.dim() == 1 else adapter_index.reshape(-1)
     rows = index.shape[0]
+    # (not while torch.compile traces: the kept concatenation is Python state that a graph cannot hold, so there
+    # the call goes through the op, one graph node)
     if rows <= CONCATENATED_MAX_ROWS and x.is_cpu and out.dtype == x.dtype == lora_a[0].dtype and rows \
-            and x.shape[-1] and out.shape[-1] and out.is_contiguous() and torch_runs_on_cpu(backend):
+            and x.shape[-1] and out.shape[-1] and out.is_contiguous() and torch_runs_on_cpu(backend) \
+            and not torch.compiler.is_compiling():
         add_concatenated_rows(out.view(rows, -1), x.reshape(rows, -1), lora_a, lora_b, scaling, index, index_fixed)
         return out
     return gated_lora_multi(x, out, lora_a, lora_b, scaling, adapter_index, backend, inplace=True, validate=False)
