@@ -120,7 +120,9 @@ def test_cli_trains_a_router_for_several_adapters_and_route_names_them(minilm_pa
     assert code == 0 and "labels 0/1/2/3" in capsys.readouterr().out
     saved = json.loads((out / "gatedlora_config.json").read_text())
     assert saved["config"]["adapters"] == ADAPTERS and saved["config"]["router"] is None  # the default router
-    assert saved["adapter"]["adapters"]["code"] == {"r": 8, "lora_alpha": 8.0}
+    code = saved["adapter"]["adapters"]["code"]
+    assert {k: code[k] for k in ("r", "lora_alpha")} == {"r": 8, "lora_alpha": 8.0}
+    assert code["layers"] and code["layers"] == sorted(code["layers"])  # the layers that hold it
 
     test_prompts, test_labels = marker_task(40, seed=3)
     rows = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p, "id": i} for i, p in enumerate(test_prompts)])
