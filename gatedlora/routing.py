@@ -58,8 +58,10 @@ class PrismRouter(nn.Module):
             nn.init.constant_(self.net[-1].bias, open_logit(threshold))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [B, H] -> probabilities [B]."""
-        return torch.sigmoid(self.net(hidden)).squeeze(-1)
+        """hidden: [B, H] -> probabilities [B], fp32: the sigmoid runs in fp32 (as TwoClassRouter's softmax), so a
+        bf16 router's decision rests on its logit, not on p rounded to bf16 (a logit of -0.001, p = 0.49975,
+        rounded to 0.5 and opened at the default threshold)."""
+        return torch.sigmoid(self.net(hidden).float()).squeeze(-1)
 
 
 class TwoClassRouter(nn.Module):

@@ -293,3 +293,16 @@ def test_a_router_of_another_width_is_named_with_what_it_was_given():
                                            rf"\[2, {hidden}\] \(torch.float32\): .*"):
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
+
+
+def test_a_bf16_prism_router_decides_on_its_logit_not_on_p_rounded_to_bf16():
+    """A bf16 router (patch_model builds the default one in the model's dtype) with a logit just below 0 gives
+    p = 0.49975 in fp32, which bf16 rounds to 0.5: its probability comes back in fp32, so the sequence stays
+    closed at threshold 0.5, as the same router in fp32 decides."""
+    router = gatedlora.PrismRouter(8, start_open=False).to(torch.bfloat16)
+    with torch.no_grad():
+        router.net[-1].weight.zero_()
+        router.net[-1].bias.fill_(-0.001)
+    p = router(torch.randn(3, 8, dtype=torch.bfloat16))
+    assert p.dtype == torch.float32 and bool((p < 0.5).all())
+    assert torch.sigmoid(torch.tensor(-0.001, dtype=torch.bfloat16)).item() == 0.5  # what bf16 would have given
