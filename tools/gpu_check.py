@@ -274,10 +274,8 @@ def stage_build(result: dict, save, deadline_s: float, dry_run: bool) -> None:
     result["status"] = "ok" if problem is None else f"failed: {problem}"
 
 
-# The gpu-marked tests, and the triton sweep, which runs the compiled kernel on CUDA tensors where a GPU exists
-# (in the interpreter elsewhere).
-# the gpu-marked tests; the Triton sweep and the autograd tests through the triton forward, which run on CUDA
-# tensors where there is a GPU and in the interpreter elsewhere (so they carry no gpu mark)
+# The gpu-marked tests; then the Triton sweep and the autograd tests through the triton forward, which run the
+# compiled kernels on CUDA tensors where a GPU exists and in the interpreter elsewhere (so they carry no gpu mark).
 TEST_SELECTIONS = (["-m", "gpu", "tests"], ["tests/test_triton_backend.py"], ["tests/test_autograd.py", "-k", "triton"])
 
 

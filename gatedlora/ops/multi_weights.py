@@ -180,8 +180,6 @@ def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
     weights = lora_a + lora_b
     forms = _forms(weights, scaling)
     key = _copy_key(weights)
-    if key is None or forms.concatenation is None or forms.concatenation[0] != key:
-        check_one_dtype(lora_a, lora_b, "gated_lora_multi")  # as in pointer_table: on every rebuild
     if key is None:  # inference tensors: nothing kept
         lora_a_t, lora_b_t, owners = _concatenate(lora_a, lora_b, scaling)
         return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1)
@@ -209,6 +207,7 @@ def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple) -> tuple[torch.Te
     Transposed and contiguous because that is what the two matmuls read fastest: on one CPU core (M = 8,
     K = 256, N = 688, R = 64, fp32) ``mm(u, B_cat^T)`` took 5.4 us where ``addmm_`` on a transposed view
     of B_cat [N, R] took 11.7 us, and ``mm(x, A_cat^T)`` 3.2 us where ``F.linear(x, A_cat)`` took 4.7."""
+    check_one_dtype(lora_a, lora_b, "gated_lora_multi")  # as in pointer_table: on every build
     with torch.inference_mode(False), torch.no_grad():
         a_t = torch.cat(lora_a, dim=0).t().contiguous()
         b_t = torch.cat([b.t() * scale for b, scale in zip(lora_b, scaling)], dim=0)
