@@ -101,6 +101,10 @@ class GatedLoraConfig:
             raise bad("router", "an nn.Module mapping [B, H] hidden states to [B] probabilities, or None")
         if self.router is not None and self.gate != "sequence":
             raise ValueError(f"GatedLoraConfig.router is used only with gate='sequence', got gate={self.gate!r}")
+        if self.router_layer and self.gate != "sequence":
+            # token gates sit in every gated layer and no router reads a block: the value would be silently ignored
+            raise ValueError(f"GatedLoraConfig.router_layer is used only with gate='sequence' (token gates are in "
+                             f"every gated layer), got router_layer={self.router_layer} with gate={self.gate!r}")
         if self.adapters is not None:
             self._check_adapters()
         if self.target_modules is not None:
@@ -152,6 +156,8 @@ class GatedLoraConfig:
         if unknown:
             raise ValueError(f"GatedLoraConfig: unknown fields {unknown}; known fields are {sorted(known)}")
         values = {k: v for k, v in data.items() if k != "router"}
+        if values.get("gate", "token") != "sequence":
+            values["router_layer"] = 0  # saves from before router_layer was refused there: it never had an effect
         return cls(**values, router=router)
 
     def same_behaviour(self, other: "GatedLoraConfig") -> bool:

@@ -333,9 +333,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     if patched_here:
         patch_model(model, config)
     try:
-        current = patch_state(model).config.to_dict()
-        differing = {k: (current[k], saved.get(k)) for k in ("gate", "router_layer", "threshold", "hard", "adapters")
-                     if current[k] != saved.get(k)}
+        current, expected = patch_state(model).config.to_dict(), config.to_dict()
+        differing = {k: (current[k], expected[k]) for k in ("gate", "router_layer", "threshold", "hard", "adapters")
+                     if current[k] != expected[k]}
         if differing:
             raise ValueError(f"load_pretrained: the model is patched with a different config (model vs saved): "
                              f"{differing}; unpatch_model(model) first or load into an unpatched model")

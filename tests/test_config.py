@@ -36,6 +36,10 @@ def test_bad_fields_are_named(field, value, message):
 def test_router_needs_sequence_gates_and_dict_round_trip():
     with pytest.raises(ValueError, match="router is used only with gate='sequence'"):
         GatedLoraConfig(router=nn.Linear(4, 1))
+    for gate in ("token", "none"):
+        with pytest.raises(ValueError, match=f"router_layer is used only with gate='sequence'.*got router_layer=1 "
+                                             f"with gate='{gate}'"):
+            GatedLoraConfig(gate=gate, router_layer=1)
     cfg = GatedLoraConfig(gate="sequence", router_layer=2, target_modules=("q_proj",), r=8)
     data = cfg.to_dict()
     assert data["target_modules"] == ["q_proj"] and data["router"] is None

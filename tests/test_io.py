@@ -202,6 +202,32 @@ def test_a_partial_patch_loads_as_saved(tmp_path, gate):
         load_pretrained(every_layer, tmp_path)
 
 
+def test_an_older_token_gate_save_with_a_router_layer_still_loads(tmp_path):
+    """router_layer never did anything with token gates and is now refused there; a save that recorded one loads,
+    into an unpatched model and into one patched with the same gates."""
+    from peft import PeftModel
+
+    model = tiny_peft_model("llama")
+    model.save_pretrained(tmp_path)
+    patch_model(model)
+    scramble_gates(model)
+    save_pretrained(model, tmp_path)
+    path = tmp_path / "gatedlora_config.json"
+    meta = json.loads(path.read_text())
+    meta["config"]["router_layer"] = 1  # as such a save wrote it
+    path.write_text(json.dumps(meta))
+    ids, mask = padded_batch([5, 8], 8)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    for patched_first in (False, True):
+        fresh = PeftModel.from_pretrained(tiny_causal_lm("llama"), tmp_path).eval()
+        if patched_first:
+            patch_model(fresh)
+        load_pretrained(fresh, tmp_path)
+        with torch.no_grad():
+            assert torch.equal(fresh(input_ids=ids, attention_mask=mask).logits, want)
+
+
 def test_an_older_save_without_target_modules_gates_the_layers_it_lists(tmp_path):
     """Saves of PEFT models made before target_modules was recorded list their gated layers: a load gates those."""
     from peft import PeftModel
