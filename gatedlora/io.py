@@ -374,6 +374,11 @@ def _mismatch(source: Path, here: set[str], saved: set[str], what: str = "") -> 
 def _check_gated_layers(model: nn.Module, meta: dict, source: Path) -> None:
     """The model must gate the layers the save gated: a layer gated on one side and left to PEFT (always on) on
     the other computes something else, even where no tensor of the save belongs to it (sequence gates)."""
+    adapters = (meta.get("adapter") or {}).get("adapters")
+    if isinstance(adapters, dict) and all("layers" in record for record in adapters.values()):
+        # several adapters: _check_adapter compares the layers that hold each one; a layer that holds none of them
+        # (another PEFT adapter's) is the base layer on every route, whether it is gated or not
+        return
     saved = meta.get("layers")
     here = {name for name, _ in gated_layers(model)}
     if saved is not None and here != set(saved):

@@ -187,3 +187,30 @@ def test_save_and_load_beside_pefts_files(tmp_path):
     patch_model(one, GatedLoraConfig(gate="sequence"))  # one adapter: not what was saved
     with pytest.raises(ValueError, match="patched with a different config .*'adapters'"):
         gatedlora.load_pretrained(one, tmp_path)
+
+
+def test_a_save_loads_onto_a_model_with_another_adapter_on_other_layers(tmp_path):
+    """A PEFT model that holds one more adapter than the save routed, on layers none of the routed ones holds: those
+    layers are the base layer on every route, so the save loads and each sequence computes what it did."""
+    routed = {"math": (4, ["q_proj", "v_proj"]), "code": (2, ["q_proj", "v_proj", "up_proj"])}
+    model = tiny_multi_adapter_model(layers=3, layers_to_transform=[1, 2], adapters=routed)
+    patch_model(model, GatedLoraConfig(gate="sequence", adapters=list(routed)))
+    ids, mask = padded_batch([5, 7, 3, 6, 4, 7], 7, seed=9)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    train_router(model, prompts, [0, 1, 2, 2, 1, 0], epochs=300, lr=1e-2, heldout=0, progress=False)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    routes = get_router(model).last_routes.clone()
+    assert sorted(set(routes.tolist())) == [0, 1, 2]
+    gatedlora.save_pretrained(model, tmp_path)
+
+    other = tiny_multi_adapter_model(layers=3, layers_to_transform=[1, 2],
+                                     adapters={**routed, "extra": (4, ["o_proj", "down_proj"])})
+    weights = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    missing, unexpected = other.load_state_dict(weights, strict=False)
+    assert not unexpected and all(".extra." in k for k in missing if "lora_" in k)
+    gatedlora.load_pretrained(other, tmp_path)
+    with torch.no_grad():
+        again = other(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(get_router(other).last_routes, routes)
+    assert torch.equal(again, logits)
