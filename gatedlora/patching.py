@@ -347,17 +347,50 @@ def check_config_argument(caller: str, model: object, config: object) -> None:
 
 
 @contextlib.contextmanager
-def original_modules(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily put the original (PEFT) modules back, e.g. for PEFT methods that look for its layer types."""
-    state = patch_state(model)
-    patched = {name: model.get_submodule(name) for name in state.originals}
-    for name, original in state.originals.items():
-        _set_submodule(model, name, original)
+def peft_view(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as PEFT built it, for PEFT methods that look for PEFT's layer types, without changing ``model``:
+    forwards that other threads run meanwhile keep the gated layers (putting PEFT's layers back into the model
+    for the call gave them PEFT's adapter on every sequence).
+
+    The view shares everything (parameters, buffers, every other module) except the modules on the paths from
+    the model to the gated layers: those are shallow copies, each with its own dict of children, PEFT's layers
+    at the ends. The gated layers hold PEFT's weight dicts, so weights a method changes or loads are the gated
+    layers' too; attributes it sets on a copy (PEFT's active adapter, the training flag) are set on the module
+    after the call, and children it adds or removes there likewise.
+    """
+    copies: dict[str, tuple[nn.Module, nn.Module, dict]] = {}  # path: (module, its copy, its attributes before)
+
+    def copy_of(path: str) -> nn.Module:
+        if path not in copies:
+            module = model.get_submodule(path)
+            twin = type(module).__new__(type(module))  # no __init__, no __reduce__: the same attributes, shallowly
+            twin.__dict__.update(module.__dict__)
+            twin.__dict__["_modules"] = dict(module._modules)
+            copies[path] = (module, twin, dict(module.__dict__))
+            if path:
+                parent, _, child = path.rpartition(".")
+                copy_of(parent)._modules[child] = twin
+        return copies[path][1]
+
+    for name, original in patch_state(model).originals.items():
+        parent, _, child = name.rpartition(".")
+        copy_of(parent)._modules[child] = original
     try:
-        yield model
+        yield copy_of("")
     finally:
-        for name, module in patched.items():
-            _set_submodule(model, name, module)
+        for module, twin, before in copies.values():
+            for key, value in twin.__dict__.items():
+                if key != "_modules" and before.get(key, _ABSENT) is not value:
+                    module.__dict__[key] = value
+            for key in before.keys() - twin.__dict__.keys():
+                module.__dict__.pop(key, None)
+            for child in module._modules.keys() - twin._modules.keys():
+                del module._modules[child]
+            for child in twin._modules.keys() - module._modules.keys():
+                module._modules[child] = twin._modules[child]
+
+
+_ABSENT = object()
 
 
 class StandIn:
@@ -385,14 +418,14 @@ class StandIn:
 
 
 def _peft_save_pretrained(model: nn.Module, *args, **kwargs):
-    """PEFT's save_pretrained, with PEFT's layers in place for the call."""
-    with original_modules(model):
-        return type(model).save_pretrained(model, *args, **kwargs)
+    """PEFT's save_pretrained, on the model as PEFT built it."""
+    with peft_view(model) as view:
+        return type(model).save_pretrained(view, *args, **kwargs)
 
 
 def _keep_peft_save_working(model: nn.Module) -> None:
     """PEFT's save_pretrained finds LoRA weights by visiting its own layer types; on a patched model it
-    would find none and write an empty adapter over the user's. Save with the PEFT layers in place."""
+    would find none and write an empty adapter over the user's. Save the model as PEFT built it (``peft_view``)."""
     stand_in = StandIn(_peft_save_pretrained, model)
     stand_in.__doc__ = type(model).save_pretrained.__doc__
     model.__dict__["save_pretrained"] = stand_in
@@ -448,10 +481,11 @@ def _running_adapters(model: nn.Module) -> set[str]:
 
 
 def _peft_method(model: nn.Module, owner: int, method: str, *args, **kwargs):
-    """PEFT's own ``method`` of ``_peft_objects(model)[owner]``, run with PEFT's layers in place: they share
-    their weights (the LoRA ModuleDicts) with the gated layers, so what PEFT changes in them the gated layers see."""
-    target = _peft_objects(model)[owner]
-    with original_modules(model):
+    """PEFT's own ``method`` of ``_peft_objects(model)[owner]``, run on the model as PEFT built it (``peft_view``):
+    PEFT's layers share their weights (the LoRA ModuleDicts) with the gated layers, so what PEFT changes in them
+    the gated layers see."""
+    with peft_view(model) as view:
+        target = _peft_objects(view)[owner]
         return getattr(type(target), method)(target, *args, **kwargs)
 
 

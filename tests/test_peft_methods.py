@@ -217,3 +217,57 @@ def test_pefts_mixed_batch_is_refused_on_a_patched_model(multi):
     with pytest.raises(RuntimeError, match=refusal):
         model.generate(input_ids=ids, attention_mask=mask, adapter_names=["math", "__base__"], max_new_tokens=2)
     assert logits(model, ids, mask).isfinite().all()  # a forward without adapter_names still runs
+
+
+@pytest.mark.parametrize("method", ["save_pretrained", "set_adapter", "load_adapter", "delete_adapter"])
+def test_pefts_methods_leave_the_gated_layers_to_forwards_in_other_threads(method, tmp_path, monkeypatch):
+    """PEFT's methods run on a view of the model with PEFT's layers in it; the model keeps its gated layers, so a
+    forward that another thread runs while one is in progress computes its own gates (before, PEFT's layers were
+    put back into the model for the call, and such a forward ran the adapter where its gate was closed)."""
+    import threading
+
+    from peft import PeftModel
+
+    model = patch_model(tiny_multi_adapter_model())  # "math" patched; "code" and "chat" run nowhere
+    model.save_pretrained(tmp_path)
+    ids, mask = padded_batch([5, 8], 8)
+    with model.disable_adapter():
+        base = logits(model, ids, mask)
+    out = {}
+
+    def forward():
+        with force_gate(model, 0.0):  # in this thread only: the base model
+            out["logits"] = logits(model, ids, mask)
+
+    pefts = getattr(PeftModel, method)
+
+    def with_a_forward_meanwhile(self, *args, **kwargs):  # PEFT's method, a whole forward run in its midst
+        thread = threading.Thread(target=forward)
+        thread.start()
+        thread.join()
+        return pefts(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, method, with_a_forward_meanwhile)
+    {"save_pretrained": lambda: model.save_pretrained(tmp_path / "again"),
+     "set_adapter": lambda: model.set_adapter("math"),
+     "load_adapter": lambda: model.load_adapter(tmp_path / "math", adapter_name="math"),
+     "delete_adapter": lambda: model.delete_adapter("code")}[method]()
+    assert torch.equal(out["logits"], base)
+    if method == "delete_adapter":
+        assert "code" not in model.peft_config and not any(".code." in k for k in model.state_dict())
+
+
+def test_attributes_a_peft_method_sets_on_the_view_reach_the_model():
+    from gatedlora.patching import gated_layers, peft_view
+
+    model = patch_model(tiny_peft_model("llama"))
+    layers = dict(gated_layers(model))
+    with peft_view(model) as view:
+        assert view is not model and not any(True for _ in gated_layers(view))
+        assert dict(gated_layers(model)) == layers  # the model itself keeps its layers meanwhile
+        view.base_model.active_adapter = "renamed"
+        view.base_model.model.model.note = "set on a copy"
+        view.base_model.model.model.extra = torch.nn.Linear(2, 2)
+    assert model.base_model.active_adapter == "renamed" and model.base_model.model.model.note == "set on a copy"
+    assert isinstance(model.base_model.model.model.extra, torch.nn.Linear)
+    assert dict(gated_layers(model)) == layers
