@@ -384,8 +384,26 @@ def thread_slot(local: threading.local, name: str) -> Any:
     return value
 
 
-# .entries: [(token, {layer: value})] in the order the blocks began; .gates: them merged (latest
-# wins), None when no block is open in this thread
+class ForcedGates:
+    """One thread's force_gate blocks: ``entries`` [(token, {layer: value})] in the order the blocks began;
+    ``gates`` them merged (latest wins), None when none is open. A block keeps the object of the thread it
+    began in, so that it ends there even when its ``with`` is left in another thread (a generator resumed by
+    another worker); the lock orders such an end against that thread's own blocks."""
+
+    def __init__(self) -> None:
+        self.entries: list = []
+        self.gates: dict[nn.Module, float] | None = None
+        self.lock = threading.Lock()
+
+    def replace(self, entries: list) -> None:
+        merged: dict[nn.Module, float] = {}
+        for _, gates in entries:
+            merged.update(gates)
+        self.entries = entries
+        self.gates = merged or None
+
+
+# .state: this thread's ForcedGates, made at its first block
 _FORCED = threading.local()
 # Whether a force_gate block is open in any thread: while none is (the common case) a layer reads no
 # per-thread state for it. A bool, not a count, so a compiled graph guards on two values at most.
@@ -398,7 +416,8 @@ def forced_gate(layer: nn.Module) -> float | None:
     """The gate value ``force_gate`` imposes on ``layer`` in this thread, or None."""
     if not _any_forced:
         return None
-    gates = thread_slot(_FORCED, "gates")
+    state = thread_slot(_FORCED, "state")
+    gates = None if state is None else state.gates
     return None if gates is None else gates.get(layer)
 
 
@@ -407,27 +426,26 @@ def forcing(layers: Iterable[nn.Module], value: float) -> Iterator[None]:
     """Impose ``value`` on ``layers`` for the calling thread until the block ends.
 
     Blocks nest; each removes only its own entry when it ends, so blocks that end out of order
-    (two generators, two asyncio tasks on one thread) still leave exactly the others in force.
+    (two generators, two asyncio tasks on one thread) still leave exactly the others in force. A block
+    left in another thread than the one it began in (a generator resumed by another worker) ends in the
+    thread it began in: that thread's later forwards are not forced. Meanwhile it applied where it began.
     """
     global _any_forced, _open_blocks
     token = object()
     entry = (token, {layer: float(value) for layer in layers})
-    _set_forced([*(thread_slot(_FORCED, "entries") or ()), entry])
+    state = thread_slot(_FORCED, "state")
+    if state is None:
+        state = _FORCED.state = ForcedGates()
+    with state.lock:
+        state.replace([*state.entries, entry])
     with _open_blocks_lock:
         _open_blocks += 1
         _any_forced = True
     try:
         yield
     finally:
-        _set_forced([e for e in _FORCED.entries if e[0] is not token])
+        with state.lock:
+            state.replace([e for e in state.entries if e[0] is not token])
         with _open_blocks_lock:
             _open_blocks -= 1
             _any_forced = _open_blocks > 0
-
-
-def _set_forced(entries: list) -> None:
-    merged: dict[nn.Module, float] = {}
-    for _, gates in entries:
-        merged.update(gates)
-    _FORCED.entries = entries
-    _FORCED.gates = merged or None

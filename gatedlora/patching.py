@@ -698,7 +698,8 @@ def force_gate(model: nn.Module, value: float) -> Iterator[nn.Module]:
     model, 1.0 leaves the routes as the router decides them (a sequence on the base model stays there).
 
     Per thread: forwards that other threads run meanwhile keep their own gates. Blocks nest (the
-    innermost wins) and each restores exactly what was in force before it, in whatever order they end.
+    innermost wins) and each restores exactly what was in force before it, in whatever order they end;
+    a block left in another thread (a generator resumed elsewhere) ends in the thread it began in.
     The router still runs, so the routes of a forced forward are still decided and readable.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:

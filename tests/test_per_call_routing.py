@@ -234,6 +234,37 @@ def test_two_threads_force_gate_blocks_leave_the_model_unforced():
     assert {m.forced_gate for m in layers} == {None}
 
 
+def test_a_block_left_in_another_thread_ends_where_it_began():
+    """A generator holding a force_gate block, resumed by another worker (as a web server streams a response):
+    the block applies in the thread it began in and ends there, wherever its ``with`` is left; it used to stay
+    in force there for good, and leaving it elsewhere raised an AttributeError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, batches, _ = prism_model()
+    ids, mask = batches["a"]
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    free, base = logits(), base_logits(ids, mask)
+
+    def stream():
+        with force_gate(model, 0.0):
+            yield logits()
+            yield logits()
+
+    with ThreadPoolExecutor(1) as began, ThreadPoolExecutor(1) as resumed:
+        steps = stream()
+        assert torch.equal(began.submit(next, steps).result(), base)
+        assert torch.equal(resumed.submit(next, steps).result(), free)  # per thread: not forced here
+        with pytest.raises(StopIteration):
+            resumed.submit(next, steps).result()  # leaves the block in this thread
+        assert torch.equal(began.submit(logits).result(), free)
+        assert torch.equal(resumed.submit(logits).result(), free)
+        assert {began.submit(lambda: gated_layer(model).forced_gate).result(), gated_layer(model).forced_gate} == {None}
+
+
 def test_bf16_router_at_the_threshold_routes_a_sequence_the_same_whatever_its_batch_mates():
     """p = bf16(0.7) = 0.69921875 is below 0.7 in fp32: closed alone, next to an open or a closed sequence."""
     model, batches, _ = prism_model()
