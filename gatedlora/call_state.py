@@ -130,7 +130,9 @@ class RouteDecision:
     def _rows_per_sequence(self, x: torch.Tensor) -> int:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         batch = self.batch
-        if batch == 0 or rows % batch:
+        # (x of several dims must be batch first; [B * T, K] flattened batch first splits as it is, and x of two
+        # dims cannot be told from another order here: patching refuses the layers known to get one, experts)
+        if batch == 0 or rows % batch or (x.dim() > 2 and x.shape[0] != batch):
             raise RuntimeError(f"gatedlora: a gated layer got x of shape {list(x.shape)} ({rows} rows), which does "
                                f"not split over the {batch} sequences the router decided for: expected x of shape "
                                f"[{batch}, ..., K] (batch first)")

@@ -634,6 +634,18 @@ def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
             "forward (lm_head, a task head) cannot be gated per sequence. Train the adapter without LoRA there "
             "(LoraConfig(target_modules=...) on the blocks after router_layer), or use token gates "
             "(GatedLoraConfig(gate='token'))")
+    # An expert of a mixture-of-experts block (SwitchTransformers, NLLB-MoE) gets the rows of the tokens sent to
+    # it, gathered from the whole batch ([n, K]): which sequence a row belongs to is not in its input, and a gate
+    # taken from the row's position silently went to the wrong sequence's rows. (A shared expert, which every
+    # token goes through in order, is "shared_expert(s)" and is gated.)
+    experts = [n for n in held if "experts" in n.split(".")]
+    if experts:
+        raise ValueError(
+            f"gate='sequence': LoRA covers experts of a mixture-of-experts block: {experts[:4]}"
+            f"{' ...' if len(experts) > 4 else ''}. An expert gets the tokens routed to it gathered from the whole "
+            "batch, so its rows cannot be traced to their sequences. Train the adapter without LoRA on the experts "
+            "(LoraConfig(target_modules=...) on the attention projections), or use token gates "
+            "(GatedLoraConfig(gate='token'))")
     targets = [(n, m) for n, m in targets if n not in in_blocks and n not in outside]
     if not targets:
         raise ValueError(f"nothing to patch after router_layer={config.router_layer}")

@@ -7,7 +7,7 @@ from torch import nn
 
 import gatedlora
 from gatedlora import GatedLoraConfig, get_router, patch_model
-from gatedlora.patching import find_blocks
+from gatedlora.patching import find_blocks, gated_layers
 from steered_routers import last_real_hidden, splitting_router
 from tiny_models import padded_batch, tiny_causal_lm, tiny_peft_model
 
@@ -194,6 +194,43 @@ def test_adapter_on_router_layer_is_refused_with_a_fix():
     with pytest.raises(ValueError,
                        match=r"LoRA covers layers at or before block 1.*layers_to_transform=list\(range\(2, 4\)\)"):
         patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER))
+
+
+def test_lora_on_the_experts_of_a_mixture_of_experts_block_is_refused_for_sequence_gates():
+    """An expert gets the rows of its tokens gathered from the whole batch ([n, K]); gates taken from row positions
+    went to the wrong sequences' rows, silently where n happened to split over the batch. Token gates, which read
+    each row, still patch."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    def switch_with_lora_on_experts():
+        torch.manual_seed(0)
+        config = SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                          num_decoder_layers=2, num_heads=4, num_experts=4, encoder_sparse_step=0,
+                                          decoder_sparse_step=1, pad_token_id=0, eos_token_id=1,
+                                          decoder_start_token_id=0)
+        model = SwitchTransformersForConditionalGeneration(config).eval()
+        targets = [n for n, m in model.named_modules()
+                   if n.startswith("decoder.block.1.") and isinstance(m, torch.nn.Linear) and ".experts." in n]
+        return get_peft_model(model, LoraConfig(r=2, target_modules=targets)).eval()
+
+    with pytest.raises(ValueError, match=r"gate='sequence': LoRA covers experts of a mixture-of-experts block: "
+                                         r"\['base_model.model.decoder.block.1.layer.2.mlp.experts.expert_0.wi'.*"
+                                         r"gathered from the whole batch.*GatedLoraConfig\(gate='token'\)"):
+        patch_model(switch_with_lora_on_experts(), GatedLoraConfig(gate="sequence", router_layer=0))
+    assert any(True for _ in gated_layers(patch_model(switch_with_lora_on_experts())))
+
+
+def test_a_decision_refuses_rows_that_are_not_batch_first():
+    """[T, B, K] (sequence first) holds T * B rows, which split over B sequences by count but not by position."""
+    from gatedlora.call_state import RouteDecision
+
+    decision = RouteDecision(torch.zeros(2), torch.tensor([1.0, 0.0]), torch.tensor([True, False]), 0.5)
+    assert decision.row_decisions(torch.randn(2, 3, 4)).tolist() == [True] * 3 + [False] * 3
+    assert decision.row_decisions(torch.randn(6, 4)).tolist() == [True] * 3 + [False] * 3  # [B * T, K]
+    with pytest.raises(RuntimeError, match=r"x of shape \[3, 2, 4\] \(6 rows\), which does not split over the 2 "
+                                           r"sequences.*batch first"):
+        decision.row_decisions(torch.randn(3, 2, 4))
 
 
 def test_fresh_sequence_adapter_only_after_router_layer():
