@@ -11,6 +11,7 @@ GATE_MODES = ("sequence", "token", "none")
 TRAIN_GATES = (None, "soft", "hard")
 BASE_MODES = ("exact", "fused")
 BACKENDS = ("auto", "torch", "triton", "cuda")
+DEFAULT_THRESHOLD = 0.5
 
 
 def check_router_layer(router_layer: int, blocks: int) -> None:
@@ -53,8 +54,9 @@ class GatedLoraConfig:
 
     gate: str = field(default="token", metadata={"help": "Gate source: 'sequence' (one router decision per sequence, "
                       "PRISM), 'token' (sigmoid(w_g . x + b_g) per row and layer), or 'none' (plain LoRA)."})
-    threshold: float = field(default=0.5, metadata={"help": "Hard gates open where the probability is >= threshold; "
-                             "a NaN probability closes the gate. In (0, 1)."})
+    threshold: float = field(default=DEFAULT_THRESHOLD, metadata={"help": "Hard gates open where the probability "
+                             "is >= threshold; a NaN probability closes the gate. In (0, 1). Several adapters route "
+                             "by argmax: there it stays 0.5."})
     hard: bool = field(default=True, metadata={"help": "0/1 gates (inference) if True; g = p (soft) if False."})
     router_layer: int = field(default=0, metadata={"help": "Sequence gates: the router reads the hidden state after "
                               "this transformer block; the adapter runs only in later layers."})
@@ -134,13 +136,17 @@ class GatedLoraConfig:
             raise ValueError(f"GatedLoraConfig.adapters needs gate='sequence' (one router chooses per sequence), got "
                              f"gate={self.gate!r}")
         soft = [name for name, bad in (("hard=False", not self.hard), ("train_gate='soft'", self.train_gate == "soft"),
-                                       ("straight_through=True", self.straight_through)) if bad]
+                                       ("straight_through=True", self.straight_through),
+                                       (f"threshold={self.threshold!r}", self.threshold != DEFAULT_THRESHOLD)) if bad]
         if soft:
             raise ValueError(f"GatedLoraConfig: routes among several adapters are hard (argmax), so {', '.join(soft)} "
                              "does not apply; train the router with gatedlora.train_router")
         if self.base_mode != "exact":
             raise ValueError("GatedLoraConfig: base_mode='fused' is for one adapter; several adapters run in exact "
                              "mode (base_mode='exact')")
+        if self.backend == "cuda":
+            raise ValueError("GatedLoraConfig: backend='cuda' has no kernel for several adapters; use 'torch', "
+                             "'triton' or 'auto' (which chooses between them)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; the router module is recorded by class name only."""
@@ -156,8 +162,11 @@ class GatedLoraConfig:
         if unknown:
             raise ValueError(f"GatedLoraConfig: unknown fields {unknown}; known fields are {sorted(known)}")
         values = {k: v for k, v in data.items() if k != "router"}
+        # saves from before these were refused where they never had an effect
         if values.get("gate", "token") != "sequence":
-            values["router_layer"] = 0  # saves from before router_layer was refused there: it never had an effect
+            values["router_layer"] = 0
+        if values.get("adapters") is not None:
+            values["threshold"] = DEFAULT_THRESHOLD
         return cls(**values, router=router)
 
     def same_behaviour(self, other: "GatedLoraConfig") -> bool:

@@ -24,7 +24,7 @@ from .block_capture import capture_and_stop, output_of_block
 from .io import save_pretrained
 from .patching import force_gate, get_router, patch_state
 from .prompts import prompt_problem, read_jsonl, right_padded_batches, token_ids
-from .routing import PrismRouter, TwoClassRouter, last_real_positions, routes_from_logits
+from .routing import PrismRouter, TwoClassRouter, check_route_logits, last_real_positions, routes_from_logits
 
 
 @dataclass
@@ -189,6 +189,10 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
     counts = [int((y[train_idx] == c).sum()) for c in range(classes)]
     class_weight = torch.tensor([len(train_idx) / (classes * c) for c in counts], device=param.device)
 
+    if route.adapters is not None:  # the width the model's forward will ask for, before any training
+        with torch.no_grad():
+            check_route_logits(router(features[:batch_size]), min(len(features), batch_size), route.adapters,
+                               "train_router")
     flags = [p.requires_grad for p in router.parameters()]
     router.requires_grad_(True)
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)

@@ -115,6 +115,15 @@ class PrismMultiRouter(nn.Module):
         return self.net(hidden)
 
 
+def check_route_logits(logits: torch.Tensor, batch: int, adapters: list[str], caller: str = "gatedlora") -> None:
+    """ValueError unless a router for ``adapters`` gave logits [batch, N + 1] (N adapters)."""
+    routes_count = len(adapters) + 1
+    if tuple(logits.shape) != (batch, routes_count):
+        raise ValueError(
+            f"{caller}: with adapters={adapters} the router must map hidden states [B, H] to logits [B, {routes_count}]"
+            f" = [{batch}, {routes_count}] (class 0 the base model, class i adapters[i - 1]), got {list(logits.shape)}")
+
+
 def routes_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Each sequence's route from router logits [B, routes]: the argmax; a row holding a NaN goes to the base
     model (route 0), as a NaN probability closes a one-adapter gate. Returns [B] (long)."""
@@ -405,12 +414,7 @@ class SequenceRouter(nn.Module):
 
     def _decide_route(self, logits: torch.Tensor, batch: int, hidden: torch.Tensor) -> RouteDecision:
         """Several adapters: each sequence's route from the router's logits [B, N + 1] (argmax, in fp32)."""
-        routes_count = len(self.config.adapters) + 1
-        if tuple(logits.shape) != (batch, routes_count):
-            raise ValueError(
-                f"gatedlora: with adapters={self.config.adapters} the router must map hidden states [B, H] to logits "
-                f"[B, {routes_count}] = [{batch}, {routes_count}] (class 0 the base model, class i adapters[i - 1]), "
-                f"got {list(logits.shape)}")
+        check_route_logits(logits, batch, self.config.adapters)
         # fp32, as one-adapter decisions: the same route whatever the router's dtype
         logits = logits.to(hidden.device, probability_dtype(hidden.dtype))
         routes = routes_from_logits(logits.detach())

@@ -44,5 +44,10 @@ def test_router_needs_sequence_gates_and_dict_round_trip():
     data = cfg.to_dict()
     assert data["target_modules"] == ["q_proj"] and data["router"] is None
     assert GatedLoraConfig.from_dict(data).same_behaviour(cfg)
+    # fields that never had an effect where they were saved (now refused there) are dropped when read back
+    older = GatedLoraConfig.from_dict({"gate": "token", "router_layer": 2})
+    assert older.router_layer == 0
+    older = GatedLoraConfig.from_dict({"gate": "sequence", "adapters": ["a", "b"], "threshold": 0.9})
+    assert older.threshold == 0.5 and older.adapters == ["a", "b"]
     with pytest.raises(ValueError, match=r"unknown fields \['rank'\]"):
         GatedLoraConfig.from_dict({**data, "rank": 3})

@@ -357,7 +357,7 @@ def test_no_adapter_and_no_row(multi_backend):
 def test_cuda_is_refused_and_auto_skips_it():
     """The cuda backend has no multi-adapter kernel: by name a clear error, under auto never chosen."""
     case = make_case(1, 4, 16, 8, (4,), torch.float32)
-    with pytest.raises(RuntimeError, match="backend 'cuda' .*has no multi-adapter kernel"):
+    with pytest.raises(RuntimeError, match="gated_lora_multi: backend 'cuda' .*has no multi-adapter kernel"):
         gatedlora.gated_lora_multi(**case, backend="cuda")
     args = make_multi_args(case["x"], 8, case["lora_a"], case["lora_b"], tuple(case["scaling"]),
                            case["adapter_index"])

@@ -312,6 +312,12 @@ def test_configuration_errors_are_named():
         GatedLoraConfig(gate="token", adapters=ADAPTERS)
     with pytest.raises(ValueError, match="routes among several adapters are hard"):
         GatedLoraConfig(gate="sequence", adapters=ADAPTERS, hard=False)
+    # the argmax decides: a threshold was accepted and silently ignored, and cuda refused at the first mixed forward
+    with pytest.raises(ValueError, match=r"routes among several adapters are hard \(argmax\), so threshold=0.9 does "
+                                         r"not apply"):
+        GatedLoraConfig(gate="sequence", adapters=ADAPTERS, threshold=0.9)
+    with pytest.raises(ValueError, match=r"backend='cuda' has no kernel for several adapters"):
+        GatedLoraConfig(gate="sequence", adapters=ADAPTERS, backend="cuda")
     with pytest.raises(ValueError, match="non-empty list of distinct adapter names"):
         GatedLoraConfig(gate="sequence", adapters=["math", "math"])
     with pytest.raises(ValueError, match="adapters names PEFT adapters"):
@@ -332,6 +338,9 @@ def test_configuration_errors_are_named():
     ids, mask = padded_batch([3, 4], 4)
     with pytest.raises(ValueError, match=r"router must map hidden states \[B, H\] to logits \[B, 4\] = \[2, 4\]"):
         model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"threshold=0.7 does not apply"):
+        get_router(model).threshold = 0.7
+    assert get_router(model).threshold == 0.5
 
 
 def test_a_nan_logit_routes_the_sequence_to_the_base_model():

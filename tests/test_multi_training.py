@@ -214,3 +214,24 @@ def test_a_save_loads_onto_a_model_with_another_adapter_on_other_layers(tmp_path
         again = other(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(get_router(other).last_routes, routes)
     assert torch.equal(again, logits)
+
+
+@pytest.mark.parametrize("outputs", [2, 3, 5, None], ids=["N-1", "N", "N+2", "one-adapter router"])
+def test_a_router_of_the_wrong_width_is_refused_before_training(outputs, tmp_path):
+    """train_router asks for the width the model's forward asks for (N + 1 logits), before it trains or saves:
+    a wider router trained and saved without complaint, a narrower one or a one-adapter router failed inside
+    PyTorch's loss."""
+    from gatedlora.routing import PrismRouter
+
+    model = tiny_multi_adapter_model(layers=3, layers_to_transform=[1, 2])
+    names = list(model.peft_config)
+    router = PrismRouter(40) if outputs is None else torch.nn.Linear(40, outputs)
+    patch_model(model, GatedLoraConfig(gate="sequence", adapters=names, router=router))
+    ids, mask = padded_batch([5, 7, 3, 6], 7, seed=9)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    got = "[4]" if outputs is None else f"[4, {outputs}]"
+    with pytest.raises(ValueError, match=r"train_router: with adapters=\['math', 'code', 'chat'\] the router must "
+                                         r"map hidden states \[B, H\] to logits \[B, 4\] = \[4, 4\].*got "
+                                         + got.replace("[", r"\[").replace("]", r"\]")):
+        train_router(model, prompts, [0, 1, 2, 3], epochs=1, progress=False, save_to=tmp_path / "router")
+    assert not (tmp_path / "router").exists()

@@ -188,15 +188,15 @@ def _reasons(name: str, args: GatedLoraArgs) -> list[str]:
 
 
 def _choose(name: str, args, reasons_of: Callable[[str, object], list[str]] = _reasons,
-            measured: dict | None = None) -> Backend:
+            measured: dict | None = None, op: str = "gated_lora") -> Backend:
     """The backend named (or under ``auto`` the first that can run ``args``); ``reasons_of(name, args)`` says
     why a backend cannot; ``measured``: the table of measured winners ``auto`` orders by (the one-adapter
-    op's, ``preference.MEASURED``, when None)."""
+    op's, ``preference.MEASURED``, when None); ``op``: the op the errors name."""
     if name != "auto":
         why = reasons_of(name, args)
         if why:
             verb = "is not available" if name not in _REGISTRY else "cannot run these inputs"
-            raise RuntimeError(f"gated_lora: backend {name!r} {verb}: " + "; ".join(why))
+            raise RuntimeError(f"{op}: backend {name!r} {verb}: " + "; ".join(why))
         return _REGISTRY[name]
     reasons: list[str] = []
     for candidate in _candidates(args, measured):
@@ -204,7 +204,7 @@ def _choose(name: str, args, reasons_of: Callable[[str, object], list[str]] = _r
         if not why:
             return _REGISTRY[candidate]
         reasons.extend(f"{candidate}: {r}" for r in why)
-    raise RuntimeError("gated_lora: no backend can run these inputs:\n  " + "\n  ".join(reasons))
+    raise RuntimeError(f"{op}: no backend can run these inputs:\n  " + "\n  ".join(reasons))
 
 
 def _candidates(args, measured: dict | None = None) -> tuple:
@@ -294,6 +294,6 @@ def dispatch_multi(requested: str, args) -> Dispatch:
         name = resolve_backend_name(requested)
         if requested == "auto" and name not in _MULTI:  # GATEDLORA_BACKEND names a backend with no multi kernel
             name = "auto"
-        backend = _choose(name, args, _multi_reasons, preference.MULTI_MEASURED)
+        backend = _choose(name, args, _multi_reasons, preference.MULTI_MEASURED, "gated_lora_multi")
         found = _remember(_DISPATCH, key, Dispatch(backend, _MULTI[backend.name].launcher(args)))
     return found
