@@ -57,16 +57,20 @@ def _matches(name: str, targets: list[str] | str) -> bool:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer block list: the largest ModuleList of same-typed blocks (num_hidden_layers long if known)."""
+    """The transformer block list: a ModuleList num_hidden_layers long where the config says, of one block type
+    where there is one (hybrid models such as Jamba or Zamba2 mix attention and Mamba blocks in theirs), the
+    largest such."""
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     candidates = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            candidates.append((n_layers is not None and len(module) == n_layers, size, name, module))
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            one_type = len({type(m) for m in module}) == 1
+            if one_type or len(module) == n_layers:
+                size = sum(p.numel() for p in module.parameters())
+                candidates.append(((len(module) == n_layers, one_type, size), name, module))
     if not candidates:
         raise ValueError(f"gate='sequence': found no list of transformer blocks in {type(model).__name__}")
-    _, _, name, module = max(candidates, key=lambda c: (c[0], c[1]))
+    _, name, module = max(candidates, key=lambda c: c[0])
     return name, module
 
 

@@ -233,6 +233,40 @@ def test_a_decision_refuses_rows_that_are_not_batch_first():
         decision.row_decisions(torch.randn(3, 2, 4))
 
 
+def test_a_hybrid_model_whose_block_list_mixes_block_types_routes_per_sequence():
+    """Jamba's model.layers alternates Mamba and attention blocks: the block list is the one num_hidden_layers
+    long (it was not found before, and in Zamba2 a list inside one block was taken for it)."""
+    from peft import LoraConfig, get_peft_model
+    from steered_routers import PatternRouter
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(0)
+    config = JambaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                         expert_layer_period=100, expert_layer_offset=99, num_experts=1, mamba_d_state=4,
+                         mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, pad_token_id=0, use_mamba_kernels=False)
+    model = get_peft_model(JambaForCausalLM(config).eval(), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "out_proj"], layers_to_transform=[2, 3])).eval()
+    randomize = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=randomize) * 0.5)
+    ids = torch.randint(3, 64, (3, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        lora = model(input_ids=ids).logits
+    router = PatternRouter(32)
+    router.pattern = torch.tensor([0.9, 0.1, 0.9])
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=1, router=router))
+    assert find_blocks(model)[0] == "base_model.model.model.layers"
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert torch.equal(got[1], base[1]) and not torch.equal(got[0], base[0])
+    torch.testing.assert_close(got[[0, 2]], lora[[0, 2]], rtol=0, atol=1e-5)
+
+
 def test_fresh_sequence_adapter_only_after_router_layer():
     model = tiny_causal_lm("llama", layers=LAYERS)
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, target_modules=["q_proj"]))
