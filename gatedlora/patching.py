@@ -358,9 +358,11 @@ def peft_view(model: nn.Module) -> Iterator[nn.Module]:
 
     The view shares everything (parameters, buffers, every other module) except the modules on the paths from
     the model to the gated layers: those are shallow copies, each with its own dict of children, PEFT's layers
-    at the ends. The gated layers hold PEFT's weight dicts, so weights a method changes or loads are the gated
-    layers' too; attributes it sets on a copy (PEFT's active adapter, the training flag) are set on the module
-    after the call, and children it adds or removes there likewise.
+    at the ends, and the root's without the router (not PEFT's: ``LoraConfig(bias="all")`` would save its
+    biases). The gated layers hold PEFT's weight dicts, so weights a method changes or loads are the gated
+    layers' too. After the call, attributes it set on a copy (PEFT's active adapter) are set on the module, and
+    children it added or removed there likewise; a training flag it changed is set with ``train()``, so that
+    it reaches the gated layers (PEFT's ``load_adapter`` ends in ``eval()``).
     """
     copies: dict[str, tuple[nn.Module, nn.Module, dict]] = {}  # path: (module, its copy, its attributes before)
 
@@ -379,19 +381,29 @@ def peft_view(model: nn.Module) -> Iterator[nn.Module]:
     for name, original in patch_state(model).originals.items():
         parent, _, child = name.rpartition(".")
         copy_of(parent)._modules[child] = original
+    view = copy_of("")
+    hidden = {ROUTER_ATTRIBUTE} & view._modules.keys()
+    for name in hidden:
+        del view._modules[name]
     try:
-        yield copy_of("")
+        yield view
     finally:
-        for module, twin, before in copies.values():
+        retrain = []
+        for path, (module, twin, before) in copies.items():
             for key, value in twin.__dict__.items():
-                if key != "_modules" and before.get(key, _ABSENT) is not value:
+                if key == "training":
+                    if value != before["training"]:
+                        retrain.append((path, value))
+                elif key != "_modules" and before.get(key, _ABSENT) is not value:
                     module.__dict__[key] = value
             for key in before.keys() - twin.__dict__.keys():
                 module.__dict__.pop(key, None)
-            for child in module._modules.keys() - twin._modules.keys():
+            for child in module._modules.keys() - twin._modules.keys() - (hidden if twin is view else set()):
                 del module._modules[child]
             for child in twin._modules.keys() - module._modules.keys():
                 module._modules[child] = twin._modules[child]
+        for path, training in sorted(retrain, key=lambda item: item[0].count(".") + bool(item[0])):
+            copies[path][0].train(training)  # outermost first, so that an inner module's own flag wins
 
 
 _ABSENT = object()
@@ -493,6 +505,15 @@ def _peft_method(model: nn.Module, owner: int, method: str, *args, **kwargs):
         return getattr(type(target), method)(target, *args, **kwargs)
 
 
+def _deferring(method: str):
+    """A stand-in that runs PEFT's ``method`` on the view (``_peft_method``)."""
+    def run(model: nn.Module, *args, owner: int = 0, **kwargs):
+        return _peft_method(model, owner, method, *args, **kwargs)
+
+    run.__name__ = method
+    return run
+
+
 PATCH_AGAIN = ("gatedlora.save_pretrained(model, dir) if the gates or router are trained, gatedlora.unpatch_model("
                "model), {step}, then patch_model(model, config) or gatedlora.load_pretrained(model, dir) again")
 
@@ -503,15 +524,18 @@ def _adapter_argument(args: tuple, kwargs: dict, position: int = 0) -> set[str] 
     return None if names is None else {names} if isinstance(names, str) else set(names)
 
 
-def _active_adapters(target: nn.Module) -> set[str]:
-    active = target.active_adapters  # a property in PEFT, a method in transformers' PEFT integration
-    return set(active() if callable(active) else active)
+def _active_adapters(model: nn.Module, owner: int) -> set[str]:
+    """The adapters PEFT has active on ``_peft_objects(model)[owner]``, read on the view (transformers' PEFT
+    integration finds them by visiting PEFT's layers)."""
+    with peft_view(model) as view:
+        active = _peft_objects(view)[owner].active_adapters  # a property in PEFT, a method in transformers'
+        return set(active() if callable(active) else active)
 
 
 def _set_adapter(model: nn.Module, *args, owner: int = 0, **kwargs):
     """PEFT's set_adapter for the adapter already active (it sets which weights train), else a refusal: the
     gated layers keep the adapters they were patched with."""
-    if _adapter_argument(args, kwargs) == _active_adapters(_peft_objects(model)[owner]):
+    if _adapter_argument(args, kwargs) == _active_adapters(model, owner):
         return _peft_method(model, owner, "set_adapter", *args, **kwargs)
     raise RuntimeError(
         f"set_adapter() on a gatedlora-patched model: the gated layers run the adapters they were patched with "
@@ -523,7 +547,7 @@ def _set_adapter(model: nn.Module, *args, owner: int = 0, **kwargs):
 def _delete_adapter(model: nn.Module, *args, owner: int = 0, **kwargs):
     """PEFT's delete_adapter for an adapter nothing runs (its weights leave the shared ModuleDicts), else a
     refusal: the gated layers would keep running the weights PEFT no longer knows."""
-    running = _running_adapters(model) | _active_adapters(_peft_objects(model)[owner])
+    running = _running_adapters(model) | _active_adapters(model, owner)
     if not (_adapter_argument(args, kwargs) or set()) & running:
         return _peft_method(model, owner, "delete_adapter", *args, **kwargs)
     raise RuntimeError(
@@ -581,7 +605,11 @@ PEFT_METHOD_STAND_INS = {
        for m in ("add_adapter", "add_weighted_adapter")},
     "_enable_peft_forward_hooks": _forward_hooks,
 }
-DEFERRING_STAND_INS = (_set_adapter, _delete_adapter, _load_adapter, _forward_hooks)
+# transformers' PEFT integration's readers, which visit PEFT's layers: run on the view (PeftModel's
+# active_adapters is a property, which a patched model answers as it is)
+PEFT_METHOD_STAND_INS.update({method: _deferring(method) for method in ("active_adapters", "get_adapter_state_dict")})
+DEFERRING_STAND_INS = (_set_adapter, _delete_adapter, _load_adapter, _forward_hooks,
+                       *(PEFT_METHOD_STAND_INS[m] for m in ("active_adapters", "get_adapter_state_dict")))
 
 
 def _peft_objects(model: nn.Module) -> list[nn.Module]:

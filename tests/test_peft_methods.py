@@ -271,3 +271,64 @@ def test_attributes_a_peft_method_sets_on_the_view_reach_the_model():
     assert model.base_model.active_adapter == "renamed" and model.base_model.model.model.note == "set on a copy"
     assert isinstance(model.base_model.model.model.extra, torch.nn.Linear)
     assert dict(gated_layers(model)) == layers
+
+
+def test_load_adapter_leaves_the_gated_layers_in_eval_mode_as_peft_leaves_its_own(tmp_path):
+    """PEFT's load_adapter(is_trainable=False) ends in model.eval(); run on the view, that flag has to reach the
+    gated layers too (it reached PEFT's layers only, and soft training gates stayed on)."""
+    model = tiny_peft_model("llama")
+    model.save_pretrained(tmp_path)
+    patch_model(model, GatedLoraConfig(train_gate="soft"))
+    model.train()
+    model.load_adapter(tmp_path, adapter_name="default")
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_pefts_save_of_a_sequence_gated_model_with_bias_all_holds_no_router(tmp_path):
+    """LoraConfig(bias="all") saves every bias PEFT's model has; the router is not PEFT's, so the file is the
+    unpatched model's, byte for byte (the view showed PEFT the router too), and the router stays in the model."""
+    from peft import LoraConfig, get_peft_model
+
+    from gatedlora import get_router
+
+    def model_with_bias_all():
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2], bias="all")
+        peft = get_peft_model(tiny_causal_lm("llama"), lora).eval()
+        randomize_lora_b(peft)
+        return peft
+
+    model_with_bias_all().save_pretrained(tmp_path / "unpatched")
+    model = model_with_bias_all()
+    patch_model(model, GatedLoraConfig(gate="sequence"))
+    router = get_router(model)
+    model.save_pretrained(tmp_path / "patched")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "patched" / name).read_bytes() == (tmp_path / "unpatched" / name).read_bytes(), name
+    assert get_router(model) is router
+
+
+def test_transformers_peft_integration_methods_run_on_the_view(tmp_path, monkeypatch):
+    """A transformers model with adapters loaded by its own PEFT integration: its readers and switches find
+    PEFT's layers by visiting the model, so on a patched model they run on the view (they raised before)."""
+    import transformers.integrations.peft as integration
+
+    # (this environment pairs transformers 5.24 with peft 0.21, below the version its integration asks for; what
+    # is tested here is gatedlora's stand-ins, which behave as the unpatched model does with the same check off)
+    monkeypatch.setattr(integration, "check_peft_version", lambda *args, **kwargs: None)
+    tiny_peft_model(layers_to_transform=[1, 2]).save_pretrained(tmp_path / "one")
+    tiny_peft_model(layers_to_transform=[1, 2], seed=7).save_pretrained(tmp_path / "two")
+
+    def with_adapters(patched):
+        model = tiny_causal_lm()
+        model.load_adapter(tmp_path / "one", adapter_name="one")
+        model.load_adapter(tmp_path / "two", adapter_name="two")
+        model.set_adapter("one")
+        return patch_model(model.eval()) if patched else model.eval()
+
+    plain, patched = with_adapters(False), with_adapters(True)
+    assert patched.active_adapters() == plain.active_adapters() == ["one"]
+    want, got = plain.get_adapter_state_dict("one"), patched.get_adapter_state_dict("one")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    patched.set_adapter("one")
+    patched.delete_adapter("two")
+    assert list(patched.peft_config) == ["one"] and not any(".two." in k for k in patched.state_dict())
