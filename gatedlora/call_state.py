@@ -396,6 +396,7 @@ class ForcedGates:
         self.entries: list = []
         self.gates: dict[nn.Module, float] | None = None
         self.lock = threading.Lock()
+        self.thread = threading.get_ident()
 
     def replace(self, entries: list) -> None:
         merged: dict[nn.Module, float] = {}
@@ -448,6 +449,10 @@ def forcing(layers: Iterable[nn.Module], value: float) -> Iterator[None]:
     finally:
         with state.lock:
             state.replace([e for e in state.entries if e[0] is not token])
+            if not state.entries and state.thread == threading.get_ident():
+                # the thread's slot as before its first block: a compiled model's guard then sees one thread
+                # that has forced and ended like one that never forced (one graph, not two)
+                _FORCED.state = None
         with _open_blocks_lock:
             _open_blocks -= 1
             _any_forced = _open_blocks > 0

@@ -4,6 +4,7 @@ import contextlib
 import copy
 import inspect
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -238,7 +239,6 @@ def test_a_block_left_in_another_thread_ends_where_it_began():
     """A generator holding a force_gate block, resumed by another worker (as a web server streams a response):
     the block applies in the thread it began in and ends there, wherever its ``with`` is left; it used to stay
     in force there for good, and leaving it elsewhere raised an AttributeError."""
-    from concurrent.futures import ThreadPoolExecutor
 
     model, batches, _ = prism_model()
     ids, mask = batches["a"]
@@ -263,6 +263,57 @@ def test_a_block_left_in_another_thread_ends_where_it_began():
         assert torch.equal(began.submit(logits).result(), free)
         assert torch.equal(resumed.submit(logits).result(), free)
         assert {began.submit(lambda: gated_layer(model).forced_gate).result(), gated_layer(model).forced_gate} == {None}
+
+
+@pytest.mark.slow
+def test_a_compiled_model_needs_no_new_graph_after_a_threads_block_ends():
+    """A thread whose force_gate block has ended reads as one that never forced, also while another thread's block
+    is open: a compiled model reuses its graph there (an emptied per-thread record read differently and cost one
+    more graph, toward Dynamo's recompile limit)."""
+    model = tiny_peft_model("llama", layers=2)
+    patch_model(model)
+    ids, mask = padded_batch([5, 8], 8)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def run():
+        with torch.no_grad():
+            return compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    def forced():
+        with force_gate(model, 0.0):
+            return run()
+
+    torch._dynamo.reset()  # the code objects are shared with other tests' compiled models, and so is the limit
+    try:
+        compiled = torch.compile(model.base_model.model, backend=counting_backend)
+        free = run()  # this thread never forces
+        with ThreadPoolExecutor(1) as worker:
+            assert not torch.equal(worker.submit(forced).result(), free)
+        held, release = threading.Event(), threading.Event()
+
+        def hold_a_block():
+            with force_gate(model, 1.0):
+                held.set()
+                release.wait()
+
+        holder = threading.Thread(target=hold_a_block)
+        holder.start()
+        held.wait()
+        for _ in range(2):  # (its first read of its per-thread slot finds none, its second finds it empty)
+            assert torch.equal(run(), free)  # no block of its own while another thread's is open
+        count = len(graphs)
+        with ThreadPoolExecutor(1) as worker:
+            assert not torch.equal(worker.submit(forced).result(), free)
+            assert torch.equal(worker.submit(run).result(), free)  # its block has ended; the holder's is open
+        release.set()
+        holder.join()
+        assert len(graphs) == count
+    finally:
+        torch._dynamo.reset()
 
 
 def test_bf16_router_at_the_threshold_routes_a_sequence_the_same_whatever_its_batch_mates():
