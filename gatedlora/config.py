@@ -22,6 +22,14 @@ def check_router_layer(router_layer: int, blocks: int) -> None:
                          f"blocks, so router_layer must be below {blocks - 1}")
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+
+
 def check_gate_options(owner: str, gate: Any, threshold: Any, hard: Any, straight_through: Any, backend: Any,
                        base_mode: Any) -> None:
     """The rules for the options a gated layer takes, shared by ``GatedLoraConfig`` and ``GatedLoRALinear`` (which
@@ -31,7 +39,7 @@ def check_gate_options(owner: str, gate: Any, threshold: Any, hard: Any, straigh
 
     if gate not in GATE_MODES:
         raise bad("gate", gate, f"one of {GATE_MODES}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+    if not _fraction(threshold):
         raise bad("threshold", threshold, "a number in (0, 1)")
     if not isinstance(hard, bool):
         raise bad("hard", hard, "a bool")
@@ -97,7 +105,7 @@ class GatedLoraConfig:
                            self.base_mode)
         if self.train_gate not in TRAIN_GATES:
             raise bad("train_gate", f"one of {TRAIN_GATES}")
-        if isinstance(self.router_layer, bool) or not isinstance(self.router_layer, int) or self.router_layer < 0:
+        if not _whole(self.router_layer):
             raise bad("router_layer", "an int >= 0")
         if self.router is not None and not isinstance(self.router, nn.Module):
             raise bad("router", "an nn.Module mapping [B, H] hidden states to [B] probabilities, or None")
@@ -162,10 +170,11 @@ class GatedLoraConfig:
         if unknown:
             raise ValueError(f"GatedLoraConfig: unknown fields {unknown}; known fields are {sorted(known)}")
         values = {k: v for k, v in data.items() if k != "router"}
-        # saves from before these were refused where they never had an effect
-        if values.get("gate", "token") != "sequence":
+        # saves from before these were refused where they never had an effect (a value that is bad in itself is
+        # left for the checks to name)
+        if values.get("gate", "token") != "sequence" and _whole(values.get("router_layer", 0)):
             values["router_layer"] = 0
-        if values.get("adapters") is not None:
+        if values.get("adapters") is not None and _fraction(values.get("threshold", DEFAULT_THRESHOLD)):
             values["threshold"] = DEFAULT_THRESHOLD
         return cls(**values, router=router)
 

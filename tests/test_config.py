@@ -49,5 +49,9 @@ def test_router_needs_sequence_gates_and_dict_round_trip():
     assert older.router_layer == 0
     older = GatedLoraConfig.from_dict({"gate": "sequence", "adapters": ["a", "b"], "threshold": 0.9})
     assert older.threshold == 0.5 and older.adapters == ["a", "b"]
+    with pytest.raises(ValueError, match=r"router_layer must be an int >= 0, got 'x'"):
+        GatedLoraConfig.from_dict({"gate": "token", "router_layer": "x"})
+    with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1\), got 'x'"):
+        GatedLoraConfig.from_dict({"gate": "sequence", "adapters": ["a", "b"], "threshold": "x"})
     with pytest.raises(ValueError, match=r"unknown fields \['rank'\]"):
         GatedLoraConfig.from_dict({**data, "rank": 3})
