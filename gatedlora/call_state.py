@@ -135,7 +135,10 @@ class RouteDecision:
         if batch == 0 or rows % batch or (x.dim() > 2 and x.shape[0] != batch):
             raise RuntimeError(f"gatedlora: a gated layer got x of shape {list(x.shape)} ({rows} rows), which does "
                                f"not split over the {batch} sequences the router decided for: expected x of shape "
-                               f"[{batch}, ..., K] (batch first)")
+                               f"[{batch}, ..., K] (batch first). A layer whose input is not each sequence's own "
+                               "rows (time first, or shared by the batch such as DeBERTa's relative-position "
+                               "embeddings under share_att_key) cannot be gated per sequence: leave it out of the "
+                               "adapter's target_modules, or use token gates (GatedLoraConfig(gate='token'))")
         return rows // batch
 
     def row_gates(self, x: torch.Tensor) -> torch.Tensor:

@@ -633,7 +633,18 @@ def _restore_peft_methods(model: nn.Module) -> None:
             target.__dict__.pop(method, None)
 
 
+# Transformers architectures whose layers take time-first x [T, B, K]: a row's sequence is its position only in
+# batch-first x, and at T == B the two read alike, so the per-layer shape check cannot tell them apart
+# (Longformer at batch 4 and length 4: every row of a sequence-gated layer wrong by 0.2-0.4, no error).
+TIME_FIRST_MODEL_TYPES = ("longformer", "led", "fsmt", "xlnet")
+
+
 def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in TIME_FIRST_MODEL_TYPES:
+        raise ValueError(
+            f"gate='sequence': {model_type} models run their layers on time-first inputs [T, B, ...], whose rows "
+            "cannot be traced to their sequences by position; use token gates (GatedLoraConfig(gate='token'))")
     blocks_path, blocks = find_blocks(model)
     n_blocks = len(blocks)
     check_router_layer(config.router_layer, n_blocks)

@@ -221,6 +221,23 @@ def test_lora_on_the_experts_of_a_mixture_of_experts_block_is_refused_for_sequen
     assert any(True for _ in gated_layers(patch_model(switch_with_lora_on_experts())))
 
 
+def test_models_whose_layers_take_time_first_inputs_are_refused_for_sequence_gates():
+    """Longformer's attention projections take x [T, B, K]: at T == B the per-layer shape check cannot see it, and
+    every row came out wrong."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LongformerConfig, LongformerModel
+
+    config = LongformerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                              intermediate_size=48, attention_window=[4, 4, 4], max_position_embeddings=64,
+                              pad_token_id=1)
+    model = get_peft_model(LongformerModel(config, add_pooling_layer=False).eval(),
+                           LoraConfig(r=4, target_modules=["query", "value"], layers_to_transform=[1, 2]))
+    with pytest.raises(ValueError, match=r"gate='sequence': longformer models run their layers on time-first inputs "
+                                         r"\[T, B, \.\.\.\].*GatedLoraConfig\(gate='token'\)"):
+        patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0))
+    assert any(True for _ in gated_layers(patch_model(model)))
+
+
 def test_a_decision_refuses_rows_that_are_not_batch_first():
     """[T, B, K] (sequence first) holds T * B rows, which split over B sequences by count but not by position."""
     from gatedlora.call_state import RouteDecision
