@@ -2,26 +2,42 @@
 
 The Trainer saves a PEFT model's checkpoints with PEFT's ``save_pretrained``, which writes the LoRA weights
 only: trained gates and a trained router would be missing from them, and a run resumed from one would apply
-the saved optimizer state to fresh gates.
+the saved optimizer state to fresh gates. Likewise ``load_best_model_at_end`` reloads the best checkpoint's
+LoRA weights only: the callback then loads its gates and router, which stayed as the last step left them.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .io import save_pretrained
+from .io import CONFIG_NAME, load_pretrained, save_pretrained
 
 
 class SaveGatedLoraCallback(TrainerCallback):
     """Writes ``gatedlora.save_pretrained`` files (gates, router, config) into each checkpoint folder, beside
     the Trainer's. ``Trainer(..., callbacks=[SaveGatedLoraCallback()])``. To resume from ``checkpoint``:
     ``gatedlora.load_pretrained(model, checkpoint)``, then ``trainer.train(resume_from_checkpoint=checkpoint)``.
-    Every process calls ``save_pretrained`` (a collective under FSDP2); the main one writes."""
+    Every process calls ``save_pretrained`` (a collective under FSDP2); the main one writes. With
+    ``load_best_model_at_end``, the best checkpoint's gates and router are loaded at the end of training, after
+    the Trainer has loaded its LoRA weights."""
 
     def on_save(self, args, state, control, model=None, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         # a folder the Trainer has just written: files of an earlier run at this step are replaced, as its own are
         save_pretrained(model, folder, is_main_process=state.is_world_process_zero, overwrite=True)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        best = state.best_model_checkpoint
+        if not args.load_best_model_at_end or best is None or model is None:
+            return control
+        if os.path.exists(os.path.join(best, CONFIG_NAME)):
+            load_pretrained(model, best)
+        else:
+            warnings.warn(f"SaveGatedLoraCallback: the best checkpoint {best} has no gatedlora files (saved without "
+                          "this callback): the Trainer loaded its LoRA weights, while the gates and router stay as "
+                          "the last step left them", stacklevel=2)
         return control

@@ -235,3 +235,33 @@ def test_trainer_checkpoints_keep_gates_and_router_and_a_resumed_run_ends_as_the
     assert whole.keys() == resumed.keys() and any(n.startswith("gate_router.") for n in whole)
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_best_checkpoint_loaded_at_the_end_brings_its_gates_and_router_too(tmp_path):
+    """load_best_model_at_end: the Trainer reloads the best checkpoint's LoRA weights; SaveGatedLoraCallback then
+    loads its router (which stayed as the last step left it), so the model is that checkpoint's throughout."""
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+
+    from gatedlora import SaveGatedLoraCallback, get_router
+
+    data = batch(lengths=(9, 9, 9, 9, 9, 9, 9, 9), seed=5)
+    dataset = [{k: v[i] for k, v in data.items()} for i in range(8)]
+    model = patched(GatedLoraConfig(gate="sequence", router_layer=0, straight_through=True))
+    # the highest loss is "best": an early checkpoint, whose weights differ from the last step's
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-2,
+                             lr_scheduler_type="constant", report_to=[], save_steps=1, eval_strategy="steps",
+                             eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+                             greater_is_better=True, use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                      callbacks=[SaveGatedLoraCallback()])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best != str(tmp_path / "checkpoint-3") and trainer.state.global_step == 3
+    best = tmp_path / best
+    saved = load_file(best / "gatedlora_model.safetensors")
+    router = get_router(model).router.state_dict()
+    assert router and all(torch.equal(value, saved["gate_router." + key]) for key, value in router.items())
+    state = model.state_dict()
+    lora = load_file(best / "adapter_model.safetensors")
+    assert all(torch.equal(state[k.replace(".weight", ".default.weight")], v) for k, v in lora.items())
