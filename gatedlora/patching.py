@@ -60,7 +60,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The transformer block list: a ModuleList num_hidden_layers long where the config says, of one block type
     where there is one (hybrid models such as Jamba or Zamba2 mix attention and Mamba blocks in theirs), the
     largest such."""
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    n_layers = _decoder_depth(getattr(model, "config", None))
     candidates = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
@@ -72,6 +72,22 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         raise ValueError(f"gate='sequence': found no list of transformer blocks in {type(model).__name__}")
     _, name, module = max(candidates, key=lambda c: c[0])
     return name, module
+
+
+def _decoder_depth(config) -> int | None:
+    """How many blocks the model's text decoder has: ``num_hidden_layers``, except for an encoder-decoder (where it
+    is the encoder's depth) its decoder's, and for a composite model whose config has none (a vision-language
+    model) its text config's; None when unknown."""
+    if config is None:
+        return None
+    text = config
+    if getattr(config, "num_hidden_layers", None) is None and callable(getattr(config, "get_text_config", None)):
+        text = config.get_text_config(decoder=True)
+    depth = None
+    if getattr(text, "is_encoder_decoder", False):
+        depth = getattr(text, "decoder_layers", None) or getattr(text, "num_decoder_layers", None)
+    depth = depth or getattr(text, "num_hidden_layers", None)
+    return depth if isinstance(depth, int) else None
 
 
 def block_index(name: str, blocks_path: str) -> int | None:

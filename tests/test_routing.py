@@ -284,6 +284,39 @@ def test_a_hybrid_model_whose_block_list_mixes_block_types_routes_per_sequence()
     torch.testing.assert_close(got[[0, 2]], lora[[0, 2]], rtol=0, atol=1e-5)
 
 
+def test_an_encoder_decoder_of_unequal_depths_routes_in_its_decoder():
+    """num_hidden_layers is the encoder's depth in BART-like configs: the decoder's block list is the one of the
+    decoder's depth (the encoder's was taken, and LoRA in the decoder was refused as outside the blocks)."""
+    from peft import LoraConfig, get_peft_model
+    from steered_routers import PatternRouter
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)
+    model = get_peft_model(BartForConditionalGeneration(config).eval(), LoraConfig(
+        r=4, target_modules=r".*decoder\.layers\.[12]\..*(q_proj|v_proj)")).eval()
+    randomize = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=randomize) * 0.5)
+    data = torch.Generator().manual_seed(2)
+    ids, decoder_ids = torch.randint(3, 64, (3, 7), generator=data), torch.randint(3, 64, (3, 5), generator=data)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+        lora = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    router = PatternRouter(32)
+    router.pattern = torch.tensor([0.9, 0.1, 0.9])
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router))
+    assert find_blocks(model)[0] == "base_model.model.model.decoder.layers"
+    with torch.no_grad():
+        got = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    assert torch.equal(got[1], base[1]) and not torch.equal(got[0], base[0])
+    torch.testing.assert_close(got[[0, 2]], lora[[0, 2]], rtol=0, atol=1e-5)
+
+
 def test_fresh_sequence_adapter_only_after_router_layer():
     model = tiny_causal_lm("llama", layers=LAYERS)
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, target_modules=["q_proj"]))
