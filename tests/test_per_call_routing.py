@@ -164,15 +164,20 @@ def test_chunked_prefill_routes_from_the_last_real_token_of_the_whole_prompt(arc
     assert (scores[finite] - reference[finite]).abs().max() < 1e-4
 
 
-def test_force_gate_is_per_thread_nests_and_restores_exactly():
-    model, batches, routes = prism_model()
+def batch_a_logits():
+    """A routed model, a function giving its logits on batch "a", and those of the model as it is and of the base."""
+    model, batches, _ = prism_model()
     ids, mask = batches["a"]
 
     def logits():
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=mask).logits
 
-    free, base = logits(), base_logits(ids, mask)
+    return model, logits, logits(), base_logits(ids, mask)
+
+
+def test_force_gate_is_per_thread_nests_and_restores_exactly():
+    model, logits, free, base = batch_a_logits()
     with force_gate(model, 1.0):
         lora = logits()
     assert not torch.equal(free, base) and not torch.equal(free, lora) and not torch.equal(lora, base)
@@ -239,15 +244,7 @@ def test_a_block_left_in_another_thread_ends_where_it_began():
     """A generator holding a force_gate block, resumed by another worker (as a web server streams a response):
     the block applies in the thread it began in and ends there, wherever its ``with`` is left; it used to stay
     in force there for good, and leaving it elsewhere raised an AttributeError."""
-
-    model, batches, _ = prism_model()
-    ids, mask = batches["a"]
-
-    def logits():
-        with torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask).logits
-
-    free, base = logits(), base_logits(ids, mask)
+    model, logits, free, base = batch_a_logits()
 
     def stream():
         with force_gate(model, 0.0):
