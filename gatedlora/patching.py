@@ -57,9 +57,9 @@ def _matches(name: str, targets: list[str] | str) -> bool:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer block list: a ModuleList num_hidden_layers long where the config says, of one block type
-    where there is one (hybrid models such as Jamba or Zamba2 mix attention and Mamba blocks in theirs), the
-    largest such."""
+    """The transformer block list: a ModuleList as long as the text decoder's depth where the config says it
+    (``_decoder_depth``), of one block type where there is one (hybrid models such as Jamba or Zamba2 mix
+    attention and Mamba blocks in theirs), the largest such."""
     n_layers = _decoder_depth(getattr(model, "config", None))
     candidates = []
     for name, module in model.named_modules():

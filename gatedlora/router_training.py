@@ -190,6 +190,7 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
     class_weight = torch.tensor([len(train_idx) / (classes * c) for c in counts], device=param.device)
 
     if route.adapters is not None:  # the width the model's forward will ask for, before any training
+        router.eval()  # (a router with batch norm: no update of its running statistics from this look)
         with torch.no_grad():
             check_route_logits(router(features[:batch_size]), min(len(features), batch_size), route.adapters,
                                "train_router")
