@@ -399,7 +399,6 @@ class ForcedGates:
         self.entries: list = []
         self.gates: dict[nn.Module, float] | None = None
         self.lock = threading.Lock()
-        self.thread = threading.get_ident()
 
     def replace(self, entries: list) -> None:
         merged: dict[nn.Module, float] = {}
@@ -452,9 +451,10 @@ def forcing(layers: Iterable[nn.Module], value: float) -> Iterator[None]:
     finally:
         with state.lock:
             state.replace([e for e in state.entries if e[0] is not token])
-            if not state.entries and state.thread == threading.get_ident():
-                # the thread's slot as before its first block: a compiled model's guard then sees one thread
-                # that has forced and ended like one that never forced (one graph, not two)
+            if not state.entries and getattr(_FORCED, "state", None) is state:
+                # this thread's record, emptied (by identity: a thread id can be reused by a new thread, whose
+                # own record this is not): its slot as before its first block, so that a compiled model's guard
+                # sees a thread that has forced and ended like one that never forced (one graph, not two)
                 _FORCED.state = None
         with _open_blocks_lock:
             _open_blocks -= 1

@@ -621,11 +621,14 @@ PEFT_METHOD_STAND_INS = {
        for m in ("add_adapter", "add_weighted_adapter")},
     "_enable_peft_forward_hooks": _forward_hooks,
 }
-# transformers' PEFT integration's readers, which visit PEFT's layers: run on the view (PeftModel's
-# active_adapters is a property, which a patched model answers as it is)
-PEFT_METHOD_STAND_INS.update({method: _deferring(method) for method in ("active_adapters", "get_adapter_state_dict")})
+# transformers' PEFT integration (a PreTrainedModel's load_adapter): its readers, which visit PEFT's layers, run on
+# the view, and its switch, a flag on PEFT's layers, is refused as PEFT's is. Stood in only where the model's class
+# defines them (a PeftModel would find them on the model it wraps, which has no adapter of transformers' own).
+TRANSFORMERS_STAND_INS = {**{method: _deferring(method) for method in ("active_adapters", "get_adapter_state_dict")},
+                          **{m: _refusal(m, SWITCH_REFUSAL) for m in ("disable_adapters", "enable_adapters")}}
+PEFT_METHOD_STAND_INS.update(TRANSFORMERS_STAND_INS)
 DEFERRING_STAND_INS = (_set_adapter, _delete_adapter, _load_adapter, _forward_hooks,
-                       *(PEFT_METHOD_STAND_INS[m] for m in ("active_adapters", "get_adapter_state_dict")))
+                       *(TRANSFORMERS_STAND_INS[m] for m in ("active_adapters", "get_adapter_state_dict")))
 
 
 def _peft_objects(model: nn.Module) -> list[nn.Module]:
@@ -638,7 +641,7 @@ def _peft_objects(model: nn.Module) -> list[nn.Module]:
 def _replace_peft_methods(model: nn.Module) -> None:
     for owner, target in enumerate(_peft_objects(model)):
         for method, stand_in in PEFT_METHOD_STAND_INS.items():
-            if callable(getattr(target, method, None)):
+            if callable(getattr(type(target) if method in TRANSFORMERS_STAND_INS else target, method, None)):
                 bound = {"owner": owner} if stand_in in DEFERRING_STAND_INS else {}
                 target.__dict__[method] = StandIn(stand_in, model, **bound)
 
@@ -649,18 +652,22 @@ def _restore_peft_methods(model: nn.Module) -> None:
             target.__dict__.pop(method, None)
 
 
-# Transformers architectures whose layers take time-first x [T, B, K]: a row's sequence is its position only in
-# batch-first x, and at T == B the two read alike, so the per-layer shape check cannot tell them apart
-# (Longformer at batch 4 and length 4: every row of a sequence-gated layer wrong by 0.2-0.4, no error).
-TIME_FIRST_MODEL_TYPES = ("longformer", "led", "fsmt", "xlnet")
+# Layers that take time-first x [T, B, K] in transformers: a row's sequence is its position only in batch-first x,
+# and at T == B the two read alike, so the per-layer shape check cannot tell them apart (Longformer's attention
+# projections at batch 4 and length 4: every row of a sequence-gated layer wrong by 0.2-0.4, no error). Every
+# layer of these model types; the layers of these attention modules (Longformer's, LED's encoder's).
+TIME_FIRST_MODEL_TYPES = ("fsmt", "xlnet")
+TIME_FIRST_ATTENTION = ("LongformerSelfAttention", "LEDEncoderSelfAttention")
+
+
+def _time_first(model: nn.Module, names: list[str]) -> list[str]:
+    """The layers among ``names`` that take time-first inputs."""
+    if getattr(getattr(model, "config", None), "model_type", None) in TIME_FIRST_MODEL_TYPES:
+        return names
+    return [n for n in names if type(model.get_submodule(n.rpartition(".")[0])).__name__ in TIME_FIRST_ATTENTION]
 
 
 def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in TIME_FIRST_MODEL_TYPES:
-        raise ValueError(
-            f"gate='sequence': {model_type} models run their layers on time-first inputs [T, B, ...], whose rows "
-            "cannot be traced to their sequences by position; use token gates (GatedLoraConfig(gate='token'))")
     blocks_path, blocks = find_blocks(model)
     n_blocks = len(blocks)
     check_router_layer(config.router_layer, n_blocks)
@@ -693,11 +700,12 @@ def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
             "forward (lm_head, a task head) cannot be gated per sequence. Train the adapter without LoRA there "
             "(LoraConfig(target_modules=...) on the blocks after router_layer), or use token gates "
             "(GatedLoraConfig(gate='token'))")
-    # An expert of a mixture-of-experts block (SwitchTransformers, NLLB-MoE) gets the rows of the tokens sent to
-    # it, gathered from the whole batch ([n, K]): which sequence a row belongs to is not in its input, and a gate
-    # taken from the row's position silently went to the wrong sequence's rows. (A shared expert, which every
-    # token goes through in order, is "shared_expert(s)" and is gated.)
-    experts = [n for n in held if "experts" in n.split(".")]
+    # An expert of a mixture-of-experts block (SwitchTransformers' experts.expert_0, NLLB-MoE's, a numbered list)
+    # gets the rows of the tokens sent to it, gathered from the whole batch ([n, K]): which sequence a row belongs
+    # to is not in its input, and a gate taken from the row's position silently went to the wrong sequence's
+    # rows. (A shared expert, which every token goes through in order, is "shared_expert(s)" and is gated, as is
+    # a router under "experts", JetMoE's.)
+    experts = [n for n in held if re.search(r"(^|\.)experts\.(\d+|expert_?\d+)\.", n)]
     if experts:
         raise ValueError(
             f"gate='sequence': LoRA covers experts of a mixture-of-experts block: {experts[:4]}"
@@ -705,6 +713,12 @@ def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
             "batch, so its rows cannot be traced to their sequences. Train the adapter without LoRA on the experts "
             "(LoraConfig(target_modules=...) on the attention projections), or use token gates "
             "(GatedLoraConfig(gate='token'))")
+    time_first = _time_first(model, held)
+    if time_first:
+        raise ValueError(
+            f"gate='sequence': these layers take time-first inputs [T, B, ...], whose rows cannot be traced to their "
+            f"sequences by position: {time_first[:4]}{' ...' if len(time_first) > 4 else ''}. Train the adapter "
+            "without LoRA there (LoraConfig(target_modules=...)), or use token gates (GatedLoraConfig(gate='token'))")
     targets = [(n, m) for n, m in targets if n not in in_blocks and n not in outside]
     if not targets:
         raise ValueError(f"nothing to patch after router_layer={config.router_layer}")

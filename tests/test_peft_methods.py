@@ -332,3 +332,9 @@ def test_transformers_peft_integration_methods_run_on_the_view(tmp_path, monkeyp
     patched.set_adapter("one")
     patched.delete_adapter("two")
     assert list(patched.peft_config) == ["one"] and not any(".two." in k for k in patched.state_dict())
+    with pytest.raises(RuntimeError, match=r"disable_adapters\(\) on a gatedlora-patched model: PEFT's switch does "
+                                           r"not reach gatedlora's layers"):
+        patched.disable_adapters()  # (it did nothing: the adapter kept running)
+    # a PeftModel has no adapters of transformers' own: nothing of that integration is stood in there
+    peft = patch_model(tiny_peft_model())
+    assert "get_adapter_state_dict" not in peft.__dict__ and "disable_adapters" not in peft.__dict__

@@ -221,21 +221,44 @@ def test_lora_on_the_experts_of_a_mixture_of_experts_block_is_refused_for_sequen
     assert any(True for _ in gated_layers(patch_model(switch_with_lora_on_experts())))
 
 
-def test_models_whose_layers_take_time_first_inputs_are_refused_for_sequence_gates():
+def test_layers_that_take_time_first_inputs_are_refused_for_sequence_gates():
     """Longformer's attention projections take x [T, B, K]: at T == B the per-layer shape check cannot see it, and
-    every row came out wrong."""
+    every row came out wrong. Its feed-forward layers take batch-first x and are gated, exactly, even at T == B."""
     from peft import LoraConfig, get_peft_model
+    from steered_routers import PatternRouter
     from transformers import LongformerConfig, LongformerModel
 
-    config = LongformerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                              intermediate_size=48, attention_window=[4, 4, 4], max_position_embeddings=64,
-                              pad_token_id=1)
-    model = get_peft_model(LongformerModel(config, add_pooling_layer=False).eval(),
-                           LoraConfig(r=4, target_modules=["query", "value"], layers_to_transform=[1, 2]))
-    with pytest.raises(ValueError, match=r"gate='sequence': longformer models run their layers on time-first inputs "
-                                         r"\[T, B, \.\.\.\].*GatedLoraConfig\(gate='token'\)"):
-        patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0))
-    assert any(True for _ in gated_layers(patch_model(model)))
+    def longformer(targets):
+        torch.manual_seed(0)
+        config = LongformerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=48, attention_window=[4, 4, 4], max_position_embeddings=64,
+                                  pad_token_id=1)
+        model = get_peft_model(LongformerModel(config, add_pooling_layer=False).eval(),
+                               LoraConfig(r=4, target_modules=targets, layers_to_transform=[1, 2])).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        return model
+
+    with pytest.raises(ValueError, match=r"gate='sequence': these layers take time-first inputs \[T, B, \.\.\.\].*"
+                                         r"layer.1.attention.self.(query|value).*GatedLoraConfig\(gate='token'\)"):
+        patch_model(longformer(["query", "value"]), GatedLoraConfig(gate="sequence", router_layer=0))
+    assert any(True for _ in gated_layers(patch_model(longformer(["query", "value"]))))
+
+    model = longformer(["intermediate.dense", "output.dense"])
+    ids = torch.randint(3, 64, (4, 4), generator=torch.Generator().manual_seed(2))  # T == B
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids).last_hidden_state
+        lora = model(input_ids=ids).last_hidden_state
+    router = PatternRouter(32)
+    router.pattern = torch.tensor([0.9, 0.1, 0.1, 0.9])
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router))
+    with torch.no_grad():
+        got = model(input_ids=ids).last_hidden_state
+    assert torch.equal(got[[1, 2]], base[[1, 2]]) and not torch.equal(got[0], base[0])
+    torch.testing.assert_close(got[[0, 3]], lora[[0, 3]], rtol=0, atol=1e-5)
 
 
 def test_a_decision_refuses_rows_that_are_not_batch_first():
