@@ -57,37 +57,46 @@ def _matches(name: str, targets: list[str] | str) -> bool:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer block list: a ModuleList as long as the text decoder's depth where the config says it
-    (``_decoder_depth``), of one block type where there is one (hybrid models such as Jamba or Zamba2 mix
-    attention and Mamba blocks in theirs), the largest such."""
-    n_layers = _decoder_depth(getattr(model, "config", None))
+    """The transformer block list: the ModuleList whose length is the text decoder's depth (``_decoder_depth``;
+    for an encoder-decoder, a list under its "decoder"), else of one block type (hybrid models such as Jamba or
+    Zamba2 mix attention and Mamba blocks in theirs), the largest such."""
+    depth, part = _decoder_depth(getattr(model, "config", None))
     candidates = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             one_type = len({type(m) for m in module}) == 1
-            if one_type or len(module) == n_layers:
+            matches = len(module) == depth and (part is None or any(part in c for c in name.split(".")))
+            if one_type or matches:
                 size = sum(p.numel() for p in module.parameters())
-                candidates.append(((len(module) == n_layers, one_type, size), name, module))
+                candidates.append(((matches, one_type, size), name, module))
     if not candidates:
         raise ValueError(f"gate='sequence': found no list of transformer blocks in {type(model).__name__}")
     _, name, module = max(candidates, key=lambda c: c[0])
     return name, module
 
 
-def _decoder_depth(config) -> int | None:
-    """How many blocks the model's text decoder has: ``num_hidden_layers``, except for an encoder-decoder (where it
-    is the encoder's depth) its decoder's, and for a composite model whose config has none (a vision-language
-    model) its text config's; None when unknown."""
-    if config is None:
-        return None
-    text = config
+def text_config(config):
+    """The config of the model's text part: ``config`` itself, or for a composite model whose config has no
+    ``num_hidden_layers`` (a vision-language model) its text config."""
     if getattr(config, "num_hidden_layers", None) is None and callable(getattr(config, "get_text_config", None)):
-        text = config.get_text_config(decoder=True)
-    depth = None
+        return config.get_text_config(decoder=True)
+    return config
+
+
+def _decoder_depth(config) -> tuple[int | None, str | None]:
+    """How many blocks the model's text decoder has, and the name part of the path to its list: the text config's
+    ``num_hidden_layers``, except for an encoder-decoder (where that is the encoder's depth) its decoder's, in a
+    list under "decoder" (an RNNT speech model counts its prediction network there, with no such list);
+    (None, None) when unknown."""
+    if config is None:
+        return None, None
+    text = text_config(config)
     if getattr(text, "is_encoder_decoder", False):
         depth = getattr(text, "decoder_layers", None) or getattr(text, "num_decoder_layers", None)
-    depth = depth or getattr(text, "num_hidden_layers", None)
-    return depth if isinstance(depth, int) else None
+        if isinstance(depth, int):
+            return depth, "decoder"
+    depth = getattr(text, "num_hidden_layers", None)
+    return (depth, None) if isinstance(depth, int) else (None, None)
 
 
 def block_index(name: str, blocks_path: str) -> int | None:
@@ -724,7 +733,8 @@ def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
         raise ValueError(f"nothing to patch after router_layer={config.router_layer}")
     router = config.router
     if router is None:
-        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        config_of_model = getattr(model, "config", None)
+        hidden = getattr(text_config(config_of_model), "hidden_size", None) if config_of_model is not None else None
         if hidden is None:
             raise ValueError("gate='sequence': the model config has no hidden_size; pass GatedLoraConfig(router=...)")
         weight = next(blocks.parameters())

@@ -340,6 +340,35 @@ def test_an_encoder_decoder_of_unequal_depths_routes_in_its_decoder():
     torch.testing.assert_close(got[[0, 2]], lora[[0, 2]], rtol=0, atol=1e-5)
 
 
+def test_a_vision_language_model_routes_in_its_language_model_with_the_default_router():
+    """A Llava's top config has neither num_hidden_layers nor hidden_size: the blocks and the default router's
+    width come from its text config (the default router was refused for want of hidden_size)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=16, patch_size=8, projection_dim=32)
+    llava = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_index=99))
+    model = get_peft_model(llava.eval(), LoraConfig(
+        r=4, target_modules=r".*language_model.*layers\.[12]\..*(q_proj|v_proj)")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    ids, mask = padded_batch([6, 9, 8], 9, vocab=98)
+    with torch.no_grad():
+        lora = model(input_ids=ids, attention_mask=mask).logits
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0))  # the default router: every sequence open
+    assert find_blocks(model)[0] == "base_model.model.model.language_model.layers"
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert bool(get_router(model).last_decisions.all())
+    torch.testing.assert_close(got, lora, rtol=0, atol=1e-5)
+
+
 def test_fresh_sequence_adapter_only_after_router_layer():
     model = tiny_causal_lm("llama", layers=LAYERS)
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, target_modules=["q_proj"]))
