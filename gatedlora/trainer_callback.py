@@ -12,6 +12,7 @@ import warnings
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
 from .io import CONFIG_NAME, load_pretrained, save_pretrained
 
@@ -34,10 +35,18 @@ class SaveGatedLoraCallback(TrainerCallback):
         best = state.best_model_checkpoint
         if not args.load_best_model_at_end or best is None or model is None:
             return control
-        if os.path.exists(os.path.join(best, CONFIG_NAME)):
+        if hasattr(model, "peft_config") and not any(
+                os.path.exists(os.path.join(best, name)) for name in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)):
+            # the Trainer loads a PEFT model's best adapter from these files only (PEFT saves an adapter not named
+            # "default" in a subfolder): loading the gates alone would pair them with the last step's LoRA
+            warnings.warn(f"SaveGatedLoraCallback: the Trainer found no LoRA weights at the top of the best checkpoint "
+                          f"{best} (PEFT saves an adapter not named 'default' in a subfolder) and kept the last "
+                          "step's; the gates and router are kept from the last step too. To load the best: "
+                          "model.load_adapter(path, adapter_name=name) and gatedlora.load_pretrained(model, "
+                          f"{best!r})", stacklevel=2)
+        elif os.path.exists(os.path.join(best, CONFIG_NAME)):
             load_pretrained(model, best)
         else:
             warnings.warn(f"SaveGatedLoraCallback: the best checkpoint {best} has no gatedlora files (saved without "
-                          "this callback): the Trainer loaded its LoRA weights, while the gates and router stay as "
-                          "the last step left them", stacklevel=2)
+                          "this callback): the gates and router stay as the last step left them", stacklevel=2)
         return control

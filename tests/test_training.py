@@ -265,3 +265,33 @@ def test_the_best_checkpoint_loaded_at_the_end_brings_its_gates_and_router_too(t
     state = model.state_dict()
     lora = load_file(best / "adapter_model.safetensors")
     assert all(torch.equal(state[k.replace(".weight", ".default.weight")], v) for k, v in lora.items())
+
+
+def test_where_the_trainer_cannot_load_the_best_lora_the_gates_stay_with_the_last_steps_too(tmp_path):
+    """PEFT saves an adapter not named "default" in a subfolder, where the Trainer does not look: it keeps the last
+    step's LoRA weights, and the callback keeps the last step's gates with them (loading only the gates would mix
+    two checkpoints), with a warning that says how to load the best."""
+    from safetensors.torch import load_file
+    from tiny_models import tiny_multi_adapter_model
+    from transformers import Trainer, TrainingArguments
+
+    from gatedlora import SaveGatedLoraCallback
+
+    data = batch(lengths=(9, 9, 9, 9, 9, 9, 9, 9), seed=5)
+    dataset = [{k: v[i] for k, v in data.items()} for i in range(8)]
+    model = tiny_multi_adapter_model(layers=LAYERS, adapters={"math": (4, ["q_proj", "v_proj"])})
+    patch_model(model, GatedLoraConfig(train_gate="soft"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-2,
+                             lr_scheduler_type="constant", report_to=[], save_steps=1, eval_strategy="steps",
+                             eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+                             greater_is_better=True, use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                      callbacks=[SaveGatedLoraCallback()])
+    with pytest.warns(UserWarning, match=r"found no LoRA weights at the top of the best checkpoint .*kept the last "
+                                         r"step's; the gates and router are kept from the last step too"):
+        trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best != str(tmp_path / "checkpoint-3")
+    last = load_file(tmp_path / "checkpoint-3" / "gatedlora_model.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k].reshape(v.shape), v) for k, v in last.items() if k.endswith("gate_weight"))
