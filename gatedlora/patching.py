@@ -459,9 +459,18 @@ class StandIn:
 
 
 def _peft_save_pretrained(model: nn.Module, *args, **kwargs):
-    """PEFT's save_pretrained, on the model as PEFT built it."""
+    """PEFT's save_pretrained, on the model as PEFT built it. A state dict passed in (the Trainer gathers one under
+    DeepSpeed or FSDP) loses gatedlora's own tensors, as the view does: with ``LoraConfig(bias="all")`` PEFT
+    would save the router's and the token gates' biases with its own."""
+    if isinstance(kwargs.get("state_dict"), dict):
+        kwargs["state_dict"] = {k: v for k, v in kwargs["state_dict"].items() if not _gatedlora_key(k)}
     with peft_view(model) as view:
         return type(model).save_pretrained(view, *args, **kwargs)
+
+
+def _gatedlora_key(key: str) -> bool:
+    """Whether a state-dict key names a tensor of gatedlora's own: the router's, a token gate's."""
+    return ROUTER_ATTRIBUTE in key.split(".") or key.endswith((".gate_weight", ".gate_bias"))
 
 
 def _keep_peft_save_working(model: nn.Module) -> None:

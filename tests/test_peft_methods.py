@@ -305,6 +305,10 @@ def test_pefts_save_of_a_sequence_gated_model_with_bias_all_holds_no_router(tmp_
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "patched" / name).read_bytes() == (tmp_path / "unpatched" / name).read_bytes(), name
     assert get_router(model) is router
+    # a state dict passed in, as the Trainer passes one under DeepSpeed or FSDP, holds the router too
+    model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "given" / name).read_bytes() == (tmp_path / "unpatched" / name).read_bytes(), name
 
 
 def test_transformers_peft_integration_methods_run_on_the_view(tmp_path, monkeypatch):
