@@ -237,24 +237,32 @@ def test_trainer_checkpoints_keep_gates_and_router_and_a_resumed_run_ends_as_the
         torch.testing.assert_close(resumed[name], whole[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def best_at_end_trainer(model, output):
+    """A Trainer of 3 steps with a checkpoint and an evaluation at each and load_best_model_at_end, the highest loss
+    "best" (an early checkpoint, whose weights differ from the last step's), with SaveGatedLoraCallback."""
+    from transformers import Trainer, TrainingArguments
+
+    from gatedlora import SaveGatedLoraCallback
+
+    data = batch(lengths=(9, 9, 9, 9, 9, 9, 9, 9), seed=5)
+    dataset = [{k: v[i] for k, v in data.items()} for i in range(8)]
+    args = TrainingArguments(output_dir=str(output), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-2,
+                             lr_scheduler_type="constant", report_to=[], save_steps=1, eval_strategy="steps",
+                             eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+                             greater_is_better=True, use_cpu=True, seed=0, disable_tqdm=True)
+    return Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                   callbacks=[SaveGatedLoraCallback()])
+
+
 def test_the_best_checkpoint_loaded_at_the_end_brings_its_gates_and_router_too(tmp_path):
     """load_best_model_at_end: the Trainer reloads the best checkpoint's LoRA weights; SaveGatedLoraCallback then
     loads its router (which stayed as the last step left it), so the model is that checkpoint's throughout."""
     from safetensors.torch import load_file
-    from transformers import Trainer, TrainingArguments
 
-    from gatedlora import SaveGatedLoraCallback, get_router
+    from gatedlora import get_router
 
-    data = batch(lengths=(9, 9, 9, 9, 9, 9, 9, 9), seed=5)
-    dataset = [{k: v[i] for k, v in data.items()} for i in range(8)]
     model = patched(GatedLoraConfig(gate="sequence", router_layer=0, straight_through=True))
-    # the highest loss is "best": an early checkpoint, whose weights differ from the last step's
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-2,
-                             lr_scheduler_type="constant", report_to=[], save_steps=1, eval_strategy="steps",
-                             eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
-                             greater_is_better=True, use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
-                      callbacks=[SaveGatedLoraCallback()])
+    trainer = best_at_end_trainer(model, tmp_path)
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best is not None and best != str(tmp_path / "checkpoint-3") and trainer.state.global_step == 3
@@ -273,20 +281,10 @@ def test_where_the_trainer_cannot_load_the_best_lora_the_gates_stay_with_the_las
     two checkpoints), with a warning that says how to load the best."""
     from safetensors.torch import load_file
     from tiny_models import tiny_multi_adapter_model
-    from transformers import Trainer, TrainingArguments
 
-    from gatedlora import SaveGatedLoraCallback
-
-    data = batch(lengths=(9, 9, 9, 9, 9, 9, 9, 9), seed=5)
-    dataset = [{k: v[i] for k, v in data.items()} for i in range(8)]
     model = tiny_multi_adapter_model(layers=LAYERS, adapters={"math": (4, ["q_proj", "v_proj"])})
     patch_model(model, GatedLoraConfig(train_gate="soft"))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-2,
-                             lr_scheduler_type="constant", report_to=[], save_steps=1, eval_strategy="steps",
-                             eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
-                             greater_is_better=True, use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
-                      callbacks=[SaveGatedLoraCallback()])
+    trainer = best_at_end_trainer(model, tmp_path)
     with pytest.warns(UserWarning, match=r"found no LoRA weights at the top of the best checkpoint .*kept the last "
                                          r"step's; the gates and router are kept from the last step too"):
         trainer.train()
