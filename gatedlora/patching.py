@@ -386,10 +386,18 @@ def peft_view(model: nn.Module) -> Iterator[nn.Module]:
     at the ends, and the root's without the router (not PEFT's: ``LoraConfig(bias="all")`` would save its
     biases). The gated layers hold PEFT's weight dicts, so weights a method changes or loads are the gated
     layers' too. After the call, attributes it set on a copy (PEFT's active adapter) are set on the module, and
-    children it added or removed there likewise; a training flag it changed is set with ``train()``, so that
-    it reaches the gated layers (PEFT's ``load_adapter`` ends in ``eval()``).
+    children it added or removed there likewise. Its ``train()``/``eval()`` calls on a copy are made again on the
+    module, in order, so that they reach the gated layers (PEFT's ``load_adapter`` ends in ``eval()``, which also
+    turns off a gated layer set to train on its own), and a training flag it set directly is set with ``train()``.
     """
     copies: dict[str, tuple[nn.Module, nn.Module, dict]] = {}  # path: (module, its copy, its attributes before)
+    train_calls: list[tuple[str, bool]] = []  # (path, mode) of each train()/eval() call on a copy, in order
+
+    def recording_train(twin: nn.Module, path: str):
+        def train(mode: bool = True) -> nn.Module:
+            train_calls.append((path, mode))
+            return type(twin).train(twin, mode)
+        return train
 
     def copy_of(path: str) -> nn.Module:
         if path not in copies:
@@ -398,6 +406,7 @@ def peft_view(model: nn.Module) -> Iterator[nn.Module]:
             twin.__dict__.update(module.__dict__)
             twin.__dict__["_modules"] = dict(module._modules)
             copies[path] = (module, twin, dict(module.__dict__))
+            twin.__dict__["train"] = recording_train(twin, path)  # (eval() calls self.train(False))
             if path:
                 parent, _, child = path.rpartition(".")
                 copy_of(parent)._modules[child] = twin
@@ -414,12 +423,13 @@ def peft_view(model: nn.Module) -> Iterator[nn.Module]:
         yield view
     finally:
         retrain = []
+        called = {path for path, _ in train_calls}
         for path, (module, twin, before) in copies.items():
             for key, value in twin.__dict__.items():
                 if key == "training":
-                    if value != before["training"]:
+                    if value != before["training"] and path not in called:
                         retrain.append((path, value))
-                elif key != "_modules" and before.get(key, _ABSENT) is not value:
+                elif key not in ("_modules", "train") and before.get(key, _ABSENT) is not value:
                     module.__dict__[key] = value
             for key in before.keys() - twin.__dict__.keys():
                 module.__dict__.pop(key, None)
@@ -427,6 +437,8 @@ def peft_view(model: nn.Module) -> Iterator[nn.Module]:
                 del module._modules[child]
             for child in twin._modules.keys() - module._modules.keys():
                 module._modules[child] = twin._modules[child]
+        for path, mode in train_calls:
+            copies[path][0].train(mode)
         for path, training in sorted(retrain, key=lambda item: item[0].count(".") + bool(item[0])):
             copies[path][0].train(training)  # outermost first, so that an inner module's own flag wins
 

@@ -284,6 +284,20 @@ def test_load_adapter_leaves_the_gated_layers_in_eval_mode_as_peft_leaves_its_ow
     assert not model.training and not any(m.training for m in model.modules())
 
 
+def test_load_adapter_in_eval_mode_also_turns_off_a_gated_layer_set_to_train_on_its_own(tmp_path):
+    """PEFT's eval() at the end of load_adapter reaches every module, whatever the model's flag was: the view's
+    eval() is made again on the model (a changed flag alone was carried back, and the model's had not changed)."""
+    from gatedlora.patching import gated_layers
+
+    model = tiny_peft_model("llama")
+    model.save_pretrained(tmp_path)
+    patch_model(model, GatedLoraConfig(train_gate="soft")).eval()
+    _, layer = next(iter(gated_layers(model)))
+    layer.train()
+    model.load_adapter(tmp_path, adapter_name="default")
+    assert not any(m.training for m in model.modules())
+
+
 def test_pefts_save_of_a_sequence_gated_model_with_bias_all_holds_no_router(tmp_path):
     """LoraConfig(bias="all") saves every bias PEFT's model has; the router is not PEFT's, so the file is the
     unpatched model's, byte for byte (the view showed PEFT the router too), and the router stays in the model."""
