@@ -690,11 +690,31 @@ TIME_FIRST_MODEL_TYPES = ("fsmt", "xlnet")
 TIME_FIRST_ATTENTION = ("LongformerSelfAttention", "LEDEncoderSelfAttention")
 
 
-def _time_first(model: nn.Module, names: list[str]) -> list[str]:
-    """The layers among ``names`` that take time-first inputs."""
+# Layers that project the relative-position embeddings in DeBERTa's disentangled attention (and SEW-D's copy of
+# it): one [1, 2 * span, K] input for the whole batch, whose rows belong to no one sequence. With share_att_key
+# the query and key projections take them as well as the hidden states. Refused at the first forward of a batch
+# of two or more before; at batch 1 they ran with that one sequence's gate.
+DISENTANGLED_ATTENTION = "DisentangledSelfAttention"
+POSITION_PROJECTIONS = ("pos_proj", "pos_q_proj", "pos_key_proj", "pos_query_proj")
+SHARED_KEY_PROJECTIONS = ("query_proj", "key_proj")
+
+
+def _not_per_sequence(model: nn.Module, names: list[str]) -> list[str]:
+    """The layers among ``names`` whose input rows are not each sequence's own, batch first: time-first inputs,
+    and inputs shared by the whole batch."""
     if getattr(getattr(model, "config", None), "model_type", None) in TIME_FIRST_MODEL_TYPES:
         return names
-    return [n for n in names if type(model.get_submodule(n.rpartition(".")[0])).__name__ in TIME_FIRST_ATTENTION]
+    found = []
+    for name in names:
+        owner_path, _, child = name.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        kind = type(owner).__name__
+        shared_keys = getattr(owner, "share_att_key", False)
+        shared = kind == DISENTANGLED_ATTENTION and getattr(owner, "relative_attention", False) and (
+            child in POSITION_PROJECTIONS or (child in SHARED_KEY_PROJECTIONS and shared_keys))
+        if kind in TIME_FIRST_ATTENTION or shared:
+            found.append(name)
+    return found
 
 
 def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
@@ -743,12 +763,13 @@ def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
             "batch, so its rows cannot be traced to their sequences. Train the adapter without LoRA on the experts "
             "(LoraConfig(target_modules=...) on the attention projections), or use token gates "
             "(GatedLoraConfig(gate='token'))")
-    time_first = _time_first(model, held)
-    if time_first:
+    not_per_sequence = _not_per_sequence(model, held)
+    if not_per_sequence:
         raise ValueError(
-            f"gate='sequence': these layers take time-first inputs [T, B, ...], whose rows cannot be traced to their "
-            f"sequences by position: {time_first[:4]}{' ...' if len(time_first) > 4 else ''}. Train the adapter "
-            "without LoRA there (LoraConfig(target_modules=...)), or use token gates (GatedLoraConfig(gate='token'))")
+            "gate='sequence': these layers take inputs whose rows cannot be traced to their sequences by position "
+            "(time-first [T, B, ...], or shared by the whole batch, as DeBERTa's relative-position embeddings are): "
+            f"{not_per_sequence[:4]}{' ...' if len(not_per_sequence) > 4 else ''}. Train the adapter without LoRA "
+            "there (LoraConfig(target_modules=...)), or use token gates (GatedLoraConfig(gate='token'))")
     targets = [(n, m) for n, m in targets if n not in in_blocks and n not in outside]
     if not targets:
         raise ValueError(f"nothing to patch after router_layer={config.router_layer}")

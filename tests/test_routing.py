@@ -9,7 +9,7 @@ import gatedlora
 from gatedlora import GatedLoraConfig, get_router, patch_model
 from gatedlora.patching import find_blocks, gated_layers
 from steered_routers import last_real_hidden, splitting_router
-from tiny_models import padded_batch, tiny_causal_lm, tiny_peft_model
+from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_peft_model
 
 LAYERS = 4
 ROUTER_LAYER = 1
@@ -241,7 +241,8 @@ def test_layers_that_take_time_first_inputs_are_refused_for_sequence_gates():
                     p.normal_(0, 0.5)
         return model
 
-    with pytest.raises(ValueError, match=r"gate='sequence': these layers take time-first inputs \[T, B, \.\.\.\].*"
+    with pytest.raises(ValueError, match=r"gate='sequence': these layers take inputs whose rows cannot be traced.*"
+                                         r"time-first \[T, B, \.\.\.\].*"
                                          r"layer.1.attention.self.(query|value).*GatedLoraConfig\(gate='token'\)"):
         patch_model(longformer(["query", "value"]), GatedLoraConfig(gate="sequence", router_layer=0))
     assert any(True for _ in gated_layers(patch_model(longformer(["query", "value"]))))
@@ -259,6 +260,47 @@ def test_layers_that_take_time_first_inputs_are_refused_for_sequence_gates():
         got = model(input_ids=ids).last_hidden_state
     assert torch.equal(got[[1, 2]], base[[1, 2]]) and not torch.equal(got[0], base[0])
     torch.testing.assert_close(got[[0, 3]], lora[[0, 3]], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("share_att_key", [True, False])
+def test_deberta_projections_of_the_shared_relative_embeddings_are_refused_at_patch_time(share_att_key):
+    """DeBERTa's disentangled attention projects the relative-position embeddings, one input for the whole batch:
+    with share_att_key through query_proj and key_proj, otherwise through pos_key_proj and pos_query_proj. Those
+    layers are refused when patched (a batch of two failed at its first forward, and a batch of one ran); the
+    value projection, and the query one without share_att_key, take each sequence's rows and gate exactly."""
+    from peft import LoraConfig, get_peft_model
+    from steered_routers import PatternRouter
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    def deberta(targets):
+        torch.manual_seed(0)
+        config = DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=48, max_position_embeddings=64, relative_attention=True,
+                                 position_buckets=8, share_att_key=share_att_key, pos_att_type=["p2c", "c2p"],
+                                 max_relative_positions=-1, position_biased_input=False)
+        model = get_peft_model(DebertaV2Model(config).eval(),
+                               LoraConfig(r=4, target_modules=targets, layers_to_transform=[1, 2])).eval()
+        randomize_lora_b(model, seed=1, scale=0.5)
+        return model
+
+    shared = ["query_proj", "key_proj"] if share_att_key else ["pos_key_proj", "pos_query_proj"]
+    with pytest.raises(ValueError, match=r"rows cannot be traced.*shared by the whole batch.*"
+                                         rf"layer.1.attention.self.({'|'.join(shared)})"):
+        patch_model(deberta(shared), GatedLoraConfig(gate="sequence", router_layer=0))
+
+    model = deberta(["value_proj"] if share_att_key else ["query_proj", "value_proj"])
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids).last_hidden_state
+        lora = model(input_ids=ids).last_hidden_state
+    router = PatternRouter(32)
+    router.pattern = torch.tensor([0.9, 0.1])
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router))
+    with torch.no_grad():
+        got = model(input_ids=ids).last_hidden_state
+    assert torch.equal(got[1], base[1])
+    torch.testing.assert_close(got[0], lora[0], rtol=0, atol=1e-5)
 
 
 def test_a_decision_refuses_rows_that_are_not_batch_first():
