@@ -60,19 +60,34 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The transformer block list: the ModuleList whose length is the text decoder's depth (``_decoder_depth``;
     for an encoder-decoder, a list under its "decoder"), else of one block type (hybrid models such as Jamba or
     Zamba2 mix attention and Mamba blocks in theirs), the largest such."""
-    depth, part = _decoder_depth(getattr(model, "config", None))
+    config = getattr(model, "config", None)
+    depth, part = _decoder_depth(config)
+    text = type(text_config(config)) if config is not None else None
     candidates = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             one_type = len({type(m) for m in module}) == 1
             matches = len(module) == depth and (part is None or any(part in c for c in name.split(".")))
             if one_type or matches:
+                # of the lists as deep as the text decoder, the text model's own (Blip-2's Q-Former can be as deep
+                # as its language model, and larger)
+                in_text_model = matches and type(_owner_config(model, name)) is text
                 size = sum(p.numel() for p in module.parameters())
-                candidates.append(((matches, one_type, size), name, module))
+                candidates.append(((matches, in_text_model, one_type, size), name, module))
     if not candidates:
         raise ValueError(f"gate='sequence': found no list of transformer blocks in {type(model).__name__}")
     _, name, module = max(candidates, key=lambda c: c[0])
     return name, module
+
+
+def _owner_config(model: nn.Module, name: str):
+    """The config of the innermost module above ``name`` that has one (None if none has)."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        config = getattr(model.get_submodule(".".join(parts[:depth])), "config", None)
+        if config is not None:
+            return config
+    return None
 
 
 def text_config(config):
@@ -96,7 +111,10 @@ def _decoder_depth(config) -> tuple[int | None, str | None]:
         if isinstance(depth, int):
             return depth, "decoder"
     depth = getattr(text, "num_hidden_layers", None)
-    return (depth, None) if isinstance(depth, int) else (None, None)
+    if not isinstance(depth, int):
+        return None, None
+    # a composite encoder-decoder whose text config is its decoder's (t5gemma2: the encoder is as deep)
+    return depth, "decoder" if text is not config and getattr(config, "is_encoder_decoder", False) else None
 
 
 def block_index(name: str, blocks_path: str) -> int | None:

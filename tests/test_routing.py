@@ -411,6 +411,56 @@ def test_a_vision_language_model_routes_in_its_language_model_with_the_default_r
     torch.testing.assert_close(got, lora, rtol=0, atol=1e-5)
 
 
+def test_blip2_routes_in_its_language_model_not_its_equally_deep_q_former():
+    """Blip-2's Q-Former can be as deep as its language model, and larger: of the lists as deep as the text decoder,
+    the one in the module whose config is the text config holds the blocks (the Q-Former's were taken)."""
+    from peft import LoraConfig, get_peft_model
+    from steered_routers import PatternRouter
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig,
+                              OPTConfig)
+
+    torch.manual_seed(0)
+    vision = Blip2VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=16, patch_size=8)
+    qformer = Blip2QFormerConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                                 encoder_hidden_size=32, vocab_size=50)
+    text = OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=48, num_hidden_layers=3, num_attention_heads=4,
+                     max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=1)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                         text_config=text.to_dict(), num_query_tokens=4, image_token_index=99)
+    model = get_peft_model(Blip2ForConditionalGeneration(config).eval(), LoraConfig(
+        r=4, target_modules=r".*language_model.*layers\.[12]\..*(q_proj|v_proj)")).eval()
+    randomize_lora_b(model, seed=1, scale=0.3)
+    ids, mask = padded_batch([6, 9, 8], 9, vocab=98)
+    inputs = dict(input_ids=torch.cat([torch.full((3, 4), 99), ids.clamp(min=2)], 1),
+                  attention_mask=torch.cat([torch.ones(3, 4, dtype=torch.long), mask], 1),
+                  pixel_values=torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        lora = model(**inputs).logits
+        with model.disable_adapter():
+            base = model(**inputs).logits
+    router = PatternRouter(32)
+    router.pattern = torch.tensor([0.9, 0.1, 0.9])
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router))
+    assert find_blocks(model)[0] == "base_model.model.language_model.model.decoder.layers"
+    with torch.no_grad():
+        got = model(**inputs).logits
+    assert torch.equal(got[1], base[1]) and not torch.equal(got[0], base[0])
+    torch.testing.assert_close(got[[0, 2]], lora[[0, 2]], rtol=0, atol=1e-5)
+
+
+def test_a_composite_encoder_decoder_routes_in_its_decoder():
+    """t5gemma2's top config is an encoder-decoder whose text config is its decoder's, as deep as the encoder's
+    text model: the blocks are the list under "decoder" (the encoder's were taken)."""
+    from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = T5Gemma2ForConditionalGeneration(T5Gemma2Config())
+    path, blocks = find_blocks(model)
+    decoder_depth = T5Gemma2Config().get_text_config(decoder=True).num_hidden_layers
+    assert path == "model.decoder.layers" and len(blocks) == decoder_depth
+
+
 def test_fresh_sequence_adapter_only_after_router_layer():
     model = tiny_causal_lm("llama", layers=LAYERS)
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, target_modules=["q_proj"]))
