@@ -43,6 +43,7 @@ class RouteOnlyModel(nn.Module):
     def __init__(self, backbone: nn.Module, route: SequenceRouter, adapter_name: str = "adapter") -> None:
         super().__init__()
         router_layer = route.config.router_layer
+        _check_decoder_only(getattr(backbone, "config", None))
         _, blocks = find_blocks(backbone)
         if len(blocks) != router_layer + 1:
             raise ValueError(f"RouteOnlyModel: the backbone must end at block router_layer={router_layer}, "
@@ -77,7 +78,9 @@ class RouteOnlyModel(nn.Module):
         default_router = router is None and saved.get("router") in DEFAULT_ROUTERS
         router = router_from_state(saved.get("router"), tensors, router)
         config = GatedLoraConfig.from_dict(saved, router=router)
-        model_config = cut_config(AutoConfig.from_pretrained(model_path), config.router_layer + 1)
+        model_config = AutoConfig.from_pretrained(model_path)
+        _check_decoder_only(model_config)
+        model_config = cut_config(model_config, config.router_layer + 1)
         with _quiet_transformers():
             backbone = AutoModel.from_pretrained(model_path, config=model_config,
                                                  **({} if dtype is None else {"dtype": dtype}))
@@ -129,6 +132,15 @@ def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any 
             probabilities[torch.tensor(rows)] = decision.probabilities.float().cpu()
             routes[torch.tensor(rows)] = decision.routes.cpu()
     return probabilities, routes
+
+
+def _check_decoder_only(config: Any) -> None:
+    """Refuse an encoder-decoder: its router reads the decoder, after the whole encoder, so blocks 0..router_layer
+    of one list are not enough (and its num_hidden_layers counts the encoder's)."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"RouteOnlyModel: {type(config).__name__} is an encoder-decoder, whose router reads its "
+                         "decoder after the whole encoder; a route-only model is built for decoder-only models. Route "
+                         "with the full patched model (get_router(model).last_routes after a forward)")
 
 
 def cut_config(config: Any, blocks: int) -> Any:

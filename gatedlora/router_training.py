@@ -62,6 +62,9 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
     model: patched with ``gate="sequence"``. prompts: n strings (with ``tokenizer``) or n token-id
     sequences. One forward per batch, adapter off, stopped after block ``router_layer``; prompts are
     batched by length (less padding) and padded on the right. Returns [n, H] float32 on the CPU.
+
+    An encoder-decoder routes in its decoder: the prompt goes to the encoder, and the feature is the decoder's
+    hidden state at the token ``generate()`` starts it with, which reads the prompt through cross-attention.
     """
     from tqdm.auto import tqdm
 
@@ -70,6 +73,7 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
     block = model.get_submodule(state.blocks_path)[state.config.router_layer]
     ids = token_ids(prompts, tokenizer, max_length, "train_router")
     device = next(model.parameters()).device
+    decoder_start = _decoder_start(model, state.blocks_path)
     features = torch.empty(len(ids), 0)
     was_training = model.training
     handle = block.register_forward_hook(capture_and_stop, prepend=True)  # before the routing hook
@@ -79,11 +83,16 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
             batches = right_padded_batches(ids, batch_size)
             for rows, input_ids, mask in tqdm(batches, total=math.ceil(len(ids) / batch_size), desc="router features",
                                               unit="batch", disable=not progress):
-                length = input_ids.shape[1]
-                hidden = output_of_block(partial(model, input_ids=input_ids.to(device), attention_mask=mask.to(device)))
+                inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+                if decoder_start is not None:
+                    inputs["decoder_input_ids"] = torch.full((len(rows), 1), decoder_start, device=device)
+                hidden = output_of_block(partial(model, **inputs))
                 if hidden is None:
                     raise RuntimeError(f"train_router: block {state.config.router_layer} did not run in the forward")
-                positions = last_real_positions(mask, len(rows), length).to(hidden.device)
+                if decoder_start is None:
+                    positions = last_real_positions(mask, len(rows), input_ids.shape[1]).to(hidden.device)
+                else:
+                    positions = torch.zeros(len(rows), dtype=torch.long, device=hidden.device)
                 last = hidden[torch.arange(len(rows), device=hidden.device), positions].float().cpu()
                 if features.shape[1] == 0:
                     features = torch.empty(len(ids), last.shape[1])
@@ -92,6 +101,22 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
         handle.remove()
         model.train(was_training)
     return features
+
+
+def _decoder_start(model: nn.Module, blocks_path: str) -> int | None:
+    """The token ``generate()`` starts the decoder with, for an encoder-decoder whose blocks are its decoder's
+    (at prefill the router reads the decoder there); None for other models."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or "decoder" not in blocks_path.split("."):
+        return None
+    for source in (getattr(model, "generation_config", None), config):
+        for name in ("decoder_start_token_id", "bos_token_id"):
+            token = getattr(source, name, None)
+            if isinstance(token, int):
+                return token
+    raise ValueError(f"train_router: {type(model).__name__} is an encoder-decoder whose router reads its decoder at "
+                     "the token generate() starts it with, but neither its generation config nor its config names "
+                     "a decoder_start_token_id (or bos_token_id): set model.generation_config.decoder_start_token_id")
 
 
 def router_logits(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from gatedlora import GatedLoraConfig, get_router, patch_model, save_pretrained
 from gatedlora.route_only import RouteOnlyModel, cut_config
-from tiny_models import padded_batch, tiny_causal_lm
+from tiny_models import padded_batch, tiny_causal_lm, tiny_t5
 
 
 BATCH = padded_batch([9, 3, 12, 7, 1, 12], 12, seed=5)
@@ -153,6 +153,12 @@ def test_errors_name_the_problem(tmp_path):
 
     with pytest.raises(ValueError, match="router_layer=2 leaves no block for the adapter: the model has 3 blocks"):
         cut_config(AutoConfig.from_pretrained(model_dir), 3)
+
+    # an encoder-decoder's router reads its decoder after the whole encoder (its num_hidden_layers is the encoder's:
+    # the cut config loaded and routed from the wrong blocks)
+    tiny_t5().save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match="T5Config is an encoder-decoder.*built for decoder-only models"):
+        RouteOnlyModel.from_pretrained(tmp_path / "t5", router_dir)
 
 
 # --- `gatedlora route` on the real MiniLM with a router trained to spot a marker word ----------------------

