@@ -324,6 +324,30 @@ def test_add_lora_equals_the_op_without_a_gate(dtype, lora_dtype, lead):
     assert (out.double() - ref).abs().max() < tolerance * ref.abs().max()
 
 
+@pytest.mark.parametrize("gate", ["none", "given", "token", "bool"])
+@pytest.mark.parametrize("m", [1, 6, 40])  # the torch backend's strategies by size
+def test_autocast_leaves_the_op_computing_in_the_adapters_dtype(gate, m):
+    """Under ``torch.autocast`` the op (and ``add_lora_``) computes as without it, forward and backward, as the
+    multi-adapter op does: fp32 tensors without a gate failed (a bf16 matmul added in place into fp32)."""
+    from gatedlora.ops import add_lora_
+
+    x, base, a, b = make_inputs(m, 24, 20, 4, torch.float32, 8)
+    gen = torch.Generator().manual_seed(9)
+    options = {"none": {}, "given": {"gate": torch.rand(m, generator=gen)},
+               "token": {"gate_weight": torch.randn(24, generator=gen), "gate_bias": 0.1},
+               "bool": {"gate": torch.rand(m, generator=gen) < 0.5}}[gate]
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = gated_lora(leaves[0], base, leaves[1], leaves[2], 1.5, backend="torch", **options)
+            plain = gated_lora(x, base, a, b, 1.5, backend="torch", **options)
+            added = add_lora_(base.clone(), x, a, b, 1.5)
+        results.append((out.detach(), plain, added, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    for without, under in zip(*results):
+        assert torch.equal(bits(under), bits(without))
+
+
 def test_add_lora_takes_the_op_where_the_direct_add_does_not_apply(monkeypatch):
     """A non-contiguous out, no rows, K = 0, another backend named or set by GATEDLORA_BACKEND: the op runs
     (and gets the answer right)."""

@@ -8,7 +8,7 @@ place) has a known shape. Under functionalization that becomes ``auto_functional
 Inductor re-inplaces it.
 """
 # No ``from __future__ import annotations``: torch.library reads the annotations to infer the schema.
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -31,9 +31,21 @@ def gated_lora_add_(out: torch.Tensor, args: GatedLoraArgs, backend: str) -> Non
         torch.ops.gatedlora.gated_lora_add_(rows, args.x, args.lora_a, args.lora_b, args.scaling, args.gate,
                                             args.gate_weight, args.gate_bias, args.threshold, args.hard, backend)
     else:
-        dispatch(backend, args).launch(rows, args)
+        without_autocast(dispatch(backend, args).launch, rows, args)
     if copied:
         out.copy_(rows.view(out.shape))
+
+
+def without_autocast(add: Callable[[torch.Tensor, Any], None], out: torch.Tensor, args: Any) -> None:
+    """``add(out, args)`` (a backend's add into out [M, N]) with autocast off: the term is computed in the
+    adapters' dtype (x cast to it), as the Triton and CUDA kernels and the backward compute it; under autocast
+    the torch backend's matmuls returned a lower precision, which its in-place adds into an out of the weights'
+    dtype refused to mix. Checking costs about 0.15 us a call; the context is entered only under autocast."""
+    if torch.is_autocast_enabled(out.device.type):
+        with torch.autocast(out.device.type, enabled=False):
+            add(out, args)
+    else:
+        add(out, args)
 
 
 def out_rows(out: torch.Tensor, m: int, n: int) -> tuple[torch.Tensor, bool]:
@@ -61,7 +73,7 @@ def registered_gated_lora_add_(
     """The registered op. out: [M, N] (mutated); x: [M, K]; lora_a: [r, K]; lora_b: [N, r];
     gate: [M] or None; gate_weight: [K] or None; gate_bias: 0-dim (token gates) or None."""
     args = make_args(x, out.shape[-1], lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard)
-    dispatch(backend, args).launch(out, args)
+    without_autocast(dispatch(backend, args).launch, out, args)
 
 
 @registered_gated_lora_add_.register_fake

@@ -94,7 +94,8 @@ def add_lora_(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
     lora_b: [N, r].
     """
     if x.is_cpu and out.dtype == x.dtype == lora_a.dtype == lora_b.dtype and out.is_contiguous() \
-            and out.numel() and x.shape[-1] and torch_runs_on_cpu(backend):  # (no rows, or K = 0: the op's way)
+            and out.numel() and x.shape[-1] and torch_runs_on_cpu(backend) \
+            and not torch.is_autocast_enabled("cpu"):  # (no rows, K = 0, or autocast: the op's way)
         addmm_lora_(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), lora_a, lora_b, scaling)
         return out
     return gated_lora(x, out, lora_a, lora_b, scaling, backend=backend, inplace=True, validate=False)

@@ -6,7 +6,7 @@ straight to the cached dispatch; under ``torch.compile`` the call is one graph n
 import torch
 
 from .backends import dispatch_multi, resolve_backend_name
-from .custom_op import out_rows
+from .custom_op import out_rows, without_autocast
 from .multi_args import MultiLoraArgs, make_multi_args
 
 OP_NAME = "gatedlora::gated_lora_multi_add_"
@@ -23,22 +23,9 @@ def gated_lora_multi_add_(out: torch.Tensor, args: MultiLoraArgs, backend: str) 
         torch.ops.gatedlora.gated_lora_multi_add_(rows, args.x, list(args.lora_a), list(args.lora_b),
                                                   list(args.scaling), args.adapter_index, backend)
     else:
-        launch(rows, args, backend)
+        without_autocast(dispatch_multi(backend, args).launch, rows, args)
     if copied:
         out.copy_(rows.view(out.shape))
-
-
-def launch(out: torch.Tensor, args: MultiLoraArgs, backend: str) -> None:
-    """The backend's add into out [M, N], with autocast off: the term is computed in the adapters' dtype (x cast
-    to it, as the kernels and the backward do), and under autocast the torch backend's matmuls would return
-    a lower precision that its in-place adds into out refuse to mix with the weights' dtype. Checking costs
-    about 0.3 us a call; entering the context only happens under autocast."""
-    add = dispatch_multi(backend, args).launch
-    if torch.is_autocast_enabled(out.device.type):
-        with torch.autocast(out.device.type, enabled=False):
-            add(out, args)
-    else:
-        add(out, args)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=("out",))
@@ -54,7 +41,7 @@ def registered_gated_lora_multi_add_(
     """The registered op. out: [M, N] (mutated); x: [M, K]; lora_a[i]: [r_i, K]; lora_b[i]: [N, r_i];
     scaling: one float per adapter; adapter_index: [M] (-1: base)."""
     args = make_multi_args(x, out.shape[-1], lora_a, lora_b, scaling, adapter_index)
-    launch(out, args, backend)
+    without_autocast(dispatch_multi(backend, args).launch, out, args)
 
 
 @registered_gated_lora_multi_add_.register_fake
