@@ -348,6 +348,25 @@ def test_autocast_leaves_the_op_computing_in_the_adapters_dtype(gate, m):
         assert torch.equal(bits(under), bits(without))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_compile_fullgraph_takes_the_op_in_place_or_not(inplace):
+    """One graph with fullgraph=True in place too (the overlap check read storage addresses, which Dynamo cannot
+    trace); the compiled result and the written base_out are eager's."""
+    x, base, a, b = make_inputs(6, 16, 12, 4, torch.float32, 31)
+    gate = torch.rand(6, generator=torch.Generator().manual_seed(32))
+
+    def fn(x, base):
+        return torch.nn.functional.gelu(gated_lora(x, base, a, b, 1.5, gate=gate, backend="torch", inplace=inplace))
+
+    torch._dynamo.reset()
+    eager_base, compiled_base = base.clone(), base.clone()
+    with torch.no_grad():
+        eager = fn(x, eager_base)
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, compiled_base)
+    assert torch.equal(compiled, eager) and torch.equal(compiled_base, eager_base)
+    assert torch.equal(eager_base, base) != inplace
+
+
 def test_add_lora_takes_the_op_where_the_direct_add_does_not_apply(monkeypatch):
     """A non-contiguous out, no rows, K = 0, another backend named or set by GATEDLORA_BACKEND: the op runs
     (and gets the answer right)."""

@@ -73,8 +73,10 @@ def gated_lora(
                      inplace, straight_through)
         scaling, threshold = float(scaling), float(threshold)
     args = make_args(x, base_out.shape[-1], lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard)
-    if validate and inplace and overlaps(base_out, (x, lora_a, lora_b, gate, gate_weight, gate_bias)):
-        # a kernel would read x (or a weight) while writing base_out: compute into a copy first
+    if validate and inplace and (torch.compiler.is_compiling()
+                                 or overlaps(base_out, (x, lora_a, lora_b, gate, gate_weight, gate_bias))):
+        # a kernel would read x (or a weight) while writing base_out: compute into a copy first. Under torch.compile,
+        # whose tracing cannot read storage addresses, always: right whatever overlaps (the layers pass no check)
         return base_out.copy_(run(args, base_out, backend, inplace=False, straight_through=straight_through))
     return run(args, base_out, backend, inplace, straight_through)
 
