@@ -486,6 +486,7 @@ def test_torch_compile_keeps_the_op_whole(backend_name, inplace):
     (dict(adapter_index="shape"), r"adapter_index must have one value per row of x: shape \[4\]"),
     (dict(adapter_index="range"), r"adapter_index must hold -1 \(base\) or an adapter in \[0, 2\); rows \[1, 3\]"),
     (dict(lora_a="tensor"), r"lora_a must be a list of tensors, one per adapter, got Tensor"),
+    (dict(base_out="meta"), r"base_out is on meta but x is on cpu; all tensors must share a device"),
 ])
 def test_bad_input_is_named(change, message):
     case = make_case(47, 4, 8, 6, (2, 3), torch.float32, "no base")
@@ -506,6 +507,8 @@ def test_bad_input_is_named(change, message):
         case[key] = torch.tensor([0, 2, -1, -2])
     elif how == "tensor":
         case[key] = torch.stack([case["lora_a"][0], case["lora_a"][0]])
+    elif how == "meta":
+        case[key] = case[key].to("meta")
     else:
         case[key] = how
     with pytest.raises((TypeError, ValueError), match=message):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gate_cases import bits, check_against_reference, make_case
+import gatedlora
 from gatedlora import gated_lora
 from gatedlora.ops import backends, clear_dispatch_cache, torch_backend
 from gatedlora.ops.args import make_args
@@ -181,6 +182,13 @@ def test_folded_strategy_keeps_closed_rows_up_to_the_sign_of_zero():
 def test_empty_input_and_inplace():
     x, base, a, b = make_inputs(0, 16, 12, 4, torch.float32, 0)
     assert gated_lora(x, base, a, b, 1.0, gate=torch.rand(0)).shape == (0, 12)
+    # an empty tensor may come with a stride of 0 (PyTorch gives (3, 0, 1) * 3 the strides (0, 1, 0)): nothing
+    # to alias, so in place is fine
+    empty = torch.randn(3, 0, 1) * 3
+    assert 0 in empty.stride()
+    assert gated_lora(torch.randn(3, 0, 16), empty, a, torch.randn(1, 4), 1.0, inplace=True) is empty
+    assert gatedlora.gated_lora_multi(torch.randn(3, 0, 16), empty, [a], [torch.randn(1, 4)], 1.0,
+                                      torch.zeros(3, 0, dtype=torch.long), inplace=True) is empty
     x, base, a, b = make_inputs(6, 16, 12, 4, torch.float32, 1)
     keep = base.clone()
     out = gated_lora(x, base, a, b, 1.0)
@@ -292,6 +300,7 @@ def test_gate_kind_is_one_enum_and_gate_bias_one_type():
     (dict(gate_weight=torch.randn(7)), r"gate_weight must have shape \[K\] = \[8\], got \[7\]"),
     (dict(a=torch.randn(4, 8, device="meta"), b=torch.randn(6, 4, device="meta")),
      r"lora_a is on meta but x is on cpu"),
+    (dict(base=torch.randn(3, 6, device="meta")), r"base_out is on meta but x is on cpu"),
     (dict(threshold=1.5), r"threshold must be a float in \(0, 1\), got 1.5"),
     (dict(scaling=float("inf")), r"scaling must be a finite Python float"),
 ])

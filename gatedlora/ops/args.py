@@ -120,10 +120,18 @@ def check_x_and_base_out(x, base_out, inplace, op: str) -> None:
                          f"got {_shape(base_out)}")
     if x.dtype != base_out.dtype:
         raise TypeError(f"{op}: x and base_out must share a dtype, got {x.dtype} and {base_out.dtype}")
-    if inplace and any(stride == 0 and size > 1 for size, stride in zip(base_out.shape, base_out.stride())):
+    check_device(x, "base_out", base_out, op)
+    if inplace and base_out.numel() and any(stride == 0 and size > 1
+                                            for size, stride in zip(base_out.shape, base_out.stride())):
         raise ValueError(f"{op}: inplace=True needs a base_out whose elements have their own memory, got an "
                          f"expanded tensor (shape {_shape(base_out)}, strides {list(base_out.stride())}); "
                          "pass inplace=False or base_out.contiguous()")
+
+
+def check_device(x: torch.Tensor, name: str, t: torch.Tensor, op: str) -> None:
+    """The rule for every tensor argument: on x's device."""
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must share a device")
 
 
 def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
@@ -162,7 +170,7 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
         raise ValueError(f"{op}: threshold must be a float in (0, 1), got {threshold!r}")
     if gate is not None and gate_weight is not None:
         raise ValueError(f"{op}: pass either gate (given per-row values) or gate_weight (token gate), not both")
-    named = [("lora_a", lora_a), ("lora_b", lora_b), ("base_out", base_out)]
+    named = [("lora_a", lora_a), ("lora_b", lora_b)]
     if gate is not None:
         m = x.shape[:-1].numel()
         if not isinstance(gate, torch.Tensor) or (gate.dtype not in FLOAT_DTYPES and gate.dtype != torch.bool):
@@ -189,8 +197,7 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
     elif gate_bias is not None and (isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float))):
         raise TypeError(f"{op}: gate_bias must be a float, a one-element tensor or None, got {gate_bias!r:.80}")
     for name, t in named:
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+        check_device(x, name, t, op)
     if gate is not None and gate.dtype != torch.bool and gate.device.type == "cpu" \
             and not torch.compiler.is_compiling():
         _check_gate_values(gate, op)

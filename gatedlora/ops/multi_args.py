@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .args import FLOAT_DTYPES, _shape, check_x_and_base_out
+from .args import FLOAT_DTYPES, _shape, check_device, check_x_and_base_out
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -115,9 +115,7 @@ def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool
             if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"{op}: {name} must be a float32, float16, bfloat16 or float64 tensor, got "
                                 f"{getattr(t, 'dtype', type(t).__name__)}")
-            if t.device != x.device:
-                raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must share a "
-                                 "device")
+            check_device(x, name, t, op)
         if a.dim() != 2 or a.shape[1] != k or a.shape[0] < 1:
             raise ValueError(f"{op}: lora_a[{i}] must have shape [r, K] = [r, {k}] with r >= 1, got {_shape(a)}")
         if b.dim() != 2 or b.shape != (n, a.shape[0]):
@@ -131,9 +129,7 @@ def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool
     if tuple(adapter_index.shape) not in ((m,), tuple(x.shape[:-1])):
         raise ValueError(f"{op}: adapter_index must have one value per row of x: shape [{m}] or {_shape(x)[:-1]}, "
                          f"got {_shape(adapter_index)}")
-    if adapter_index.device != x.device:
-        raise ValueError(f"{op}: adapter_index is on {adapter_index.device} but x is on {x.device}; all tensors "
-                         "must share a device")
+    check_device(x, "adapter_index", adapter_index, op)
     if adapter_index.device.type == "cpu" and not torch.compiler.is_compiling():
         flat = adapter_index.reshape(-1)
         bad = (flat < -1) | (flat >= len(lora_a))
