@@ -36,15 +36,17 @@ def gate_values_reference(probabilities: torch.Tensor | None, threshold: float, 
                           threshold_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """Gate value ``g_m`` from probabilities [M]: hard ``p >= threshold`` or soft ``p``; NaN closes.
 
-    The threshold is rounded to ``threshold_dtype`` (default: the probabilities' dtype): the op compares
+    A hard gate compares in ``threshold_dtype`` (default: the probabilities' dtype): the op compares
     probabilities in fp32 (fp64 for fp64 inputs) with the threshold in that dtype, so a reference computed in
-    fp64 for fp32 inputs must round the threshold to fp32 to decide the rows at the threshold alike."""
+    fp64 for fp32 inputs rounds both to fp32 to decide the rows at the threshold alike (a given fp64 gate of
+    0.5 - 1e-10 is 0.5 in fp32, and opens at threshold 0.5)."""
     if probabilities is None:
         return None
     closed = torch.isnan(probabilities)
     if hard:
-        rounded = torch.tensor(threshold, dtype=threshold_dtype or probabilities.dtype).to(probabilities.dtype)
-        return (probabilities >= rounded).to(probabilities.dtype)
+        compared = threshold_dtype or probabilities.dtype
+        rounded = torch.tensor(threshold, dtype=compared)
+        return (probabilities.to(compared) >= rounded).to(probabilities.dtype)
     return torch.where(closed, torch.zeros_like(probabilities), probabilities)
 
 

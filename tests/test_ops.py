@@ -85,6 +85,23 @@ def test_a_probability_at_the_threshold_decides_alike_alone_and_in_a_batch(thres
         assert (alone[0].double() - ref[m]).abs().max() < 1e-5
 
 
+def test_fp64_token_gates_take_a_float_bias_in_fp64_and_the_reference_rounds_a_given_gate_as_the_op():
+    """fp64 inputs compute the gate in fp64: a Python-float bias was made an fp32 tensor (1e-9 off the fp64
+    reference). And the reference compares a given fp64 gate in fp32 for fp32 inputs, as the op does."""
+    x, base, a, b = make_inputs(5, 12, 7, 3, torch.float64, 41)
+    weight = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(42))
+    out = gated_lora(x, base, a, b, 1.0, gate_weight=weight, gate_bias=0.1, hard=False)
+    ref = gated_lora_reference(x, base, a, b, 1.0, gate_weight=weight, gate_bias=0.1, hard=False)
+    assert (out - ref).abs().max() < 1e-13
+
+    x, base, a, b = make_inputs(2, 12, 7, 3, torch.float32, 43)
+    gate = torch.tensor([0.5 - 1e-10, 0.5 - 1e-3], dtype=torch.float64)  # 0.5 in fp32; below 0.5
+    out = gated_lora(x, base, a, b, 1.0, gate=gate)
+    ref = gated_lora_reference(x, base, a, b, 1.0, gate=gate)
+    assert not torch.equal(out[0], base[0]) and not torch.equal(ref[0], base[0].double())
+    assert torch.equal(out[1], base[1]) and torch.equal(ref[1], base[1].double())
+
+
 def test_the_host_read_gate_rule_is_the_tensor_comparison():
     """``gates.gate_is_open`` (one probability read on the host) against ``p >= threshold`` on the tensor, for
     fresh random thresholds and the fp32 and fp64 values around each one's rounding, NaN included."""

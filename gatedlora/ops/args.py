@@ -83,8 +83,10 @@ def make_args(x: torch.Tensor, n: int, lora_a: torch.Tensor, lora_b: torch.Tenso
         kind = GateKind.TOKEN
         gate = None
         if not isinstance(gate_bias, torch.Tensor):
-            # A fill kernel where x is on a GPU: no host-to-device copy, so no sync and capturable.
-            gate_bias = torch.full((), 0.0 if gate_bias is None else float(gate_bias), dtype=torch.float32,
+            # A fill kernel where x is on a GPU: no host-to-device copy, so no sync and capturable. In the dtype
+            # the gate is computed in: fp32, or fp64 for fp64 inputs (where an fp32 bias was off by 1e-9).
+            gate_bias = torch.full((), 0.0 if gate_bias is None else float(gate_bias),
+                                   dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                                    device=x.device)
         elif gate_bias.dim():
             gate_bias = gate_bias.reshape(())  # a view: gradients reach the caller's [1] or [1, 1] tensor
