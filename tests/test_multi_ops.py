@@ -284,6 +284,24 @@ def test_autocast_leaves_the_op_computing_in_the_adapters_dtype(multi_backend, m
         assert torch.equal(bits(under), bits(without))
 
 
+@pytest.mark.parametrize("m", (4, 40))  # both torch strategies
+def test_fp16_adapters_whose_scaled_b_overflows_give_the_finite_term(m):
+    """|B| * scaling above 65504 in fp16, the term itself finite: the concatenation multiplied B by its scaling in
+    fp16 (inf), and the masked columns made NaN (0 * inf) of every row, base rows included."""
+    gen = torch.Generator().manual_seed(61)
+    x = (torch.randn(m, 8, generator=gen) * 1e-3).half()
+    base = torch.randn(m, 6, generator=gen).half()
+    lora_a = [torch.randn(2, 8, generator=gen).half(), torch.randn(3, 8, generator=gen).half()]
+    lora_b = [torch.randn(6, 2, generator=gen).half(), (torch.randn(6, 3, generator=gen) * 400).half()]
+    index = torch.tensor([0, 1, -1, 1] * (m // 4))
+    out = gatedlora.gated_lora_multi(x, base, lora_a, lora_b, [1.0, 200.0], index, backend="torch")
+    ref = gated_lora_multi_reference(x, base, lora_a, lora_b, [1.0, 200.0], index)
+    assert torch.isfinite(ref).all() and (lora_b[1].float() * 200).abs().max() > 65504
+    assert torch.equal(bits(out[index < 0]), bits(base[index < 0]))
+    # fp16 rounding of terms that cancel: within a few ulp of the row's largest value
+    assert ((out.double() - ref).abs() <= 2e-3 * ref.abs().amax(dim=1, keepdim=True)).all()
+
+
 def test_the_callers_index_is_never_written(multi_backend):
     """Values outside [-1, A) are refused on the CPU; whatever runs, the index passed in keeps its values."""
     case = make_case(19, 8, 32, 24, (4, 8), torch.float32, device=multi_backend.device)

@@ -166,11 +166,13 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: torch.Tensor, index_fixed: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_cat^T [K, R], scaled B_cat^T [R, N], not_owned bool [M, R]) in the adapters' dtype, both weights
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(A_cat^T [K, R], scaled B_cat^T [R, N], not_owned bool [M, R], None) in the adapters' dtype, both weights
     contiguous (the module docstring), for rows whose adapters are ``adapter_index`` [M]: ``not_owned[m, j]``
     where column j of ``x A_cat^T`` is not row m's adapter's (index -1, and any index outside [0, A), match
-    no column). Read-only for the caller; shared by every call with these weights.
+    no column). Read-only for the caller; shared by every call with these weights. Where the scaled B would
+    overflow, B_cat^T is unscaled and the last item is the scaling of each column of ``x A_cat^T`` [R]
+    (``_concatenate``).
 
     ``index_fixed``: the caller never changes this index tensor's values (the layers' index comes from the
     routing decision, one tensor per generation and row count), so on the CPU its mask is kept with the
@@ -181,28 +183,33 @@ def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
     forms = _forms(weights, scaling)
     key = _copy_key(weights)
     if key is None:  # inference tensors: nothing kept
-        lora_a_t, lora_b_t, owners = _concatenate(lora_a, lora_b, scaling)
-        return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1)
+        lora_a_t, lora_b_t, owners, column_scale = _concatenate(lora_a, lora_b, scaling)
+        return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1), column_scale
     found = forms.concatenation
     if found is None or found[0] != key:
         _watch_optimizers()
         found = forms.concatenation = (key, _concatenate(lora_a, lora_b, scaling))
         forms.column_masks = {}
-    lora_a_t, lora_b_t, owners = found[1]
+    lora_a_t, lora_b_t, owners, column_scale = found[1]
     if not (index_fixed and adapter_index.is_cpu):
-        return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1)
+        return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1), column_scale
     masks = forms.column_masks
     entry = masks.get(id(adapter_index))
     if entry is None:  # (the entry holds the index, so its id is not reused while it is here)
         if len(masks) >= _MASKS_KEPT:
             masks.clear()
         entry = masks[id(adapter_index)] = (adapter_index, owners != adapter_index.unsqueeze(1))
-    return lora_a_t, lora_b_t, entry[1]
+    return lora_a_t, lora_b_t, entry[1], column_scale
 
 
-def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_cat^T [K, R], scaled B_cat^T [R, N], owners [R]), built outside inference mode: the weights are
+def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(A_cat^T [K, R], scaled B_cat^T [R, N], owners [R], None), built outside inference mode: the weights are
     ordinary tensors, so the copies are too, and later calls with autograd recording may read them.
+
+    Where a scaled B overflows the weights' dtype (fp16: |B| * scaling > 65504, with the term itself finite),
+    B_cat^T is kept unscaled and the last item holds each column's scaling [R], for ``u`` instead: an inf in
+    B_cat^T made NaN (0 * inf) of every row's term, base rows included.
 
     Transposed and contiguous because that is what the two matmuls read fastest: on one CPU core (M = 8,
     K = 256, N = 688, R = 64, fp32) ``mm(u, B_cat^T)`` took 5.4 us where ``addmm_`` on a transposed view
@@ -211,6 +218,11 @@ def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple) -> tuple[torch.Te
     with torch.inference_mode(False), torch.no_grad():
         a_t = torch.cat(lora_a, dim=0).t().contiguous()
         b_t = torch.cat([b.t() * scale for b, scale in zip(lora_b, scaling)], dim=0)
-        owners = torch.repeat_interleave(torch.arange(len(lora_a), device=a_t.device),
-                                         torch.tensor([a.shape[0] for a in lora_a], device=a_t.device))
-    return a_t, b_t, owners
+        ranks = torch.tensor([a.shape[0] for a in lora_a], device=a_t.device)
+        owners = torch.repeat_interleave(torch.arange(len(lora_a), device=a_t.device), ranks)
+        column_scale = None
+        unscaled = torch.cat([b.t() for b in lora_b], dim=0)
+        if not bool((torch.isfinite(b_t) | ~torch.isfinite(unscaled)).all()):  # (once per build)
+            b_t = unscaled.contiguous()
+            column_scale = torch.repeat_interleave(torch.tensor(scaling, dtype=b_t.dtype, device=b_t.device), ranks)
+    return a_t, b_t, owners, column_scale

@@ -61,13 +61,15 @@ def add_concatenated_rows(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lor
     """``add_concatenated`` on tensors (``ops.add_lora_multi_`` calls it without an arguments object). out: [M, N];
     x: [M, K]; lora_a: A tensors [r_i, K]; lora_b: [N, r_i]; scaling: one float per adapter; adapter_index: [M];
     index_fixed: see ``multi_weights.concatenated``."""
-    lora_a_t, lora_b_t, not_owned = concatenated(lora_a, lora_b, scaling, adapter_index, index_fixed)
+    lora_a_t, lora_b_t, not_owned, column_scale = concatenated(lora_a, lora_b, scaling, adapter_index, index_fixed)
     if x.dtype != lora_a_t.dtype or x.dtype == torch.bfloat16:
         x = x.to(lora_a_t.dtype)
         if x.dtype == torch.bfloat16 and x.is_cpu:
             # a bfloat16 matmul on the CPU computes rows in pairs: an inf in a base row would spoil its pair
             x = torch.where((adapter_index < 0).unsqueeze(1), cpu_scalar(0.0, x.dtype), x)
     u = torch.mm(x, lora_a_t)  # [M, R]
+    if column_scale is not None:  # (B times its scaling overflows the weights' dtype: scaled here instead)
+        u.mul_(column_scale)
     # Index -1 (the base output) and, off the CPU where the index is not checked, any value outside [0, A)
     # match no column: those rows add 0.
     u.masked_fill_(not_owned, 0)
