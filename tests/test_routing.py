@@ -8,8 +8,31 @@ from torch import nn
 import gatedlora
 from gatedlora import GatedLoraConfig, get_router, patch_model
 from gatedlora.patching import find_blocks, gated_layers
-from steered_routers import last_real_hidden, splitting_router
+from steered_routers import PatternRouter, last_real_hidden, splitting_router
 from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_peft_model
+
+
+def routed_by_pattern(model, inputs: dict, pattern: list[float], router_layer: int = 0, output: str = "logits"):
+    """A PEFT ``model``'s ``output`` on ``inputs`` with its adapter off and on, then patched with sequence gates
+    whose router opens sequence i with probability ``pattern[i]``: returns (routed, base, lora)."""
+
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = getattr(model(**inputs), output)
+        lora = getattr(model(**inputs), output)
+    router = PatternRouter(model.get_base_model().config.get_text_config().hidden_size)
+    router.pattern = torch.tensor(pattern)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=router_layer, router=router))
+    with torch.no_grad():
+        return getattr(model(**inputs), output), base, lora
+
+
+def assert_routed_as_pattern(routed, base, lora, pattern: list[float]) -> None:
+    """Sequences below 0.5 are the base model bitwise, the others PEFT's (and not the base model's)."""
+    closed = [i for i, p in enumerate(pattern) if p < 0.5]
+    opened = [i for i, p in enumerate(pattern) if p >= 0.5]
+    assert torch.equal(routed[closed], base[closed]) and not torch.equal(routed[opened[0]], base[opened[0]])
+    torch.testing.assert_close(routed[opened], lora[opened], rtol=0, atol=1e-5)
 
 LAYERS = 4
 ROUTER_LAYER = 1
@@ -225,7 +248,6 @@ def test_layers_that_take_time_first_inputs_are_refused_for_sequence_gates():
     """Longformer's attention projections take x [T, B, K]: at T == B the per-layer shape check cannot see it, and
     every row came out wrong. Its feed-forward layers take batch-first x and are gated, exactly, even at T == B."""
     from peft import LoraConfig, get_peft_model
-    from steered_routers import PatternRouter
     from transformers import LongformerConfig, LongformerModel
 
     def longformer(targets):
@@ -247,19 +269,10 @@ def test_layers_that_take_time_first_inputs_are_refused_for_sequence_gates():
         patch_model(longformer(["query", "value"]), GatedLoraConfig(gate="sequence", router_layer=0))
     assert any(True for _ in gated_layers(patch_model(longformer(["query", "value"]))))
 
-    model = longformer(["intermediate.dense", "output.dense"])
     ids = torch.randint(3, 64, (4, 4), generator=torch.Generator().manual_seed(2))  # T == B
-    with torch.no_grad():
-        with model.disable_adapter():
-            base = model(input_ids=ids).last_hidden_state
-        lora = model(input_ids=ids).last_hidden_state
-    router = PatternRouter(32)
-    router.pattern = torch.tensor([0.9, 0.1, 0.1, 0.9])
-    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router))
-    with torch.no_grad():
-        got = model(input_ids=ids).last_hidden_state
-    assert torch.equal(got[[1, 2]], base[[1, 2]]) and not torch.equal(got[0], base[0])
-    torch.testing.assert_close(got[[0, 3]], lora[[0, 3]], rtol=0, atol=1e-5)
+    pattern = [0.9, 0.1, 0.1, 0.9]
+    assert_routed_as_pattern(*routed_by_pattern(longformer(["intermediate.dense", "output.dense"]),
+                                                dict(input_ids=ids), pattern, output="last_hidden_state"), pattern)
 
 
 @pytest.mark.parametrize("share_att_key", [True, False])
@@ -269,7 +282,6 @@ def test_deberta_projections_of_the_shared_relative_embeddings_are_refused_at_pa
     layers are refused when patched (a batch of two failed at its first forward, and a batch of one ran); the
     value projection, and the query one without share_att_key, take each sequence's rows and gate exactly."""
     from peft import LoraConfig, get_peft_model
-    from steered_routers import PatternRouter
     from transformers import DebertaV2Config, DebertaV2Model
 
     def deberta(targets):
@@ -288,19 +300,11 @@ def test_deberta_projections_of_the_shared_relative_embeddings_are_refused_at_pa
                                          rf"layer.1.attention.self.({'|'.join(shared)})"):
         patch_model(deberta(shared), GatedLoraConfig(gate="sequence", router_layer=0))
 
-    model = deberta(["value_proj"] if share_att_key else ["query_proj", "value_proj"])
     ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        with model.disable_adapter():
-            base = model(input_ids=ids).last_hidden_state
-        lora = model(input_ids=ids).last_hidden_state
-    router = PatternRouter(32)
-    router.pattern = torch.tensor([0.9, 0.1])
-    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router))
-    with torch.no_grad():
-        got = model(input_ids=ids).last_hidden_state
-    assert torch.equal(got[1], base[1])
-    torch.testing.assert_close(got[0], lora[0], rtol=0, atol=1e-5)
+    model = deberta(["value_proj"] if share_att_key else ["query_proj", "value_proj"])
+    pattern = [0.9, 0.1]
+    assert_routed_as_pattern(*routed_by_pattern(model, dict(input_ids=ids), pattern, output="last_hidden_state"),
+                             pattern)
 
 
 def test_a_decision_refuses_rows_that_are_not_batch_first():
@@ -319,7 +323,6 @@ def test_a_hybrid_model_whose_block_list_mixes_block_types_routes_per_sequence()
     """Jamba's model.layers alternates Mamba and attention blocks: the block list is the one num_hidden_layers
     long (it was not found before, and in Zamba2 a list inside one block was taken for it)."""
     from peft import LoraConfig, get_peft_model
-    from steered_routers import PatternRouter
     from transformers import JambaConfig, JambaForCausalLM
 
     torch.manual_seed(0)
@@ -335,25 +338,15 @@ def test_a_hybrid_model_whose_block_list_mixes_block_types_routes_per_sequence()
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=randomize) * 0.5)
     ids = torch.randint(3, 64, (3, 6), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        with model.disable_adapter():
-            base = model(input_ids=ids).logits
-        lora = model(input_ids=ids).logits
-    router = PatternRouter(32)
-    router.pattern = torch.tensor([0.9, 0.1, 0.9])
-    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=1, router=router))
+    pattern = [0.9, 0.1, 0.9]
+    assert_routed_as_pattern(*routed_by_pattern(model, dict(input_ids=ids), pattern, router_layer=1), pattern)
     assert find_blocks(model)[0] == "base_model.model.model.layers"
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
-    assert torch.equal(got[1], base[1]) and not torch.equal(got[0], base[0])
-    torch.testing.assert_close(got[[0, 2]], lora[[0, 2]], rtol=0, atol=1e-5)
 
 
 def test_an_encoder_decoder_of_unequal_depths_routes_in_its_decoder():
     """num_hidden_layers is the encoder's depth in BART-like configs: the decoder's block list is the one of the
     decoder's depth (the encoder's was taken, and LoRA in the decoder was refused as outside the blocks)."""
     from peft import LoraConfig, get_peft_model
-    from steered_routers import PatternRouter
     from transformers import BartConfig, BartForConditionalGeneration
 
     torch.manual_seed(0)
@@ -368,18 +361,10 @@ def test_an_encoder_decoder_of_unequal_depths_routes_in_its_decoder():
                 p.copy_(torch.randn(p.shape, generator=randomize) * 0.5)
     data = torch.Generator().manual_seed(2)
     ids, decoder_ids = torch.randint(3, 64, (3, 7), generator=data), torch.randint(3, 64, (3, 5), generator=data)
-    with torch.no_grad():
-        with model.disable_adapter():
-            base = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
-        lora = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
-    router = PatternRouter(32)
-    router.pattern = torch.tensor([0.9, 0.1, 0.9])
-    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router))
+    pattern = [0.9, 0.1, 0.9]
+    assert_routed_as_pattern(*routed_by_pattern(model, dict(input_ids=ids, decoder_input_ids=decoder_ids), pattern),
+                             pattern)
     assert find_blocks(model)[0] == "base_model.model.model.decoder.layers"
-    with torch.no_grad():
-        got = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
-    assert torch.equal(got[1], base[1]) and not torch.equal(got[0], base[0])
-    torch.testing.assert_close(got[[0, 2]], lora[[0, 2]], rtol=0, atol=1e-5)
 
 
 def test_a_vision_language_model_routes_in_its_language_model_with_the_default_router():
@@ -415,7 +400,6 @@ def test_blip2_routes_in_its_language_model_not_its_equally_deep_q_former():
     """Blip-2's Q-Former can be as deep as its language model, and larger: of the lists as deep as the text decoder,
     the one in the module whose config is the text config holds the blocks (the Q-Former's were taken)."""
     from peft import LoraConfig, get_peft_model
-    from steered_routers import PatternRouter
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig,
                               OPTConfig)
 
@@ -435,18 +419,9 @@ def test_blip2_routes_in_its_language_model_not_its_equally_deep_q_former():
     inputs = dict(input_ids=torch.cat([torch.full((3, 4), 99), ids.clamp(min=2)], 1),
                   attention_mask=torch.cat([torch.ones(3, 4, dtype=torch.long), mask], 1),
                   pixel_values=torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2)))
-    with torch.no_grad():
-        lora = model(**inputs).logits
-        with model.disable_adapter():
-            base = model(**inputs).logits
-    router = PatternRouter(32)
-    router.pattern = torch.tensor([0.9, 0.1, 0.9])
-    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router))
+    pattern = [0.9, 0.1, 0.9]
+    assert_routed_as_pattern(*routed_by_pattern(model, inputs, pattern), pattern)
     assert find_blocks(model)[0] == "base_model.model.language_model.model.decoder.layers"
-    with torch.no_grad():
-        got = model(**inputs).logits
-    assert torch.equal(got[1], base[1]) and not torch.equal(got[0], base[0])
-    torch.testing.assert_close(got[[0, 2]], lora[[0, 2]], rtol=0, atol=1e-5)
 
 
 def test_a_composite_encoder_decoder_routes_in_its_decoder():
