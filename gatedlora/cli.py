@@ -227,8 +227,8 @@ def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Nam
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_length is not None and args.max_length < 1:
         parser.error(f"--max-length must be >= 1, got {args.max_length}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive finite number, got {args.lr}")
     if not 0 <= args.heldout < 1:
         parser.error(f"--heldout must be in [0, 1), got {args.heldout}")
     if args.out:

@@ -187,6 +187,11 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool =
                .contiguous() for k, v in _saved_tensors(model).items()}
     if not is_main_process:
         return
+    # what load_pretrained refuses is not written (a diverged training would leave a save that cannot load)
+    broken = [key for key, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if broken:
+        raise ValueError(f"save_pretrained: {broken[:4]} hold NaN or infinite values, which load_pretrained "
+                         "refuses: nothing was written")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME

@@ -190,8 +190,8 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
         raise ValueError(f"train_router: epochs must be an int >= 1, got {epochs!r}")
     if not (isinstance(heldout, (int, float)) and 0 <= heldout < 1):
         raise ValueError(f"train_router: heldout must be a fraction in [0, 1), got {heldout!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"train_router: lr must be positive, got {lr!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"train_router: lr must be a positive finite number, got {lr!r}")
     for name, value in (("batch_size", batch_size), ("feature_batch_size", feature_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # < 1 would train on nothing
             raise ValueError(f"train_router: {name} must be an int >= 1, got {value!r}")
@@ -220,6 +220,7 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
             check_route_logits(router(features[:batch_size]), min(len(features), batch_size), route.adapters,
                                "train_router")
     flags = [p.requires_grad for p in router.parameters()]
+    before = {k: v.detach().clone() for k, v in router.state_dict().items()}
     router.requires_grad_(True)
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
@@ -240,13 +241,27 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
                                 * class_weight[target]).mean()
                     optimizer.zero_grad()
                     loss.backward()
-                    optimizer.step()
+                    try:
+                        optimizer.step()
+                    except RuntimeError as err:  # an lr so large that AdamW's step overflows a float
+                        if "overflow" not in str(err):
+                            raise
+                        total = torch.full((), math.inf)
+                        break
                     total += loss.detach() * len(rows)
                 losses.append(float(total) / len(perm))
+                if not math.isfinite(losses[-1]):
+                    break
     finally:
         router.eval()
         for p, flag in zip(router.parameters(), flags):
             p.requires_grad_(flag)
+    if not (losses and math.isfinite(losses[-1])) or not all(bool(p.isfinite().all()) for p in router.parameters()):
+        with torch.no_grad():
+            router.load_state_dict(before)
+        raise ValueError(f"train_router: training diverged (the loss reached {losses[-1] if losses else None} in "
+                         f"epoch {len(losses)}); the router is left as it was before training. Train with a "
+                         f"smaller lr (got {lr})")
 
     with torch.no_grad():
         if route.adapters is None:

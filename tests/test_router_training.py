@@ -144,6 +144,30 @@ def test_bad_calls_name_the_problem():
                 train_router(model, prompts, [0, 1, 1], **{name: value})
     with pytest.raises(ValueError, match="no prompts to train on"):
         train_router(model, [], [])
+    for lr in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"lr must be a positive finite number, got {lr!r}"):
+            train_router(model, prompts, [0, 1, 1], lr=lr)
+
+
+@pytest.mark.parametrize("lr", [1e30, 1e38])  # the loss turns non-finite; AdamW's step overflows a float
+def test_a_diverging_training_leaves_the_router_as_it_was_and_nothing_is_saved(lr, tmp_path):
+    """An lr far too large made the router NaN, and the save then held what load_pretrained refuses (lr=1e38
+    raised from inside AdamW): the router is restored, the error says to lower lr, and save_pretrained refuses
+    to write non-finite tensors."""
+    model = patch_model(tiny_peft_model(layers=3, layers_to_transform=[1, 2]),
+                        GatedLoraConfig(gate="sequence", router_layer=0))
+    before = {k: v.clone() for k, v in get_router(model).router.state_dict().items()}
+    with pytest.raises(ValueError, match=r"training diverged .* left as it was before training.*smaller lr"):
+        train_router(model, [[1, 5, 6], [1, 7], [1, 9, 9], [1, 4]], [0, 1, 1, 0], lr=lr, epochs=20, heldout=0,
+                     progress=False, save_to=tmp_path / "router")
+    after = get_router(model).router.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not (tmp_path / "router").exists()
+
+    with torch.no_grad():
+        next(get_router(model).router.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"save_pretrained: \['gate_router\..*NaN or infinite.*nothing was written"):
+        gatedlora.save_pretrained(model, tmp_path / "router")
+    assert not (tmp_path / "router").exists()
 
 
 def write_jsonl(path, rows):
@@ -180,6 +204,7 @@ def test_read_router_data_reads_rows_and_skips_blank_lines(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--heldout", "1"], "--heldout must be in [0, 1), got 1.0"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
     (["--model", "/no/such/dir"], "--model /no/such/dir: no such directory"),
 ])
 def test_cli_argument_errors(extra, message, tmp_path, capsys, minilm_path):
