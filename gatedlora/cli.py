@@ -36,6 +36,8 @@ def _silence_progress_bars() -> None:
 
 
 def _bench_parser(sub) -> None:
+    from .benchmarking.timing import MIN_ROUNDS
+
     p = sub.add_parser("bench", help="time the base model against each adapter path (PEFT, PEFT mixed batch, "
                                      "PRISM two-pass, gatedlora per backend), side by side",
                        description="Model-level comparison of the base path and the adapter paths.")
@@ -48,7 +50,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--backends", help="comma-separated gatedlora backends to time (default: all available)")
     p.add_argument("--router-layer", type=int, default=0, help="router tap layer (default 0)")
     p.add_argument("--budget", type=float, default=1.0, metavar="SECONDS",
-                   help="timing budget per scenario (default 1.0; at least 5 rounds each)")
+                   help=f"timing budget per scenario (default 1.0; at least {MIN_ROUNDS} rounds each)")
     p.add_argument("--quick", action="store_true", help="a few small scenarios (a smoke run, seconds)")
     p.add_argument("--adapters", type=int, metavar="N", help="several adapters, one router: N fresh PEFT adapters "
                    "and each batch's routes spread over them (25%% base), against PEFT's mixed batch, one PEFT "
@@ -68,6 +70,8 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         path = getattr(args, flag)
         if path and not Path(path).is_dir():
             parser.error(f"--{flag} {path}: no such directory")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        parser.error(f"--adapter {args.adapter}: not a PEFT adapter directory (no adapter_config.json)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     if not math.isfinite(args.budget) or args.budget <= 0:  # inf would time the first scenario forever
@@ -84,6 +88,8 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             continue
         if not Path(path).parent.resolve().is_dir():
             parser.error(f"--{flag} {path}: the directory {Path(path).parent} does not exist")
+        if Path(path).is_dir():  # checked now: the write comes after the whole run
+            parser.error(f"--{flag} {path} is a directory: expected a file name")
         if Path(path).exists() and not args.overwrite:
             parser.error(f"--{flag} {path} exists; pass --overwrite to replace it")
     if args.plot and not args.plot.endswith(".png"):
@@ -135,7 +141,7 @@ def _bench_model_blocks(parser: argparse.ArgumentParser, args: argparse.Namespac
     return blocks
 
 
-def _run_bench(args: argparse.Namespace) -> int:
+def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import torch
 
     from .benchmarking.report import format_table, plot, write_json
@@ -146,10 +152,13 @@ def _run_bench(args: argparse.Namespace) -> int:
         progress = lambda items, **kw: items  # noqa: E731
     else:
         from tqdm.auto import tqdm as progress
-    result = run_model_benchmark(
-        model_path=args.model, adapter_path=args.adapter, device=args.device,
-        dtype=getattr(torch, args.dtype) if args.dtype else None, quick=args.quick, backends=args.backends,
-        router_layer=args.router_layer, budget_s=args.budget, progress=progress, adapters=args.adapters)
+    try:
+        result = run_model_benchmark(
+            model_path=args.model, adapter_path=args.adapter, device=args.device,
+            dtype=getattr(torch, args.dtype) if args.dtype else None, quick=args.quick, backends=args.backends,
+            router_layer=args.router_layer, budget_s=args.budget, progress=progress, adapters=args.adapters)
+    except ValueError as err:  # the model or adapter refused at set-up (a scenario's failure is in the table)
+        parser.error(str(err))
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
@@ -272,17 +281,27 @@ def _named_adapters(parser: argparse.ArgumentParser, values: list[str]) -> dict[
     return adapters
 
 
+def _load_tokenizer(parser: argparse.ArgumentParser, path: str):
+    """--model's tokenizer, or a one-line error naming --model (before the model is loaded)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, ImportError) as err:  # no tokenizer files: transformers' message is about backends
+        parser.error(f"--model {path}: no tokenizer could be loaded from it (save one there with "
+                     f"tokenizer.save_pretrained; transformers said: {str(err).strip().splitlines()[0][:200]})")
+
+
 def _load_for_routing(args: argparse.Namespace):
-    """Tokenizer and model from --model (causal LM head if the checkpoint has one), patched for sequence gates."""
+    """The model from --model (causal LM head if the checkpoint has one), patched for sequence gates."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from .config import GatedLoraConfig
     from .patching import patch_model
     from .routing import prism_two_class_router
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     architectures = getattr(AutoConfig.from_pretrained(args.model), "architectures", None) or []
     loader = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in architectures) else AutoModel
     model = loader.from_pretrained(args.model, dtype=load_dtype(args.dtype)).to(device).eval()
@@ -308,7 +327,7 @@ def _load_for_routing(args: argparse.Namespace):
         # earlier ones), as PRISM trains them
         config = GatedLoraConfig(gate="sequence", router_layer=args.router_layer, router=router, r=16,
                                  lora_alpha=32, target_modules=args.target_modules)
-    return tokenizer, patch_model(model, config)
+    return patch_model(model, config)
 
 
 def _run_train_router(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -319,8 +338,9 @@ def _run_train_router(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if not args.out:
         print("gatedlora train-router: no --out given: the router is trained and evaluated but not saved "
               "(pass --out DIR to keep it)", file=sys.stderr)
+    tokenizer = _load_tokenizer(parser, args.model)
     try:
-        tokenizer, model = _load_for_routing(args)
+        model = _load_for_routing(args)
     except ValueError as err:  # e.g. no module matches --target-modules
         hint = " (choose some with --target-modules)" if "target_modules" in str(err) else ""
         parser.error(f"{err}{hint}")
@@ -400,17 +420,16 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     import secrets
 
     import torch
-    from transformers import AutoTokenizer
 
     from .route_only import RouteOnlyModel, route_prompts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = _load_tokenizer(parser, args.model)
     try:
         model = RouteOnlyModel.from_pretrained(args.model, args.router, adapter_name=args.adapter_name,
                                                device=device, dtype=load_dtype(args.dtype))
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     probabilities, indices = route_prompts(model, [row["prompt"] for row in args.rows], tokenizer, args.batch_size,
                                            args.max_length, progress=not args.no_progress)
     routes = model.routes(indices)
@@ -453,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         _check_bench_args(sub.choices["bench"], args)
-        return _run_bench(args)
+        return _run_bench(sub.choices["bench"], args)
     if args.command == "train-router":
         _check_train_router_args(sub.choices["train-router"], args)
         return _run_train_router(sub.choices["train-router"], args)

@@ -244,6 +244,12 @@ def _roll_back_commit(directory: Path, config_path: Path, previous_config: bytes
         _remove_quietly(restore)
 
 
+# The fields of gatedlora_config.json and the JSON types each may take (null: absent in older saves).
+META_FIELDS = {"config": (dict,), "adapter": (dict, type(None)), "fresh_adapter": (bool, type(None)),
+               "layers": (list, type(None)), "weights_sha256": (str, type(None))}
+JSON_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}
+
+
 def _read_meta(directory: Path) -> dict:
     if not directory.is_dir():
         what = "is a file, not a directory" if directory.exists() else "no such directory"
@@ -257,9 +263,15 @@ def _read_meta(directory: Path) -> dict:
         raise FileNotFoundError(f"load_pretrained: {config_path} not found: {hint}")
     try:
         meta = json.loads(config_path.read_text())
-        if meta.get("format_version") not in READABLE_VERSIONS or not isinstance(meta.get("config"), dict):
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"unknown format_version {meta.get('format_version')!r}")
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, AttributeError) as err:
+        for field, kinds in META_FIELDS.items():  # what a save writes, and what reading it relies on
+            if not isinstance(meta.get(field), kinds):
+                raise ValueError(f"{field!r} must be {' or '.join(JSON_NAMES[k] for k in kinds)}, got "
+                                 f"{json.dumps(meta.get(field))[:80]}")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"load_pretrained: {config_path} is corrupt or not a gatedlora config: {err}") from None
     return meta
 

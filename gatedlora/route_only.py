@@ -23,7 +23,7 @@ from .block_capture import capture_and_stop, output_of_block
 from .call_state import RouteDecision
 from .config import GatedLoraConfig, check_router_layer
 from .io import DEFAULT_ROUTERS, read_saved
-from .patching import ROUTER_ATTRIBUTE, find_blocks
+from .patching import ROUTER_ATTRIBUTE, find_blocks, text_config
 from .prompts import right_padded_batches, token_ids
 from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, prism_two_class_router
 
@@ -76,10 +76,18 @@ class RouteOnlyModel(nn.Module):
             raise ValueError(f"RouteOnlyModel: {router_path} holds gate={saved.get('gate')!r} gates; "
                              "a route-only model needs a router (gate='sequence')")
         default_router = router is None and saved.get("router") in DEFAULT_ROUTERS
+        rebuilt = router is None
         router = router_from_state(saved.get("router"), tensors, router)
         config = GatedLoraConfig.from_dict(saved, router=router)
         model_config = AutoConfig.from_pretrained(model_path)
         _check_decoder_only(model_config)
+        hidden = getattr(text_config(model_config), "hidden_size", None)
+        # (a router rebuilt from the save, gatedlora's own or the two-class one, reads through net.0)
+        width = tensors[f"{ROUTER_PREFIX}net.0.weight"].shape[1] if rebuilt else None
+        if hidden is not None and width is not None and width != hidden:  # (it failed at the first batch)
+            raise ValueError(f"RouteOnlyModel: the router in {router_path} reads hidden states of width {width}, "
+                             f"but the model in {model_path} has hidden_size {hidden}: it was trained on another "
+                             "model")
         model_config = cut_config(model_config, config.router_layer + 1)
         with _quiet_transformers():
             backbone = AutoModel.from_pretrained(model_path, config=model_config,

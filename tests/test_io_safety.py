@@ -251,6 +251,29 @@ def test_a_flipped_byte_in_the_payload_is_refused(old_and_new):
     assert same(gate_values(target), before)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("weights_sha256", 5, "'weights_sha256' must be a string or null, got 5"),
+    ("adapter", "x", "'adapter' must be an object or null, got \"x\""),
+    ("config", None, "'config' must be an object, got null"),
+    ("layers", {"a": 1}, "'layers' must be a list or null"),
+])
+def test_a_config_with_fields_of_the_wrong_json_type_is_refused_by_name(old_and_new, field, value, message):
+    """Valid JSON whose fields have other types raised TypeError/AttributeError from inside the loader, or
+    'unknown format_version' for a null config: now the file's corrupt-config error, naming the field."""
+    path, _, target = old_and_new
+    meta = json.loads((path / gio.CONFIG_NAME).read_text())
+    meta[field] = value
+    (path / gio.CONFIG_NAME).write_text(json.dumps(meta))
+    before = gate_values(target)
+    with pytest.raises(ValueError, match=rf"{gio.CONFIG_NAME} is corrupt or not a gatedlora config: .*"
+                                         rf"{message[:30]}"):
+        load_pretrained(target, path)
+    assert same(gate_values(target), before)
+    (path / gio.CONFIG_NAME).write_text("[1, 2]")
+    with pytest.raises(ValueError, match="corrupt or not a gatedlora config: expected a JSON object, got list"):
+        load_pretrained(target, path)
+
+
 def test_files_are_written_0644_as_peft_writes_them(tmp_path):
     previous = os.umask(0o022)
     try:

@@ -14,6 +14,9 @@ from typing import Callable
 import torch
 
 
+MIN_ROUNDS = 8  # every provider is timed at least this often, enough for a quartile spread
+
+
 @dataclass
 class Timing:
     """Median and spread of one provider's calls, in seconds."""
@@ -56,7 +59,7 @@ def warm_up(providers: dict[str, Callable[[], object]], device: torch.device, ca
 
 
 def time_side_by_side(providers: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
-                      min_rounds: int = 8, max_rounds: int = 50, budget_s: float = 2.0,
+                      min_rounds: int = MIN_ROUNDS, max_rounds: int = 50, budget_s: float = 2.0,
                       warmup_s: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> dict[str, Timing]:
     """Time every provider in interleaved rounds until ``budget_s`` is spent (at least ``min_rounds``,
     enough for a quartile spread). Each round runs the providers in a new order (shuffled, seeded): a
