@@ -272,13 +272,19 @@ def test_autocast_leaves_the_op_computing_in_the_adapters_dtype(multi_backend, m
     leaves = [t.clone().requires_grad_() for t in [case["x"], *case["lora_a"], *case["lora_b"]]]
     go = torch.randn(m, 24, device=device)
     results = []
+    from gatedlora.ops import add_lora_multi_
+
+    fp32 = [t.float() for t in [case["x"], case["base_out"]]]
     for enabled in (False, True):
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled):
             out = gatedlora.gated_lora_multi(leaves[0], case["base_out"], leaves[1:4], leaves[4:], case["scaling"],
                                              case["adapter_index"], backend=multi_backend.name)
             with torch.no_grad():
                 plain = run(multi_backend, case)
-        results.append((out.detach(), plain, *torch.autograd.grad(out, leaves, go.to(out.dtype))))
+                # every tensor fp32 (the direct path of add_lora_multi_ at M <= 32 on the CPU computed in bf16)
+                added = add_lora_multi_(fp32[1].clone(), fp32[0], tuple(case["lora_a"]), tuple(case["lora_b"]),
+                                        tuple(case["scaling"]), case["adapter_index"], multi_backend.name)
+        results.append((out.detach(), plain, added, *torch.autograd.grad(out, leaves, go.to(out.dtype))))
     check(case, results[0][1])
     for without, under in zip(*results):
         assert torch.equal(bits(under), bits(without))

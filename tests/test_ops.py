@@ -393,6 +393,45 @@ def test_torch_compile_fullgraph_takes_the_op_in_place_or_not(inplace):
     assert torch.equal(eager_base, base) != inplace
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_compiled_in_place_calls_that_autograd_records_match_eager(multi):
+    """With autograd, an in-place call on a base_out autograd refuses to modify (one of chunk's views) returns a
+    new tensor in eager; compiled (the graph breaks at the check) it gives eager's values and gradients. It
+    raised inside the compiled copy path."""
+    x, base, a, b = make_inputs(6, 16, 12, 4, torch.float32, 61)
+    gate = torch.rand(6, generator=torch.Generator().manual_seed(62))
+
+    def fn(x, a, b, source):
+        base_out = (source * 1.0).chunk(2, dim=1)[0]
+        if multi:
+            index = torch.tensor([0, -1, 0, 0, -1, 0])
+            y = gatedlora.gated_lora_multi(x, base_out, [a], [b], [1.5], index, backend="torch", inplace=True)
+        else:
+            y = gated_lora(x, base_out, a, b, 1.5, gate=gate, backend="torch", inplace=True)
+        return torch.nn.functional.gelu(y)
+
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        leaves = [t.clone().requires_grad_() for t in (x, a, b, torch.cat([base, base], dim=1))]
+        y = (torch.compile(fn, backend="aot_eager") if compiled else fn)(*leaves)
+        results.append((y.detach(), *torch.autograd.grad(y.sum(), leaves)))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-5)  # fp32; aot_eager may reorder
+
+
+def test_the_ops_run_on_the_meta_device():
+    """Shapes only, as a model built on the meta device needs (the autocast check asked about "meta" and raised)."""
+    from gatedlora.ops import add_lora_
+
+    x, base, a, b = (t.to("meta") for t in make_inputs(4, 16, 12, 4, torch.float32, 51))
+    assert gated_lora(x, base, a, b, 1.0).shape == (4, 12)
+    assert gated_lora(x, base, a, b, 1.0, gate_weight=torch.randn(16, device="meta")).shape == (4, 12)
+    assert add_lora_(base, x, a, b, 1.0) is base
+    index = torch.zeros(4, dtype=torch.long, device="meta")
+    assert gatedlora.gated_lora_multi(x, base, [a], [b], 1.0, index).shape == (4, 12)
+
+
 def test_add_lora_takes_the_op_where_the_direct_add_does_not_apply(monkeypatch):
     """A non-contiguous out, no rows, K = 0, another backend named or set by GATEDLORA_BACKEND: the op runs
     (and gets the answer right)."""

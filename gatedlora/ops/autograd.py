@@ -42,15 +42,36 @@ INPUTS = ("args", "options", "base_out", "x", "lora_a", "lora_b", "gate", "gate_
 _creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
 
 
+def records_gradients(tensors) -> bool:
+    """Whether autograd records a call on ``tensors`` (None among them is skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def compiled_without_autograd(tensors) -> bool:
+    """Under torch.compile, a call autograd does not record: there an in-place call goes through a copy (right
+    whatever overlaps, so no overlap check, which reads storage addresses that Dynamo cannot trace). A recorded
+    call is checked, which breaks the graph there, as deciding whether autograd lets base_out be written does."""
+    return torch.compiler.is_compiling() and not records_gradients(tensors)
+
+
+def written_through_a_copy(base_out: torch.Tensor, result: torch.Tensor, tensors) -> torch.Tensor:
+    """An in-place call computed into ``result`` (a new tensor): base_out written from it and returned, or, where
+    autograd records the call and refuses to modify base_out in place (``writable_in_place``), ``result``, as an
+    in-place call with such a base_out returns."""
+    if records_gradients(tensors) and not writable_in_place(base_out):
+        return result
+    return base_out.copy_(result)
+
+
 def writable_in_place(base_out: torch.Tensor) -> bool:
     """Whether a Function recorded by autograd may write ``base_out`` in place: not a view, or a view autograd can
     rebase. Not one of several views one op returned (``split``, ``chunk``, ``unbind``), nor one made under
     ``no_grad`` or inference mode, nor a view of a leaf that requires grad: autograd refuses to modify those in
     place (about 1.4 us, for views only)."""
-    if not base_out._is_view():
+    source = base_out._base  # (None: not a view; Dynamo traces this, not ``_is_view()``)
+    if source is None:
         return True
-    source = base_out._base
-    if source is not None and source.is_leaf and source.requires_grad:
+    if source.is_leaf and source.requires_grad:
         return False
     return _creation_meta is not None and _creation_meta(base_out) == torch._C._autograd.CreationMeta.DEFAULT
 

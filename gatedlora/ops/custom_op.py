@@ -40,9 +40,19 @@ def without_autocast(add: Callable[[torch.Tensor, Any], None], out: torch.Tensor
     """``add(out, args)`` (a backend's add into out [M, N]) with autocast off: the term is computed in the
     adapters' dtype (x cast to it), as the Triton and CUDA kernels and the backward compute it; under autocast
     the torch backend's matmuls returned a lower precision, which its in-place adds into an out of the weights'
-    dtype refused to mix. Checking costs about 0.15 us a call; the context is entered only under autocast."""
-    if torch.is_autocast_enabled(out.device.type):
-        with torch.autocast(out.device.type, enabled=False):
+    dtype refused to mix. Off the CPU and CUDA only where the device has autocast (asking about "meta" raises).
+    Checking costs about 0.2 us a call; the context is entered only under autocast."""
+    if out.is_cpu:
+        kind = "cpu"
+    elif out.is_cuda:
+        kind = "cuda"
+    else:
+        kind = out.device.type
+        if not torch.amp.is_autocast_available(kind):
+            add(out, args)
+            return
+    if torch.is_autocast_enabled(kind):
+        with torch.autocast(kind, enabled=False):
             add(out, args)
     else:
         add(out, args)

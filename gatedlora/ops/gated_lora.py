@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .args import GatedLoraArgs, check_inputs, make_args, overlaps
-from .autograd import GatedLoraFunction, Options, writable_in_place
+from .autograd import (GatedLoraFunction, Options, compiled_without_autograd, records_gradients, writable_in_place,
+                       written_through_a_copy)
 from .backends import resolve_backend_name, torch_runs_on_cpu
 from .custom_op import gated_lora_add_
 from .torch_backend import addmm_lora_
@@ -73,11 +74,12 @@ def gated_lora(
                      inplace, straight_through)
         scaling, threshold = float(scaling), float(threshold)
     args = make_args(x, base_out.shape[-1], lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard)
-    if validate and inplace and (torch.compiler.is_compiling()
+    recorded = (base_out,) + args.tensors()
+    if validate and inplace and (compiled_without_autograd(recorded)
                                  or overlaps(base_out, (x, lora_a, lora_b, gate, gate_weight, gate_bias))):
-        # a kernel would read x (or a weight) while writing base_out: compute into a copy first. Under torch.compile,
-        # whose tracing cannot read storage addresses, always: right whatever overlaps (the layers pass no check)
-        return base_out.copy_(run(args, base_out, backend, inplace=False, straight_through=straight_through))
+        # a kernel would read x (or a weight) while writing base_out: compute into a copy first
+        result = run(args, base_out, backend, inplace=False, straight_through=straight_through)
+        return written_through_a_copy(base_out, result, recorded)
     return run(args, base_out, backend, inplace, straight_through)
 
 
@@ -106,8 +108,7 @@ def add_lora_(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
 def run(args: GatedLoraArgs, base_out: torch.Tensor, backend: str, inplace: bool,
         straight_through: bool) -> torch.Tensor:
     """``gated_lora`` on normalised arguments: through autograd when an input requires grad."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (base_out,) + args.tensors()):
+    if records_gradients((base_out,) + args.tensors()):
         inplace = inplace and writable_in_place(base_out)
         resolve_backend_name(backend)  # reject an unknown backend name even when there is no row
         return GatedLoraFunction.apply(args, Options(straight_through, backend, inplace), base_out, args.x,

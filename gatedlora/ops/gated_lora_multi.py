@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .args import overlaps
-from .autograd import Options, writable_in_place
+from .autograd import Options, compiled_without_autograd, records_gradients, writable_in_place, written_through_a_copy
 from .backends import resolve_backend_name, torch_runs_on_cpu
 from .multi_args import MultiLoraArgs, check_multi_inputs, make_multi_args, normalise_scaling
 from .multi_autograd import GatedLoraMultiFunction
@@ -59,11 +59,12 @@ def gated_lora_multi(
         check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace)
         scaling = normalise_scaling(scaling, len(lora_a))
     args = make_multi_args(x, base_out.shape[-1], lora_a, lora_b, scaling, adapter_index)
-    if validate and inplace and (torch.compiler.is_compiling()
+    recorded = (base_out, args.x, *args.lora_a, *args.lora_b)
+    if validate and inplace and (compiled_without_autograd(recorded)
                                  or overlaps(base_out, (x, adapter_index, *lora_a, *lora_b))):
-        # a kernel would read x (or a weight) while writing base_out: compute into a copy first. Under torch.compile,
-        # whose tracing cannot read storage addresses, always: right whatever overlaps (the layers pass no check)
-        return base_out.copy_(run_multi(args, base_out, backend, inplace=False))
+        # a kernel would read x (or a weight) while writing base_out: compute into a copy first
+        result = run_multi(args, base_out, backend, inplace=False)
+        return written_through_a_copy(base_out, result, recorded)
     return run_multi(args, base_out, backend, inplace)
 
 
@@ -87,10 +88,10 @@ def add_lora_multi_(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: t
     index = adapter_index if adapter_index.dim() == 1 else adapter_index.reshape(-1)
     rows = index.shape[0]
     # (not while torch.compile traces: the kept concatenation is Python state that a graph cannot hold, so there
-    # the call goes through the op, one graph node)
+    # the call goes through the op, one graph node; nor under autocast, which the op turns off)
     if rows <= CONCATENATED_MAX_ROWS and x.is_cpu and out.dtype == x.dtype == lora_a[0].dtype and rows \
             and x.shape[-1] and out.shape[-1] and out.is_contiguous() and torch_runs_on_cpu(backend) \
-            and not torch.compiler.is_compiling():
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"):
         add_concatenated_rows(out.view(rows, -1), x.reshape(rows, -1), lora_a, lora_b, scaling, index, index_fixed)
         return out
     return gated_lora_multi(x, out, lora_a, lora_b, scaling, adapter_index, backend, inplace=True, validate=False)
@@ -98,8 +99,7 @@ def add_lora_multi_(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: t
 
 def run_multi(args: MultiLoraArgs, base_out: torch.Tensor, backend: str, inplace: bool) -> torch.Tensor:
     """``gated_lora_multi`` on normalised arguments: through autograd when an input requires grad."""
-    if torch.is_grad_enabled() and (base_out.requires_grad or args.x.requires_grad
-                                    or any(t.requires_grad for t in args.lora_a + args.lora_b)):
+    if records_gradients((base_out, args.x, *args.lora_a, *args.lora_b)):
         inplace = inplace and writable_in_place(base_out)
         resolve_backend_name(backend)  # reject an unknown backend name even when there is no row
         return GatedLoraMultiFunction.apply(args, Options(False, backend, inplace), base_out, args.x,
