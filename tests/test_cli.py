@@ -144,6 +144,33 @@ def test_outputs_of_the_wrong_kind_and_non_models_fail_before_any_work(tmp_path,
         assert message in capsys.readouterr().err
 
 
+def test_bench_refuses_a_bad_adapter_or_a_directory_for_a_file_before_any_timing(tmp_path, capsys):
+    """--adapter that is no PEFT adapter, or one that covers block 0 (router_layer 0): one line, exit 2 (a
+    traceback before). --json naming a directory: refused before the run (it failed writing, after it). The help
+    gives the rounds the timing really takes."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import tiny_causal_lm
+
+    from gatedlora.benchmarking.timing import MIN_ROUNDS
+
+    tiny_causal_lm(layers=3).save_pretrained(tmp_path / "model")
+    get_peft_model(tiny_causal_lm(layers=3), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter")
+    (tmp_path / "not-an-adapter").mkdir()
+    model = ["bench", "--quick", "--model", str(tmp_path / "model")]
+    cases = [(model + ["--adapter", str(tmp_path / "not-an-adapter")], "not a PEFT adapter directory"),
+             (model + ["--adapter", str(tmp_path / "adapter")], "LoRA covers layers at or before block 0"),
+             (["bench", "--quick", "--json", str(tmp_path), "--overwrite"], "is a directory: expected a file name")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert f"at least {MIN_ROUNDS}" in " ".join(capsys.readouterr().out.split())
+
+
 def test_train_router_and_route_load_the_model_in_one_dtype_by_default():
     """train-router trains on the numbers that route computes with: both load the checkpoint as from_pretrained
     does by default ("auto", its own dtype) unless --dtype says otherwise, and --dtype means the same in both."""

@@ -140,7 +140,7 @@ def test_two_class_and_custom_routers(tmp_path):
         assert torch.equal(route_only(ids, mask).probabilities, get_router(full).last_probabilities)
 
 
-def test_errors_name_the_problem(tmp_path):
+def test_errors_name_the_problem(tmp_path, capsys):
     model_dir, router_dir, _ = saved_model_and_router(tmp_path, layers=3, router_layer=0)
     token_dir = tmp_path / "token"
     save_pretrained(patch_model(tiny_causal_lm(layers=3), GatedLoraConfig(target_modules=["q_proj"])), token_dir)
@@ -153,6 +153,25 @@ def test_errors_name_the_problem(tmp_path):
 
     with pytest.raises(ValueError, match="router_layer=2 leaves no block for the adapter: the model has 3 blocks"):
         cut_config(AutoConfig.from_pretrained(model_dir), 3)
+
+    # a router trained on a model of another width: refused at load (it failed at the first batch)
+    from gatedlora.routing import PrismRouter
+
+    other = patch_model(tiny_causal_lm(layers=3), GatedLoraConfig(gate="sequence", router=PrismRouter(24),
+                                                                 target_modules=["q_proj"]))
+    save_pretrained(other, tmp_path / "router24")
+    with pytest.raises(ValueError, match=r"reads hidden states of width 24, but the model in .* has hidden_size 40"):
+        RouteOnlyModel.from_pretrained(model_dir, tmp_path / "router24")
+
+    # the CLI names a --model without a tokenizer before loading it (transformers' text was about sentencepiece)
+    from gatedlora.cli import main
+
+    data = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "a"}])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["route", "--model", str(model_dir), "--router", str(router_dir), "--data", str(data), "--out",
+              str(tmp_path / "routes.jsonl")])
+    assert exit_info.value.code == 2 and not (tmp_path / "routes.jsonl").exists()
+    assert f"--model {model_dir}: no tokenizer could be loaded from it" in capsys.readouterr().err
 
     # an encoder-decoder's router reads its decoder after the whole encoder (its num_hidden_layers is the encoder's:
     # the cut config loaded and routed from the wrong blocks)
