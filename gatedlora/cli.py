@@ -70,8 +70,6 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         path = getattr(args, flag)
         if path and not Path(path).is_dir():
             parser.error(f"--{flag} {path}: no such directory")
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        parser.error(f"--adapter {args.adapter}: not a PEFT adapter directory (no adapter_config.json)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     if not math.isfinite(args.budget) or args.budget <= 0:  # inf would time the first scenario forever
@@ -82,6 +80,8 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--adapters must be >= 1, got {args.adapters}")
     if args.adapters and args.adapter:
         parser.error("--adapters makes its own fresh adapters; it does not take --adapter")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        parser.error(f"--adapter {args.adapter}: not a PEFT adapter directory (no adapter_config.json)")
     for flag in ("json", "plot"):
         path = getattr(args, flag)
         if path is None:
