@@ -288,8 +288,8 @@ def _load_tokenizer(parser: argparse.ArgumentParser, path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, ImportError) as err:  # no tokenizer files: transformers' message is about backends
-        parser.error(f"--model {path}: no tokenizer could be loaded from it (save one there with "
-                     f"tokenizer.save_pretrained; transformers said: {str(err).strip().splitlines()[0][:200]})")
+        parser.error(f"--model {path}: no tokenizer could be loaded from it (transformers said: "
+                     f"{' '.join(str(err).split())})")
 
 
 def _load_for_routing(args: argparse.Namespace):
@@ -344,10 +344,13 @@ def _run_train_router(parser: argparse.ArgumentParser, args: argparse.Namespace)
     except ValueError as err:  # e.g. no module matches --target-modules
         hint = " (choose some with --target-modules)" if "target_modules" in str(err) else ""
         parser.error(f"{err}{hint}")
-    result = train_router(model, args.prompts, args.labels, tokenizer, epochs=args.epochs, lr=args.lr,
-                          batch_size=args.batch_size, heldout=args.heldout, seed=args.seed,
-                          max_length=args.max_length, progress=not args.no_progress, save_to=args.out,
-                          overwrite=args.overwrite)
+    try:
+        result = train_router(model, args.prompts, args.labels, tokenizer, epochs=args.epochs, lr=args.lr,
+                              batch_size=args.batch_size, heldout=args.heldout, seed=args.seed,
+                              max_length=args.max_length, progress=not args.no_progress, save_to=args.out,
+                              overwrite=args.overwrite)
+    except ValueError as err:  # e.g. a training that diverged at this --lr: nothing was saved
+        parser.error(str(err))
     print(result.summary())
     if not args.out:
         print("router not saved: no --out was given", file=sys.stderr)

@@ -256,7 +256,8 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
         router.eval()
         for p, flag in zip(router.parameters(), flags):
             p.requires_grad_(flag)
-    if not (losses and math.isfinite(losses[-1])) or not all(bool(p.isfinite().all()) for p in router.parameters()):
+    if not (losses and math.isfinite(losses[-1])) or any(
+            bool((~p.isfinite() & before[name].isfinite()).any()) for name, p in router.named_parameters()):
         with torch.no_grad():
             router.load_state_dict(before)
         raise ValueError(f"train_router: training diverged (the loss reached {losses[-1] if losses else None} in "

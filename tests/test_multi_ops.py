@@ -290,19 +290,24 @@ def test_autocast_leaves_the_op_computing_in_the_adapters_dtype(multi_backend, m
         assert torch.equal(bits(under), bits(without))
 
 
+@pytest.mark.parametrize("large", ("B", "xA"))
 @pytest.mark.parametrize("m", (4, 40))  # both torch strategies
-def test_fp16_adapters_whose_scaled_b_overflows_give_the_finite_term(m):
-    """|B| * scaling above 65504 in fp16, the term itself finite: the concatenation multiplied B by its scaling in
-    fp16 (inf), and the masked columns made NaN (0 * inf) of every row, base rows included."""
+def test_fp16_adapters_whose_scaled_term_overflows_in_one_order_give_the_finite_term(m, large):
+    """fp16, the term finite: |B| * scaling above 65504 (B times its scaling made inf, and the masked columns NaN
+    in every row, base rows included), or |x A^T| * scaling above it (scaling x A^T instead made inf)."""
     gen = torch.Generator().manual_seed(61)
-    x = (torch.randn(m, 8, generator=gen) * 1e-3).half()
+    x = (torch.randn(m, 8, generator=gen) * (1e-3 if large == "B" else 1.0)).half()
     base = torch.randn(m, 6, generator=gen).half()
-    lora_a = [torch.randn(2, 8, generator=gen).half(), torch.randn(3, 8, generator=gen).half()]
-    lora_b = [torch.randn(6, 2, generator=gen).half(), (torch.randn(6, 3, generator=gen) * 400).half()]
+    a_size, b_size = (1, 400) if large == "B" else (3000, 1e-3)
+    lora_a = [torch.randn(2, 8, generator=gen).half(), (torch.randn(3, 8, generator=gen) * a_size).half()]
+    lora_b = [torch.randn(6, 2, generator=gen).half(), (torch.randn(6, 3, generator=gen) * b_size).half()]
+    scaling = [1.0, 200.0 if large == "B" else 16.0]
     index = torch.tensor([0, 1, -1, 1] * (m // 4))
-    out = gatedlora.gated_lora_multi(x, base, lora_a, lora_b, [1.0, 200.0], index, backend="torch")
-    ref = gated_lora_multi_reference(x, base, lora_a, lora_b, [1.0, 200.0], index)
-    assert torch.isfinite(ref).all() and (lora_b[1].float() * 200).abs().max() > 65504
+    out = gatedlora.gated_lora_multi(x, base, lora_a, lora_b, scaling, index, backend="torch")
+    ref = gated_lora_multi_reference(x, base, lora_a, lora_b, scaling, index)
+    u = x[index == 1].float() @ lora_a[1].float().t()
+    big = (lora_b[1].float() * scaling[1]) if large == "B" else (u * scaling[1])
+    assert torch.isfinite(ref).all() and big.abs().max() > 65504
     assert torch.equal(bits(out[index < 0]), bits(base[index < 0]))
     # fp16 rounding of terms that cancel: within a few ulp of the row's largest value
     assert ((out.double() - ref).abs() <= 2e-3 * ref.abs().amax(dim=1, keepdim=True)).all()

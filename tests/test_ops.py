@@ -393,16 +393,17 @@ def test_torch_compile_fullgraph_takes_the_op_in_place_or_not(inplace):
     assert torch.equal(eager_base, base) != inplace
 
 
+@pytest.mark.parametrize("view", [False, True])
 @pytest.mark.parametrize("multi", [False, True])
-def test_compiled_in_place_calls_that_autograd_records_match_eager(multi):
-    """With autograd, an in-place call on a base_out autograd refuses to modify (one of chunk's views) returns a
-    new tensor in eager; compiled (the graph breaks at the check) it gives eager's values and gradients. It
-    raised inside the compiled copy path."""
+def test_compiled_in_place_calls_that_autograd_records_match_eager(multi, view):
+    """With autograd: an in-place call on an intermediate base_out compiles as one graph (fullgraph=True). One on a
+    base_out autograd refuses to modify (one of chunk's views) returns a new tensor in eager; compiled, the graph
+    breaks at that check, with eager's values and gradients (it raised inside the compiled copy path)."""
     x, base, a, b = make_inputs(6, 16, 12, 4, torch.float32, 61)
     gate = torch.rand(6, generator=torch.Generator().manual_seed(62))
 
     def fn(x, a, b, source):
-        base_out = (source * 1.0).chunk(2, dim=1)[0]
+        base_out = (source * 1.0).chunk(2, dim=1)[0] if view else source[:, :12] * 1.0
         if multi:
             index = torch.tensor([0, -1, 0, 0, -1, 0])
             y = gatedlora.gated_lora_multi(x, base_out, [a], [b], [1.5], index, backend="torch", inplace=True)
@@ -414,7 +415,7 @@ def test_compiled_in_place_calls_that_autograd_records_match_eager(multi):
     for compiled in (False, True):
         torch._dynamo.reset()
         leaves = [t.clone().requires_grad_() for t in (x, a, b, torch.cat([base, base], dim=1))]
-        y = (torch.compile(fn, backend="aot_eager") if compiled else fn)(*leaves)
+        y = (torch.compile(fn, backend="aot_eager", fullgraph=not view) if compiled else fn)(*leaves)
         results.append((y.detach(), *torch.autograd.grad(y.sum(), leaves)))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-5)  # fp32; aot_eager may reorder

@@ -163,6 +163,11 @@ def test_a_diverging_training_leaves_the_router_as_it_was_and_nothing_is_saved(l
     after = get_router(model).router.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and not (tmp_path / "router").exists()
 
+    # a parameter that was not finite before training (unused by the forward) is not a divergence
+    router = get_router(model).router
+    router.register_parameter("unused", torch.nn.Parameter(torch.tensor([-float("inf")])))
+    train_router(model, [[1, 5, 6], [1, 7], [1, 9, 9], [1, 4]], [0, 1, 1, 0], epochs=2, heldout=0, progress=False)
+
     with torch.no_grad():
         next(get_router(model).router.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match=r"save_pretrained: \['gate_router\..*NaN or infinite.*nothing was written"):
@@ -205,6 +210,8 @@ def test_read_router_data_reads_rows_and_skips_blank_lines(tmp_path):
     (["--heldout", "1"], "--heldout must be in [0, 1), got 1.0"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--lr", "1e38", "--target-modules", "query,value"],
+     "training diverged (the loss reached inf in epoch 1); the router is left as it was"),
     (["--model", "/no/such/dir"], "--model /no/such/dir: no such directory"),
 ])
 def test_cli_argument_errors(extra, message, tmp_path, capsys, minilm_path):

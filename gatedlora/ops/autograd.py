@@ -47,17 +47,11 @@ def records_gradients(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def compiled_without_autograd(tensors) -> bool:
-    """Under torch.compile, a call autograd does not record: there an in-place call goes through a copy (right
-    whatever overlaps, so no overlap check, which reads storage addresses that Dynamo cannot trace). A recorded
-    call is checked, which breaks the graph there, as deciding whether autograd lets base_out be written does."""
-    return torch.compiler.is_compiling() and not records_gradients(tensors)
-
-
 def written_through_a_copy(base_out: torch.Tensor, result: torch.Tensor, tensors) -> torch.Tensor:
     """An in-place call computed into ``result`` (a new tensor): base_out written from it and returned, or, where
     autograd records the call and refuses to modify base_out in place (``writable_in_place``), ``result``, as an
-    in-place call with such a base_out returns."""
+    in-place call with such a base_out returns. (Under torch.compile a view's check breaks the graph; a tensor
+    that is no view is decided in the graph.)"""
     if records_gradients(tensors) and not writable_in_place(base_out):
         return result
     return base_out.copy_(result)

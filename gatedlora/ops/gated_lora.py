@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from .args import GatedLoraArgs, check_inputs, make_args, overlaps
-from .autograd import (GatedLoraFunction, Options, compiled_without_autograd, records_gradients, writable_in_place,
-                       written_through_a_copy)
+from .autograd import GatedLoraFunction, Options, records_gradients, writable_in_place, written_through_a_copy
 from .backends import resolve_backend_name, torch_runs_on_cpu
 from .custom_op import gated_lora_add_
 from .torch_backend import addmm_lora_
@@ -74,12 +73,12 @@ def gated_lora(
                      inplace, straight_through)
         scaling, threshold = float(scaling), float(threshold)
     args = make_args(x, base_out.shape[-1], lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard)
-    recorded = (base_out,) + args.tensors()
-    if validate and inplace and (compiled_without_autograd(recorded)
+    if validate and inplace and (torch.compiler.is_compiling()
                                  or overlaps(base_out, (x, lora_a, lora_b, gate, gate_weight, gate_bias))):
-        # a kernel would read x (or a weight) while writing base_out: compute into a copy first
+        # a kernel would read x (or a weight) while writing base_out: compute into a copy first. Under torch.compile,
+        # whose tracing cannot read storage addresses, always: right whatever overlaps (the layers pass no check)
         result = run(args, base_out, backend, inplace=False, straight_through=straight_through)
-        return written_through_a_copy(base_out, result, recorded)
+        return written_through_a_copy(base_out, result, (base_out,) + args.tensors())
     return run(args, base_out, backend, inplace, straight_through)
 
 

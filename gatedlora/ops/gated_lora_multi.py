@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .args import overlaps
-from .autograd import Options, compiled_without_autograd, records_gradients, writable_in_place, written_through_a_copy
+from .autograd import Options, records_gradients, writable_in_place, written_through_a_copy
 from .backends import resolve_backend_name, torch_runs_on_cpu
 from .multi_args import MultiLoraArgs, check_multi_inputs, make_multi_args, normalise_scaling
 from .multi_autograd import GatedLoraMultiFunction
@@ -59,12 +59,12 @@ def gated_lora_multi(
         check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace)
         scaling = normalise_scaling(scaling, len(lora_a))
     args = make_multi_args(x, base_out.shape[-1], lora_a, lora_b, scaling, adapter_index)
-    recorded = (base_out, args.x, *args.lora_a, *args.lora_b)
-    if validate and inplace and (compiled_without_autograd(recorded)
+    if validate and inplace and (torch.compiler.is_compiling()
                                  or overlaps(base_out, (x, adapter_index, *lora_a, *lora_b))):
-        # a kernel would read x (or a weight) while writing base_out: compute into a copy first
+        # a kernel would read x (or a weight) while writing base_out: compute into a copy first. Under torch.compile,
+        # whose tracing cannot read storage addresses, always: right whatever overlaps (the layers pass no check)
         result = run_multi(args, base_out, backend, inplace=False)
-        return written_through_a_copy(base_out, result, recorded)
+        return written_through_a_copy(base_out, result, (base_out, args.x, *args.lora_a, *args.lora_b))
     return run_multi(args, base_out, backend, inplace)
 
 

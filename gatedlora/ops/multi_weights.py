@@ -170,8 +170,9 @@ def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
     """(A_cat^T [K, R], scaled B_cat^T [R, N], not_owned bool [M, R], None) in the adapters' dtype, both weights
     contiguous (the module docstring), for rows whose adapters are ``adapter_index`` [M]: ``not_owned[m, j]``
     where column j of ``x A_cat^T`` is not row m's adapter's (index -1, and any index outside [0, A), match
-    no column). Read-only for the caller; shared by every call with these weights. In fp16 B_cat^T is
-    unscaled and the last item is the scaling of each column of ``x A_cat^T`` [R] (``_concatenate``).
+    no column). Read-only for the caller; shared by every call with these weights. In fp16 the last item
+    is a factor for each column of ``x A_cat^T`` [R], the scaling of an adapter whose B is kept unscaled there
+    (``_concatenate``).
 
     ``index_fixed``: the caller never changes this index tensor's values (the layers' index comes from the
     routing decision, one tensor per generation and row count), so on the CPU its mask is kept with the
@@ -206,10 +207,11 @@ def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple
     """(A_cat^T [K, R], scaled B_cat^T [R, N], owners [R], None), built outside inference mode: the weights are
     ordinary tensors, so the copies are too, and later calls with autograd recording may read them.
 
-    fp16 keeps B_cat^T unscaled, and the last item holds each column's scaling [R], for ``u`` instead: in fp16's
-    range B times its scaling can overflow where the term does not (|B| * scaling > 65504), and an inf in
-    B_cat^T made NaN (0 * inf) of every row's term, base rows included. (Checking the values instead cost a
-    host read and 0.2 ms at every rebuild, which inference tensors have at every call.)
+    In fp16 B times its scaling can overflow where the term does not (|B| * scaling > 65504), and an inf in
+    B_cat^T made NaN (0 * inf) of every row's term, base rows included; scaling ``u`` instead overflows where
+    |x A^T| * scaling does (x A^T of 5000 at scaling 16). So in fp16 each adapter's B is scaled where that stays
+    finite, and kept unscaled otherwise, and the last item holds each column's factor for ``u`` [R] (1, or the
+    scaling of an unscaled adapter), chosen on the device (no host read: a sync off the CPU).
 
     Transposed and contiguous because that is what the two matmuls read fastest: on one CPU core (M = 8,
     K = 256, N = 688, R = 64, fp32) ``mm(u, B_cat^T)`` took 5.4 us where ``addmm_`` on a transposed view
@@ -221,9 +223,15 @@ def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple
         # (output_size: no host read of the ranks, and a meta tensor needs it)
         owners = torch.repeat_interleave(torch.arange(len(lora_a), device=a_t.device), ranks, output_size=a_t.shape[1])
         if a_t.dtype == torch.float16:
-            b_t = torch.cat([b.t() for b in lora_b], dim=0)
-            column_scale = torch.repeat_interleave(torch.tensor(scaling, dtype=b_t.dtype, device=b_t.device), ranks,
-                                                   output_size=a_t.shape[1])
+            one = torch.ones((), dtype=a_t.dtype, device=a_t.device)
+            parts, factors = [], []
+            for b, scale in zip(lora_b, scaling):
+                scaled = b.t() * scale
+                fits = (scaled.isfinite() | ~b.t().isfinite()).all()
+                parts.append(torch.where(fits, scaled, b.t()))
+                factors.append(torch.where(fits, one, one * scale))
+            b_t = torch.cat(parts, dim=0)
+            column_scale = torch.repeat_interleave(torch.stack(factors), ranks, output_size=a_t.shape[1])
         else:
             b_t = torch.cat([b.t() * scale for b, scale in zip(lora_b, scaling)], dim=0)
             column_scale = None

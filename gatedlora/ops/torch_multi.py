@@ -68,7 +68,7 @@ def add_concatenated_rows(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lor
             # a bfloat16 matmul on the CPU computes rows in pairs: an inf in a base row would spoil its pair
             x = torch.where((adapter_index < 0).unsqueeze(1), cpu_scalar(0.0, x.dtype), x)
     u = torch.mm(x, lora_a_t)  # [M, R]
-    if column_scale is not None:  # (fp16, where B times its scaling can overflow: scaled here instead)
+    if column_scale is not None:  # (fp16: the scaling of an adapter whose scaled B would overflow)
         u.mul_(column_scale)
     # Index -1 (the base output) and, off the CPU where the index is not checked, any value outside [0, A)
     # match no column: those rows add 0.
