@@ -43,9 +43,12 @@ def host_facts(decisions: torch.Tensor, gates: torch.Tensor, hard: bool) -> tupl
     hard gates; all_closed follows ``hard`` (soft: every gate exactly 0)."""
     opened = decisions.tolist()
     all_open = all(opened)
-    all_closed = not any(opened) if hard else not bool(gates.detach().ne(0).any())
-    open_span = contiguous_span(opened) if not (all_open or all_closed) else None
-    scattered = open_span is None and not (all_open or all_closed)
+    some_open = any(opened)
+    all_closed = not some_open if hard else not bool(gates.detach().ne(0).any())
+    # (soft gates: every decision closed while some gate is not 0 is neither all open nor all closed, and has no
+    # open sequence to span: it raised IndexError)
+    open_span = contiguous_span(opened) if some_open and not all_open else None
+    scattered = some_open and not all_open and open_span is None
     return all_open, all_closed, open_span, scattered
 
 

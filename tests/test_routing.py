@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import gatedlora
-from gatedlora import GatedLoraConfig, get_router, patch_model
+from gatedlora import GatedLoraConfig, force_gate, get_router, patch_model
 from gatedlora.patching import find_blocks, gated_layers
 from steered_routers import PatternRouter, last_real_hidden, splitting_router
 from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_peft_model
@@ -305,6 +305,26 @@ def test_deberta_projections_of_the_shared_relative_embeddings_are_refused_at_pa
     pattern = [0.9, 0.1]
     assert_routed_as_pattern(*routed_by_pattern(model, dict(input_ids=ids), pattern, output="last_hidden_state"),
                              pattern)
+
+
+def test_soft_sequence_gates_below_the_threshold_scale_every_sequence():
+    """hard=False: every probability below the threshold but above 0 is a gate of p on every sequence, neither all
+    open nor all closed (the CPU's host facts looked for an open span among no open sequence: IndexError). The
+    same probabilities under a threshold they all pass give the same logits."""
+    ids, mask = padded_batch([7, 5, 9], 9, side="left", seed=4)
+    logits = {}
+    for threshold in (0.5, 0.2):
+        model = tiny_peft_model(layers=4, layers_to_transform=[1, 2, 3])
+        randomize_lora_b(model, seed=2, scale=0.5)
+        router = PatternRouter(40)
+        router.pattern = torch.tensor([0.3, 0.3, 0.3])
+        patch_model(model, GatedLoraConfig(gate="sequence", router=router, hard=False, threshold=threshold))
+        with torch.no_grad():
+            logits[threshold] = model(input_ids=ids, attention_mask=mask).logits
+            with force_gate(model, 0.0):
+                base = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[0.5], logits[0.2], rtol=0, atol=1e-6)
+    assert not torch.equal(logits[0.5], base)
 
 
 def test_a_decision_refuses_rows_that_are_not_batch_first():
