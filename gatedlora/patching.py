@@ -40,6 +40,8 @@ class PatchState:
     # before the first: PEFT's switch is one flag per layer, set by the first block and restored by the last
     peft_switch_depth: int = 0
     peft_switch_flags: list = field(default_factory=list)
+    # the parameters patch_model froze (fresh adapters on a plain model, as get_peft_model does): unfrozen again
+    frozen: list = field(default_factory=list)
 
 
 _PEFT_SWITCH = threading.Lock()  # guards every PatchState's peft_switch_* (entered and left in any order)
@@ -350,10 +352,11 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
         _warn_of_rewritten_base(model, set(config.adapters or adapters.values()))
     if config.adapters is not None:
         _check_routed_adapters(model, adapters, config.adapters)
+    state = PatchState(config=config, fresh=fresh)
     if fresh and freeze_base:
+        state.frozen = [p for p in model.parameters() if p.requires_grad]
         model.requires_grad_(False)  # before the adapters, gates and router exist: those stay trainable
 
-    state = PatchState(config=config, fresh=fresh)
     route = None
     if config.gate == "sequence":
         targets, route = _prepare_sequence_routing(model, config, targets, fresh, state, adapters)
@@ -821,13 +824,16 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Put the original modules back (same classes, same state_dict); gate and router parameters are dropped."""
+    """Put the original modules back (same classes, same state_dict); gate and router parameters are dropped, and
+    the parameters patch_model froze (a plain model's, for fresh adapters) train again."""
     state = getattr(model, STATE_ATTRIBUTE, None)
     if state is None:
         warnings.warn("unpatch_model: the model is not patched; nothing to do", stacklevel=2)
         return model
     for name, original in state.originals.items():
         _set_submodule(model, name, original)
+    for parameter in state.frozen:
+        parameter.requires_grad_(True)
     if state.blocks_path is not None:
         blocks = model.get_submodule(state.blocks_path)
         modules = [_backbone(model, state.blocks_path), blocks[state.config.router_layer],

@@ -147,6 +147,12 @@ def test_fresh_adapters_freeze_the_base_as_get_peft_model_does():
     assert all(p.requires_grad for p in sequence.gate_router.parameters())
     kept = patch_model(tiny_causal_lm("llama"), GatedLoraConfig(target_modules=["q_proj"]), freeze_base=False)
     assert kept.model.embed_tokens.weight.requires_grad and kept.lm_head.weight.requires_grad
+    # unpatching gives back the model as it was, trainable where it was (one parameter was frozen before)
+    plain = tiny_causal_lm("llama")
+    plain.lm_head.weight.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in plain.named_parameters()}
+    unpatch_model(patch_model(plain, GatedLoraConfig(target_modules=["q_proj"])))
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == before
 
 
 def test_config_and_model_arguments_are_type_checked():
