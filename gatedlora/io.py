@@ -122,7 +122,8 @@ def _pending_weights_path(directory: Path, sha256: str) -> Path:
 
 
 def _write_new_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file (mode 0666 less the umask, 0644 as PEFT's files) and flush it to disk."""
+    """Write ``data`` to a new file (mode 0666 less the umask: 0644, as PEFT's adapter_config.json) and flush it
+    to disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         view = memoryview(data)
@@ -309,12 +310,30 @@ def _read_weights(directory: Path, meta: dict) -> tuple[dict[str, torch.Tensor],
     return tensors, weights_path
 
 
+# A read that finds weights other than its config names is tried again this often: a save into the same
+# directory may have committed between reading the config and reading the weights (a reviewer saw 5 of 300
+# concurrent reads fail, the intact files called corrupt); a damaged file fails every time.
+READ_ATTEMPTS = 3
+
+
+def _read_save(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """(config record, checked tensors, the file they came from) of one save: the old one or the new one where a
+    save runs meanwhile, never a mix."""
+    for _ in range(READ_ATTEMPTS - 1):
+        meta = _read_meta(directory)
+        try:
+            return (meta, *_read_weights(directory, meta))
+        except (FileNotFoundError, ValueError):
+            continue
+    meta = _read_meta(directory)
+    return (meta, *_read_weights(directory, meta))
+
+
 def read_saved(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """The saved config (the fields ``GatedLoraConfig.to_dict`` wrote) and tensors (checked, on the CPU) of a
     gatedlora save."""
-    directory = Path(path)
-    meta = _read_meta(directory)
-    return meta["config"], _read_weights(directory, meta)[0]
+    meta, tensors, _ = _read_save(Path(path))
+    return meta["config"], tensors
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module | None = None) -> nn.Module:
@@ -328,8 +347,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     if router is not None and not isinstance(router, nn.Module):
         raise TypeError(f"load_pretrained: router must be an nn.Module or None, got {type(router).__name__}")
     directory = Path(path)
-    meta = _read_meta(directory)
-    loaded, weights_path = _read_weights(directory, meta)
+    meta, loaded, weights_path = _read_save(directory)
 
     saved = dict(meta["config"])
     if "target_modules" not in saved and "layers" in meta:

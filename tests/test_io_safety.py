@@ -274,7 +274,26 @@ def test_a_config_with_fields_of_the_wrong_json_type_is_refused_by_name(old_and_
         load_pretrained(target, path)
 
 
-def test_files_are_written_0644_as_peft_writes_them(tmp_path):
+def test_a_load_while_a_save_commits_into_the_directory_gets_one_whole_save(old_and_new, monkeypatch):
+    """A save that commits between the loader's reading the config and its reading the weights: the loader read
+    the old config, found the new weights, and called the intact files corrupt. It now reads again and gets
+    the new save, whole."""
+    path, _, new = old_and_new
+    read_meta = gio._read_meta
+    calls = []
+
+    def meta_then_a_save(directory):
+        meta = read_meta(directory)
+        calls.append(directory)
+        if len(calls) == 1:
+            save_pretrained(new, path, overwrite=True)  # commits between the two reads (it reads the config too)
+        return meta
+
+    monkeypatch.setattr(gio, "_read_meta", meta_then_a_save)
+    assert same(loaded_gates(path), gate_values(new))
+
+
+def test_files_are_written_0644_as_peft_writes_its_config(tmp_path):
     previous = os.umask(0o022)
     try:
         model = saved_model(1)
