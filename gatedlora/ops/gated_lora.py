@@ -107,7 +107,7 @@ def add_lora_(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
 def run(args: GatedLoraArgs, base_out: torch.Tensor, backend: str, inplace: bool,
         straight_through: bool) -> torch.Tensor:
     """``gated_lora`` on normalised arguments: through autograd when an input requires grad."""
-    if records_gradients((base_out,) + args.tensors()):
+    if torch.is_grad_enabled() and records_gradients((base_out,) + args.tensors()):  # (no tuple in inference)
         inplace = inplace and writable_in_place(base_out)
         resolve_backend_name(backend)  # reject an unknown backend name even when there is no row
         return GatedLoraFunction.apply(args, Options(straight_through, backend, inplace), base_out, args.x,

@@ -99,7 +99,7 @@ def add_lora_multi_(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: t
 
 def run_multi(args: MultiLoraArgs, base_out: torch.Tensor, backend: str, inplace: bool) -> torch.Tensor:
     """``gated_lora_multi`` on normalised arguments: through autograd when an input requires grad."""
-    if records_gradients((base_out, args.x, *args.lora_a, *args.lora_b)):
+    if torch.is_grad_enabled() and records_gradients((base_out, args.x, *args.lora_a, *args.lora_b)):
         inplace = inplace and writable_in_place(base_out)
         resolve_backend_name(backend)  # reject an unknown backend name even when there is no row
         return GatedLoraMultiFunction.apply(args, Options(False, backend, inplace), base_out, args.x,
