@@ -290,11 +290,13 @@ def test_autocast_leaves_the_op_computing_in_the_adapters_dtype(multi_backend, m
         assert torch.equal(bits(under), bits(without))
 
 
+@pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=pytest.mark.gpu)))
 @pytest.mark.parametrize("large", ("B", "xA"))
 @pytest.mark.parametrize("m", (4, 40))  # both torch strategies
-def test_fp16_adapters_whose_scaled_term_overflows_in_one_order_give_the_finite_term(m, large):
+def test_fp16_adapters_whose_scaled_term_overflows_in_one_order_give_the_finite_term(m, large, device):
     """fp16, the term finite: |B| * scaling above 65504 (B times its scaling made inf, and the masked columns NaN
-    in every row, base rows included), or |x A^T| * scaling above it (scaling x A^T instead made inf)."""
+    in every row, base rows included), or |x A^T| * scaling above it (scaling x A^T instead made inf).
+    The choice between the two is made on the device (no host read), so it runs on CUDA tensors too."""
     gen = torch.Generator().manual_seed(61)
     x = (torch.randn(m, 8, generator=gen) * (1e-3 if large == "B" else 1.0)).half()
     base = torch.randn(m, 6, generator=gen).half()
@@ -303,7 +305,9 @@ def test_fp16_adapters_whose_scaled_term_overflows_in_one_order_give_the_finite_
     lora_b = [torch.randn(6, 2, generator=gen).half(), (torch.randn(6, 3, generator=gen) * b_size).half()]
     scaling = [1.0, 200.0 if large == "B" else 16.0]
     index = torch.tensor([0, 1, -1, 1] * (m // 4))
-    out = gatedlora.gated_lora_multi(x, base, lora_a, lora_b, scaling, index, backend="torch")
+    moved = [t.to(device) for t in (x, base, index)], [[t.to(device) for t in ts] for ts in (lora_a, lora_b)]
+    (x_d, base_d, index_d), (lora_a_d, lora_b_d) = moved
+    out = gatedlora.gated_lora_multi(x_d, base_d, lora_a_d, lora_b_d, scaling, index_d, backend="torch").cpu()
     ref = gated_lora_multi_reference(x, base, lora_a, lora_b, scaling, index)
     u = x[index == 1].float() @ lora_a[1].float().t()
     big = (lora_b[1].float() * scaling[1]) if large == "B" else (u * scaling[1])
