@@ -151,10 +151,11 @@ def last_real_positions(attention_mask: Any, batch: int, length: int,
                         device: torch.device | None = None) -> torch.Tensor:
     """Index of the last real position (``attention_mask == 1``) of this input per sequence. Returns [B] (long).
 
-    attention_mask: [B, T'] with T' >= length (its last ``length`` columns cover this input), or a
-    prepared mask [B, heads or 1, length, S] of a prefill on an empty cache (generate() with a static
-    cache passes one: True or 0 where a query attends; its first ``length`` keys are this input), or a
-    dict of those per attention type (``prefill_mask``), or None.
+    This input is a prefill on an empty cache (a routing decision is made only there: ``run_backbone``), so
+    it fills the masks' first ``length`` positions. attention_mask: [B, T'] with T' >= length (T' > length:
+    padded on the right to a static cache's length, as BLOOM's generate() does), or a prepared mask
+    [B, heads or 1, length, S] (generate() with a static cache passes one: True or 0 where a query attends),
+    or a dict of those per attention type (``prefill_mask``), or None.
     """
     attention_mask = prefill_mask(attention_mask)
     if attention_mask is None:
@@ -171,7 +172,7 @@ def last_real_positions(attention_mask: Any, batch: int, length: int,
             keys = attention_mask[:, 0, 0, :length]
         real = keys if keys.dtype == torch.bool else keys == 0
     elif attention_mask.dim() == 2 and attention_mask.shape[0] == batch and attention_mask.shape[1] >= length:
-        real = attention_mask[:, -length:] != 0
+        real = attention_mask[:, :length] != 0
     else:
         raise ValueError(
             f"sequence routing needs a 2D attention_mask [batch, length] = [{batch}, {length}] (or a prepared 4D "
@@ -192,7 +193,7 @@ def last_real_hidden(hidden: torch.Tensor, attention_mask: Any) -> torch.Tensor:
         return hidden[:, -1]
     if attention_mask.dim() == 2 and not attention_mask.is_cuda and not torch.compiler.is_compiling() \
             and attention_mask.shape[0] == batch and attention_mask.shape[1] >= length \
-            and bool(attention_mask[:, -1].all()):
+            and bool(attention_mask[:, length - 1].all()):
         return hidden[:, -1]
     positions = last_real_positions(attention_mask, batch, length, hidden.device).to(hidden.device)
     return hidden[torch.arange(batch, device=hidden.device), positions]

@@ -639,6 +639,40 @@ def test_static_cache_generate_on_qwen2_routes_from_its_dict_of_prepared_masks(s
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
+def test_static_cache_generate_on_bloom_routes_from_its_mask_padded_to_the_cache(side):
+    """BLOOM's generate() with a static cache pads the 2D mask on the right to the cache's length (its own
+    create_masks_for_generate): the prompt is the mask's first columns. The router read one token too early
+    there, so routes, tokens and scores differed from the dynamic cache's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    base = BloomForCausalLM(BloomConfig(vocab_size=97, hidden_size=40, n_layer=LAYERS, n_head=4, pad_token_id=0,
+                                        bos_token_id=1, eos_token_id=2)).eval()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["query_key_value", "dense_4h_to_h"],
+                                            layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)),
+                                            init_lora_weights=False)).eval()
+    ids, mask = padded_batch([7, 4, 9, 5], 9, side=side, seed=3)
+    routes = torch.tensor([True, False, False, True])
+    router = splitting_router(model, [(ids, mask, routes.tolist())], ROUTER_LAYER)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    masks = []
+    hook = model.base_model.model.transformer.register_forward_pre_hook(
+        lambda m, a, k: masks.append(k.get("attention_mask")), with_kwargs=True)
+    options = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        dynamic = model.generate(input_ids=ids, attention_mask=mask, **options)
+        masks.clear()
+        static = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **options)
+    hook.remove()
+    assert masks[0].dim() == 2 and masks[0].shape[1] > ids.shape[1]  # the case: padded to the cache's length
+    for out in (dynamic, static):
+        assert torch.equal(get_router(model).routes_of(out).decisions, routes)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.scores, 1), torch.stack(dynamic.scores, 1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
 def test_last_real_positions_from_prepared_sliding_window_masks(side, dtype):
     """A prepared 4D mask marks a sequence's real tokens on its diagonal, for a sliding window too: there the
