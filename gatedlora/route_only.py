@@ -3,7 +3,8 @@
 PRISM's router reads the hidden state after block ``router_layer``, and those blocks carry no adapter,
 so a prompt's route can be decided before the request reaches a serving engine. The model is built from
 the checkpoint's config cut to ``router_layer + 1`` blocks, and Transformers then loads only the weights
-that model has: the later blocks and the LM head are never read. The
+that model has: the later blocks and the LM head are never read. Numbers a block derives from the depth
+are set to the full model's (``constants_of_depth``). The
 router comes from a gatedlora save (``gatedlora.save_pretrained`` or ``gatedlora train-router``).
 
 Its decisions are the full patched model's, bitwise, for the same batch: the same modules run on the
@@ -88,10 +89,13 @@ class RouteOnlyModel(nn.Module):
             raise ValueError(f"RouteOnlyModel: the router in {router_path} reads hidden states of width {width}, "
                              f"but the model in {model_path} has hidden_size {hidden}: it was trained on another "
                              "model")
-        model_config = cut_config(model_config, config.router_layer + 1)
+        full_config, model_config = model_config, cut_config(model_config, config.router_layer + 1)
+        depth_constants = constants_of_depth(full_config, model_config)
         with _quiet_transformers():
             backbone = AutoModel.from_pretrained(model_path, config=model_config,
                                                  **({} if dtype is None else {"dtype": dtype}))
+        for (name, attribute), value in depth_constants.items():
+            setattr(backbone.get_submodule(name), attribute, value)
         model = cls(backbone, SequenceRouter(router, config), adapter_name).eval()
         if default_router:
             # Only the router is cast: casting the loaded backbone again would round the buffers Transformers
@@ -106,6 +110,9 @@ class RouteOnlyModel(nn.Module):
         Pad on the right (``route_prompts`` does), or pass what the backbone needs for left padding
         (``position_ids``, as ``generate`` derives them from the mask) in ``backbone_kwargs``.
         """
+        # No KV cache: nothing continues from this pass, and a hybrid model whose blocks 0..router_layer hold no
+        # attention layer (LFM2, Jamba, Zamba2) fails to make one for the cut model.
+        backbone_kwargs.setdefault("use_cache", False)
         hidden = output_of_block(lambda: self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                                        **backbone_kwargs))
         if hidden is None:
@@ -161,6 +168,40 @@ def cut_config(config: Any, blocks: int) -> Any:
             setattr(config, key, value[:blocks])  # e.g. layer_types (sliding or full attention per block)
     config.num_hidden_layers = blocks
     return config
+
+
+def constants_of_depth(full_config: Any, cut: Any) -> dict[tuple[str, str], Any]:
+    """What the cut model's modules must be given to compute what the full model's do: {(module name, attribute):
+    the full model's value} for each plain number or flag a module derives from the model's depth (MiniCPM3's
+    residual scale ``scale_depth / sqrt(num_hidden_layers)``, MiniMax's attention decay per layer). Both models
+    are built on the meta device to compare them (no memory). Raises where the cut model is built differently
+    (a parameter or buffer the full model lacks or holds in another shape: GPT-NeoX-Japanese's last block's
+    bias, Gemma 4's per-layer embeddings), since no attribute makes up for that."""
+    from transformers import AutoModel
+
+    with torch.device("meta"), _quiet_transformers():
+        full, small = AutoModel.from_config(full_config), AutoModel.from_config(cut)
+    full_tensors = {**dict(full.named_parameters()), **dict(full.named_buffers())}
+    built_otherwise = [f"{name} {list(tensor.shape)}" for name, tensor in
+                       [*small.named_parameters(), *small.named_buffers()]
+                       if name not in full_tensors or full_tensors[name].shape != tensor.shape]
+    if built_otherwise:
+        raise ValueError(f"RouteOnlyModel: {type(small).__name__} builds its first {cut.num_hidden_layers} blocks "
+                         f"differently in a model of that depth ({', '.join(built_otherwise[:4])} are not the full "
+                         "model's), so they would not compute the full model's hidden states. Route with the full "
+                         "patched model (get_router(model).last_routes after a forward)")
+    full_modules = dict(full.named_modules())
+    constants = {}
+    for name, module in small.named_modules():
+        twin_module = full_modules.get(name)
+        if type(twin_module) is not type(module):
+            continue
+        twin = vars(twin_module)
+        for attribute, value in vars(module).items():
+            if type(value) in (bool, int, float) and type(twin.get(attribute)) is type(value) \
+                    and twin[attribute] != value:
+                constants[(name, attribute)] = twin[attribute]
+    return constants
 
 
 def router_from_state(class_name: str | None, tensors: dict[str, torch.Tensor], router: nn.Module | None

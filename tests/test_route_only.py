@@ -12,14 +12,18 @@ from tiny_models import padded_batch, tiny_causal_lm, tiny_t5
 BATCH = padded_batch([9, 3, 12, 7, 1, 12], 12, seed=5)
 
 
+TARGETS = {"minicpm3": ["o_proj", "down_proj"], "lfm2": ["q_proj", "v_proj"]}  # else q_proj, v_proj, down_proj
+
+
 def saved_model_and_router(tmp_path, arch="llama", layers=4, router_layer=1, router=None, seed=0):
     """A tiny causal LM saved with save_pretrained, patched with sequence gates and a random router
     (saved with gatedlora.save_pretrained) that sends about half of BATCH to the adapter.
     Returns (model dir, router dir, the full patched model)."""
     model = tiny_causal_lm(arch, layers=layers, seed=seed)
     model.save_pretrained(tmp_path / "model")
+    targets = TARGETS.get(arch, ["q_proj", "v_proj", "down_proj"])
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=router_layer, router=router,
-                                       target_modules=["q_proj", "v_proj", "down_proj"], r=4))
+                                       target_modules=targets, r=4))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -32,7 +36,10 @@ def saved_model_and_router(tmp_path, arch="llama", layers=4, router_layer=1, rou
     return tmp_path / "model", tmp_path / "router", model
 
 
-@pytest.mark.parametrize("arch,router_layer,side", [("llama", 1, "left"), ("qwen2", 0, "right"), ("llama", 2, "left")])
+# minicpm3: its blocks derive a residual scale from the depth, which the cut model held as its own (the routes
+# moved); lfm2: blocks 0..router_layer hold no attention layer, where the cut model failed to make a KV cache
+@pytest.mark.parametrize("arch,router_layer,side", [("llama", 1, "left"), ("qwen2", 0, "right"), ("llama", 2, "left"),
+                                                    ("minicpm3", 1, "left"), ("lfm2", 1, "right")])
 def test_probabilities_are_the_full_models_bitwise(tmp_path, arch, router_layer, side):
     model_dir, router_dir, full = saved_model_and_router(tmp_path, arch, router_layer=router_layer)
     route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir)
@@ -138,6 +145,21 @@ def test_two_class_and_custom_routers(tmp_path):
     with torch.no_grad():
         full(input_ids=ids, attention_mask=mask)
         assert torch.equal(route_only(ids, mask).probabilities, get_router(full).last_probabilities)
+
+
+def test_a_model_whose_first_blocks_are_built_by_its_depth_is_refused(tmp_path):
+    """GPT-NeoX-Japanese gives its last block a bias: cut to router_layer + 1 blocks, block router_layer would
+    have one the checkpoint lacks (freshly initialised, reported only in the warnings the load silences)."""
+    from transformers import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(vocab_size=97, hidden_size=40, num_hidden_layers=4,
+                                                             num_attention_heads=4, intermediate_multiple_size=2))
+    model.save_pretrained(tmp_path / "model")
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=1, target_modules=["query_key_value"], r=4))
+    save_pretrained(model, tmp_path / "router")
+    with pytest.raises(ValueError, match=r"builds its first 2 blocks differently .*layers\.1\.attention\.dense_bias"):
+        RouteOnlyModel.from_pretrained(tmp_path / "model", tmp_path / "router")
 
 
 def test_errors_name_the_problem(tmp_path, capsys):

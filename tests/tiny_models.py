@@ -26,6 +26,16 @@ def tiny_causal_lm(arch: str = "llama", layers: int = 3, seed: int = 0) -> torch
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "minicpm3":  # scales each residual branch by scale_depth / sqrt(num_hidden_layers)
+        from transformers import MiniCPM3Config, MiniCPM3ForCausalLM
+
+        model = MiniCPM3ForCausalLM(MiniCPM3Config(**{**common, "num_key_value_heads": 4}, q_lora_rank=16,
+                                                   kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                                                   v_head_dim=8, scale_depth=1.4))
+    elif arch == "lfm2":  # a hybrid whose first two blocks are convolutions, the last two attention
+        from transformers import Lfm2Config, Lfm2ForCausalLM
+
+        model = Lfm2ForCausalLM(Lfm2Config(**common, layer_types=["conv"] * 2 + ["full_attention"] * (layers - 2)))
     else:
         raise ValueError(arch)
     return model.eval()
