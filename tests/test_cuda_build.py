@@ -75,6 +75,18 @@ def test_failed_build_leaves_the_backend_unavailable_with_a_reason(fresh_build_s
         cuda_build.load_extension()
 
 
+@needs_nvcc
+def test_a_failed_build_keeps_the_log_its_error_names(monkeypatch, tmp_path):
+    """The build runs in a staging folder that is removed whatever happens: its log is kept beside the cache."""
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("GATEDLORA_CUDA_ARCHS", "10")  # an architecture nvcc refuses at once
+    with pytest.raises(cuda_build.CudaExtensionUnavailable, match=r"building the CUDA extension failed") as failed:
+        cuda_build.build_cached()
+    log = re.search(r"\(full log: (.*)\)$", str(failed.value)).group(1)
+    assert "compute_10" in open(log).read()
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(log)]  # the staging folder is gone
+
+
 def test_import_builds_nothing():
     """``import gatedlora`` (and a CPU call) must neither load the extension nor run nvcc."""
     code = ("import sys, torch, gatedlora\n"

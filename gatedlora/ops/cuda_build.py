@@ -105,7 +105,7 @@ def pybind11_include() -> tuple[str, str]:
         import pybind11
     except ImportError as exc:
         raise CudaExtensionUnavailable(
-            f"pybind11 is not installed ({exc}); pip install 'gatedlora[cuda]' (or pybind11 ninja)") from None
+            f"pybind11 is not installed ({exc}); pip install pybind11 ninja") from None
     return pybind11.get_include(), pybind11.__version__
 
 
@@ -163,10 +163,11 @@ def find_ninja() -> Optional[str]:
 
 
 def build_module(build_dir: Path, archs: Optional[list[int]] = None, extra_nvcc: tuple[str, ...] = (),
-                 output_name: Optional[str] = None) -> tuple[Path, str]:
-    """Compile csrc/ into ``build_dir``; returns (shared object, compiler output).
+                 output_name: Optional[str] = None, log: Optional[Path] = None) -> tuple[Path, str]:
+    """Compile csrc/ into ``build_dir``; returns (shared object, compiler output), which is also written to
+    ``log`` (default ``build_dir/build.log``).
 
-    Raises CudaExtensionUnavailable with the compiler's last lines when a step fails.
+    Raises CudaExtensionUnavailable with the compiler's last lines and the log's path when a step fails.
     """
     nvcc = find_nvcc()
     if nvcc is None:
@@ -178,7 +179,7 @@ def build_module(build_dir: Path, archs: Optional[list[int]] = None, extra_nvcc:
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     output = build_dir / (output_name or (MODULE_NAME + suffix))
     commands = build_commands(src, build_dir, output, archs, nvcc, extra_nvcc)
-    log = build_dir / "build.log"
+    log = Path(log) if log is not None else build_dir / "build.log"
     ninja = find_ninja()
     if ninja is not None:
         kernels_o, bindings_o = build_dir / "gated_lora_kernels.o", build_dir / "bindings.o"
@@ -251,7 +252,8 @@ def build_cached() -> ModuleType:
         # both succeed and one rename wins; a half-written module is never loaded.
         staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
         try:
-            build_module(staging, archs)
+            # the log beside the cache entry: a failed build's staging folder is removed, and its error names the log
+            build_module(staging, archs, log=target.parent / f"{target.name}.build.log")
             try:
                 staging.rename(target)
             except OSError:  # another process got there first
