@@ -8,7 +8,7 @@ Ahead of time (``GATEDLORA_BUILD_CUDA=1``): where ``nvcc`` is found, also compil
 extension ``gatedlora._cuda_kernels`` for ``GATEDLORA_CUDA_ARCHS`` (default ``80;90``). That needs
 pybind11 in the build environment, which build isolation does not have:
 
-    pip install pybind11 ninja            # or: pip install 'gatedlora[cuda]' first
+    pip install pybind11 ninja            # (the cuda extra)
     GATEDLORA_BUILD_CUDA=1 pip install --no-build-isolation .
 
 Without nvcc it says so and installs the pure-Python package.

@@ -98,7 +98,7 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            parser.error("--plot needs matplotlib, which is not installed: pip install 'gatedlora[bench]'")
+            parser.error("--plot needs matplotlib, which is not installed: pip install matplotlib (or the bench extra)")
     if args.backends:
         from .ops.backends import PREFERENCE
 

@@ -167,7 +167,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise RuntimeError("--plot needs matplotlib: pip install 'gatedlora[bench]'") from err
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the bench extra)") from err
     providers = [p for p in result["providers"] if p != "base"]
     scenarios = [s for s in result["scenarios"] if "base" in s["median_ms"]]  # a failed scenario has no times
     width = 0.8 / max(len(providers), 1)
