@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -179,8 +180,14 @@ def constants_of_depth(full_config: Any, cut: Any) -> dict[tuple[str, str], Any]
     bias, Gemma 4's per-layer embeddings), since no attribute makes up for that."""
     from transformers import AutoModel
 
-    with torch.device("meta"), _quiet_transformers():
-        full, small = AutoModel.from_config(full_config), AutoModel.from_config(cut)
+    try:
+        with torch.device("meta"), _quiet_transformers():
+            full, small = AutoModel.from_config(full_config), AutoModel.from_config(cut)
+    except Exception as err:  # a model whose construction reads tensor values (.item()) cannot be built there
+        warnings.warn(f"RouteOnlyModel: could not build {type(full_config).__name__}'s model on the meta device "
+                      f"to compare it with the cut one ({type(err).__name__}: {err}); its blocks are loaded as a "
+                      f"model of {cut.num_hidden_layers} blocks builds them", RuntimeWarning, stacklevel=3)
+        return {}
     full_tensors = {**dict(full.named_parameters()), **dict(full.named_buffers())}
     built_otherwise = [f"{name} {list(tensor.shape)}" for name, tensor in
                        [*small.named_parameters(), *small.named_buffers()]

@@ -162,6 +162,27 @@ def test_a_model_whose_first_blocks_are_built_by_its_depth_is_refused(tmp_path):
         RouteOnlyModel.from_pretrained(tmp_path / "model", tmp_path / "router")
 
 
+def test_a_model_that_cannot_be_built_on_the_meta_device_loads_with_a_warning(tmp_path, monkeypatch):
+    """The depth comparison builds both models on the meta device; where a model cannot be built there, the
+    route-only model loads as before and says that nothing was compared."""
+    import transformers
+
+    model_dir, router_dir, full = saved_model_and_router(tmp_path)
+    real = transformers.AutoModel.from_config
+
+    def fails_on_meta(config, *args, **kwargs):
+        if torch.empty(0).device.type == "meta":
+            raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_config", fails_on_meta)
+    with pytest.warns(RuntimeWarning, match="could not build LlamaConfig's model on the meta device .*item"):
+        route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir)
+    with torch.no_grad():
+        full(input_ids=BATCH[0], attention_mask=BATCH[1])
+        assert torch.equal(route_only(*BATCH).probabilities, get_router(full).last_probabilities)
+
+
 def test_errors_name_the_problem(tmp_path, capsys):
     model_dir, router_dir, _ = saved_model_and_router(tmp_path, layers=3, router_layer=0)
     token_dir = tmp_path / "token"
