@@ -251,9 +251,12 @@ def build_cached() -> ModuleType:
         # Build in a private folder and rename it into place: two processes building at once
         # both succeed and one rename wins; a half-written module is never loaded.
         staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        # Each build's log beside the cache entry, named as its staging folder (two builds at once each keep
+        # their own): the folder is removed however the build ends, the log only after a success.
+        log = staging.with_name(staging.name + ".build.log")
         try:
-            # the log beside the cache entry: a failed build's staging folder is removed, and its error names the log
-            build_module(staging, archs, log=target.parent / f"{target.name}.build.log")
+            build_module(staging, archs, log=log)
+            log.unlink(missing_ok=True)
             try:
                 staging.rename(target)
             except OSError:  # another process got there first
