@@ -78,6 +78,10 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 candidates.append(((matches, in_text_model, one_type, size), name, module))
     if not candidates:
         raise ValueError(f"gate='sequence': found no list of transformer blocks in {type(model).__name__}")
+    # a list inside a block of a list as deep as the decoder is part of a block (Zamba2's shared block's adapter
+    # lists: one per hybrid block, as many as the blocks of a route-only model cut to its first hybrid block)
+    outer = [n for (matches, *_), n, _ in candidates if matches]
+    candidates = [c for c in candidates if not any(c[1].startswith(n + ".") for n in outer)]
     _, name, module = max(candidates, key=lambda c: c[0])
     return name, module
 

@@ -12,7 +12,8 @@ from tiny_models import padded_batch, tiny_causal_lm, tiny_t5
 BATCH = padded_batch([9, 3, 12, 7, 1, 12], 12, seed=5)
 
 
-TARGETS = {"minicpm3": ["o_proj", "down_proj"], "lfm2": ["q_proj", "v_proj"]}  # else q_proj, v_proj, down_proj
+# the modules each family's fresh adapter covers (others: q_proj, v_proj, down_proj)
+TARGETS = {"minicpm3": ["o_proj", "down_proj"], "lfm2": ["q_proj", "v_proj"], "zamba2": ["out_proj"]}
 
 
 def saved_model_and_router(tmp_path, arch="llama", layers=4, router_layer=1, router=None, seed=0):
@@ -37,9 +38,11 @@ def saved_model_and_router(tmp_path, arch="llama", layers=4, router_layer=1, rou
 
 
 # minicpm3: its blocks derive a residual scale from the depth, which the cut model held as its own (the routes
-# moved); lfm2: blocks 0..router_layer hold no attention layer, where the cut model failed to make a KV cache
+# moved); lfm2: blocks 0..router_layer hold no attention layer, where the cut model failed to make a KV cache;
+# zamba2: cut to its first hybrid block, the shared block's adapter lists were as many as the blocks
 @pytest.mark.parametrize("arch,router_layer,side", [("llama", 1, "left"), ("qwen2", 0, "right"), ("llama", 2, "left"),
-                                                    ("minicpm3", 1, "left"), ("lfm2", 1, "right")])
+                                                    ("minicpm3", 1, "left"), ("lfm2", 1, "right"),
+                                                    ("zamba2", 1, "right")])
 def test_probabilities_are_the_full_models_bitwise(tmp_path, arch, router_layer, side):
     model_dir, router_dir, full = saved_model_and_router(tmp_path, arch, router_layer=router_layer)
     route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir)

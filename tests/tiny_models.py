@@ -36,6 +36,13 @@ def tiny_causal_lm(arch: str = "llama", layers: int = 3, seed: int = 0) -> torch
         from transformers import Lfm2Config, Lfm2ForCausalLM
 
         model = Lfm2ForCausalLM(Lfm2Config(**common, layer_types=["conv"] * 2 + ["full_attention"] * (layers - 2)))
+    elif arch == "zamba2":  # Mamba and hybrid blocks; the hybrid ones share one attention block
+        from transformers import Zamba2Config, Zamba2ForCausalLM
+
+        model = Zamba2ForCausalLM(Zamba2Config(
+            **{**common, "num_key_value_heads": 4}, mamba_d_state=8, mamba_ngroups=1, mamba_headdim=8, n_mamba_heads=10,
+            hybrid_layer_ids=[1, 3], layer_types=["mamba", "hybrid", "mamba", "hybrid"], attention_head_dim=10,
+            use_mem_eff_path=False, num_mem_blocks=1, chunk_size=16))
     else:
         raise ValueError(arch)
     return model.eval()
