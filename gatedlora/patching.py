@@ -761,11 +761,14 @@ def _prepare_sequence_routing(model, config, targets, fresh, state, adapters):
     outside = [n for n in held if block_index(n, blocks_path) is None
                and not (n.startswith(prefix + "." if prefix else "") and order[n] > order[blocks_path])]
     if in_blocks and not fresh:
+        first = min(block_index(n, blocks_path) for n in in_blocks)
+        # (a router that reads an earlier block reads no adapted one; a later block reads more of them)
+        lower = f", or lower router_layer below block {first}, the first adapted one" if first > 0 else ""
         raise ValueError(
             f"gate='sequence' with router_layer={config.router_layer}: the router's input must not depend on the "
             f"adapter, but LoRA covers layers at or before block {config.router_layer}: {in_blocks[:4]}"
             f"{' ...' if len(in_blocks) > 4 else ''}. Train the adapter with LoraConfig(layers_to_transform="
-            f"list(range({config.router_layer + 1}, {n_blocks}))), as PRISM does, or raise router_layer")
+            f"list(range({config.router_layer + 1}, {n_blocks}))), as PRISM does{lower}")
     if outside and not fresh:
         raise ValueError(
             f"gate='sequence': LoRA covers layers outside the block list {blocks_path} that the routes do not reach: "

@@ -214,9 +214,15 @@ def test_default_router_starts_open_and_matches_peft():
 
 def test_adapter_on_router_layer_is_refused_with_a_fix():
     model = tiny_peft_model("llama", layers=LAYERS)
-    with pytest.raises(ValueError,
-                       match=r"LoRA covers layers at or before block 1.*layers_to_transform=list\(range\(2, 4\)\)"):
+    with pytest.raises(ValueError, match=r"LoRA covers layers at or before block 1.*"
+                                         r"layers_to_transform=list\(range\(2, 4\)\)\), as PRISM does$"):
         patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER))
+    # adapters from block 2 on: a router on block 1 reads none of them (it said "raise router_layer", which
+    # covers more of them)
+    model = tiny_peft_model("llama", layers=LAYERS, layers_to_transform=[2, 3])
+    with pytest.raises(ValueError, match=r"at or before block 2.* or lower router_layer below block 2, the first"):
+        patch_model(model, GatedLoraConfig(gate="sequence", router_layer=2))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=1))
 
 
 def test_lora_on_the_experts_of_a_mixture_of_experts_block_is_refused_for_sequence_gates():
