@@ -24,7 +24,8 @@ from .block_capture import capture_and_stop, output_of_block
 from .io import save_pretrained
 from .patching import force_gate, get_router, patch_state
 from .prompts import prompt_problem, read_jsonl, right_padded_batches, token_ids
-from .routing import PrismRouter, TwoClassRouter, check_route_logits, last_real_positions, routes_from_logits
+from .routing import (PrismRouter, TwoClassRouter, check_route_logits, last_real_positions, router_output,
+                      routes_from_logits)
 
 
 @dataclass
@@ -131,7 +132,7 @@ def router_logits(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if isinstance(router, TwoClassRouter):
         logits = router.net(hidden)
         return (logits[:, 1] - logits[:, 0]).float()
-    return torch.logit(router(hidden).float(), eps=1e-6)
+    return torch.logit(router_output(router, hidden, "train_router").float(), eps=1e-6)
 
 
 def _split(labels: torch.Tensor, classes: int, heldout: float, generator: torch.Generator
@@ -217,8 +218,8 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
     if route.adapters is not None:  # the width the model's forward will ask for, before any training
         router.eval()  # (a router with batch norm: no update of its running statistics from this look)
         with torch.no_grad():
-            check_route_logits(router(features[:batch_size]), min(len(features), batch_size), route.adapters,
-                               "train_router")
+            check_route_logits(router_output(router, features[:batch_size], "train_router"),
+                               min(len(features), batch_size), route.adapters, "train_router")
     flags = [p.requires_grad for p in router.parameters()]
     before = {k: v.detach().clone() for k, v in router.state_dict().items()}
     router.requires_grad_(True)

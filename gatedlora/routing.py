@@ -115,6 +115,17 @@ class PrismMultiRouter(nn.Module):
         return self.net(hidden)
 
 
+def router_output(router: nn.Module, hidden: torch.Tensor, caller: str = "gatedlora") -> torch.Tensor:
+    """``router(hidden)``: hidden [B, H] -> probabilities [B] (one adapter) or logits [B, N + 1]; TypeError naming
+    what came back where that is not a tensor (a Transformers-style module returns a tuple or an output object)."""
+    output = router(hidden)
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{caller}: the router must return a tensor (probabilities [B] for one adapter, logits "
+                        f"[B, N + 1] for N adapters) from hidden states [B, H] = {list(hidden.shape)}, got "
+                        f"{type(output).__name__}")
+    return output
+
+
 def check_route_logits(logits: torch.Tensor, batch: int, adapters: list[str], caller: str = "gatedlora") -> None:
     """ValueError unless a router for ``adapters`` gave logits [batch, N + 1] (N adapters)."""
     routes_count = len(adapters) + 1
@@ -379,7 +390,7 @@ class SequenceRouter(nn.Module):
         if param is not None:
             last_hidden = last_hidden.to(device=param.device, dtype=param.dtype)
         try:
-            output = self.router(last_hidden)
+            output = router_output(self.router, last_hidden)
         except RuntimeError as err:  # a router built for another width, say: name what it was given
             raise RuntimeError(f"gatedlora: the router failed on the hidden states after block "
                                f"{self.config.router_layer}, [B, H] = {list(last_hidden.shape)} "

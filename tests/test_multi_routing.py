@@ -410,3 +410,30 @@ def test_compiled_with_fullgraph_routes_as_eager():
             logits[name] = (prefill, run(input_ids=step, attention_mask=step_mask, past_key_values=cache).logits)
     check_routes(logits["compiled"][0], routes, expected)
     torch.testing.assert_close(logits["compiled"][1], logits["eager"][1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("adapters", [None, ADAPTERS], ids=["one adapter", "several"])
+def test_a_router_that_returns_no_tensor_is_named_in_the_forward_and_in_training(adapters):
+    """A Transformers-style module returns a tuple: it failed deep inside with "'tuple' object has no attribute"."""
+
+    class TupleRouter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(40, 1 if adapters is None else len(adapters) + 1)
+
+        def forward(self, hidden):
+            return (self.proj(hidden),)
+
+    model = peft_model()
+    if adapters is None:
+        model.delete_adapter("chat"), model.delete_adapter("code")
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=adapters,
+                                       router=TupleRouter()))
+    ids, mask = padded_batch([3, 5], 5)
+    message = r"the router must return a tensor .* hidden states \[B, H\] = \[\d+, 40\], got tuple"
+    with torch.no_grad(), pytest.raises(TypeError, match="gatedlora: " + message):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(TypeError, match="train_router: " + message):
+        labels = [0, 1] if adapters is None else list(range(len(adapters) + 1))
+        gatedlora.train_router(model, [[5, 6, 7], [8, 9], [5, 9], [7, 7, 8]][:len(labels)] * 2, labels * 2,
+                               epochs=1, progress=False)
