@@ -278,6 +278,10 @@ def _named_adapters(parser: argparse.ArgumentParser, values: list[str]) -> dict[
         parser.error(f"--adapter: the names must be distinct and non-empty, got {[v.split('=', 1)[0] for v in values]}")
     if BASE_ROUTE in adapters:  # `gatedlora route` names the base model's route so
         parser.error(f"--adapter: an adapter cannot be named {BASE_ROUTE!r}, the name of the base model's route")
+    dotted = [name for name in adapters if "." in name]
+    if dotted:  # (torch raised KeyError from inside PEFT's load_adapter)
+        parser.error(f"--adapter: adapter names cannot contain '.' (PEFT keeps each adapter as a submodule, whose "
+                     f"name cannot), got {dotted}")
     return adapters
 
 

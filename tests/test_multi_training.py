@@ -142,6 +142,7 @@ def test_cli_trains_a_router_for_several_adapters_and_route_names_them(minilm_pa
     (["x", "y"], "several --adapter values need names"),
     (["math=x", "math=y"], "the names must be distinct and non-empty"),
     (["base=x", "math=y"], "an adapter cannot be named 'base', the name of the base model's route"),
+    (["math.v1=x", "code=y"], "adapter names cannot contain '.' (PEFT keeps each adapter as a submodule"),
 ])
 def test_cli_adapter_arguments_are_checked(adapters, message, minilm_path, tmp_path, capsys):
     data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "a river", "label": 0}, {"prompt": "b", "label": 1}])
