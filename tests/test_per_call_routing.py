@@ -609,6 +609,29 @@ def test_a_generation_config_passed_positionally_is_read_for_chunked_prefill_and
     assert lookup.prompt_lookup_num_tokens == 3
 
 
+def static_cache_mask_routed_as_dynamic(model, backbone, side):
+    """Patch ``model`` with a router that opens sequences 0 and 3 of a padded batch, generate with a dynamic and
+    a static cache: the routes, tokens and scores must be equal. Returns the attention mask ``backbone`` got
+    at the static generation's prefill."""
+    ids, mask = padded_batch([7, 4, 9, 5], 9, side=side, seed=3)
+    routes = torch.tensor([True, False, False, True])
+    router = splitting_router(model, [(ids, mask, routes.tolist())], ROUTER_LAYER)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
+    masks = []
+    hook = backbone.register_forward_pre_hook(lambda m, a, k: masks.append(k.get("attention_mask")), with_kwargs=True)
+    options = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        dynamic = model.generate(input_ids=ids, attention_mask=mask, **options)
+        masks.clear()
+        static = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **options)
+    hook.remove()
+    for out in (dynamic, static):
+        assert torch.equal(get_router(model).routes_of(out).decisions, routes)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.scores, 1), torch.stack(dynamic.scores, 1), rtol=0, atol=1e-5)
+    return masks[0]
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_static_cache_generate_on_qwen2_routes_from_its_dict_of_prepared_masks(side, attention):
@@ -617,25 +640,8 @@ def test_static_cache_generate_on_qwen2_routes_from_its_dict_of_prepared_masks(s
     the routes, tokens and scores equal the dynamic cache's, left or right padded."""
     model = tiny_peft_model("qwen2", layers=LAYERS, layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)))
     model.base_model.model.config._attn_implementation = attention
-    ids, mask = padded_batch([7, 4, 9, 5], 9, side=side, seed=3)
-    routes = torch.tensor([True, False, False, True])
-    router = splitting_router(model, [(ids, mask, routes.tolist())], ROUTER_LAYER)
-    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
-    masks = []
-    hook = model.base_model.model.model.register_forward_pre_hook(
-        lambda m, a, k: masks.append(k.get("attention_mask")), with_kwargs=True)
-    options = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
-    with torch.no_grad():
-        dynamic = model.generate(input_ids=ids, attention_mask=mask, **options)
-        masks.clear()
-        static = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **options)
-    hook.remove()
-    assert isinstance(masks[0], dict) and masks[0]["full_attention"].dim() == 4
-    for out in (dynamic, static):
-        assert torch.equal(get_router(model).routes_of(out).decisions, routes)
-    assert torch.equal(static.sequences, dynamic.sequences)
-    scores, reference = torch.stack(static.scores, 1), torch.stack(dynamic.scores, 1)
-    torch.testing.assert_close(scores, reference, rtol=0, atol=1e-5)
+    prefill_mask = static_cache_mask_routed_as_dynamic(model, model.base_model.model.model, side)
+    assert isinstance(prefill_mask, dict) and prefill_mask["full_attention"].dim() == 4
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -652,24 +658,8 @@ def test_static_cache_generate_on_bloom_routes_from_its_mask_padded_to_the_cache
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["query_key_value", "dense_4h_to_h"],
                                             layers_to_transform=list(range(ROUTER_LAYER + 1, LAYERS)),
                                             init_lora_weights=False)).eval()
-    ids, mask = padded_batch([7, 4, 9, 5], 9, side=side, seed=3)
-    routes = torch.tensor([True, False, False, True])
-    router = splitting_router(model, [(ids, mask, routes.tolist())], ROUTER_LAYER)
-    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=router))
-    masks = []
-    hook = model.base_model.model.transformer.register_forward_pre_hook(
-        lambda m, a, k: masks.append(k.get("attention_mask")), with_kwargs=True)
-    options = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
-    with torch.no_grad():
-        dynamic = model.generate(input_ids=ids, attention_mask=mask, **options)
-        masks.clear()
-        static = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **options)
-    hook.remove()
-    assert masks[0].dim() == 2 and masks[0].shape[1] > ids.shape[1]  # the case: padded to the cache's length
-    for out in (dynamic, static):
-        assert torch.equal(get_router(model).routes_of(out).decisions, routes)
-    assert torch.equal(static.sequences, dynamic.sequences)
-    torch.testing.assert_close(torch.stack(static.scores, 1), torch.stack(dynamic.scores, 1), rtol=0, atol=1e-5)
+    prefill_mask = static_cache_mask_routed_as_dynamic(model, model.base_model.model.transformer, side)
+    assert prefill_mask.dim() == 2 and prefill_mask.shape[1] > 9  # the case: padded to the cache's length
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
