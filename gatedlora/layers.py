@@ -11,7 +11,9 @@ from torch import nn
 
 from .call_state import RouteDecision, forced_gate
 from .config import check_gate_options
+from .module_hooks import hooked
 from .ops import add_lora_, gated_lora, gated_lora_fused, warn_fused_fallback_once
+from .ops.args import check_loaded
 from .ops.gates import cpu_scalar, gate_is_open, token_gate_probabilities
 from .ops.torch_backend import GATHER_MIN_ROWS
 from .routing import SequenceRouter, open_logit
@@ -25,16 +27,6 @@ def linear_features(base_layer: nn.Module) -> tuple[int, int]:
         k, n = base_layer.weight.shape
         return k, n
     raise TypeError(f"unsupported base layer {type(base_layer).__name__}: expected nn.Linear or transformers Conv1D")
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` could run more than its class's forward: hooks on it or on every module
-    (``Module._call_impl``'s own test), a replaced forward (accelerate's offload hooks) or a compiled call."""
-    hooks = nn.modules.module
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks
-                or "forward" in module.__dict__ or getattr(module, "_compiled_call_impl", None) is not None)
 
 
 class GatedLoRALinear(nn.Module):
@@ -270,7 +262,7 @@ class GatedLoRALinear(nn.Module):
         with its weight and bias, which is what its forward runs: called directly, without the three
         Python frames of a module call (about 3 us a layer at decode sizes, 0.01x of a decode step here)."""
         base = self._modules["base_layer"]
-        if type(base) is nn.Linear and not (args or kwargs or _hooked(base)):
+        if type(base) is nn.Linear and not (args or kwargs or hooked(base)):
             parameters = base._parameters
             return F.linear(x, parameters["weight"], parameters["bias"])
         return base(x, *args, **kwargs)
@@ -327,7 +319,9 @@ class GatedLoRALinear(nn.Module):
         lora_b = modules["lora_B"]._modules[self.adapter_name]
         weight_a, weight_b = lora_a._parameters.get("weight"), lora_b._parameters.get("weight")
         if weight_a is None or weight_b is None:  # not registered parameters (a parametrization): the attribute
-            return lora_a.weight, lora_b.weight
+            weight_a, weight_b = lora_a.weight, lora_b.weight
+        if weight_a.is_meta or weight_b.is_meta:  # (0.2 us a call; check_loaded says why)
+            check_loaded((weight_a, weight_b), "gatedlora")
         return weight_a, weight_b
 
     def _fused_layer_reason(self, x: torch.Tensor, lora_x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:

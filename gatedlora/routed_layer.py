@@ -9,6 +9,7 @@ from torch import nn
 from .call_state import forced_gate
 from .layers import GatedLoRALinear, linear_features
 from .ops import add_lora_, add_lora_multi_, gated_lora, gated_lora_multi
+from .ops.args import check_loaded
 from .routing import SequenceRouter
 
 
@@ -82,6 +83,8 @@ class RoutedLoRALinear(GatedLoRALinear):
             if slot < 0:
                 return self._base(x, args, kwargs)  # the base model, or an adapter this layer lacks
             # one adapter (host-visible): plain LoRA with it, as PEFT computes
+            if lora_a[slot].is_meta or lora_b[slot].is_meta:
+                check_loaded((lora_a[slot], lora_b[slot]), "gatedlora")
             lora_x = self._dropout(x, (names[slot],))
             if not torch.is_grad_enabled():
                 result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)

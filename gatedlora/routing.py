@@ -26,6 +26,8 @@ from torch import nn
 from .call_state import (ForwardState, RouteDecision, attach_routes, continues, generating, holds_tokens, host_facts,
                          in_backward, output_cache, routes_on, thread_slot)
 from .config import GatedLoraConfig
+from .module_hooks import hooked
+from .ops.args import check_loaded
 from .ops.gates import probability_dtype
 
 # sigmoid(6) = 0.9975: a fresh gate or default router starts open with a wide margin, so the
@@ -388,7 +390,12 @@ class SequenceRouter(nn.Module):
         last_hidden = last_real_hidden(hidden, attention_mask)
         param = next(self.router.parameters(), None)
         if param is not None:
-            last_hidden = last_hidden.to(device=param.device, dtype=param.dtype)
+            if param.is_meta:  # offloaded: accelerate's hooks on the router's modules load them and move the input
+                if not any(hooked(module) for module in self.router.modules()):
+                    check_loaded((param,), "gatedlora", "the router's weights")
+                last_hidden = last_hidden.to(dtype=param.dtype)
+            else:
+                last_hidden = last_hidden.to(device=param.device, dtype=param.dtype)
         try:
             output = router_output(self.router, last_hidden)
         except RuntimeError as err:  # a router built for another width, say: name what it was given

@@ -183,3 +183,20 @@ def test_a_hooked_or_replaced_base_layer_is_called_as_a_module(attach, gate_open
         hooked = layer(x)
     assert calls and torch.equal(hooked, plain)
     assert torch.equal(plain, layer.base_layer(x)) != gate_open
+
+
+@pytest.mark.parametrize("gate", ["token", "sequence"])
+def test_offloaded_lora_weights_are_refused_not_read(gate):
+    """Read directly (not through the modules' offload hooks), meta weights gave garbage on the CPU: torch multiplies
+    a CPU tensor by a meta one without an error. accelerate's cpu_offload leaves them so."""
+    from tiny_models import tiny_peft_model
+
+    from gatedlora import GatedLoraConfig, patch_model
+
+    model = tiny_peft_model(layers=3, layers_to_transform=[1, 2])
+    patch_model(model, GatedLoraConfig(gate=gate, router_layer=0) if gate == "sequence" else None)
+    layer = next(m for m in model.modules() if isinstance(m, GatedLoRALinear))
+    lora_a = layer.lora_A[layer.adapter_name]
+    lora_a.weight = nn.Parameter(torch.empty_like(lora_a.weight, device="meta"), requires_grad=False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="LoRA weights on the meta device .*cpu_offload"):
+        model(input_ids=torch.randint(3, 90, (2, 5)))

@@ -437,3 +437,43 @@ def test_a_router_that_returns_no_tensor_is_named_in_the_forward_and_in_training
         labels = [0, 1] if adapters is None else list(range(len(adapters) + 1))
         gatedlora.train_router(model, [[5, 6, 7], [8, 9], [5, 9], [7, 7, 8]][:len(labels)] * 2, labels * 2,
                                epochs=1, progress=False)
+
+
+def offload(module: torch.nn.Module, name: str = "weight") -> None:
+    """Leave ``module``'s parameter on the meta device, as accelerate's offloading does between its hook's calls."""
+    setattr(module, name, torch.nn.Parameter(torch.empty_like(getattr(module, name), device="meta"),
+                                             requires_grad=False))
+
+
+@pytest.mark.parametrize("pattern", [[1, 2, 3], [2, 2, 2]], ids=["mixed routes", "one route"])
+def test_offloaded_adapter_weights_are_refused_not_read(pattern):
+    """Read directly (not through the modules' offload hooks), meta weights gave garbage on the CPU: torch multiplies
+    a CPU tensor by a meta one without an error."""
+    model = peft_model()
+    router = RoutePatternRouter(40, len(NAMES))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router))
+    router.pattern = torch.tensor(pattern)
+    layer = next(m for m in model.modules() if isinstance(m, RoutedLoRALinear))
+    offload(layer.lora_B[ADAPTERS[1]])
+    ids, mask = padded_batch([5, 7, 3], 7)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="LoRA weights on the meta device .*cpu_offload"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_an_offloaded_router_is_refused_without_a_hook_and_runs_through_accelerates():
+    model = peft_model()
+    router = PrismMultiRouter(40, len(NAMES))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router))
+    ids, mask = padded_batch([5, 7, 3], 7)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    kept = {name: p.detach().clone() for name, p in router.named_parameters()}
+    for module in router.net:
+        if isinstance(module, torch.nn.Linear):
+            offload(module), offload(module, "bias")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="the router's weights on the meta device"):
+        model(input_ids=ids, attention_mask=mask)
+    accelerate = pytest.importorskip("accelerate")
+    accelerate.cpu_offload(router, execution_device=torch.device("cpu"), state_dict=kept)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)

@@ -130,6 +130,17 @@ def check_x_and_base_out(x, base_out, inplace, op: str) -> None:
                          "pass inplace=False or base_out.contiguous()")
 
 
+def check_loaded(weights, where: str, what: str = "LoRA weights") -> None:
+    """RuntimeError where a weight is on the meta device: offloaded by accelerate (``cpu_offload``, a
+    ``device_map`` entry "disk") or never loaded. The layers read LoRA weights directly, not through their modules'
+    hooks, and torch multiplies a CPU tensor by a meta one into garbage without an error (torch 2.13)."""
+    if any(w.is_meta for w in weights):
+        raise RuntimeError(
+            f"{where}: {what} on the meta device (offloaded, as accelerate's cpu_offload or a device_map entry "
+            "'disk' leave them, or never loaded), where gatedlora reads them directly, not through their modules' "
+            "offload hooks: keep them in memory (a device_map with these modules on 'cpu' or a GPU), or load them")
+
+
 def check_device(x: torch.Tensor, name: str, t: torch.Tensor, op: str) -> None:
     """The rule for every tensor argument: on x's device."""
     if t.device != x.device:

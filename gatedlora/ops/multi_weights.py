@@ -49,6 +49,7 @@ import weakref
 import torch
 
 from .contract import unit_inner_stride
+from .args import check_loaded
 from .multi_args import MultiLoraArgs, check_one_dtype
 
 TABLE_FIELDS = 5  # A pointer, B pointer, rank, A row stride, B row stride
@@ -148,6 +149,7 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     # rebuilt whenever a weight is replaced, so a check here sees every weight the table will point to (the
     # layers call the op without validation)
     check_one_dtype(args.lora_a, args.lora_b, "gated_lora_multi")
+    check_loaded(weights, "gated_lora_multi")  # (a meta weight's data_ptr is 0: the kernel would read address 0)
     read = [unit_inner_stride(t) for t in weights]
     # Only the contiguous copies are kept with the table (the weights themselves must stay free to be freed:
     # their weak references are what removes these forms). Copies of inference tensors are kept too, until
@@ -217,6 +219,7 @@ def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple
     K = 256, N = 688, R = 64, fp32) ``mm(u, B_cat^T)`` took 5.4 us where ``addmm_`` on a transposed view
     of B_cat [N, R] took 11.7 us, and ``mm(x, A_cat^T)`` 3.2 us where ``F.linear(x, A_cat)`` took 4.7."""
     check_one_dtype(lora_a, lora_b, "gated_lora_multi")  # as in pointer_table: on every build
+    check_loaded(lora_a + lora_b, "gated_lora_multi")
     with torch.inference_mode(False), torch.no_grad():
         a_t = torch.cat(lora_a, dim=0).t().contiguous()
         ranks = torch.tensor([a.shape[0] for a in lora_a], device=a_t.device)
