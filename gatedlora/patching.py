@@ -318,6 +318,12 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
     Returns the same model object. Patching again with the same (or no) config is harmless.
     """
     check_config_argument("patch_model", model, config)
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if isinstance(model, BaseTuner):  # (its save_pretrained is reached through __getattr__: it failed half-patched)
+        raise TypeError(f"patch_model: {type(model).__name__} is the tuner inside a PeftModel (peft_model.base_model); "
+                        "pass the PeftModel itself, whose save_pretrained, disable_adapter and merge methods gatedlora "
+                        "keeps working or refusing as they should")
     state: PatchState | None = getattr(model, STATE_ATTRIBUTE, None)
     if state is not None:
         if config is None or config.same_behaviour(state.config):

@@ -8,6 +8,7 @@ from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_mul
 
 from gatedlora import (
     GatedLoraConfig,
+    GatedLoRALinear,
     force_gate,
     load_pretrained,
     patch_model,
@@ -362,3 +363,39 @@ def test_transformers_peft_integration_methods_run_on_the_view(tmp_path, monkeyp
     # a PeftModel has no adapters of transformers' own: nothing of that integration is stood in there
     peft = patch_model(tiny_peft_model())
     assert "get_adapter_state_dict" not in peft.__dict__ and "disable_adapters" not in peft.__dict__
+
+
+def test_the_tuner_inside_a_peft_model_is_refused_before_anything_changes():
+    """patch_model(peft_model.base_model) failed after swapping the layers (the LoraModel reaches save_pretrained
+    through __getattr__): half patched, and the PeftModel's save_pretrained then wrote an empty adapter."""
+    model = tiny_peft_model(layers=3)
+    with pytest.raises(TypeError, match=r"LoraModel is the tuner inside a PeftModel .* pass the PeftModel itself"):
+        patch_model(model.base_model)
+    assert not any(isinstance(m, GatedLoRALinear) for m in model.modules())
+    patch_model(model)
+    assert any(isinstance(m, GatedLoRALinear) for m in model.modules())
+
+
+def test_peft_state_dict_functions_work_on_the_peft_view():
+    """PEFT's module-level state-dict functions visit PEFT's layer types: on a patched model they return {} and
+    load nothing; on gatedlora.peft_view(model) they read and write the gated layers' weights."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    import gatedlora
+
+    model = tiny_peft_model(layers=3)
+    before = get_peft_model_state_dict(model)
+    patch_model(model)
+    with gatedlora.peft_view(model) as view:
+        read = get_peft_model_state_dict(view)
+    assert read.keys() == before.keys() and all(torch.equal(read[k], before[k]) for k in before)
+    new = {k: torch.randn_like(v) for k, v in before.items()}
+    with gatedlora.peft_view(model) as view:
+        assert not set_peft_model_state_dict(view, new).unexpected_keys
+    layer = next(m for m in model.modules() if isinstance(m, GatedLoRALinear))
+    key = next(k for k in new if k.startswith(layer_name(model, layer)) and "lora_A" in k)
+    assert torch.equal(layer.lora_A[layer.adapter_name].weight, new[key])
+
+
+def layer_name(model, layer):
+    return next(name for name, m in model.named_modules() if m is layer)
