@@ -123,7 +123,7 @@ class GatedLoRALinear(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self._adapter_weights()[0].shape[0]
+        return self._modules["lora_A"]._modules[self.adapter_name].weight.shape[0]
 
     # The base layer's weight and bias, read-only, as PEFT's lora.Linear forwards them: models read them from
     # the layers they own (T5's feed-forward reads wo.weight.dtype, Mamba's generate lm_head.weight). Properties,
@@ -208,7 +208,7 @@ class GatedLoRALinear(nn.Module):
         # the gate arguments may override hard (a forced gate is a soft one)
         options = one_row if one_row is not None else \
             {"threshold": self.threshold, "hard": hard, **self._gate_arguments(x, lora_x, forced, decision)}
-        lora_a, lora_b = self._adapter_weights()
+        lora_a, lora_b = self._adapter_weights(x)
         if self.base_mode == "fused":
             reason = self._fused_layer_reason(x, lora_x, args, kwargs)
             if reason is None:
@@ -238,7 +238,7 @@ class GatedLoRALinear(nn.Module):
         """The base output with plain LoRA added to the sequences ``span[0]..span[1]-1`` (views of x and of
         the output: at decode this costs what every sequence open costs, where masking the closed rows of a
         mixed batch cost 0.04-0.06x the step more; docs/design.md, "Sequence gates on the CPU")."""
-        lora_a, lora_b = self._adapter_weights()
+        lora_a, lora_b = self._adapter_weights(x)
         result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)
         lo, hi = span  # (slicing costs 1.3 us a view where narrow costs 2.1)
         add_lora_(result[lo:hi], lora_x[lo:hi], lora_a, lora_b, self.scaling, self.backend)
@@ -251,7 +251,7 @@ class GatedLoRALinear(nn.Module):
         exact -0.0 comes back +0.0). For few rows on the CPU, where the decisions are on the host, when the
         open sequences are not one slice: one where and plain LoRA cost less than the op's way with a gate
         (docs/design.md, "Sequence gates on the CPU")."""
-        lora_a, lora_b = self._adapter_weights()
+        lora_a, lora_b = self._adapter_weights(x)
         result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)
         opened = decision.open_rows_column(x)
         return add_lora_(result, torch.where(opened, lora_x, cpu_scalar(0.0, lora_x.dtype)), lora_a, lora_b,
@@ -312,8 +312,8 @@ class GatedLoRALinear(nn.Module):
             return x
         return dropout(x)
 
-    def _adapter_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lora_A weight [r, K], lora_B weight [N, r]) of the adapter."""
+    def _adapter_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lora_A weight [r, K], lora_B weight [N, r]) of the adapter, for the call on x."""
         modules = self._modules
         lora_a = modules["lora_A"]._modules[self.adapter_name]
         lora_b = modules["lora_B"]._modules[self.adapter_name]
@@ -321,7 +321,7 @@ class GatedLoRALinear(nn.Module):
         if weight_a is None or weight_b is None:  # not registered parameters (a parametrization): the attribute
             weight_a, weight_b = lora_a.weight, lora_b.weight
         if weight_a.is_meta or weight_b.is_meta:  # (0.2 us a call; check_loaded says why)
-            check_loaded((weight_a, weight_b), "gatedlora")
+            check_loaded((weight_a, weight_b), x, "gatedlora")
         return weight_a, weight_b
 
     def _fused_layer_reason(self, x: torch.Tensor, lora_x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:

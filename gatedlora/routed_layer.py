@@ -84,7 +84,7 @@ class RoutedLoRALinear(GatedLoRALinear):
                 return self._base(x, args, kwargs)  # the base model, or an adapter this layer lacks
             # one adapter (host-visible): plain LoRA with it, as PEFT computes
             if lora_a[slot].is_meta or lora_b[slot].is_meta:
-                check_loaded((lora_a[slot], lora_b[slot]), "gatedlora")
+                check_loaded((lora_a[slot], lora_b[slot]), x, "gatedlora")
             lora_x = self._dropout(x, (names[slot],))
             if not torch.is_grad_enabled():
                 result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)

@@ -392,7 +392,7 @@ class SequenceRouter(nn.Module):
         if param is not None:
             if param.is_meta:  # offloaded: accelerate's hooks on the router's modules load them and move the input
                 if not any(hooked(module) for module in self.router.modules()):
-                    check_loaded((param,), "gatedlora", "the router's weights")
+                    check_loaded((param,), last_hidden, "gatedlora", "the router's weights")
                 last_hidden = last_hidden.to(dtype=param.dtype)
             else:
                 last_hidden = last_hidden.to(device=param.device, dtype=param.dtype)

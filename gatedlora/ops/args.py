@@ -130,11 +130,12 @@ def check_x_and_base_out(x, base_out, inplace, op: str) -> None:
                          "pass inplace=False or base_out.contiguous()")
 
 
-def check_loaded(weights, where: str, what: str = "LoRA weights") -> None:
-    """RuntimeError where a weight is on the meta device: offloaded by accelerate (``cpu_offload``, a
-    ``device_map`` entry "disk") or never loaded. The layers read LoRA weights directly, not through their modules'
-    hooks, and torch multiplies a CPU tensor by a meta one into garbage without an error (torch 2.13)."""
-    if any(w.is_meta for w in weights):
+def check_loaded(weights, x: torch.Tensor, where: str, what: str = "LoRA weights") -> None:
+    """RuntimeError where a weight is on the meta device and ``x`` (or a tensor on its device) is not: offloaded by
+    accelerate (``cpu_offload``, a ``device_map`` entry "disk") or never loaded. The layers read LoRA weights
+    directly, not through their modules' hooks, and torch multiplies a CPU tensor by a meta one into garbage
+    without an error (torch 2.13). Everything on the meta device (shape tracing) is fine."""
+    if not x.is_meta and any(w.is_meta for w in weights):
         raise RuntimeError(
             f"{where}: {what} on the meta device (offloaded, as accelerate's cpu_offload or a device_map entry "
             "'disk' leave them, or never loaded), where gatedlora reads them directly, not through their modules' "

@@ -149,7 +149,7 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     # rebuilt whenever a weight is replaced, so a check here sees every weight the table will point to (the
     # layers call the op without validation)
     check_one_dtype(args.lora_a, args.lora_b, "gated_lora_multi")
-    check_loaded(weights, "gated_lora_multi")  # (a meta weight's data_ptr is 0: the kernel would read address 0)
+    check_loaded(weights, args.x, "gated_lora_multi")  # (a meta weight's data_ptr is 0: the kernel would read 0)
     read = [unit_inner_stride(t) for t in weights]
     # Only the contiguous copies are kept with the table (the weights themselves must stay free to be freed:
     # their weak references are what removes these forms). Copies of inference tensors are kept too, until
@@ -184,6 +184,8 @@ def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
     weights = lora_a + lora_b
     forms = _forms(weights, scaling)
     key = _copy_key(weights)
+    if key is None or forms.concatenation is None or forms.concatenation[0] != key:  # (about to build)
+        check_loaded(weights, adapter_index, "gated_lora_multi")  # (the index is on x's device)
     if key is None:  # inference tensors: nothing kept
         lora_a_t, lora_b_t, owners, column_scale = _concatenate(lora_a, lora_b, scaling)
         return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1), column_scale
@@ -219,7 +221,6 @@ def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple
     K = 256, N = 688, R = 64, fp32) ``mm(u, B_cat^T)`` took 5.4 us where ``addmm_`` on a transposed view
     of B_cat [N, R] took 11.7 us, and ``mm(x, A_cat^T)`` 3.2 us where ``F.linear(x, A_cat)`` took 4.7."""
     check_one_dtype(lora_a, lora_b, "gated_lora_multi")  # as in pointer_table: on every build
-    check_loaded(lora_a + lora_b, "gated_lora_multi")
     with torch.inference_mode(False), torch.no_grad():
         a_t = torch.cat(lora_a, dim=0).t().contiguous()
         ranks = torch.tensor([a.shape[0] for a in lora_a], device=a_t.device)
