@@ -184,15 +184,13 @@ def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
     weights = lora_a + lora_b
     forms = _forms(weights, scaling)
     key = _copy_key(weights)
-    if key is None or forms.concatenation is None or forms.concatenation[0] != key:  # (about to build)
-        check_loaded(weights, adapter_index, "gated_lora_multi")  # (the index is on x's device)
     if key is None:  # inference tensors: nothing kept
-        lora_a_t, lora_b_t, owners, column_scale = _concatenate(lora_a, lora_b, scaling)
+        lora_a_t, lora_b_t, owners, column_scale = _concatenate(lora_a, lora_b, scaling, adapter_index)
         return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1), column_scale
     found = forms.concatenation
     if found is None or found[0] != key:
         _watch_optimizers()
-        found = forms.concatenation = (key, _concatenate(lora_a, lora_b, scaling))
+        found = forms.concatenation = (key, _concatenate(lora_a, lora_b, scaling, adapter_index))
         forms.column_masks = {}
     lora_a_t, lora_b_t, owners, column_scale = found[1]
     if not (index_fixed and adapter_index.is_cpu):
@@ -206,10 +204,11 @@ def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
     return lora_a_t, lora_b_t, entry[1], column_scale
 
 
-def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple
+def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(A_cat^T [K, R], scaled B_cat^T [R, N], owners [R], None), built outside inference mode: the weights are
     ordinary tensors, so the copies are too, and later calls with autograd recording may read them.
+    ``adapter_index``: the call's index, on x's device (for ``check_loaded``).
 
     In fp16 B times its scaling can overflow where the term does not (|B| * scaling > 65504), and an inf in
     B_cat^T made NaN (0 * inf) of every row's term, base rows included; scaling ``u`` instead overflows where
@@ -221,6 +220,7 @@ def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple
     K = 256, N = 688, R = 64, fp32) ``mm(u, B_cat^T)`` took 5.4 us where ``addmm_`` on a transposed view
     of B_cat [N, R] took 11.7 us, and ``mm(x, A_cat^T)`` 3.2 us where ``F.linear(x, A_cat)`` took 4.7."""
     check_one_dtype(lora_a, lora_b, "gated_lora_multi")  # as in pointer_table: on every build
+    check_loaded(lora_a + lora_b, adapter_index, "gated_lora_multi")
     with torch.inference_mode(False), torch.no_grad():
         a_t = torch.cat(lora_a, dim=0).t().contiguous()
         ranks = torch.tensor([a.shape[0] for a in lora_a], device=a_t.device)
