@@ -259,7 +259,8 @@ class SequenceRouter(nn.Module):
     def _fresh_identity(self) -> None:
         """The key this router's routes carry on caches, and its per-thread slots: ``forward`` (the
         ForwardState of the forward running in the thread), ``last`` (the decision of its last completed
-        forward), ``pending`` and ``route_only`` (chunked prefill). A copy gets its own of both."""
+        forward), ``for_backward`` (its last forward that recorded gradients), ``pending`` and ``route_only``
+        (chunked prefill). A copy gets its own of both."""
         self.__dict__["_key"] = next(_ROUTER_KEYS)
         self.__dict__["_threads"] = threading.local()
 
@@ -309,10 +310,16 @@ class SequenceRouter(nn.Module):
         outside a forward). One read of the thread's slot: the gated layers call it once per call."""
         state = getattr(self._threads, "forward", None)  # set in every thread that ran a forward: a fast read
         if state is None and in_backward():
-            # Gradient checkpointing recomputes blocks in the backward, outside their forward (and on
-            # autograd's device threads): there the layers read the forward that recorded gradients last.
-            state = self.__dict__.get("_for_backward")
+            state = self._recorded_forward()
         return None if state is None else state.decision
+
+    def _recorded_forward(self) -> ForwardState | None:
+        """The forward whose blocks gradient checkpointing recomputes in this backward: the last forward that
+        recorded gradients in this thread (on the CPU autograd runs the backward in the thread that called
+        it, so another thread's forward meanwhile does not count), else, on autograd's device threads,
+        where no forward ran, the last one of any thread."""
+        state = thread_slot(self._threads, "for_backward")
+        return state if state is not None else self.__dict__.get("_for_backward")
 
     def decision(self) -> RouteDecision:
         """``in_force()``, raising when there is none."""
@@ -351,7 +358,8 @@ class SequenceRouter(nn.Module):
         finally:
             threads.forward = previous
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self.__dict__["_for_backward"] = state  # see in_force; inference (no_grad) never writes it
+            # see _recorded_forward; inference (no_grad) never writes them
+            threads.for_backward = self.__dict__["_for_backward"] = state
         if state.decision is not None:
             if not continuing and cache is not None:
                 attach_routes(cache, self._key, state.decision)
@@ -367,7 +375,7 @@ class SequenceRouter(nn.Module):
         state = thread_slot(self._threads, "forward")
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         if state is None:
-            recorded = self.__dict__.get("_for_backward") if in_backward() else None
+            recorded = self._recorded_forward() if in_backward() else None
             if recorded is not None:
                 # gradient checkpointing recomputes this block (with its hooks, in older transformers) in the
                 # backward: run the router again so its saved tensors are recomputed; the decision stands

@@ -166,6 +166,47 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     assert torch.equal(get_router(model).last_probabilities, get_router(reference).last_probabilities)
 
 
+def test_checkpointed_backward_recomputes_with_its_own_threads_forward():
+    """A thread's checkpointed backward recomputes its blocks with its own forward's routing, though another
+    thread ran a forward that records gradients in between (on the CPU autograd runs the backward in the
+    thread that calls it)."""
+    import threading
+
+    from steered_routers import splitting_router
+
+    mine, other = batch(), batch(lengths=(6, 8, 3, 8), seed=11)
+    model = tiny_peft_model(layers=LAYERS, layers_to_transform=PRISM_LAYERS)
+    router = splitting_router(model, [(mine["input_ids"], mine["attention_mask"], [True, False, False, True]),
+                                      (other["input_ids"], other["attention_mask"], [False, True, True, False])], 0)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0, router=router)).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, expected = loss_and_grads(model, mine, use_cache=False)
+    forward_done, other_done, got = threading.Event(), threading.Event(), {}
+
+    def first():
+        loss = model(**mine, use_cache=False).loss
+        forward_done.set()
+        other_done.wait(60)
+        got["grads"] = torch.autograd.grad(loss, [p for n, p in model.named_parameters() if "lora_" in n])
+
+    def second():
+        forward_done.wait(60)
+        try:
+            model(**other, use_cache=False)  # records gradients, never backpropagated
+        finally:
+            other_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    names = [n for n, p in model.named_parameters() if "lora_" in n]
+    assert "grads" in got and names
+    for name, gradient in zip(names, got["grads"]):
+        torch.testing.assert_close(gradient, expected[name], rtol=0, atol=0, msg=name)
+
+
 def test_bf16_autocast_gradients_are_as_good_as_peft():
     """bf16 autocast on the CPU, all gates open: the patched model's LoRA gradients are within 2x of
     PEFT's own bf16 error, both measured against the fp32 run."""
