@@ -146,6 +146,35 @@ def test_inf_in_a_base_row_reaches_no_other_row(multi_backend, dtype):
     check(case, out)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [12, 45])  # the torch backend's concatenated strategy (M <= 32 on the CPU), grouped
+def test_a_diverged_adapter_reaches_only_its_own_rows(multi_backend, dtype, m):
+    """Adapter 1's B holds an inf and adapter 2's a NaN: base rows keep their bits, and every row is non-finite
+    exactly where the fp64 reference is and otherwise within rounding of it (the concatenated strategy multiplied
+    the masked columns' 0 by the inf and made NaN of every row, base rows included)."""
+    if multi_backend.name == "torch" and multi_backend.device != "cpu":
+        pytest.skip("off the CPU the torch backend restores base rows only (nonfinite_adapters)")
+    case = make_case(seed_of("diverged", m, dtype), m, 40, 24, (8, 4, 6), dtype, device=multi_backend.device)
+    case["lora_b"][1][3, 2] = float("inf")
+    case["lora_b"][2][5, 1] = float("nan")
+    ref = gated_lora_multi_reference(**case)
+    on_base = case["adapter_index"] < 0
+    assert (case["adapter_index"] == 0).any() and ref.isinf().any() and ref.isnan().any()
+    outputs = [run(multi_backend, case)]
+    if multi_backend.name == "torch":  # the layers' path, its column mask kept with the index
+        from gatedlora.ops import add_lora_multi_
+
+        outputs.append(add_lora_multi_(case["base_out"].clone(), case["x"], tuple(case["lora_a"]),
+                                       tuple(case["lora_b"]), tuple(case["scaling"]), case["adapter_index"],
+                                       index_fixed=True))
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    for out in outputs:
+        assert torch.equal(bits(out[on_base]), bits(case["base_out"][on_base]))
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+        finite = ref.isfinite()
+        torch.testing.assert_close(out[finite].double(), ref[finite], rtol=tolerance, atol=tolerance)
+
+
 def test_an_overflow_in_another_adapters_product_reaches_no_row(multi_backend):
     """fp16: adapter 1's x A^T overflows, but no row takes adapter 1; every row equals PEFT's adapter 0."""
     device = multi_backend.device

@@ -168,13 +168,14 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: torch.Tensor, index_fixed: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(A_cat^T [K, R], scaled B_cat^T [R, N], not_owned bool [M, R], None) in the adapters' dtype, both weights
-    contiguous (the module docstring), for rows whose adapters are ``adapter_index`` [M]: ``not_owned[m, j]``
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple | None]:
+    """(A_cat^T [K, R], scaled B_cat^T [R, N], not_owned bool [M, R], None, None) in the adapters' dtype, both
+    weights contiguous (the module docstring), for rows whose adapters are ``adapter_index`` [M]: ``not_owned[m, j]``
     where column j of ``x A_cat^T`` is not row m's adapter's (index -1, and any index outside [0, A), match
-    no column). Read-only for the caller; shared by every call with these weights. In fp16 the last item
+    no column). Read-only for the caller; shared by every call with these weights. In fp16 the fourth item
     is a factor for each column of ``x A_cat^T`` [R], the scaling of an adapter whose B is kept unscaled there
-    (``_concatenate``).
+    (``_concatenate``); on the CPU, where some entry of B_cat^T is not finite, the last is
+    ``nonfinite_adapters``'s.
 
     ``index_fixed``: the caller never changes this index tensor's values (the layers' index comes from the
     routing decision, one tensor per generation and row count), so on the CPU its mask is kept with the
@@ -185,28 +186,28 @@ def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
     forms = _forms(weights, scaling)
     key = _copy_key(weights)
     if key is None:  # inference tensors: nothing kept
-        lora_a_t, lora_b_t, owners, column_scale = _concatenate(lora_a, lora_b, scaling, adapter_index)
-        return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1), column_scale
+        lora_a_t, lora_b_t, owners, column_scale, nonfinite = _concatenate(lora_a, lora_b, scaling, adapter_index)
+        return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1), column_scale, nonfinite
     found = forms.concatenation
     if found is None or found[0] != key:
         _watch_optimizers()
         found = forms.concatenation = (key, _concatenate(lora_a, lora_b, scaling, adapter_index))
         forms.column_masks = {}
-    lora_a_t, lora_b_t, owners, column_scale = found[1]
+    lora_a_t, lora_b_t, owners, column_scale, nonfinite = found[1]
     if not (index_fixed and adapter_index.is_cpu):
-        return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1), column_scale
+        return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1), column_scale, nonfinite
     masks = forms.column_masks
     entry = masks.get(id(adapter_index))
     if entry is None:  # (the entry holds the index, so its id is not reused while it is here)
         if len(masks) >= _MASKS_KEPT:
             masks.clear()
         entry = masks[id(adapter_index)] = (adapter_index, owners != adapter_index.unsqueeze(1))
-    return lora_a_t, lora_b_t, entry[1], column_scale
+    return lora_a_t, lora_b_t, entry[1], column_scale, nonfinite
 
 
 def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(A_cat^T [K, R], scaled B_cat^T [R, N], owners [R], None), built outside inference mode: the weights are
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple | None]:
+    """(A_cat^T [K, R], scaled B_cat^T [R, N], owners [R], None, None), built outside inference mode: the weights are
     ordinary tensors, so the copies are too, and later calls with autograd recording may read them.
     ``adapter_index``: the call's index, on x's device (for ``check_loaded``).
 
@@ -239,4 +240,27 @@ def _concatenate(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
         else:
             b_t = torch.cat([b.t() * scale for b, scale in zip(lora_b, scaling)], dim=0)
             column_scale = None
-    return a_t, b_t, owners, column_scale
+        nonfinite = nonfinite_adapters(b_t, owners, len(lora_a)) if b_t.is_cpu else None
+    return a_t, b_t, owners, column_scale, nonfinite
+
+
+def nonfinite_adapters(lora_b_t: torch.Tensor, owners: torch.Tensor, adapters: int) -> tuple | None:
+    """For ``B_cat^T`` [R, N] on the CPU: None when every entry is finite (one host read a build, free on the CPU),
+    else (``B_cat^T`` with its non-finite entries 0, ((adapter i's columns [R] bool, ``B_cat^T`` with only adapter
+    i's non-finite entries kept), ...) for each adapter i that holds one).
+
+    The masked ``u`` times ``B_cat^T`` multiplies 0 by every entry of the columns a row does not own, and 0 * inf
+    is NaN: one adapter whose B had diverged made NaN of every row of the batch, base rows and other adapters'
+    included. Off the CPU, where reading would sync, base rows are restored by a where and other adapters' rows are
+    not (docs/design.md, "Several adapters")."""
+    finite = lora_b_t.isfinite()
+    if bool(finite.all()):
+        return None
+    finite_columns = finite.all(dim=1)
+    finite_part = torch.where(finite, lora_b_t, 0)
+    found = []
+    for adapter in range(adapters):
+        columns = owners == adapter
+        if not bool(finite_columns[columns].all()):
+            found.append((columns, torch.where(columns.unsqueeze(1), lora_b_t, finite_part)))
+    return finite_part, tuple(found)

@@ -61,7 +61,8 @@ def add_concatenated_rows(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lor
     """``add_concatenated`` on tensors (``ops.add_lora_multi_`` calls it without an arguments object). out: [M, N];
     x: [M, K]; lora_a: A tensors [r_i, K]; lora_b: [N, r_i]; scaling: one float per adapter; adapter_index: [M];
     index_fixed: see ``multi_weights.concatenated``."""
-    lora_a_t, lora_b_t, not_owned, column_scale = concatenated(lora_a, lora_b, scaling, adapter_index, index_fixed)
+    lora_a_t, lora_b_t, not_owned, column_scale, nonfinite = concatenated(lora_a, lora_b, scaling, adapter_index,
+                                                                          index_fixed)
     if x.dtype != lora_a_t.dtype or x.dtype == torch.bfloat16:
         x = x.to(lora_a_t.dtype)
         if x.dtype == torch.bfloat16 and x.is_cpu:
@@ -73,6 +74,22 @@ def add_concatenated_rows(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lor
     # Index -1 (the base output) and, off the CPU where the index is not checked, any value outside [0, A)
     # match no column: those rows add 0.
     u.masked_fill_(not_owned, 0)
+    if nonfinite is None:
+        _add_product(out, u, lora_b_t, not_owned)
+        return
+    # (CPU) some adapter's B holds inf or NaN: every row adds the product with those entries 0, and each such
+    # adapter's rows take theirs with them (see multi_weights.nonfinite_adapters)
+    finite_part, adapters = nonfinite
+    base_out = out.clone()
+    _add_product(out, u, finite_part, not_owned)
+    for columns, lora_b_t_of_adapter in adapters:
+        summed = base_out.clone()
+        _add_product(summed, u, lora_b_t_of_adapter, not_owned)
+        torch.where((columns & ~not_owned).any(dim=1, keepdim=True), summed, out, out=out)
+
+
+def _add_product(out: torch.Tensor, u: torch.Tensor, lora_b_t: torch.Tensor, not_owned: torch.Tensor) -> None:
+    """out += u @ lora_b_t for the masked u [M, R], base rows (no column owned) keeping their bits off the CPU."""
     if out.is_cpu and out.dtype == u.dtype:
         out.addmm_(u, lora_b_t)
     elif not out.is_cpu:
