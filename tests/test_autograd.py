@@ -367,9 +367,10 @@ def test_inplace_on_a_view_under_autograd(view, backend):
         torch.testing.assert_close(written, plain, rtol=tolerance, atol=tolerance)
 
 
-def test_inplace_on_a_view_of_a_leaf_that_requires_grad_is_computed_out_of_place():
-    """Autograd refuses to modify a view of a leaf that requires grad in place: such a base_out comes back as a new
-    tensor, the leaf unchanged, for the one-adapter and the multi-adapter op, with the out-of-place gradients."""
+def test_inplace_on_a_leaf_that_requires_grad_or_a_view_of_one_is_computed_out_of_place():
+    """Autograd refuses to modify a leaf that requires grad, or a view of one, in place: such a base_out comes back as
+    a new tensor, the leaf unchanged, for the one-adapter and the multi-adapter op, with the out-of-place gradients
+    (the leaf itself raised autograd's unnamed in-place error)."""
     inputs = make_inputs(shape=(4,), k=7, n=5)
     leaf = torch.randn(20, dtype=FP64, requires_grad=True)
     go = torch.randn(4, 5, dtype=FP64)
@@ -378,16 +379,19 @@ def test_inplace_on_a_view_of_a_leaf_that_requires_grad_is_computed_out_of_place
            "multi": lambda base: gatedlora.gated_lora_multi(inputs["x"], base, [inputs["lora_a"]], [inputs["lora_b"]],
                                                             SCALING, torch.tensor([0, -1, 0, 0]), backend="torch",
                                                             inplace=True)}
+    matrix = torch.randn(4, 5, dtype=FP64, requires_grad=True)
     for op in ops.values():
-        before = leaf.detach().clone()
-        view = leaf.view(4, 5)
-        out = op(view)
-        assert out is not view and torch.equal(leaf.detach(), before)
-        plain = op(leaf.view(4, 5) * 1.0)  # not a view: written in place, the leaf's gradient through the product
-        assert torch.equal(out.detach(), plain.detach())
-        for written, reference in zip(torch.autograd.grad((out * go).sum(), [leaf, inputs["x"]]),
-                                      torch.autograd.grad((plain * go).sum(), [leaf, inputs["x"]])):
-            torch.testing.assert_close(written, reference, rtol=1e-13, atol=1e-13)
+        for source, given in ((leaf, lambda: leaf.view(4, 5)), (matrix, lambda: matrix)):
+            before = source.detach().clone()
+            base_out = given()
+            out = op(base_out)
+            assert out is not base_out and torch.equal(source.detach(), before)
+            plain = op(given() * 1.0)  # neither: written in place, the leaf's gradient through the product
+            assert torch.equal(out.detach(), plain.detach())
+            for written, reference in zip(torch.autograd.grad((out * go).sum(), [source, inputs["x"]]),
+                                          torch.autograd.grad((plain * go).sum(), [source, inputs["x"]])):
+                torch.testing.assert_close(written, reference, rtol=1e-13, atol=1e-13)
+
 
 def test_empty_rows_and_mixed_dtypes_give_gradients_of_the_input_dtypes():
     """x bf16 with fp32 LoRA weights (PEFT's autocast_adapter_dtype); bf16 error at most 2x eager PyTorch's."""

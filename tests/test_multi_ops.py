@@ -544,11 +544,13 @@ def test_torch_compile_keeps_the_op_whole(backend_name, inplace):
     (dict(lora_b="dtype"), r"the adapters' weights must share one dtype"),
     (dict(scaling=[1.0]), r"scaling must have one value per adapter \(2\), got 1"),
     (dict(scaling=[1.0, float("nan")]), r"scaling must be a finite float"),
+    (dict(scaling=torch.tensor([1.0, 2.0], requires_grad=True)), r"gets no gradient, got a tensor that requires"),
     (dict(adapter_index="float"), r"adapter_index must be an int32 or int64 tensor"),
     (dict(adapter_index="shape"), r"adapter_index must have one value per row of x: shape \[4\]"),
     (dict(adapter_index="range"), r"adapter_index must hold -1 \(base\) or an adapter in \[0, 2\); rows \[1, 3\]"),
     (dict(lora_a="tensor"), r"lora_a must be a list of tensors, one per adapter, got Tensor"),
     (dict(base_out="meta"), r"base_out is on meta but x is on cpu; all tensors must share a device"),
+    (dict(lora_b="sparse"), r"lora_b\[0\] must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
 ])
 def test_bad_input_is_named(change, message):
     case = make_case(47, 4, 8, 6, (2, 3), torch.float32, "no base")
@@ -571,6 +573,8 @@ def test_bad_input_is_named(change, message):
         case[key] = torch.stack([case["lora_a"][0], case["lora_a"][0]])
     elif how == "meta":
         case[key] = case[key].to("meta")
+    elif how == "sparse":
+        case[key][0] = case[key][0].to_sparse()
     else:
         case[key] = how
     with pytest.raises((TypeError, ValueError), match=message):
@@ -603,6 +607,16 @@ def test_add_lora_multi_equals_the_op(dtype, lora_dtype, m):
         assert add_lora_multi_(out, case["x"], *weights, index, index_fixed=True) is out
         assert torch.equal(bits(out), bits(expected))
         check(case, out)
+
+
+def test_add_lora_multi_with_no_adapter_leaves_out_as_it_is():
+    """No adapter is valid (the op returns the base output): the direct path's test read lora_a[0]."""
+    from gatedlora.ops import add_lora_multi_
+
+    case = make_case(seed_of("no-adapter"), 4, 8, 6, (2,), torch.float32, "base")
+    out = case["base_out"].clone()
+    assert add_lora_multi_(out, case["x"], (), (), (), case["adapter_index"], index_fixed=True) is out
+    assert torch.equal(bits(out), bits(case["base_out"]))
 
 
 def test_add_lora_multi_takes_the_op_off_its_path(monkeypatch):

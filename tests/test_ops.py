@@ -320,6 +320,9 @@ def test_gate_kind_is_one_enum_and_gate_bias_one_type():
     (dict(base=torch.randn(3, 6, device="meta")), r"base_out is on meta but x is on cpu"),
     (dict(threshold=1.5), r"threshold must be a float in \(0, 1\), got 1.5"),
     (dict(scaling=float("inf")), r"scaling must be a finite Python float"),
+    (dict(base=torch.randn(3, 6).to_sparse()), r"base_out must be a dense \(strided\) tensor, got layout torch.sparse"),
+    (dict(b=torch.randn(6, 4).to_sparse()), r"lora_b must be a dense \(strided\) tensor"),
+    (dict(x=torch.randn(3, 8).to_sparse_csr()), r"x must be a dense \(strided\) tensor, got layout torch.sparse_csr"),
 ])
 def test_bad_input_is_named(change, message):
     args = dict(x=torch.randn(3, 8), base=torch.randn(3, 6), a=torch.randn(4, 8), b=torch.randn(6, 4), scaling=1.0)

@@ -113,6 +113,7 @@ def check_x_and_base_out(x, base_out, inplace, op: str) -> None:
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+        check_strided(t, name, op)
     if not isinstance(inplace, bool):
         raise TypeError(f"{op}: inplace must be a bool, got {inplace!r}")
     if x.dim() < 1:
@@ -130,6 +131,14 @@ def check_x_and_base_out(x, base_out, inplace, op: str) -> None:
                          "pass inplace=False or base_out.contiguous()")
 
 
+def check_strided(t: torch.Tensor, name: str, op: str) -> None:
+    """A dense tensor: the kernels and the torch backend's in-place matmuls read strides (a sparse base_out or
+    lora_b failed inside torch with its own error, and some sparse inputs happened to work)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}; pass "
+                        f"{name}.to_dense()")
+
+
 def check_loaded(weights, x: torch.Tensor, where: str, what: str = "LoRA weights") -> None:
     """RuntimeError where a weight is on the meta device and ``x`` (or a tensor on its device) is not: offloaded by
     accelerate (``cpu_offload``, a ``device_map`` entry "disk") or never loaded. The layers read LoRA weights
@@ -143,7 +152,8 @@ def check_loaded(weights, x: torch.Tensor, where: str, what: str = "LoRA weights
 
 
 def check_device(x: torch.Tensor, name: str, t: torch.Tensor, op: str) -> None:
-    """The rule for every tensor argument: on x's device."""
+    """The rule for every tensor argument: a dense (strided) tensor on x's device."""
+    check_strided(t, name, op)
     if t.device != x.device:
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must share a device")
 

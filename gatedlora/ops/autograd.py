@@ -60,11 +60,11 @@ def written_through_a_copy(base_out: torch.Tensor, result: torch.Tensor, tensors
 def writable_in_place(base_out: torch.Tensor) -> bool:
     """Whether a Function recorded by autograd may write ``base_out`` in place: not a view, or a view autograd can
     rebase. Not one of several views one op returned (``split``, ``chunk``, ``unbind``), nor one made under
-    ``no_grad`` or inference mode, nor a view of a leaf that requires grad: autograd refuses to modify those in
-    place (about 1.4 us, for views only)."""
+    ``no_grad`` or inference mode, nor a leaf that requires grad or a view of one: autograd refuses to modify those
+    in place (about 1.4 us, for views only)."""
     source = base_out._base  # (None: not a view; Dynamo traces this, not ``_is_view()``)
     if source is None:
-        return True
+        return not (base_out.is_leaf and base_out.requires_grad)
     if source.is_leaf and source.requires_grad:
         return False
     return _creation_meta is not None and _creation_meta(base_out) == torch._C._autograd.CreationMeta.DEFAULT

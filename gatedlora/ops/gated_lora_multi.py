@@ -89,7 +89,7 @@ def add_lora_multi_(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: t
     rows = index.shape[0]
     # (not while torch.compile traces: the kept concatenation is Python state that a graph cannot hold, so there
     # the call goes through the op, one graph node; nor under autocast, which the op turns off)
-    if rows <= CONCATENATED_MAX_ROWS and x.is_cpu and out.dtype == x.dtype == lora_a[0].dtype and rows \
+    if rows <= CONCATENATED_MAX_ROWS and lora_a and x.is_cpu and out.dtype == x.dtype == lora_a[0].dtype and rows \
             and x.shape[-1] and out.shape[-1] and out.is_contiguous() and torch_runs_on_cpu(backend) \
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"):
         add_concatenated_rows(out.view(rows, -1), x.reshape(rows, -1), lora_a, lora_b, scaling, index, index_fixed)

@@ -73,6 +73,9 @@ def normalise_scaling(scaling, adapters: int, op: str = "gated_lora_multi") -> t
         if scaling.dim() != 1 or scaling.device.type != "cpu":
             raise TypeError(f"{op}: a scaling tensor must be 1-D on the CPU (one value per adapter), got shape "
                             f"{_shape(scaling)} on {scaling.device}")
+        if scaling.requires_grad:  # its values are read as floats: a gradient would be dropped without a word
+            raise TypeError(f"{op}: scaling is read as plain numbers and gets no gradient, got a tensor that "
+                            "requires grad; pass scaling.detach() (or floats)")
         scaling = scaling.tolist()
     if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
         scaling = [scaling] * adapters
