@@ -393,6 +393,27 @@ def test_inplace_on_a_leaf_that_requires_grad_or_a_view_of_one_is_computed_out_o
                 torch.testing.assert_close(written, reference, rtol=1e-13, atol=1e-13)
 
 
+def test_inplace_into_the_input_itself_gets_the_out_of_place_gradients():
+    """base_out is x (N = K) and autograd records the call: base_out is written, and the backward gets the
+    out-of-place gradients (the op saved x for its backward, then wrote base_out through it: autograd's version
+    check failed in the backward), for the one-adapter and the multi-adapter op."""
+    inputs = make_inputs(shape=(4,), k=5, n=5)
+    a, b = inputs["lora_a"], inputs["lora_b"]
+    index = torch.tensor([0, -1, 0, 0])
+    ops = {"one": lambda x, base, inplace: gated_lora(x, base, a, b, SCALING, backend="torch", inplace=inplace),
+           "multi": lambda x, base, inplace: gatedlora.gated_lora_multi(x, base, [a], [b], SCALING, index,
+                                                                        backend="torch", inplace=inplace)}
+    for op in ops.values():
+        source = torch.randn(4, 5, dtype=FP64, requires_grad=True)
+        expected = op(source * 1.0, source * 1.0, False)
+        shared = source * 1.0  # x and base_out at once
+        out = op(shared, shared, True)
+        assert out is shared and torch.equal(out.detach(), expected.detach())
+        got = torch.autograd.grad(out.sum(), [source, a, b])
+        for written, reference in zip(got, torch.autograd.grad(expected.sum(), [source, a, b])):
+            torch.testing.assert_close(written, reference, rtol=1e-13, atol=1e-13)
+
+
 def test_empty_rows_and_mixed_dtypes_give_gradients_of_the_input_dtypes():
     """x bf16 with fp32 LoRA weights (PEFT's autocast_adapter_dtype); bf16 error at most 2x eager PyTorch's."""
     x = torch.randn(0, 6, requires_grad=True)

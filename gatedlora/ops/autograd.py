@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .args import GatedLoraArgs
+from .args import GatedLoraArgs, overlaps
 from .contract import GateKind
 from .custom_op import gated_lora_add_
 from .gates import gate_values, probability_dtype, token_gate_probabilities
@@ -45,6 +45,13 @@ _creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
 def records_gradients(tensors) -> bool:
     """Whether autograd records a call on ``tensors`` (None among them is skipped)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def apart_from(base_out: torch.Tensor, tensors: tuple) -> tuple:
+    """``tensors`` with a clone in place of each one that shares memory with ``base_out``: for an in-place call that
+    autograd records, which saves the inputs it reads for the backward, where the write into base_out that follows
+    would change them (autograd's version check then failed in the backward, naming nothing of the op)."""
+    return tuple(t.clone() if isinstance(t, torch.Tensor) and overlaps(base_out, (t,)) else t for t in tensors)
 
 
 def written_through_a_copy(base_out: torch.Tensor, result: torch.Tensor, tensors) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .args import GatedLoraArgs, check_inputs, make_args, overlaps
-from .autograd import GatedLoraFunction, Options, records_gradients, writable_in_place, written_through_a_copy
+from .autograd import (GatedLoraFunction, Options, apart_from, records_gradients, writable_in_place,
+                       written_through_a_copy)
 from .backends import resolve_backend_name, torch_runs_on_cpu
 from .custom_op import gated_lora_add_
 from .torch_backend import addmm_lora_
@@ -72,9 +73,13 @@ def gated_lora(
         check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
                      inplace, straight_through)
         scaling, threshold = float(scaling), float(threshold)
+    inputs = (x, lora_a, lora_b, gate, gate_weight, gate_bias)
+    compiling = torch.compiler.is_compiling()
+    overlapping = validate and inplace and not compiling and overlaps(base_out, inputs)
+    if overlapping and records_gradients([base_out] + [t for t in inputs if isinstance(t, torch.Tensor)]):
+        x, lora_a, lora_b, gate, gate_weight, gate_bias = apart_from(base_out, inputs)
     args = make_args(x, base_out.shape[-1], lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard)
-    if validate and inplace and (torch.compiler.is_compiling()
-                                 or overlaps(base_out, (x, lora_a, lora_b, gate, gate_weight, gate_bias))):
+    if overlapping or (validate and inplace and compiling):
         # a kernel would read x (or a weight) while writing base_out: compute into a copy first. Under torch.compile,
         # whose tracing cannot read storage addresses, always: right whatever overlaps (the layers pass no check)
         result = run(args, base_out, backend, inplace=False, straight_through=straight_through)

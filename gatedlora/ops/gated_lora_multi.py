@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .args import overlaps
-from .autograd import Options, records_gradients, writable_in_place, written_through_a_copy
+from .autograd import Options, apart_from, records_gradients, writable_in_place, written_through_a_copy
 from .backends import resolve_backend_name, torch_runs_on_cpu
 from .multi_args import MultiLoraArgs, check_multi_inputs, make_multi_args, normalise_scaling
 from .multi_autograd import GatedLoraMultiFunction
@@ -58,9 +58,14 @@ def gated_lora_multi(
     if validate:
         check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace)
         scaling = normalise_scaling(scaling, len(lora_a))
+    inputs = (x, adapter_index, *lora_a, *lora_b)
+    compiling = torch.compiler.is_compiling()
+    overlapping = validate and inplace and not compiling and overlaps(base_out, inputs)
+    if overlapping and records_gradients((base_out,) + inputs):
+        x, adapter_index, *weights = apart_from(base_out, inputs)
+        lora_a, lora_b = tuple(weights[:len(lora_a)]), tuple(weights[len(lora_a):])
     args = make_multi_args(x, base_out.shape[-1], lora_a, lora_b, scaling, adapter_index)
-    if validate and inplace and (torch.compiler.is_compiling()
-                                 or overlaps(base_out, (x, adapter_index, *lora_a, *lora_b))):
+    if overlapping or (validate and inplace and compiling):
         # a kernel would read x (or a weight) while writing base_out: compute into a copy first. Under torch.compile,
         # whose tracing cannot read storage addresses, always: right whatever overlaps (the layers pass no check)
         result = run_multi(args, base_out, backend, inplace=False)
