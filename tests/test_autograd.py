@@ -298,7 +298,7 @@ def test_a_token_gate_on_an_empty_batch_has_gradients(shape, k, hard, straight_t
     out = gated_lora(scaling=SCALING, hard=hard, straight_through=straight_through, **inputs)
     go = torch.randn(out.shape, generator=gen)
     names = list(inputs)
-    grads = dict(zip(names, torch.autograd.grad(out, list(inputs.values()), go, allow_unused=True)))
+    grads = dict(zip(names, torch.autograd.grad(out, list(inputs.values()), go, allow_unused=True, retain_graph=True)))
     exact = reference_grads(inputs, [n for n in names if not hard or n in ("x", "base_out", "lora_a", "lora_b")], go,
                             hard=hard)
     for name, grad in grads.items():
@@ -308,6 +308,9 @@ def test_a_token_gate_on_an_empty_batch_has_gradients(shape, k, hard, straight_t
         assert grad.shape == inputs[name].shape, name
         if name in exact:
             torch.testing.assert_close(grad.double(), exact[name], rtol=1e-6, atol=1e-6)
+    if not hard:  # as a graph too (create_graph=True: the gate weight was not in it, and autograd refused)
+        second = torch.autograd.grad(out, list(inputs.values()), go, create_graph=True, allow_unused=True)
+        assert all(g is not None and torch.equal(g, grads[n]) for n, g in zip(names, second))
 
 
 def test_inplace_call_records_the_addition():

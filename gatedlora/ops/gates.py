@@ -44,8 +44,10 @@ def token_gate_probabilities(x: torch.Tensor, gate_weight: torch.Tensor, gate_bi
     x = x if x.dtype == dtype else x.to(dtype)
     gate_weight = gate_weight if gate_weight.dtype == dtype else gate_weight.to(dtype)
     gate_bias = gate_bias if gate_bias.dtype == dtype else gate_bias.to(dtype)
-    if x.numel() == 0:  # M = 0 or K = 0: addmv would return the 0-dim bias's shape, not [M]
-        return gate_bias.sigmoid().expand(x.shape[0]).clone()
+    if x.numel() == 0:  # M = 0 or K = 0: with the 0-dim bias addmv would return its shape, not [M]
+        # (still through addmv, so that gate_weight is in the graph: a backward with create_graph=True then
+        # gives it its zero gradient)
+        return torch.addmv(gate_bias.expand(x.shape[0]), x, gate_weight).sigmoid_()
     return torch.addmv(gate_bias, x, gate_weight).sigmoid_()
 
 
