@@ -544,6 +544,8 @@ def test_torch_compile_keeps_the_op_whole(backend_name, inplace):
     (dict(lora_b="dtype"), r"the adapters' weights must share one dtype"),
     (dict(scaling=[1.0]), r"scaling must have one value per adapter \(2\), got 1"),
     (dict(scaling=[1.0, float("nan")]), r"scaling must be a finite float"),
+    (dict(scaling=[1.0, 10 ** 400]), r"scaling must be a finite float"),
+    (dict(scaling=[1.0, -1e39]), r"scaling -1e\+39 does not fit in the LoRA weights' dtype torch.float32"),
     (dict(scaling=torch.tensor([1.0, 2.0], requires_grad=True)), r"gets no gradient, got a tensor that requires"),
     (dict(adapter_index="float"), r"adapter_index must be an int32 or int64 tensor"),
     (dict(adapter_index="shape"), r"adapter_index must have one value per row of x: shape \[4\]"),

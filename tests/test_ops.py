@@ -320,6 +320,8 @@ def test_gate_kind_is_one_enum_and_gate_bias_one_type():
     (dict(base=torch.randn(3, 6, device="meta")), r"base_out is on meta but x is on cpu"),
     (dict(threshold=1.5), r"threshold must be a float in \(0, 1\), got 1.5"),
     (dict(scaling=float("inf")), r"scaling must be a finite Python float"),
+    (dict(scaling=10 ** 400), r"scaling must be a finite Python float"),
+    (dict(scaling=1e39), r"scaling 1e\+39 does not fit in the LoRA weights' dtype torch.float32 \(largest 3.4"),
     (dict(base=torch.randn(3, 6).to_sparse()), r"base_out must be a dense \(strided\) tensor, got layout torch.sparse"),
     (dict(b=torch.randn(6, 4).to_sparse()), r"lora_b must be a dense \(strided\) tensor"),
     (dict(x=torch.randn(3, 8).to_sparse_csr()), r"x must be a dense \(strided\) tensor, got layout torch.sparse_csr"),

@@ -131,6 +131,24 @@ def check_x_and_base_out(x, base_out, inplace, op: str) -> None:
                          "pass inplace=False or base_out.contiguous()")
 
 
+def is_finite(value: int | float) -> bool:
+    """math.isfinite, False for an int too large for a float (where math.isfinite raises OverflowError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def check_scaling_fits(scaling: tuple, dtype: torch.dtype, op: str) -> None:
+    """Each scaling within what the LoRA weights' dtype holds: the term is scaled in that dtype, so a larger one
+    gave inf, or torch's own conversion error, in every row it reached."""
+    largest = torch.finfo(dtype).max
+    too_large = [s for s in scaling if abs(s) > largest]
+    if too_large:
+        raise ValueError(f"{op}: scaling {too_large[0]!r:.40} does not fit in the LoRA weights' dtype {dtype} "
+                         f"(largest {largest:g})")
+
+
 def check_strided(t: torch.Tensor, name: str, op: str) -> None:
     """A dense tensor: the kernels and the torch backend's in-place matmuls read strides (a sparse base_out or
     lora_b failed inside torch with its own error, and some sparse inputs happened to work)."""
@@ -188,8 +206,9 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
                          f"rank {lora_b.shape[1]} (shape {_shape(lora_b)}); expected lora_b of shape [{n}, {r}]")
     if lora_a.dtype != lora_b.dtype:
         raise TypeError(f"{op}: lora_a and lora_b must share a dtype, got {lora_a.dtype} and {lora_b.dtype}")
-    if isinstance(scaling, (bool, torch.Tensor)) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    if isinstance(scaling, (bool, torch.Tensor)) or not isinstance(scaling, (int, float)) or not is_finite(scaling):
         raise TypeError(f"{op}: scaling must be a finite Python float, got {scaling!r}")
+    check_scaling_fits((scaling,), lora_a.dtype, op)
     if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
         raise ValueError(f"{op}: threshold must be a float in (0, 1), got {threshold!r}")
     if gate is not None and gate_weight is not None:

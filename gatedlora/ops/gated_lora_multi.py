@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .args import overlaps
+from .args import check_scaling_fits, overlaps
 from .autograd import Options, apart_from, records_gradients, writable_in_place, written_through_a_copy
 from .backends import resolve_backend_name, torch_runs_on_cpu
 from .multi_args import MultiLoraArgs, check_multi_inputs, make_multi_args, normalise_scaling
@@ -58,6 +58,8 @@ def gated_lora_multi(
     if validate:
         check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace)
         scaling = normalise_scaling(scaling, len(lora_a))
+        if lora_a:
+            check_scaling_fits(scaling, lora_a[0].dtype, "gated_lora_multi")
     inputs = (x, adapter_index, *lora_a, *lora_b)
     compiling = torch.compiler.is_compiling()
     overlapping = validate and inplace and not compiling and overlaps(base_out, inputs)

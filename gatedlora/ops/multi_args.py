@@ -6,12 +6,11 @@ flattened to rows, the weights and scalings as tuples, the ranks read once.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
-from .args import FLOAT_DTYPES, _shape, check_device, check_x_and_base_out
+from .args import FLOAT_DTYPES, _shape, check_device, check_x_and_base_out, is_finite
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -80,7 +79,7 @@ def normalise_scaling(scaling, adapters: int, op: str = "gated_lora_multi") -> t
     if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
         scaling = [scaling] * adapters
     if not isinstance(scaling, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, (int, float))
-                                                      or not math.isfinite(s) for s in scaling):
+                                                      or not is_finite(s) for s in scaling):
         raise TypeError(f"{op}: scaling must be a finite float or one finite float per adapter, got {scaling!r:.80}")
     if len(scaling) != adapters:
         raise ValueError(f"{op}: scaling must have one value per adapter ({adapters}), got {len(scaling)}")
