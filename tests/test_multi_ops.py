@@ -548,7 +548,7 @@ def test_torch_compile_keeps_the_op_whole(backend_name, inplace):
     (dict(scaling=[1.0, -1e39]), r"scaling -1e\+39 does not fit in the LoRA weights' dtype torch.float32"),
     (dict(scaling=torch.tensor([1.0, 2.0], requires_grad=True)), r"gets no gradient, got a tensor that requires"),
     (dict(adapter_index="float"), r"adapter_index must be an int32 or int64 tensor"),
-    (dict(adapter_index="shape"), r"adapter_index must have one value per row of x: shape \[4\]"),
+    (dict(adapter_index="shape"), r"adapter_index must have one value per row of x: shape \[4\], got \[3\]"),
     (dict(adapter_index="range"), r"adapter_index must hold -1 \(base\) or an adapter in \[0, 2\); rows \[1, 3\]"),
     (dict(lora_a="tensor"), r"lora_a must be a list of tensors, one per adapter, got Tensor"),
     (dict(base_out="meta"), r"base_out is on meta but x is on cpu; all tensors must share a device"),

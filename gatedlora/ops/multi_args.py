@@ -129,7 +129,8 @@ def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool
                         f"base output), got {getattr(adapter_index, 'dtype', type(adapter_index).__name__)}")
     m = x.shape[:-1].numel()
     if tuple(adapter_index.shape) not in ((m,), tuple(x.shape[:-1])):
-        raise ValueError(f"{op}: adapter_index must have one value per row of x: shape [{m}] or {_shape(x)[:-1]}, "
+        shapes = " or ".join(dict.fromkeys((str([m]), str(_shape(x)[:-1]))))  # one where they agree
+        raise ValueError(f"{op}: adapter_index must have one value per row of x: shape {shapes}, "
                          f"got {_shape(adapter_index)}")
     check_device(x, "adapter_index", adapter_index, op)
     if adapter_index.device.type == "cpu" and not torch.compiler.is_compiling():
