@@ -211,14 +211,16 @@ def _check_peft_layer(name: str, layer: nn.Module, routed: list[str] | None = No
 
 
 # PEFT initialisations that replace the base weights by a residual (the adapter holds the rest)
-BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
-def _warn_of_rewritten_base(model: nn.Module, adapters: set[str]) -> None:
+def _warn_of_rewritten_base(model: nn.Module) -> None:
     """Warn where an adapter was initialised by rewriting the base weights: closed gates and the base route then
-    run the residual weights PEFT left, not the model as loaded (as PEFT's own disable_adapter does)."""
-    for name in sorted(adapters):
-        init = getattr(getattr(model, "peft_config", {}).get(name), "init_lora_weights", None)
+    run the residual weights PEFT left, not the model as loaded (as PEFT's own disable_adapter does). Every
+    adapter the model holds, gated or not: the base weights are shared."""
+    configs = getattr(model, "peft_config", {})
+    for name in sorted(configs):
+        init = getattr(configs[name], "init_lora_weights", None)
         if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
             warnings.warn(f"gatedlora: adapter {name!r} was initialised with init_lora_weights={init!r}, which "
                           "replaced the base weights by their residual: closed gates and sequences routed to the "
@@ -359,7 +361,7 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
     adapters = {} if fresh else {name: _check_peft_layer(name, layer, config.adapters) for name, layer in targets}
     if not fresh:
         _check_no_auxiliary_modules(model, set(config.adapters or adapters.values()))
-        _warn_of_rewritten_base(model, set(config.adapters or adapters.values()))
+        _warn_of_rewritten_base(model)
     if config.adapters is not None:
         _check_routed_adapters(model, adapters, config.adapters)
     state = PatchState(config=config, fresh=fresh)

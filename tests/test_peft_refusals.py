@@ -177,20 +177,38 @@ def test_routed_adapters_of_different_dtypes_are_refused_with_the_way_on():
     assert is_patched(model)
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian", True])
+@pytest.mark.parametrize("init", ["pissa", "olora", "lora_ga", "gaussian", True])
 def test_adapters_that_rewrote_the_base_weights_are_warned_of(init):
-    """PiSSA and OLoRA initialisations replace the base weights by a residual: the base route then runs those, not
-    the model as loaded, and patching says so (other initialisations leave the base weights alone: no warning)."""
+    """PiSSA, OLoRA and LoRA-GA initialisations replace the base weights by a residual: the base route then runs
+    those, not the model as loaded, and patching says so (other initialisations leave the base weights alone: no
+    warning). LoRA-GA needs gradients PEFT gathers first (preprocess_loraga): its config is set after the fact."""
     import warnings
 
-    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                      init_lora_weights="gaussian" if init == "lora_ga" else init)
     model = get_peft_model(tiny_causal_lm("llama"), lora).eval()
+    if init == "lora_ga":
+        model.peft_config["default"].init_lora_weights = init
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         patch_model(model)
     ours = [w for w in caught if "gatedlora:" in str(w.message)]
-    if init in ("pissa", "olora"):
+    if init in ("pissa", "olora", "lora_ga"):
         assert len(ours) == 1 and f"init_lora_weights='{init}', which replaced the base weights" in str(ours[0].message)
         assert ours[0].filename == __file__
     else:
         assert not ours
+
+
+def test_an_adapter_that_rewrote_the_base_weights_is_warned_of_though_another_is_gated():
+    """The base weights are shared: a loaded PiSSA adapter that is neither active nor routed still replaced them."""
+    import warnings
+
+    model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    model.add_adapter("residual", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    assert model.active_adapters == ["default"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch_model(model)
+    ours = [str(w.message) for w in caught if "gatedlora:" in str(w.message)]
+    assert len(ours) == 1 and "adapter 'residual' was initialised with init_lora_weights='pissa'" in ours[0]
