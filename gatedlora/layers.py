@@ -83,10 +83,14 @@ class GatedLoRALinear(nn.Module):
         self.__dict__["route"] = route
         if gate == "token":
             weight = self.lora_A[adapter_name].weight
-            self.gate_weight = nn.Parameter(torch.zeros(self.in_features, dtype=weight.dtype, device=weight.device))
+            # On the LoRA weights' device, unless they are not loaded yet (PEFT's low_cpu_mem_usage leaves them on
+            # meta until load_adapter): then on the base layer's, where load_adapter puts them, and initialised.
+            device = weight.device
+            if weight.is_meta:
+                device = getattr(getattr(base_layer, "weight", None), "device", device)
+            self.gate_weight = nn.Parameter(torch.zeros(self.in_features, dtype=weight.dtype, device=device))
             # [1], not 0-dim: FSDP2's fully_shard refuses scalar parameters (the file keeps it 0-dim, see io.py)
-            self.gate_bias = nn.Parameter(torch.full((1,), open_logit(threshold), dtype=weight.dtype,
-                                                     device=weight.device))
+            self.gate_bias = nn.Parameter(torch.full((1,), open_logit(threshold), dtype=weight.dtype, device=device))
 
     @classmethod
     def fresh(cls, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float, **gate_options: Any

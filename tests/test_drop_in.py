@@ -216,3 +216,26 @@ def test_patched_layers_take_the_mode_of_the_layers_they_replace(training):
             soft = peft(input_ids=ids, attention_mask=mask).logits
             with force_gate(peft, 1.0):  # eval gates are hard: the fresh token gates start open
                 assert torch.equal(soft, peft(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_token_gates_of_an_adapter_loaded_after_patching_are_not_left_on_meta(tmp_path):
+    """PEFT's low_cpu_mem_usage leaves the LoRA weights on meta until load_adapter: the token gates made at patch
+    time sit on the base layer's device, initialised (they were made on meta, and the forward failed inside torch
+    after the adapter loaded); with every gate open the model is then the saved adapter's."""
+    from tiny_models import ALL_PROJECTIONS, tiny_causal_lm
+
+    saved = tiny_peft_model()
+    saved.save_pretrained(str(tmp_path))
+    ids, mask = padded_batch([5, 7], 7)
+    with torch.no_grad():
+        expected = saved(input_ids=ids, attention_mask=mask).logits
+    model = get_peft_model(tiny_causal_lm(), LoraConfig(r=4, lora_alpha=8, target_modules=list(ALL_PROJECTIONS)),
+                           low_cpu_mem_usage=True).eval()
+    patch_model(model, GatedLoraConfig(gate="token"))
+    gates = [p for n, p in model.named_parameters() if n.endswith(("gate_weight", "gate_bias"))]
+    assert gates and not any(p.is_meta for p in gates)
+    model.load_adapter(str(tmp_path), adapter_name="default", low_cpu_mem_usage=True)
+    model.eval()
+    with torch.no_grad(), force_gate(model, 1.0):
+        got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
