@@ -239,6 +239,17 @@ def _check_routed_adapters(model: nn.Module, held: dict[str, list[str]], routed:
                          f"which hold {loaded}; load each with model.load_adapter(path, adapter_name=name)")
 
 
+def _warn_of_mixed_dropout(model: nn.Module, routed: list[str]) -> None:
+    """Routed adapters whose lora_dropout differs run in inference, but a training forward refuses them (one dropout
+    pass serves every row: ``RoutedLoRALinear._dropout``): say so at patch time rather than at the first step."""
+    configs = getattr(model, "peft_config", {})
+    dropout = {name: getattr(configs.get(name), "lora_dropout", None) for name in routed}
+    if len({p for p in dropout.values() if p is not None}) > 1:
+        warnings.warn(f"gatedlora: the routed adapters' lora_dropout differ ({dropout}): inference runs, but training "
+                      "raises at its first forward, since one dropout pass serves every row of a layer; train them "
+                      "with one lora_dropout", UserWarning, stacklevel=3)
+
+
 def _auxiliary_modules(model: nn.Module, gated: set[str]) -> list[tuple[str, str, list[str]]]:
     """(name, PEFT option, adapters) of each PEFT module wrapper (``modules_to_save``, ``trainable_token_indices``)
     that holds one of the adapters ``gated`` or one active in it."""
@@ -273,7 +284,9 @@ def _check_no_auxiliary_modules(model: nn.Module, gated: set[str]) -> None:
         "0.0), model.disable_adapter() and sequences routed to the base model would still run those trained modules "
         "instead of the base model's. To go on, make them part of the base model before patching, by putting each "
         f"trained module in place of PEFT's wrapper (here {example}): gatedlora's base model is then the model with "
-        "them as trained. Or drop them (an adapter trained without modules_to_save and trainable_token_indices)")
+        "them as trained, and PEFT's save_pretrained no longer writes them (it saves the adapter's own modules only): "
+        "keep them with the base model (its save_pretrained, or torch.save of their state_dict). Or drop them (an "
+        "adapter trained without modules_to_save and trainable_token_indices)")
 
 
 def _fresh_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:
@@ -364,6 +377,7 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
         _warn_of_rewritten_base(model)
     if config.adapters is not None:
         _check_routed_adapters(model, adapters, config.adapters)
+        _warn_of_mixed_dropout(model, config.adapters)
     state = PatchState(config=config, fresh=fresh)
     if fresh and freeze_base:
         state.frozen = [p for p in model.parameters() if p.requires_grad]

@@ -477,3 +477,34 @@ def test_an_offloaded_router_is_refused_without_a_hook_and_runs_through_accelera
     accelerate.cpu_offload(router, execution_device=torch.device("cpu"), state_dict=kept)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_routed_adapters_with_different_dropout_are_warned_of_at_patch_time(mixed):
+    """One dropout pass serves every row of a layer, so a training forward refuses adapters whose lora_dropout
+    differs; patching says so beforehand (it said nothing until the first training step), and inference runs."""
+    import warnings
+
+    model = peft_model()
+    for name, p in zip(ADAPTERS, (0.1, 0.0, 0.0) if mixed else (0.1, 0.1, 0.1)):
+        model.peft_config[name].lora_dropout = p
+        for module in model.modules():
+            if hasattr(module, "lora_dropout") and name in module.lora_dropout:
+                module.lora_dropout[name] = torch.nn.Dropout(p) if p else torch.nn.Identity()
+    ids, mask = padded_batch([7, 4, 9, 5], 9, seed=5)
+    router = RoutePatternRouter(model.config.hidden_size, len(NAMES))
+    router.pattern = torch.tensor([1, 2, 3, 0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS,
+                                           router=router))
+    ours = [str(w.message) for w in caught if "lora_dropout differ" in str(w.message)]
+    assert len(ours) == int(mixed)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits).all()
+    model.train()
+    if mixed:
+        with pytest.raises(NotImplementedError, match="LoRA dropout differs between the adapters"):
+            model(input_ids=ids, attention_mask=mask)
+    else:
+        assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits).all()
