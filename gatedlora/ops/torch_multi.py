@@ -80,10 +80,10 @@ def add_concatenated_rows(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lor
     # (CPU) some adapter's B holds inf or NaN: every row adds the product with those entries 0, and each such
     # adapter's rows take theirs with them (see multi_weights.nonfinite_adapters)
     finite_part, adapters = nonfinite
-    base_out = out.clone()
+    before = out.clone()
     _add_product(out, u, finite_part, not_owned)
     for columns, lora_b_t_of_adapter in adapters:
-        summed = base_out.clone()
+        summed = before.clone()
         _add_product(summed, u, lora_b_t_of_adapter, not_owned)
         torch.where((columns & ~not_owned).any(dim=1, keepdim=True), summed, out, out=out)
 
