@@ -213,17 +213,23 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool =
     previous_config = config_path.read_bytes() if config_path.is_file() else None
     pending = _pending_weights_path(directory, sha256)
     config_tmp = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}.json"
-    committed = False
+    committed = renamed = False
     try:
         _write_new_file(pending, payload)
         _write_new_file(config_tmp, (json.dumps(meta, indent=2) + "\n").encode())
         os.replace(config_tmp, config_path)  # the commit
         committed = True
         os.replace(pending, weights_path)
+        renamed = True
         _fsync_directory(directory)
     except BaseException:
-        # after the commit the pending weights belong to the save on disk unless the commit is undone
-        keep_pending = committed and not _roll_back_commit(directory, config_path, previous_config)
+        if committed and (renamed or not pending.exists()):
+            # the new save is whole on disk: its weights are in place (only the directory's fsync failed), or
+            # another save's _finish_interrupted_save put them there; undoing the commit would tear it
+            keep_pending = True
+        else:
+            # after the commit the pending weights belong to the save on disk unless the commit is undone
+            keep_pending = committed and not _roll_back_commit(directory, config_path, previous_config)
         _remove_quietly(config_tmp, *(() if keep_pending else (pending,)))
         raise
 

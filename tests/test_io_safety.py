@@ -93,6 +93,18 @@ def test_an_overwrite_that_fails_leaves_the_old_save_and_no_temp_files(old_and_n
     assert same(loaded_gates(path), old)
 
 
+def test_a_save_that_fails_after_its_weights_are_in_place_loads_as_the_new_save(old_and_new, monkeypatch):
+    """The directory's fsync fails (EIO, Ctrl-C) after both renames: the new save is whole, so it stays (the commit
+    was rolled back over the new weights, and neither save loaded)."""
+    path, old, new_model = old_and_new
+    fail_on_call(monkeypatch, gio, "_fsync_directory", {1})
+    with pytest.raises(Failure):
+        save_pretrained(new_model, path, overwrite=True)
+    monkeypatch.undo()
+    assert leftovers(path) == []
+    assert same(loaded_gates(path), gate_values(new_model))
+
+
 def test_a_failed_rollback_leaves_the_new_save_loadable_and_the_next_save_tidies(old_and_new, monkeypatch):
     path, _, new_model = old_and_new
     # the weights rename fails, and so does putting the old config back: the new config is committed
