@@ -73,13 +73,15 @@ def gated_lora(
         check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard,
                      inplace, straight_through)
         scaling, threshold = float(scaling), float(threshold)
-    inputs = (x, lora_a, lora_b, gate, gate_weight, gate_bias)
-    compiling = torch.compiler.is_compiling()
-    overlapping = validate and inplace and not compiling and overlaps(base_out, inputs)
-    if overlapping and records_gradients([base_out] + [t for t in inputs if isinstance(t, torch.Tensor)]):
-        x, lora_a, lora_b, gate, gate_weight, gate_bias = apart_from(base_out, inputs)
+    overlapping = compiling = False
+    if validate and inplace:  # (the layers' calls, validate=False, pay none of this)
+        inputs = (x, lora_a, lora_b, gate, gate_weight, gate_bias)
+        compiling = torch.compiler.is_compiling()
+        overlapping = not compiling and overlaps(base_out, inputs)
+        if overlapping and records_gradients([base_out] + [t for t in inputs if isinstance(t, torch.Tensor)]):
+            x, lora_a, lora_b, gate, gate_weight, gate_bias = apart_from(base_out, inputs)
     args = make_args(x, base_out.shape[-1], lora_a, lora_b, scaling, gate, gate_weight, gate_bias, threshold, hard)
-    if overlapping or (validate and inplace and compiling):
+    if overlapping or compiling:
         # a kernel would read x (or a weight) while writing base_out: compute into a copy first. Under torch.compile,
         # whose tracing cannot read storage addresses, always: right whatever overlaps (the layers pass no check)
         result = run(args, base_out, backend, inplace=False, straight_through=straight_through)

@@ -60,14 +60,16 @@ def gated_lora_multi(
         scaling = normalise_scaling(scaling, len(lora_a))
         if lora_a:
             check_scaling_fits(scaling, lora_a[0].dtype, "gated_lora_multi")
-    inputs = (x, adapter_index, *lora_a, *lora_b)
-    compiling = torch.compiler.is_compiling()
-    overlapping = validate and inplace and not compiling and overlaps(base_out, inputs)
-    if overlapping and records_gradients((base_out,) + inputs):
-        x, adapter_index, *weights = apart_from(base_out, inputs)
-        lora_a, lora_b = tuple(weights[:len(lora_a)]), tuple(weights[len(lora_a):])
+    overlapping = compiling = False
+    if validate and inplace:  # (the layers' calls, validate=False, pay none of this)
+        inputs = (x, adapter_index, *lora_a, *lora_b)
+        compiling = torch.compiler.is_compiling()
+        overlapping = not compiling and overlaps(base_out, inputs)
+        if overlapping and records_gradients((base_out,) + inputs):
+            x, adapter_index, *weights = apart_from(base_out, inputs)
+            lora_a, lora_b = tuple(weights[:len(lora_a)]), tuple(weights[len(lora_a):])
     args = make_multi_args(x, base_out.shape[-1], lora_a, lora_b, scaling, adapter_index)
-    if overlapping or (validate and inplace and compiling):
+    if overlapping or compiling:
         # a kernel would read x (or a weight) while writing base_out: compute into a copy first. Under torch.compile,
         # whose tracing cannot read storage addresses, always: right whatever overlaps (the layers pass no check)
         result = run_multi(args, base_out, backend, inplace=False)
