@@ -362,11 +362,13 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     if saved.get("router") not in DEFAULT_ROUTERS and router is None and not is_patched(model):
         raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); pass router=<module "
                          "of that class> so its parameters can be loaded")
-    router_only = _router_only(meta, loaded) and not is_patched(model) and bool(peft_lora_layers(model))
+    # a PEFT model's LoRA: its own LoRA layers, or patched, the LoRA layers patch_model gated
+    holds_peft_lora = not patch_state(model).fresh if is_patched(model) else bool(peft_lora_layers(model))
+    router_only = _router_only(meta, loaded) and holds_peft_lora
     if router_only:
         # the router of `gatedlora train-router` without --adapter (PRISM's step 1) onto the LoRA trained since
-        # (step 2): the PEFT model's own LoRA layers after router_layer are gated, whatever the save's fresh
-        # adapter covered
+        # (step 2): the PEFT model's own LoRA layers after router_layer are gated (or already were, by the
+        # patch_model call before this load), whatever the save's fresh adapter covered
         saved = {k: v for k, v in saved.items() if k not in FRESH_ADAPTER_FIELDS + ("target_modules",)}
         loaded = {k: v for k, v in loaded.items() if k.startswith(ROUTER_ATTRIBUTE + ".")}
     config = GatedLoraConfig.from_dict(saved, router=router if saved.get("gate") == "sequence" else None)

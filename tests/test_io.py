@@ -341,6 +341,14 @@ def test_a_router_trained_before_its_lora_loads_onto_the_peft_model_trained_afte
     assert torch.equal(got[~routes], base[~routes])
     torch.testing.assert_close(got[routes], with_adapter[routes], rtol=0, atol=1e-5)
 
+    # the README's order: patch_model first, then load the router into the patched model
+    unpatch_model(peft)
+    patch_model(peft, GatedLoraConfig(gate="sequence", router_layer=0))
+    load_pretrained(peft, tmp_path / "router")
+    with torch.no_grad():
+        assert torch.equal(peft(input_ids=ids, attention_mask=mask).logits, got)
+    assert torch.equal(get_router(peft).last_decisions, routes)
+
     trained = tiny_causal_lm("llama")
     patch_model(trained, GatedLoraConfig(gate="sequence", router_layer=0, r=4, target_modules=["q_proj", "v_proj"]))
     randomize_lora_b(trained)
