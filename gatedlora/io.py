@@ -280,6 +280,8 @@ def _read_meta(directory: Path) -> dict:
                                  f"{json.dumps(meta.get(field))[:80]}")
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"load_pretrained: {config_path} is corrupt or not a gatedlora config: {err}") from None
+    # format 1 recorded how the saving machine ran (backend="cuda" fails at a CPU model's first forward)
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in RUNTIME_FIELDS}
     return meta
 
 

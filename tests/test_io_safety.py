@@ -15,7 +15,7 @@ from tiny_models import tiny_peft_model
 
 import gatedlora.io as gio
 from gatedlora import load_pretrained, patch_model, save_pretrained
-from gatedlora.patching import gated_layers
+from gatedlora.patching import gated_layers, patch_state
 
 TESTS = Path(__file__).resolve().parent
 
@@ -327,6 +327,20 @@ def test_the_config_records_the_adapter_it_was_saved_with(tmp_path):
     assert meta["config"]["target_modules"] is None  # which LoRA layers are gated: all of them
     assert meta["weights_sha256"] == gio._sha256_of((tmp_path / gio.WEIGHTS_NAME).read_bytes())
     assert len(meta["layers"]) == len(list(gated_layers(model)))
+
+
+def test_a_format_1_save_loads_with_the_backend_chosen_here(old_and_new):
+    """Format 1 recorded every config field, backend and base_mode included: a save made on a GPU with
+    backend="cuda" failed at the first forward of the model it loaded into here. Those are chosen at load."""
+    path, saved_gates, _ = old_and_new
+    meta = json.loads((path / gio.CONFIG_NAME).read_text())
+    config = {**meta["config"], "backend": "cuda", "base_mode": "fused"}
+    v1 = {"format_version": 1, "config": config, "fresh_adapter": False, "layers": meta["layers"]}
+    (path / gio.CONFIG_NAME).write_text(json.dumps(v1))
+    model = load_pretrained(tiny_peft_model("llama", layers=2), path)
+    assert same(gate_values(model), saved_gates)
+    assert (patch_state(model).config.backend, patch_state(model).config.base_mode) == ("auto", "exact")
+    model(input_ids=torch.tensor([[1, 2, 3]]))  # the cuda backend raised here
 
 
 def test_a_peft_only_directory_gets_a_hint(tmp_path):
