@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -45,6 +46,9 @@ FRESH_ADAPTER_FIELDS = ("r", "lora_alpha", "lora_dropout")
 # How the model runs here, not what was saved: chosen again at load.
 RUNTIME_FIELDS = ("backend", "base_mode")
 TEMP_PREFIX = ".gatedlora-"
+# The names a save writes under TEMP_PREFIX (pending weights, the config before its commit): the only entries an
+# interrupted save's cleanup removes; anything else so named is the user's
+TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"([0-9a-f]{32}\.safetensors|[0-9a-f]{16}\.json)")
 # Routers that patch_model builds itself (no router=... needed to load their parameters)
 DEFAULT_ROUTERS = (None, "PrismRouter", "PrismMultiRouter")
 
@@ -166,7 +170,8 @@ def _finish_interrupted_save(directory: Path) -> None:
         if pending.is_file() and _sha256_of(pending.read_bytes()) == sha256:
             os.replace(pending, directory / WEIGHTS_NAME)
             _fsync_directory(directory)
-    _remove_quietly(*directory.glob(f"{TEMP_PREFIX}*"))
+    _remove_quietly(*(entry for entry in directory.glob(f"{TEMP_PREFIX}*")
+                      if TEMP_NAME.fullmatch(entry.name) and entry.is_file()))
 
 
 def _sha256_of(data: bytes) -> str:

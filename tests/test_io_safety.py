@@ -329,6 +329,19 @@ def test_the_config_records_the_adapter_it_was_saved_with(tmp_path):
     assert len(meta["layers"]) == len(list(gated_layers(model)))
 
 
+def test_a_save_removes_only_the_temporary_files_saves_write(old_and_new):
+    """The cleanup of interrupted saves removed every '.gatedlora-*' entry: the user's files so named too, and a
+    directory so named made the save fail (IsADirectoryError)."""
+    path, _, new = old_and_new
+    (path / ".gatedlora-notes.txt").write_text("the user's notes")
+    (path / ".gatedlora-backup").mkdir()
+    (path / ".gatedlora-0123456789abcdef.json").write_text("{}")  # as an interrupted save leaves its config
+    save_pretrained(new, path, overwrite=True)
+    assert leftovers(path) == [".gatedlora-backup", ".gatedlora-notes.txt"]
+    assert (path / ".gatedlora-notes.txt").read_text() == "the user's notes"
+    assert same(loaded_gates(path), gate_values(new))
+
+
 def test_a_format_1_save_loads_with_the_backend_chosen_here(old_and_new):
     """Format 1 recorded every config field, backend and base_mode included: a save made on a GPU with
     backend="cuda" failed at the first forward of the model it loaded into here. Those are chosen at load."""
