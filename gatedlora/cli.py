@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 DTYPES = ("float32", "float16", "bfloat16")
 LOAD_DTYPES = ("auto",) + DTYPES  # "auto": Transformers' from_pretrained default, the checkpoint's dtype
@@ -17,6 +19,32 @@ def load_dtype(name: str):
     import torch
 
     return name if name == "auto" else getattr(torch, name)
+
+
+# What loading --model, --adapter or --router raises for files that are missing, unreadable or made for another
+# model: Transformers an OSError for a directory without weights, PEFT a RuntimeError ("size mismatch") for an
+# adapter of another model, gatedlora a ValueError. Each becomes one line, not a traceback.
+LOAD_ERRORS = (OSError, RuntimeError, ValueError)
+
+
+def _load_failed(parser: argparse.ArgumentParser, err: Exception, hint: str = "") -> NoReturn:
+    message = " ".join(str(err).split())  # PEFT's size mismatch spans lines, one per tensor
+    if "size mismatch" in message:
+        hint += " (an adapter trained on another model?)"
+    parser.error((message if len(message) <= 600 else message[:600] + " ...") + hint)
+
+
+def _check_writable(parser: argparse.ArgumentParser, flag: str, path: str, directory: bool = False) -> None:
+    """The place --flag's output goes (``path`` itself with ``directory``, else its parent, or the nearest existing
+    ancestor of either, where a save creates the rest) takes a new file: checked before the work."""
+    place = Path(path).resolve() if directory else Path(path).resolve().parent
+    while not place.exists():
+        place = place.parent
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as err:
+        parser.error(f"--{flag} {path}: cannot write in {place} ({err.strerror or err})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,6 +120,7 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--{flag} {path} is a directory: expected a file name")
         if Path(path).exists() and not args.overwrite:
             parser.error(f"--{flag} {path} exists; pass --overwrite to replace it")
+        _check_writable(parser, flag, path)
     if args.plot and not args.plot.endswith(".png"):
         parser.error(f"--plot {args.plot}: expected a .png file name")
     if args.plot:  # checked now, not after minutes of timing
@@ -157,15 +186,16 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             model_path=args.model, adapter_path=args.adapter, device=args.device,
             dtype=getattr(torch, args.dtype) if args.dtype else None, quick=args.quick, backends=args.backends,
             router_layer=args.router_layer, budget_s=args.budget, progress=progress, adapters=args.adapters)
-    except ValueError as err:  # the model or adapter refused at set-up (a scenario's failure is in the table)
-        parser.error(str(err))
+    except LOAD_ERRORS as err:  # the model or adapter refused at set-up (a scenario's failure is in the table)
+        _load_failed(parser, err)
     print(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    for flag, write in (("json", write_json), ("plot", plot)):
+        if getattr(args, flag):
+            try:
+                write(result, getattr(args, flag))
+            except OSError as err:  # the disk filled, or the directory changed since the check
+                parser.error(f"--{flag} {getattr(args, flag)}: {err}")
+            print(f"wrote {getattr(args, flag)}")
     failed = [s["name"] for s in result["scenarios"] if s["check"].startswith("FAILED")]
     if failed:
         print(f"error: gatedlora outputs did not match the base model / PEFT in {failed}", file=sys.stderr)
@@ -248,6 +278,7 @@ def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Nam
         existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (Path(args.out) / name).exists()]
         if existing and not args.overwrite:
             parser.error(f"--out {args.out} already holds {existing}; pass --overwrite to replace them")
+        _check_writable(parser, "out", args.out, directory=True)
     args.target_modules = [m.strip() for m in args.target_modules.split(",") if m.strip()]
     if not args.target_modules:
         parser.error("--target-modules: expected comma-separated module names")
@@ -345,9 +376,8 @@ def _run_train_router(parser: argparse.ArgumentParser, args: argparse.Namespace)
     tokenizer = _load_tokenizer(parser, args.model)
     try:
         model = _load_for_routing(args)
-    except ValueError as err:  # e.g. no module matches --target-modules
-        hint = " (choose some with --target-modules)" if "target_modules" in str(err) else ""
-        parser.error(f"{err}{hint}")
+    except LOAD_ERRORS as err:  # e.g. no module matches --target-modules
+        _load_failed(parser, err, " (choose some with --target-modules)" if "target_modules" in str(err) else "")
     try:
         result = train_router(model, args.prompts, args.labels, tokenizer, epochs=args.epochs, lr=args.lr,
                               batch_size=args.batch_size, heldout=args.heldout, seed=args.seed,
@@ -355,6 +385,8 @@ def _run_train_router(parser: argparse.ArgumentParser, args: argparse.Namespace)
                               overwrite=args.overwrite)
     except ValueError as err:  # e.g. a training that diverged at this --lr: nothing was saved
         parser.error(str(err))
+    except OSError as err:  # the save failed (the disk filled); a save that fails leaves what was there
+        parser.error(f"--out {args.out}: the router was trained but not saved: {err}")
     print(result.summary())
     if not args.out:
         print("router not saved: no --out was given", file=sys.stderr)
@@ -406,6 +438,7 @@ def _check_route_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
     if not Path(args.out).resolve().parent.is_dir():
         parser.error(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
+    _check_writable(parser, "out", args.out)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 1:
@@ -435,8 +468,8 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     try:
         model = RouteOnlyModel.from_pretrained(args.model, args.router, adapter_name=args.adapter_name,
                                                device=device, dtype=load_dtype(args.dtype))
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    except LOAD_ERRORS as err:
+        _load_failed(parser, err)
     probabilities, indices = route_prompts(model, [row["prompt"] for row in args.rows], tokenizer, args.batch_size,
                                            args.max_length, progress=not args.no_progress)
     routes = model.routes(indices)
@@ -456,6 +489,8 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     try:  # a run that fails part way leaves no half-written --out
         tmp.write_text(lines, encoding="utf-8")
         os.replace(tmp, out)
+    except OSError as err:  # the disk filled, or the directory changed since the check
+        parser.error(f"--out {args.out}: {err}")
     finally:
         tmp.unlink(missing_ok=True)
     counts = {name: routes.count(name) for name in model.route_names[1:]}

@@ -188,3 +188,60 @@ def test_train_router_and_route_load_the_model_in_one_dtype_by_default():
     for name in ("float32", "bfloat16", "float16"):
         assert parser.parse_args(["train-router", "--model", "m", "--data", "d", "--dtype", name]).dtype == name
         assert load_dtype(name) is getattr(torch, name)
+
+
+def test_models_and_adapters_that_do_not_load_are_one_line_errors(tmp_path, capsys):
+    """A --model directory with a config and no weights (Transformers' OSError) and an --adapter trained on a model
+    of another width (PEFT's RuntimeError, a line per tensor) gave tracebacks: now one line, exit 2."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import tiny_causal_lm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny_causal_lm(layers=3).save_pretrained(tmp_path / "model")
+    tiny_causal_lm(layers=3).config.save_pretrained(tmp_path / "no-weights")
+    width = tiny_causal_lm(layers=3).config.hidden_size
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=2 * width, intermediate_size=64,
+                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
+    get_peft_model(wider, LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1, 2])).save_pretrained(
+        tmp_path / "other-adapter")
+    capsys.readouterr()  # the progress bars of the saves
+    bench = ["bench", "--quick", "--budget", "0.01", "--no-progress"]
+    cases = [(bench + ["--model", str(tmp_path / "no-weights")], "no file named model.safetensors"),
+             (bench + ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "other-adapter")],
+              "size mismatch for base_model.model.model.layers.1.self_attn.q_proj.lora_A")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+        assert len(err.splitlines()) == 1
+    assert "(an adapter trained on another model?)" in err
+
+
+@pytest.mark.parametrize("command", ["bench", "train-router", "route"])
+def test_an_output_place_that_cannot_be_written_is_refused_before_any_work(command, tmp_path, monkeypatch, capsys):
+    """--json, --out: a directory the user cannot write into was found after the whole run (a PermissionError
+    traceback, the work lost). The check makes a temporary file there first; here that fails as it does without
+    write permission (the tests may run as root, which permissions do not stop)."""
+    import gatedlora.cli as cli
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", denied)
+    (tmp_path / "data.jsonl").write_text('{"prompt": "a", "label": 0}\n{"prompt": "b", "label": 1}\n')
+    (tmp_path / "router").mkdir()
+    (tmp_path / "router" / "gatedlora_config.json").write_text("{}")
+    argv, flag = {
+        "bench": (["bench", "--quick", "--json", str(tmp_path / "ro" / "r.json")], "--json"),
+        "train-router": (["train-router", "--model", str(tmp_path), "--data", str(tmp_path / "data.jsonl"),
+                          "--out", str(tmp_path / "ro" / "router")], "--out"),
+        "route": (["route", "--model", str(tmp_path), "--router", str(tmp_path / "router"), "--data",
+                   str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "ro" / "routes.jsonl")], "--out"),
+    }[command]
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"{flag} {argv[-1]}: cannot write in {tmp_path / 'ro'} (Permission denied)" in err
