@@ -31,6 +31,7 @@ from safetensors.torch import save as serialize_safetensors
 from torch import nn
 
 from .config import GatedLoraConfig
+from .routing import PrismMultiRouter, PrismRouter
 from .patching import (ROUTER_ATTRIBUTE, gated_layers, is_patched, patch_model, patch_state, peft_lora_layers,
                        unpatch_model)
 
@@ -359,6 +360,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         raise TypeError(f"load_pretrained: model must be an nn.Module, got {type(model).__name__}")
     if router is not None and not isinstance(router, nn.Module):
         raise TypeError(f"load_pretrained: router must be an nn.Module or None, got {type(router).__name__}")
+    if router is not None and is_patched(model) and router is not getattr(model, ROUTER_ATTRIBUTE, None).router:
+        # (it was ignored): the patched model's router is the one filled
+        raise ValueError("load_pretrained: router= builds the router of an unpatched model, but the model is "
+                         "patched and has its own; leave router= out, or unpatch_model(model) first")
     directory = Path(path)
     meta, loaded, weights_path = _read_save(directory)
 
@@ -386,9 +391,17 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         current, expected = patch_state(model).config.to_dict(), config.to_dict()
         differing = {k: (current[k], expected[k]) for k in ("gate", "router_layer", "threshold", "hard", "adapters")
                      if current[k] != expected[k]}
+        if config.gate == "sequence":  # a router of another class may hold the same parameters for another function
+            differing["router"] = (type(getattr(model, ROUTER_ATTRIBUTE).router).__name__, saved_router_class(saved))
+            if differing["router"][0] == differing["router"][1]:
+                del differing["router"]
+            elif patched_here:
+                raise ValueError(f"load_pretrained: the save's router is a {differing['router'][1]}, router= a "
+                                 f"{differing['router'][0]}: pass a module of the saved class")
         if differing:
             raise ValueError(f"load_pretrained: the model is patched with a different config (model vs saved): "
-                             f"{differing}; unpatch_model(model) first or load into an unpatched model")
+                             f"{differing}; unpatch_model(model) first or load into an unpatched model"
+                             f"{' (passing router=<module of the saved class>)' if 'router' in differing else ''}")
         targets = _saved_tensors(model)
         if router_only:
             targets = {k: v for k, v in targets.items() if k.startswith(ROUTER_ATTRIBUTE + ".")}
@@ -401,6 +414,11 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
             unpatch_model(model)
         raise
     return model
+
+
+def saved_router_class(config: dict) -> str:
+    """The class of router a saved config names: its own, or where it names none, the default patch_model builds."""
+    return config.get("router") or (PrismRouter if not config.get("adapters") else PrismMultiRouter).__name__
 
 
 def _router_only(meta: dict, loaded: dict[str, torch.Tensor]) -> bool:

@@ -24,7 +24,7 @@ from torch import nn
 from .block_capture import capture_and_stop, output_of_block
 from .call_state import RouteDecision
 from .config import GatedLoraConfig, check_router_layer
-from .io import DEFAULT_ROUTERS, read_saved
+from .io import DEFAULT_ROUTERS, read_saved, saved_router_class
 from .patching import ROUTER_ATTRIBUTE, find_blocks, text_config
 from .prompts import right_padded_batches, token_ids
 from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, prism_two_class_router
@@ -77,6 +77,10 @@ class RouteOnlyModel(nn.Module):
         if saved.get("gate") != "sequence":
             raise ValueError(f"RouteOnlyModel: {router_path} holds gate={saved.get('gate')!r} gates; "
                              "a route-only model needs a router (gate='sequence')")
+        if router is not None and type(router).__name__ != saved_router_class(saved):
+            # (a router of another class may hold the same parameters for another function)
+            raise ValueError(f"RouteOnlyModel: the router in {router_path} is a {saved_router_class(saved)}, "
+                             f"router= a {type(router).__name__}: pass a module of the saved class")
         default_router = router is None and saved.get("router") in DEFAULT_ROUTERS
         rebuilt = router is None
         router = router_from_state(saved.get("router"), tensors, router)

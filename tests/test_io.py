@@ -130,6 +130,42 @@ def test_loading_into_a_differently_patched_model_is_refused(tmp_path):
         load_pretrained(other, tmp_path)
 
 
+def test_a_router_of_another_class_with_the_same_parameters_is_refused(tmp_path):
+    """The router's class was not compared: a save made with a subclass of PrismRouter (the same parameters, another
+    function) loaded silently into a model patched with the default router, and router= was ignored on a patched
+    model. Routes then differed from the saved model's without a word."""
+    from gatedlora.routing import PrismRouter
+
+    class SharpRouter(PrismRouter):
+        def forward(self, hidden):
+            return torch.sigmoid(10 * torch.logit(super().forward(hidden).float().clamp(1e-6, 1 - 1e-6)))
+
+    def peft():
+        return tiny_peft_model("llama", layers_to_transform=[1, 2])
+
+    hidden = peft().config.hidden_size
+    model = patch_model(peft(), GatedLoraConfig(gate="sequence", router=SharpRouter(hidden)))
+    scramble_gates(model, 4)
+    save_pretrained(model, tmp_path)
+    default = patch_model(peft(), GatedLoraConfig(gate="sequence"))
+    with pytest.raises(ValueError, match=r"different config .*'router': \('PrismRouter', 'SharpRouter'\)"):
+        load_pretrained(default, tmp_path)
+    with pytest.raises(ValueError, match="router= builds the router of an unpatched model, but the model is patched"):
+        load_pretrained(default, tmp_path, router=SharpRouter(hidden))
+    unpatched = peft()
+    with pytest.raises(ValueError, match="the save's router is a SharpRouter, router= a PrismRouter"):
+        load_pretrained(unpatched, tmp_path, router=PrismRouter(hidden))
+    assert not is_patched(unpatched)
+    load_pretrained(unpatched, tmp_path, router=SharpRouter(hidden))
+    ids, mask = padded_batch([5, 8, 3], 8)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        unpatched(input_ids=ids, attention_mask=mask)
+    assert torch.equal(get_router(unpatched).last_probabilities, get_router(model).last_probabilities)
+    sharp = patch_model(peft(), GatedLoraConfig(gate="sequence", router=SharpRouter(hidden)))
+    load_pretrained(sharp, tmp_path)  # the model's own router, of the saved class
+
+
 def test_unpatch_after_load_restores_peft_state_dict(tmp_path):
     model = tiny_peft_model("llama")
     before = _snapshot(model)

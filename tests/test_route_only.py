@@ -149,6 +149,13 @@ def test_two_class_and_custom_routers(tmp_path):
         full(input_ids=ids, attention_mask=mask)
         assert torch.equal(route_only(ids, mask).probabilities, get_router(full).last_probabilities)
 
+    class Sharper(Custom):  # the same parameters, another function: it loaded silently
+        def forward(self, h):
+            return torch.sigmoid(10 * self.proj(h)).squeeze(-1)
+
+    with pytest.raises(ValueError, match=r"the router in .* is a Custom, router= a Sharper: pass a module of the"):
+        RouteOnlyModel.from_pretrained(model_dir, router_dir, router=Sharper())
+
 
 def test_a_model_whose_first_blocks_are_built_by_its_depth_is_refused(tmp_path):
     """GPT-NeoX-Japanese gives its last block a bias: cut to router_layer + 1 blocks, block router_layer would
