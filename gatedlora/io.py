@@ -284,6 +284,15 @@ def _read_meta(directory: Path) -> dict:
             if not isinstance(meta.get(field), kinds):
                 raise ValueError(f"{field!r} must be {' or '.join(JSON_NAMES[k] for k in kinds)}, got "
                                  f"{json.dumps(meta.get(field))[:80]}")
+        layers, adapters = meta.get("layers"), (meta.get("adapter") or {}).get("adapters")
+        inner = [("layers", layers, "a list of layer names",
+                  layers is None or all(isinstance(name, str) for name in layers)),
+                 ("adapter.adapters", adapters, "null or an object of one object per adapter",
+                  adapters is None or isinstance(adapters, dict)
+                  and all(isinstance(record, dict) for record in adapters.values()))]
+        for field, value, expected, valid in inner:
+            if not valid:
+                raise ValueError(f"{field!r} must be {expected}, got {json.dumps(value)[:80]}")
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"load_pretrained: {config_path} is corrupt or not a gatedlora config: {err}") from None
     # format 1 recorded how the saving machine ran (backend="cuda" fails at a CPU model's first forward)

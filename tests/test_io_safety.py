@@ -268,6 +268,8 @@ def test_a_flipped_byte_in_the_payload_is_refused(old_and_new):
     ("adapter", "x", "'adapter' must be an object or null, got \"x\""),
     ("config", None, "'config' must be an object, got null"),
     ("layers", {"a": 1}, "'layers' must be a list or null"),
+    ("layers", [["a"]], "'layers' must be a list of layer names, got [[\"a\"]]"),  # (TypeError: unhashable)
+    ("adapter", {"adapters": {"a": 5}}, "'adapter.adapters' must be null or an object of one object per adapter"),
 ])
 def test_a_config_with_fields_of_the_wrong_json_type_is_refused_by_name(old_and_new, field, value, message):
     """Valid JSON whose fields have other types raised TypeError/AttributeError from inside the loader, or
