@@ -200,7 +200,14 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool =
         raise ValueError(f"save_pretrained: {broken[:4]} hold NaN or infinite values, which load_pretrained "
                          "refuses: nothing was written")
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_pretrained: {directory} is a file; a save is a directory (it holds "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}): nothing was written")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a parent directory should be, no permission: say which directory
+        raise type(err)(err.errno, f"save_pretrained: cannot create the directory {directory}: {err.strerror}") \
+            from None
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     existing = [str(t) for t in (config_path, weights_path) if t.exists()]
     if existing and not overwrite:

@@ -358,6 +358,17 @@ def test_a_format_1_save_loads_with_the_backend_chosen_here(old_and_new):
     model(input_ids=torch.tensor([[1, 2, 3]]))  # the cuda backend raised here
 
 
+def test_a_save_into_a_file_says_so(tmp_path):
+    """A save into a path that is a file, or below one, raised a bare errno (FileExistsError: File exists)."""
+    model = saved_model(1)
+    (tmp_path / "file").write_text("the user's")
+    with pytest.raises(NotADirectoryError, match=r"save_pretrained: .*file is a file; a save is a directory"):
+        save_pretrained(model, tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match=r"save_pretrained: cannot create the directory .*file/save: Not a"):
+        save_pretrained(model, tmp_path / "file" / "save")
+    assert (tmp_path / "file").read_text() == "the user's"
+
+
 def test_a_peft_only_directory_gets_a_hint(tmp_path):
     model = tiny_peft_model("llama", layers=2)
     model.save_pretrained(tmp_path)
