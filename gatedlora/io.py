@@ -116,6 +116,21 @@ def _rank_and_alpha(layers: dict[str, tuple[int, float]]) -> dict:
     return record
 
 
+def model_type(model: nn.Module) -> str | None:
+    """The Transformers model type (``config.model_type``: "llama", "qwen2", ...) of a model, None where it has none."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    return kind if isinstance(kind, str) and kind else None
+
+
+def check_model_type(meta: dict, kind: str | None, source: Path, caller: str) -> None:
+    """Gates and a router are trained on one model's hidden states: a save made on a model of another type (a Llama
+    router onto a Qwen2 of the same width) is refused. Saves from before the type was recorded are not checked."""
+    saved = meta.get("model_type")
+    if saved is not None and kind is not None and saved != kind:
+        raise ValueError(f"{caller}: {source} was saved from a {saved!r} model, this is a {kind!r} model: gates and "
+                         "a router trained on one model's hidden states do not carry over to another")
+
+
 def _config_record(config: GatedLoraConfig, fresh: bool) -> dict:
     skipped = RUNTIME_FIELDS + (() if fresh else FRESH_ADAPTER_FIELDS)
     return {k: v for k, v in config.to_dict().items() if k not in skipped}
@@ -221,6 +236,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool =
         "fresh_adapter": state.fresh,
         "layers": sorted(name for name, _ in gated_layers(model)),
         "weights_sha256": sha256,
+        "model_type": model_type(model),
     }
     _finish_interrupted_save(directory)
     previous_config = config_path.read_bytes() if config_path.is_file() else None
@@ -266,7 +282,7 @@ def _roll_back_commit(directory: Path, config_path: Path, previous_config: bytes
 
 # The fields of gatedlora_config.json and the JSON types each may take (null: absent in older saves).
 META_FIELDS = {"config": (dict,), "adapter": (dict, type(None)), "fresh_adapter": (bool, type(None)),
-               "layers": (list, type(None)), "weights_sha256": (str, type(None))}
+               "layers": (list, type(None)), "weights_sha256": (str, type(None)), "model_type": (str, type(None))}
 JSON_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}
 
 
@@ -360,10 +376,10 @@ def _read_save(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
 
 
 def read_saved(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The saved config (the fields ``GatedLoraConfig.to_dict`` wrote) and tensors (checked, on the CPU) of a
-    gatedlora save."""
+    """The saved record (``"config"``: the fields ``GatedLoraConfig.to_dict`` wrote; ``"model_type"``: the saved
+    model's, or None) and tensors (checked, on the CPU) of a gatedlora save."""
     meta, tensors, _ = _read_save(Path(path))
-    return meta["config"], tensors
+    return meta, tensors
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module | None = None) -> nn.Module:
@@ -382,6 +398,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
                          "patched and has its own; leave router= out, or unpatch_model(model) first")
     directory = Path(path)
     meta, loaded, weights_path = _read_save(directory)
+    check_model_type(meta, model_type(model), directory, "load_pretrained")
 
     saved = dict(meta["config"])
     if "target_modules" not in saved and "layers" in meta:

@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 from .block_capture import capture_and_stop, output_of_block
 from .call_state import RouteDecision
 from .config import GatedLoraConfig, check_router_layer
-from .io import DEFAULT_ROUTERS, read_saved, saved_router_class
+from .io import DEFAULT_ROUTERS, check_model_type, read_saved, saved_router_class
 from .patching import ROUTER_ATTRIBUTE, find_blocks, text_config
 from .prompts import right_padded_batches, token_ids
 from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, prism_two_class_router
@@ -73,7 +74,8 @@ class RouteOnlyModel(nn.Module):
         in its own."""
         from transformers import AutoConfig, AutoModel
 
-        saved, tensors = read_saved(router_path)
+        meta, tensors = read_saved(router_path)
+        saved = meta["config"]
         if saved.get("gate") != "sequence":
             raise ValueError(f"RouteOnlyModel: {router_path} holds gate={saved.get('gate')!r} gates; "
                              "a route-only model needs a router (gate='sequence')")
@@ -87,6 +89,7 @@ class RouteOnlyModel(nn.Module):
         config = GatedLoraConfig.from_dict(saved, router=router)
         model_config = AutoConfig.from_pretrained(model_path)
         _check_decoder_only(model_config)
+        check_model_type(meta, getattr(model_config, "model_type", None) or None, Path(router_path), "RouteOnlyModel")
         hidden = getattr(text_config(model_config), "hidden_size", None)
         # (a router rebuilt from the save, gatedlora's own or the two-class one, reads through net.0)
         width = tensors[f"{ROUTER_PREFIX}net.0.weight"].shape[1] if rebuilt else None

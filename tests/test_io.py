@@ -166,6 +166,32 @@ def test_a_router_of_another_class_with_the_same_parameters_is_refused(tmp_path)
     load_pretrained(sharp, tmp_path)  # the model's own router, of the saved class
 
 
+def test_a_save_from_a_model_of_another_type_is_refused(tmp_path):
+    """A router trained on a Llama's hidden states loaded silently onto a Qwen2 of the same width (router-only
+    saves compare no layer names). The save records the model type; saves from before it load as before."""
+    from gatedlora.route_only import RouteOnlyModel
+
+    plain = tiny_causal_lm("llama")
+    patch_model(plain, GatedLoraConfig(gate="sequence", r=4, target_modules=["q_proj", "v_proj"]))
+    scramble_gates(plain)
+    save_pretrained(plain, tmp_path / "router")
+    path = tmp_path / "router" / "gatedlora_config.json"
+    assert json.loads(path.read_text())["model_type"] == "llama"
+    qwen2 = tiny_peft_model("qwen2", layers_to_transform=[1, 2])
+    assert qwen2.config.hidden_size == plain.config.hidden_size
+    with pytest.raises(ValueError, match=r"saved from a 'llama' model, this is a 'qwen2' model"):
+        load_pretrained(qwen2, tmp_path / "router")
+    assert not is_patched(qwen2)
+    tiny_causal_lm("qwen2").save_pretrained(tmp_path / "qwen2")
+    with pytest.raises(ValueError, match=r"RouteOnlyModel: .* saved from a 'llama' model, this is a 'qwen2' model"):
+        RouteOnlyModel.from_pretrained(tmp_path / "qwen2", tmp_path / "router")
+    load_pretrained(tiny_peft_model("llama", layers_to_transform=[1, 2]), tmp_path / "router")
+    meta = json.loads(path.read_text())
+    del meta["model_type"]  # as saves before it was recorded
+    path.write_text(json.dumps(meta))
+    load_pretrained(qwen2, tmp_path / "router")
+
+
 def test_unpatch_after_load_restores_peft_state_dict(tmp_path):
     model = tiny_peft_model("llama")
     before = _snapshot(model)
