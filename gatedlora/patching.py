@@ -164,14 +164,30 @@ def peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def _left_to_peft(layer: nn.Module, routed: list[str] | None) -> bool:
+    """Whether a PEFT LoRA layer is left as it is: it holds none of the ``routed`` adapters, and none of those it
+    holds is active, so PEFT runs it as its base layer (an embedding holding only an adapter that is not routed)."""
+    held = _held_adapters(layer)
+    return not held & set(routed or ()) and not held & set(layer.active_adapters)
+
+
+def _held_adapters(layer: nn.Module) -> set[str]:
+    """The adapters a PEFT LoRA layer holds (PEFT's Embedding keeps them in dicts of its own)."""
+    return set(layer.lora_A) | set(getattr(layer, "lora_embedding_A", {}))
+
+
 def _check_peft_layer(name: str, layer: nn.Module, routed: list[str] | None = None) -> str | list[str]:
     """The active adapter of a supported PEFT LoRA layer, or with ``routed`` (several adapters, one router) the
     ones of ``routed`` it holds, in that order; raises for anything else."""
     from peft.tuners.lora import Linear as LoraLinear
 
     if not isinstance(layer, LoraLinear):
+        held = _held_adapters(layer)
+        active = [a for a in layer.active_adapters if a in held] if routed and not held & set(routed) else []
+        hint = (f" (it holds none of the routed adapters, but PEFT would run its active adapter {active} there on "
+                "every sequence: model.set_adapter(<a routed adapter>) first)" if active else "")
         raise TypeError(f"gatedlora cannot patch {name} ({type(layer).__module__}.{type(layer).__name__}); "
-                        f"supported: {'; '.join(SUPPORTED)}")
+                        f"supported: {'; '.join(SUPPORTED)}{hint}")
     try:
         linear_features(layer.base_layer)
     except TypeError as err:
@@ -367,7 +383,7 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
                              "GatedLoraConfig(target_modules=[...]) to add fresh gated adapters")
         targets = _fresh_targets(model, config.target_modules)
     else:
-        targets = peft_layers
+        targets = [(name, layer) for name, layer in peft_layers if not _left_to_peft(layer, config.adapters)]
     if not targets:
         raise ValueError(f"nothing to patch in {type(model).__name__}: no module matches "
                          f"target_modules={config.target_modules!r}; {_linear_names_hint(model, fresh)}")

@@ -90,6 +90,17 @@ def test_unsupported_layers_get_a_clear_error():
     plain = tiny_causal_lm("llama")
     with pytest.raises(TypeError, match=r"cannot add an adapter to .*embed_tokens \(Embedding\); supported"):
         patch_model(plain, GatedLoraConfig(target_modules=["embed_tokens"]))
+    # a second adapter, not active, on a layer of a kind gatedlora does not patch: PEFT runs the base layer there,
+    # and so does the patched model (it was refused)
+    two = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    two.add_adapter("other", LoraConfig(r=4, target_modules=["embed_tokens", "v_proj"], init_lora_weights=False))
+    randomize_lora_b(two)
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        want = two(input_ids=ids).logits
+        patch_model(two)
+        assert torch.equal(two(input_ids=ids).logits, want)
+    assert type(two.base_model.model.model.embed_tokens).__name__ == "Embedding"
     dora = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(TypeError, match="DoRA"):
         patch_model(dora)

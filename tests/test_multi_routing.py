@@ -90,6 +90,31 @@ def test_mixed_routes_match_peft_mixed_batch():
     torch.testing.assert_close(logits, mixed, rtol=0, atol=1e-5)
 
 
+def test_a_layer_holding_only_an_unrouted_inactive_adapter_is_left_to_peft():
+    """An adapter that is not routed, with LoRA on embed_tokens (a layer kind gatedlora does not patch): the whole
+    model was refused, though PEFT runs that layer as its base layer. It is left to PEFT; the routes are PEFT's
+    adapters as before. Where the unrouted adapter is active there, PEFT would run it on every sequence: refused,
+    saying so."""
+    from peft import LoraConfig
+
+    model = peft_model()
+    model.add_adapter("extra", LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False))
+    model.set_adapter("extra")
+    config = GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS)
+    with pytest.raises(TypeError, match=r"embed_tokens .*holds none of the routed adapters, but PEFT would run its "
+                                        r"active adapter \['extra'\] there on every sequence"):
+        patch_model(model, config)
+    ids, mask = padded_batch([7, 4, 9, 5, 8, 6], 9, side="left", seed=5)
+    routes = [2, 0, 3, 1, 0, 3]
+    expected = peft_logits(model, ids, mask)
+    embedding = model.base_model.model.model.embed_tokens
+    router = route_splitting_router(model, [(ids, mask, routes)], ROUTER_LAYER, len(NAMES))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router))
+    assert model.base_model.model.model.embed_tokens is embedding
+    with torch.no_grad():
+        check_routes(model(input_ids=ids, attention_mask=mask).logits, torch.tensor(routes), expected)
+
+
 def test_one_route_for_every_sequence_runs_plain_lora_or_the_base_layer(monkeypatch):
     """The host sees (on the CPU) when every sequence takes one route: that adapter's plain LoRA, or the base
     layer alone, no multi-adapter op."""
