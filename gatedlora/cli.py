@@ -233,7 +233,9 @@ def _train_router_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="router training minibatch (default 64)")
     p.add_argument("--heldout", type=float, default=0.2, help="held-out fraction per label (default 0.2)")
     p.add_argument("--max-length", type=int, help="truncate prompts to this many tokens")
-    p.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the router's initial weights (and a fresh adapter's), the held-out split, the "
+                        "shuffle and dropout: one seed, one router (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=LOAD_DTYPES, default="auto",
                    help="dtype the model is loaded in (default auto: the checkpoint's, as from_pretrained and "
@@ -254,7 +256,8 @@ def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Nam
         if not Path(path).is_dir():
             parser.error(f"--adapter {path}: no such directory")
     if args.adapters is not None and args.router == "two-class":
-        parser.error("--router two-class has two classes; a router for several adapters is --router prism")
+        parser.error("--router two-class routes between the base model and one unnamed --adapter DIR; named adapters "
+                     "(--adapter NAME=DIR, one or several) are routed by --router prism")
     if not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -340,6 +343,7 @@ def _load_for_routing(args: argparse.Namespace):
     architectures = getattr(AutoConfig.from_pretrained(args.model), "architectures", None) or []
     loader = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in architectures) else AutoModel
     model = loader.from_pretrained(args.model, dtype=load_dtype(args.dtype)).to(device).eval()
+    torch.manual_seed(args.seed)  # the router's (and a fresh adapter's) initial weights, made below
     router = None
     if args.router == "two-class":
         router = prism_two_class_router(model.config.hidden_size).to(device)
@@ -470,8 +474,11 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
                                                device=device, dtype=load_dtype(args.dtype))
     except LOAD_ERRORS as err:
         _load_failed(parser, err)
-    probabilities, indices = route_prompts(model, [row["prompt"] for row in args.rows], tokenizer, args.batch_size,
-                                           args.max_length, progress=not args.no_progress)
+    try:
+        probabilities, indices = route_prompts(model, [row["prompt"] for row in args.rows], tokenizer,
+                                               args.batch_size, args.max_length, progress=not args.no_progress)
+    except ValueError as err:  # e.g. a prompt longer than the model takes
+        parser.error(str(err))
     routes = model.routes(indices)
 
     def finite(p: float) -> float | None:  # strict JSON has no NaN: a NaN (routed to the base model) is written null

@@ -12,6 +12,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 
+# Transformers' model_max_length for a tokenizer whose model has no known limit is int(1e30); real limits are far
+# below this
+MODEL_MAX_LENGTH_UNSET = 10 ** 9
+
+
 def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, caller: str) -> list[list[int]]:
     """Token ids per prompt: strings go through ``tokenizer`` (truncated to ``max_length``), token-id lists
     and 1-D integer tensors are taken as they are. ``caller`` names the function in error messages."""
@@ -19,6 +24,15 @@ def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, ca
         if tokenizer is None:
             raise ValueError(f"{caller}: prompts are strings, so a tokenizer is needed (tokenizer=...)")
         encoded = tokenizer(list(prompts), truncation=max_length is not None, max_length=max_length)["input_ids"]
+        limit = getattr(tokenizer, "model_max_length", None)
+        # (tokenizers of models without a fixed limit say 1e30 or so; one that has one fails in the forward, a
+        # tensor-size error that takes its whole batch down)
+        if max_length is None and isinstance(limit, int) and limit < MODEL_MAX_LENGTH_UNSET:
+            too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+            if too_long:
+                raise ValueError(f"{caller}: prompts {too_long[:8]} have more tokens ({len(encoded[too_long[0]])}"
+                                 f"{' ...' if len(too_long) > 1 else ''}) than the model takes ({limit}, the "
+                                 "tokenizer's model_max_length); pass max_length (--max-length) to truncate them")
     else:
         encoded = []
         for i, p in enumerate(prompts):

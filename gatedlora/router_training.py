@@ -10,11 +10,13 @@ adapters (``GatedLoraConfig.adapters``) i the adapter ``adapters[i - 1]``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,13 +158,19 @@ def _label_meaning(classes: int) -> str:
 
 
 def _check_labels(prompts: Sequence[Any], labels: Any, classes: int) -> torch.Tensor:
-    labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or len(labels) != len(prompts):
-        raise ValueError(f"train_router: labels must have one value per prompt ({len(prompts)}), "
-                         f"got shape {list(labels.shape)}")
-    if labels.is_floating_point() or labels.dtype == torch.bool or not bool(((labels >= 0) & (labels < classes)).all()):
-        bad = [i for i, v in enumerate(labels.tolist()) if v not in range(classes) or isinstance(v, float)][:8]
-        raise ValueError(f"train_router: labels must be integers {_label_meaning(classes)}; bad at {bad}")
+    """labels (a sequence, numpy array or tensor of n integers in [0, classes)) as a long tensor [n]."""
+    values = labels.tolist() if hasattr(labels, "tolist") else list(labels) if isinstance(labels, Sequence) else None
+    if not isinstance(values, list) or len(values) != len(prompts) or any(isinstance(v, list) for v in values):
+        got = f"shape {list(labels.shape)}" if hasattr(labels, "shape") else \
+            f"{len(values)} values" if isinstance(values, list) else type(labels).__name__
+        raise ValueError(f"train_router: labels must have one value per prompt ({len(prompts)}), got {got}")
+    # (each value looked at: a bool, a float 1.0 or a string among integers is named, not the whole list)
+    bad = [i for i, v in enumerate(values)
+           if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < classes]
+    if bad:
+        raise ValueError(f"train_router: labels must be integers {_label_meaning(classes)}; bad at {bad[:8]} "
+                         f"({', '.join(repr(values[i]) for i in bad[:3])}{' ...' if len(bad) > 3 else ''})")
+    labels = torch.tensor(values, dtype=torch.long)
     counts = [int((labels == c).sum()) for c in range(classes)]
     if min(counts) == 0:
         every = "both labels are" if classes == 2 else "every label is"
@@ -227,7 +235,7 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
     losses: list[float] = []
     router.train()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _seeded_global_generator(seed, param.device):
             for _ in range(epochs):
                 perm = train_idx[torch.randperm(len(train_idx), generator=generator).to(param.device)]
                 total = torch.zeros((), device=param.device)
@@ -285,6 +293,19 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
         save_pretrained(model, save_to, overwrite=overwrite)
         result.saved_to = str(save_to)
     return result
+
+
+@contextlib.contextmanager
+def _seeded_global_generator(seed: int, device: torch.device) -> Iterator[None]:
+    """The global generators of the CPU and of ``device`` seeded with ``seed`` inside, their state restored after:
+    what a router's own randomness draws from (dropout: PRISM's two-class router) repeats with ``seed``, and the
+    caller's random stream is as it was."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def read_router_data(path: str | Path, classes: int = 2) -> tuple[list[str], list[int]]:

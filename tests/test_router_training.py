@@ -126,12 +126,19 @@ def test_bad_calls_name_the_problem():
         train_router(model, [[1, 5], [1, 6]], [0, 1])
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=0))
     prompts = [[1, 5, 6], [1, 7], [1, 9, 9]]
-    with pytest.raises(ValueError, match=r"labels must have one value per prompt \(3\), got shape \[2\]"):
+    with pytest.raises(ValueError, match=r"labels must have one value per prompt \(3\), got 2 values"):
         train_router(model, prompts, [0, 1])
     with pytest.raises(ValueError, match=r"both labels are needed .* counts 0/1 = \[0, 3\]"):
         train_router(model, prompts, [1, 1, 1])
     with pytest.raises(ValueError, match=r"labels must be integers 0 \(base model\) or 1 \(adapter\); bad at \[1\]"):
         train_router(model, prompts, [0, 2, 1])
+    # each value named (bools were "bad at []", one float made every row bad, strings and None torch's errors)
+    for labels, where in (([True, False, True], r"\[0, 1, 2\] \(True, False, True\)"), ([0, 1, 1.0], r"\[2\] \(1.0\)"),
+                          ([0, "1", 1], r"\[1\] \('1'\)"), ([0, None, 1], r"\[1\] \(None\)")):
+        with pytest.raises(ValueError, match=rf"labels must be integers .*; bad at {where}"):
+            train_router(model, prompts, labels)
+    with pytest.raises(ValueError, match=r"labels must have one value per prompt \(3\), got shape \[3, 1\]"):
+        train_router(model, prompts, torch.zeros(3, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="a tokenizer is needed"):
         train_router(model, ["hello", "world"], [0, 1])
     with pytest.raises(ValueError, match=r"prompts \[1\] have no tokens"):
@@ -147,6 +154,40 @@ def test_bad_calls_name_the_problem():
     for lr in (0.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=f"lr must be a positive finite number, got {lr!r}"):
             train_router(model, prompts, [0, 1, 1], lr=lr)
+
+
+def test_a_router_with_dropout_trains_the_same_with_one_seed_whatever_the_global_random_state():
+    """seed made the split and the shuffle repeat, but PRISM's two-class router draws its dropout from the
+    global generator: two trainings with one seed differed. Training now seeds that generator inside and gives
+    the caller's random state back as it was."""
+    from gatedlora.routing import prism_two_class_router
+
+    prompts = [[1, 5 + i % 7, 9 + i % 5] for i in range(24)]
+    labels = [i % 3 == 0 for i in range(24)]
+    trained = []
+    for run in range(2):
+        model = tiny_peft_model(layers=3, layers_to_transform=[1, 2])
+        torch.manual_seed(0)
+        patch_model(model, GatedLoraConfig(gate="sequence", router=prism_two_class_router(40)))
+        torch.manual_seed(100 + run)
+        state = torch.get_rng_state()
+        result = train_router(model, prompts, [int(v) for v in labels], epochs=5, seed=7, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)
+        trained.append((get_router(model).router.state_dict(), result.losses))
+    assert trained[0][1] == trained[1][1]
+    assert all(torch.equal(trained[0][0][k], trained[1][0][k]) for k in trained[0][0])
+
+
+def test_a_prompt_longer_than_the_model_takes_is_named_before_any_forward(tokenizer):
+    """A prompt over the tokenizer's model_max_length (MiniLM's 512 positions) failed in the forward with a
+    tensor-size error that took its whole batch down, in train_router, route_prompts and both commands."""
+    from gatedlora.prompts import token_ids
+
+    prompts = ["a river", " ".join(["river"] * 600)]
+    with pytest.raises(ValueError, match=r"route_prompts: prompts \[1\] have more tokens \(602\) than the model "
+                                         r"takes \(512, the tokenizer's model_max_length\); pass max_length"):
+        token_ids(prompts, tokenizer, None, "route_prompts")
+    assert [len(ids) for ids in token_ids(prompts, tokenizer, 64, "route_prompts")] == [4, 64]
 
 
 @pytest.mark.parametrize("lr", [1e30, 1e38])  # the loss turns non-finite; AdamW's step overflows a float
@@ -239,6 +280,23 @@ def test_cli_trains_and_saves_a_router(tmp_path, capsys, minilm_path, tokenizer)
     with pytest.raises(SystemExit):  # an existing save is not overwritten without --overwrite
         main(["train-router", "--model", minilm_path, "--data", str(data), "--out", str(out)])
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("router", ["prism", "two-class"])
+def test_cli_trains_the_same_router_twice_with_one_seed(router, tmp_path, minilm_path):
+    """--seed seeded the split and the shuffle, not the router's initial weights (random at patch time) nor a
+    two-class router's dropout: two runs with one seed saved different routers."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": p, "label": y} for p, y in zip(*marker_task(24, 2))])
+    saved = []
+    for run in range(2):
+        torch.manual_seed(run)  # another global random state in each run, as in another process
+        out = tmp_path / f"router{run}"
+        assert main(["train-router", "--model", minilm_path, "--data", str(data), "--out", str(out), "--router",
+                     router, "--target-modules", "query,value", "--epochs", "3", "--seed", "5", "--no-progress"]) == 0
+        saved.append(load_file(out / "gatedlora_model.safetensors"))
+    assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
 
 
 def test_cli_lists_the_models_linear_names_when_target_modules_match_nothing(tmp_path, capsys, minilm_path):
