@@ -14,9 +14,13 @@ from .config import check_gate_options
 from .module_hooks import hooked
 from .ops import add_lora_, gated_lora, gated_lora_fused, warn_fused_fallback_once
 from .ops.args import check_loaded
-from .ops.gates import cpu_scalar, gate_is_open, token_gate_probabilities
+from .ops.gates import cpu_scalar, gate_is_open, open_rows, token_gate_probabilities
 from .ops.torch_backend import GATHER_MIN_ROWS
 from .routing import SequenceRouter, open_logit
+
+# Token gates on fewer rows than this are decided on the host, in the layer (_host_token_gate): below
+# GATHER_MIN_ROWS the op folds a given gate in without counting its open rows again
+HOST_GATE_ROWS = GATHER_MIN_ROWS
 
 
 def linear_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -196,11 +200,11 @@ class GatedLoRALinear(nn.Module):
                                or (self.straight_through and self.training))
         if forced == 0.0 or (forced is None and skip_closed):
             return self._base(x, args, kwargs)
-        one_row = None
-        if self.gate_mode == "token" and forced is None and x.is_cpu and x.numel() == x.shape[-1] \
-                and not torch.is_grad_enabled():
-            one_row = self._one_row_token_gate(x, hard)
-            if one_row is None:
+        host_gate = None
+        if self.gate_mode == "token" and forced is None and x.is_cpu and 0 < x.numel() < HOST_GATE_ROWS * x.shape[-1] \
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # (a host read breaks a graph)
+            host_gate = self._host_token_gate(x, hard)
+            if host_gate is None:
                 return self._base(x, args, kwargs)
         lora_x = self._lora_input(x)
         if decision is not None and (decision.open_span is not None or decision.scattered) \
@@ -210,7 +214,7 @@ class GatedLoRALinear(nn.Module):
             if x.numel() < GATHER_MIN_ROWS * x.shape[-1]:
                 return self._add_to_open_rows(x, lora_x, decision, args, kwargs)
         # the gate arguments may override hard (a forced gate is a soft one)
-        options = one_row if one_row is not None else \
+        options = host_gate if host_gate is not None else \
             {"threshold": self.threshold, "hard": hard, **self._gate_arguments(x, lora_x, forced, decision)}
         lora_a, lora_b = self._adapter_weights(x)
         if self.base_mode == "fused":
@@ -290,21 +294,42 @@ class GatedLoRALinear(nn.Module):
         result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
         return (result if inplace else result.clone()), lora_x
 
-    def _one_row_token_gate(self, x: torch.Tensor, hard: bool) -> dict[str, Any] | None:
-        """One row on the CPU without autograd: the token gate decided on the host (no device to sync with),
+    def _host_token_gate(self, x: torch.Tensor, hard: bool) -> dict[str, Any] | None:
+        """A few rows on the CPU without autograd: the token gates decided on the host (no device to sync with),
         from x itself (as the op would: LoRA dropout does not reach the gate), before the base layer and the
-        rest of the layer's work. Closed: None (the caller runs the base layer alone). Open: the op's options,
-        plain LoRA for hard gates and the probability as a given gate for soft ones.
+        rest of the layer's work. Every row closed: None (the caller runs the base layer alone). Else the op's
+        options: plain LoRA for hard gates all open, the decisions as a given gate for a mix (which the op
+        folds in without counting again, below GATHER_MIN_ROWS rows), the probabilities for soft gates.
 
         Why before the base layer: every op right after a large memory-bound GEMV costs about 13 us more than
         before it (one core, K=N=2048: x.sum() 13 us, the gate's ops 27 us against a 680 us GEMV); a closed
-        row costs 1.04-1.06x the base layer this way, 1.07-1.09x with the gate decided after it. With more rows
-        the op counts the open rows itself (measured: the same count here cost 4-7 us more at M=8)."""
+        row costs 1.04-1.06x the base layer this way, 1.07-1.09x with the gate decided after it. Why not in the
+        op: at M=8 the op's frames around the same count and matmuls cost more than the arithmetic (one core,
+        K=N=64 r=8, every gate open: 66 us a layer call through the op against PEFT's 50)."""
         threshold, parameters = self.threshold, self._parameters
-        p = token_gate_probabilities(x.reshape(1, -1), parameters["gate_weight"], parameters["gate_bias"])
-        if not gate_is_open(p, threshold, hard):
+        rows = x.reshape(-1, x.shape[-1])
+        p = token_gate_probabilities(rows, parameters["gate_weight"], parameters["gate_bias"])
+        if rows.shape[0] == 1:  # (one read of the value)
+            if not gate_is_open(p, threshold, hard):
+                return None
+            return {"threshold": threshold, "hard": True} if hard else \
+                {"threshold": threshold, "hard": False, "gate": p}
+        if hard:
+            # the common cases, every row open or every row closed, from the smallest and the largest
+            # probability: one reduction, where comparing and counting are two calls and a frame (host time at
+            # M=8, K=N=64 on one core: a layer call 44-49 us against 50-55). A NaN makes both NaN: then counted.
+            lowest, highest = torch.aminmax(p)
+            if gate_is_open(lowest, threshold, True):
+                return {"threshold": threshold, "hard": True}
+            if not gate_is_open(highest, threshold, True) and highest.item() == highest.item():
+                return None
+        is_open = open_rows(p, threshold, hard)
+        opened = is_open.count_nonzero().item()
+        if opened == 0:
             return None
-        return {"threshold": threshold, "hard": True} if hard else {"threshold": threshold, "hard": False, "gate": p}
+        if not hard:
+            return {"threshold": threshold, "hard": False, "gate": p}
+        return {"threshold": threshold, "hard": True, "gate": is_open}
 
     # Host time matters here (docs/design.md, "The hot path"): each nn.Module attribute lookup costs about
     # 0.4 us (Module.__getattr__), so the helpers below read the submodule and parameter dicts directly.

@@ -104,6 +104,73 @@ def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypa
             assert "gate" in calls[0] and "gate_weight" not in calls[0]
 
 
+@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
+def test_few_rows_token_gates_are_decided_before_the_base_layer_on_the_cpu(monkeypatch, hard):
+    """Below GATHER_MIN_ROWS rows (decode batches) the layer decides token gates on the host too, not in the op
+    (whose frames cost more than the arithmetic there): every row closed is the base layer alone, bitwise;
+    every row open hard is plain LoRA; a mix goes to the op as given decisions (hard) or probabilities (soft),
+    its closed rows bitwise the base output; a row whose gate is NaN is closed and keeps out of the others."""
+    import gatedlora.layers as layers
+
+    layer = fresh_layer().eval()
+    layer.hard = hard
+    calls = []
+    gated, plain = layers.gated_lora, layers.add_lora_
+    monkeypatch.setattr(layers, "gated_lora", lambda *a, **k: calls.append(sorted(k)) or gated(*a, **k))
+    monkeypatch.setattr(layers, "add_lora_", lambda *a, **k: calls.append(["plain"]) or plain(*a, **k))
+    x = torch.randn(2, 4, 24)
+    lora = (layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling)
+    for bias, expected in ((-200.0, []), (30.0, [["plain"]] if hard else None), (0.0, None)):
+        with torch.no_grad():
+            layer.gate_weight.normal_(std=0.01 if bias else 1.0)
+            layer.gate_bias.fill_(bias)
+            calls.clear()
+            y = layer(x)
+            base = layer.base_layer(x)
+        ref = gated_lora_reference(x, base, *lora, gate_weight=layer.gate_weight, gate_bias=layer.gate_bias, hard=hard)
+        assert (y.double() - ref).abs().max() < 1e-5
+        p = torch.sigmoid(x @ layer.gate_weight + layer.gate_bias)
+        closed = p < 0.5 if hard else p == 0
+        assert torch.equal(y[closed], base[closed])
+        if expected is not None:
+            assert calls == expected
+        else:  # the decisions or probabilities go to the op as a given gate, not the gate's weights
+            assert len(calls) == 1 and "gate" in calls[0] and "gate_weight" not in calls[0]
+            if hard:
+                assert 0 < int(closed.sum()) < 8
+    with torch.no_grad():  # a NaN gate (x holds inf and -inf: NaN logit) among open rows
+        layer.gate_weight.fill_(0.01)
+        layer.gate_bias.fill_(30.0)
+        x[0, 1, :2] = torch.tensor([float("inf"), float("-inf")])
+        y = layer(x)
+        base = layer.base_layer(x)
+    ref = gated_lora_reference(x, base, *lora, gate_weight=layer.gate_weight, gate_bias=layer.gate_bias, hard=hard)
+    others = torch.ones(2, 4, dtype=torch.bool)
+    others[0, 1] = False
+    assert (y[others].double() - ref[others]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_token_gates_compile_into_one_graph_at_decode_sizes(rows):
+    """torch.compile(fullgraph=True) of a token-gated model at decode sizes on the CPU: the host read of the gate
+    (a data-dependent branch) failed to trace; under compile the gate goes to the op, one graph node."""
+    from gatedlora import GatedLoraConfig, patch_model
+    from tiny_models import randomize_lora_b, tiny_peft_model
+
+    model = tiny_peft_model("llama")
+    randomize_lora_b(model)
+    patch_model(model, GatedLoraConfig(gate="token"))
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, GatedLoRALinear):
+                layer.gate_weight.normal_(std=0.5)
+        ids = torch.randint(3, 90, (rows, 1), generator=torch.Generator().manual_seed(rows))
+        eager = model(input_ids=ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids).logits
+    assert torch.equal(compiled, eager)
+
+
 def test_a_token_gate_at_the_threshold_decides_alike_alone_and_in_a_batch():
     """The layer's one-row token gate (read on the host) compares p with the threshold in fp32, as a batch does:
     a row whose p is float32(0.7) with threshold 0.7 (float32(0.7) < 0.7 in fp64) opens alone and in a batch."""
