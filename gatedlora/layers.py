@@ -202,7 +202,10 @@ class GatedLoRALinear(nn.Module):
             return self._base(x, args, kwargs)
         host_gate = None
         if self.gate_mode == "token" and forced is None and x.is_cpu and 0 < x.numel() < HOST_GATE_ROWS * x.shape[-1] \
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # (a host read breaks a graph)
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+                and not torch.is_autocast_enabled("cpu"):
+            # (not while compiling: a host read breaks the graph; not under autocast, where the op reads the gate
+            # from x in the base output's dtype, at every row count)
             host_gate = self._host_token_gate(x, hard)
             if host_gate is None:
                 return self._base(x, args, kwargs)

@@ -150,6 +150,19 @@ def test_few_rows_token_gates_are_decided_before_the_base_layer_on_the_cpu(monke
     assert (y[others].double() - ref[others]).abs().max() < 1e-5
 
 
+def test_token_gates_under_cpu_autocast_do_not_depend_on_the_row_count():
+    """Under autocast the op reads the gate from x in the base output's dtype (bf16); the host decision read it
+    from the fp32 x, so rows gave other outputs alone or in a decode batch than in a batch of 16 or more."""
+    layer = fresh_layer().eval()
+    layer.hard = False
+    x = torch.randn(18, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.gate_weight.normal_(std=1.0)
+        batch, decode, alone = layer(x), layer(x[:6]), layer(x[:1])
+    assert batch.dtype == torch.bfloat16
+    assert torch.equal(decode, batch[:6]) and torch.equal(alone, batch[:1])
+
+
 @pytest.mark.parametrize("rows", [1, 8])
 def test_token_gates_compile_into_one_graph_at_decode_sizes(rows):
     """torch.compile(fullgraph=True) of a token-gated model at decode sizes on the CPU: the host read of the gate
