@@ -12,9 +12,17 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 
-# Transformers' model_max_length for a tokenizer whose model has no known limit is int(1e30); real limits are far
-# below this
-MODEL_MAX_LENGTH_UNSET = 10 ** 9
+def explain_too_long(tokenizer: Any, ids: list[list[int]], rows: Sequence[int], caller: str) -> None:
+    """Called where a forward over the prompts ``rows`` (token ids ``ids``) failed: a ValueError naming those longer
+    than the tokenizer's ``model_max_length`` (position embeddings of a fixed size fail with a tensor-size error
+    that takes the whole batch down); nothing where none is, and the caller re-raises its own error. Not checked
+    before the forward: RoPE models run past the conservative limit many tokenizers declare."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    too_long = [row for row in rows if isinstance(limit, int) and len(ids[row]) > limit]
+    if too_long:
+        raise ValueError(f"{caller}: the forward failed on prompts {too_long[:8]}, longer ({len(ids[too_long[0]])}"
+                         f"{' ...' if len(too_long) > 1 else ''} tokens) than the {limit} the tokenizer says the "
+                         "model takes (model_max_length); pass max_length (--max-length) to truncate them")
 
 
 def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, caller: str) -> list[list[int]]:
@@ -24,15 +32,6 @@ def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, ca
         if tokenizer is None:
             raise ValueError(f"{caller}: prompts are strings, so a tokenizer is needed (tokenizer=...)")
         encoded = tokenizer(list(prompts), truncation=max_length is not None, max_length=max_length)["input_ids"]
-        limit = getattr(tokenizer, "model_max_length", None)
-        # (tokenizers of models without a fixed limit say 1e30 or so; one that has one fails in the forward, a
-        # tensor-size error that takes its whole batch down)
-        if max_length is None and isinstance(limit, int) and limit < MODEL_MAX_LENGTH_UNSET:
-            too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
-            if too_long:
-                raise ValueError(f"{caller}: prompts {too_long[:8]} have more tokens ({len(encoded[too_long[0]])}"
-                                 f"{' ...' if len(too_long) > 1 else ''}) than the model takes ({limit}, the "
-                                 "tokenizer's model_max_length); pass max_length (--max-length) to truncate them")
     else:
         encoded = []
         for i, p in enumerate(prompts):

@@ -27,7 +27,7 @@ from .call_state import RouteDecision
 from .config import GatedLoraConfig, check_router_layer
 from .io import DEFAULT_ROUTERS, check_model_type, read_saved, saved_router_class
 from .patching import ROUTER_ATTRIBUTE, find_blocks, text_config
-from .prompts import right_padded_batches, token_ids
+from .prompts import explain_too_long, right_padded_batches, token_ids
 from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, prism_two_class_router
 
 BASE_ROUTE = "base"  # the route name of prompts the base model answers
@@ -151,7 +151,11 @@ def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any 
     with torch.no_grad():
         for rows, input_ids, mask in tqdm(batches, total=math.ceil(len(ids) / batch_size), desc="routing",
                                           unit="batch", disable=not progress):
-            decision = model(input_ids.to(device), mask.to(device))
+            try:
+                decision = model(input_ids.to(device), mask.to(device))
+            except (RuntimeError, IndexError):
+                explain_too_long(tokenizer, ids, rows, "route_prompts")
+                raise
             probabilities[torch.tensor(rows)] = decision.probabilities.float().cpu()
             routes[torch.tensor(rows)] = decision.routes.cpu()
     return probabilities, routes

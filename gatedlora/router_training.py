@@ -25,7 +25,7 @@ from torch import nn
 from .block_capture import capture_and_stop, output_of_block
 from .io import save_pretrained
 from .patching import force_gate, get_router, patch_state
-from .prompts import prompt_problem, read_jsonl, right_padded_batches, token_ids
+from .prompts import explain_too_long, prompt_problem, read_jsonl, right_padded_batches, token_ids
 from .routing import (PrismRouter, TwoClassRouter, check_route_logits, last_real_positions, router_output,
                       routes_from_logits)
 
@@ -89,7 +89,11 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
                 inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
                 if decoder_start is not None:
                     inputs["decoder_input_ids"] = torch.full((len(rows), 1), decoder_start, device=device)
-                hidden = output_of_block(partial(model, **inputs))
+                try:
+                    hidden = output_of_block(partial(model, **inputs))
+                except (RuntimeError, IndexError):
+                    explain_too_long(tokenizer, ids, rows, "train_router")
+                    raise
                 if hidden is None:
                     raise RuntimeError(f"train_router: block {state.config.router_layer} did not run in the forward")
                 if decoder_start is None:
@@ -164,6 +168,7 @@ def _check_labels(prompts: Sequence[Any], labels: Any, classes: int) -> torch.Te
         got = f"shape {list(labels.shape)}" if hasattr(labels, "shape") else \
             f"{len(values)} values" if isinstance(values, list) else type(labels).__name__
         raise ValueError(f"train_router: labels must have one value per prompt ({len(prompts)}), got {got}")
+    values = [v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for v in values]  # (0-dim tensors)
     # (each value looked at: a bool, a float 1.0 or a string among integers is named, not the whole list)
     bad = [i for i, v in enumerate(values)
            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < classes]

@@ -139,6 +139,8 @@ def test_bad_calls_name_the_problem():
             train_router(model, prompts, labels)
     with pytest.raises(ValueError, match=r"labels must have one value per prompt \(3\), got shape \[3, 1\]"):
         train_router(model, prompts, torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"both labels are needed .* counts 0/1 = \[0, 3\]"):  # 0-dim tensors: read
+        train_router(model, prompts, list(torch.tensor([1, 1, 1])))
     with pytest.raises(ValueError, match="a tokenizer is needed"):
         train_router(model, ["hello", "world"], [0, 1])
     with pytest.raises(ValueError, match=r"prompts \[1\] have no tokens"):
@@ -178,16 +180,16 @@ def test_a_router_with_dropout_trains_the_same_with_one_seed_whatever_the_global
     assert all(torch.equal(trained[0][0][k], trained[1][0][k]) for k in trained[0][0])
 
 
-def test_a_prompt_longer_than_the_model_takes_is_named_before_any_forward(tokenizer):
-    """A prompt over the tokenizer's model_max_length (MiniLM's 512 positions) failed in the forward with a
-    tensor-size error that took its whole batch down, in train_router, route_prompts and both commands."""
-    from gatedlora.prompts import token_ids
-
+def test_a_prompt_longer_than_the_model_takes_is_named(minilm_path, tokenizer):
+    """A prompt over MiniLM's 512 positions failed in the forward with a tensor-size error that took its whole
+    batch down, in train_router, route_prompts and both commands: the error now names it and max_length. (Only
+    where the forward fails: RoPE models run past the limit many tokenizers declare.)"""
+    model = patched_minilm(minilm_path)
     prompts = ["a river", " ".join(["river"] * 600)]
-    with pytest.raises(ValueError, match=r"route_prompts: prompts \[1\] have more tokens \(602\) than the model "
-                                         r"takes \(512, the tokenizer's model_max_length\); pass max_length"):
-        token_ids(prompts, tokenizer, None, "route_prompts")
-    assert [len(ids) for ids in token_ids(prompts, tokenizer, 64, "route_prompts")] == [4, 64]
+    with pytest.raises(ValueError, match=r"train_router: the forward failed on prompts \[1\], longer \(602 tokens\) "
+                                         r"than the 512 the tokenizer says the model takes .*pass max_length"):
+        extract_router_features(model, prompts, tokenizer, progress=False)
+    assert extract_router_features(model, prompts, tokenizer, max_length=64, progress=False).shape == (2, 384)
 
 
 @pytest.mark.parametrize("lr", [1e30, 1e38])  # the loss turns non-finite; AdamW's step overflows a float
