@@ -186,8 +186,8 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             model_path=args.model, adapter_path=args.adapter, device=args.device,
             dtype=getattr(torch, args.dtype) if args.dtype else None, quick=args.quick, backends=args.backends,
             router_layer=args.router_layer, budget_s=args.budget, progress=progress, adapters=args.adapters)
-    except LOAD_ERRORS as err:  # the model or adapter refused at set-up (a scenario's failure is in the table)
-        _load_failed(parser, err)
+    except (OSError, ValueError) as err:  # the model or adapter refused at set-up (a scenario's failure is in the
+        _load_failed(parser, err)       # table; any other error is a defect, with its traceback)
     print(format_table(result))
     for flag, write in (("json", write_json), ("plot", plot)):
         if getattr(args, flag):

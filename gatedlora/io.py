@@ -392,8 +392,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         raise TypeError(f"load_pretrained: model must be an nn.Module, got {type(model).__name__}")
     if router is not None and not isinstance(router, nn.Module):
         raise TypeError(f"load_pretrained: router must be an nn.Module or None, got {type(router).__name__}")
-    if router is not None and is_patched(model) and router is not getattr(model, ROUTER_ATTRIBUTE, None).router:
-        # (it was ignored): the patched model's router is the one filled
+    route = getattr(model, ROUTER_ATTRIBUTE, None)
+    if router is not None and is_patched(model) and (route is None or router is not route.router):
+        # (it was ignored): the patched model's router is the one filled, and a token-gated model has none
         raise ValueError("load_pretrained: router= builds the router of an unpatched model, but the model is "
                          "patched and has its own; leave router= out, or unpatch_model(model) first")
     directory = Path(path)
@@ -424,6 +425,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         current, expected = patch_state(model).config.to_dict(), config.to_dict()
         differing = {k: (current[k], expected[k]) for k in ("gate", "router_layer", "threshold", "hard", "adapters")
                      if current[k] != expected[k]}
+        custom_router = False
         if config.gate == "sequence":  # a router of another class may hold the same parameters for another function
             differing["router"] = (type(getattr(model, ROUTER_ATTRIBUTE).router).__name__, saved_router_class(saved))
             if differing["router"][0] == differing["router"][1]:
@@ -431,10 +433,12 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
             elif patched_here:
                 raise ValueError(f"load_pretrained: the save's router is a {differing['router'][1]}, router= a "
                                  f"{differing['router'][0]}: pass a module of the saved class")
+            else:  # (a default router is one load_pretrained builds itself: no router= to pass)
+                custom_router = saved.get("router") not in DEFAULT_ROUTERS
         if differing:
             raise ValueError(f"load_pretrained: the model is patched with a different config (model vs saved): "
                              f"{differing}; unpatch_model(model) first or load into an unpatched model"
-                             f"{' (passing router=<module of the saved class>)' if 'router' in differing else ''}")
+                             f"{' (passing router=<module of the saved class>)' if custom_router else ''}")
         targets = _saved_tensors(model)
         if router_only:
             targets = {k: v for k, v in targets.items() if k.startswith(ROUTER_ATTRIBUTE + ".")}

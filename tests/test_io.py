@@ -152,6 +152,9 @@ def test_a_router_of_another_class_with_the_same_parameters_is_refused(tmp_path)
         load_pretrained(default, tmp_path)
     with pytest.raises(ValueError, match="router= builds the router of an unpatched model, but the model is patched"):
         load_pretrained(default, tmp_path, router=SharpRouter(hidden))
+    token_gated = patch_model(peft(), GatedLoraConfig(gate="token"))  # (no router at all: AttributeError before)
+    with pytest.raises(ValueError, match="router= builds the router of an unpatched model, but the model is patched"):
+        load_pretrained(token_gated, tmp_path, router=SharpRouter(hidden))
     unpatched = peft()
     with pytest.raises(ValueError, match="the save's router is a SharpRouter, router= a PrismRouter"):
         load_pretrained(unpatched, tmp_path, router=PrismRouter(hidden))

@@ -62,7 +62,10 @@ def add_prism_adapter(model: nn.Module, router_layer: int = 0, r: int = 16, lora
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_path is not None:
-        return PeftModel.from_pretrained(model, adapter_path, local_files_only=True).eval()
+        try:
+            return PeftModel.from_pretrained(model, adapter_path, local_files_only=True).eval()
+        except RuntimeError as err:  # PEFT's "size mismatch": an adapter trained on another model
+            raise ValueError(f"the adapter in {adapter_path} does not fit the model: {err}") from None
     layers = model.config.num_hidden_layers
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=PROJECTIONS,
                         layers_to_transform=list(range(router_layer + 1, layers)))
