@@ -71,11 +71,9 @@ def test_fused_base_mode_falls_back_to_exact_on_cpu_and_says_why_once():
     assert (got - want).abs().max() < 1e-5  # exact mode: the PEFT output
 
 
-@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
-def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypatch, hard):
-    """On the CPU without autograd the layer decides a token gate on the host before the base layer: a closed
-    row costs the base layer alone (no op call), an open one plain LoRA (hard) or LoRA scaled by the
-    probability (soft); each equals the reference."""
+def layer_recording_its_op_calls(monkeypatch, hard):
+    """A token-gated layer (hard or soft gates) and the list its op calls are recorded in: the keyword names of a
+    ``gated_lora`` call, ["plain"] for an ``add_lora_`` one."""
     import gatedlora.layers as layers
 
     layer = fresh_layer().eval()
@@ -84,6 +82,15 @@ def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypa
     gated, plain = layers.gated_lora, layers.add_lora_
     monkeypatch.setattr(layers, "gated_lora", lambda *a, **k: calls.append(sorted(k)) or gated(*a, **k))
     monkeypatch.setattr(layers, "add_lora_", lambda *a, **k: calls.append(["plain"]) or plain(*a, **k))
+    return layer, calls
+
+
+@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
+def test_one_row_token_gate_is_decided_before_the_base_layer_on_the_cpu(monkeypatch, hard):
+    """On the CPU without autograd the layer decides a token gate on the host before the base layer: a closed
+    row costs the base layer alone (no op call), an open one plain LoRA (hard) or LoRA scaled by the
+    probability (soft); each equals the reference."""
+    layer, calls = layer_recording_its_op_calls(monkeypatch, hard)
     x = torch.randn(1, 1, 24)
     for bias, expect_call in ((-200.0, False), (30.0, True), (0.3, True)):
         with torch.no_grad():
@@ -110,14 +117,7 @@ def test_few_rows_token_gates_are_decided_before_the_base_layer_on_the_cpu(monke
     (whose frames cost more than the arithmetic there): every row closed is the base layer alone, bitwise;
     every row open hard is plain LoRA; a mix goes to the op as given decisions (hard) or probabilities (soft),
     its closed rows bitwise the base output; a row whose gate is NaN is closed and keeps out of the others."""
-    import gatedlora.layers as layers
-
-    layer = fresh_layer().eval()
-    layer.hard = hard
-    calls = []
-    gated, plain = layers.gated_lora, layers.add_lora_
-    monkeypatch.setattr(layers, "gated_lora", lambda *a, **k: calls.append(sorted(k)) or gated(*a, **k))
-    monkeypatch.setattr(layers, "add_lora_", lambda *a, **k: calls.append(["plain"]) or plain(*a, **k))
+    layer, calls = layer_recording_its_op_calls(monkeypatch, hard)
     x = torch.randn(2, 4, 24)
     lora = (layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling)
     for bias, expected in ((-200.0, []), (30.0, [["plain"]] if hard else None), (0.0, None)):
