@@ -240,7 +240,8 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
     losses: list[float] = []
     router.train()
     try:
-        with torch.enable_grad(), _seeded_global_generator(seed, param.device):
+        with torch.enable_grad(), _seeded_global_generator(seed, param.device) if _has_dropout(router) \
+                else contextlib.nullcontext():
             for _ in range(epochs):
                 perm = train_idx[torch.randperm(len(train_idx), generator=generator).to(param.device)]
                 total = torch.zeros((), device=param.device)
@@ -300,11 +301,17 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
     return result
 
 
+def _has_dropout(router: nn.Module) -> bool:
+    """Whether training ``router`` draws from the global generator (dropout: PRISM's two-class router)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in router.modules())
+
+
 @contextlib.contextmanager
 def _seeded_global_generator(seed: int, device: torch.device) -> Iterator[None]:
     """The global generators of the CPU and of ``device`` seeded with ``seed`` inside, their state restored after:
-    what a router's own randomness draws from (dropout: PRISM's two-class router) repeats with ``seed``, and the
-    caller's random stream is as it was."""
+    what a router's dropout draws repeats with ``seed``, and the caller's random stream is as it was. Only for
+    routers that draw (``_has_dropout``): the global generator is the process's, and another thread drawing from it
+    meanwhile would see it reseeded, then set back."""
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(seed)

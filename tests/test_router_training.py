@@ -180,6 +180,20 @@ def test_a_router_with_dropout_trains_the_same_with_one_seed_whatever_the_global
     assert all(torch.equal(trained[0][0][k], trained[1][0][k]) for k in trained[0][0])
 
 
+def test_a_router_without_dropout_trains_without_touching_the_global_generator():
+    """Seeding the global generator serves routers that draw from it (dropout); another thread drawing from it
+    meanwhile would see it reseeded, then set back. A router that draws nothing leaves it alone: a draw during its
+    training continues the caller's stream."""
+    model = patch_model(tiny_peft_model(layers=3, layers_to_transform=[1, 2]), GatedLoraConfig(gate="sequence"))
+    draws = []
+    get_router(model).router.net[0].register_forward_hook(lambda *args: draws.append(torch.rand(1)))
+    torch.manual_seed(123)
+    train_router(model, [[1, 5, 6], [1, 7], [1, 9, 9], [1, 4]], [0, 1, 1, 0], epochs=3, heldout=0, seed=7,
+                 progress=False)
+    torch.manual_seed(123)
+    assert len(draws) >= 3 and torch.equal(torch.cat(draws), torch.rand(len(draws)))
+
+
 def test_a_prompt_longer_than_the_model_takes_is_named(minilm_path, tokenizer):
     """A prompt over MiniLM's 512 positions failed in the forward with a tensor-size error that took its whole
     batch down, in train_router, route_prompts and both commands: the error now names it and max_length. (Only
