@@ -116,16 +116,18 @@ def _rank_and_alpha(layers: dict[str, tuple[int, float]]) -> dict:
     return record
 
 
-def model_type(model: nn.Module) -> str | None:
-    """The Transformers model type (``config.model_type``: "llama", "qwen2", ...) of a model, None where it has none."""
-    kind = getattr(getattr(model, "config", None), "model_type", None)
+def model_type(config) -> str | None:
+    """The model type a Transformers config names (``config.model_type``: "llama", "qwen2", ...), None for no config
+    or none named."""
+    kind = getattr(config, "model_type", None)
     return kind if isinstance(kind, str) and kind else None
 
 
-def check_model_type(meta: dict, kind: str | None, source: Path, caller: str) -> None:
+def check_model_type(meta: dict, config, source: Path, caller: str) -> None:
     """Gates and a router are trained on one model's hidden states: a save made on a model of another type (a Llama
-    router onto a Qwen2 of the same width) is refused. Saves from before the type was recorded are not checked."""
-    saved = meta.get("model_type")
+    router onto a Qwen2 of the same width; ``config``: the loading model's Transformers config) is refused. Saves
+    from before the type was recorded are not checked."""
+    saved, kind = meta.get("model_type"), model_type(config)
     if saved is not None and kind is not None and saved != kind:
         raise ValueError(f"{caller}: {source} was saved from a {saved!r} model, this is a {kind!r} model: gates and "
                          "a router trained on one model's hidden states do not carry over to another")
@@ -236,7 +238,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool =
         "fresh_adapter": state.fresh,
         "layers": sorted(name for name, _ in gated_layers(model)),
         "weights_sha256": sha256,
-        "model_type": model_type(model),
+        "model_type": model_type(getattr(model, "config", None)),
     }
     _finish_interrupted_save(directory)
     previous_config = config_path.read_bytes() if config_path.is_file() else None
@@ -399,7 +401,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
                          "patched and has its own; leave router= out, or unpatch_model(model) first")
     directory = Path(path)
     meta, loaded, weights_path = _read_save(directory)
-    check_model_type(meta, model_type(model), directory, "load_pretrained")
+    check_model_type(meta, getattr(model, "config", None), directory, "load_pretrained")
 
     saved = dict(meta["config"])
     if "target_modules" not in saved and "layers" in meta:

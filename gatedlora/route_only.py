@@ -89,7 +89,7 @@ class RouteOnlyModel(nn.Module):
         config = GatedLoraConfig.from_dict(saved, router=router)
         model_config = AutoConfig.from_pretrained(model_path)
         _check_decoder_only(model_config)
-        check_model_type(meta, getattr(model_config, "model_type", None) or None, Path(router_path), "RouteOnlyModel")
+        check_model_type(meta, model_config, Path(router_path), "RouteOnlyModel")
         hidden = getattr(text_config(model_config), "hidden_size", None)
         # (a router rebuilt from the save, gatedlora's own or the two-class one, reads through net.0)
         width = tensors[f"{ROUTER_PREFIX}net.0.weight"].shape[1] if rebuilt else None
@@ -233,7 +233,7 @@ def router_from_state(class_name: str | None, tensors: dict[str, torch.Tensor], 
     if not state:
         raise ValueError(f"the gatedlora save holds no router tensors ({ROUTER_PREFIX}*)")
     if router is None:
-        if class_name in (None, "PrismRouter", "PrismMultiRouter"):
+        if class_name in DEFAULT_ROUTERS:
             hidden = state["net.0.weight"].shape[1]
             sizes = tuple(state[f"net.{i}.weight"].shape[0] for i in range(0, len(state), 2))
             # (a default router is saved as None: one output is PrismRouter's, one per route PrismMultiRouter's)
