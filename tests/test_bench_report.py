@@ -100,3 +100,37 @@ def test_the_check_records_how_far_each_output_is_from_peft():
     assert problems[1].startswith("b: open sequences differ from PEFT by 0.5") and len(problems) == 2
     assert differences_text({"differences": differences}).startswith("largest difference from PEFT (logits): "
                                                                       "gatedlora a 0.004")
+
+
+def test_the_check_reads_closed_sequences_against_every_run_of_the_base_model():
+    """compare_outputs with base_runs: a closed sequence equal to any run of the base model is bitwise its output;
+    where the runs differ among themselves, one that matches none passes within the tolerance and the verdict says
+    it was not bitwise; where the runs agree, it fails as before."""
+    import torch
+
+    from gatedlora.benchmarking.scenarios import compare_outputs
+
+    base, peft = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
+    open_mask = torch.tensor([True, False, True])
+    other_run = base.clone()
+    other_run[1, 1, 2] += 0.0625  # the base model's own run-to-run difference on a closed sequence
+    matches_other_run = peft.clone()
+    matches_other_run[1] = other_run[1]
+    assert compare_outputs({"base": base, "peft": peft, "gatedlora a": matches_other_run}, open_mask, 0.1,
+                           [other_run, base.clone()])[0] == "ok"
+
+    near = peft.clone()
+    near[1] = base[1]
+    near[1, 0, 0] += 0.03
+    verdict, _ = compare_outputs({"base": base, "peft": peft, "gatedlora a": near}, open_mask, 0.1,
+                                 [other_run, base.clone()])
+    assert verdict == ("ok, not bitwise: the base model's 3 runs differ by up to 0.0625 on the closed sequences; "
+                       "a within 0.1 of the first")
+    assert compare_outputs({"base": base, "peft": peft, "gatedlora a": near}, open_mask, 0.01,
+                           [other_run])[0] == "FAILED: a: closed sequences differ from the base model"
+    assert compare_outputs({"base": base, "peft": peft, "gatedlora a": near}, open_mask, 0.1,
+                           [base.clone(), base.clone()])[0] == ("FAILED: a: closed sequences differ from the base "
+                                                                "model (its 3 runs agreed)")
+    table = format_table(result(scenario("decode b=8 t=512 open 1/3", verdict, 1.0, 1.2))).splitlines()
+    assert "ok, not bitwise" in table[3]
+    assert f"check in 'decode b=8 t=512 open 1/3': {verdict}" in table and not any("FAILED" in t for t in table)

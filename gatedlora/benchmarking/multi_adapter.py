@@ -22,7 +22,7 @@ from ..config import GatedLoraConfig
 from ..patching import patch_model
 from ..routing import PrismMultiRouter
 from .models import PROJECTIONS, weight_sharing_copy
-from .scenarios import compare_outputs, decode_stepper, gated_forwards
+from .scenarios import BASE_RUNS, compare_outputs, decode_stepper, gated_forwards
 
 BASE_FRACTION = 0.25
 
@@ -223,15 +223,16 @@ def check_multi_outputs(providers: dict[str, Callable[[], object]], routes: torc
                         ) -> tuple[str, dict]:
     """(verdict, differences) as ``scenarios.compare_outputs`` gives them: gatedlora's sequences on the base model
     bitwise the base model's, the others within ``tolerance`` of PEFT's mixed batch (the logits one call of each
-    provider returns). ``peft per group``'s difference from the mixed batch, two correct PEFT plans, is the
-    spread the tolerance is read against."""
+    provider returns; the base model's, ``BASE_RUNS`` calls). ``peft per group``'s difference from the mixed
+    batch, two correct PEFT plans, is the spread the tolerance is read against."""
     with torch.inference_mode():
         outputs = {name: _logits(fn()) for name, fn in providers.items()
                    if name in ("base", "peft mixed") or name.startswith("gatedlora")}
         if "peft per group" in providers:
             outputs["peft per group"] = _in_batch_order(providers["peft per group"](), routes)
+        base_runs = [_logits(providers["base"]()) for _ in range(BASE_RUNS - 1)]
     outputs["peft"] = outputs.pop("peft mixed")
-    return compare_outputs(outputs, routes != 0, tolerance)
+    return compare_outputs(outputs, routes != 0, tolerance, base_runs)
 
 
 def _in_batch_order(parts: list, routes: torch.Tensor) -> torch.Tensor:

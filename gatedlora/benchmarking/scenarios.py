@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,12 @@ from ..patching import patch_model
 from ..routing import PrismRouter
 from .cuda_graphs import step_tokens
 from .models import weight_sharing_copy
+from .report import NOT_BITWISE
+
+# Runs of the base model a check compares closed sequences with (``compare_outputs``): on an H200 (torch 2.11) the
+# base model's decode step at batch 8 over 512 tokens was not reproducible run to run, so one run could not tell
+# gatedlora's base sequences from the base model's; three runs cost a few steps of each scenario.
+BASE_RUNS = 3
 
 
 class PatternRouter(nn.Module):
@@ -225,7 +231,8 @@ def check_gatedlora_outputs(setup: BenchSetup, ids, mask, open_mask, tolerance: 
     with torch.inference_mode():
         outputs = {"base": setup.base(**args).logits, "peft": setup.peft(**args).logits}
         outputs.update({f"gatedlora {backend}": model(**args).logits for backend, model in setup.gated.items()})
-    return compare_outputs(outputs, open_mask, tolerance)
+        base_runs = [setup.base(**args).logits for _ in range(BASE_RUNS - 1)]
+    return compare_outputs(outputs, open_mask, tolerance, base_runs)
 
 
 def check_decode_outputs(providers: dict[str, Callable[[], torch.Tensor]], open_mask, tolerance: float
@@ -234,7 +241,8 @@ def check_decode_outputs(providers: dict[str, Callable[[], torch.Tensor]], open_
     with torch.inference_mode():
         outputs = {name: fn().clone() for name, fn in providers.items()
                    if name in ("base", "peft") or name.startswith("gatedlora")}
-    return compare_outputs(outputs, open_mask, tolerance)
+        base_runs = [providers["base"]().clone() for _ in range(BASE_RUNS - 1)]
+    return compare_outputs(outputs, open_mask, tolerance, base_runs)
 
 
 def largest_difference(logits: torch.Tensor, reference: torch.Tensor, rows) -> float:
@@ -242,16 +250,24 @@ def largest_difference(logits: torch.Tensor, reference: torch.Tensor, rows) -> f
     return (logits[rows].float() - reference[rows].float()).abs().max().item() if rows.any() else 0.0
 
 
-def compare_outputs(outputs: dict[str, torch.Tensor], open_mask, tolerance: float) -> tuple[str, dict]:
+def compare_outputs(outputs: dict[str, torch.Tensor], open_mask, tolerance: float,
+                    base_runs: Sequence[torch.Tensor] = ()) -> tuple[str, dict]:
     """(verdict, differences). The verdict is "ok", or what differs: gatedlora's closed sequences must equal
     ``outputs["base"]`` bit for bit (fused mode: within ``tolerance``, its base matmul sums in another order), its
     open ones ``outputs["peft"]`` within ``tolerance`` (logits [B, T, V]). ``differences`` maps every output
     but the two references to its largest difference from PEFT on the open sequences, so that a report says by
     how much a check passed or failed; other PEFT plans among the outputs (``peft per group``) give the spread
-    between two correct answers, against which the tolerance can be read."""
+    between two correct answers, against which the tolerance can be read.
+
+    ``base_runs``: more runs of the base model on the same input. A closed sequence equal bit for bit to any run
+    is the base model's. Where the runs differ among themselves (some kernel of the base model is not
+    reproducible run to run: an H200 replaying one captured decode step twice gave logits 0.078 apart), closed
+    sequences that match none are checked within ``tolerance`` of the first run instead, and the verdict begins
+    "ok, not bitwise" and says by how much the base model differed from itself."""
     base, peft = outputs["base"], outputs["peft"]
     closed = ~open_mask.to(base.device)
-    problems, differences = [], {}
+    spread = max((largest_difference(run, base, closed) for run in base_runs), default=0.0)
+    problems, unsure, differences = [], [], {}
     for name, logits in outputs.items():
         if name in ("base", "peft"):
             continue
@@ -263,8 +279,18 @@ def compare_outputs(outputs: dict[str, torch.Tensor], open_mask, tolerance: floa
             err = largest_difference(logits, base, closed)
             if not err <= tolerance:
                 problems.append(f"{variant}: closed sequences differ from the base model by {err:.3g}")
-        elif not torch.equal(logits[closed], base[closed]):
-            problems.append(f"{variant}: closed sequences differ from the base model")
+        elif not any(torch.equal(logits[closed], run[closed]) for run in (base, *base_runs)):
+            err = largest_difference(logits, base, closed)
+            if spread != 0.0 and err <= tolerance:
+                unsure.append(variant)
+            else:
+                runs = f" (its {len(base_runs) + 1} runs agreed)" if spread == 0.0 and base_runs else ""
+                problems.append(f"{variant}: closed sequences differ from the base model{runs}")
         if not differences[name] <= tolerance:
             problems.append(f"{variant}: open sequences differ from PEFT by {differences[name]:.3g}")
-    return ("ok" if not problems else "FAILED: " + "; ".join(problems)), differences
+    if problems:
+        return "FAILED: " + "; ".join(problems), differences
+    if unsure:
+        return (f"{NOT_BITWISE}: the base model's {len(base_runs) + 1} runs differ by up to {spread:.3g} on the "
+                f"closed sequences; {', '.join(unsure)} within {tolerance:g} of the first"), differences
+    return "ok", differences
