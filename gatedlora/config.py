@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
 from torch import nn
+
+from .ops.args import is_real
 
 GATE_MODES = ("sequence", "token", "none")
 TRAIN_GATES = (None, "soft", "hard")
@@ -23,11 +26,11 @@ def check_router_layer(router_layer: int, blocks: int) -> None:
 
 
 def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def _fraction(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+    return is_real(value) and 0 < value < 1
 
 
 def check_gate_options(owner: str, gate: Any, threshold: Any, hard: Any, straight_through: Any, backend: Any,
@@ -103,10 +106,12 @@ class GatedLoraConfig:
 
         check_gate_options("GatedLoraConfig", self.gate, self.threshold, self.hard, self.straight_through, self.backend,
                            self.base_mode)
+        self.threshold = float(self.threshold)  # (a NumPy scalar, say: saved as JSON, compared on the host)
         if self.train_gate not in TRAIN_GATES:
             raise bad("train_gate", f"one of {TRAIN_GATES}")
         if not _whole(self.router_layer):
             raise bad("router_layer", "an int >= 0")
+        self.router_layer = int(self.router_layer)
         if self.router is not None and not isinstance(self.router, nn.Module):
             raise bad("router", "an nn.Module mapping [B, H] hidden states to [B] probabilities, or None")
         if self.router is not None and self.gate != "sequence":
@@ -125,13 +130,15 @@ class GatedLoraConfig:
                 raise bad("target_modules", "a non-empty list of module names, a regex string, or None")
             if not isinstance(self.target_modules, str):
                 self.target_modules = list(self.target_modules)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if not _whole(self.r) or self.r < 1:
             raise bad("r", "an int >= 1")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or not math.isfinite(self.lora_alpha):
+        if not is_real(self.lora_alpha) or not math.isfinite(self.lora_alpha):
             raise bad("lora_alpha", "a finite number")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+        if not is_real(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", "a number in [0, 1)")
+        self.r, self.lora_dropout = int(self.r), float(self.lora_dropout)
+        alpha = self.lora_alpha
+        self.lora_alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
 
     def _check_adapters(self) -> None:
         names = self.adapters

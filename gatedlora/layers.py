@@ -76,7 +76,7 @@ class GatedLoRALinear(nn.Module):
         self.adapter_name = adapter_name
         self.scaling = float(scaling)
         self.gate_mode = gate
-        self.threshold = threshold
+        self.threshold = float(threshold)
         self.hard = hard
         self.train_hard = train_hard  # gates in training mode; None: as in eval (``hard``)
         self.straight_through = straight_through

@@ -15,6 +15,8 @@ def test_defaults_keep_the_drop_in_promise():
     ("gate", "layer", r"gate must be one of \('sequence', 'token', 'none'\), got 'layer'"),
     ("threshold", 1.0, r"threshold must be a number in \(0, 1\), got 1.0"),
     ("threshold", True, r"threshold must be a number in \(0, 1\), got True"),
+    ("threshold", float("nan"), r"threshold must be a number in \(0, 1\), got nan"),
+    ("router_layer", 1.0, r"router_layer must be an int >= 0, got 1.0"),
     ("hard", 1, r"hard must be a bool, got 1"),
     ("router_layer", -1, r"router_layer must be an int >= 0, got -1"),
     ("r", 0, r"r must be an int >= 1, got 0"),
@@ -31,6 +33,22 @@ def test_bad_fields_are_named(field, value, message):
         kwargs["gate"] = "sequence"
     with pytest.raises(ValueError, match=message):
         GatedLoraConfig(**kwargs)
+
+
+def test_numpy_scalars_are_numbers_and_are_kept_as_python_ones():
+    """A threshold swept with numpy.linspace, or sizes read through NumPy: taken, and kept as Python numbers (the
+    config is saved as JSON, which has no NumPy types)."""
+    import json
+
+    import numpy as np
+
+    cfg = GatedLoraConfig(gate="sequence", threshold=np.float32(0.25), router_layer=np.int64(1), r=np.int32(4),
+                          lora_alpha=np.int64(8), lora_dropout=np.float64(0.1))
+    assert [(type(v), v) for v in (cfg.threshold, cfg.router_layer, cfg.r, cfg.lora_alpha, cfg.lora_dropout)] == [
+        (float, 0.25), (int, 1), (int, 4), (int, 8), (float, 0.1)]
+    assert json.loads(json.dumps(cfg.to_dict()))["threshold"] == 0.25
+    with pytest.raises(ValueError, match=r"r must be an int >= 1, got np.float32\(4.0\)"):
+        GatedLoraConfig(r=np.float32(4))
 
 
 def test_router_needs_sequence_gates_and_dict_round_trip():

@@ -583,6 +583,18 @@ def test_bad_input_is_named(change, message):
         gatedlora.gated_lora_multi(**case)
 
 
+def test_numpy_scalings_are_numbers():
+    """A NumPy scalar, or a list of them, as scaling gives what Python floats give."""
+    import numpy as np
+
+    case = make_case(seed_of("numpy", 9), 9, 8, 6, (2, 3), torch.float32, "25% base")
+    numpy_case = {**case, "scaling": [np.float32(s) for s in case["scaling"]]}
+    assert torch.equal(bits(gatedlora.gated_lora_multi(**numpy_case)), bits(
+        gatedlora.gated_lora_multi(**{**case, "scaling": [float(np.float32(s)) for s in case["scaling"]]})))
+    one = gatedlora.gated_lora_multi(**{**case, "scaling": np.float64(0.5)})
+    assert torch.equal(bits(one), bits(gatedlora.gated_lora_multi(**{**case, "scaling": 0.5})))
+
+
 @pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                               (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32"])
 @pytest.mark.parametrize("m", [1, 8, 32, 40])

@@ -335,6 +335,20 @@ def test_bad_input_is_named(change, message):
         gated_lora(args["x"], args["base"], args["a"], args["b"], args["scaling"], **extra)
 
 
+def test_numpy_scalars_are_numbers():
+    """scaling and threshold as NumPy scalars (a threshold swept with numpy.linspace) give what Python floats give;
+    a NumPy bool is not a number."""
+    import numpy as np
+
+    x, base, a, b = torch.randn(5, 8), torch.randn(5, 6), torch.randn(4, 8), torch.randn(6, 4)
+    gate = torch.tensor([0.1, 0.3, 0.31, 0.7, 0.9])
+    for scaling, threshold in ((np.float32(0.75), np.float64(0.3)), (np.int64(2), np.float32(0.5))):
+        want = gated_lora(x, base, a, b, float(scaling), gate=gate, threshold=float(threshold))
+        assert torch.equal(bits(gated_lora(x, base, a, b, scaling, gate=gate, threshold=threshold)), bits(want))
+    with pytest.raises(ValueError, match=r"threshold must be a float in \(0, 1\), got np.True_"):
+        gated_lora(x, base, a, b, 1.0, gate=gate, threshold=np.bool_(True))
+
+
 @pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                               (torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
                          ids=["fp32", "bf16", "fp64", "bf16-fp32"])

@@ -8,6 +8,7 @@ kinds), shapes read once. Errors name the argument, what was expected and what c
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -131,6 +132,13 @@ def check_x_and_base_out(x, base_out, inplace, op: str) -> None:
                          "pass inplace=False or base_out.contiguous()")
 
 
+def is_real(value) -> bool:
+    """An int or a float, or a NumPy scalar of one (``numbers.Real``), not a bool: what a number argument takes (a
+    threshold swept with ``numpy.linspace`` is a ``numpy.float64`` or ``float32``, a config read through NumPy an
+    ``int64``). The callers keep ``float(value)``."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def is_finite(value: int | float) -> bool:
     """math.isfinite, False for an int too large for a float (where math.isfinite raises OverflowError)."""
     try:
@@ -206,10 +214,10 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
                          f"rank {lora_b.shape[1]} (shape {_shape(lora_b)}); expected lora_b of shape [{n}, {r}]")
     if lora_a.dtype != lora_b.dtype:
         raise TypeError(f"{op}: lora_a and lora_b must share a dtype, got {lora_a.dtype} and {lora_b.dtype}")
-    if isinstance(scaling, (bool, torch.Tensor)) or not isinstance(scaling, (int, float)) or not is_finite(scaling):
+    if not is_real(scaling) or not is_finite(scaling):
         raise TypeError(f"{op}: scaling must be a finite Python float, got {scaling!r}")
     check_scaling_fits((scaling,), lora_a.dtype, op)
-    if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
+    if not (is_real(threshold) and 0.0 < threshold < 1.0):
         raise ValueError(f"{op}: threshold must be a float in (0, 1), got {threshold!r}")
     if gate is not None and gate_weight is not None:
         raise ValueError(f"{op}: pass either gate (given per-row values) or gate_weight (token gate), not both")

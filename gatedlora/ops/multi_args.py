@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .args import FLOAT_DTYPES, _shape, check_device, check_x_and_base_out, is_finite
+from .args import FLOAT_DTYPES, _shape, check_device, check_x_and_base_out, is_finite, is_real
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -76,10 +76,9 @@ def normalise_scaling(scaling, adapters: int, op: str = "gated_lora_multi") -> t
             raise TypeError(f"{op}: scaling is read as plain numbers and gets no gradient, got a tensor that "
                             "requires grad; pass scaling.detach() (or floats)")
         scaling = scaling.tolist()
-    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
+    if is_real(scaling):
         scaling = [scaling] * adapters
-    if not isinstance(scaling, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, (int, float))
-                                                      or not is_finite(s) for s in scaling):
+    if not isinstance(scaling, (list, tuple)) or any(not is_real(s) or not is_finite(s) for s in scaling):
         raise TypeError(f"{op}: scaling must be a finite float or one finite float per adapter, got {scaling!r:.80}")
     if len(scaling) != adapters:
         raise ValueError(f"{op}: scaling must have one value per adapter ({adapters}), got {len(scaling)}")
