@@ -250,7 +250,7 @@ def _check_routed_adapters(model: nn.Module, held: dict[str, list[str]], routed:
     """Every adapter the router chooses among must be in the model."""
     missing = [a for a in routed if not any(a in names for names in held.values())]
     if missing:
-        loaded = sorted({a for _, layer in peft_lora_layers(model) for a in layer.lora_A})
+        loaded = sorted({a for _, layer in peft_lora_layers(model) for a in _held_adapters(layer)})
         raise ValueError(f"GatedLoraConfig.adapters: {missing} not found in the LoRA layers of {type(model).__name__}, "
                          f"which hold {loaded}; load each with model.load_adapter(path, adapter_name=name)")
 
