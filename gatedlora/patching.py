@@ -401,7 +401,12 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
 
     route = None
     if config.gate == "sequence":
-        targets, route = _prepare_sequence_routing(model, config, targets, fresh, state, adapters)
+        try:
+            targets, route = _prepare_sequence_routing(model, config, targets, fresh, state, adapters)
+        except BaseException:
+            for parameter in state.frozen:  # a refused patch leaves the model as it was
+                parameter.requires_grad_(True)
+            raise
 
     options = dict(gate=config.gate, threshold=config.threshold, hard=config.hard, backend=config.backend,
                    base_mode=config.base_mode,
@@ -720,8 +725,15 @@ PEFT_METHOD_STAND_INS = {
 TRANSFORMERS_STAND_INS = {**{method: _deferring(method) for method in ("active_adapters", "get_adapter_state_dict")},
                           **{m: _refusal(m, SWITCH_REFUSAL) for m in ("disable_adapters", "enable_adapters")}}
 PEFT_METHOD_STAND_INS.update(TRANSFORMERS_STAND_INS)
+# PEFT's methods that visit its own layers to read or set what the gated layers share with them (the LoRA weights'
+# requires_grad, the adapters' status): on the patched model they found no layer of PEFT's, so set_requires_grad
+# did nothing without a word and the status readers said "no adapter layers found". They run on the view.
+VIEW_STAND_INS = {method: _deferring(method) for method in ("set_requires_grad", "get_model_status",
+                                                            "get_layer_status")}
+PEFT_METHOD_STAND_INS.update(VIEW_STAND_INS)
 DEFERRING_STAND_INS = (_set_adapter, _delete_adapter, _load_adapter, _forward_hooks,
-                       *(TRANSFORMERS_STAND_INS[m] for m in ("active_adapters", "get_adapter_state_dict")))
+                       *(TRANSFORMERS_STAND_INS[m] for m in ("active_adapters", "get_adapter_state_dict")),
+                       *VIEW_STAND_INS.values())
 
 
 def _peft_objects(model: nn.Module) -> list[nn.Module]:

@@ -156,6 +156,34 @@ def test_fresh_adapters_freeze_the_base_as_get_peft_model_does():
     assert {n: p.requires_grad for n, p in plain.named_parameters()} == before
 
 
+def test_a_refused_patch_leaves_a_plain_model_trainable():
+    """patch_model freezes a plain model's parameters before it builds the router: a config refused after that (a
+    router_layer past the last block) must not leave them frozen."""
+    plain = tiny_causal_lm("llama")
+    before = {n: p.requires_grad for n, p in plain.named_parameters()}
+    with pytest.raises(ValueError, match="leaves no block for the adapter"):
+        patch_model(plain, GatedLoraConfig(gate="sequence", router_layer=7, target_modules=["q_proj"]))
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == before and all(before.values())
+
+
+def test_pefts_requires_grad_and_status_methods_run_on_the_view():
+    """set_requires_grad, get_model_status and get_layer_status visit PEFT's layers: on the patched model they
+    found none (set_requires_grad did nothing, the readers raised); they now act on the weights the gated layers
+    share, as on the unpatched model."""
+    model = patch_model(tiny_multi_adapter_model(layers_to_transform=[1, 2]),
+                        GatedLoraConfig(gate="sequence", adapters=["math", "code"]))
+    trainable = lambda name: {p.requires_grad for n, p in model.named_parameters() if f".{name}." in n}  # noqa: E731
+    assert trainable("code") == {False}
+    for owner in (model, model.base_model):
+        owner.set_requires_grad(["code"], requires_grad=True)
+        assert trainable("code") == {True}
+        owner.set_requires_grad("code", requires_grad=False)
+        assert trainable("code") == {False}
+    assert sorted(model.get_model_status().available_adapters) == ["chat", "code", "math"]
+    assert {status.module_type for status in model.get_layer_status()} == {"lora.Linear"}
+    assert isinstance(model.get_submodule("base_model.model.model.layers.1.self_attn.q_proj"), GatedLoRALinear)
+
+
 def test_config_and_model_arguments_are_type_checked():
     with pytest.raises(TypeError, match=r"config must be a gatedlora.GatedLoraConfig or None, got dict; write "
                                         r"GatedLoraConfig\(\*\*\{'gate': 'sequence'\}\)"):
