@@ -35,6 +35,13 @@ from .ops.gates import probability_dtype
 OPEN_LOGIT = 6.0
 
 
+# KV caches of Transformers' continuous batching (generate_batch, cache_implementation="paged"): every request packed
+# into one row [1, total tokens], whose sequences a per-sequence router cannot tell apart (a review found each
+# request routed by the last packed token, and the route changing at every step). Named, not imported: the class
+# moved between Transformers versions.
+PACKED_CACHES = ("PagedAttentionCache",)
+
+
 def open_logit(threshold: float) -> float:
     """A logit whose sigmoid clears ``threshold`` with margin (fresh gates start open)."""
     return max(OPEN_LOGIT, math.log(threshold / (1.0 - threshold)) + 4.0)
@@ -342,6 +349,12 @@ class SequenceRouter(nn.Module):
         decision = routes_on(cache, self._key)
         continuing = decision is not None and continues(cache)
         if not continuing:
+            if cache is not None and type(cache).__name__ in PACKED_CACHES:
+                raise RuntimeError(
+                    f"gatedlora: sequence gates cannot run with a {type(cache).__name__} (continuous batching: "
+                    "model.generate_batch(), or generate(cache_implementation='paged')): it packs every request "
+                    "into one row, so the router cannot tell the sequences apart and would route them all as one. "
+                    "Use generate() with a dynamic or static cache, or token gates (GatedLoraConfig(gate='token'))")
             if cache is not None and holds_tokens(cache):
                 raise RuntimeError(
                     "gatedlora: this KV cache holds tokens but no routing decision of this model: it was filled "

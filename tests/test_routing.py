@@ -572,3 +572,23 @@ def test_a_bf16_prism_router_decides_on_its_logit_not_on_p_rounded_to_bf16():
     p = router(torch.randn(3, 8, dtype=torch.bfloat16))
     assert p.dtype == torch.float32 and bool((p < 0.5).all())
     assert torch.sigmoid(torch.tensor(-0.001, dtype=torch.bfloat16)).item() == 0.5  # what bf16 would have given
+
+
+@pytest.mark.slow  # (continuous batching's manager takes about 18 s to start and stop here)
+def test_continuous_batching_is_refused_per_request_with_the_reason():
+    """Transformers' continuous batching (generate_batch, cache_implementation="paged") packs every request into one
+    row: the router saw the whole pack as one sequence and routed every request by the last packed token, the route
+    changing at each step. Each request now fails with the reason (continuous batching reports a forward's error
+    per request)."""
+    from transformers import GenerationConfig
+
+    model = patch_model(tiny_peft_model("llama", layers_to_transform=[1, 2]), GatedLoraConfig(gate="sequence"))
+    if not hasattr(model, "generate_batch"):
+        pytest.skip("this transformers has no continuous batching")
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        results = model.generate_batch(inputs=[[5, 6, 7], [8, 9]], generation_config=config)
+    assert len(results) == 2
+    for result in results.values():
+        assert result.generated_tokens == [] and "cannot run with a PagedAttentionCache (continuous batching" in \
+            str(result.error)
