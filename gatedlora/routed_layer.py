@@ -107,8 +107,11 @@ class RoutedLoRALinear(GatedLoRALinear):
         module dicts (``nn.Module.__getattr__`` costs about 0.4 us a lookup on this hot path)."""
         a_modules, b_modules = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
         names = self.adapter_names
-        return (tuple([a_modules[n]._parameters["weight"] for n in names]),
-                tuple([b_modules[n]._parameters["weight"] for n in names]))
+        try:
+            return (tuple([a_modules[n]._parameters["weight"] for n in names]),
+                    tuple([b_modules[n]._parameters["weight"] for n in names]))
+        except KeyError:  # a weight that is not a registered parameter (torch's parametrize): the attribute computes it
+            return tuple([a_modules[n].weight for n in names]), tuple([b_modules[n].weight for n in names])
 
     @staticmethod
     def _records_gradients(weights: tuple) -> bool:

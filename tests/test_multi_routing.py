@@ -90,6 +90,28 @@ def test_mixed_routes_match_peft_mixed_batch():
     torch.testing.assert_close(logits, mixed, rtol=0, atol=1e-5)
 
 
+def test_a_parametrized_lora_weight_is_read_through_its_parametrization():
+    """torch.nn.utils.parametrize moves a weight out of the module's parameters (PEFT runs such a LoRA as usual): the
+    routed layers raised a bare KeyError. They now read the weight the parametrization computes, per route as PEFT."""
+    from torch.nn.utils import parametrize
+
+    class Halved(torch.nn.Module):
+        def forward(self, weight):
+            return weight * 0.5
+
+    model, (ids, mask), routes, _ = routed_model()
+    router = get_router(model).router
+    unpatch_model(model)
+    for name, module in model.named_modules():
+        if name.endswith("lora_B.code"):
+            parametrize.register_parametrization(module, "weight", Halved())
+    expected = peft_logits(model, ids, mask)
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS,
+                                       router=router))
+    with torch.no_grad():
+        check_routes(model(input_ids=ids, attention_mask=mask).logits, routes, expected)
+
+
 def test_a_layer_holding_only_an_unrouted_inactive_adapter_is_left_to_peft():
     """An adapter that is not routed, with LoRA on embed_tokens (a layer kind gatedlora does not patch): the whole
     model was refused, though PEFT runs that layer as its base layer. It is left to PEFT; the routes are PEFT's
