@@ -384,6 +384,18 @@ def read_saved(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def holds_save(model: nn.Module, path: str | os.PathLike) -> bool:
+    """Whether ``model``'s gates, router and fresh LoRA weights are, value for value, those saved at ``path``
+    (True where they cannot be compared here: tensors sharded over processes)."""
+    _, saved = read_saved(path)
+    live = _saved_tensors(model)
+    if set(live) != set(saved):
+        return False
+    if any(_is_sharded(t) for t in live.values()):
+        return True
+    return all(torch.equal(saved[key].reshape(t.shape).to(t.device, t.dtype), t.detach()) for key, t in live.items())
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module | None = None) -> nn.Module:
     """Load gates, router and config saved by ``save_pretrained`` into ``model`` (patching it if needed).
 

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
-from .io import CONFIG_NAME, load_pretrained, save_pretrained
+from .io import CONFIG_NAME, holds_save, load_pretrained, save_pretrained
 
 
 class SaveGatedLoraCallback(TrainerCallback):
@@ -24,6 +24,20 @@ class SaveGatedLoraCallback(TrainerCallback):
     Every process calls ``save_pretrained`` (a collective under FSDP2); the main one writes. With
     ``load_best_model_at_end``, the best checkpoint's gates and router are loaded at the end of training, after
     the Trainer has loaded its LoRA weights."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # A resumed run (the Trainer restored the LoRA weights and the optimizer only): warn where the gates and
+        # router are not those of the output folder's checkpoint at this step. The callback is not told which
+        # checkpoint the run resumed from, so it only warns, and says nothing where that folder has no save.
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.global_step and model is not None and os.path.exists(os.path.join(folder, CONFIG_NAME)) \
+                and not holds_save(model, folder):
+            warnings.warn(f"SaveGatedLoraCallback: training resumes at step {state.global_step}, but the gates and "
+                          f"router are not those saved in {folder}: the Trainer restores the LoRA weights and the "
+                          "optimizer only, so the saved optimizer state now steps other gates. Call "
+                          "gatedlora.load_pretrained(model, checkpoint) before trainer.train(resume_from_checkpoint="
+                          "checkpoint)", stacklevel=2)
+        return control
 
     def on_save(self, args, state, control, model=None, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

@@ -258,9 +258,9 @@ def test_trainer_checkpoints_keep_gates_and_router_and_a_resumed_run_ends_as_the
     data = batch(lengths=(9, 9, 9, 9, 9, 9, 9, 9), seed=5)
     dataset = [{k: v[i] for k, v in data.items()} for i in range(8)]
 
-    def train(output, resume=None):
+    def train(output, resume=None, load=True):
         model = patched(GatedLoraConfig(gate="sequence", router_layer=0, straight_through=True))
-        if resume is not None:
+        if resume is not None and load:
             load_pretrained(model, resume)
         args = TrainingArguments(output_dir=str(output), max_steps=6, per_device_train_batch_size=4,
                                  learning_rate=1e-2, lr_scheduler_type="constant", report_to=[], save_steps=3,
@@ -276,6 +276,15 @@ def test_trainer_checkpoints_keep_gates_and_router_and_a_resumed_run_ends_as_the
     assert whole.keys() == resumed.keys() and any(n.startswith("gate_router.") for n in whole)
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=1e-6, atol=1e-7, msg=name)
+    # resumed in the checkpoint's own folder: after load_pretrained nothing is said; without it the router is a fresh
+    # one under the saved optimizer state, which is said, not left silent
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tmp_path / "whole", resume=checkpoint)
+    assert not [w for w in caught if "SaveGatedLoraCallback" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"training resumes at step 3, but the gates and router are not those saved "
+                                         r"in .*checkpoint-3.*Call gatedlora.load_pretrained"):
+        train(tmp_path / "whole", resume=checkpoint, load=False)
 
 
 def best_at_end_trainer(model, output):
