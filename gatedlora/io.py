@@ -133,9 +133,14 @@ def check_model_type(meta: dict, config, source: Path, caller: str) -> None:
                          "a router trained on one model's hidden states do not carry over to another")
 
 
-def _config_record(config: GatedLoraConfig, fresh: bool) -> dict:
+def _config_record(model: nn.Module, config: GatedLoraConfig, fresh: bool) -> dict:
     skipped = RUNTIME_FIELDS + (() if fresh else FRESH_ADAPTER_FIELDS)
-    return {k: v for k, v in config.to_dict().items() if k not in skipped}
+    record = {k: v for k, v in config.to_dict().items() if k not in skipped}
+    router = getattr(model, ROUTER_ATTRIBUTE, None)
+    if router is not None and type(router.router).__name__ != saved_router_class(record):
+        # a router set after patching (get_router(model).router = ...): the save names the one it holds
+        record["router"] = type(router.router).__name__
+    return record
 
 
 def _pending_weights_path(directory: Path, sha256: str) -> Path:
@@ -233,7 +238,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool =
     sha256 = _sha256_of(payload)
     meta = {
         "format_version": FORMAT_VERSION,
-        "config": _config_record(state.config, state.fresh),
+        "config": _config_record(model, state.config, state.fresh),
         "adapter": _adapter_record(model),
         "fresh_adapter": state.fresh,
         "layers": sorted(name for name, _ in gated_layers(model)),

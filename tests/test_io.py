@@ -12,6 +12,7 @@ from gatedlora import (
     save_pretrained,
     unpatch_model,
 )
+from gatedlora.io import read_saved
 from gatedlora.patching import gated_layers, is_patched
 from tiny_models import padded_batch, randomize_lora_b, tiny_causal_lm, tiny_peft_model
 
@@ -167,6 +168,15 @@ def test_a_router_of_another_class_with_the_same_parameters_is_refused(tmp_path)
     assert torch.equal(get_router(unpatched).last_probabilities, get_router(model).last_probabilities)
     sharp = patch_model(peft(), GatedLoraConfig(gate="sequence", router=SharpRouter(hidden)))
     load_pretrained(sharp, tmp_path)  # the model's own router, of the saved class
+    # a router set after patching is the one a save names (it named the class patched with)
+    swapped = patch_model(peft(), GatedLoraConfig(gate="sequence"))
+    get_router(swapped).router = SharpRouter(hidden)
+    save_pretrained(swapped, tmp_path / "swapped")
+    assert read_saved(tmp_path / "swapped")[0]["config"]["router"] == "SharpRouter"
+    with pytest.raises(ValueError, match=r"different config .*'router': \('PrismRouter', 'SharpRouter'\)"):
+        load_pretrained(patch_model(peft(), GatedLoraConfig(gate="sequence")), tmp_path / "swapped")
+    load_pretrained(patch_model(peft(), GatedLoraConfig(gate="sequence", router=SharpRouter(hidden))),
+                    tmp_path / "swapped")
 
 
 def test_a_save_from_a_model_of_another_type_is_refused(tmp_path):
