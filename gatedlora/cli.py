@@ -339,9 +339,15 @@ def _load_for_routing(args: argparse.Namespace):
     from .patching import patch_model
     from .routing import prism_two_class_router
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    architectures = getattr(AutoConfig.from_pretrained(args.model), "architectures", None) or []
-    loader = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in architectures) else AutoModel
+    model_config = AutoConfig.from_pretrained(args.model)
+    architectures = getattr(model_config, "architectures", None) or []
+    # (the mapping names the causal LM of a type whose class is not "...ForCausalLM": GPT-2's GPT2LMHeadModel, loaded
+    # as the bare GPT2Model before, whose module names no adapter or save of the causal LM matched)
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(model_config, "model_type", None))
+    loader = AutoModelForCausalLM if any(a.endswith("ForCausalLM") or a == causal for a in architectures) else AutoModel
     model = loader.from_pretrained(args.model, dtype=load_dtype(args.dtype)).to(device).eval()
     torch.manual_seed(args.seed)  # the router's (and a fresh adapter's) initial weights, made below
     router = None

@@ -245,3 +245,35 @@ def test_an_output_place_that_cannot_be_written_is_refused_before_any_work(comma
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert f"{flag} {argv[-1]}: cannot write in {tmp_path / 'ro'} (Permission denied)" in err
+
+
+def test_routing_commands_load_a_causal_lm_whose_class_is_not_named_for_causal_lm(tmp_path):
+    """GPT-2's causal LM is GPT2LMHeadModel: train-router and route loaded it as the bare GPT2Model, whose module
+    names lack the 'transformer.' prefix, so an adapter of the causal LM did not load (or loaded none of its
+    weights) and the save fitted no model users generate with."""
+    import argparse
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gatedlora.cli import _load_for_routing, _train_router_parser
+    from gatedlora.patching import gated_layers
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "model")
+    peft = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "model"),
+                          LoraConfig(r=4, target_modules=["c_attn"], layers_to_transform=[1, 2],
+                                     init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    parser = argparse.ArgumentParser()
+    _train_router_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train-router", "--model", str(tmp_path / "model"), "--data", "d.jsonl",
+                              "--adapter", str(tmp_path / "adapter"), "--device", "cpu"])
+    args.adapters = None  # (what the argument check sets for one unnamed --adapter)
+    model = _load_for_routing(args)
+    assert type(model.get_base_model()).__name__ == "GPT2LMHeadModel"
+    names = [name for name, _ in gated_layers(model)]
+    assert names == [f"base_model.model.transformer.h.{i}.attn.c_attn" for i in (1, 2)]
+    for name, layer in gated_layers(model):
+        saved = peft.get_submodule(name).lora_B["default"].weight
+        assert torch.equal(layer.lora_B["default"].weight, saved)
