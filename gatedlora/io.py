@@ -293,6 +293,14 @@ META_FIELDS = {"config": (dict,), "adapter": (dict, type(None)), "fresh_adapter"
 JSON_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}
 
 
+class _NewerFormat(Exception):
+    """A save whose format_version is above FORMAT_VERSION: written by a later gatedlora, not corrupt."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(version)
+        self.version = version
+
+
 def _read_meta(directory: Path) -> dict:
     if not directory.is_dir():
         what = "is a file, not a directory" if directory.exists() else "no such directory"
@@ -308,7 +316,10 @@ def _read_meta(directory: Path) -> dict:
         meta = json.loads(config_path.read_text())
         if not isinstance(meta, dict):
             raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-        if meta.get("format_version") not in READABLE_VERSIONS:
+        version = meta.get("format_version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise _NewerFormat(version)
+        if version not in READABLE_VERSIONS:
             raise ValueError(f"unknown format_version {meta.get('format_version')!r}")
         for field, kinds in META_FIELDS.items():  # what a save writes, and what reading it relies on
             if not isinstance(meta.get(field), kinds):
@@ -323,6 +334,10 @@ def _read_meta(directory: Path) -> dict:
         for field, value, expected, valid in inner:
             if not valid:
                 raise ValueError(f"{field!r} must be {expected}, got {json.dumps(value)[:80]}")
+    except _NewerFormat as newer:
+        raise ValueError(f"load_pretrained: {config_path} was written by a newer gatedlora (format_version "
+                         f"{newer.version}; this one reads {', '.join(map(str, READABLE_VERSIONS))}): upgrade "
+                         "gatedlora to load it") from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"load_pretrained: {config_path} is corrupt or not a gatedlora config: {err}") from None
     # format 1 recorded how the saving machine ran (backend="cuda" fails at a CPU model's first forward)
@@ -436,7 +451,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         # patch_model call before this load), whatever the save's fresh adapter covered
         saved = {k: v for k, v in saved.items() if k not in FRESH_ADAPTER_FIELDS + ("target_modules",)}
         loaded = {k: v for k, v in loaded.items() if k.startswith(ROUTER_ATTRIBUTE + ".")}
-    config = GatedLoraConfig.from_dict(saved, router=router if saved.get("gate") == "sequence" else None)
+    config = config_of_save(saved, directory, "load_pretrained", router if saved.get("gate") == "sequence" else None)
     patched_here = not is_patched(model)
     if patched_here:
         patch_model(model, config)
@@ -470,6 +485,15 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
             unpatch_model(model)
         raise
     return model
+
+
+def config_of_save(record: dict, directory: Path, caller: str, router: nn.Module | None = None) -> GatedLoraConfig:
+    """``GatedLoraConfig.from_dict(record)`` of the save in ``directory``, its errors naming the file (a field of
+    the wrong type, or one this gatedlora does not know, said only "GatedLoraConfig: ...")."""
+    try:
+        return GatedLoraConfig.from_dict(record, router=router)
+    except ValueError as err:
+        raise ValueError(f"{caller}: {Path(directory) / CONFIG_NAME}: {err}") from None
 
 
 def saved_router_class(config: dict) -> str:

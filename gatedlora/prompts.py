@@ -12,17 +12,25 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 
-def explain_too_long(tokenizer: Any, ids: list[list[int]], rows: Sequence[int], caller: str) -> None:
+# Where a model config says how many positions the model takes (learned position embeddings of that size)
+POSITION_LIMITS = ("max_position_embeddings", "n_positions")
+
+
+def explain_too_long(tokenizer: Any, ids: list[list[int]], rows: Sequence[int], caller: str,
+                     model_config: Any = None) -> None:
     """Called where a forward over the prompts ``rows`` (token ids ``ids``) failed: a ValueError naming those longer
-    than the tokenizer's ``model_max_length`` (position embeddings of a fixed size fail with a tensor-size error
-    that takes the whole batch down); nothing where none is, and the caller re-raises its own error. Not checked
-    before the forward: RoPE models run past the conservative limit many tokenizers declare."""
-    limit = getattr(tokenizer, "model_max_length", None)
-    too_long = [row for row in rows if isinstance(limit, int) and len(ids[row]) > limit]
-    if too_long:
-        raise ValueError(f"{caller}: the forward failed on prompts {too_long[:8]}, longer ({len(ids[too_long[0]])}"
-                         f"{' ...' if len(too_long) > 1 else ''} tokens) than the {limit} the tokenizer says the "
-                         "model takes (model_max_length); pass max_length (--max-length) to truncate them")
+    than the model takes, by the tokenizer's ``model_max_length`` or else the model config's position count
+    (position embeddings of a fixed size fail with a tensor-size or index error that takes the whole batch down);
+    nothing where none is, and the caller re-raises its own error. Not checked before the forward: RoPE models run
+    past the conservative limit many tokenizers declare."""
+    limits = [(getattr(tokenizer, "model_max_length", None), "the tokenizer says the model takes (model_max_length)")]
+    limits += [(getattr(model_config, key, None), f"the model's config gives ({key})") for key in POSITION_LIMITS]
+    for limit, source in limits:
+        too_long = [row for row in rows if isinstance(limit, int) and len(ids[row]) > limit]
+        if too_long:
+            raise ValueError(f"{caller}: the forward failed on prompts {too_long[:8]}, longer "
+                             f"({len(ids[too_long[0]])}{' ...' if len(too_long) > 1 else ''} tokens) than the {limit} "
+                             f"{source}; pass max_length (--max-length) to truncate them")
 
 
 def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, caller: str) -> list[list[int]]:
@@ -98,4 +106,8 @@ def prompt_problem(row: dict) -> str | None:
     prompt = row["prompt"]
     if not isinstance(prompt, str) or not prompt.strip():
         return f"\"prompt\" must be a non-empty string, got {prompt!r:.60}"
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON may escape a lone surrogate, which no tokenizer takes
+        return f"\"prompt\" is not valid Unicode text: {err.reason} at character {err.start} ({prompt!r:.60})"
     return None

@@ -24,8 +24,8 @@ from torch import nn
 
 from .block_capture import capture_and_stop, output_of_block
 from .call_state import RouteDecision
-from .config import GatedLoraConfig, check_router_layer
-from .io import DEFAULT_ROUTERS, check_model_type, read_saved, saved_router_class
+from .config import check_router_layer
+from .io import DEFAULT_ROUTERS, check_model_type, config_of_save, read_saved, saved_router_class
 from .patching import ROUTER_ATTRIBUTE, find_blocks, text_config
 from .prompts import explain_too_long, right_padded_batches, token_ids
 from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, prism_two_class_router
@@ -86,7 +86,7 @@ class RouteOnlyModel(nn.Module):
         default_router = router is None and saved.get("router") in DEFAULT_ROUTERS
         rebuilt = router is None
         router = router_from_state(saved.get("router"), tensors, router)
-        config = GatedLoraConfig.from_dict(saved, router=router)
+        config = config_of_save(saved, router_path, "RouteOnlyModel", router)
         model_config = AutoConfig.from_pretrained(model_path)
         _check_decoder_only(model_config)
         check_model_type(meta, model_config, Path(router_path), "RouteOnlyModel")
@@ -154,7 +154,7 @@ def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any 
             try:
                 decision = model(input_ids.to(device), mask.to(device))
             except (RuntimeError, IndexError):
-                explain_too_long(tokenizer, ids, rows, "route_prompts")
+                explain_too_long(tokenizer, ids, rows, "route_prompts", getattr(model.backbone, "config", None))
                 raise
             probabilities[torch.tensor(rows)] = decision.probabilities.float().cpu()
             routes[torch.tensor(rows)] = decision.routes.cpu()

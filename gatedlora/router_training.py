@@ -92,7 +92,7 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
                 try:
                     hidden = output_of_block(partial(model, **inputs))
                 except (RuntimeError, IndexError):
-                    explain_too_long(tokenizer, ids, rows, "train_router")
+                    explain_too_long(tokenizer, ids, rows, "train_router", getattr(model, "config", None))
                     raise
                 if hidden is None:
                     raise RuntimeError(f"train_router: block {state.config.router_layer} did not run in the forward")

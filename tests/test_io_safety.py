@@ -288,6 +288,25 @@ def test_a_config_with_fields_of_the_wrong_json_type_is_refused_by_name(old_and_
         load_pretrained(target, path)
 
 
+def test_a_newer_save_and_a_bad_config_field_are_named_with_the_file(old_and_new):
+    """A save of a later format was called corrupt; a config field of the wrong type, or unknown here, was named
+    without the file ("GatedLoraConfig.router_layer must be ...")."""
+    path, _, target = old_and_new
+    config_path = path / gio.CONFIG_NAME
+    meta = json.loads(config_path.read_text())
+    before = gate_values(target)
+    config_path.write_text(json.dumps({**meta, "format_version": gio.FORMAT_VERSION + 1}))
+    with pytest.raises(ValueError, match=rf"{gio.CONFIG_NAME} was written by a newer gatedlora \(format_version "
+                                         rf"{gio.FORMAT_VERSION + 1}; this one reads 1, 2\): upgrade gatedlora"):
+        load_pretrained(target, path)
+    for change, message in (({"router_layer": "0"}, r"GatedLoraConfig.router_layer must be an int >= 0, got '0'"),
+                            ({"rank": 3}, r"GatedLoraConfig: unknown fields \['rank'\]")):
+        config_path.write_text(json.dumps({**meta, "config": {**meta["config"], **change}}))
+        with pytest.raises(ValueError, match=rf"load_pretrained: .*{gio.CONFIG_NAME}: {message}"):
+            load_pretrained(target, path)
+    assert same(gate_values(target), before)
+
+
 def test_a_load_while_a_save_commits_into_the_directory_gets_one_whole_save(old_and_new, monkeypatch):
     """A save that commits between the loader's reading the config and its reading the weights: the loader read
     the old config, found the new weights, and called the intact files corrupt. It now reads again and gets

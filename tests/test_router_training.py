@@ -206,6 +206,21 @@ def test_a_prompt_longer_than_the_model_takes_is_named(minilm_path, tokenizer):
     assert extract_router_features(model, prompts, tokenizer, max_length=64, progress=False).shape == (2, 384)
 
 
+def test_a_prompt_longer_than_the_models_positions_is_named_where_the_tokenizer_gives_no_limit():
+    """GPT-2 has n_positions learned positions; with token ids (or a tokenizer that declares no model_max_length)
+    a longer prompt ended in a bare IndexError from the position embedding: the config's limit names it now."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = patch_model(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=64, n_positions=16)),
+                        GatedLoraConfig(gate="sequence", router_layer=0, target_modules=["c_attn"]))
+    prompts = [[5, 6, 7], list(range(3, 23))]
+    with pytest.raises(ValueError, match=r"train_router: the forward failed on prompts \[1\], longer \(20 tokens\) "
+                                         r"than the 16 the model's config gives \(max_position_embeddings\); "
+                                         r"pass max_length"):
+        extract_router_features(model, prompts, None, progress=False)
+    assert extract_router_features(model, prompts, None, max_length=16, progress=False).shape == (2, 32)
+
+
 @pytest.mark.parametrize("lr", [1e30, 1e38])  # the loss turns non-finite; AdamW's step overflows a float
 def test_a_diverging_training_leaves_the_router_as_it_was_and_nothing_is_saved(lr, tmp_path):
     """An lr far too large made the router NaN, and the save then held what load_pretrained refuses (lr=1e38
@@ -247,6 +262,8 @@ GOOD = [{"prompt": "a river", "label": 0}, {"prompt": "urgent river", "label": 1
     ({"prompt": "x", "label": 2}, '"label" must be 0 or 1, got 2'),
     ({"prompt": "x", "label": True}, '"label" must be 0 or 1, got True'),
     ({"prompt": "  ", "label": 1}, '"prompt" must be a non-empty string'),
+    ({"prompt": "hello \ud83d world", "label": 1}, '"prompt" is not valid Unicode text: surrogates not allowed at '
+                                                     'character 6'),
     (["x", 1], "expected an object"),
 ])
 def test_cli_rejects_a_bad_row_with_its_line_number(bad_row, message, tmp_path, capsys, minilm_path):
