@@ -134,3 +134,29 @@ def test_the_check_reads_closed_sequences_against_every_run_of_the_base_model():
     table = format_table(result(scenario("decode b=8 t=512 open 1/3", verdict, 1.0, 1.2))).splitlines()
     assert "ok, not bitwise" in table[3]
     assert f"check in 'decode b=8 t=512 open 1/3': {verdict}" in table and not any("FAILED" in t for t in table)
+
+
+def test_the_benchs_fresh_adapters_cover_every_projection_of_other_architectures():
+    """The bench's fresh adapters named Llama's seven projections: on GPT-2 PEFT found none of them, on Phi-3 two of
+    its four. They now take the linear layers of the model's own blocks, after router_layer."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+
+    from gatedlora.benchmarking.models import add_prism_adapter
+    from gatedlora.benchmarking.multi_adapter import add_adapters
+
+    def gpt2():
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=64))
+
+    def phi3():
+        return Phi3ForCausalLM(Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256, pad_token_id=0))
+
+    for build, prefix, names in ((gpt2, "transformer.h", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
+                                 (phi3, "model.layers", ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj",
+                                                         "mlp.down_proj"])):
+        for peft in (add_prism_adapter(build(), router_layer=0), add_adapters(build(), router_layer=0, count=2)):
+            lora = sorted(n.removeprefix("base_model.model.") for n, m in peft.named_modules()
+                          if isinstance(m, LoraLayer))
+            assert lora == sorted(f"{prefix}.{i}.{name}" for i in (1, 2) for name in names)
+            assert all(p.abs().sum() > 0 for n, p in peft.named_parameters() if "lora_B" in n)

@@ -8,7 +8,27 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+def block_projections(model: nn.Module) -> list[str]:
+    """The names of the linear layers (nn.Linear, or Transformers' Conv1D) in the model's first decoder block:
+    where PRISM puts LoRA (Llama's seven projections; GPT-2's c_attn, c_proj and c_fc; Phi-3's fused qkv_proj
+    and gate_up_proj). Fixed Llama names left the bench's fresh adapters nowhere on GPT-2 (PEFT's "target
+    modules not found") and on two of Phi-3's four."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ..patching import find_blocks
+
+    _, blocks = find_blocks(model)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in blocks[0].named_modules()
+                   if isinstance(module, (nn.Linear, Conv1D))})
+
+
+def randomize_lora_b(peft_model: nn.Module, seed: int) -> None:
+    """Every lora_B weight random (PEFT starts them at 0, where an adapter changes nothing), in parameter order."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_((torch.randn(param.shape, generator=gen) * 0.02).to(param.dtype))
 
 
 @dataclass(frozen=True)
@@ -57,8 +77,8 @@ def load_local_model(path: str, device: torch.device, dtype: torch.dtype) -> nn.
 
 def add_prism_adapter(model: nn.Module, router_layer: int = 0, r: int = 16, lora_alpha: int = 32,
                       adapter_path: str | None = None, seed: int = 1) -> nn.Module:
-    """A PEFT LoRA model: the adapter at ``adapter_path``, or a fresh one as PRISM trains it (all seven
-    projections of the layers after ``router_layer``) with random B so it changes the output."""
+    """A PEFT LoRA model: the adapter at ``adapter_path``, or a fresh one as PRISM trains it (every projection of
+    the layers after ``router_layer``: ``block_projections``) with random B so it changes the output."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_path is not None:
@@ -67,14 +87,10 @@ def add_prism_adapter(model: nn.Module, router_layer: int = 0, r: int = 16, lora
         except RuntimeError as err:  # PEFT's "size mismatch": an adapter trained on another model
             raise ValueError(f"the adapter in {adapter_path} does not fit the model: {err}") from None
     layers = model.config.num_hidden_layers
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=PROJECTIONS,
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=block_projections(model),
                         layers_to_transform=list(range(router_layer + 1, layers)))
     peft_model = get_peft_model(model, config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_((torch.randn(param.shape, generator=gen) * 0.02).to(param.dtype))
+    randomize_lora_b(peft_model, seed)
     return peft_model
 
 

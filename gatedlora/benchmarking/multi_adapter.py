@@ -21,7 +21,7 @@ from torch import nn
 from ..config import GatedLoraConfig
 from ..patching import patch_model
 from ..routing import PrismMultiRouter
-from .models import PROJECTIONS, weight_sharing_copy
+from .models import block_projections, randomize_lora_b, weight_sharing_copy
 from .scenarios import BASE_RUNS, compare_outputs, decode_stepper, gated_forwards
 
 BASE_FRACTION = 0.25
@@ -33,24 +33,21 @@ def adapter_names(count: int) -> list[str]:
 
 def add_adapters(model: nn.Module, router_layer: int = 0, count: int = 4, r: int = 16, lora_alpha: int = 32,
                  seed: int = 1) -> nn.Module:
-    """A PEFT model with ``count`` adapters as PRISM trains one (all seven projections of the blocks after
+    """A PEFT model with ``count`` adapters as PRISM trains one (every projection of the blocks after
     ``router_layer``, rank ``r``), B random so each changes the output, loaded as a user would
     (``get_peft_model`` with the first, ``add_adapter`` for the others)."""
     from peft import LoraConfig, get_peft_model
 
     layers = list(range(router_layer + 1, model.config.num_hidden_layers))
+    targets = block_projections(model)
     peft_model = None
     for name in adapter_names(count):
-        config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=PROJECTIONS, layers_to_transform=layers)
+        config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, layers_to_transform=layers)
         if peft_model is None:
             peft_model = get_peft_model(model, config, adapter_name=name)
         else:
             peft_model.add_adapter(name, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_((torch.randn(param.shape, generator=gen) * 0.02).to(param.dtype))
+    randomize_lora_b(peft_model, seed)
     peft_model.set_adapter(adapter_names(count)[0])
     return peft_model.eval()
 

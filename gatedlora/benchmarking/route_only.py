@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .machine_load import LoadMeter
-from .models import PROJECTIONS, LlamaSpec, build_llama
+from .models import LlamaSpec, block_projections, build_llama
 from .timing import time_side_by_side
 
 
@@ -41,7 +41,8 @@ def prepare(spec: LlamaSpec, router_layer: int, directory: Path, device: torch.d
     model = build_llama(spec, device, dtype)
     model_dir, router_dir = directory / "model", directory / "router"
     model.save_pretrained(model_dir)
-    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=router_layer, target_modules=PROJECTIONS))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=router_layer,
+                                       target_modules=block_projections(model)))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
