@@ -409,7 +409,7 @@ def holds_save(model: nn.Module, path: str | os.PathLike) -> bool:
     (True where they cannot be compared here: tensors sharded over processes)."""
     _, saved = read_saved(path)
     live = _saved_tensors(model)
-    if set(live) != set(saved):
+    if set(live) != set(saved) or any(saved[key].numel() != t.numel() for key, t in live.items()):
         return False
     if any(_is_sharded(t) for t in live.values()):
         return True

@@ -18,6 +18,7 @@ from torch import nn
 from .call_state import forcing
 from .config import GatedLoraConfig, check_router_layer
 from .layers import GatedLoRALinear, linear_features
+from .ops.args import is_real
 from .ops.multi_args import check_one_dtype
 from .routed_layer import RoutedLoRALinear
 from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, install_routing, remove_routing
@@ -920,8 +921,9 @@ def force_gate(model: nn.Module, value: float) -> Iterator[nn.Module]:
     a block left in another thread (a generator resumed elsewhere) ends in the thread it began in.
     The router still runs, so the routes of a forced forward are still decided and readable.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_real(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"force_gate: value must be a number in [0, 1], got {value!r}")
+    value = float(value)
     layers = [m for _, m in gated_layers(model)]
     if not layers:
         raise ValueError(f"force_gate: {type(model).__name__} has no GatedLoRALinear layers; call patch_model first")

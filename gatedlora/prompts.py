@@ -17,20 +17,21 @@ POSITION_LIMITS = ("max_position_embeddings", "n_positions")
 
 
 def explain_too_long(tokenizer: Any, ids: list[list[int]], rows: Sequence[int], caller: str,
-                     model_config: Any = None) -> None:
-    """Called where a forward over the prompts ``rows`` (token ids ``ids``) failed: a ValueError naming those longer
-    than the model takes, by the tokenizer's ``model_max_length`` or else the model config's position count
-    (position embeddings of a fixed size fail with a tensor-size or index error that takes the whole batch down);
-    nothing where none is, and the caller re-raises its own error. Not checked before the forward: RoPE models run
-    past the conservative limit many tokenizers declare."""
+                     error: BaseException, model_config: Any = None) -> None:
+    """Called where a forward over the prompts ``rows`` (token ids ``ids``) failed with ``error``: a ValueError
+    naming those longer than the model takes, by the tokenizer's ``model_max_length``, or, for an IndexError (a
+    learned position table read past its end, as GPT-2's), the model config's position count; nothing where none
+    is, and the caller re-raises its own error. Not checked before the forward: RoPE models run past the limits
+    many tokenizers and configs declare, so another error there (out of memory, say) is left as it is."""
     limits = [(getattr(tokenizer, "model_max_length", None), "the tokenizer says the model takes (model_max_length)")]
-    limits += [(getattr(model_config, key, None), f"the model's config gives ({key})") for key in POSITION_LIMITS]
+    if isinstance(error, IndexError):
+        limits += [(getattr(model_config, key, None), f"the model's config gives ({key})") for key in POSITION_LIMITS]
     for limit, source in limits:
         too_long = [row for row in rows if isinstance(limit, int) and len(ids[row]) > limit]
         if too_long:
             raise ValueError(f"{caller}: the forward failed on prompts {too_long[:8]}, longer "
                              f"({len(ids[too_long[0]])}{' ...' if len(too_long) > 1 else ''} tokens) than the {limit} "
-                             f"{source}; pass max_length (--max-length) to truncate them")
+                             f"{source}; pass max_length (--max-length) to truncate them") from error
 
 
 def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, caller: str) -> list[list[int]]:

@@ -153,8 +153,8 @@ def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any 
                                           unit="batch", disable=not progress):
             try:
                 decision = model(input_ids.to(device), mask.to(device))
-            except (RuntimeError, IndexError):
-                explain_too_long(tokenizer, ids, rows, "route_prompts", getattr(model.backbone, "config", None))
+            except (RuntimeError, IndexError) as err:
+                explain_too_long(tokenizer, ids, rows, "route_prompts", err, getattr(model.backbone, "config", None))
                 raise
             probabilities[torch.tensor(rows)] = decision.probabilities.float().cpu()
             routes[torch.tensor(rows)] = decision.routes.cpu()

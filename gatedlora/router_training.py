@@ -24,6 +24,7 @@ from torch import nn
 
 from .block_capture import capture_and_stop, output_of_block
 from .io import save_pretrained
+from .ops.args import is_real
 from .patching import force_gate, get_router, patch_state
 from .prompts import explain_too_long, prompt_problem, read_jsonl, right_padded_batches, token_ids
 from .routing import (PrismRouter, TwoClassRouter, check_route_logits, last_real_positions, router_output,
@@ -91,8 +92,8 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
                     inputs["decoder_input_ids"] = torch.full((len(rows), 1), decoder_start, device=device)
                 try:
                     hidden = output_of_block(partial(model, **inputs))
-                except (RuntimeError, IndexError):
-                    explain_too_long(tokenizer, ids, rows, "train_router", getattr(model, "config", None))
+                except (RuntimeError, IndexError) as err:
+                    explain_too_long(tokenizer, ids, rows, "train_router", err, getattr(model, "config", None))
                     raise
                 if hidden is None:
                     raise RuntimeError(f"train_router: block {state.config.router_layer} did not run in the forward")
@@ -200,12 +201,13 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
     shuffled minibatches. The router is left in eval mode; ``save_to``: written with
     ``gatedlora.save_pretrained`` (``overwrite`` as there). Returns a ``RouterTrainingResult``.
     """
-    if not (isinstance(epochs, int) and epochs >= 1):
+    if not (isinstance(epochs, numbers.Integral) and not isinstance(epochs, bool) and epochs >= 1):
         raise ValueError(f"train_router: epochs must be an int >= 1, got {epochs!r}")
-    if not (isinstance(heldout, (int, float)) and 0 <= heldout < 1):
+    if not (is_real(heldout) and 0 <= heldout < 1):
         raise ValueError(f"train_router: heldout must be a fraction in [0, 1), got {heldout!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if not (is_real(lr) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"train_router: lr must be a positive finite number, got {lr!r}")
+    epochs, heldout, lr = int(epochs), float(heldout), float(lr)  # (NumPy scalars, say)
     for name, value in (("batch_size", batch_size), ("feature_batch_size", feature_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # < 1 would train on nothing
             raise ValueError(f"train_router: {name} must be an int >= 1, got {value!r}")

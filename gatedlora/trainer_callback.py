@@ -30,8 +30,15 @@ class SaveGatedLoraCallback(TrainerCallback):
         # router are not those of the output folder's checkpoint at this step. The callback is not told which
         # checkpoint the run resumed from, so it only warns, and says nothing where that folder has no save.
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if state.global_step and model is not None and os.path.exists(os.path.join(folder, CONFIG_NAME)) \
-                and not holds_save(model, folder):
+        if not (state.global_step and model is not None and os.path.exists(os.path.join(folder, CONFIG_NAME))):
+            return control
+        try:
+            restored = holds_save(model, folder)
+        except (OSError, ValueError) as err:  # (a check that only warns never stops the training)
+            warnings.warn(f"SaveGatedLoraCallback: could not compare the gates with the save in {folder}: {err}",
+                          stacklevel=2)
+            return control
+        if not restored:
             warnings.warn(f"SaveGatedLoraCallback: training resumes at step {state.global_step}, but the gates and "
                           f"router are not those saved in {folder}: the Trainer restores the LoRA weights and the "
                           "optimizer only, so the saved optimizer state now steps other gates. Call "

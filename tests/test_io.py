@@ -432,3 +432,18 @@ def test_a_router_trained_before_its_lora_loads_onto_the_peft_model_trained_afte
     with pytest.raises(ValueError, match="gated layers"):
         load_pretrained(other, tmp_path / "trained")
     assert not is_patched(other)
+
+
+def test_holds_save_compares_values_and_says_no_for_other_shapes(tmp_path):
+    """io.holds_save (the Trainer callback's resume check, which only warns): True for the saved model, False for
+    other values and for other shapes, where a reshape raised before."""
+    from gatedlora.io import holds_save
+
+    def fresh(r):
+        return patch_model(tiny_causal_lm("llama"), GatedLoraConfig(target_modules=["q_proj"], r=r))
+
+    saved = fresh(8)
+    randomize_lora_b(saved, seed=3)
+    save_pretrained(saved, tmp_path)
+    assert holds_save(saved, tmp_path)
+    assert not holds_save(fresh(8), tmp_path) and not holds_save(fresh(4), tmp_path)

@@ -345,6 +345,9 @@ def test_numpy_scalars_are_numbers():
     for scaling, threshold in ((np.float32(0.75), np.float64(0.3)), (np.int64(2), np.float32(0.5))):
         want = gated_lora(x, base, a, b, float(scaling), gate=gate, threshold=float(threshold))
         assert torch.equal(bits(gated_lora(x, base, a, b, scaling, gate=gate, threshold=threshold)), bits(want))
+    weight = torch.randn(8)
+    token = gated_lora(x, base, a, b, 1.0, gate_weight=weight, gate_bias=np.float32(0.25))
+    assert torch.equal(bits(token), bits(gated_lora(x, base, a, b, 1.0, gate_weight=weight, gate_bias=0.25)))
     with pytest.raises(ValueError, match=r"threshold must be a float in \(0, 1\), got np.True_"):
         gated_lora(x, base, a, b, 1.0, gate=gate, threshold=np.bool_(True))
 

@@ -427,3 +427,17 @@ def test_peft_state_dict_functions_work_on_the_peft_view():
 
 def layer_name(model, layer):
     return next(name for name, m in model.named_modules() if m is layer)
+
+
+def test_force_gate_takes_a_numpy_value():
+    import numpy as np
+
+    model = patch_model(tiny_peft_model("llama"))
+    ids, mask = padded_batch([5, 8], 8)
+    with force_gate(model, 1.0):
+        want = logits(model, ids, mask)
+    with force_gate(model, np.float32(1.0)):
+        assert torch.equal(logits(model, ids, mask), want)
+    with pytest.raises(ValueError, match=r"value must be a number in \[0, 1\], got np.True_"):
+        with force_gate(model, np.bool_(True)):
+            pass

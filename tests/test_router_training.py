@@ -219,6 +219,16 @@ def test_a_prompt_longer_than_the_models_positions_is_named_where_the_tokenizer_
                                          r"pass max_length"):
         extract_router_features(model, prompts, None, progress=False)
     assert extract_router_features(model, prompts, None, max_length=16, progress=False).shape == (2, 32)
+    # the config's count is read only for an IndexError: RoPE models declare one too and run past it, so another
+    # failure there (out of memory) stays what it is
+    from types import SimpleNamespace
+
+    from gatedlora.prompts import explain_too_long
+
+    config = SimpleNamespace(max_position_embeddings=16)
+    explain_too_long(None, [list(range(20))], [0], "route_prompts", torch.OutOfMemoryError("out of memory"), config)
+    with pytest.raises(ValueError, match="longer \\(20 tokens\\) than the 16 the model's config gives"):
+        explain_too_long(None, [list(range(20))], [0], "route_prompts", IndexError("index out of range"), config)
 
 
 @pytest.mark.parametrize("lr", [1e30, 1e38])  # the loss turns non-finite; AdamW's step overflows a float

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 def block_projections(model: nn.Module) -> list[str]:
-    """The names of the linear layers (nn.Linear, or Transformers' Conv1D) in the model's first decoder block:
-    where PRISM puts LoRA (Llama's seven projections; GPT-2's c_attn, c_proj and c_fc; Phi-3's fused qkv_proj
-    and gate_up_proj). Fixed Llama names left the bench's fresh adapters nowhere on GPT-2 (PEFT's "target
-    modules not found") and on two of Phi-3's four."""
+    """The names of every linear layer (nn.Linear, or Transformers' Conv1D) in the model's first decoder block:
+    Llama's seven projections, as PRISM trains them; GPT-2's c_attn, c_proj and c_fc; Phi-3's fused qkv_proj and
+    gate_up_proj (a mixture-of-experts block's router layers too; blocks unlike the first are covered where
+    their layers share its names). Fixed Llama names left the bench's fresh adapters nowhere on GPT-2 (PEFT's
+    "target modules not found") and on two of Phi-3's four."""
     from transformers.pytorch_utils import Conv1D
 
     from ..patching import find_blocks

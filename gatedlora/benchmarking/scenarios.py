@@ -25,6 +25,10 @@ from .report import NOT_BITWISE
 # base model's decode step at batch 8 over 512 tokens was not reproducible run to run, so one run could not tell
 # gatedlora's base sequences from the base model's; three runs cost a few steps of each scenario.
 BASE_RUNS = 3
+# Where those runs differ, a closed sequence that matches none of them passes within this many times their largest
+# difference from one another: a correct output is one more draw of the same kernels, which three runs sample
+# only roughly; a leak of the adapter into base sequences is not bounded by the base model's own noise.
+NOT_BITWISE_SPREADS = 2.0
 
 
 class PatternRouter(nn.Module):
@@ -261,12 +265,14 @@ def compare_outputs(outputs: dict[str, torch.Tensor], open_mask, tolerance: floa
 
     ``base_runs``: more runs of the base model on the same input. A closed sequence equal bit for bit to any run
     is the base model's. Where the runs differ among themselves (some kernel of the base model is not
-    reproducible run to run: an H200 replaying one captured decode step twice gave logits 0.078 apart), closed
-    sequences that match none are checked within ``tolerance`` of the first run instead, and the verdict begins
-    "ok, not bitwise" and says by how much the base model differed from itself."""
+    reproducible run to run: an H200 replaying one captured decode step twice gave logits 0.078 apart), a closed
+    sequence that matches none passes only within ``NOT_BITWISE_SPREADS`` times the runs' largest difference from
+    one another (and within ``tolerance``): the verdict then begins "ok, not bitwise" and gives both numbers."""
     base, peft = outputs["base"], outputs["peft"]
     closed = ~open_mask.to(base.device)
-    spread = max((largest_difference(run, base, closed) for run in base_runs), default=0.0)
+    runs = (base, *base_runs)
+    spread = max((largest_difference(a, b, closed) for i, a in enumerate(runs) for b in runs[i + 1:]), default=0.0)
+    bound = min(tolerance, NOT_BITWISE_SPREADS * spread)
     problems, unsure, differences = [], [], {}
     for name, logits in outputs.items():
         if name in ("base", "peft"):
@@ -279,18 +285,20 @@ def compare_outputs(outputs: dict[str, torch.Tensor], open_mask, tolerance: floa
             err = largest_difference(logits, base, closed)
             if not err <= tolerance:
                 problems.append(f"{variant}: closed sequences differ from the base model by {err:.3g}")
-        elif not any(torch.equal(logits[closed], run[closed]) for run in (base, *base_runs)):
-            err = largest_difference(logits, base, closed)
-            if spread != 0.0 and err <= tolerance:
-                unsure.append(variant)
+        elif not any(torch.equal(logits[closed], run[closed]) for run in runs):
+            err = min(largest_difference(logits, run, closed) for run in runs)
+            if spread != 0.0 and err <= bound:
+                unsure.append(f"{variant} {err:.3g}")
             else:
-                runs = f" (its {len(base_runs) + 1} runs agreed)" if spread == 0.0 and base_runs else ""
-                problems.append(f"{variant}: closed sequences differ from the base model{runs}")
+                among = (f"its {len(runs)} runs agreed" if spread == 0.0 else
+                         f"its {len(runs)} runs differ by up to {spread:.3g} among themselves")
+                problems.append(f"{variant}: closed sequences differ from the base model by {err:.3g} ({among})"
+                                if base_runs else f"{variant}: closed sequences differ from the base model")
         if not differences[name] <= tolerance:
             problems.append(f"{variant}: open sequences differ from PEFT by {differences[name]:.3g}")
     if problems:
         return "FAILED: " + "; ".join(problems), differences
     if unsure:
-        return (f"{NOT_BITWISE}: the base model's {len(base_runs) + 1} runs differ by up to {spread:.3g} on the "
-                f"closed sequences; {', '.join(unsure)} within {tolerance:g} of the first"), differences
+        return (f"{NOT_BITWISE}: the base model's {len(runs)} runs differ by up to {spread:.3g} among themselves on "
+                f"the closed sequences; nearest run: {', '.join(unsure)}"), differences
     return "ok", differences

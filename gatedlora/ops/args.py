@@ -245,7 +245,7 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
         if gate_bias.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: gate_bias must be float32, float16, bfloat16 or float64, got {gate_bias.dtype}")
         named.append(("gate_bias", gate_bias))
-    elif gate_bias is not None and (isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float))):
+    elif gate_bias is not None and not is_real(gate_bias):
         raise TypeError(f"{op}: gate_bias must be a float, a one-element tensor or None, got {gate_bias!r:.80}")
     for name, t in named:
         check_device(x, name, t, op)
