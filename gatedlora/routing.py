@@ -37,8 +37,8 @@ OPEN_LOGIT = 6.0
 
 # KV caches of Transformers' continuous batching (generate_batch, cache_implementation="paged"): every request packed
 # into one row [1, total tokens], whose sequences a per-sequence router cannot tell apart (a review found each
-# request routed by the last packed token, and the route changing at every step). Named, not imported: the class
-# moved between Transformers versions.
+# request routed by the last packed token, and the route changing at every step). Named, not imported: a
+# Transformers version without continuous batching has no such class to import.
 PACKED_CACHES = ("PagedAttentionCache",)
 
 
