@@ -203,9 +203,6 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return 0
 
 
-PRISM_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-
 def _train_router_parser(sub) -> None:
     p = sub.add_parser("train-router", help="train a PRISM router (which prompts go to the adapter) from a JSONL "
                                             "of {\"prompt\": ..., \"label\": 0|1}",
@@ -222,8 +219,9 @@ def _train_router_parser(sub) -> None:
                    help="local PEFT LoRA adapter for --model (default: a fresh adapter on --target-modules after "
                         "--router-layer, rank 16, alpha 32, as PRISM). Several adapters, one router: repeat as "
                         "--adapter NAME=PATH, in route order (label i is the i-th)")
-    p.add_argument("--target-modules", default=PRISM_PROJECTIONS,
-                   help=f"fresh adapter: comma-separated module names (default {PRISM_PROJECTIONS})")
+    p.add_argument("--target-modules",
+                   help="fresh adapter: comma-separated module names (default: every linear layer of the model's "
+                        "blocks; on Llama q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, as PRISM)")
     p.add_argument("--router", choices=("prism", "two-class"), default="prism",
                    help="prism: Linear(H,128)-GELU-Linear(128,64)-GELU-Linear(64,1), sigmoid (default); "
                         "two-class: Linear(H,256)-GELU-Dropout-Linear(256,2), argmax")
@@ -282,9 +280,10 @@ def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Nam
         if existing and not args.overwrite:
             parser.error(f"--out {args.out} already holds {existing}; pass --overwrite to replace them")
         _check_writable(parser, "out", args.out, directory=True)
-    args.target_modules = [m.strip() for m in args.target_modules.split(",") if m.strip()]
-    if not args.target_modules:
-        parser.error("--target-modules: expected comma-separated module names")
+    if args.target_modules is not None:
+        args.target_modules = [m.strip() for m in args.target_modules.split(",") if m.strip()]
+        if not args.target_modules:
+            parser.error("--target-modules: expected comma-separated module names")
     classes = 2 if args.adapters is None else len(args.adapters) + 1
     try:
         args.prompts, args.labels = read_router_data(args.data, classes)
@@ -336,7 +335,7 @@ def _load_for_routing(args: argparse.Namespace):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from .config import GatedLoraConfig
-    from .patching import patch_model
+    from .patching import block_linear_names, patch_model
     from .routing import prism_two_class_router
 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -371,7 +370,7 @@ def _load_for_routing(args: argparse.Namespace):
         # fresh adapters go only on the blocks after the router's tap layer (patch_model drops the
         # earlier ones), as PRISM trains them
         config = GatedLoraConfig(gate="sequence", router_layer=args.router_layer, router=router, r=16,
-                                 lora_alpha=32, target_modules=args.target_modules)
+                                 lora_alpha=32, target_modules=args.target_modules or block_linear_names(model))
     return patch_model(model, config)
 
 

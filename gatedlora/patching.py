@@ -87,6 +87,23 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, module
 
 
+def block_linear_names(model: nn.Module) -> list[str]:
+    """The last name parts of the layers in the model's transformer blocks (``find_blocks``) that can take a LoRA
+    adapter (``linear_features``: nn.Linear, Transformers' Conv1D), sorted: ``target_modules`` for fresh adapters
+    where none are named. Llama's seven projections, as PRISM trains them; GPT-2's c_attn, c_proj and c_fc; Phi-3's
+    fused qkv_proj and gate_up_proj (a mixture-of-experts block's router layers too). Every block is read: a hybrid
+    model's blocks hold different layers."""
+    _, blocks = find_blocks(model)
+    names = set()
+    for name, module in blocks.named_modules():
+        try:
+            linear_features(module)
+        except TypeError:
+            continue
+        names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
 def _owner_config(model: nn.Module, name: str):
     """The config of the innermost module above ``name`` that has one (None if none has)."""
     parts = name.split(".")

@@ -277,3 +277,26 @@ def test_routing_commands_load_a_causal_lm_whose_class_is_not_named_for_causal_l
     for name, layer in gated_layers(model):
         saved = peft.get_submodule(name).lora_B["default"].weight
         assert torch.equal(layer.lora_B["default"].weight, saved)
+
+
+def test_train_router_fresh_adapter_covers_the_models_own_linear_layers_by_default(tmp_path):
+    """Without --target-modules the fresh adapter goes on every linear layer of the blocks after --router-layer.
+    The default was Llama's projection names, which GPT-2 has none of: it was refused ("choose some with
+    --target-modules")."""
+    import argparse
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gatedlora.cli import _load_for_routing, _train_router_parser
+    from gatedlora.patching import gated_layers
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "model")
+    parser = argparse.ArgumentParser()
+    _train_router_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train-router", "--model", str(tmp_path / "model"), "--data", "d.jsonl",
+                              "--device", "cpu"])
+    args.adapters = None  # (what the argument check sets without --adapter)
+    names = [name for name, _ in gated_layers(_load_for_routing(args))]
+    assert names == [f"transformer.h.{i}.{layer}" for i in (1, 2)
+                     for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]

@@ -80,6 +80,20 @@ def test_fresh_adapter_on_plain_model_starts_as_the_base_model():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base)
 
 
+def test_block_linear_names_reads_every_block():
+    """The default target_modules of fresh adapters (``gatedlora train-router``, the bench): the linear layers of
+    every block, so a block unlike the first (a hybrid model's) is covered too. Only block 0 was read."""
+    from tiny_models import tiny_causal_lm
+
+    from gatedlora.patching import block_linear_names
+
+    model = tiny_causal_lm("llama")
+    projections = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert block_linear_names(model) == projections
+    model.model.layers[0].mlp = torch.nn.Identity()  # block 0 without its MLP's three layers
+    assert block_linear_names(model) == projections
+
+
 def test_unsupported_layers_get_a_clear_error():
     from peft import LoraConfig, get_peft_model
     from tiny_models import tiny_causal_lm

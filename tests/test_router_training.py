@@ -344,11 +344,12 @@ def test_cli_trains_the_same_router_twice_with_one_seed(router, tmp_path, minilm
 
 def test_cli_lists_the_models_linear_names_when_target_modules_match_nothing(tmp_path, capsys, minilm_path):
     data = write_jsonl(tmp_path / "data.jsonl", GOOD)
-    with pytest.raises(SystemExit) as exit_info:  # the default targets are Llama's q_proj ... down_proj
-        main(["train-router", "--model", minilm_path, "--data", str(data), "--no-progress"])
+    with pytest.raises(SystemExit) as exit_info:  # Llama's names, on a BERT model
+        main(["train-router", "--model", minilm_path, "--data", str(data), "--no-progress", "--target-modules",
+              "q_proj,v_proj"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert "no module matches target_modules=['q_proj'" in err
+    assert "no module matches target_modules=['q_proj', 'v_proj']" in err
     assert "the model's linear layers are named ['dense', 'key', 'query', 'value']" in err
     assert "(choose some with --target-modules)" in err
 

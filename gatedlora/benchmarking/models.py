@@ -8,19 +8,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-def block_projections(model: nn.Module) -> list[str]:
-    """The names of every linear layer (nn.Linear, or Transformers' Conv1D) in the model's first decoder block:
-    Llama's seven projections, as PRISM trains them; GPT-2's c_attn, c_proj and c_fc; Phi-3's fused qkv_proj and
-    gate_up_proj (a mixture-of-experts block's router layers too; blocks unlike the first are covered where
-    their layers share its names). Fixed Llama names left the bench's fresh adapters nowhere on GPT-2 (PEFT's
-    "target modules not found") and on two of Phi-3's four."""
-    from transformers.pytorch_utils import Conv1D
-
-    from ..patching import find_blocks
-
-    _, blocks = find_blocks(model)
-    return sorted({name.rsplit(".", 1)[-1] for name, module in blocks[0].named_modules()
-                   if isinstance(module, (nn.Linear, Conv1D))})
+from ..patching import block_linear_names
 
 
 def randomize_lora_b(peft_model: nn.Module, seed: int) -> None:
@@ -79,7 +67,7 @@ def load_local_model(path: str, device: torch.device, dtype: torch.dtype) -> nn.
 def add_prism_adapter(model: nn.Module, router_layer: int = 0, r: int = 16, lora_alpha: int = 32,
                       adapter_path: str | None = None, seed: int = 1) -> nn.Module:
     """A PEFT LoRA model: the adapter at ``adapter_path``, or a fresh one as PRISM trains it (every projection of
-    the layers after ``router_layer``: ``block_projections``) with random B so it changes the output."""
+    the layers after ``router_layer``: ``block_linear_names``) with random B so it changes the output."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_path is not None:
@@ -88,7 +76,7 @@ def add_prism_adapter(model: nn.Module, router_layer: int = 0, r: int = 16, lora
         except RuntimeError as err:  # PEFT's "size mismatch": an adapter trained on another model
             raise ValueError(f"the adapter in {adapter_path} does not fit the model: {err}") from None
     layers = model.config.num_hidden_layers
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=block_projections(model),
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=block_linear_names(model),
                         layers_to_transform=list(range(router_layer + 1, layers)))
     peft_model = get_peft_model(model, config).eval()
     randomize_lora_b(peft_model, seed)

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..config import GatedLoraConfig
-from ..patching import patch_model
+from ..patching import block_linear_names, patch_model
 from ..routing import PrismMultiRouter
-from .models import block_projections, randomize_lora_b, weight_sharing_copy
+from .models import randomize_lora_b, weight_sharing_copy
 from .scenarios import BASE_RUNS, compare_outputs, decode_stepper, gated_forwards
 
 BASE_FRACTION = 0.25
@@ -39,7 +39,7 @@ def add_adapters(model: nn.Module, router_layer: int = 0, count: int = 4, r: int
     from peft import LoraConfig, get_peft_model
 
     layers = list(range(router_layer + 1, model.config.num_hidden_layers))
-    targets = block_projections(model)
+    targets = block_linear_names(model)
     peft_model = None
     for name in adapter_names(count):
         config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, layers_to_transform=layers)

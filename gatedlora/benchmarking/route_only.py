@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from ..patching import block_linear_names
 from .machine_load import LoadMeter
-from .models import LlamaSpec, block_projections, build_llama
+from .models import LlamaSpec, build_llama
 from .timing import time_side_by_side
 
 
@@ -42,7 +43,7 @@ def prepare(spec: LlamaSpec, router_layer: int, directory: Path, device: torch.d
     model_dir, router_dir = directory / "model", directory / "router"
     model.save_pretrained(model_dir)
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=router_layer,
-                                       target_modules=block_projections(model)))
+                                       target_modules=block_linear_names(model)))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
