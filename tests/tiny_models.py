@@ -13,6 +13,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from gatedlora.benchmarking import models
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -66,12 +68,8 @@ def tiny_t5(layers: int = 2, seed: int = 0) -> torch.nn.Module:
 
 
 def randomize_lora_b(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
-    """PEFT initialises lora_B to zeros (LoRA then changes nothing); give it random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    """PEFT initialises lora_B to zeros (LoRA then changes nothing); give it random values (the tests' defaults)."""
+    models.randomize_lora_b(model, seed, scale)
 
 
 def tiny_peft_model(arch: str = "llama", layers: int = 3, layers_to_transform=None, seed: int = 0,

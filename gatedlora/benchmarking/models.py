@@ -11,13 +11,14 @@ from torch import nn
 from ..patching import block_linear_names
 
 
-def randomize_lora_b(peft_model: nn.Module, seed: int) -> None:
-    """Every lora_B weight random (PEFT starts them at 0, where an adapter changes nothing), in parameter order."""
+def randomize_lora_b(peft_model: nn.Module, seed: int, scale: float = 0.02) -> None:
+    """Every lora_B weight random, normal with standard deviation ``scale`` (PEFT starts them at 0, where an
+    adapter changes nothing), in parameter order."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.copy_((torch.randn(param.shape, generator=gen) * 0.02).to(param.dtype))
+                param.copy_((torch.randn(param.shape, generator=gen) * scale).to(param.dtype))
 
 
 @dataclass(frozen=True)
