@@ -375,6 +375,7 @@ def _load_for_routing(args: argparse.Namespace):
 
 
 def _run_train_router(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .prompts import PromptsWithoutTokens
     from .router_training import train_router
 
     if args.no_progress:
@@ -392,6 +393,8 @@ def _run_train_router(parser: argparse.ArgumentParser, args: argparse.Namespace)
                               batch_size=args.batch_size, heldout=args.heldout, seed=args.seed,
                               max_length=args.max_length, progress=not args.no_progress, save_to=args.out,
                               overwrite=args.overwrite)
+    except PromptsWithoutTokens as err:
+        parser.error(_without_tokens(args.data, err))
     except ValueError as err:  # e.g. a training that diverged at this --lr: nothing was saved
         parser.error(str(err))
     except OSError as err:  # the save failed (the disk filled); a save that fails leaves what was there
@@ -470,6 +473,7 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
 
     import torch
 
+    from .prompts import PromptsWithoutTokens
     from .route_only import RouteOnlyModel, route_prompts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -482,6 +486,8 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     try:
         probabilities, indices = route_prompts(model, [row["prompt"] for row in args.rows], tokenizer,
                                                args.batch_size, args.max_length, progress=not args.no_progress)
+    except PromptsWithoutTokens as err:
+        parser.error(_without_tokens(args.data, err))
     except ValueError as err:  # e.g. a prompt longer than the model takes
         parser.error(str(err))
     routes = model.routes(indices)
@@ -509,6 +515,17 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     taken = ", ".join(f"{count} to {name!r} ({count / len(routes):.1%})" for name, count in counts.items())
     print(f"routed {len(routes)} prompts: {taken}, {routes.count('base')} to the base model; wrote {args.out}")
     return 0
+
+
+def _without_tokens(path: str, err) -> str:
+    """The error for prompts of the JSONL file ``path`` that have no tokens (``prompts.PromptsWithoutTokens``),
+    named by their lines."""
+    from .prompts import jsonl_lines
+
+    lines = [number for number, _ in jsonl_lines(path)]
+    named = [lines[row] for row in err.rows[:8] if row < len(lines)]
+    more = f" and {len(err.rows) - len(named)} more" if len(err.rows) > len(named) else ""
+    return f"--data {path}: the prompts on lines {named}{more} have no tokens (the tokenizer gives none)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,14 @@ def explain_too_long(tokenizer: Any, ids: list[list[int]], rows: Sequence[int], 
                              f"{source}; pass max_length (--max-length) to truncate them") from error
 
 
+class PromptsWithoutTokens(ValueError):
+    """Prompts that the tokenizer (or ``max_length`` 0) left without a token: ``rows``, their indices."""
+
+    def __init__(self, caller: str, rows: list[int]) -> None:
+        super().__init__(f"{caller}: prompts {rows[:8]} have no tokens")
+        self.rows = rows
+
+
 def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, caller: str) -> list[list[int]]:
     """Token ids per prompt: strings go through ``tokenizer`` (truncated to ``max_length``), token-id lists
     and 1-D integer tensors are taken as they are. ``caller`` names the function in error messages."""
@@ -55,7 +63,7 @@ def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, ca
             encoded = [ids[:max_length] for ids in encoded]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
-        raise ValueError(f"{caller}: prompts {empty[:8]} have no tokens")
+        raise PromptsWithoutTokens(caller, empty)
     return encoded
 
 
@@ -82,22 +90,27 @@ def read_jsonl(path: str | Path, check: Callable[[dict], str | None]) -> list[di
     """The objects of a JSONL file (blank lines skipped). ``check(row)`` returns what is wrong with a row, or
     None. Raises ValueError naming the file and line of the first bad row."""
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            problem = f"expected an object, got {type(row).__name__}" if not isinstance(row, dict) else check(row)
-            if problem:
-                raise ValueError(f"{where}: {problem}")
-            rows.append(row)
+    for number, line in jsonl_lines(path):
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        problem = f"expected an object, got {type(row).__name__}" if not isinstance(row, dict) else check(row)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line) for each line of a JSONL file that is not blank: the rows, in order."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield number, line
 
 
 def prompt_problem(row: dict) -> str | None:

@@ -347,3 +347,27 @@ def test_serve_example_routes_in_process_and_names_the_adapter(trained_minilm, t
     assert sent == {p: "minilm" if route == "base" else route for p, route in want.items()}
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     assert [a["route"] for a in answers] == [want[p] for p in prompts]
+
+
+def test_clis_name_prompts_without_tokens_by_their_line(tmp_path, capsys):
+    """A prompt that the tokenizer turns into nothing (characters outside a vocabulary without an unknown token):
+    route and train-router name its line in --data (they gave its index among the rows, which blank lines
+    shift)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from gatedlora.cli import main
+
+    model_dir, router_dir, _ = saved_model_and_router(tmp_path, layers=3, router_layer=0)
+    bpe = Tokenizer(models.BPE(vocab={"a": 5, "b": 6}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(model_dir)
+    data = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "a b", "label": 0}, "", {"prompt": "a", "label": 1},
+                                                      "  ", {"prompt": "zz", "label": 1}, {"prompt": "b", "label": 0}])
+    for argv in (["route", "--router", str(router_dir), "--out", str(tmp_path / "routes.jsonl")],
+                 ["train-router", "--no-progress"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + ["--model", str(model_dir), "--data", str(data)])
+        assert exit_info.value.code == 2
+        assert f"--data {data}: the prompts on lines [5] have no tokens" in capsys.readouterr().err
+    assert not (tmp_path / "routes.jsonl").exists()
