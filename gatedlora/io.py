@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -548,18 +549,55 @@ def _check_adapter(model: nn.Module, meta: dict, source: Path) -> None:
     """Gates and a router are trained for one adapter: the model's must be the saved one (name, r, lora_alpha; with
     several adapters each one's, and the layers that hold it)."""
     saved, here = meta.get("adapter") or {}, _adapter_record(model)
-    if isinstance(saved.get("adapters"), dict) and isinstance(here.get("adapters"), dict):
-        # a save from before the layers were recorded per adapter is compared on what it recorded
-        here["adapters"] = {name: {k: v for k, v in record.items()
-                                   if k != "layers" or "layers" in saved["adapters"].get(name, {})}
-                            for name, record in here["adapters"].items()}
-    differing = {key: (here.get(key), saved[key]) for key in ("name", "r", "lora_alpha", "adapters")
-                 if key in saved and not _same(here.get(key), saved[key])}
+    differing = _record_differences(here, saved, ("name", "r", "lora_alpha", "adapters"))
     if differing:
-        raise ValueError(f"load_pretrained: {source} was saved with another adapter (model vs saved): {differing}. "
+        listed = "; ".join(differing[:_DIFFERENCES_NAMED])
+        more = f"; and {len(differing) - _DIFFERENCES_NAMED} more" if len(differing) > _DIFFERENCES_NAMED else ""
+        raise ValueError(f"load_pretrained: {source} was saved with another adapter: {listed}{more}. "
                          "Gates and a router trained for one adapter do not carry over to another: load the adapter "
                          "the save was made with, under its name (PeftModel.from_pretrained(model, path, "
                          "adapter_name=name)), or patch the model afresh and train new gates")
+
+
+_DIFFERENCES_NAMED = 6  # (a whole record in the message was 89,543 characters for 4 adapters on 32 blocks)
+
+
+def _record_differences(here: dict, saved: dict, keys: Sequence[str], owner: str = "") -> list[str]:
+    """What differs between the model's adapter record and the saved one (``_adapter_record``), field by field,
+    each as "<owner>field: <model's> in the model, <saved> saved". Only the fields ``keys`` that the save holds are
+    compared: a save from before the layers were recorded per adapter is compared on what it recorded."""
+    found = []
+    for key in keys:
+        if key not in saved or _same(here.get(key), saved[key]):
+            continue
+        mine, theirs = here.get(key), saved[key]
+        if key == "adapters" and isinstance(mine, dict) and isinstance(theirs, dict):
+            for name in [*theirs, *(n for n in mine if n not in theirs)]:
+                if name not in mine or name not in theirs:
+                    found.append(f"adapter {name!r}: {'saved, not in the model' if name in theirs else 'not saved'}")
+                else:
+                    found += _record_differences(mine[name], theirs[name], ("r", "lora_alpha", "layers"),
+                                                 f"adapter {name!r}: ")
+        elif key == "layers" and isinstance(mine, list) and isinstance(theirs, list):
+            lacking, others = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+            found.append(f"{owner}layers: {len(lacking)} saved layers not in the model {lacking[:2]}, "
+                         f"{len(others)} in the model not saved {others[:2]}")
+        elif isinstance(mine, dict) and isinstance(theirs, dict):  # one value per layer
+            layers = [n for n in theirs if n not in mine or not _same(mine[n], theirs[n])]
+            layers += [n for n in mine if n not in theirs]
+            first = layers[0]
+            found.append(f"{owner}{key} differs on {len(layers)} layer{'s' * (len(layers) > 1)}, {first}: "
+                         f"{mine.get(first)!r} in the model, {theirs.get(first)!r} saved")
+        else:
+            found.append(f"{owner}{key}: {_per_layer_or_value(mine)} in the model, {_per_layer_or_value(theirs)} saved")
+    return found
+
+
+def _per_layer_or_value(value) -> str:
+    """A record field for a message: its value, or for one value per layer the distinct values."""
+    if isinstance(value, dict):
+        return f"one per layer ({sorted(set(map(repr, value.values())))[:4]})"
+    return repr(value)
 
 
 def _copy_checked(targets: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: Path) -> None:
