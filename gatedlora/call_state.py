@@ -19,7 +19,9 @@ thread, so a slot set at its start and restored at its end is scoped to that cal
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -216,22 +218,44 @@ def attach_routes(cache: Any, key: int, decision: RouteDecision) -> None:
     routes = anchor.__dict__.get(ROUTES_ATTRIBUTE)
     anchor.__dict__[ROUTES_ATTRIBUTE] = {**(routes or {}), key: decision}
     if callable(getattr(type(anchor), "reset", None)) and "reset" not in anchor.__dict__:
-        anchor.__dict__["reset"] = _ResetForgetsRoutes(anchor)
+        anchor.__dict__["reset"] = _ResetForgetsRoutes(anchor, "reset")
     for name in _BATCH_OPERATIONS:
         if callable(getattr(type(anchor), name, None)) and name not in anchor.__dict__:
             anchor.__dict__[name] = _RoutesFollowBatch(anchor, name)
 
 
-class _ResetForgetsRoutes:
-    """``cache.reset`` on a cache that carries routes: they go with the tokens. An object holding the cache,
-    not a closure, so a deep copy of the cache resets (and forgets) itself."""
+class _CacheMethod:
+    """A method of one cache, set in its ``__dict__`` in place of the class's. It holds the cache weakly: a strong
+    reference from the cache's own dict made a cycle, and every routed cache (its keys and values) then outlived
+    its last user until the cyclic collector ran (a review counted 20 finished generations' caches alive after 300
+    ``generate()`` calls). A deep copy or pickle of the cache gets one bound to the copy."""
 
-    def __init__(self, cache: Any) -> None:
-        self.cache = cache
+    def __init__(self, cache: Any, name: str) -> None:
+        self._cache = weakref.ref(cache)
+        self.name = name
+
+    @property
+    def cache(self) -> Any:
+        cache = self._cache()
+        if cache is None:  # (only a shallow copy of a cache, copy.copy, outlives it with this object)
+            raise RuntimeError(f"gatedlora: {self.name}() of a shallow copy (copy.copy) of a routed KV cache whose "
+                               "original was freed; copy a cache with copy.deepcopy")
+        return cache
+
+    def __deepcopy__(self, memo: dict) -> "_CacheMethod":
+        return type(self)(copy.deepcopy(self.cache, memo), self.name)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.cache, self.name)
+
+
+class _ResetForgetsRoutes(_CacheMethod):
+    """``cache.reset`` on a cache that carries routes: they go with the tokens."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.cache.__dict__.pop(ROUTES_ATTRIBUTE, None)
-        return type(self.cache).reset(self.cache, *args, **kwargs)
+        cache = self.cache
+        cache.__dict__.pop(ROUTES_ATTRIBUTE, None)
+        return type(cache).reset(cache, *args, **kwargs)
 
 
 def _reordered_rows(batch: int, beam_idx: torch.Tensor) -> torch.Tensor:
@@ -256,19 +280,14 @@ _BATCH_OPERATIONS = {"reorder_cache": _reordered_rows, "batch_select_indices": _
                      "batch_repeat_interleave": _repeated_rows}
 
 
-class _RoutesFollowBatch:
+class _RoutesFollowBatch(_CacheMethod):
     """``cache.reorder_cache`` / ``batch_select_indices`` / ``batch_repeat_interleave`` on a cache that carries
-    routes: each sequence's route moves with its keys and values (``RouteDecision.select``). An object holding
-    the cache, as ``_ResetForgetsRoutes``. Only these calls pay for it: a decode step reads the routes as
-    before.
+    routes: each sequence's route moves with its keys and values (``RouteDecision.select``). Only these calls
+    pay for it: a decode step reads the routes as before.
 
     Inside a routed generate(), beam search reorders the cache every step, but only among one prompt's beams,
     which were routed alike (the prompt repeated once per beam before the prefill): there the routes stay as
     they are, which saves the step a new decision (and its layers the gates they keep per decision)."""
-
-    def __init__(self, cache: Any, name: str) -> None:
-        self.cache = cache
-        self.name = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         cache = self.cache

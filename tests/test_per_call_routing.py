@@ -822,3 +822,39 @@ def test_sequence_gates_generate_on_mamba_whose_cache_counts_no_tokens():
     assert torch.equal(scores[~want], base_scores[~want])
     assert torch.equal(out.sequences[want], peft.sequences[want])
     torch.testing.assert_close(scores[want], peft_scores[want], rtol=0, atol=1e-5)
+
+
+def test_a_routed_cache_is_freed_when_dropped_and_its_copies_are_their_own():
+    """The methods a routed cache carries (reset, reorder_cache, ...) hold it weakly: they held it strongly from
+    its own dict, a cycle, so every routed cache (its keys and values) outlived its last user until the cyclic
+    collector ran. A deep copy and a pickled copy reset and select themselves, not the original."""
+    import gc
+    import pickle
+    import weakref
+
+    model, batches, routes = prism_model()
+    ids, mask = batches["a"]
+    gc.disable()  # only reference counting frees
+    try:
+        with torch.no_grad():
+            cache = DynamicCache(config=model.base_model.model.config)
+            model(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE: cache})
+            keys = weakref.ref(cache.layers[0].keys)
+            copies = {"deepcopy": copy.deepcopy(cache), "pickle": pickle.loads(pickle.dumps(cache))}
+            del cache
+            assert keys() is None
+            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                                       return_dict_in_generate=True)
+            kept = weakref.ref(generated.past_key_values)
+            del generated
+            assert kept() is None
+    finally:
+        gc.enable()
+    router = get_router(model)
+    for name, copied in copies.items():
+        assert torch.equal(router.routes_of(copied).decisions, routes["a"]), name
+        copied.batch_select_indices(torch.tensor([2, 0]))
+        assert torch.equal(router.routes_of(copied).decisions, routes["a"][[2, 0]]), name
+        assert copied.layers[0].keys.shape[0] == 2, name
+        copied.reset()
+        assert router.routes_of(copied) is None, name
