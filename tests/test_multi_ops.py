@@ -661,3 +661,31 @@ def test_add_lora_multi_takes_the_op_off_its_path(monkeypatch):
                         case["adapter_index"], backend="triton")
         assert calls == [1, 1]
         check(case, out)
+
+
+@pytest.mark.parametrize("m", (12, 40))  # the concatenated strategy, the grouped one
+def test_an_index_out_of_range_under_torch_compile_keeps_the_base_output(m):
+    """Compiled, the op's range check cannot raise (it reads values): rows whose index is outside [-1, A) keep the
+    base output, as on a GPU, on either CPU strategy. The grouped one refused -2 in bincount and, past A, added
+    rows of memory nothing wrote (1.7e32 seen in a review)."""
+    case = make_case(47, m, 32, 24, (4, 8), torch.float32)
+    index = case["adapter_index"].clone()
+    bad = torch.tensor([1, 5, 9])
+    index[bad] = torch.tensor([2, -2, 7])
+
+    def fn(x, base, index):
+        return gatedlora.gated_lora_multi(x, base, case["lora_a"], case["lora_b"], case["scaling"], index,
+                                          backend="torch")
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(case["x"], case["base_out"], index)
+    with pytest.raises(ValueError, match=r"rows \[1, 5, 9\] \(of %d\) hold \[2, -2, 7\]" % m):
+        fn(case["x"], case["base_out"], index)  # eager: refused
+    assert torch.equal(bits(compiled[bad]), bits(case["base_out"][bad]))
+    fine = torch.ones(m, dtype=torch.bool)
+    fine[bad] = False
+    valid = {**case, "adapter_index": index.where(fine, -1)}
+    want = gated_lora_multi_reference(valid["x"], valid["base_out"], valid["lora_a"], valid["lora_b"],
+                                      valid["scaling"], valid["adapter_index"])
+    torch.testing.assert_close(compiled.double(), want, rtol=1e-5, atol=1e-5)

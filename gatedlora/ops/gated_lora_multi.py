@@ -44,8 +44,9 @@ def gated_lora_multi(
         lora_b: A tensors [N, r_i] (PEFT ``lora_B[name].weight``).
         scaling: one float per adapter (PEFT's ``scaling[name]``), or one float for all.
         adapter_index: [M] or ``x.shape[:-1]`` int32/int64: each row's adapter in [0, A), or -1 for none.
-            On the CPU other values are an error; on a GPU (where checking would sync) a row with an index
-            outside [0, A) gets the base output.
+            On the CPU other values are an error; on a GPU (where checking would sync) and under
+            ``torch.compile`` (whose graphs cannot raise on a value) a row with an index outside [0, A) gets
+            the base output.
         backend: ``auto``, ``torch`` or ``triton`` (``cuda`` has no multi-adapter kernel: ``auto`` skips it).
         inplace: write into ``base_out`` and return it (one that shares memory with an input is computed
             through a copy, then written; under autograd, as in ``gated_lora``: a view autograd refuses to modify

@@ -102,7 +102,8 @@ def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool
     """Raise TypeError/ValueError naming the first argument that is wrong (shapes as in ``gated_lora_multi``).
 
     On CPU tensors the adapter index is also checked for values outside [-1, A): there the check costs
-    no device sync. On a GPU it would, so there a row whose index is outside [0, A) gets the base output.
+    no device sync. On a GPU it would, so there a row whose index is outside [0, A) gets the base output, as
+    under ``torch.compile``, which cannot raise on a value.
     """
     check_x_and_base_out(x, base_out, inplace, op)
     k, n = x.shape[-1], base_out.shape[-1]

@@ -106,13 +106,17 @@ def _add_product(out: torch.Tensor, u: torch.Tensor, lora_b_t: torch.Tensor, not
 
 def add_grouped(out: torch.Tensor, args: MultiLoraArgs) -> None:
     """CPU: the rows sorted and counted by adapter, each adapter's matmuls on its own rows only."""
-    index = args.adapter_index
-    counts = torch.bincount(index + 1, minlength=args.adapters + 1).tolist()  # [base, adapter 0, ...]
-    if counts[0] == args.m:
+    # The op's range check is skipped under torch.compile (a graph cannot raise on a value), so an index outside
+    # [-1, A) can reach here: below -1 it goes to -1 (base), at or past A to A, a count no adapter's loop reads, so
+    # those rows keep the base output, as on a GPU (unclamped, bincount refused -2 and rows past A added memory
+    # nothing wrote). One small op on the index, at more than CONCATENATED_MAX_ROWS rows.
+    index = args.adapter_index.clamp(-1, args.adapters)
+    counts = torch.bincount(index + 1, minlength=args.adapters + 2).tolist()  # [base, adapter 0, ..., past A]
+    if counts[0] + counts[-1] == args.m:
         return
     check_one_dtype(args.lora_a, args.lora_b, "gated_lora_multi")  # (the layers call the op without validation)
     x = _lora_x(args)
-    whole = next((i for i, c in enumerate(counts[1:]) if c == args.m), None)
+    whole = next((i for i, c in enumerate(counts[1:-1]) if c == args.m), None)
     if whole is not None:  # one adapter on every row: plain LoRA
         u = F.linear(x, args.lora_a[whole])
         if out.dtype == u.dtype:
@@ -120,7 +124,7 @@ def add_grouped(out: torch.Tensor, args: MultiLoraArgs) -> None:
         else:
             add_promoted(out, F.linear(u, args.lora_b[whole]), args.scaling[whole])
         return
-    rows = torch.argsort(index, stable=True)[counts[0]:]  # base rows (-1) sort first
+    rows = torch.argsort(index, stable=True)[counts[0]:args.m - counts[-1]]  # base rows (-1) sort first
     x = x.index_select(0, rows)
     delta = torch.empty(len(rows), args.n, dtype=x.dtype, device=x.device)
     start = 0
