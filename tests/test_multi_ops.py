@@ -541,6 +541,10 @@ def test_torch_compile_keeps_the_op_whole(backend_name, inplace):
     (dict(lora_b="drop"), r"lora_a and lora_b must list the same adapters, got 2 and 1"),
     (dict(lora_a="rank"), r"lora_b\[1\] must have shape \[N, r\] = \[6, 5\] \(r from lora_a\[1\]\), got \[6, 3\]"),
     (dict(lora_a="k"), r"lora_a\[0\] must have shape \[r, K\] = \[r, 8\] with r >= 1, got \[2, 7\]"),
+    # every adapter agrees and x or base_out does not: they are named (lora_a[0] and lora_b[0] were)
+    (dict(x="k"), r"x must have shape \[\.\.\., K\] with K = 8, as every adapter's lora_a has, got \[4, 7\]"),
+    (dict(base_out="n"), r"base_out must have shape \[\.\.\., N\] with N = 6, as every adapter's lora_b has, "
+                         r"got \[4, 5\]"),
     (dict(lora_b="dtype"), r"the adapters' weights must share one dtype"),
     (dict(scaling=[1.0]), r"scaling must have one value per adapter \(2\), got 1"),
     (dict(scaling=[1.0, float("nan")]), r"scaling must be a finite float"),
@@ -561,8 +565,12 @@ def test_bad_input_is_named(change, message):
         case[key] = case[key][:1]
     elif how == "rank":
         case["lora_a"][1] = torch.randn(5, 8)
-    elif how == "k":
+    elif how == "k" and key == "lora_a":
         case["lora_a"][0] = torch.randn(2, 7)
+    elif how == "k":
+        case["x"] = case["x"][:, :7]
+    elif how == "n":
+        case["base_out"] = case["base_out"][:, :5]
     elif how == "dtype":
         case["lora_b"][1] = case["lora_b"][1].double()
     elif how == "float":

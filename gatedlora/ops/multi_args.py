@@ -112,6 +112,13 @@ def check_multi_inputs(x, base_out, lora_a, lora_b, adapter_index, inplace: bool
             raise TypeError(f"{op}: {name} must be a list of tensors, one per adapter, got {type(seq).__name__}")
     if len(lora_a) != len(lora_b):
         raise ValueError(f"{op}: lora_a and lora_b must list the same adapters, got {len(lora_a)} and {len(lora_b)}")
+    # where every adapter agrees on K (or N) and x (or base_out) does not, x is the one to name
+    for name, tensor, size, letter, weights, seq, dim in (("x", x, k, "K", "lora_a", lora_a, 1),
+                                                          ("base_out", base_out, n, "N", "lora_b", lora_b, 0)):
+        sizes = {t.shape[dim] for t in seq if isinstance(t, torch.Tensor) and t.dim() == 2}
+        if len(seq) > 1 and len(sizes) == 1 and size not in sizes:
+            raise ValueError(f"{op}: {name} must have shape [..., {letter}] with {letter} = {sizes.pop()}, as every "
+                             f"adapter's {weights} has, got {_shape(tensor)}")
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):
         for name, t in ((f"lora_a[{i}]", a), (f"lora_b[{i}]", b)):
             if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
