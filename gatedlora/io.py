@@ -571,7 +571,9 @@ def _record_differences(here: dict, saved: dict, keys: Sequence[str], owner: str
         if key not in saved or _same(here.get(key), saved[key]):
             continue
         mine, theirs = here.get(key), saved[key]
-        if key == "adapters" and isinstance(mine, dict) and isinstance(theirs, dict):
+        if key == "adapters" and not (isinstance(mine, dict) and isinstance(theirs, dict)):
+            found.append(f"adapters: {list(mine or ())} in the model, {list(theirs or ())} saved")
+        elif key == "adapters":
             for name in [*theirs, *(n for n in mine if n not in theirs)]:
                 if name not in mine or name not in theirs:
                     found.append(f"adapter {name!r}: {'saved, not in the model' if name in theirs else 'not saved'}")
