@@ -91,11 +91,17 @@ def block_linear_names(model: nn.Module) -> list[str]:
     """The last name parts of the layers in the model's transformer blocks (``find_blocks``) that can take a LoRA
     adapter (``linear_features``: nn.Linear, Transformers' Conv1D), sorted: ``target_modules`` for fresh adapters
     where none are named. Llama's seven projections, as PRISM trains them; GPT-2's c_attn, c_proj and c_fc; Phi-3's
-    fused qkv_proj and gate_up_proj (a mixture-of-experts block's router layers too). Every block is read: a hybrid
-    model's blocks hold different layers."""
+    fused qkv_proj and gate_up_proj (a mixture-of-experts block's router layer too, where it is a plain nn.Linear).
+    Every block is read: a hybrid model's blocks hold different layers. Left out: the numbered children of a
+    container (Zamba2's nn.Sequential adapters: "0" matched every block's index, and patching refused the blocks),
+    and nn.Linear subclasses with a forward of their own (Llama 4's and PhiMoE's MoE routers return tuples, which
+    no LoRA layer takes)."""
     _, blocks = find_blocks(model)
     names = set()
     for name, module in blocks.named_modules():
+        if name.rsplit(".", 1)[-1].isdigit() or (isinstance(module, nn.Linear)
+                                                  and type(module).forward is not nn.Linear.forward):
+            continue
         try:
             linear_features(module)
         except TypeError:

@@ -93,6 +93,18 @@ def test_block_linear_names_reads_every_block():
     model.model.layers[0].mlp = torch.nn.Identity()  # block 0 without its MLP's three layers
     assert block_linear_names(model) == projections
 
+    class Router(torch.nn.Linear):  # as Llama 4's MoE router: a forward of its own, returning a tuple
+        def forward(self, x):
+            return super().forward(x), x
+
+    class Renamed(torch.nn.Linear):  # a subclass that computes what nn.Linear does
+        pass
+
+    block = model.model.layers[1]
+    block.router, block.adapters, block.kept = Router(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 4)), Renamed(4, 4)
+    # ("0", the Sequential's child, matched every block's index "model.layers.0" in target_modules)
+    assert block_linear_names(model) == sorted(projections + ["kept"])
+
 
 def test_unsupported_layers_get_a_clear_error():
     from peft import LoraConfig, get_peft_model
