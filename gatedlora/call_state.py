@@ -228,24 +228,32 @@ class _CacheMethod:
     """A method of one cache, set in its ``__dict__`` in place of the class's. It holds the cache weakly: a strong
     reference from the cache's own dict made a cycle, and every routed cache (its keys and values) then outlived
     its last user until the cyclic collector ran (a review counted 20 finished generations' caches alive after 300
-    ``generate()`` calls). A deep copy or pickle of the cache gets one bound to the copy."""
+    ``generate()`` calls). So, unlike a bound method, it does not keep the cache alive: whoever calls it later
+    must hold the cache too. A deep copy or pickle of the cache gets one bound to the copy; a deep copy of the
+    method alone (``copy.deepcopy(cache.reset)``) holds its copy of the cache strongly, as nothing else does (that
+    copy's own dict holds a weak one: no cycle)."""
 
-    def __init__(self, cache: Any, name: str) -> None:
+    def __init__(self, cache: Any, name: str, alone: bool = False) -> None:
         self._cache = weakref.ref(cache)
+        self._held = cache if alone else None
         self.name = name
 
     @property
     def cache(self) -> Any:
         cache = self._cache()
-        if cache is None:  # (only a shallow copy of a cache, copy.copy, outlives it with this object)
-            raise RuntimeError(f"gatedlora: {self.name}() of a shallow copy (copy.copy) of a routed KV cache whose "
-                               "original was freed; copy a cache with copy.deepcopy")
+        if cache is None:
+            raise RuntimeError(f"gatedlora: {self.name}() of a routed KV cache that was freed: gatedlora's methods on "
+                               "a routed cache hold it weakly (so that it is freed when dropped); keep the cache, not "
+                               "only its method (a shallow copy, copy.copy, shares the original's: use copy.deepcopy)")
         return cache
 
     def __deepcopy__(self, memo: dict) -> "_CacheMethod":
-        return type(self)(copy.deepcopy(self.cache, memo), self.name)
+        cache = self.cache
+        alone = id(cache) not in memo  # else the cache is being copied, and this method with its dict
+        return type(self)(copy.deepcopy(cache, memo), self.name, alone)
 
     def __reduce__(self) -> tuple:
+        # (a pickle of the method alone loads as the object its cache's dict holds, which holds the cache weakly)
         return type(self), (self.cache, self.name)
 
 

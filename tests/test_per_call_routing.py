@@ -841,6 +841,7 @@ def test_a_routed_cache_is_freed_when_dropped_and_its_copies_are_their_own():
             model(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE: cache})
             keys = weakref.ref(cache.layers[0].keys)
             copies = {"deepcopy": copy.deepcopy(cache), "pickle": pickle.loads(pickle.dumps(cache))}
+            alone = copy.deepcopy({"select": cache.batch_select_indices})["select"]  # holds its copy of the cache
             del cache
             assert keys() is None
             generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
@@ -851,6 +852,8 @@ def test_a_routed_cache_is_freed_when_dropped_and_its_copies_are_their_own():
     finally:
         gc.enable()
     router = get_router(model)
+    alone(torch.tensor([1]))
+    assert torch.equal(router.routes_of(alone.cache).decisions, routes["a"][[1]])
     for name, copied in copies.items():
         assert torch.equal(router.routes_of(copied).decisions, routes["a"]), name
         copied.batch_select_indices(torch.tensor([2, 0]))
