@@ -283,6 +283,11 @@ class GatedLoRALinear(nn.Module):
         """(the base layer's output, the LoRA input in its dtype, whether the term may be added in place)."""
         modules = self._modules
         result = self._base(x, args, kwargs)
+        if not isinstance(result, torch.Tensor):  # (a subclass with a forward of its own: an MoE router's tuple)
+            raise TypeError(
+                f"gatedlora: this layer's base layer ({type(modules['base_layer']).__name__}) returned a "
+                f"{type(result).__name__}, not a tensor, so there is no output to add an adapter's term to; leave "
+                "it out of target_modules")
         if lora_x.dtype != result.dtype:  # autocast: the base ran in a lower precision than x
             lora_x = lora_x.to(result.dtype)
         # In place unless someone else may hold the base output: a forward hook on the base layer sees (and

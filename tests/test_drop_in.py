@@ -132,6 +132,24 @@ def test_unsupported_layers_get_a_clear_error():
         patch_model(dora)
 
 
+def test_a_base_layer_that_returns_no_tensor_gets_a_clear_error():
+    """A Linear subclass whose forward returns a tuple (an MoE router), named in target_modules on purpose: the
+    base-only path passes its output on as the base model does; the adapter's path says why it cannot add."""
+    class Router(torch.nn.Linear):
+        def forward(self, x):
+            y = super().forward(x)
+            return y, y.softmax(-1)
+
+    model = torch.nn.Sequential(Router(8, 4))
+    patch_model(model, GatedLoraConfig(target_modules=["0"], gate="none"))
+    x = torch.randn(3, 8)
+    with pytest.raises(TypeError, match=r"base layer \(Router\) returned a tuple, not a tensor.*target_modules"):
+        model(x)
+    with force_gate(model, 0.0):
+        logits, probabilities = model(x)
+    assert torch.equal(logits, torch.nn.functional.linear(x, model[0].weight, model[0].bias))
+
+
 def test_nothing_to_patch_errors():
     from tiny_models import tiny_causal_lm
 
