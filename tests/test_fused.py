@@ -48,6 +48,23 @@ def test_fused_fallback_reasons():
     assert "inputs require grad" in fused_fallback_reason(x, w.clone().requires_grad_(), b, a, bb)
 
 
+def test_an_empty_batch_is_not_kept_as_the_decode_choice():
+    """M = 0 and M = 1 share a bucket of the dispatch cache: an empty batch's "no rows" was served to every
+    decode call after it (on a GPU: no fused kernel for decode), and decode's choice to the empty batch."""
+    from gatedlora.ops.backends import clear_dispatch_cache
+
+    case = make_case(6, 1, 16, 8, 4, torch.float32, "none", linear=True)
+    x, w, b, a, bb = case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"]
+    clear_dispatch_cache()
+    decode = fused_fallback_reason(x, w, b, a, bb)
+    assert decode != "the input has no rows or no output features"
+    assert fused_fallback_reason(x[:0], w, b, a, bb) == "the input has no rows or no output features"
+    assert fused_fallback_reason(x, w, b, a, bb) == decode
+    clear_dispatch_cache()
+    assert fused_fallback_reason(x[:0], w, b, a, bb) == "the input has no rows or no output features"
+    assert fused_fallback_reason(x, w, b, a, bb) == decode
+
+
 def test_fallback_reason_is_computed_once_per_configuration(monkeypatch):
     """The layer path asks gated_lora_fused once per call; the backend's reasons run once per configuration."""
     from gatedlora.ops import backends

@@ -216,6 +216,9 @@ def _candidates(args, measured: dict | None = None) -> tuple:
     return preference.gpu_order(args.x.device, args.x.dtype, args.lora_dtype, m_bucket(args.m), measured)
 
 
+_NOTHING_TO_FUSE = FusedDispatch(None, "the input has no rows or no output features")
+
+
 def dispatch_fused(requested: str, args: GatedLoraArgs, weight: torch.Tensor,
                    bias: Optional[torch.Tensor]) -> FusedDispatch:
     """The backend whose ``gated_lora_fused`` runs these inputs, or None and why exact mode runs.
@@ -223,6 +226,8 @@ def dispatch_fused(requested: str, args: GatedLoraArgs, weight: torch.Tensor,
     Only backends with the ``fused`` capability qualify; ``requested`` must be ``auto`` or one of them.
     Cached like ``dispatch`` (plus the base weight's dtype, its inner stride and whether there is a bias).
     """
+    if args.m == 0 or args.n == 0:  # not kept: M = 0 shares M = 1's bucket, where decode runs the fused kernel
+        return _NOTHING_TO_FUSE
     key = dispatch_key(requested, args) + (weight.dtype, weight.stride(-1) == 1 or weight.shape[-1] <= 1,
                                            bias is None or bias.dtype)
     found = _FUSED.get(key)
@@ -236,8 +241,6 @@ def _choose_fused(name: str, args: GatedLoraArgs, weight: torch.Tensor, bias: Op
     if name != "auto" and name not in fused_names:
         return FusedDispatch(None, f"backend {name!r} was asked for, and only {', '.join(fused_names) or 'no backend'} "
                                    "has a fused kernel")
-    if args.m == 0 or args.n == 0:
-        return FusedDispatch(None, "the input has no rows or no output features")
     reasons: list[str] = []
     for candidate in fused_names if name == "auto" else [name]:
         backend = _REGISTRY[candidate]
