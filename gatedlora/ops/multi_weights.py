@@ -7,7 +7,8 @@ are kept per set of weights, each rebuilt only when what it depends on changes:
 * ``pointer_table``: for the Triton kernel, one int64 row per field (A pointer, B pointer, rank, A row
   stride, B row stride) and one column per adapter, plus the scalings in fp32, on the weights' device.
   It holds addresses, not values, so an in-place update (an optimizer step, ``load_state_dict``) keeps
-  it valid; it is rebuilt when a weight moves (``model.to``, FSDP2's unshard into new storage). A weight
+  it valid; it is rebuilt when a weight moves (``model.to``, FSDP2's unshard into new storage), when a rank
+  changes, and after ``forget_kept_copies()`` (a ``.data`` assignment can keep the address). A weight
   whose last dim is not unit-stride is pointed to through a contiguous copy kept with the table, which
   is then also rebuilt when that weight's version counter moves.
 * ``concatenated``: for the torch backend's small-M strategy (one matmul for every adapter), the A's
@@ -58,6 +59,8 @@ _MASKS_KEPT = 8  # column masks per set of weights (index tensors alive at once:
 # Advanced after every torch.optim optimizer step (a post-hook, registered at the first kept copy) and by
 # forget_kept_copies(): a copy keyed by an older value is rebuilt (the module docstring).
 _epoch = 0
+# Advanced by forget_kept_copies() alone: pointer tables hold addresses, which an optimizer step does not move.
+_forgotten = 0
 _step_hook = None
 
 # The weights' ids (every A, then every B) -> their forms. Not a WeakKeyDictionary of tensors: its lookups
@@ -101,12 +104,14 @@ def forget_kept_copies() -> None:
     """Make every kept copy of adapters' weights (the torch backend's concatenation, a pointer table's contiguous
     copies) be rebuilt at its next use. Needed only after a write that moves no version counter and is not a
     ``torch.optim`` optimizer step: through ``param.data``, a NumPy view, DLPack, another framework's kernel."""
-    global _epoch
+    global _epoch, _forgotten
+    _forgotten += 1
     _epoch += 1
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    forget_kept_copies()
+    global _epoch
+    _epoch += 1
 
 
 def _watch_optimizers() -> None:
@@ -140,7 +145,8 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """
     weights = args.lora_a + args.lora_b
     forms = _forms(weights, args.scaling)
-    pointers = tuple(t.data_ptr() for t in weights)
+    # (the ranks: a weight cut down through ``.data`` keeps its address, and the kernel would read past its end)
+    pointers = (_forgotten, args.ranks, tuple(t.data_ptr() for t in weights))
     entry = forms.tables.get(args.x.device)
     if entry is not None and entry[0] == pointers:
         kept = entry[1]  # () without copies; None: copies of inference tensors, rebuilt in every call
