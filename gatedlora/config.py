@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from .ops.args import is_real
+from .ops.args import is_real, is_threshold
 
 GATE_MODES = ("sequence", "token", "none")
 TRAIN_GATES = (None, "soft", "hard")
@@ -29,10 +29,6 @@ def _whole(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
-def _fraction(value: Any) -> bool:
-    return is_real(value) and 0 < value < 1
-
-
 def check_gate_options(owner: str, gate: Any, threshold: Any, hard: Any, straight_through: Any, backend: Any,
                        base_mode: Any) -> None:
     """The rules for the options a gated layer takes, shared by ``GatedLoraConfig`` and ``GatedLoRALinear`` (which
@@ -42,8 +38,8 @@ def check_gate_options(owner: str, gate: Any, threshold: Any, hard: Any, straigh
 
     if gate not in GATE_MODES:
         raise bad("gate", gate, f"one of {GATE_MODES}")
-    if not _fraction(threshold):
-        raise bad("threshold", threshold, "a number in (0, 1)")
+    if not is_threshold(threshold):
+        raise bad("threshold", threshold, "a number in (0, 1), above 0 in fp32")
     if not isinstance(hard, bool):
         raise bad("hard", hard, "a bool")
     if not isinstance(straight_through, bool):
@@ -181,7 +177,7 @@ class GatedLoraConfig:
         # left for the checks to name)
         if values.get("gate", "token") != "sequence" and _whole(values.get("router_layer", 0)):
             values["router_layer"] = 0
-        if values.get("adapters") is not None and _fraction(values.get("threshold", DEFAULT_THRESHOLD)):
+        if values.get("adapters") is not None and is_threshold(values.get("threshold", DEFAULT_THRESHOLD)):
             values["threshold"] = DEFAULT_THRESHOLD
         return cls(**values, router=router)
 

@@ -13,9 +13,11 @@ def test_defaults_keep_the_drop_in_promise():
 
 @pytest.mark.parametrize("field,value,message", [
     ("gate", "layer", r"gate must be one of \('sequence', 'token', 'none'\), got 'layer'"),
-    ("threshold", 1.0, r"threshold must be a number in \(0, 1\), got 1.0"),
-    ("threshold", True, r"threshold must be a number in \(0, 1\), got True"),
-    ("threshold", float("nan"), r"threshold must be a number in \(0, 1\), got nan"),
+    ("threshold", 1.0, r"threshold must be a number in \(0, 1\), above 0 in fp32, got 1.0"),
+    ("threshold", True, r"threshold must be a number in \(0, 1\), above 0 in fp32, got True"),
+    ("threshold", float("nan"), r"threshold must be a number in \(0, 1\), above 0 in fp32, got nan"),
+    # (it rounds to 0 in fp32, where gates are compared: a closed gate of 0 would open, on some paths only)
+    ("threshold", 1e-46, r"threshold must be a number in \(0, 1\), above 0 in fp32, got 1e-46"),
     ("router_layer", 1.0, r"router_layer must be an int >= 0, got 1.0"),
     ("hard", 1, r"hard must be a bool, got 1"),
     ("router_layer", -1, r"router_layer must be an int >= 0, got -1"),
@@ -69,7 +71,7 @@ def test_router_needs_sequence_gates_and_dict_round_trip():
     assert older.threshold == 0.5 and older.adapters == ["a", "b"]
     with pytest.raises(ValueError, match=r"router_layer must be an int >= 0, got 'x'"):
         GatedLoraConfig.from_dict({"gate": "token", "router_layer": "x"})
-    with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1\), got 'x'"):
+    with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1\), above 0 in fp32, got 'x'"):
         GatedLoraConfig.from_dict({"gate": "sequence", "adapters": ["a", "b"], "threshold": "x"})
     with pytest.raises(ValueError, match=r"unknown fields \['rank'\]"):
         GatedLoraConfig.from_dict({**data, "rank": 3})

@@ -212,8 +212,8 @@ def test_a_token_gate_at_the_threshold_decides_alike_alone_and_in_a_batch():
 @pytest.mark.parametrize("option,value,message", [
     ("gate", "tokens", "GatedLoRALinear.gate must be one of ('sequence', 'token', 'none'), got 'tokens'"),
     ("base_mode", "weird", "GatedLoRALinear.base_mode must be one of ('exact', 'fused'), got 'weird'"),
-    ("threshold", 1.5, "GatedLoRALinear.threshold must be a number in (0, 1), got 1.5"),
-    ("threshold", 1.0, "GatedLoRALinear.threshold must be a number in (0, 1), got 1.0"),
+    ("threshold", 1.5, "GatedLoRALinear.threshold must be a number in (0, 1), above 0 in fp32, got 1.5"),
+    ("threshold", 1.0, "GatedLoRALinear.threshold must be a number in (0, 1), above 0 in fp32, got 1.0"),
     ("hard", "yes", "GatedLoRALinear.hard must be a bool, got 'yes'"),
     ("straight_through", 1, "GatedLoRALinear.straight_through must be a bool, got 1"),
     ("backend", "cuda-fast", "GatedLoRALinear.backend must be one of ('auto', 'torch', 'triton', 'cuda'), got "

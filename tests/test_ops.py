@@ -318,7 +318,8 @@ def test_gate_kind_is_one_enum_and_gate_bias_one_type():
     (dict(a=torch.randn(4, 8, device="meta"), b=torch.randn(6, 4, device="meta")),
      r"lora_a is on meta but x is on cpu"),
     (dict(base=torch.randn(3, 6, device="meta")), r"base_out is on meta but x is on cpu"),
-    (dict(threshold=1.5), r"threshold must be a float in \(0, 1\), got 1.5"),
+    (dict(threshold=1.5), r"threshold must be a float in \(0, 1\), above 0 in fp32, got 1.5"),
+    (dict(threshold=1e-46), r"threshold must be a float in \(0, 1\), above 0 in fp32, got 1e-46"),
     (dict(scaling=float("inf")), r"scaling must be a finite Python float"),
     (dict(scaling=10 ** 400), r"scaling must be a finite Python float"),
     (dict(scaling=1e39), r"scaling 1e\+39 does not fit in the LoRA weights' dtype torch.float32 \(largest 3.4"),
@@ -348,7 +349,7 @@ def test_numpy_scalars_are_numbers():
     weight = torch.randn(8)
     token = gated_lora(x, base, a, b, 1.0, gate_weight=weight, gate_bias=np.float32(0.25))
     assert torch.equal(bits(token), bits(gated_lora(x, base, a, b, 1.0, gate_weight=weight, gate_bias=0.25)))
-    with pytest.raises(ValueError, match=r"threshold must be a float in \(0, 1\), got np.True_"):
+    with pytest.raises(ValueError, match=r"threshold must be a float in \(0, 1\), above 0 in fp32, got np.True_"):
         gated_lora(x, base, a, b, 1.0, gate=gate, threshold=np.bool_(True))
 
 

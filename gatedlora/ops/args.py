@@ -139,6 +139,16 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# Half the smallest positive fp32 subnormal: a threshold at or below it rounds to 0 in fp32, where the kernels and
+# the batched comparisons compare, and a gate of 0 (closed) would open there and nowhere else.
+_FP32_ROUNDS_TO_ZERO = 2.0 ** -150
+
+
+def is_threshold(value) -> bool:
+    """A number in (0, 1) that stays above 0 in fp32: what a hard gate's threshold must be."""
+    return is_real(value) and _FP32_ROUNDS_TO_ZERO < value < 1
+
+
 def is_finite(value: int | float) -> bool:
     """math.isfinite, False for an int too large for a float (where math.isfinite raises OverflowError)."""
     try:
@@ -217,8 +227,8 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
     if not is_real(scaling) or not is_finite(scaling):
         raise TypeError(f"{op}: scaling must be a finite Python float, got {scaling!r}")
     check_scaling_fits((scaling,), lora_a.dtype, op)
-    if not (is_real(threshold) and 0.0 < threshold < 1.0):
-        raise ValueError(f"{op}: threshold must be a float in (0, 1), got {threshold!r}")
+    if not is_threshold(threshold):
+        raise ValueError(f"{op}: threshold must be a float in (0, 1), above 0 in fp32, got {threshold!r}")
     if gate is not None and gate_weight is not None:
         raise ValueError(f"{op}: pass either gate (given per-row values) or gate_weight (token gate), not both")
     named = [("lora_a", lora_a), ("lora_b", lora_b)]
