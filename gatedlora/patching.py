@@ -675,6 +675,13 @@ def _set_adapter(model: nn.Module, *args, owner: int = 0, **kwargs):
     gated layers keep the adapters they were patched with."""
     if _adapter_argument(args, kwargs) == _active_adapters(model, owner):
         return _peft_method(model, owner, "set_adapter", *args, **kwargs)
+    routed = patch_state(model).config.adapters
+    if routed:
+        raise RuntimeError(
+            f"set_adapter() on a gatedlora-patched model: its router chooses among {list(routed)} per sequence, "
+            "and PEFT's switch does not reach the routed layers. To train some of them only: "
+            "model.set_requires_grad([...]) (PEFT's method, on the patched model). To route among other adapters: "
+            f"{PATCH_AGAIN.format(step='load or delete adapters with PEFT')}")
     raise RuntimeError(
         f"set_adapter() on a gatedlora-patched model: the gated layers run the adapters they were patched with "
         f"({sorted(_running_adapters(model))}), and PEFT's switch does not reach them. To run another adapter: "

@@ -1,6 +1,7 @@
 """Several adapters, one router: on tiny Llama and Qwen2 models with three PEFT adapters (different ranks, each
 absent on some projections), each sequence of a batch takes its own route in one pass and through generate();
 a sequence on the base model is bitwise the base model, one on adapter i matches PEFT with adapter i active."""
+import re
 import threading
 
 import pytest
@@ -252,6 +253,16 @@ def test_patch_and_unpatch_round_trip():
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert {n: type(m) for n, m in model.named_modules()} == classes
+
+
+def test_set_adapter_on_a_routed_model_says_what_to_do_instead():
+    """The one-adapter refusal told a routed model's user to patch with adapters=[...], which they had done."""
+    model, (ids, mask), routes, expected = routed_model()
+    with pytest.raises(RuntimeError, match=re.escape(f"its router chooses among {ADAPTERS!r} per sequence") + r".*"
+                                           r"model\.set_requires_grad\(\[\.\.\.\]\).*unpatch_model"):
+        model.set_adapter(ADAPTERS[1])
+    with torch.no_grad():
+        check_routes(model(input_ids=ids, attention_mask=mask).logits, routes, expected)
 
 
 def test_training_updates_the_weights_the_kernels_read():
