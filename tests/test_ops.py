@@ -292,8 +292,10 @@ def test_gate_kind_is_one_enum_and_gate_bias_one_type():
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(a=torch.randn(4, 9)), r"lora_a must have shape \[r, K\] = \[r, 8\], got \[4, 9\]"),
-    (dict(b=torch.randn(7, 4)), r"lora_b must have shape \[N, r\] = \[6, 4\], got \[7, 4\]"),
+    (dict(a=torch.randn(4, 9)), r"lora_a must have shape \[r, K\] = \[r, 8\] \(K from x \[3, 8\]\), got \[4, 9\]"),
+    (dict(x=torch.randn(3, 9)), r"lora_a must have shape \[r, K\] = \[r, 9\] \(K from x \[3, 9\]\), got \[4, 8\]"),
+    (dict(b=torch.randn(7, 4)), r"lora_b must have shape \[N, r\] = \[6, 4\] \(N from base_out \[3, 6\]\), "
+                                r"got \[7, 4\]"),
     (dict(b=torch.randn(6, 3)), r"rank mismatch: lora_a has rank 4 .* lora_b has rank 3"),
     (dict(a=torch.randn(0, 8), b=torch.randn(6, 0)), r"rank r must be at least 1"),
     (dict(base=torch.randn(5, 6)), r"base_out must have the leading dims of x, shape \[3, 'N'\], got \[5, 6\]"),

@@ -213,12 +213,14 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
             raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
     k, n = x.shape[-1], base_out.shape[-1]
     if lora_a.dim() != 2 or lora_a.shape[1] != k:
-        raise ValueError(f"{op}: lora_a must have shape [r, K] = [r, {k}], got {_shape(lora_a)}")
+        raise ValueError(f"{op}: lora_a must have shape [r, K] = [r, {k}] (K from x {_shape(x)}), got "
+                         f"{_shape(lora_a)}")
     r = lora_a.shape[0]
     if r < 1:
         raise ValueError(f"{op}: rank r must be at least 1, lora_a has shape {_shape(lora_a)}")
     if lora_b.dim() != 2 or lora_b.shape[0] != n:
-        raise ValueError(f"{op}: lora_b must have shape [N, r] = [{n}, {r}], got {_shape(lora_b)}")
+        raise ValueError(f"{op}: lora_b must have shape [N, r] = [{n}, {r}] (N from base_out {_shape(base_out)}), "
+                         f"got {_shape(lora_b)}")
     if lora_b.shape[1] != r:
         raise ValueError(f"{op}: rank mismatch: lora_a has rank {r} (shape {_shape(lora_a)}) but lora_b has "
                          f"rank {lora_b.shape[1]} (shape {_shape(lora_b)}); expected lora_b of shape [{n}, {r}]")
