@@ -32,7 +32,7 @@ from safetensors.torch import save as serialize_safetensors
 from torch import nn
 
 from .config import GatedLoraConfig
-from .routing import PrismMultiRouter, PrismRouter
+from .routing import PrismMultiRouter, PrismRouter, prism_two_class_router
 from .patching import (ROUTER_ATTRIBUTE, gated_layers, is_patched, patch_model, patch_state, peft_lora_layers,
                        unpatch_model)
 
@@ -53,6 +53,7 @@ TEMP_PREFIX = ".gatedlora-"
 TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"([0-9a-f]{32}\.safetensors|[0-9a-f]{16}\.json)")
 # Routers that patch_model builds itself (no router=... needed to load their parameters)
 DEFAULT_ROUTERS = (None, "PrismRouter", "PrismMultiRouter")
+ROUTER_PREFIX = f"{ROUTER_ATTRIBUTE}."  # the router's tensors in a gatedlora save
 
 
 def _saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -420,8 +421,9 @@ def holds_save(model: nn.Module, path: str | os.PathLike) -> bool:
 def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module | None = None) -> nn.Module:
     """Load gates, router and config saved by ``save_pretrained`` into ``model`` (patching it if needed).
 
-    ``router``: the router module to fill when the save used a custom router class. Nothing in the
-    model changes unless every tensor matches in name and shape. Returns the model.
+    ``router``: the router module to fill when the save used a custom router class (the built-in ones,
+    ``prism_two_class_router``'s included, are rebuilt from the save). Nothing in the model changes unless
+    every tensor matches in name and shape. Returns the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_pretrained: model must be an nn.Module, got {type(model).__name__}")
@@ -440,6 +442,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
     if "target_modules" not in saved and "layers" in meta:
         # a PEFT model's save from before target_modules was recorded for it: gate exactly the layers it gated
         saved["target_modules"] = meta["layers"]
+    if saved.get("router") not in DEFAULT_ROUTERS and router is None and not is_patched(model):
+        router = saved_router_module(saved.get("router"), router_state(loaded))
     if saved.get("router") not in DEFAULT_ROUTERS and router is None and not is_patched(model):
         raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); pass router=<module "
                          "of that class> so its parameters can be loaded")
@@ -495,6 +499,28 @@ def config_of_save(record: dict, directory: Path, caller: str, router: nn.Module
         return GatedLoraConfig.from_dict(record, router=router)
     except ValueError as err:
         raise ValueError(f"{caller}: {Path(directory) / CONFIG_NAME}: {err}") from None
+
+
+def router_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The router's tensors of a save (``gate_router.*``), by their names in the router."""
+    return {key[len(ROUTER_PREFIX):]: value for key, value in tensors.items() if key.startswith(ROUTER_PREFIX)}
+
+
+def saved_router_module(class_name: str | None, state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """A fresh module of the router class a save names, shaped by its tensors ``state`` (``router_state``), not
+    yet filled: ``PrismRouter`` and ``PrismMultiRouter`` (the defaults) and ``TwoClassRouter``
+    (``prism_two_class_router``). None for any other class: only its user can build one."""
+    if class_name in DEFAULT_ROUTERS:
+        hidden = state["net.0.weight"].shape[1]
+        sizes = tuple(state[f"net.{i}.weight"].shape[0] for i in range(0, len(state), 2))
+        # (a default router is saved as None: one output is PrismRouter's, one per route PrismMultiRouter's)
+        return (PrismRouter(hidden, widths=sizes[:-1], start_open=False) if sizes[-1] == 1
+                else PrismMultiRouter(hidden, sizes[-1], widths=sizes[:-1], start_route=None))
+    if class_name == "TwoClassRouter" and set(state) == {"net.0.weight", "net.0.bias", "net.3.weight", "net.3.bias"}:
+        # in the dtype it was saved in (a module its user passes is filled as saved too)
+        first = state["net.0.weight"]
+        return prism_two_class_router(first.shape[1], width=first.shape[0]).to(first.dtype)
+    return None
 
 
 def saved_router_class(config: dict) -> str:

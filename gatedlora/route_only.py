@@ -25,13 +25,13 @@ from torch import nn
 from .block_capture import capture_and_stop, output_of_block
 from .call_state import RouteDecision
 from .config import check_router_layer
-from .io import DEFAULT_ROUTERS, check_model_type, config_of_save, read_saved, saved_router_class
-from .patching import ROUTER_ATTRIBUTE, find_blocks, text_config
+from .io import (DEFAULT_ROUTERS, ROUTER_PREFIX, check_model_type, config_of_save, read_saved, router_state,
+                 saved_router_class, saved_router_module)
+from .patching import find_blocks, text_config
 from .prompts import explain_too_long, right_padded_batches, token_ids
-from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, prism_two_class_router
+from .routing import SequenceRouter
 
 BASE_ROUTE = "base"  # the route name of prompts the base model answers
-ROUTER_PREFIX = f"{ROUTER_ATTRIBUTE}."  # the router's tensors in a gatedlora save
 
 class RouteOnlyModel(nn.Module):
     """Embeddings + blocks ``0..router_layer`` (``backbone``) and the router (``route``): prompts in, routes out.
@@ -229,22 +229,12 @@ def router_from_state(class_name: str | None, tensors: dict[str, torch.Tensor], 
     ``PrismRouter``, ``PrismMultiRouter`` and ``TwoClassRouter`` (``prism_two_class_router``) are rebuilt from
     the saved shapes; any other class needs ``router``, a module of that class.
     """
-    state = {key[len(ROUTER_PREFIX):]: value for key, value in tensors.items() if key.startswith(ROUTER_PREFIX)}
+    state = router_state(tensors)
     if not state:
         raise ValueError(f"the gatedlora save holds no router tensors ({ROUTER_PREFIX}*)")
     if router is None:
-        if class_name in DEFAULT_ROUTERS:
-            hidden = state["net.0.weight"].shape[1]
-            sizes = tuple(state[f"net.{i}.weight"].shape[0] for i in range(0, len(state), 2))
-            # (a default router is saved as None: one output is PrismRouter's, one per route PrismMultiRouter's)
-            router = (PrismRouter(hidden, widths=sizes[:-1], start_open=False) if sizes[-1] == 1
-                      else PrismMultiRouter(hidden, sizes[-1], widths=sizes[:-1], start_route=None))
-        elif class_name == "TwoClassRouter" and set(state) == {"net.0.weight", "net.0.bias", "net.3.weight",
-                                                                 "net.3.bias"}:
-            # in the dtype it was saved in: the full model loads it into the module its user passes, as saved
-            router = prism_two_class_router(state["net.0.weight"].shape[1], width=state["net.0.weight"].shape[0]
-                                            ).to(state["net.0.weight"].dtype)
-        else:
+        router = saved_router_module(class_name, state)
+        if router is None:
             raise ValueError(f"the save used a custom router ({class_name}); pass router=<module of that class>")
     expected = {key: value.shape for key, value in router.state_dict().items()}
     got = {key: value.shape for key, value in state.items()}

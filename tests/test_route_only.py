@@ -3,8 +3,9 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from gatedlora import GatedLoraConfig, get_router, patch_model, save_pretrained
+from gatedlora import GatedLoraConfig, get_router, load_pretrained, patch_model, save_pretrained
 from gatedlora.route_only import RouteOnlyModel, cut_config
 from tiny_models import padded_batch, tiny_causal_lm, tiny_t5
 
@@ -128,8 +129,13 @@ def test_two_class_and_custom_routers(tmp_path):
     route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir)
     ids, mask = padded_batch([4, 6, 2], 6, seed=9)
     with torch.no_grad():
-        full(input_ids=ids, attention_mask=mask)
+        want = full(input_ids=ids, attention_mask=mask).logits
         assert torch.equal(route_only(ids, mask).probabilities, get_router(full).last_probabilities)
+    # the full model rebuilds it from the save too (it asked for router=, calling the built-in class "custom")
+    loaded = load_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), router_dir)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, want)
+    assert torch.equal(get_router(loaded).last_probabilities, get_router(full).last_probabilities)
 
     class Custom(torch.nn.Module):
         def __init__(self):
@@ -144,6 +150,8 @@ def test_two_class_and_custom_routers(tmp_path):
     model_dir, router_dir, full = saved_model_and_router(other, layers=3, router_layer=0, router=Custom())
     with pytest.raises(ValueError, match=r"custom router \(Custom\); pass router="):
         RouteOnlyModel.from_pretrained(model_dir, router_dir)
+    with pytest.raises(ValueError, match=r"custom router \(Custom\); pass router="):
+        load_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), router_dir)
     route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir, router=Custom())
     with torch.no_grad():
         full(input_ids=ids, attention_mask=mask)
