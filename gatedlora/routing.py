@@ -135,6 +135,19 @@ def router_output(router: nn.Module, hidden: torch.Tensor, caller: str = "gatedl
     return output
 
 
+def check_probabilities(probabilities: torch.Tensor) -> None:
+    """ValueError naming the sequences where a one-adapter router's output [B] (CPU) is outside [0, 1] (NaN, which
+    closes the gate, passes): a router that returns logits would otherwise open wherever a logit reached the
+    threshold. Not on a GPU, where reading would sync (as for a caller's gate tensor)."""
+    values = probabilities.detach().tolist()
+    outside = [i for i, p in enumerate(values) if p < 0 or p > 1]
+    if outside:
+        raise ValueError(
+            f"gatedlora: the router must return probabilities in [0, 1] (a sigmoid's output), got "
+            f"{[values[i] for i in outside[:4]]} for sequences {outside[:4]}{' ...' if len(outside) > 4 else ''}; "
+            "a router that returns logits needs a sigmoid (two-class logits: TwoClassRouter)")
+
+
 def check_route_logits(logits: torch.Tensor, batch: int, adapters: list[str], caller: str = "gatedlora") -> None:
     """ValueError unless a router for ``adapters`` gave logits [batch, N + 1] (N adapters)."""
     routes_count = len(adapters) + 1
@@ -449,6 +462,7 @@ class SequenceRouter(nn.Module):
         # router_layer's matmuls, where it costs 2-3x its cost alone (the whole decision took 0.47 ms of a
         # 7.3 ms prefill at batch 1 before, most of it in small ops).
         if gates.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_probabilities(probabilities)
             facts = host_facts(decisions, gates, hard)
         return RouteDecision(probabilities, gates, decisions, threshold, *facts, hard=hard)
 

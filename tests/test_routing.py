@@ -202,6 +202,24 @@ def test_nan_router_probability_closes_the_gate():
     assert torch.equal(logits[0], base[0])
 
 
+def test_a_router_that_returns_logits_is_named_on_the_cpu():
+    """Outside [0, 1] a router's output is not a probability (a router without its sigmoid): it would open wherever
+    a logit reached the threshold. On the CPU, where reading costs nothing, that is an error naming the sequences."""
+    model, ids, mask, want_open, router, peft, base = prism_setup()
+
+    class LogitRouter(nn.Module):
+        def forward(self, h):
+            p = router(h).clone()
+            p[1], p[-1] = 2.5, -0.25
+            return p
+
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=LogitRouter()))
+    with pytest.raises(ValueError, match=rf"probabilities in \[0, 1\] .*got \[2.5, -0.25\] for sequences "
+                                         rf"\[1, {ids.shape[0] - 1}\]; a router that returns logits needs a sigmoid"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+
+
 def test_default_router_starts_open_and_matches_peft():
     model, ids, mask, _, _, peft, _ = prism_setup()
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER))
