@@ -372,8 +372,10 @@ class GatedLoRALinear(nn.Module):
         return None
 
     def extra_repr(self) -> str:
+        # (sequence gates: the router's, which the routes use and get_router(model).threshold sets)
+        threshold = self.route.threshold if self.gate_mode == "sequence" else self.threshold
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.rank}, "
-                f"gate={self.gate_mode!r}, threshold={self.threshold}, hard={self.hard}"
+                f"gate={self.gate_mode!r}, threshold={threshold}, hard={self.hard}"
                 + (f", train_hard={self.train_hard}" if self.train_hard is not None else "")
                 + (", straight_through=True" if self.straight_through else "")
                 + (f", base_mode={self.base_mode!r}" if self.base_mode != "exact" else ""))

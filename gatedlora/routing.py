@@ -27,7 +27,7 @@ from .call_state import (ForwardState, RouteDecision, attach_routes, continues, 
                          in_backward, output_cache, routes_on, thread_slot)
 from .config import GatedLoraConfig
 from .module_hooks import hooked
-from .ops.args import check_loaded
+from .ops.args import check_loaded, is_threshold
 from .ops.gates import probability_dtype
 
 # sigmoid(6) = 0.9975: a fresh gate or default router starts open with a wide margin, so the
@@ -270,7 +270,13 @@ class SequenceRouter(nn.Module):
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        self.config.threshold = replace(self.config, threshold=value).threshold  # validated as in GatedLoraConfig
+        # (GatedLoraConfig's rules, with this attribute's name in the message)
+        if not is_threshold(value):
+            raise ValueError(f"get_router(model).threshold must be a number in (0, 1), above 0 in fp32, got {value!r}")
+        if self.config.adapters is not None and value != self.config.threshold:
+            raise ValueError(f"get_router(model).threshold: routes among several adapters are hard (argmax), so "
+                             f"a threshold ({value!r}) does not apply")
+        self.config.threshold = replace(self.config, threshold=value).threshold
 
     @property
     def hard(self) -> bool:

@@ -396,7 +396,8 @@ def test_configuration_errors_are_named():
     ids, mask = padded_batch([3, 4], 4)
     with pytest.raises(ValueError, match=r"router must map hidden states \[B, H\] to logits \[B, 4\] = \[2, 4\]"):
         model(input_ids=ids, attention_mask=mask)
-    with pytest.raises(ValueError, match=r"threshold=0.7 does not apply"):
+    with pytest.raises(ValueError, match=r"get_router\(model\).threshold: routes among several adapters are hard "
+                                         r"\(argmax\), so a threshold \(0.7\) does not apply"):
         get_router(model).threshold = 0.7
     assert get_router(model).threshold == 0.5
 

@@ -387,8 +387,10 @@ def test_routes_are_readable_per_cache_and_the_threshold_settable_after_patching
         step = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1),
                      use_cache=True, **{CACHE: output_cache(out)}).logits[:, -1]
         assert torch.equal(step, expected[1])  # a generation keeps the threshold of its prefill
-    with pytest.raises(ValueError, match="threshold must be"):
+    with pytest.raises(ValueError, match=r"get_router\(model\).threshold must be a number in \(0, 1\)"):
         route.threshold = 1.5
+    layer = next(m for m in model.modules() if isinstance(m, GatedLoRALinear))
+    assert "threshold=0.99" in repr(layer)  # the router's, which the routes use (the layer printed its own 0.5)
     gatedlora.save_pretrained(model, tmp_path)
     assert '"threshold": 0.99' in (tmp_path / "gatedlora_config.json").read_text()
 
