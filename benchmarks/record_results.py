@@ -81,6 +81,9 @@ def update_main_readme(results_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:  # (the rest are `gatedlora bench` options: its help omits --table-only)
+        print(__doc__)
+        return 0
     RESULTS.mkdir(exist_ok=True)
     if argv != ["--table-only"]:
         from gatedlora.benchmarking.report import environment

@@ -168,3 +168,14 @@ def test_the_benchs_fresh_adapters_cover_every_projection_of_other_architectures
                           if isinstance(m, LoraLayer))
             assert lora == sorted(f"{prefix}.{i}.{name}" for i in (1, 2) for name in names)
             assert all(p.abs().sum() > 0 for n, p in peft.named_parameters() if "lora_B" in n)
+
+
+def test_record_results_help_is_its_own_and_writes_nothing(tmp_path):
+    """``--help`` printed ``gatedlora bench``'s usage (the options it passes on), without ``--table-only``."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "record_results.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0 and "--table-only" in done.stdout and "usage: gatedlora" not in done.stdout
+    assert list(tmp_path.iterdir()) == []
