@@ -279,17 +279,6 @@ def _check_routed_adapters(model: nn.Module, held: dict[str, list[str]], routed:
                          f"which hold {loaded}; load each with model.load_adapter(path, adapter_name=name)")
 
 
-def _warn_of_mixed_dropout(model: nn.Module, routed: list[str]) -> None:
-    """Routed adapters whose lora_dropout differs run in inference, but a training forward refuses them (one dropout
-    pass serves every row: ``RoutedLoRALinear._dropout``): say so at patch time rather than at the first step."""
-    configs = getattr(model, "peft_config", {})
-    dropout = {name: getattr(configs.get(name), "lora_dropout", None) for name in routed}
-    if len({p for p in dropout.values() if p is not None}) > 1:
-        warnings.warn(f"gatedlora: the routed adapters' lora_dropout differ ({dropout}): inference runs, but training "
-                      "raises at its first forward, since one dropout pass serves every row of a layer; train them "
-                      "with one lora_dropout", UserWarning, stacklevel=3)
-
-
 def _auxiliary_modules(model: nn.Module, gated: set[str]) -> list[tuple[str, str, list[str]]]:
     """(name, PEFT option, adapters) of each PEFT module wrapper (``modules_to_save``, ``trainable_token_indices``)
     that holds one of the adapters ``gated`` or one active in it."""
@@ -417,7 +406,6 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
         _warn_of_rewritten_base(model)
     if config.adapters is not None:
         _check_routed_adapters(model, adapters, config.adapters)
-        _warn_of_mixed_dropout(model, config.adapters)
     state = PatchState(config=config, fresh=fresh)
     if fresh and freeze_base:
         state.frozen = [p for p in model.parameters() if p.requires_grad]

@@ -93,7 +93,7 @@ class RoutedLoRALinear(GatedLoRALinear):
             return gated_lora(lora_x, result, lora_a[slot], lora_b[slot], self.scalings[slot], backend=self.backend,
                               inplace=inplace, validate=False)
         index = decision.row_adapters(x, self._buffers["route_slot_table"])
-        lora_x = self._dropout(x, names)
+        lora_x = self._dropout(x, names, index)
         if not torch.is_grad_enabled():
             result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)
             # (the decision's index never changes: its column mask is kept)
@@ -121,24 +121,29 @@ class RoutedLoRALinear(GatedLoRALinear):
         one, and optimizers skip a parameter whose gradient is None)."""
         return torch.is_grad_enabled() and any(w.requires_grad for w in weights)
 
-    def _dropout(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    def _dropout(self, x: torch.Tensor, names: Sequence[str], index: torch.Tensor | None = None) -> torch.Tensor:
         """x after the LoRA dropout of the adapters ``names``; x itself where dropout is off (eval, p=0).
 
         Each row takes one adapter, so one dropout over every row is each adapter's dropout on its own rows
-        when they share one probability; adapters with different probabilities cannot share a pass."""
+        when they share one module setting. Where they differ (in training), each row takes its adapter's
+        dropout of x: one pass per adapter with dropout on, selected by ``index`` [M] (each row's position in
+        ``names``), as PEFT's mixed batch runs each adapter's dropout on its own sub-batch."""
         modules = self._modules["lora_dropout"]._modules
-        active = [modules[n] for n in names
-                  if not (isinstance(modules[n], nn.Identity) or (type(modules[n]) is nn.Dropout
-                                                                  and not modules[n].training))]
+        # (PEFT's nn.Identity for p = 0, and dropout in eval, change nothing; inline: this runs at every decode call)
+        active = [n for n in names if not (isinstance(modules[n], nn.Identity)
+                                           or (type(modules[n]) is nn.Dropout and not modules[n].training))]
         if not active:
             return x
-        inactive = len(active) < len(names)
-        if inactive or len({getattr(m, "p", None) for m in active}) > 1:
-            raise NotImplementedError(
-                f"gatedlora: LoRA dropout differs between the adapters {list(names)} of this layer in training "
-                "(each row's adapter would need its own); train with one lora_dropout for every adapter")
-        return active[0](x)
+        if len(active) == len(names) and len({(type(modules[n]), getattr(modules[n], "p", None)) for n in active}) == 1:
+            return modules[active[0]](x)
+        rows = index.view(x.shape[:-1] + (1,))
+        lora_x = x
+        for slot, name in enumerate(names):
+            if name in active:
+                lora_x = torch.where(rows == slot, modules[name](x), lora_x)
+        return lora_x
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.ranks().items())
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}]"
+
