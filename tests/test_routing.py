@@ -220,6 +220,28 @@ def test_a_router_that_returns_logits_is_named_on_the_cpu():
             model(input_ids=ids, attention_mask=mask)
 
 
+def test_a_probability_rounded_just_above_one_opens_the_gate():
+    """A sum of softmax classes rounds above 1 (1.0000001 in fp32): that is a probability, not a logit, so the
+    sequence opens and matches PEFT; a value past rounding (1.25) is still an error."""
+    model, ids, mask, want_open, router, peft, base = prism_setup()
+    just_above = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)).item()
+    rounded = {"value": just_above}
+
+    class SummedRouter(nn.Module):
+        def forward(self, h):
+            return torch.full((h.shape[0],), rounded["value"])
+
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=SummedRouter()))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(logits, peft, atol=1e-5, rtol=0)
+    assert not torch.allclose(logits, base, atol=1e-3, rtol=0)
+    rounded["value"] = 1.25
+    with pytest.raises(ValueError, match=r"in \[0, 1\] .*got \[1.25, 1.25, 1.25, 1.25\] for sequences \[0, 1, 2, 3\]"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+
+
 def test_default_router_starts_open_and_matches_peft():
     model, ids, mask, _, _, peft, _ = prism_setup()
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER))
