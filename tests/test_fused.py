@@ -63,6 +63,8 @@ def test_an_empty_batch_is_not_kept_as_the_decode_choice():
     clear_dispatch_cache()
     assert fused_fallback_reason(x[:0], w, b, a, bb) == "the input has no rows or no output features"
     assert fused_fallback_reason(x, w, b, a, bb) == decode
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'bogus'"):  # whatever the shape
+        fused_fallback_reason(x[:0], w, b, a, bb, backend="bogus")
 
 
 def test_fallback_reason_is_computed_once_per_configuration(monkeypatch):

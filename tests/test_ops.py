@@ -155,6 +155,10 @@ def test_strategy_is_chosen_once_per_configuration(monkeypatch):
     assert strategy(32, kind="token") is torch_backend.add_counted
     assert strategy(8, kind="none") is torch_backend.add_every_row
     assert strategy(2048, device="meta") is torch_backend.add_folded
+    # an empty batch is its own entry: its choice must not stand for decode (M = 1), nor decode's for it
+    for order in ((0, 1), (1, 0)):
+        backends.clear_dispatch_cache()
+        assert [strategy(m) is torch_backend.add_one_row for m in order] == [m == 1 for m in order]
     # the choice is cached per bucket of M, so it must not depend on M within one (9..16): either order
     for order in ((15, 16), (16, 15)):
         backends.clear_dispatch_cache()

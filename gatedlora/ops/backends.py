@@ -147,9 +147,16 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, m - 1).bit_length()
 
 
+def rows_key(m: int) -> int:
+    """M's part of a dispatch key: its bucket, except M = 0 (0), whose choice (the torch backend's strategy for
+    no rows, say) must not stand for M = 1, decode, in the same bucket (a review found decode run add_folded
+    after one empty call)."""
+    return m_bucket(m) if m else 0
+
+
 def dispatch_key(name: str, args: GatedLoraArgs) -> tuple:
     """What decides the backend and its launch for ``args`` under the backend ``name``."""
-    return (name, args.x.device, args.x.dtype, args.lora_a.dtype, args.gate_kind, m_bucket(args.m), args.n,
+    return (name, args.x.device, args.x.dtype, args.lora_a.dtype, args.gate_kind, rows_key(args.m), args.n,
             args.k, args.r)
 
 
@@ -226,7 +233,8 @@ def dispatch_fused(requested: str, args: GatedLoraArgs, weight: torch.Tensor,
     Only backends with the ``fused`` capability qualify; ``requested`` must be ``auto`` or one of them.
     Cached like ``dispatch`` (plus the base weight's dtype, its inner stride and whether there is a bias).
     """
-    if args.m == 0 or args.n == 0:  # not kept: M = 0 shares M = 1's bucket, where decode runs the fused kernel
+    if args.m == 0 or args.n == 0:
+        resolve_backend_name(requested)  # an unknown name is an error whatever the shape
         return _NOTHING_TO_FUSE
     key = dispatch_key(requested, args) + (weight.dtype, weight.stride(-1) == 1 or weight.shape[-1] <= 1,
                                            bias is None or bias.dtype)
@@ -285,7 +293,7 @@ def _multi_reasons(name: str, args) -> list[str]:
 
 def multi_dispatch_key(name: str, args) -> tuple:
     """What decides the backend and its launch for ``MultiLoraArgs`` under the backend ``name``."""
-    return ("multi", name, args.x.device, args.x.dtype, args.lora_dtype, m_bucket(args.m), args.n, args.k,
+    return ("multi", name, args.x.device, args.x.dtype, args.lora_dtype, rows_key(args.m), args.n, args.k,
             args.r_max, args.adapters)
 
 
