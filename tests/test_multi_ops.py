@@ -292,6 +292,38 @@ def test_a_rank_cut_down_through_data_at_the_same_address_is_read_after_forget_k
     check(case, run(multi_backend, case))
 
 
+def test_a_pointer_table_whose_rows_are_unchanged_stays_the_same_tensor():
+    """A CUDA graph captured with a pointer table reads that tensor on every replay: ``forget_kept_copies`` and
+    updates in place (a kept contiguous copy refreshed where it is) keep it; a weight at a new address, or a rank
+    cut, gives a table with the new rows."""
+    from gatedlora.ops.multi_weights import pointer_table
+
+    case = make_case(24, 6, 40, 24, (4, 8), torch.float32)
+    lora_a = [torch.nn.Parameter(a) for a in case["lora_a"]]
+    lora_b = [torch.nn.Parameter(case["lora_b"][0]), torch.nn.Parameter(case["lora_b"][1].t().contiguous()).t()]
+    assert lora_b[1].stride(-1) != 1  # read through a contiguous copy kept with the table
+
+    def table():
+        args = make_multi_args(case["x"], 24, lora_a, lora_b, case["scaling"], case["adapter_index"])
+        return pointer_table(args)[0]
+
+    first = table()
+    rows = first.clone()
+    gatedlora.ops.forget_kept_copies()
+    assert table() is first
+    with torch.no_grad():
+        lora_b[1].mul_(-2.0)  # the copy is stale: refreshed in place
+    assert table() is first and torch.equal(first, rows)
+    lora_a[0].data = torch.randn(4, 40)
+    gatedlora.ops.forget_kept_copies()
+    moved = table()
+    assert moved is not first and moved[0, 0] == lora_a[0].data_ptr() and torch.equal(moved[:, 1], rows[:, 1])
+    lora_a[1].data = lora_a[1].data[:2]
+    lora_b[1].data = lora_b[1].data[:, :2]
+    cut = table()
+    assert cut is not moved and cut[2].tolist() == [4, 2]
+
+
 def test_inference_weights_updated_in_place_are_read_as_they_are_now(multi_backend):
     """Inference tensors have no version counter, so nothing derived from their values is kept between calls
     (B of adapter 1 is a transposed view: the pointer table's contiguous copy of it is rebuilt too)."""

@@ -31,6 +31,7 @@ import torch
 
 from . import preference
 from .args import GatedLoraArgs
+from .contract import has_unit_inner_stride
 
 Launch = Callable[[torch.Tensor, GatedLoraArgs], None]
 
@@ -236,8 +237,7 @@ def dispatch_fused(requested: str, args: GatedLoraArgs, weight: torch.Tensor,
     if args.m == 0 or args.n == 0:
         resolve_backend_name(requested)  # an unknown name is an error whatever the shape
         return _NOTHING_TO_FUSE
-    key = dispatch_key(requested, args) + (weight.dtype, weight.stride(-1) == 1 or weight.shape[-1] <= 1,
-                                           bias is None or bias.dtype)
+    key = dispatch_key(requested, args) + (weight.dtype, has_unit_inner_stride(weight), bias is None or bias.dtype)
     found = _FUSED.get(key)
     if found is None:
         found = _remember(_FUSED, key, _choose_fused(resolve_backend_name(requested), args, weight, bias))

@@ -70,7 +70,12 @@ def unit_inner_stride(t: torch.Tensor) -> torch.Tensor:
     own 64-bit address, which made 64-row Triton tiles spill on sm_90 (tools/aot_check.py). Other
     layouts (a transposed A, say) cost one extra read and write of that tensor, on an uncommon path.
     """
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    return t if has_unit_inner_stride(t) else t.contiguous()
+
+
+def has_unit_inner_stride(t: torch.Tensor) -> bool:
+    """Whether the kernels read ``t`` where it lives (``unit_inner_stride``'s rule)."""
+    return t.stride(-1) == 1 or t.shape[-1] <= 1
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -84,4 +89,4 @@ def staged_output(out: torch.Tensor) -> torch.Tensor:
     """The tensor a kernel should write: ``out`` itself when it has unit stride along N, else a
     contiguous copy that the caller copies back into ``out`` after the launch (the kernels store rows
     as contiguous vectors; an out with another column stride is an uncommon path)."""
-    return out if out.stride(-1) == 1 or out.shape[-1] <= 1 else out.contiguous()
+    return unit_inner_stride(out)

@@ -10,7 +10,9 @@ are kept per set of weights, each rebuilt only when what it depends on changes:
   it valid; it is rebuilt when a weight moves (``model.to``, FSDP2's unshard into new storage), when a rank
   changes, and after ``forget_kept_copies()`` (a ``.data`` assignment can keep the address). A weight
   whose last dim is not unit-stride is pointed to through a contiguous copy kept with the table, which
-  is then also rebuilt when that weight's version counter moves.
+  is then also refreshed when that weight's version counter moves. A rebuild keeps the table tensor
+  where its rows come out the same, and refreshes a copy in place where it can: a CUDA graph captured with
+  them reads those addresses.
 * ``concatenated``: for the torch backend's small-M strategy (one matmul for every adapter), the A's
   stacked along the rank and the B's along their columns, both kept transposed (``A_cat^T`` [K, R],
   ``B_cat^T`` [R, N], ``R = sum r_i``: the layouts a row-major matmul reads fastest), each adapter's rows
@@ -49,7 +51,7 @@ import weakref
 
 import torch
 
-from .contract import unit_inner_stride
+from .contract import has_unit_inner_stride, unit_inner_stride
 from .args import check_loaded
 from .multi_args import MultiLoraArgs, check_one_dtype
 
@@ -156,21 +158,44 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     # layers call the op without validation)
     check_one_dtype(args.lora_a, args.lora_b, "gated_lora_multi")
     check_loaded(weights, args.x, "gated_lora_multi")  # (a meta weight's data_ptr is 0: the kernel would read 0)
-    read = [unit_inner_stride(t) for t in weights]
     # Only the contiguous copies are kept with the table (the weights themselves must stay free to be freed:
     # their weak references are what removes these forms). Copies of inference tensors are kept too, until
     # the next call rebuilds them: the kernel that reads them is launched after this returns.
-    copies = tuple(r for r, t in zip(read, weights) if r is not t)
+    copies = _contiguous_copies(weights, entry[4] if entry is not None else {})
     if copies:
         _watch_optimizers()
     copied = _copy_key(weights) if copies else ()
+    read = [copies.get(i, t) for i, t in enumerate(weights)]
     a, b = read[:args.adapters], read[args.adapters:]
     rows = [[t.data_ptr() for t in a], [t.data_ptr() for t in b], list(args.ranks),
             [t.stride(0) for t in a], [t.stride(0) for t in b]]
-    table = torch.tensor(rows, dtype=torch.int64).to(args.x.device)
-    scaling = torch.tensor(args.scaling, dtype=torch.float32).to(args.x.device)
-    forms.tables[args.x.device] = (pointers, copied, table, scaling, copies)
+    if entry is not None and entry[5] == rows:
+        # the same addresses (forget_kept_copies, an optimizer step, a copy refreshed in place): the table kept, as
+        # a CUDA graph captured with it reads it on every replay (a new one would free the captured one)
+        table, scaling = entry[2], entry[3]
+    else:
+        table = torch.tensor(rows, dtype=torch.int64).to(args.x.device)
+        scaling = torch.tensor(args.scaling, dtype=torch.float32).to(args.x.device)
+    forms.tables[args.x.device] = (pointers, copied, table, scaling, copies, rows)
     return table, scaling
+
+
+def _contiguous_copies(weights: tuple, kept: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """A contiguous copy of each weight whose last dim is not unit-stride, by its place in ``weights``. A copy
+    ``kept`` for that place with the same shape, dtype and device is refreshed in place, so its address stays the
+    one a table (and a CUDA graph captured with it) reads; an inference tensor only inside inference mode."""
+    copies = {}
+    for i, weight in enumerate(weights):
+        if has_unit_inner_stride(weight):
+            continue
+        old = kept.get(i)
+        if old is not None and (old.shape, old.dtype, old.device) == (weight.shape, weight.dtype, weight.device) \
+                and (not old.is_inference() or torch.is_inference_mode_enabled()):
+            with torch.no_grad():
+                copies[i] = old.copy_(weight)
+        else:
+            copies[i] = unit_inner_stride(weight)
+    return copies
 
 
 def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: torch.Tensor, index_fixed: bool = False
