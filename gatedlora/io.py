@@ -53,6 +53,7 @@ TEMP_PREFIX = ".gatedlora-"
 TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"([0-9a-f]{32}\.safetensors|[0-9a-f]{16}\.json)")
 # Routers that patch_model builds itself (no router=... needed to load their parameters)
 DEFAULT_ROUTERS = (None, "PrismRouter", "PrismMultiRouter")
+REBUILT_ROUTERS = DEFAULT_ROUTERS + ("PrismTwoClassRouter",)  # built from a save's tensors (saved_router_module)
 ROUTER_PREFIX = f"{ROUTER_ATTRIBUTE}."  # the router's tensors in a gatedlora save
 
 
@@ -444,9 +445,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         saved["target_modules"] = meta["layers"]
     if saved.get("router") not in DEFAULT_ROUTERS and router is None and not is_patched(model):
         router = saved_router_module(saved.get("router"), router_state(loaded))
-    if saved.get("router") not in DEFAULT_ROUTERS and router is None and not is_patched(model):
-        raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); pass router=<module "
-                         "of that class> so its parameters can be loaded")
+        if router is None:
+            raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); "
+                             f"{router_to_pass(saved['router'])}")
     # a PEFT model's LoRA: its own LoRA layers, or patched, the LoRA layers patch_model gated
     holds_peft_lora = not patch_state(model).fresh if is_patched(model) else bool(peft_lora_layers(model))
     router_only = _router_only(meta, loaded) and holds_peft_lora
@@ -466,14 +467,14 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
                      if current[k] != expected[k]}
         custom_router = False
         if config.gate == "sequence":  # a router of another class may hold the same parameters for another function
-            differing["router"] = (type(getattr(model, ROUTER_ATTRIBUTE).router).__name__, saved_router_class(saved))
-            if differing["router"][0] == differing["router"][1]:
-                del differing["router"]
-            elif patched_here:
-                raise ValueError(f"load_pretrained: the save's router is a {differing['router'][1]}, router= a "
-                                 f"{differing['router'][0]}: pass a module of the saved class")
-            else:  # (a default router is one load_pretrained builds itself: no router= to pass)
-                custom_router = saved.get("router") not in DEFAULT_ROUTERS
+            held = getattr(model, ROUTER_ATTRIBUTE).router
+            if not fills_saved_router(held, saved):
+                differing["router"] = (type(held).__name__, saved_router_class(saved))
+                if patched_here:
+                    raise ValueError(f"load_pretrained: the save's router is a {differing['router'][1]}, router= a "
+                                     f"{differing['router'][0]}: pass a module of the saved class")
+                # (a router load_pretrained rebuilds from the save needs no router=)
+                custom_router = saved.get("router") not in REBUILT_ROUTERS
         if differing:
             raise ValueError(f"load_pretrained: the model is patched with a different config (model vs saved): "
                              f"{differing}; unpatch_model(model) first or load into an unpatched model"
@@ -508,15 +509,17 @@ def router_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def saved_router_module(class_name: str | None, state: dict[str, torch.Tensor]) -> nn.Module | None:
     """A fresh module of the router class a save names, shaped by its tensors ``state`` (``router_state``), not
-    yet filled: ``PrismRouter`` and ``PrismMultiRouter`` (the defaults) and ``TwoClassRouter``
-    (``prism_two_class_router``). None for any other class: only its user can build one."""
+    yet filled: ``PrismRouter`` and ``PrismMultiRouter`` (the defaults) and ``PrismTwoClassRouter``
+    (``prism_two_class_router``). None for any other class, a ``TwoClassRouter`` around its user's net included:
+    only its user can build one."""
     if class_name in DEFAULT_ROUTERS:
         hidden = state["net.0.weight"].shape[1]
         sizes = tuple(state[f"net.{i}.weight"].shape[0] for i in range(0, len(state), 2))
         # (a default router is saved as None: one output is PrismRouter's, one per route PrismMultiRouter's)
         return (PrismRouter(hidden, widths=sizes[:-1], start_open=False) if sizes[-1] == 1
                 else PrismMultiRouter(hidden, sizes[-1], widths=sizes[:-1], start_route=None))
-    if class_name == "TwoClassRouter" and set(state) == {"net.0.weight", "net.0.bias", "net.3.weight", "net.3.bias"}:
+    if class_name == "PrismTwoClassRouter" and set(state) == {"net.0.weight", "net.0.bias", "net.3.weight",
+                                                             "net.3.bias"}:
         # in the dtype it was saved in (a module its user passes is filled as saved too)
         first = state["net.0.weight"]
         return prism_two_class_router(first.shape[1], width=first.shape[0]).to(first.dtype)
@@ -526,6 +529,27 @@ def saved_router_module(class_name: str | None, state: dict[str, torch.Tensor]) 
 def saved_router_class(config: dict) -> str:
     """The class of router a saved config names: its own, or where it names none, the default patch_model builds."""
     return config.get("router") or (PrismRouter if not config.get("adapters") else PrismMultiRouter).__name__
+
+
+# The class a router of gatedlora's was saved as before it had its own (prism_two_class_router's).
+_EARLIER_NAMES = {"PrismTwoClassRouter": "TwoClassRouter"}
+
+
+def fills_saved_router(router: nn.Module, config: dict) -> bool:
+    """Whether ``router`` may be filled from a save with ``config``: the saved class is its class, or the name an
+    earlier save gave it (a ``PrismTwoClassRouter`` fills a ``TwoClassRouter`` save, whose net it was). A router of
+    another class, a subclass included, may hold the same parameters for another function."""
+    name, saved = type(router).__name__, saved_router_class(config)
+    return saved == name or saved == _EARLIER_NAMES.get(name)
+
+
+def router_to_pass(class_name: str | None) -> str:
+    """How to give a loader the router a save names, when it cannot build it (``saved_router_module``)."""
+    hint = "pass router=<module of that class> so its parameters can be loaded"
+    if class_name == "TwoClassRouter":
+        hint += ("; a prism_two_class_router saved before it had a class of its own (PrismTwoClassRouter) is named "
+                 "TwoClassRouter: pass router=gatedlora.prism_two_class_router(hidden_size) for it")
+    return hint
 
 
 def _router_only(meta: dict, loaded: dict[str, torch.Tensor]) -> bool:

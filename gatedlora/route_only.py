@@ -25,8 +25,8 @@ from torch import nn
 from .block_capture import capture_and_stop, output_of_block
 from .call_state import RouteDecision
 from .config import check_router_layer
-from .io import (DEFAULT_ROUTERS, ROUTER_PREFIX, check_model_type, config_of_save, read_saved, router_state,
-                 saved_router_class, saved_router_module)
+from .io import (DEFAULT_ROUTERS, ROUTER_PREFIX, check_model_type, config_of_save, fills_saved_router, read_saved,
+                 router_state, router_to_pass, saved_router_class, saved_router_module)
 from .patching import find_blocks, text_config
 from .prompts import explain_too_long, right_padded_batches, token_ids
 from .routing import SequenceRouter
@@ -79,7 +79,7 @@ class RouteOnlyModel(nn.Module):
         if saved.get("gate") != "sequence":
             raise ValueError(f"RouteOnlyModel: {router_path} holds gate={saved.get('gate')!r} gates; "
                              "a route-only model needs a router (gate='sequence')")
-        if router is not None and type(router).__name__ != saved_router_class(saved):
+        if router is not None and not fills_saved_router(router, saved):
             # (a router of another class may hold the same parameters for another function)
             raise ValueError(f"RouteOnlyModel: the router in {router_path} is a {saved_router_class(saved)}, "
                              f"router= a {type(router).__name__}: pass a module of the saved class")
@@ -226,7 +226,7 @@ def router_from_state(class_name: str | None, tensors: dict[str, torch.Tensor], 
                       ) -> nn.Module:
     """The router saved under ``gate_router.*`` in ``tensors``, filled with those tensors.
 
-    ``PrismRouter``, ``PrismMultiRouter`` and ``TwoClassRouter`` (``prism_two_class_router``) are rebuilt from
+    ``PrismRouter``, ``PrismMultiRouter`` and ``PrismTwoClassRouter`` (``prism_two_class_router``) are rebuilt from
     the saved shapes; any other class needs ``router``, a module of that class.
     """
     state = router_state(tensors)
@@ -235,7 +235,7 @@ def router_from_state(class_name: str | None, tensors: dict[str, torch.Tensor], 
     if router is None:
         router = saved_router_module(class_name, state)
         if router is None:
-            raise ValueError(f"the save used a custom router ({class_name}); pass router=<module of that class>")
+            raise ValueError(f"the save used a custom router ({class_name}); {router_to_pass(class_name)}")
     expected = {key: value.shape for key, value in router.state_dict().items()}
     got = {key: value.shape for key, value in state.items()}
     if expected != got:

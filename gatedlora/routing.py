@@ -165,10 +165,21 @@ def routes_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logits, dim=-1).masked_fill_(torch.isnan(logits).any(dim=-1), 0)
 
 
-def prism_two_class_router(hidden_size: int, width: int = 256, dropout: float = 0.1) -> TwoClassRouter:
-    """PRISM's released router, ``Linear(H,256)-GELU-Dropout-Linear(256,2)`` with argmax, as a gatedlora router."""
-    return TwoClassRouter(nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Dropout(dropout),
-                                        nn.Linear(width, 2)))
+class PrismTwoClassRouter(TwoClassRouter):
+    """PRISM's released router, ``Linear(H,256)-GELU-Dropout-Linear(256,2)``, as a ``TwoClassRouter``. A class of
+    its own so that a save names it: a ``TwoClassRouter`` around a user's net may have the same parameter names
+    and shapes (``Linear-ReLU-Dropout-Linear``) and compute something else, so only this one is rebuilt from a
+    save without its user."""
+
+    def __init__(self, hidden_size: int, width: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Dropout(dropout),
+                                       nn.Linear(width, 2)))
+
+
+def prism_two_class_router(hidden_size: int, width: int = 256, dropout: float = 0.1) -> PrismTwoClassRouter:
+    """PRISM's released router, ``Linear(H,256)-GELU-Dropout-Linear(256,2)`` with argmax, as a gatedlora router
+    (hidden states [B, H] -> probabilities of the adapter [B])."""
+    return PrismTwoClassRouter(hidden_size, width, dropout)
 
 
 def prefill_mask(attention_mask: Any) -> Any:

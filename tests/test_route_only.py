@@ -165,6 +165,58 @@ def test_two_class_and_custom_routers(tmp_path):
         RouteOnlyModel.from_pretrained(model_dir, router_dir, router=Sharper())
 
 
+def test_a_two_class_router_around_a_users_net_is_not_rebuilt_as_prisms(tmp_path):
+    """A ``TwoClassRouter`` around a user's ``Linear-ReLU-Dropout-Linear`` has prism_two_class_router's parameter
+    names and shapes: both loaders rebuilt it as PRISM's GELU router and routed differently, silently. Only a
+    ``PrismTwoClassRouter`` save is rebuilt; the user's loads with router= (and, patched with another router,
+    the error does not ask for router=, which a rebuilt class does not need)."""
+    from gatedlora import TwoClassRouter
+    from gatedlora.routing import prism_two_class_router
+
+    def users_router():
+        return TwoClassRouter(torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                                  torch.nn.Linear(24, 2))).eval()
+
+    model_dir, router_dir, full = saved_model_and_router(tmp_path, layers=3, router_layer=0, router=users_router())
+    ids, mask = padded_batch([4, 6, 2], 6, seed=9)
+    with torch.no_grad():
+        want = full(input_ids=ids, attention_mask=mask).logits
+    asks = r"custom router \(TwoClassRouter\); pass router=<module of that class> .*prism_two_class_router\(hidden_"
+    with pytest.raises(ValueError, match=asks):
+        load_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), router_dir)
+    with pytest.raises(ValueError, match=asks):
+        RouteOnlyModel.from_pretrained(model_dir, router_dir)
+    loaded = load_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), router_dir, router=users_router())
+    route_only = RouteOnlyModel.from_pretrained(model_dir, router_dir, router=users_router())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, want)
+        assert torch.equal(route_only(ids, mask).probabilities, get_router(full).last_probabilities)
+
+    # a prism_two_class_router saved before it had a class of its own was named TwoClassRouter: it loads with
+    # router=prism_two_class_router(...), and a PrismTwoClassRouter save into a model patched with the default
+    # router is refused without asking for router=
+    prism_dir, prism_router_dir, prism_full = saved_model_and_router(tmp_path / "prism", layers=3, router_layer=0,
+                                                                     router=prism_two_class_router(40, width=24))
+    config_path = prism_router_dir / "gatedlora_config.json"
+    record = json.loads(config_path.read_text())
+    assert record["config"]["router"] == "PrismTwoClassRouter"
+    record["config"]["router"] = "TwoClassRouter"
+    config_path.write_text(json.dumps(record))
+    earlier = load_pretrained(AutoModelForCausalLM.from_pretrained(prism_dir), prism_router_dir,
+                              router=prism_two_class_router(40, width=24))
+    with torch.no_grad():
+        assert torch.equal(earlier(input_ids=ids, attention_mask=mask).logits,
+                           prism_full(input_ids=ids, attention_mask=mask).logits)
+    record["config"]["router"] = "PrismTwoClassRouter"
+    config_path.write_text(json.dumps(record))
+    default = AutoModelForCausalLM.from_pretrained(prism_dir)
+    patch_model(default, GatedLoraConfig(gate="sequence", router_layer=0, r=4,
+                                         target_modules=["q_proj", "v_proj", "down_proj"]))
+    with pytest.raises(ValueError, match=r"\('PrismRouter', 'PrismTwoClassRouter'\)\}; unpatch_model\(model\) "
+                                         r"first or load into an unpatched model$"):
+        load_pretrained(default, prism_router_dir)
+
+
 def test_a_model_whose_first_blocks_are_built_by_its_depth_is_refused(tmp_path):
     """GPT-NeoX-Japanese gives its last block a bias: cut to router_layer + 1 blocks, block router_layer would
     have one the checkpoint lacks (freshly initialised, reported only in the warnings the load silences)."""
