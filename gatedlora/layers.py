@@ -13,7 +13,7 @@ from .call_state import RouteDecision, forced_gate
 from .config import check_gate_options
 from .module_hooks import hooked
 from .ops import add_lora_, gated_lora, gated_lora_fused, warn_fused_fallback_once
-from .ops.args import check_loaded
+from .ops.args import check_loaded, is_threshold
 from .ops.gates import cpu_scalar, gate_is_open, open_rows, token_gate_probabilities
 from .ops.torch_backend import GATHER_MIN_ROWS
 from .routing import SequenceRouter, open_logit
@@ -370,6 +370,19 @@ class GatedLoRALinear(nn.Module):
         if lora_x is not x:
             return "LoRA dropout is active (training)"
         return None
+
+    @property
+    def threshold(self) -> float:
+        """Where hard token gates open (``p >= threshold``); sequence gates use their router's."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        # (GatedLoraConfig's rule: a threshold of 1e-46 is 0 in fp32, where the kernels compare, and opens p = 0)
+        if not is_threshold(value):
+            raise ValueError(f"{type(self).__name__}.threshold must be a number in (0, 1), above 0 in fp32, "
+                             f"got {value!r}")
+        self._threshold = float(value)
 
     def extra_repr(self) -> str:
         # (sequence gates: the router's, which the routes use and get_router(model).threshold sets)

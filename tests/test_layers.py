@@ -1,4 +1,6 @@
 """GatedLoRALinear on its own: token gates, dropout in training, closed rows bitwise."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -226,6 +228,19 @@ def test_a_layer_built_directly_checks_its_options(option, value, message):
     with pytest.raises(ValueError) as error:
         GatedLoRALinear.fresh(nn.Linear(8, 4), 2, 4, 0.0, **{"gate": "token", option: value})
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize("value", [1e-46, 1.0, float("nan"), "0.5"])
+def test_a_threshold_set_on_a_layer_is_checked_as_at_construction(value):
+    """``layer.threshold = t`` after construction: 1e-46 is 0 in fp32, where the kernels compare (every gate,
+    p = 0 included, opened); the rule and message are the constructor's. The layer keeps its threshold."""
+    layer = GatedLoRALinear.fresh(nn.Linear(8, 4), 2, 4, 0.0, gate="token", threshold=0.25)
+    with pytest.raises(ValueError, match=rf"^GatedLoRALinear.threshold must be a number in \(0, 1\), above 0 in fp32, "
+                                         rf"got {re.escape(repr(value))}$"):
+        layer.threshold = value
+    assert layer.threshold == 0.25
+    layer.threshold = 0.75
+    assert layer.threshold == 0.75 and "threshold=0.75" in repr(layer)
 
 
 def _hook_pre(layer, calls):
