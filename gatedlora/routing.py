@@ -27,7 +27,7 @@ from .call_state import (ForwardState, RouteDecision, attach_routes, continues, 
                          in_backward, output_cache, routes_on, thread_slot)
 from .config import GatedLoraConfig
 from .module_hooks import hooked
-from .ops.args import check_loaded, is_threshold, probability_ceiling
+from .ops.args import PROBABILITY_CEILING, check_loaded, is_threshold
 from .ops.gates import probability_dtype
 
 # sigmoid(6) = 0.9975: a fresh gate or default router starts open with a wide margin, so the
@@ -137,12 +137,11 @@ def router_output(router: nn.Module, hidden: torch.Tensor, caller: str = "gatedl
 
 def check_probabilities(probabilities: torch.Tensor) -> None:
     """ValueError naming the sequences where a one-adapter router's output [B] (CPU) is outside [0, 1] (NaN, which
-    closes the gate, passes; rounding above 1 as ``probability_ceiling`` allows): a router that returns logits
-    would otherwise open wherever a logit reached the threshold. Not on a GPU, where reading would sync (as for a
+    closes the gate, passes; rounding up to ``PROBABILITY_CEILING`` too): a router that returns logits would
+    otherwise open wherever a logit reached the threshold. Not on a GPU, where reading would sync (as for a
     caller's gate tensor)."""
-    ceiling = probability_ceiling(probabilities.dtype)
     values = probabilities.detach().tolist()
-    outside = [i for i, p in enumerate(values) if p < 0 or p > ceiling]
+    outside = [i for i, p in enumerate(values) if p < 0 or p > PROBABILITY_CEILING]
     if outside:
         raise ValueError(
             f"gatedlora: the router must return probabilities in [0, 1] (a sigmoid's output), got "
@@ -463,8 +462,6 @@ class SequenceRouter(nn.Module):
                 f"gatedlora: the router must map hidden states [B, H] = {list(last_hidden.shape)} to "
                 f"probabilities [B] = [{batch}], got {list(probabilities.shape)}"
             )
-        if probabilities.device.type == "cpu" and not torch.compiler.is_compiling():
-            check_probabilities(probabilities)  # in the router's dtype, whose rounding it allows
         # One precision for every decision, the kernels' (fp32): a bf16 router's p compared in bf16 on the
         # host but in fp32 in the layers would route a sequence at the threshold by its batch-mates.
         if probabilities.dim() != 1:
@@ -483,6 +480,7 @@ class SequenceRouter(nn.Module):
         # router_layer's matmuls, where it costs 2-3x its cost alone (the whole decision took 0.47 ms of a
         # 7.3 ms prefill at batch 1 before, most of it in small ops).
         if gates.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_probabilities(probabilities)
             facts = host_facts(decisions, gates, hard)
         return RouteDecision(probabilities, gates, decisions, threshold, *facts, hard=hard)
 

@@ -220,16 +220,18 @@ def test_a_router_that_returns_logits_is_named_on_the_cpu():
             model(input_ids=ids, attention_mask=mask)
 
 
-def test_a_probability_rounded_just_above_one_opens_the_gate():
+@pytest.mark.parametrize("shape", ["[B]", "[B, 1]"])
+def test_a_probability_rounded_just_above_one_opens_the_gate(shape):
     """A sum of softmax classes rounds above 1 (1.0000001 in fp32): that is a probability, not a logit, so the
-    sequence opens and matches PEFT; a value past rounding (1.25) is still an error."""
+    sequence opens and matches PEFT; a value past rounding (1.25) is still an error. Probabilities [B, 1] are
+    checked as [B] (a check before the reshape failed on the nested list)."""
     model, ids, mask, want_open, router, peft, base = prism_setup()
     just_above = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)).item()
     rounded = {"value": just_above}
 
     class SummedRouter(nn.Module):
         def forward(self, h):
-            return torch.full((h.shape[0],), rounded["value"])
+            return torch.full((h.shape[0],) + ((1,) if shape == "[B, 1]" else ()), rounded["value"])
 
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, router=SummedRouter()))
     with torch.no_grad():
