@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -11,14 +12,19 @@ from torch import nn
 from ..patching import block_linear_names
 
 
-def randomize_lora_b(peft_model: nn.Module, seed: int, scale: float = 0.02) -> None:
-    """Every lora_B weight random, normal with standard deviation ``scale`` (PEFT starts them at 0, where an
-    adapter changes nothing), in parameter order."""
+def randomize_parameters(model: nn.Module, seed: int, scale: float, selected: Callable[[str], bool]) -> None:
+    """Every parameter whose name ``selected`` accepts random, normal with standard deviation ``scale``, drawn in
+    parameter order from one generator seeded with ``seed`` (on the CPU: the same values on every device)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
+        for name, param in model.named_parameters():
+            if selected(name):
                 param.copy_((torch.randn(param.shape, generator=gen) * scale).to(param.dtype))
+
+
+def randomize_lora_b(peft_model: nn.Module, seed: int, scale: float = 0.02) -> None:
+    """Every lora_B weight random (PEFT starts them at 0, where an adapter changes nothing)."""
+    randomize_parameters(peft_model, seed, scale, lambda name: "lora_B" in name)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 
 from ..patching import block_linear_names
 from .machine_load import LoadMeter
-from .models import LlamaSpec, build_llama
+from .models import LlamaSpec, build_llama, randomize_parameters
 from .timing import time_side_by_side
 
 
@@ -44,12 +44,9 @@ def prepare(spec: LlamaSpec, router_layer: int, directory: Path, device: torch.d
     model.save_pretrained(model_dir)
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=router_layer,
                                        target_modules=block_linear_names(model)))
-    gen = torch.Generator().manual_seed(1)
+    randomize_parameters(model, 1, 0.05, lambda name: "lora_B" in name or name.startswith("gate_router."))
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name or name.startswith("gate_router."):
-                param.copy_((torch.randn(param.shape, generator=gen) * 0.05).to(param.dtype))
-        ids = torch.randint(3, spec.vocab_size, (16, 12), generator=gen)
+        ids = torch.randint(3, spec.vocab_size, (16, 12), generator=torch.Generator().manual_seed(2))
         model(input_ids=ids.to(device))
         last = get_router(model).router.net[-1]
         last.bias -= torch.logit(get_router(model).last_probabilities.double()).median().to(last.bias.dtype)
