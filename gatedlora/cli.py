@@ -429,6 +429,10 @@ def _route_parser(sub) -> None:
                         "train-router load it); route in the dtype the full model runs in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--prism-two-class", action="store_true",
+                   help="the save names its router TwoClassRouter and it is PRISM's two-class router (as "
+                        "train-router --router two-class saved it before that router had a class of its own, "
+                        "PrismTwoClassRouter); only for such a save")
 
 
 def _check_route_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -479,8 +483,9 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = _load_tokenizer(parser, args.model)
     try:
+        router = _earlier_prism_two_class(parser, args.router) if args.prism_two_class else None
         model = RouteOnlyModel.from_pretrained(args.model, args.router, adapter_name=args.adapter_name,
-                                               device=device, dtype=load_dtype(args.dtype))
+                                               device=device, dtype=load_dtype(args.dtype), router=router)
     except LOAD_ERRORS as err:
         _load_failed(parser, err)
     try:
@@ -515,6 +520,17 @@ def _run_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     taken = ", ".join(f"{count} to {name!r} ({count / len(routes):.1%})" for name, count in counts.items())
     print(f"routed {len(routes)} prompts: {taken}, {routes.count('base')} to the base model; wrote {args.out}")
     return 0
+
+
+def _earlier_prism_two_class(parser: argparse.ArgumentParser, path: str):
+    """--prism-two-class: a PrismTwoClassRouter shaped as the router saved at ``path``, for RouteOnlyModel to fill."""
+    from .io import read_saved, router_state, saved_router_module
+
+    router = saved_router_module("PrismTwoClassRouter", router_state(read_saved(path)[1]))
+    if router is None:
+        parser.error(f"--prism-two-class: the router saved in {path} is not shaped as prism_two_class_router's "
+                     "(net.0 and net.3 Linear layers)")
+    return router
 
 
 def _without_tokens(path: str, err) -> str:

@@ -447,7 +447,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         router = saved_router_module(saved.get("router"), router_state(loaded))
         if router is None:
             raise ValueError(f"load_pretrained: the save used a custom router ({saved['router']}); "
-                             f"{router_to_pass(saved['router'])}")
+                             f"{router_to_pass(saved['router'], router_state(loaded))}")
     # a PEFT model's LoRA: its own LoRA layers, or patched, the LoRA layers patch_model gated
     holds_peft_lora = not patch_state(model).fresh if is_patched(model) else bool(peft_lora_layers(model))
     router_only = _router_only(meta, loaded) and holds_peft_lora
@@ -543,12 +543,16 @@ def fills_saved_router(router: nn.Module, config: dict) -> bool:
     return saved == name or saved == _EARLIER_NAMES.get(name)
 
 
-def router_to_pass(class_name: str | None) -> str:
-    """How to give a loader the router a save names, when it cannot build it (``saved_router_module``)."""
+def router_to_pass(class_name: str | None, state: dict[str, torch.Tensor]) -> str:
+    """How to give a loader the router a save names, when it cannot build it (``saved_router_module``); ``state``:
+    the saved router's tensors (``router_state``)."""
     hint = "pass router=<module of that class> so its parameters can be loaded"
-    if class_name == "TwoClassRouter":
-        hint += ("; a prism_two_class_router saved before it had a class of its own (PrismTwoClassRouter) is named "
-                 "TwoClassRouter: pass router=gatedlora.prism_two_class_router(hidden_size) for it")
+    earlier = saved_router_module("PrismTwoClassRouter", state) if class_name == "TwoClassRouter" else None
+    if earlier is not None:  # shaped as PRISM's router, which saves named TwoClassRouter before it had a class
+        hidden, width = earlier.net[0].in_features, earlier.net[0].out_features
+        hint += (f"; only if it is PRISM's router, saved from prism_two_class_router before that had a class of its "
+                 f"own (PrismTwoClassRouter), pass router=gatedlora.prism_two_class_router({hidden}, width={width}) "
+                 f"(gatedlora route: --prism-two-class); a TwoClassRouter around your own net takes that net")
     return hint
 
 

