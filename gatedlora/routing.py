@@ -17,6 +17,7 @@ import inspect
 import itertools
 import math
 import threading
+import weakref
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -538,15 +539,51 @@ class SequenceRouter(nn.Module):
 
 
 class _Wrapper:
-    """A method ``name`` of a model replaced on its instance; a copy of the model gets a copy bound to itself."""
+    """A method ``name`` of a model replaced on its instance; a copy of the model gets a copy bound to itself.
+
+    The module holds the wrapper, so the wrapper holds the module weakly: the module's own method, bound to it,
+    made a cycle that kept a dropped model, every weight of it, alive until Python's cyclic collector ran (a review
+    saw none run over 2,000 requests). An instance wrapper already there (accelerate's) is held as it is."""
 
     name = ""
 
     def __init__(self, route: SequenceRouter, module: nn.Module) -> None:
         self.route = route
         self.replaced = self.name in module.__dict__  # an instance wrapper already there (accelerate) stays inside
-        self.inner = getattr(module, self.name)
+        inner = getattr(module, self.name)
+        self.module_reference = weakref.ref(module)
+        self.function = inner.__func__ if getattr(inner, "__self__", None) is module else None
+        self.instance_inner = inner if self.function is None else None
         module.__dict__[self.name] = self
+
+    @property
+    def inner(self) -> Callable:
+        """The replaced method, bound to the module."""
+        if self.function is None:
+            return self.instance_inner
+        module = self.module_reference()
+        if module is None:
+            raise ReferenceError(f"gatedlora: {self.name}() belongs to a patched model that has been freed (its "
+                                 "methods hold it weakly)")
+        return self.function.__get__(module)
+
+    def __deepcopy__(self, memo: dict) -> _Wrapper:
+        # (inside the model's deep copy, which is in memo: the copy's wrapper is bound to the copied module)
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        memo[id(self)] = copied
+        copied.route = copy.deepcopy(self.route, memo)
+        copied.instance_inner = copy.deepcopy(self.instance_inner, memo)
+        copied.module_reference = weakref.ref(copy.deepcopy(self.module_reference(), memo))
+        return copied
+
+    def __getstate__(self) -> dict:
+        # pickled inside the model's pickle (torch.save(model)), which holds the module: its memo ties the two
+        return {**self.__dict__, "module_reference": self.module_reference()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.module_reference = weakref.ref(state["module_reference"])
 
     @property
     def __signature__(self) -> inspect.Signature:  # what transformers' Trainer and generate inspect

@@ -294,3 +294,60 @@ def test_token_gates_of_an_adapter_loaded_after_patching_are_not_left_on_meta(tm
     with torch.no_grad(), force_gate(model, 1.0):
         got = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["token", "sequence", "several adapters", "fresh sequence"])
+def test_a_dropped_patched_model_is_freed_by_reference_counting(kind, tmp_path):
+    """The stand-ins for PEFT's methods and the routed forward/generate wrappers sit in the model's own dicts and
+    held the model strongly: a dropped patched model, every weight of it, stayed alive until Python's cyclic
+    collector ran (a review saw none run over 2,000 requests). A method kept past its model says so."""
+    import gc
+    import weakref
+
+    from tiny_models import MULTI_ADAPTERS, tiny_causal_lm, tiny_multi_adapter_model
+
+    if kind == "several adapters":
+        model = tiny_multi_adapter_model(layers_to_transform=[1, 2])
+        config = GatedLoraConfig(gate="sequence", adapters=list(MULTI_ADAPTERS))
+    elif kind == "fresh sequence":
+        model = tiny_causal_lm()
+        config = GatedLoraConfig(gate="sequence", target_modules=["q_proj", "v_proj"])
+    else:
+        model = tiny_peft_model(layers_to_transform=[1, 2] if kind == "sequence" else None)
+        config = GatedLoraConfig(gate=kind)
+    patch_model(model, config)
+    ids, mask = padded_batch([3, 6], 6)
+    gc.collect()
+    gc.disable()  # only reference counting frees
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        weight = weakref.ref(next(p for n, p in model.named_parameters() if "embed_tokens" in n))
+        # (a plain model's save_pretrained is transformers' own, not stood in: a bound method, which holds it)
+        kept = model.save_pretrained if kind != "fresh sequence" else None
+        del model
+        assert weight() is None
+    finally:
+        gc.enable()
+    if kept is not None:
+        with pytest.raises(ReferenceError, match=r"save_pretrained\(\) belongs to a patched model that has been "
+                                                 r"freed"):
+            kept(tmp_path / "adapter")
+        assert not (tmp_path / "adapter").exists()
+
+
+def test_a_patched_plain_model_pickles_with_its_routed_forward_bound_to_the_copy():
+    """The routed forward holds its module weakly (above); inside the model's pickle it is bound to the unpickled
+    module, as it was when it held the module strongly."""
+    import pickle
+
+    from tiny_models import tiny_causal_lm
+
+    model = tiny_causal_lm()
+    patch_model(model, GatedLoraConfig(gate="sequence", target_modules=["q_proj", "v_proj"]))
+    ids, mask = padded_batch([3, 6], 6)
+    loaded = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
+    assert loaded.model.__dict__["forward"].inner.__self__ is loaded.model
