@@ -534,10 +534,11 @@ class StandIn:
     with the way on: the stand-ins and the layers' routing state belong to this process.
 
     It holds the model weakly: the model holds it, and a strong reference made a cycle that kept a dropped model,
-    every weight of it, alive until Python's cyclic collector ran (a review saw none run over 2,000 requests)."""
+    every weight of it, alive until Python's cyclic collector ran (a review saw none run over 2,000 requests).
+    ``held``: the model, held strongly, where nothing else would hold it (``__deepcopy__``)."""
 
-    def __init__(self, function, model: nn.Module, **bound) -> None:
-        self.function, self.bound = function, bound
+    def __init__(self, function, model: nn.Module, held: nn.Module | None = None, **bound) -> None:
+        self.function, self.bound, self.held = function, bound, held
         self.model_reference = weakref.ref(model)
         self.__name__ = getattr(function, "__name__", type(self).__name__)
         self.__doc__ = function.__doc__
@@ -547,14 +548,20 @@ class StandIn:
         model = self.model_reference()
         if model is None:
             raise ReferenceError(f"gatedlora: {self.__name__}() belongs to a patched model that has been freed "
-                                 "(its methods hold it weakly)")
+                                 "(its methods, and its PEFT tuner's, hold it weakly: keep a reference to the model "
+                                 "itself)")
         return model
 
     def __call__(self, *args, **kwargs):
         return self.function(self.model, *args, **self.bound, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> StandIn:
-        return StandIn(self.function, copy.deepcopy(self.model, memo), **self.bound)
+        model = self.model
+        if id(model) in memo:  # inside the model's deep copy: bound to the copy
+            return StandIn(self.function, memo[id(model)], **self.bound)
+        # a part copied on its own (the PEFT tuner, model.base_model): nothing else holds its copy of the model
+        copied = copy.deepcopy(model, memo)
+        return StandIn(self.function, copied, held=copied, **self.bound)
 
     def __reduce__(self):
         raise TypeError("a gatedlora-patched model cannot be pickled (torch.save(model), pickle, multiprocessing): "

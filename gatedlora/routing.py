@@ -17,6 +17,7 @@ import inspect
 import itertools
 import math
 import threading
+import types
 import weakref
 from dataclasses import replace
 from typing import Any, Callable
@@ -543,7 +544,8 @@ class _Wrapper:
 
     The module holds the wrapper, so the wrapper holds the module weakly: the module's own method, bound to it,
     made a cycle that kept a dropped model, every weight of it, alive until Python's cyclic collector ran (a review
-    saw none run over 2,000 requests). An instance wrapper already there (accelerate's) is held as it is."""
+    saw none run over 2,000 requests). An instance attribute already there (accelerate's hook, a user's own) is held
+    as it is, and put back as it is by ``remove``: a cycle through it was there before patching."""
 
     name = ""
 
@@ -552,8 +554,9 @@ class _Wrapper:
         self.replaced = self.name in module.__dict__  # an instance wrapper already there (accelerate) stays inside
         inner = getattr(module, self.name)
         self.module_reference = weakref.ref(module)
-        self.function = inner.__func__ if getattr(inner, "__self__", None) is module else None
-        self.instance_inner = inner if self.function is None else None
+        own_method = not self.replaced and isinstance(inner, types.MethodType) and inner.__self__ is module
+        self.function = inner.__func__ if own_method else None
+        self.instance_inner = None if own_method else inner
         module.__dict__[self.name] = self
 
     @property
@@ -564,8 +567,8 @@ class _Wrapper:
         module = self.module_reference()
         if module is None:
             raise ReferenceError(f"gatedlora: {self.name}() belongs to a patched model that has been freed (its "
-                                 "methods hold it weakly)")
-        return self.function.__get__(module)
+                                 "methods hold it weakly: keep a reference to the model itself)")
+        return self.function.__get__(module)  # (torch.compile traces __get__, not a call of types.MethodType)
 
     def __deepcopy__(self, memo: dict) -> _Wrapper:
         # (inside the model's deep copy, which is in memo: the copy's wrapper is bound to the copied module)

@@ -1,4 +1,6 @@
 """patch_model on PEFT models: force_gate(1) is PEFT LoRA, force_gate(0) is the base model bitwise."""
+import copy
+
 import pytest
 import torch
 
@@ -351,3 +353,36 @@ def test_a_patched_plain_model_pickles_with_its_routed_forward_bound_to_the_copy
         assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
                            model(input_ids=ids, attention_mask=mask).logits)
     assert loaded.model.__dict__["forward"].inner.__self__ is loaded.model
+
+
+@pytest.mark.parametrize("existing", ["bound method", "method of a partial"])
+def test_a_forward_already_on_the_instance_is_wrapped_and_put_back_as_it_was(existing):
+    """An instance forward set before patching (accelerate's hooks set one; here the user's own) is held as it is:
+    re-binding its function failed for a MethodType over a functools.partial (no __get__), and put back an equal
+    method that was not the same object."""
+    import functools
+    import types
+
+    model = tiny_peft_model(layers_to_transform=[1, 2])
+    backbone = model.base_model.model.model
+    ids, mask = padded_batch([3, 6], 6)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    forward = (backbone.forward if existing == "bound method"
+               else types.MethodType(functools.partial(type(backbone).forward), backbone))
+    backbone.forward = forward
+    patch_model(model, GatedLoraConfig(gate="sequence"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want, rtol=0, atol=1e-5)
+    unpatch_model(model)
+    assert backbone.__dict__["forward"] is forward
+
+
+def test_a_deep_copy_of_the_peft_tuner_alone_keeps_its_own_model():
+    """The stand-ins on ``model.base_model`` hold the PeftModel weakly; a deep copy of the tuner on its own makes a
+    copy of the PeftModel that nothing else holds, so its stand-ins hold that one."""
+    model = tiny_peft_model()
+    patch_model(model, GatedLoraConfig(gate="token"))
+    tuner = copy.deepcopy(model.base_model)
+    tuner.set_adapter("default")  # (a ReferenceError: the PeftModel's copy was already freed)
+    assert tuner.__dict__["set_adapter"].model.base_model is tuner
