@@ -526,7 +526,10 @@ def _earlier_prism_two_class(parser: argparse.ArgumentParser, path: str):
     """--prism-two-class: a PrismTwoClassRouter shaped as the router saved at ``path``, for RouteOnlyModel to fill."""
     from .io import read_saved, router_state, saved_router_module
 
-    router = saved_router_module("PrismTwoClassRouter", router_state(read_saved(path)[1]))
+    meta, tensors = read_saved(path)
+    if meta["config"].get("gate") != "sequence":
+        return None  # (RouteOnlyModel names what the save holds instead of a router)
+    router = saved_router_module("PrismTwoClassRouter", router_state(tensors))
     if router is None:
         parser.error(f"--prism-two-class: the router saved in {path} is not shaped as prism_two_class_router's "
                      "(net.0 and net.3 Linear layers)")

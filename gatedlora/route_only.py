@@ -25,8 +25,8 @@ from torch import nn
 from .block_capture import capture_and_stop, output_of_block
 from .call_state import RouteDecision
 from .config import check_router_layer
-from .io import (DEFAULT_ROUTERS, ROUTER_PREFIX, check_model_type, config_of_save, fills_saved_router, read_saved,
-                 router_state, router_to_pass, saved_router_class, saved_router_module)
+from .io import (DEFAULT_ROUTERS, REBUILT_ROUTERS, ROUTER_PREFIX, check_model_type, config_of_save, fills_saved_router,
+                 read_saved, router_state, router_to_pass, saved_router_class, saved_router_module)
 from .patching import find_blocks, text_config
 from .prompts import explain_too_long, right_padded_batches, token_ids
 from .routing import SequenceRouter
@@ -84,15 +84,15 @@ class RouteOnlyModel(nn.Module):
             raise ValueError(f"RouteOnlyModel: the router in {router_path} is a {saved_router_class(saved)}, "
                              f"router= a {type(router).__name__}: pass a module of the saved class")
         default_router = router is None and saved.get("router") in DEFAULT_ROUTERS
-        rebuilt = router is None
+        # gatedlora's own router classes, rebuilt or passed (--prism-two-class), read through net.0
+        reads_net_0 = router is None or type(router).__name__ in REBUILT_ROUTERS
         router = router_from_state(saved.get("router"), tensors, router)
         config = config_of_save(saved, router_path, "RouteOnlyModel", router)
         model_config = AutoConfig.from_pretrained(model_path)
         _check_decoder_only(model_config)
         check_model_type(meta, model_config, Path(router_path), "RouteOnlyModel")
         hidden = getattr(text_config(model_config), "hidden_size", None)
-        # (a router rebuilt from the save, gatedlora's own or the two-class one, reads through net.0)
-        width = tensors[f"{ROUTER_PREFIX}net.0.weight"].shape[1] if rebuilt else None
+        width = tensors[f"{ROUTER_PREFIX}net.0.weight"].shape[1] if reads_net_0 else None
         if hidden is not None and width is not None and width != hidden:  # (it failed at the first batch)
             raise ValueError(f"RouteOnlyModel: the router in {router_path} reads hidden states of width {width}, "
                              f"but the model in {model_path} has hidden_size {hidden}: it was trained on another "

@@ -208,6 +208,14 @@ def test_a_two_class_router_around_a_users_net_is_not_rebuilt_as_prisms(tmp_path
     with torch.no_grad():
         assert torch.equal(earlier(input_ids=ids, attention_mask=mask).logits,
                            prism_full(input_ids=ids, attention_mask=mask).logits)
+    # passed rather than rebuilt, it is still checked against the model's width (it failed at the first batch)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=76, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match=r"reads hidden states of width 40, but the model in .* has hidden_size 48"):
+        RouteOnlyModel.from_pretrained(tmp_path / "wide", prism_router_dir, router=prism_two_class_router(40, width=24))
     record["config"]["router"] = "PrismTwoClassRouter"
     config_path.write_text(json.dumps(record))
     default = AutoModelForCausalLM.from_pretrained(prism_dir)
@@ -417,6 +425,15 @@ def test_route_cli_routes_an_earlier_two_class_save_with_prism_two_class(tmp_pat
     with torch.no_grad():
         full(input_ids=ids, attention_mask=mask)
     assert [got[i] for i in rows] == get_router(full).last_probabilities.tolist()
+
+    # the flag does not hide what a save holds: token gates are named as such
+    token = patch_model(tiny_causal_lm(), GatedLoraConfig(gate="token", target_modules=["q_proj"]))
+    save_pretrained(token, tmp_path / "token")
+    argv[argv.index("--router") + 1] = str(tmp_path / "token")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--prism-two-class", "--overwrite"])
+    assert exit_info.value.code == 2
+    assert "holds gate='token' gates; a route-only model needs a router" in " ".join(capsys.readouterr().err.split())
 
 
 def test_serve_example_routes_in_process_and_names_the_adapter(trained_minilm, tmp_path):
