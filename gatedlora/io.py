@@ -22,6 +22,7 @@ import math
 import os
 import re
 import secrets
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -87,6 +88,19 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def _warn_of_settings_not_saved(model: nn.Module, config: GatedLoraConfig) -> None:
+    """Warn where a token-gated layer's ``threshold`` or ``hard``, set on the layer after patching, differs from the
+    config's: the save records the config's, so a load would give every layer that one and decide differently."""
+    differing = [f"{name} (threshold={layer.threshold}, hard={layer.hard})" for name, layer in gated_layers(model)
+                 if layer.gate_mode == "token" and (layer.threshold, layer.hard) != (config.threshold, config.hard)]
+    if differing:
+        warnings.warn(f"save_pretrained: {len(differing)} token-gated layers were set to a threshold or hardness "
+                      f"other than the config's (threshold={config.threshold}, hard={config.hard}), which the save "
+                      f"records and a load gives every layer: {', '.join(differing[:4])}"
+                      f"{' ...' if len(differing) > 4 else ''}. Patch with GatedLoraConfig(threshold=..., hard=...) "
+                      "to save them", stacklevel=3)
 
 
 def _adapter_record(model: nn.Module) -> dict:
@@ -237,6 +251,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool =
     existing = [str(t) for t in (config_path, weights_path) if t.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"save_pretrained: {existing} already exist; pass overwrite=True to replace them")
+    _warn_of_settings_not_saved(model, state.config)
     payload = serialize_safetensors(tensors, metadata={"format": "pt"})
     sha256 = _sha256_of(payload)
     meta = {

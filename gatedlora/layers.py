@@ -371,6 +371,11 @@ class GatedLoRALinear(nn.Module):
             return "LoRA dropout is active (training)"
         return None
 
+    def __setstate__(self, state: dict) -> None:
+        if "threshold" in state:  # a layer pickled before the threshold was checked on assignment
+            state["_threshold"] = state.pop("threshold")
+        super().__setstate__(state)
+
     @property
     def threshold(self) -> float:
         """Where hard token gates open (``p >= threshold``); sequence gates use their router's."""

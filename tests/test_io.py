@@ -75,6 +75,25 @@ def test_sequence_router_and_fresh_adapter_round_trip(tmp_path):
     assert torch.equal(get_router(other).last_decisions, decisions)
 
 
+def test_a_threshold_set_on_token_gated_layers_is_named_when_the_save_cannot_record_it(tmp_path):
+    """A save records the config's threshold and hardness, which a load gives every layer: one set on layers after
+    patching would load as the config's with no word. Saving warns, naming the layers; a model whose layers agree
+    with the config saves without it."""
+    import warnings
+
+    model = tiny_peft_model("llama")
+    patch_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_pretrained(model, tmp_path / "agreeing")
+    name, layer = next(iter(gated_layers(model)))
+    layer.threshold = 0.9
+    with pytest.warns(UserWarning, match=rf"1 token-gated layers were set to a threshold or hardness other than "
+                                         rf"the config's \(threshold=0.5, hard=True\).*{name} \(threshold=0.9, "
+                                         rf"hard=True\)"):
+        save_pretrained(model, tmp_path / "differing")
+
+
 def test_save_never_overwrites_without_asking(tmp_path):
     model = patch_model(tiny_peft_model("llama"))
     save_pretrained(model, tmp_path)

@@ -243,6 +243,18 @@ def test_a_threshold_set_on_a_layer_is_checked_as_at_construction(value):
     assert layer.threshold == 0.75 and "threshold=0.75" in repr(layer)
 
 
+def test_a_layer_pickled_with_its_threshold_in_its_dict_loads():
+    """Layers pickled before the threshold became a checked property kept it in ``__dict__["threshold"]``."""
+    import pickle
+
+    layer = GatedLoRALinear.fresh(nn.Linear(8, 4), 2, 4, 0.0, gate="token", threshold=0.25)
+    state = layer.__getstate__()
+    state["threshold"] = state.pop("_threshold")  # the earlier layout
+    earlier = GatedLoRALinear.__new__(GatedLoRALinear)
+    earlier.__setstate__(state)
+    assert earlier.threshold == 0.25 and pickle.loads(pickle.dumps(earlier)).threshold == 0.25
+
+
 def _hook_pre(layer, calls):
     return layer.base_layer.register_forward_pre_hook(lambda module, args: calls.append("pre"))
 
