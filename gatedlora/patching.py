@@ -22,7 +22,8 @@ from .layers import GatedLoRALinear, linear_features
 from .ops.args import is_real
 from .ops.multi_args import check_one_dtype
 from .routed_layer import RoutedLoRALinear
-from .routing import PrismMultiRouter, PrismRouter, SequenceRouter, install_routing, remove_routing
+from .routing import (PrismMultiRouter, PrismRouter, SequenceRouter, install_routing, patched_model_of,
+                      remove_routing)
 
 ROUTER_ATTRIBUTE = "gate_router"  # no "lora_" in the name: PEFT's save_pretrained keeps keys with "lora_"
 STATE_ATTRIBUTE = "_gatedlora_patch"
@@ -545,12 +546,7 @@ class StandIn:
 
     @property
     def model(self) -> nn.Module:
-        model = self.model_reference()
-        if model is None:
-            raise ReferenceError(f"gatedlora: {self.__name__}() belongs to a patched model that has been freed "
-                                 "(its methods, and its PEFT tuner's, hold it weakly: keep a reference to the model "
-                                 "itself)")
-        return model
+        return patched_model_of(self.model_reference, self.__name__)
 
     def __call__(self, *args, **kwargs):
         return self.function(self.model, *args, **self.bound, **kwargs)

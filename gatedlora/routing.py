@@ -539,6 +539,17 @@ class SequenceRouter(nn.Module):
             threads.pending = None
 
 
+def patched_model_of(reference: weakref.ref, method: str) -> nn.Module:
+    """The model a method gatedlora set on it holds weakly (``_Wrapper``, ``patching.StandIn``); ReferenceError,
+    naming ``method``, once it has been freed."""
+    model = reference()
+    if model is None:
+        raise ReferenceError(f"gatedlora: {method}() belongs to a patched model that has been freed (the methods "
+                             "gatedlora sets on it, and on its PEFT tuner, hold it weakly: keep a reference to the "
+                             "model itself)")
+    return model
+
+
 class _Wrapper:
     """A method ``name`` of a model replaced on its instance; a copy of the model gets a copy bound to itself.
 
@@ -564,11 +575,8 @@ class _Wrapper:
         """The replaced method, bound to the module."""
         if self.function is None:
             return self.instance_inner
-        module = self.module_reference()
-        if module is None:
-            raise ReferenceError(f"gatedlora: {self.name}() belongs to a patched model that has been freed (its "
-                                 "methods hold it weakly: keep a reference to the model itself)")
-        return self.function.__get__(module)  # (torch.compile traces __get__, not a call of types.MethodType)
+        # (torch.compile traces __get__, not a call of types.MethodType)
+        return self.function.__get__(patched_model_of(self.module_reference, self.name))
 
     def __deepcopy__(self, memo: dict) -> _Wrapper:
         # (inside the model's deep copy, which is in memo: the copy's wrapper is bound to the copied module)
