@@ -113,6 +113,10 @@ def launch(out: torch.Tensor, args: GatedLoraArgs, n_split: int = 0) -> None:
         out.copy_(target)
 
 
+# (device index, CUDA stream handle) -> workspace, 8 KB each. Not capped, and never freed: a launch on another stream
+# may still read one. The handles are bounded: PyTorch's streams (``torch.cuda.Stream()``, side streams) come from
+# its fixed per-device pools and are reused round-robin. Only ``torch.cuda.ExternalStream`` brings handles from
+# outside them, one entry for each distinct handle.
 _workspaces: dict[tuple[int, int], torch.Tensor] = {}
 
 
