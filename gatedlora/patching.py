@@ -320,6 +320,41 @@ def _check_no_auxiliary_modules(model: nn.Module, gated: set[str]) -> None:
         "adapter trained without modules_to_save and trainable_token_indices)")
 
 
+def _other_tuner_layers(model: nn.Module) -> list[tuple[str, str, list[str]]]:
+    """(name, class, adapters) of each layer of another PEFT method than LoRA (LoHa, LoKr, IA3, ... in a
+    ``PeftMixedModel`` or a PeftModel of that method) with an active adapter that it holds."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    wrapped = {id(m) for w in model.modules() if isinstance(w, AuxiliaryTrainingWrapper) for m in w.modules()}
+    found = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, BaseTunerLayer) and not isinstance(layer, LoraLayer) and id(layer) not in wrapped:
+            held = {a for field in layer.adapter_layer_names for a in getattr(getattr(layer, field, None), "keys",
+                                                                                   tuple)()}
+            running = [a for a in layer.active_adapters if a in held]
+            if running:
+                found.append((name, f"{type(layer).__module__}.{type(layer).__qualname__}", running))
+    return found
+
+
+def _check_no_other_tuner_layers(model: nn.Module) -> None:
+    """Layers of other PEFT methods run their adapters on every input; gatedlora gates LoRA layers only, so where
+    it promises the base model they would still run: refuse rather than compute something else."""
+    found = _other_tuner_layers(model)
+    if not found:
+        return
+    listed = "; ".join(f"{name} ({kind}, adapter {', '.join(map(repr, adapters))})"
+                       for name, kind, adapters in found[:4]) + (" ..." if len(found) > 4 else "")
+    raise ValueError(
+        f"gatedlora cannot patch {type(model).__name__}: it holds layers of PEFT methods other than LoRA whose "
+        f"adapters are active: {listed}. gatedlora gates LoRA layers only, so closed gates, force_gate(model, 0.0), "
+        "model.disable_adapter() and sequences routed to the base model would still run those adapters instead of "
+        "the base model. Make them part of the base model before patching (merge them into it with PEFT), or leave "
+        "them out (a model holding LoRA adapters only)")
+
+
 def _fresh_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:
     found = []
     for name, module in model.named_modules():
@@ -405,6 +440,8 @@ def patch_model(model: nn.Module, config: GatedLoraConfig | None = None, *, free
     adapters = {} if fresh else {name: _check_peft_layer(name, layer, config.adapters) for name, layer in targets}
     if not fresh:
         _check_no_auxiliary_modules(model, set(config.adapters or adapters.values()))
+    _check_no_other_tuner_layers(model)
+    if not fresh:
         _warn_of_rewritten_base(model)
     if config.adapters is not None:
         _check_routed_adapters(model, adapters, config.adapters)

@@ -94,6 +94,45 @@ def test_trainable_tokens_are_refused_and_the_suggested_merge_keeps_them():
     torch.testing.assert_close(logits(model, ids, mask), peft, rtol=0, atol=1e-5)
 
 
+def lora_and_loha_model():
+    """A PeftMixedModel: LoRA on q_proj, LoHa on v_proj, both initialised away from the identity."""
+    from peft import LoHaConfig
+
+    model = get_peft_model(tiny_causal_lm(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+                           adapter_name="lora", mixed=True)
+    model.add_adapter("loha", LoHaConfig(r=4, target_modules=["v_proj"], init_weights=False))
+    return model.eval()
+
+
+@pytest.mark.parametrize("config", [None, GatedLoraConfig(gate="sequence", router_layer=0)], ids=["token", "sequence"])
+def test_active_adapters_of_other_peft_methods_are_refused(config):
+    """A LoHa layer runs its adapter on every input: closed gates would not give the base model."""
+    model = lora_and_loha_model()
+    model.set_adapter(["lora", "loha"])
+    assert_refused_and_untouched(model, config, r"layers\.0\.self_attn\.v_proj \(peft\.tuners\.loha\.layer\.Linear, "
+                                                r"adapter 'loha'\).*would still run those adapters")
+
+
+def test_inactive_adapters_of_other_peft_methods_are_left_alone():
+    model = lora_and_loha_model()
+    model.set_adapter("lora")  # PEFT runs the LoHa layers as their base layers
+    ids, mask = padded_batch([5, 8], 8)
+    with model.disable_adapter():
+        base = logits(model, ids, mask)
+    patch_model(model)
+    with force_gate(model, 0.0):
+        assert torch.equal(logits(model, ids, mask), base)
+
+
+def test_fresh_gated_adapters_on_a_model_of_another_peft_method_are_refused():
+    from peft import IA3Config
+
+    model = get_peft_model(tiny_causal_lm(), IA3Config(target_modules=["k_proj"], feedforward_modules=[],
+                                                       init_ia3_weights=False)).eval()
+    assert_refused_and_untouched(model, GatedLoraConfig(target_modules=["q_proj"]),
+                                 r"k_proj \(peft\.tuners\.ia3\.layer\.Linear, adapter 'default'\)")
+
+
 @pytest.mark.parametrize("config", [None, GatedLoraConfig(gate="sequence", router_layer=0)], ids=["token", "sequence"])
 def test_adapter_layers_disabled_before_patching_are_refused_not_turned_back_on(config):
     model = tiny_peft_model("llama", layers_to_transform=[1, 2])
