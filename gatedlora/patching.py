@@ -244,9 +244,11 @@ def _check_peft_layer(name: str, layer: nn.Module, routed: list[str] | None = No
                             "patching: for m in model.modules(): if isinstance(m, peft.tuners.lora.LoraLayer): "
                             "m.lora_A.float(); m.lora_B.float()") from None
     for adapter in held:
-        if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
-            raise TypeError(f"gatedlora cannot patch {name}: LoRA variants such as DoRA are not supported "
-                            f"(adapter {adapter!r}); supported: {'; '.join(SUPPORTED)}")
+        variant = getattr(layer, "lora_variant", {}).get(adapter)
+        if variant is not None or getattr(layer, "use_dora", {}).get(adapter):
+            found = "use_dora" if variant is None else type(variant).__name__  # (DoraLinearVariant, ALoraLinear...)
+            raise TypeError(f"gatedlora cannot patch {name}: LoRA variants such as DoRA are not supported (adapter "
+                            f"{adapter!r} uses {found}); supported: {'; '.join(SUPPORTED)}")
         if getattr(layer, "lora_bias", {}).get(adapter):
             raise TypeError(f"gatedlora cannot patch {name}: lora_bias=True is not supported (adapter {adapter!r})")
     return held if routed is not None else held[0]

@@ -130,8 +130,14 @@ def test_unsupported_layers_get_a_clear_error():
         assert torch.equal(two(input_ids=ids).logits, want)
     assert type(two.base_model.model.model.embed_tokens).__name__ == "Embedding"
     dora = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(TypeError, match="DoRA"):
+    with pytest.raises(TypeError, match="DoRA are not supported \\(adapter 'default' uses Dora"):
         patch_model(dora)
+    if "alora_invocation_tokens" not in LoraConfig.__dataclass_fields__:  # (PEFT >= 0.18 has aLoRA)
+        return
+    alora = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, target_modules=["q_proj"],
+                                                               alora_invocation_tokens=[5, 6]))
+    with pytest.raises(TypeError, match="adapter 'default' uses ALoraLinearVariant"):  # the variant found is named
+        patch_model(alora)
 
 
 def test_a_base_layer_that_returns_no_tensor_gets_a_clear_error():
