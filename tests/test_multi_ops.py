@@ -584,6 +584,26 @@ def test_torch_compile_keeps_the_op_whole(backend_name, inplace):
     assert len(nodes) == 1
 
 
+def test_torch_compile_with_dynamic_shapes_keeps_one_graph():
+    """dynamic=True makes the ranks symbolic: the arguments' host code must trace with them (max(..., default=) did
+    not). Weights passed as inputs, two row counts, each against the fp64 reference."""
+    case = make_case(44, 12, 16, 8, (2, 3), torch.float32)
+
+    def fn(x, base, index, *weights):
+        return gatedlora.gated_lora_multi(x, base, weights[:2], weights[2:], case["scaling"], index, backend="torch")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="eager")
+    for m in (5, 9):
+        x, base = torch.randn(m, 16), torch.randn(m, 8)
+        index = torch.tensor([-1, 0, 1, 1, 0, -1, 0, 1, 1][:m])
+        with torch.no_grad():
+            out = compiled(x, base, index, *case["lora_a"], *case["lora_b"])
+        want = gated_lora_multi_reference(x, base, case["lora_a"], case["lora_b"], case["scaling"], index)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[index < 0], base[index < 0])
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(lora_b="drop"), r"lora_a and lora_b must list the same adapters, got 2 and 1"),
     (dict(lora_a="rank"), r"lora_b\[1\] must have shape \[N, r\] = \[6, 5\] \(r from lora_a\[1\]\), got \[6, 3\]"),

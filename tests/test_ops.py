@@ -2,10 +2,11 @@
 The accuracy sweep of every backend is tests/test_backends.py."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from gate_cases import bits, check_against_reference, make_case
+from gate_cases import bits, check_against_reference, make_case, op_kwargs
 import gatedlora
 from gatedlora import gated_lora
 from gatedlora.ops import backends, clear_dispatch_cache, torch_backend
@@ -328,6 +329,7 @@ def test_gate_kind_is_one_enum_and_gate_bias_one_type():
     (dict(threshold=1e-46), r"threshold must be a float in \(0, 1\), above 0 in fp32, got 1e-46"),
     (dict(scaling=float("inf")), r"scaling must be a finite Python float"),
     (dict(scaling=10 ** 400), r"scaling must be a finite Python float"),
+    (dict(scaling=np.float32("inf")), r"scaling must be a finite Python float"),  # (not compared in float32)
     (dict(scaling=1e39), r"scaling 1e\+39 does not fit in the LoRA weights' dtype torch.float32 \(largest 3.4"),
     (dict(base=torch.randn(3, 6).to_sparse()), r"base_out must be a dense \(strided\) tensor, got layout torch.sparse"),
     (dict(b=torch.randn(6, 4).to_sparse()), r"lora_b must be a dense \(strided\) tensor"),
@@ -436,6 +438,19 @@ def test_torch_compile_fullgraph_takes_the_op_in_place_or_not(inplace):
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, compiled_base)
     assert torch.equal(compiled, eager) and torch.equal(compiled_base, eager_base)
     assert torch.equal(eager_base, base) != inplace
+
+
+@pytest.mark.parametrize("mode", ["given-soft", "token-hard"])
+def test_torch_compile_with_dynamic_shapes_keeps_one_graph(mode):
+    """dynamic=True makes a float read from a container (the case's scaling and threshold) symbolic: the argument
+    checks must trace with it (math.isfinite did not). Two row counts, each against the fp64 reference."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda case: gated_lora(**op_kwargs(case), backend="torch"), fullgraph=True,
+                             dynamic=True, backend="eager")
+    for seed, m in ((51, 5), (52, 9)):
+        case = make_case(seed, m, 16, 12, 4, torch.float32, mode, "75%")
+        with torch.no_grad():
+            check_against_reference(case, compiled(case))
 
 
 @pytest.mark.parametrize("view", [False, True])

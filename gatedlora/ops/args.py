@@ -7,8 +7,8 @@ kinds), shapes read once. Errors name the argument, what was expected and what c
 """
 from __future__ import annotations
 
-import math
 import numbers
+import sys
 
 import torch
 
@@ -150,11 +150,12 @@ def is_threshold(value) -> bool:
 
 
 def is_finite(value: int | float) -> bool:
-    """math.isfinite, False for an int too large for a float (where math.isfinite raises OverflowError)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
+    """Whether a number is finite: False for inf, NaN and an int too large for a float. A comparison, not
+    math.isfinite: under torch.compile(dynamic=True) a float read from a container is symbolic, and Dynamo guards
+    on a comparison where it cannot trace math.isfinite (NaN compares False)."""
+    if isinstance(value, numbers.Integral):  # (exact: float() of an int past the float range raises)
+        return abs(int(value)) <= sys.float_info.max
+    return abs(float(value)) <= sys.float_info.max  # (float(): a NumPy float32 would compare in float32)
 
 
 def check_scaling_fits(scaling: tuple, dtype: torch.dtype, op: str) -> None:

@@ -35,7 +35,7 @@ class MultiLoraArgs:
         self.scaling = scaling
         self.adapter_index = adapter_index
         self.ranks = tuple(a.shape[0] for a in lora_a)
-        self.r_max = max(self.ranks, default=0)
+        self.r_max = max(self.ranks) if self.ranks else 0  # (no default=: torch.compile traces no such keyword)
         self.adapters = len(lora_a)
 
     @property
