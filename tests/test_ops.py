@@ -453,6 +453,20 @@ def test_torch_compile_with_dynamic_shapes_keeps_one_graph(mode):
             check_against_reference(case, compiled(case))
 
 
+def test_under_torch_compile_a_nan_gate_closes_its_row():
+    """A compiled graph cannot raise on a value, so the CPU's check of a given gate is skipped there (README): a NaN
+    gate closes its row, as on a GPU: the result is eager's with that gate 0."""
+    x, base, a, b = make_inputs(4, 16, 12, 4, torch.float32, 53)
+    gate = torch.tensor([float("nan"), 0.3, 0.9, 0.6])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(lambda x, g: gated_lora(x, base, a, b, 1.5, gate=g, backend="torch"), fullgraph=True,
+                            backend="eager")(x, gate)
+        eager = gated_lora(x, base, a, b, 1.5, gate=gate.nan_to_num(0.0), backend="torch")  # row 0 closed
+    assert torch.equal(bits(out[0]), bits(base[0]))
+    assert torch.equal(out, eager)
+
+
 @pytest.mark.parametrize("view", [False, True])
 @pytest.mark.parametrize("multi", [False, True])
 def test_compiled_in_place_calls_that_autograd_records_match_eager(multi, view):

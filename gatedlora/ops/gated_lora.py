@@ -64,8 +64,9 @@ def gated_lora(
             rest of a decode-sized call (docs/design.md, "The hot path").
 
     With neither ``gate`` nor ``gate_weight`` this is plain LoRA (g = 1). A given ``gate`` on the CPU
-    is checked for values outside [0, 1] and NaN (error); on a GPU that check would sync, so there a
-    NaN closes the gate and other values are used as they are.
+    is checked for values outside [0, 1] and NaN (error); on a GPU that check would sync, and under
+    ``torch.compile`` a graph cannot raise on a value, so there a NaN closes the gate and other values are used
+    as they are.
 
     Returns: [..., N] in the dtype of ``base_out``.
     """
