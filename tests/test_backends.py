@@ -117,7 +117,8 @@ def test_inplace_base_out_that_aliases_or_overlaps_x(backend):
 
 
 def test_expanded_base_out(backend):
-    """An expanded base_out (stride 0) cannot be written in place: a clear error naming it; out of place it works."""
+    """An expanded base_out (stride 0), or one whose rows overlap, cannot be written in place: a clear error naming
+    it; out of place it works."""
     case = make_case(32, 6, 32, 16, 4, torch.float32, "given-hard", "75%", device=backend.device)
     row = case["base_out"][:1]
     expanded = row.expand(6, 16)
@@ -125,6 +126,11 @@ def test_expanded_base_out(backend):
                                          r"strides \[0, 1\]\)"):
         run(backend, case, base_out=expanded, inplace=True)
     check_against_reference(dict(case, base_out=expanded.contiguous()), run(backend, case, base_out=expanded))
+    # rows that overlap without a stride of 0 (an as_strided view): refused too, as two rows would write one address
+    overlapping = torch.randn(96, device=backend.device).as_strided((6, 16), (8, 1))
+    with pytest.raises(ValueError, match=r"inplace=True needs a base_out .* elements may share memory \(shape "
+                                         r"\[6, 16\], strides \[8, 1\]\)"):
+        run(backend, case, base_out=overlapping, inplace=True)
 
 
 @pytest.mark.parametrize("bias", ["float", "0-dim", "[1]", "[1, 1]", "None"])

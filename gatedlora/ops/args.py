@@ -125,11 +125,27 @@ def check_x_and_base_out(x, base_out, inplace, op: str) -> None:
     if x.dtype != base_out.dtype:
         raise TypeError(f"{op}: x and base_out must share a dtype, got {x.dtype} and {base_out.dtype}")
     check_device(x, "base_out", base_out, op)
-    if inplace and base_out.numel() and any(stride == 0 and size > 1
-                                            for size, stride in zip(base_out.shape, base_out.stride())):
-        raise ValueError(f"{op}: inplace=True needs a base_out whose elements have their own memory, got an "
-                         f"expanded tensor (shape {_shape(base_out)}, strides {list(base_out.stride())}); "
+    if inplace and may_overlap_itself(base_out):
+        expanded = any(stride == 0 and size > 1 for size, stride in zip(base_out.shape, base_out.stride()))
+        kind = "an expanded tensor" if expanded else "a tensor whose elements may share memory"
+        raise ValueError(f"{op}: inplace=True needs a base_out whose elements have their own memory, got {kind} "
+                         f"(shape {_shape(base_out)}, strides {list(base_out.stride())}); "
                          "pass inplace=False or base_out.contiguous()")
+
+
+def may_overlap_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (an expanded tensor, an ``as_strided`` view whose rows
+    overlap), where writing in place would add twice to one address. False when, with the dims ordered by stride,
+    each stride is past the farthest offset the smaller ones reach: every view made by slicing, permuting or
+    reshaping memory of its own (PyTorch's own in-place ops refuse stride 0 alone)."""
+    if not t.numel():
+        return False
+    reached = 0
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
+        if stride <= reached:
+            return True
+        reached += stride * (size - 1)
+    return False
 
 
 def is_real(value) -> bool:
