@@ -481,7 +481,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, router: nn.Module
         differing = {k: (current[k], expected[k]) for k in ("gate", "router_layer", "threshold", "hard", "adapters")
                      if current[k] != expected[k]}
         custom_router = False
-        if config.gate == "sequence":  # a router of another class may hold the same parameters for another function
+        # a router of another class may hold the same parameters for another function (a token-gated model holds
+        # no router: its differing gate is the error)
+        if config.gate == "sequence" and "gate" not in differing:
             held = getattr(model, ROUTER_ATTRIBUTE).router
             if not fills_saved_router(held, saved):
                 differing["router"] = (type(held).__name__, saved_router_class(saved))

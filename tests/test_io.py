@@ -148,6 +148,12 @@ def test_loading_into_a_differently_patched_model_is_refused(tmp_path):
     other = patch_model(tiny_peft_model("llama"), GatedLoraConfig(gate="none"))
     with pytest.raises(ValueError, match=r"patched with a different config .*'gate': \('none', 'token'\)"):
         load_pretrained(other, tmp_path)
+    # a sequence save into a token-gated model, which holds no router to compare (it raised AttributeError)
+    routed = patch_model(tiny_peft_model("llama", layers_to_transform=[1, 2]),
+                         GatedLoraConfig(gate="sequence", router_layer=0))
+    save_pretrained(routed, tmp_path / "routed")
+    with pytest.raises(ValueError, match=r"patched with a different config .*'gate': \('token', 'sequence'\)"):
+        load_pretrained(model, tmp_path / "routed")
 
 
 def test_a_router_of_another_class_with_the_same_parameters_is_refused(tmp_path):
