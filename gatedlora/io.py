@@ -218,6 +218,21 @@ def _sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_save_target(path: str | os.PathLike, overwrite: bool, caller: str) -> Path:
+    """The directory a save writes to, refused (before any work) where the save would fail: a file at ``path``, or
+    gatedlora files already there without ``overwrite=True``."""
+    if not isinstance(overwrite, bool):  # ("no" would replace a save)
+        raise TypeError(f"{caller}: overwrite must be True or False, got {overwrite!r}")
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{caller}: {directory} is a file; a save is a directory (it holds "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}): nothing was written")
+    existing = [str(directory / name) for name in (CONFIG_NAME, WEIGHTS_NAME) if (directory / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{caller}: {existing} already exist; pass overwrite=True to replace them")
+    return directory
+
+
 def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool = False,
                     is_main_process: bool = True) -> None:
     """Write ``gatedlora_config.json`` and ``gatedlora_model.safetensors`` into directory ``path``.
@@ -238,19 +253,13 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, overwrite: bool =
     if broken:
         raise ValueError(f"save_pretrained: {broken[:4]} hold NaN or infinite values, which load_pretrained "
                          "refuses: nothing was written")
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"save_pretrained: {directory} is a file; a save is a directory (it holds "
-                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}): nothing was written")
+    directory = check_save_target(path, overwrite, "save_pretrained")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file where a parent directory should be, no permission: say which directory
         raise type(err)(err.errno, f"save_pretrained: cannot create the directory {directory}: {err.strerror}") \
             from None
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    existing = [str(t) for t in (config_path, weights_path) if t.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"save_pretrained: {existing} already exist; pass overwrite=True to replace them")
     _warn_of_settings_not_saved(model, state.config)
     payload = serialize_safetensors(tensors, metadata={"format": "pt"})
     sha256 = _sha256_of(payload)

@@ -45,6 +45,9 @@ class PromptsWithoutTokens(ValueError):
 def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, caller: str) -> list[list[int]]:
     """Token ids per prompt: strings go through ``tokenizer`` (truncated to ``max_length``), token-id lists
     and 1-D integer tensors are taken as they are. ``caller`` names the function in error messages."""
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+        # (a negative one would cut each prompt from its end, and the router reads the last token kept)
+        raise ValueError(f"{caller}: max_length must be None or an int >= 1, got {max_length!r}")
     if all(isinstance(p, str) for p in prompts):
         if tokenizer is None:
             raise ValueError(f"{caller}: prompts are strings, so a tokenizer is needed (tokenizer=...)")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block_capture import capture_and_stop, output_of_block
-from .io import save_pretrained
+from .io import check_save_target, save_pretrained
 from .ops.args import is_real
 from .patching import force_gate, get_router, patch_state
 from .prompts import explain_too_long, prompt_problem, read_jsonl, right_padded_batches, token_ids
@@ -213,6 +213,10 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
             raise ValueError(f"train_router: {name} must be an int >= 1, got {value!r}")
     if len(prompts) == 0:
         raise ValueError("train_router: no prompts to train on (prompts and labels are empty)")
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        raise TypeError(f"train_router: seed must be an int, got {seed!r}")
+    if save_to is not None:  # before the work: a save refused at the end lost the training and its result
+        check_save_target(save_to, overwrite, "train_router")
     route = get_router(model)  # raises unless the model is patched with gate="sequence"
     classes = 2 if route.adapters is None else len(route.adapters) + 1
     y = _check_labels(prompts, labels, classes)

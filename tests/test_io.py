@@ -101,6 +101,8 @@ def test_save_never_overwrites_without_asking(tmp_path):
     scramble_gates(model)
     with pytest.raises(FileExistsError, match="already exist; pass overwrite=True"):
         save_pretrained(model, tmp_path)
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):  # ("no" replaced the save)
+        save_pretrained(model, tmp_path, overwrite="no")
     assert (tmp_path / "gatedlora_model.safetensors").read_bytes() == before
     save_pretrained(model, tmp_path, overwrite=True)
     assert (tmp_path / "gatedlora_model.safetensors").read_bytes() != before

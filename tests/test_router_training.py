@@ -156,6 +156,29 @@ def test_bad_calls_name_the_problem():
     for lr in (0.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=f"lr must be a positive finite number, got {lr!r}"):
             train_router(model, prompts, [0, 1, 1], lr=lr)
+    for max_length in (0, -1, True):  # -1 cut each prompt from its end: the router read the second-to-last token
+        with pytest.raises(ValueError, match=f"max_length must be None or an int >= 1, got {max_length!r}"):
+            train_router(model, prompts, [0, 1, 1], max_length=max_length)
+    with pytest.raises(TypeError, match="seed must be an int, got None"):
+        train_router(model, prompts, [0, 1, 1], seed=None)
+
+
+def test_a_save_that_would_be_refused_is_refused_before_training(tmp_path):
+    """save_to holding a save (without overwrite=True) was refused after the features and every epoch, with the
+    router already changed and the result lost."""
+    model = patch_model(tiny_peft_model(layers=3, layers_to_transform=[1, 2]),
+                        GatedLoraConfig(gate="sequence", router_layer=0))
+    gatedlora.save_pretrained(model, tmp_path)
+    before = {k: v.clone() for k, v in get_router(model).state_dict().items()}
+    saved = (tmp_path / "gatedlora_model.safetensors").read_bytes()
+    for overwrite, error in ((False, FileExistsError), ("no", TypeError)):
+        with pytest.raises(error, match="train_router: .*(already exist; pass overwrite=True|overwrite must be True "
+                                        "or False, got 'no')"):
+            train_router(model, [[1, 5, 6], [1, 7], [1, 9, 9]], [0, 1, 1], save_to=tmp_path, overwrite=overwrite,
+                         progress=False)
+    after = get_router(model).state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert (tmp_path / "gatedlora_model.safetensors").read_bytes() == saved
 
 
 def test_a_router_with_dropout_trains_the_same_with_one_seed_whatever_the_global_random_state():
