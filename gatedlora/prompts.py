@@ -109,9 +109,15 @@ def read_jsonl(path: str | Path, check: Callable[[dict], str | None]) -> list[di
 
 
 def jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number from 1, line) for each line of a JSONL file that is not blank: the rows, in order."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    """(line number from 1, line) for each line of a JSONL file that is not blank: the rows, in order. UTF-8 (a
+    byte-order mark at the start is skipped); a line that is not raises ValueError naming the file and line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the "
+                                 "line); save the file as UTF-8") from None
             if line.strip():
                 yield number, line
 

@@ -311,6 +311,13 @@ def test_cli_rejects_a_bad_row_with_its_line_number(bad_row, message, tmp_path, 
 def test_read_router_data_reads_rows_and_skips_blank_lines(tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", [GOOD[0], "", GOOD[1]])
     assert read_router_data(data) == (["a river", "urgent river"], [0, 1])
+    # a byte-order mark (an editor's UTF-8) is skipped; bytes that are not UTF-8 are named by file and line (the
+    # decoder's message named neither)
+    data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
+    assert read_router_data(data) == (["a river", "urgent river"], [0, 1])
+    data.write_bytes(data.read_bytes() + '{"prompt": "caf\u00e9", "label": 1}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"data\.jsonl:4: not UTF-8 text \(invalid continuation byte at byte 15 "):
+        read_router_data(data)
 
 
 @pytest.mark.parametrize("extra,message", [
