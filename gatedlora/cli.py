@@ -108,8 +108,8 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--adapters must be >= 1, got {args.adapters}")
     if args.adapters and args.adapter:
         parser.error("--adapters makes its own fresh adapters; it does not take --adapter")
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        parser.error(f"--adapter {args.adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    if args.adapter is not None:
+        _check_adapter_directory(parser, args.adapter)
     for flag in ("json", "plot"):
         path = getattr(args, flag)
         if path is None:
@@ -242,6 +242,21 @@ def _train_router_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_adapter_directory(parser: argparse.ArgumentParser, path: str) -> None:
+    """--adapter PATH must be a PEFT adapter directory ("" is not: it would name the current directory)."""
+    if not path or not (Path(path) / "adapter_config.json").is_file():
+        parser.error(f"--adapter {path!r}: not a PEFT adapter directory (no adapter_config.json)")
+
+
+def _check_data_file(parser: argparse.ArgumentParser, path: str) -> None:
+    """--data PATH must be a regular file (read twice where a prompt has no tokens: a pipe could not be)."""
+    data = Path(path)
+    if not data.is_file():
+        kind = ("is a directory" if data.is_dir() else "is not a regular file (a pipe or a device)" if data.exists()
+                else "no such file")
+        parser.error(f"--data {path}: {kind}; expected a JSONL file")
+
+
 def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     import torch
 
@@ -251,13 +266,11 @@ def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error(f"--model {args.model}: no such directory")
     args.adapters = _named_adapters(parser, args.adapter or [])
     for path in ([args.adapter[0]] if args.adapter and args.adapters is None else list((args.adapters or {}).values())):
-        if not Path(path).is_dir():
-            parser.error(f"--adapter {path}: no such directory")
+        _check_adapter_directory(parser, path)
     if args.adapters is not None and args.router == "two-class":
         parser.error("--router two-class routes between the base model and one unnamed --adapter DIR; named adapters "
                      "(--adapter NAME=DIR, one or several) are routed by --router prism")
-    if not Path(args.data).is_file():
-        parser.error(f"--data {args.data}: no such file")
+    _check_data_file(parser, args.data)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     if args.router_layer < 0:
@@ -446,8 +459,7 @@ def _check_route_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--model {args.model}: no such directory")
     if not (Path(args.router) / CONFIG_NAME).is_file():
         parser.error(f"--router {args.router}: not a gatedlora save ({CONFIG_NAME} not found)")
-    if not Path(args.data).is_file():
-        parser.error(f"--data {args.data}: no such file")
+    _check_data_file(parser, args.data)
     if Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a directory: expected the JSONL file to write the routes to")
     if Path(args.out).exists() and not args.overwrite:

@@ -137,7 +137,8 @@ def test_cli_trains_a_router_for_several_adapters_and_route_names_them(minilm_pa
 
 
 @pytest.mark.parametrize("adapters,message", [
-    (["math=/no/such/dir"], "--adapter /no/such/dir: no such directory"),
+    (["math=/no/such/dir"], "--adapter '/no/such/dir': not a PEFT adapter directory (no adapter_config.json)"),
+    (["math="], "--adapter '': not a PEFT adapter directory"),  # ("" passed as the current directory)
     (["math=x", "y"], "give every adapter as NAME=PATH, or one adapter as PATH"),
     (["x", "y"], "several --adapter values need names"),
     (["math=x", "math=y"], "the names must be distinct and non-empty"),

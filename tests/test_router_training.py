@@ -327,6 +327,8 @@ def test_read_router_data_reads_rows_and_skips_blank_lines(tmp_path):
     (["--lr", "1e38", "--target-modules", "query,value"],
      "training diverged (the loss reached inf in epoch 1); the router is left as it was"),
     (["--model", "/no/such/dir"], "--model /no/such/dir: no such directory"),
+    (["--data", "/"], "--data /: is a directory; expected a JSONL file"),
+    (["--data", "/dev/null"], "--data /dev/null: is not a regular file (a pipe or a device); expected a JSONL file"),
 ])
 def test_cli_argument_errors(extra, message, tmp_path, capsys, minilm_path):
     data = write_jsonl(tmp_path / "data.jsonl", GOOD)
