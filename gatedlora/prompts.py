@@ -6,6 +6,7 @@ batched it; routing later must read prompts the same way, so both use these func
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -55,13 +56,21 @@ def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, ca
     else:
         encoded = []
         for i, p in enumerate(prompts):
-            if isinstance(p, torch.Tensor) and p.dim() == 1 and not p.is_floating_point():
+            if hasattr(p, "__array__") and not isinstance(p, torch.Tensor):  # a NumPy array of token ids
+                try:
+                    p = torch.as_tensor(p)
+                except (TypeError, ValueError, RuntimeError):
+                    pass  # (strings, objects: the error below names the type)
+            if isinstance(p, torch.Tensor) and p.dim() == 1 and not p.is_floating_point() and p.dtype != torch.bool:
                 encoded.append(p.tolist())
-            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
-                encoded.append(list(p))
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                      for t in p):
+                encoded.append([int(t) for t in p])  # (NumPy integers too)
             else:
-                raise TypeError(f"{caller}: prompts[{i}] must be a string (with a tokenizer), a list of token ids "
-                                f"or a 1-D integer tensor, got {type(p).__name__}")
+                kinds = sorted({type(t).__name__ for t in p}) if isinstance(p, (list, tuple)) else None
+                got = f"a {type(p).__name__} of {', '.join(kinds)}" if kinds else type(p).__name__
+                raise TypeError(f"{caller}: prompts[{i}] must be a string (with a tokenizer), a list of int token "
+                                f"ids or a 1-D integer tensor, got {got}")
         if max_length is not None:
             encoded = [ids[:max_length] for ids in encoded]
     empty = [i for i, ids in enumerate(encoded) if not ids]

@@ -161,6 +161,20 @@ def test_bad_calls_name_the_problem():
             train_router(model, prompts, [0, 1, 1], max_length=max_length)
     with pytest.raises(TypeError, match="seed must be an int, got None"):
         train_router(model, prompts, [0, 1, 1], seed=None)
+    with pytest.raises(TypeError, match=r"prompts\[1\] must be .* list of int token ids .*, got a list of float, int"):
+        train_router(model, [[1, 5], [1, 6.0]], [0, 1])
+
+
+def test_numpy_token_ids_are_token_ids():
+    """A list of NumPy integers, or a 1-D NumPy array, is a prompt of token ids (they were refused with "must be
+    ... a list of token ids, got list"), read as the same ints."""
+    import numpy as np
+
+    from gatedlora.prompts import token_ids
+
+    want = [[1, 5, 6], [1, 7]]
+    assert token_ids([[np.int64(t) for t in p] for p in want], None, None, "train_router") == want
+    assert token_ids([np.array(p, dtype=np.int32) for p in want], None, None, "train_router") == want
 
 
 def test_a_save_that_would_be_refused_is_refused_before_training(tmp_path):
