@@ -17,13 +17,20 @@ import torch
 POSITION_LIMITS = ("max_position_embeddings", "n_positions")
 
 
-def explain_too_long(tokenizer: Any, ids: list[list[int]], rows: Sequence[int], caller: str,
-                     error: BaseException, model_config: Any = None) -> None:
+def explain_failed_forward(tokenizer: Any, ids: list[list[int]], rows: Sequence[int], caller: str,
+                           error: BaseException, model_config: Any = None) -> None:
     """Called where a forward over the prompts ``rows`` (token ids ``ids``) failed with ``error``: a ValueError
-    naming those longer than the model takes, by the tokenizer's ``model_max_length``, or, for an IndexError (a
-    learned position table read past its end, as GPT-2's), the model config's position count; nothing where none
-    is, and the caller re-raises its own error. Not checked before the forward: RoPE models run past the limits
-    many tokenizers and configs declare, so another error there (out of memory, say) is left as it is."""
+    naming those with a token id outside the model's vocabulary (an IndexError from the embedding), or those longer
+    than the model takes, by the tokenizer's ``model_max_length``, or, for an IndexError (a learned position table
+    read past its end, as GPT-2's), the model config's position count; nothing where none is, and the caller
+    re-raises its own error. Not checked before the forward: RoPE models run past the limits many tokenizers and
+    configs declare, so another error there (out of memory, say) is left as it is."""
+    vocab = getattr(model_config, "vocab_size", None)
+    if isinstance(error, IndexError) and isinstance(vocab, int):
+        outside = [row for row in rows if any(not 0 <= t < vocab for t in ids[row])]
+        if outside:
+            raise ValueError(f"{caller}: the forward failed on prompts {outside[:8]}, which hold token ids outside "
+                             f"the model's vocabulary [0, {vocab}) (vocab_size in its config)") from error
     limits = [(getattr(tokenizer, "model_max_length", None), "the tokenizer says the model takes (model_max_length)")]
     if isinstance(error, IndexError):
         limits += [(getattr(model_config, key, None), f"the model's config gives ({key})") for key in POSITION_LIMITS]

@@ -28,7 +28,7 @@ from .config import check_router_layer
 from .io import (DEFAULT_ROUTERS, REBUILT_ROUTERS, ROUTER_PREFIX, check_model_type, config_of_save, fills_saved_router,
                  read_saved, router_state, router_to_pass, saved_router_class, saved_router_module)
 from .patching import find_blocks, text_config
-from .prompts import explain_too_long, right_padded_batches, token_ids
+from .prompts import explain_failed_forward, right_padded_batches, token_ids
 from .routing import SequenceRouter
 
 BASE_ROUTE = "base"  # the route name of prompts the base model answers
@@ -154,7 +154,8 @@ def route_prompts(model: RouteOnlyModel, prompts: Sequence[Any], tokenizer: Any 
             try:
                 decision = model(input_ids.to(device), mask.to(device))
             except (RuntimeError, IndexError) as err:
-                explain_too_long(tokenizer, ids, rows, "route_prompts", err, getattr(model.backbone, "config", None))
+                explain_failed_forward(tokenizer, ids, rows, "route_prompts", err,
+                                       getattr(model.backbone, "config", None))
                 raise
             probabilities[torch.tensor(rows)] = decision.probabilities.float().cpu()
             routes[torch.tensor(rows)] = decision.routes.cpu()

@@ -26,7 +26,7 @@ from .block_capture import capture_and_stop, output_of_block
 from .io import check_save_target, save_pretrained
 from .ops.args import is_real
 from .patching import force_gate, get_router, patch_state
-from .prompts import explain_too_long, prompt_problem, read_jsonl, right_padded_batches, token_ids
+from .prompts import explain_failed_forward, prompt_problem, read_jsonl, right_padded_batches, token_ids
 from .routing import (PrismRouter, TwoClassRouter, check_route_logits, last_real_positions, router_output,
                       routes_from_logits)
 
@@ -93,7 +93,7 @@ def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer:
                 try:
                     hidden = output_of_block(partial(model, **inputs))
                 except (RuntimeError, IndexError) as err:
-                    explain_too_long(tokenizer, ids, rows, "train_router", err, getattr(model, "config", None))
+                    explain_failed_forward(tokenizer, ids, rows, "train_router", err, getattr(model, "config", None))
                     raise
                 if hidden is None:
                     raise RuntimeError(f"train_router: block {state.config.router_layer} did not run in the forward")

@@ -260,12 +260,23 @@ def test_a_prompt_longer_than_the_models_positions_is_named_where_the_tokenizer_
     # failure there (out of memory) stays what it is
     from types import SimpleNamespace
 
-    from gatedlora.prompts import explain_too_long
+    from gatedlora.prompts import explain_failed_forward
 
     config = SimpleNamespace(max_position_embeddings=16)
-    explain_too_long(None, [list(range(20))], [0], "route_prompts", torch.OutOfMemoryError("out of memory"), config)
+    too_long = [list(range(20))]
+    explain_failed_forward(None, too_long, [0], "route_prompts", torch.OutOfMemoryError("out of memory"), config)
     with pytest.raises(ValueError, match="longer \\(20 tokens\\) than the 16 the model's config gives"):
-        explain_too_long(None, [list(range(20))], [0], "route_prompts", IndexError("index out of range"), config)
+        explain_failed_forward(None, too_long, [0], "route_prompts", IndexError("index out of range"), config)
+
+
+def test_a_token_id_outside_the_vocabulary_is_named():
+    """The embedding's bare IndexError named no prompt."""
+    model = patch_model(tiny_peft_model(layers=3, layers_to_transform=[1, 2]),
+                        GatedLoraConfig(gate="sequence", router_layer=0))
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"prompts \[1\], which hold token ids outside the model's vocabulary "
+                                         rf"\[0, {vocab}\)"):
+        train_router(model, [[1, 5], [1, vocab], [1, 6]], [0, 1, 1], progress=False)
 
 
 @pytest.mark.parametrize("lr", [1e30, 1e38])  # the loss turns non-finite; AdamW's step overflows a float
