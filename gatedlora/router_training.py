@@ -53,10 +53,12 @@ class RouterTrainingResult:
         """One line for logs and the CLI."""
         per_label = ", ".join(f"label {i} {a:.3f}" for i, a in enumerate(self.heldout_class_accuracy))
         labels = "/".join(map(str, range(len(self.class_counts))))
-        return (f"router: train accuracy {self.train_accuracy:.3f} ({self.train_size} prompts), held-out accuracy "
-                f"{self.heldout_accuracy:.3f} ({self.heldout_size} prompts; {per_label}; "
-                f"adapter used for {self.heldout_open_rate:.1%}); labels {labels}: "
-                f"{'/'.join(map(str, self.class_counts))}" + (f"; saved to {self.saved_to}" if self.saved_to else ""))
+        heldout = (f"held-out accuracy {self.heldout_accuracy:.3f} ({self.heldout_size} prompts; {per_label}; "
+                   f"adapter used for {self.heldout_open_rate:.1%})" if self.heldout_size else
+                   "no held-out prompts (heldout=0)")  # (not "nan%")
+        return (f"router: train accuracy {self.train_accuracy:.3f} ({self.train_size} prompts), {heldout}; labels "
+                f"{labels}: {'/'.join(map(str, self.class_counts))}"
+                + (f"; saved to {self.saved_to}" if self.saved_to else ""))
 
 
 def extract_router_features(model: nn.Module, prompts: Sequence[Any], tokenizer: Any = None, batch_size: int = 32,

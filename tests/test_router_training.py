@@ -165,6 +165,13 @@ def test_bad_calls_name_the_problem():
         train_router(model, [[1, 5], [1, 6.0]], [0, 1])
 
 
+def test_a_summary_without_held_out_prompts_says_so():
+    model = patch_model(tiny_peft_model(layers=3, layers_to_transform=[1, 2]),
+                        GatedLoraConfig(gate="sequence", router_layer=0))
+    summary = train_router(model, [[1, 5], [1, 6], [1, 7]], [0, 1, 1], heldout=0, epochs=1, progress=False).summary()
+    assert "no held-out prompts (heldout=0)" in summary and "nan" not in summary, summary
+
+
 def test_numpy_token_ids_are_token_ids():
     """A list of NumPy integers, or a 1-D NumPy array, is a prompt of token ids (they were refused with "must be
     ... a list of token ids, got list"), read as the same ints."""
