@@ -134,7 +134,7 @@ def test_unsupported_layers_get_a_clear_error():
         patch_model(dora)
     if "alora_invocation_tokens" not in LoraConfig.__dataclass_fields__:  # (PEFT >= 0.18 has aLoRA)
         return
-    alora = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, target_modules=["q_proj"],
+    alora = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM",
                                                                alora_invocation_tokens=[5, 6]))
     with pytest.raises(TypeError, match="adapter 'default' uses ALoraLinearVariant"):  # the variant found is named
         patch_model(alora)
