@@ -584,24 +584,28 @@ def test_torch_compile_keeps_the_op_whole(backend_name, inplace):
     assert len(nodes) == 1
 
 
-def test_torch_compile_with_dynamic_shapes_keeps_one_graph():
-    """dynamic=True makes the ranks symbolic: the arguments' host code must trace with them (max(..., default=) did
-    not). Weights passed as inputs, two row counts, each against the fp64 reference."""
+@pytest.mark.parametrize("inplace", (False, True))
+def test_torch_compile_with_dynamic_shapes_keeps_one_graph(inplace):
+    """dynamic=True makes the ranks and strides symbolic: the arguments' host code must trace with them (max(...,
+    default=) did not, nor sorting the strides for the in-place overlap check). Weights passed as inputs, two row
+    counts, each against the fp64 reference."""
     case = make_case(44, 12, 16, 8, (2, 3), torch.float32)
 
     def fn(x, base, index, *weights):
-        return gatedlora.gated_lora_multi(x, base, weights[:2], weights[2:], case["scaling"], index, backend="torch")
+        return gatedlora.gated_lora_multi(x, base, weights[:2], weights[2:], case["scaling"], index, backend="torch",
+                                          inplace=inplace)
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="eager")
     for m in (5, 9):
         x, base = torch.randn(m, 16), torch.randn(m, 8)
         index = torch.tensor([-1, 0, 1, 1, 0, -1, 0, 1, 1][:m])
+        before = base.clone()
         with torch.no_grad():
             out = compiled(x, base, index, *case["lora_a"], *case["lora_b"])
-        want = gated_lora_multi_reference(x, base, case["lora_a"], case["lora_b"], case["scaling"], index)
+        want = gated_lora_multi_reference(x, before, case["lora_a"], case["lora_b"], case["scaling"], index)
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-        assert torch.equal(out[index < 0], base[index < 0])
+        assert torch.equal(out[index < 0], before[index < 0]) and torch.equal(base, out if inplace else before)
 
 
 @pytest.mark.parametrize("change,message", [

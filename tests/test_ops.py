@@ -440,17 +440,22 @@ def test_torch_compile_fullgraph_takes_the_op_in_place_or_not(inplace):
     assert torch.equal(eager_base, base) != inplace
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("mode", ["given-soft", "token-hard"])
-def test_torch_compile_with_dynamic_shapes_keeps_one_graph(mode):
-    """dynamic=True makes a float read from a container (the case's scaling and threshold) symbolic: the argument
-    checks must trace with it (math.isfinite did not). Two row counts, each against the fp64 reference."""
+def test_torch_compile_with_dynamic_shapes_keeps_one_graph(mode, inplace):
+    """dynamic=True makes a float read from a container (the case's scaling and threshold) and the strides
+    symbolic: the argument checks must trace with them (math.isfinite did not, nor sorting the strides for the
+    in-place overlap check). Two row counts, each against the fp64 reference."""
     torch._dynamo.reset()
-    compiled = torch.compile(lambda case: gated_lora(**op_kwargs(case), backend="torch"), fullgraph=True,
-                             dynamic=True, backend="eager")
+    compiled = torch.compile(lambda case: gated_lora(**op_kwargs(case), backend="torch", inplace=inplace),
+                             fullgraph=True, dynamic=True, backend="eager")
     for seed, m in ((51, 5), (52, 9)):
         case = make_case(seed, m, 16, 12, 4, torch.float32, mode, "75%")
+        before = case["base_out"].clone()
         with torch.no_grad():
-            check_against_reference(case, compiled(case))
+            out = compiled(case)
+        check_against_reference(case, out, before)
+        assert (out is case["base_out"]) == inplace
 
 
 def test_under_torch_compile_a_nan_gate_closes_its_row():

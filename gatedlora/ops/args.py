@@ -140,6 +140,10 @@ def may_overlap_itself(t: torch.Tensor) -> bool:
     reshaping memory of its own (PyTorch's own in-place ops refuse stride 0 alone)."""
     if not t.numel():
         return False
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        return True
+    if torch.compiler.is_compiling():  # (sorting symbolic strides does not trace: stride 0, PyTorch's rule, only)
+        return False
     reached = 0
     for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
         if stride <= reached:
