@@ -251,10 +251,10 @@ def _check_adapter_directory(parser: argparse.ArgumentParser, path: str) -> None
 def _check_data_file(parser: argparse.ArgumentParser, path: str) -> None:
     """--data PATH must be a regular file (read twice where a prompt has no tokens: a pipe could not be)."""
     data = Path(path)
-    if not data.is_file():
-        kind = ("is a directory" if data.is_dir() else "is not a regular file (a pipe or a device)" if data.exists()
-                else "no such file")
-        parser.error(f"--data {path}: {kind}; expected a JSONL file")
+    if not path or not data.is_file():  # ("" would name the current directory)
+        kind = ("no such file" if not path or not data.exists() else "is a directory" if data.is_dir()
+                else "is not a regular file (a pipe or a device)")
+        parser.error(f"--data {path!r}: {kind}; expected a JSONL file")
 
 
 def _check_train_router_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

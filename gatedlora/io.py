@@ -227,6 +227,12 @@ def check_save_target(path: str | os.PathLike, overwrite: bool, caller: str) -> 
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{caller}: {directory} is a file; a save is a directory (it holds "
                                  f"{CONFIG_NAME} and {WEIGHTS_NAME}): nothing was written")
+    ancestor = directory.parent
+    while not ancestor.exists():  # (ends: "." and "/" exist)
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{caller}: cannot create the directory {directory}: {ancestor} is a file; nothing "
+                                 "was written")
     existing = [str(directory / name) for name in (CONFIG_NAME, WEIGHTS_NAME) if (directory / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{caller}: {existing} already exist; pass overwrite=True to replace them")

@@ -353,8 +353,8 @@ def _check_no_other_tuner_layers(model: nn.Module) -> None:
         f"gatedlora cannot patch {type(model).__name__}: it holds layers of PEFT methods other than LoRA whose "
         f"adapters are active: {listed}. gatedlora gates LoRA layers only, so closed gates, force_gate(model, 0.0), "
         "model.disable_adapter() and sequences routed to the base model would still run those adapters instead of "
-        "the base model. Make them part of the base model before patching (merge them into it with PEFT), or leave "
-        "them out (a model holding LoRA adapters only)")
+        "the base model. Deactivate them (model.set_adapter(<the LoRA adapter>): PEFT then runs those layers as their "
+        "base layers), or make them part of the base model: merge them into it before adding the LoRA adapter")
 
 
 def _fresh_targets(model: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:

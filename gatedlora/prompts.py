@@ -53,9 +53,11 @@ class PromptsWithoutTokens(ValueError):
 def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, caller: str) -> list[list[int]]:
     """Token ids per prompt: strings go through ``tokenizer`` (truncated to ``max_length``), token-id lists
     and 1-D integer tensors are taken as they are. ``caller`` names the function in error messages."""
-    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
-        # (a negative one would cut each prompt from its end, and the router reads the last token kept)
-        raise ValueError(f"{caller}: max_length must be None or an int >= 1, got {max_length!r}")
+    if max_length is not None:
+        if not isinstance(max_length, numbers.Integral) or isinstance(max_length, bool) or max_length < 1:
+            # (a negative one would cut each prompt from its end, and the router reads the last token kept)
+            raise ValueError(f"{caller}: max_length must be None or an int >= 1, got {max_length!r}")
+        max_length = int(max_length)  # (a NumPy integer, say)
     if all(isinstance(p, str) for p in prompts):
         if tokenizer is None:
             raise ValueError(f"{caller}: prompts are strings, so a tokenizer is needed (tokenizer=...)")
@@ -63,6 +65,7 @@ def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, ca
     else:
         encoded = []
         for i, p in enumerate(prompts):
+            given = p
             if hasattr(p, "__array__") and not isinstance(p, torch.Tensor):  # a NumPy array of token ids
                 try:
                     p = torch.as_tensor(p)
@@ -75,7 +78,9 @@ def token_ids(prompts: Sequence[Any], tokenizer: Any, max_length: int | None, ca
                 encoded.append([int(t) for t in p])  # (NumPy integers too)
             else:
                 kinds = sorted({type(t).__name__ for t in p}) if isinstance(p, (list, tuple)) else None
-                got = f"a {type(p).__name__} of {', '.join(kinds)}" if kinds else type(p).__name__
+                got = f"a {type(p).__name__} of {', '.join(kinds)}" if kinds else \
+                    f"{type(given).__name__}" + (f" of {p.dtype} with shape {list(p.shape)}"
+                                                 if isinstance(p, torch.Tensor) else "")
                 raise TypeError(f"{caller}: prompts[{i}] must be a string (with a tokenizer), a list of int token "
                                 f"ids or a 1-D integer tensor, got {got}")
         if max_length is not None:
@@ -128,14 +133,16 @@ def jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number from 1, line) for each line of a JSONL file that is not blank: the rows, in order. UTF-8 (a
     byte-order mark at the start is skipped); a line that is not raises ValueError naming the file and line."""
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the "
-                                 "line); save the file as UTF-8") from None
-            if line.strip():
-                yield number, line
+        data = handle.read()
+    # (bytes.splitlines: \n, \r\n and a lone \r end a line, as text mode read them; not U+2028 inside a string)
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the "
+                             "line); save the file as UTF-8") from None
+        if line.strip():
+            yield number, line
 
 
 def prompt_problem(row: dict) -> str | None:

@@ -1,7 +1,9 @@
 """Router training (PRISM step A): features, a separable task on the real MiniLM, save/reload, the CLI."""
 import json
 import random
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,8 +158,8 @@ def test_bad_calls_name_the_problem():
     for lr in (0.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=f"lr must be a positive finite number, got {lr!r}"):
             train_router(model, prompts, [0, 1, 1], lr=lr)
-    for max_length in (0, -1, True):  # -1 cut each prompt from its end: the router read the second-to-last token
-        with pytest.raises(ValueError, match=f"max_length must be None or an int >= 1, got {max_length!r}"):
+    for max_length in (0, -1, True, np.int64(-1)):  # -1 cut each prompt from its end: the router read the one before
+        with pytest.raises(ValueError, match=re.escape(f"max_length must be None or an int >= 1, got {max_length!r}")):
             train_router(model, prompts, [0, 1, 1], max_length=max_length)
     with pytest.raises(TypeError, match="seed must be an int, got None"):
         train_router(model, prompts, [0, 1, 1], seed=None)
@@ -182,6 +184,9 @@ def test_numpy_token_ids_are_token_ids():
     want = [[1, 5, 6], [1, 7]]
     assert token_ids([[np.int64(t) for t in p] for p in want], None, None, "train_router") == want
     assert token_ids([np.array(p, dtype=np.int32) for p in want], None, None, "train_router") == want
+    assert token_ids([np.array(p) for p in want], None, np.int64(2), "train_router") == [[1, 5], [1, 7]]
+    with pytest.raises(TypeError, match=r"prompts\[0\] must be .*, got ndarray of torch.float64 with shape \[2\]"):
+        token_ids([np.array([1.0, 2.0])], None, None, "train_router")
 
 
 def test_a_save_that_would_be_refused_is_refused_before_training(tmp_path):
@@ -197,6 +202,10 @@ def test_a_save_that_would_be_refused_is_refused_before_training(tmp_path):
                                         "or False, got 'no')"):
             train_router(model, [[1, 5, 6], [1, 7], [1, 9, 9]], [0, 1, 1], save_to=tmp_path, overwrite=overwrite,
                          progress=False)
+    (tmp_path / "a_file").write_text("mine")  # a directory that cannot be made: refused before the work too
+    with pytest.raises(NotADirectoryError, match=r"train_router: cannot create the directory .*a_file is a file"):
+        train_router(model, [[1, 5, 6], [1, 7], [1, 9, 9]], [0, 1, 1], save_to=tmp_path / "a_file" / "router",
+                     progress=False)
     after = get_router(model).state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert (tmp_path / "gatedlora_model.safetensors").read_bytes() == saved
@@ -347,6 +356,9 @@ def test_read_router_data_reads_rows_and_skips_blank_lines(tmp_path):
     # decoder's message named neither)
     data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
     assert read_router_data(data) == (["a river", "urgent river"], [0, 1])
+    data.write_bytes(data.read_bytes().replace(b"\n", b"\r"))  # old Mac line ends: lines as before
+    assert read_router_data(data) == (["a river", "urgent river"], [0, 1])
+    data.write_bytes(data.read_bytes().replace(b"\r", b"\n"))
     data.write_bytes(data.read_bytes() + '{"prompt": "caf\u00e9", "label": 1}\n'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"data\.jsonl:4: not UTF-8 text \(invalid continuation byte at byte 15 "):
         read_router_data(data)
@@ -359,8 +371,9 @@ def test_read_router_data_reads_rows_and_skips_blank_lines(tmp_path):
     (["--lr", "1e38", "--target-modules", "query,value"],
      "training diverged (the loss reached inf in epoch 1); the router is left as it was"),
     (["--model", "/no/such/dir"], "--model /no/such/dir: no such directory"),
-    (["--data", "/"], "--data /: is a directory; expected a JSONL file"),
-    (["--data", "/dev/null"], "--data /dev/null: is not a regular file (a pipe or a device); expected a JSONL file"),
+    (["--data", "/"], "--data '/': is a directory; expected a JSONL file"),
+    (["--data", "/dev/null"], "--data '/dev/null': is not a regular file (a pipe or a device); expected a JSONL"),
+    (["--data", ""], "--data '': no such file; expected a JSONL file"),  # ("" is the current directory)
 ])
 def test_cli_argument_errors(extra, message, tmp_path, capsys, minilm_path):
     data = write_jsonl(tmp_path / "data.jsonl", GOOD)
