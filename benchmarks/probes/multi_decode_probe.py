@@ -16,6 +16,10 @@ over base. Providers:
   uniform route, grad mode).
 * ``floor +weights``: + reading the adapters' weight objects through the modules (``_adapter_weight_tuples``).
 * ``floor +versions``: + each weight's version counter and data pointer (what keeps the concatenation in sync).
+* ``floor, step reads``: ``floor +routing`` in the layers, with the reads that keep every layer's concatenation
+  current made once per step for all 21 layers in one loop before the step (``multi_weights.concatenated`` on
+  the weights read through the modules): whether the reads cost less together, outside the layer calls. Its
+  loop's own time per step is printed too.
 
 The stripped forwards are correct only for this model and this batch (they skip every check); they bound what
 host code can give. Also printed: the KV cache's ``torch.cat`` time per step in each of the three real providers
@@ -84,18 +88,21 @@ def main() -> None:
     peft_class = type(next(m for m in setup.peft.modules() if hasattr(m, "lora_A")))
     real_forward, real_peft_forward = layer_class.forward, peft_class.forward
     kept: dict = {}
+    indices: dict = {}  # each layer's row index: what the step's loop passes to concatenated
 
     def keep(self, x, *args, **kwargs):  # one real call per layer: what the stripped forwards look up
         decision = self.route.in_force()
         index = decision.row_adapters(x, self._buffers["route_slot_table"])
         a_t, b_t, not_owned, *_ = multi_weights.concatenated(*self._adapter_weight_tuples(), self.scalings, index, True)
         kept[id(self)] = (self.base_layer.weight, a_t, b_t, not_owned)
+        indices[self] = index
         return real_forward(self, x, *args, **kwargs)
 
     variants = {"base": ("base", None, None), "peft one adapter": ("peft one adapter", None, None),
                 "peft floor": ("peft one adapter", None, peft_floor), "gatedlora": ("gatedlora torch", None, None)}
     for level, name in enumerate(("floor", "floor +routing", "floor +weights", "floor +versions")):
         variants[name] = ("gatedlora torch", stripped_forward(level, kept), None)
+    variants["floor, step reads"] = ("gatedlora torch, step reads", stripped_forward(1, kept), None)
     seconds = {name: [] for name in variants}
     cat_seconds = {name: 0.0 for name in ("base", "peft one adapter", "gatedlora")}
     real_cat = torch.cat
@@ -114,6 +121,18 @@ def main() -> None:
     current = [0.0]
     with torch.inference_mode():
         providers = multi_decode_providers(setup, ids, mask, routes)[0]
+        loop_seconds = []
+
+        def step_reads(step=providers["gatedlora torch"]):
+            started = time.perf_counter()
+            for layer, index in indices.items():
+                lora_a, lora_b = layer._adapter_weight_tuples()
+                a_t, b_t, not_owned, *_ = multi_weights.concatenated(lora_a, lora_b, layer.scalings, index, True)
+                kept[id(layer)] = (layer.base_layer.weight, a_t, b_t, not_owned)
+            loop_seconds.append(time.perf_counter() - started)
+            return step()
+
+        providers["gatedlora torch, step reads"] = step_reads
         layer_class.forward = keep
         providers["gatedlora torch"]()
         layer_class.forward = real_forward
@@ -145,6 +164,7 @@ def main() -> None:
           f"steps, one thread; median time / base ({base * 1e3:.3f} ms):")
     for name, values in seconds.items():
         print(f"  {name:18s} {statistics.median(values) / base:.3f}")
+    print(f"the step reads' loop: {statistics.median(loop_seconds) * 1e6:.0f} us a step (median)")
     print("KV cache torch.cat per step (ms):", ", ".join(f"{name} {value * 1e3:.3f}"
                                                      for name, value in cat_seconds.items()))
 
