@@ -18,8 +18,8 @@ over base. Providers:
 * ``floor +versions``: + each weight's version counter and data pointer (what keeps the concatenation in sync).
 * ``floor, step reads``: ``floor +routing`` in the layers, with the reads that keep every layer's concatenation
   current made once per step for all 21 layers in one loop before the step (``multi_weights.concatenated`` on
-  the weights read through the modules): whether the reads cost less together, outside the layer calls. Its
-  loop's own time per step is printed too.
+  the weights read through the modules): whether the reads cost less together, outside the layer calls. That
+  loop's time before each step, and repeated on its own, are printed too.
 
 The stripped forwards are correct only for this model and this batch (they skip every check); they bound what
 host code can give. Also printed: the KV cache's ``torch.cat`` time per step in each of the three real providers
@@ -123,12 +123,15 @@ def main() -> None:
         providers = multi_decode_providers(setup, ids, mask, routes)[0]
         loop_seconds = []
 
-        def step_reads(step=providers["gatedlora torch"]):
-            started = time.perf_counter()
+        def read_every_layer():
             for layer, index in indices.items():
                 lora_a, lora_b = layer._adapter_weight_tuples()
                 a_t, b_t, not_owned, *_ = multi_weights.concatenated(lora_a, lora_b, layer.scalings, index, True)
                 kept[id(layer)] = (layer.base_layer.weight, a_t, b_t, not_owned)
+
+        def step_reads(step=providers["gatedlora torch"]):
+            started = time.perf_counter()
+            read_every_layer()
             loop_seconds.append(time.perf_counter() - started)
             return step()
 
@@ -149,6 +152,11 @@ def main() -> None:
                         step()
                     seconds[name].append((time.perf_counter() - started) / options.steps)
             layer_class.forward, peft_class.forward = real_forward, real_peft_forward
+            alone = []
+            for _ in range(200):
+                started = time.perf_counter()
+                read_every_layer()
+                alone.append(time.perf_counter() - started)
             cache_utils.torch = TimedTorch()  # apart from the timed rounds: the wrapper costs host time
             for name in cat_seconds:
                 step = providers[variants[name][0]]
@@ -164,7 +172,8 @@ def main() -> None:
           f"steps, one thread; median time / base ({base * 1e3:.3f} ms):")
     for name, values in seconds.items():
         print(f"  {name:18s} {statistics.median(values) / base:.3f}")
-    print(f"the step reads' loop: {statistics.median(loop_seconds) * 1e6:.0f} us a step (median)")
+    print(f"the step reads' loop: {statistics.median(loop_seconds) * 1e6:.0f} us a step, "
+          f"{statistics.median(alone) * 1e6:.0f} us repeated on its own (medians)")
     print("KV cache torch.cat per step (ms):", ", ".join(f"{name} {value * 1e3:.3f}"
                                                      for name, value in cat_seconds.items()))
 
