@@ -90,12 +90,14 @@ def main() -> None:
     kept: dict = {}
     indices: dict = {}  # each layer's row index: what the step's loop passes to concatenated
 
-    def keep(self, x, *args, **kwargs):  # one real call per layer: what the stripped forwards look up
-        decision = self.route.in_force()
-        index = decision.row_adapters(x, self._buffers["route_slot_table"])
-        a_t, b_t, not_owned, *_ = multi_weights.concatenated(*self._adapter_weight_tuples(), self.scalings, index, True)
-        kept[id(self)] = (self.base_layer.weight, a_t, b_t, not_owned)
-        indices[self] = index
+    def keep_concatenation(layer, index):  # what the stripped forwards look up
+        a_t, b_t, not_owned, *_ = multi_weights.concatenated(*layer._adapter_weight_tuples(), layer.scalings, index,
+                                                             True)
+        kept[id(layer)] = (layer.base_layer.weight, a_t, b_t, not_owned)
+
+    def keep(self, x, *args, **kwargs):  # one real call per layer
+        index = indices[self] = self.route.in_force().row_adapters(x, self._buffers["route_slot_table"])
+        keep_concatenation(self, index)
         return real_forward(self, x, *args, **kwargs)
 
     variants = {"base": ("base", None, None), "peft one adapter": ("peft one adapter", None, None),
@@ -125,9 +127,7 @@ def main() -> None:
 
         def read_every_layer():
             for layer, index in indices.items():
-                lora_a, lora_b = layer._adapter_weight_tuples()
-                a_t, b_t, not_owned, *_ = multi_weights.concatenated(lora_a, lora_b, layer.scalings, index, True)
-                kept[id(layer)] = (layer.base_layer.weight, a_t, b_t, not_owned)
+                keep_concatenation(layer, index)
 
         def step_reads(step=providers["gatedlora torch"]):
             started = time.perf_counter()
