@@ -2,6 +2,7 @@
 does not (docs/design.md, "Several adapters, one router"). Not part of the package.
 
     python benchmarks/probes/multi_decode_probe.py [--rounds 15] [--steps 50]
+    python benchmarks/probes/multi_decode_probe.py --callgrind OUT [--steps 10] [--l2-bytes 2097152]
 
 The bench model (``models.CPU_DEFAULT``, hidden 256, adapters in blocks 1-3: 21 projections), four rank-16
 adapters, 8 sequences routed as ``gatedlora bench --adapters 4`` routes them, one decode step at a fixed context
@@ -24,13 +25,30 @@ over base. Providers:
 The stripped forwards are correct only for this model and this batch (they skip every check); they bound what
 host code can give. Also printed: the KV cache's ``torch.cat`` time per step in each of the three real providers
 (a wrapper around transformers' cache code, in steps apart from the timed rounds), the same work in every model.
+
+``--callgrind OUT`` counts instead of timing, because wall time on a shared machine moves these ratios by more
+than the differences they are asked about: the probe reruns itself under valgrind's callgrind (``apt install
+valgrind``; it needs ``cc`` for the client requests), instrumented only while each variant runs ``--steps`` decode
+steps (after 3 uninstrumented and 3 instrumented warm-up steps), with the caches simulated (the last level set to
+``--l2-bytes``, 16-way, as the per-core L2 of the machine measured, so that a last-level miss is an L2 miss). The
+dumps go to ``OUT.<n>``; the probe then prints per step: instructions, L1 misses, L2 misses and mispredicted
+branches, split into MKL's BLAS kernels, ATen's other CPU kernels and the rest (the interpreter, the dispatcher,
+allocation: host code). Deterministic: a rerun gives the same counts to within a few hundred. It takes about
+30 minutes (most of it setting up the model under valgrind).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from operator import attrgetter
 
 import torch
@@ -75,11 +93,107 @@ def peft_floor(self, x, *args, **kwargs):
     return out + F.linear(F.linear(x, self.lora_A[name].weight), self.lora_B[name].weight) * self.scaling[name]
 
 
+CALLGRIND_REQUESTS = """#include <valgrind/callgrind.h>
+void start(void) { CALLGRIND_START_INSTRUMENTATION; }
+void zero(void) { CALLGRIND_ZERO_STATS; }
+void dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
+void stop(void) { CALLGRIND_STOP_INSTRUMENTATION; }
+"""
+REQUESTS_LIBRARY = "GATEDLORA_PROBE_CALLGRIND_REQUESTS"  # set by the probe for its own run under valgrind
+EVENTS = ("Ir", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bcm", "Bim")
+# Function names that are computation rather than host code: MKL's BLAS kernels, and ATen's loops over elements
+# (TensorIterator's callbacks, the CPU flash attention, the vectorized reductions).
+BLAS = re.compile(r"mkl_")
+ATEN_LOOPS = re.compile(r"callback_fn<|cpu_flash_attention<.*lambda|vectorized_inner_sum")
+
+
+def run_under_callgrind(options) -> None:
+    """Rerun this probe under callgrind, then print the counts from its dumps."""
+    taken = [path for path in Path(options.callgrind).parent.glob(Path(options.callgrind).name + "*")]
+    if taken:
+        raise SystemExit(f"--callgrind {options.callgrind}: {taken[0]} exists; give a new prefix")
+    with tempfile.TemporaryDirectory() as directory:
+        source, library = Path(directory, "requests.c"), Path(directory, "requests.so")
+        source.write_text(CALLGRIND_REQUESTS)
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library), str(source)], check=True)
+        subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=yes", "--branch-sim=yes",
+                        f"--LL={options.l2_bytes},16,64", f"--callgrind-out-file={options.callgrind}",
+                        sys.executable, __file__, "--steps", str(options.steps)],
+                       env=dict(os.environ, **{REQUESTS_LIBRARY: str(library)}), check=True)
+    print_callgrind_counts(options.callgrind, options.steps)
+
+
+def dump_counts(path: Path) -> tuple[str, dict]:
+    """A dump's label and its events summed over all functions, BLAS kernels and ATen loops."""
+    text = path.read_text()
+    label = re.search(r"^desc: Trigger: Client Request: (.+)$", text, re.M).group(1)
+    events = re.search(r"^events: (.+)$", text, re.M).group(1).split()
+    totals = dict(zip(events, map(int, re.search(r"^totals: (.+)$", text, re.M).group(1).split())))
+    annotated = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100",
+                                "--show=" + ",".join(EVENTS), str(path)],
+                               capture_output=True, text=True, check=True).stdout
+    parts = {"all": [totals.get(event, 0) for event in EVENTS], "blas": [0] * len(EVENTS),
+             "aten loops": [0] * len(EVENTS)}
+    for line in annotated.splitlines():
+        part = "blas" if BLAS.search(line) else "aten loops" if ATEN_LOOPS.search(line) else None
+        if part is None or "PROGRAM TOTALS" in line:
+            continue
+        values = [0 if token == "." else int(token.replace(",", "")) for token in line.split()
+                  if token == "." or re.fullmatch(r"[\d,]+", token)][:len(EVENTS)]
+        parts[part] = [total + value for total, value in zip(parts[part], values)]
+    parts["host"] = [whole - blas - loops for whole, blas, loops in zip(parts["all"], parts["blas"],
+                                                                          parts["aten loops"])]
+    return label, parts
+
+
+def print_callgrind_counts(prefix: str, steps: int) -> None:
+    dumps = sorted(Path(prefix).parent.glob(Path(prefix).name + ".*"), key=lambda path: int(path.suffix[1:]))
+    counts = dict(dump_counts(path) for path in dumps)
+    per_step = {label: {part: dict(zip(EVENTS, (value / steps for value in values))) for part, values in parts.items()}
+                for label, parts in counts.items()}
+    base = per_step["base"]
+    l2 = lambda event: event["ILmr"] + event["DLmr"] + event["DLmw"]  # noqa: E731
+    print(f"callgrind, per decode step ({steps} steps a variant). L1 miss: I1mr+D1mr+D1mw; L2 miss: the simulated "
+          "last level, ILmr+DLmr+DLmw; mispredicted: Bcm+Bim; over base: the part's instructions and L2 misses minus "
+          "base's same part, over base's whole step (the parts' figures add up to the step's)")
+    print(f"  {'variant':18s} {'part':10s} {'instructions':>12s} {'L1 miss':>9s} {'L2 miss':>9s} {'mispred':>9s}"
+          f"  {'Ir over base':>12s} {'L2 over base':>12s}")
+    for label, parts in per_step.items():
+        for part in ("blas", "aten loops", "host", "all"):
+            event, base_event = parts[part], base[part]
+            print(f"  {label:18s} {part:10s} {event['Ir']:12.0f} {event['I1mr'] + event['D1mr'] + event['D1mw']:9.0f}"
+                  f" {l2(event):9.0f} {event['Bcm'] + event['Bim']:9.0f}"
+                  f"  {(event['Ir'] - base_event['Ir']) / base['all']['Ir']:+12.3f}"
+                  f" {(l2(event) - l2(base_event)) / l2(base['all']):+12.3f}")
+
+
+def count_steps(step, steps: int, label: str, requests) -> None:
+    """``steps`` calls of ``step`` counted by callgrind into a dump labelled ``label``."""
+    for _ in range(3):  # uninstrumented: fill the lazy caches of the Python and torch code
+        step()
+    requests.start()
+    for _ in range(3):  # instrumented, not counted: fill the simulated caches, which start empty
+        step()
+    requests.zero()
+    for _ in range(steps):
+        step()
+    requests.dump(label.encode())
+    requests.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=None, help="steps a measurement (default 50, 10 counted)")
+    parser.add_argument("--callgrind", metavar="OUT", help="count under callgrind into OUT.<n> instead of timing")
+    parser.add_argument("--l2-bytes", type=int, default=2 * 1024 * 1024,
+                        help="the simulated last-level cache: the L2 per core (2 MiB on the machine measured)")
     options = parser.parse_args()
+    requests_library = os.environ.get(REQUESTS_LIBRARY)
+    options.steps = options.steps or (10 if options.callgrind or requests_library else 50)
+    if options.callgrind:
+        return run_under_callgrind(options)
+    requests = ctypes.CDLL(requests_library) if requests_library else None
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     setup = build_multi_setup(build_llama(CPU_DEFAULT, torch.device("cpu"), torch.float32), 0, ["torch"], 4)
@@ -136,15 +250,24 @@ def main() -> None:
             return step()
 
         providers["gatedlora torch, step reads"] = step_reads
+
+        def select(name):  # a variant's forwards put in place; its step
+            provider, forward, peft_forward = variants[name]
+            layer_class.forward = forward or real_forward
+            peft_class.forward = peft_forward or real_peft_forward
+            return providers[provider]
+
         layer_class.forward = keep
         providers["gatedlora torch"]()
         layer_class.forward = real_forward
         try:
+            if requests is not None:
+                for name in variants:
+                    count_steps(select(name), options.steps, name, requests)
+                return
             for _ in range(options.rounds):
-                for name, (provider, forward, peft_forward) in variants.items():
-                    layer_class.forward = forward or real_forward
-                    peft_class.forward = peft_forward or real_peft_forward
-                    step = providers[provider]
+                for name in variants:
+                    step = select(name)
                     for _ in range(5):
                         step()
                     started = time.perf_counter()
