@@ -33,9 +33,11 @@ steps (after 3 uninstrumented and 3 instrumented warm-up steps), with the caches
 ``--l2-bytes``, 16-way, as the per-core L2 of the machine measured, so that a last-level miss is an L2 miss). The
 dumps go to ``OUT.<n>``; the probe then prints per step: instructions, L1 misses, L2 misses and mispredicted
 branches, split into MKL's BLAS kernels, ATen's other CPU kernels and the rest (the interpreter, the dispatcher,
-allocation: host code). Near deterministic: two runs gave the same instruction counts to within 0.2% and miss
-counts to within 1.5% (where allocations land moves). It takes about 30 minutes, most of it setting up the model
-under valgrind. Both modes print the bytes of the weights a step reads in the patched projections.
+allocation: host code). Near deterministic: two runs gave the same instruction counts to within 0.5% (0.2% a
+step), the BLAS kernels' misses to within 2%, the host code's to within 4%, the ATen loops' (mostly the KV cache's
+copy) to within 10%, up to 13K lines a step (where allocations land moves them). It takes about 30 minutes, most
+of it setting up the model under valgrind. Both modes print the bytes of the weights a step reads in the patched
+projections.
 """
 from __future__ import annotations
 
