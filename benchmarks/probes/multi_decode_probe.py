@@ -51,8 +51,8 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from operator import attrgetter
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -198,7 +198,8 @@ def count_steps(step, steps: int, label: str, requests) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=None, help="steps a measurement (default 50, 10 counted)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps a measurement (default 50 timed, 10 under --callgrind)")
     parser.add_argument("--callgrind", metavar="OUT", help="count under callgrind into OUT.<n> instead of timing")
     parser.add_argument("--l2-bytes", type=int, default=2 * 1024 * 1024,
                         help="the simulated last-level cache: the L2 per core (2 MiB on the machine measured)")
