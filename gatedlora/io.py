@@ -358,6 +358,9 @@ def _read_meta(directory: Path) -> dict:
             if not isinstance(meta.get(field), kinds):
                 raise ValueError(f"{field!r} must be {' or '.join(JSON_NAMES[k] for k in kinds)}, got "
                                  f"{json.dumps(meta.get(field))[:80]}")
+        if version != 1 and meta.get("weights_sha256") is None:  # format 2 writes it in every save
+            raise ValueError(f"'weights_sha256' is missing, which every save of format_version {version} records "
+                             "(the config was edited or damaged); its weights cannot be checked")
         layers, adapters = meta.get("layers"), (meta.get("adapter") or {}).get("adapters")
         inner = [("layers", layers, "a list of layer names",
                   layers is None or all(isinstance(name, str) for name in layers)),

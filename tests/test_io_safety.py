@@ -288,6 +288,25 @@ def test_a_config_with_fields_of_the_wrong_json_type_is_refused_by_name(old_and_
         load_pretrained(target, path)
 
 
+@pytest.mark.parametrize("edit", ["removed", "null"])
+def test_a_format_2_config_without_its_checksum_is_refused(old_and_new, edit):
+    """Every format-2 save records its weights' SHA-256; a config without it loaded weights unchecked (review50).
+    Format 1, which had none, still loads (test_a_format_1_save_loads_with_the_backend_chosen_here)."""
+    path, _, target = old_and_new
+    meta = json.loads((path / gio.CONFIG_NAME).read_text())
+    assert meta["format_version"] == 2
+    if edit == "removed":
+        del meta["weights_sha256"]
+    else:
+        meta["weights_sha256"] = None
+    (path / gio.CONFIG_NAME).write_text(json.dumps(meta))
+    before = gate_values(target)
+    with pytest.raises(ValueError, match=rf"{gio.CONFIG_NAME} is corrupt or not a gatedlora config: 'weights_sha256' "
+                                         r"is missing, which every save of format_version 2 records"):
+        load_pretrained(target, path)
+    assert same(gate_values(target), before)
+
+
 def test_a_newer_save_and_a_bad_config_field_are_named_with_the_file(old_and_new):
     """A save of a later format was called corrupt; a config field of the wrong type, or unknown here, was named
     without the file ("GatedLoraConfig.router_layer must be ...")."""
