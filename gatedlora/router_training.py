@@ -283,9 +283,11 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
             bool((~p.isfinite() & before[name].isfinite()).any()) for name, p in router.named_parameters()):
         with torch.no_grad():
             router.load_state_dict(before)
-        raise ValueError(f"train_router: training diverged (the loss reached {losses[-1] if losses else None} in "
-                         f"epoch {len(losses)}); the router is left as it was before training. Train with a "
-                         f"smaller lr (got {lr})")
+        last = losses[-1] if losses else math.nan
+        what = (f"the loss reached {last}" if not math.isfinite(last)
+                else f"a parameter became NaN or infinite, the loss at {last:.3g}")
+        raise ValueError(f"train_router: training diverged ({what} in epoch {len(losses)}); the router is left as "
+                         f"it was before training. Train with a smaller lr (got {lr})")
 
     with torch.no_grad():
         if route.adapters is None:

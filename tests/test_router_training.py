@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import gatedlora
 from gatedlora import GatedLoraConfig, get_router, patch_model, train_router
@@ -295,6 +296,34 @@ def test_a_token_id_outside_the_vocabulary_is_named():
         train_router(model, [[1, 5], [1, vocab], [1, 6]], [0, 1, 1], progress=False)
 
 
+def test_a_router_whose_parameters_overflow_while_the_loss_is_finite_is_called_diverged_for_that():
+    """review50: an overflow in the parameters with the loss still finite said "the loss reached 1.3e+30", as if that
+    loss were the divergence. The optimizer's last step here leaves a weight infinite (as an overflowing update
+    does) while every epoch's loss was finite."""
+    model = patch_model(tiny_peft_model(layers=3, layers_to_transform=[1, 2]),
+                        GatedLoraConfig(gate="sequence", router_layer=0))
+    before = {k: v.clone() for k, v in get_router(model).router.state_dict().items()}
+    weight = next(p for p in get_router(model).router.parameters() if p.dim() == 2)
+    steps = []
+
+    def overflow_on_the_last_step(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 2:  # 2 epochs of one batch each
+            with torch.no_grad():
+                weight[0, 0] = float("inf")
+
+    hook = register_optimizer_step_post_hook(overflow_on_the_last_step)
+    try:
+        with pytest.raises(ValueError, match=r"training diverged \(a parameter became NaN or infinite, the loss at "
+                                             r"[-+.e\d]+ in epoch 2\); the router is left as it was"):
+            train_router(model, [[1, 5, 6], [1, 7], [1, 9, 9], [1, 4]], [0, 1, 1, 0], epochs=2, heldout=0,
+                         batch_size=4, progress=False)
+    finally:
+        hook.remove()
+    after = get_router(model).router.state_dict()
+    assert len(steps) == 2 and all(torch.equal(before[k], after[k]) for k in before)
+
+
 @pytest.mark.parametrize("lr", [1e30, 1e38])  # the loss turns non-finite; AdamW's step overflows a float
 def test_a_diverging_training_leaves_the_router_as_it_was_and_nothing_is_saved(lr, tmp_path):
     """An lr far too large made the router NaN, and the save then held what load_pretrained refuses (lr=1e38
@@ -303,9 +332,14 @@ def test_a_diverging_training_leaves_the_router_as_it_was_and_nothing_is_saved(l
     model = patch_model(tiny_peft_model(layers=3, layers_to_transform=[1, 2]),
                         GatedLoraConfig(gate="sequence", router_layer=0))
     before = {k: v.clone() for k, v in get_router(model).router.state_dict().items()}
-    with pytest.raises(ValueError, match=r"training diverged .* left as it was before training.*smaller lr"):
+    with pytest.raises(ValueError, match=r"training diverged .* left as it was before training.*smaller lr") as err:
         train_router(model, [[1, 5, 6], [1, 7], [1, 9, 9], [1, 4]], [0, 1, 1, 0], lr=lr, epochs=20, heldout=0,
                      progress=False, save_to=tmp_path / "router")
+    # what diverged: a loss that is not finite, or parameters that are not while the loss still was (review50:
+    # "the loss reached 1.3e+30" read as if that finite loss were the divergence)
+    reason = re.search(r"diverged \((.*) in epoch \d+\)", str(err.value)).group(1)
+    assert re.fullmatch(r"the loss reached (inf|nan)|a parameter became NaN or infinite, the loss at [-+.e\d]+",
+                        reason), reason
     after = get_router(model).router.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and not (tmp_path / "router").exists()
 
