@@ -279,11 +279,11 @@ def train_router(model: nn.Module, prompts: Sequence[Any], labels: Sequence[int]
         router.eval()
         for p, flag in zip(router.parameters(), flags):
             p.requires_grad_(flag)
-    if not (losses and math.isfinite(losses[-1])) or any(
+    if not math.isfinite(losses[-1]) or any(
             bool((~p.isfinite() & before[name].isfinite()).any()) for name, p in router.named_parameters()):
         with torch.no_grad():
             router.load_state_dict(before)
-        last = losses[-1] if losses else math.nan
+        last = losses[-1]  # epochs >= 1: every epoch records its loss
         what = (f"the loss reached {last}" if not math.isfinite(last)
                 else f"a parameter became NaN or infinite, the loss at {last:.3g}")
         raise ValueError(f"train_router: training diverged ({what} in epoch {len(losses)}); the router is left as "

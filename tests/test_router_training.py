@@ -335,11 +335,7 @@ def test_a_diverging_training_leaves_the_router_as_it_was_and_nothing_is_saved(l
     with pytest.raises(ValueError, match=r"training diverged .* left as it was before training.*smaller lr") as err:
         train_router(model, [[1, 5, 6], [1, 7], [1, 9, 9], [1, 4]], [0, 1, 1, 0], lr=lr, epochs=20, heldout=0,
                      progress=False, save_to=tmp_path / "router")
-    # what diverged: a loss that is not finite, or parameters that are not while the loss still was (review50:
-    # "the loss reached 1.3e+30" read as if that finite loss were the divergence)
-    reason = re.search(r"diverged \((.*) in epoch \d+\)", str(err.value)).group(1)
-    assert re.fullmatch(r"the loss reached (inf|nan)|a parameter became NaN or infinite, the loss at [-+.e\d]+",
-                        reason), reason
+    assert re.search(r"diverged \(the loss reached (inf|nan) in epoch \d+\)", str(err.value)), err.value
     after = get_router(model).router.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and not (tmp_path / "router").exists()
 
