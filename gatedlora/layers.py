@@ -11,7 +11,7 @@ from torch import nn
 
 from .call_state import RouteDecision, forced_gate
 from .config import check_gate_options
-from .module_hooks import hooked
+from .module_hooks import plain_linear
 from .ops import add_lora_, gated_lora, gated_lora_fused, warn_fused_fallback_once
 from .ops.args import check_loaded, is_threshold
 from .ops.gates import cpu_scalar, gate_is_open, open_rows, token_gate_probabilities
@@ -273,7 +273,7 @@ class GatedLoRALinear(nn.Module):
         with its weight and bias, which is what its forward runs: called directly, without the three
         Python frames of a module call (about 3 us a layer at decode sizes, 0.01x of a decode step here)."""
         base = self._modules["base_layer"]
-        if type(base) is nn.Linear and not (args or kwargs or hooked(base)):
+        if not (args or kwargs) and plain_linear(base):
             parameters = base._parameters
             return F.linear(x, parameters["weight"], parameters["bias"])
         return base(x, *args, **kwargs)

@@ -12,3 +12,10 @@ def hooked(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
                 or hooks._global_backward_hooks or hooks._global_backward_pre_hooks
                 or "forward" in module.__dict__ or getattr(module, "_compiled_call_impl", None) is not None)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs exactly ``F.linear`` with its weight and bias: an ``nn.Linear`` (no subclass)
+    that nothing hooks or replaces, so a caller may run that directly (without the three Python frames of a module
+    call) and own the result."""
+    return type(module) is nn.Linear and not hooked(module)
