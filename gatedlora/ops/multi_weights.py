@@ -126,13 +126,17 @@ def _watch_optimizers() -> None:
         _step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
-def _copy_key(weights: tuple) -> tuple | None:
-    """What a copy of the weights' values stays valid for: (epoch, each weight's data pointer and version counter).
-    None when a weight is an inference tensor: it has no version counter and can change in place inside inference
-    mode, so nothing derived from its values may be kept."""
-    epoch = _epoch  # read before the copy is built (the module docstring)
+def copy_key(weights: tuple) -> tuple | None:
+    """What a copy of the weights' values stays valid for: (epoch, then each weight's data pointer and version
+    counter), one flat tuple (nested pairs are more objects to compare, each a cache miss at a decode step). None
+    when a weight is an inference tensor: it has no version counter and can change in place inside inference mode,
+    so nothing derived from its values may be kept."""
+    key = [_epoch]  # the epoch read before the copy is built (the module docstring)
     try:
-        return epoch, tuple((t.data_ptr(), t._version) for t in weights)
+        for t in weights:
+            key.append(t.data_ptr())
+            key.append(t._version)
+        return tuple(key)
     except RuntimeError:  # "Inference tensors do not track version counter"
         if any(t.is_inference() for t in weights):
             return None
@@ -152,7 +156,7 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     entry = forms.tables.get(args.x.device)
     if entry is not None and entry[0] == pointers:
         kept = entry[1]  # () without copies; None: copies of inference tensors, rebuilt in every call
-        if kept == () or (kept is not None and kept == _copy_key(weights)):
+        if kept == () or (kept is not None and kept == copy_key(weights)):
             return entry[2], entry[3]
     # rebuilt whenever a weight is replaced, so a check here sees every weight the table will point to (the
     # layers call the op without validation)
@@ -164,7 +168,7 @@ def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
     copies = _contiguous_copies(weights, entry[4] if entry is not None else {})
     if copies:
         _watch_optimizers()
-    copied = _copy_key(weights) if copies else ()
+    copied = copy_key(weights) if copies else ()
     read = [copies.get(i, t) for i, t in enumerate(weights)]
     a, b = read[:args.adapters], read[args.adapters:]
     rows = [[t.data_ptr() for t in a], [t.data_ptr() for t in b], list(args.ranks),
@@ -215,7 +219,7 @@ def concatenated(lora_a: tuple, lora_b: tuple, scaling: tuple, adapter_index: to
     a CUDA graph replays what was captured, so a kept mask would not follow an index updated in place."""
     weights = lora_a + lora_b
     forms = _forms(weights, scaling)
-    key = _copy_key(weights)
+    key = copy_key(weights)
     if key is None:  # inference tensors: nothing kept
         lora_a_t, lora_b_t, owners, column_scale, nonfinite = _concatenate(lora_a, lora_b, scaling, adapter_index)
         return lora_a_t, lora_b_t, owners != adapter_index.unsqueeze(1), column_scale, nonfinite
