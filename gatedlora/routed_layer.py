@@ -4,12 +4,15 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .call_state import forced_gate
 from .layers import GatedLoRALinear, linear_features
 from .ops import add_lora_, add_lora_multi_, gated_lora, gated_lora_multi
+from .module_hooks import plain_linear
 from .ops.args import check_loaded
+from .ops.torch_multi import add_kept_concatenation_
 from .routing import SequenceRouter
 
 
@@ -93,14 +96,44 @@ class RoutedLoRALinear(GatedLoRALinear):
             return gated_lora(lora_x, result, lora_a[slot], lora_b[slot], self.scalings[slot], backend=self.backend,
                               inplace=inplace, validate=False)
         index = decision.row_adapters(x, self._buffers["route_slot_table"])
-        lora_x = self._dropout(x, names, index)
         if not torch.is_grad_enabled():
+            if x.is_cpu and not (args or kwargs):
+                result = self._add_kept_on_cpu(x, lora_a, lora_b, index)
+                if result is not None:
+                    return result
+            lora_x = self._dropout(x, names, index)
             result, lora_x = self._writable_base_output(x, lora_x, args, kwargs)
             # (the decision's index never changes: its column mask is kept)
             return add_lora_multi_(result, lora_x, lora_a, lora_b, self.scalings, index, self.backend, True)
+        lora_x = self._dropout(x, names, index)
         result, lora_x, inplace = self._base_output(x, lora_x, args, kwargs)
         return gated_lora_multi(lora_x, result, lora_a, lora_b, self.scalings, index, backend=self.backend,
                                 inplace=inplace, validate=False)
+
+    def _add_kept_on_cpu(self, x: torch.Tensor, lora_a: tuple, lora_b: tuple, index: torch.Tensor
+                         ) -> torch.Tensor | None:
+        """The output for a mixed batch on the CPU outside autograd where the base layer is a plain ``nn.Linear``
+        and dropout is off, through ``add_kept_concatenation_`` with the concatenation this layer kept from its
+        last call; None, before any work, where those do not hold.
+
+        What ``add_lora_multi_`` computes after the base layer, in fewer Python functions and fewer objects read:
+        at decode each is a cache miss (a step streams megabytes of weights between two calls of a layer), and
+        together they cost more than the arithmetic (docs/design.md, "What it costs on the CPU")."""
+        base = self._modules["base_layer"]
+        # (autocast would change the base output's dtype; under torch.compile no Python state is kept)
+        if not plain_linear(base) or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() \
+                or _active_dropouts(self._modules["lora_dropout"]._modules, self.adapter_names):
+            return None
+        parameters = base._parameters
+        result = F.linear(x, parameters["weight"], parameters["bias"])
+        before = self.__dict__.get("_kept_concatenation")
+        kept = add_kept_concatenation_(result, x, before, lora_a, lora_b, self.scalings, index, self.backend) \
+            if result.is_contiguous() else None
+        if kept is None:
+            return add_lora_multi_(result, x, lora_a, lora_b, self.scalings, index, self.backend, True)
+        if kept is not before:
+            self.__dict__["_kept_concatenation"] = kept
+        return result
 
     def _adapter_weight_tuples(self) -> tuple[tuple, tuple]:
         """(every adapter's lora_A weight, every lora_B weight), in ``adapter_names`` order, read through the
@@ -129,9 +162,7 @@ class RoutedLoRALinear(GatedLoRALinear):
         dropout of x: one pass per adapter with dropout on, selected by ``index`` [M] (each row's position in
         ``names``), as PEFT's mixed batch runs each adapter's dropout on its own sub-batch."""
         modules = self._modules["lora_dropout"]._modules
-        # (PEFT's nn.Identity for p = 0, and dropout in eval, change nothing; inline: this runs at every decode call)
-        active = [n for n in names if not (isinstance(modules[n], nn.Identity)
-                                           or (type(modules[n]) is nn.Dropout and not modules[n].training))]
+        active = _active_dropouts(modules, names)
         if not active:
             return x
         if len(active) == len(names) and len({(type(modules[n]), getattr(modules[n], "p", None)) for n in active}) == 1:
@@ -147,3 +178,13 @@ class RoutedLoRALinear(GatedLoRALinear):
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.ranks().items())
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}]"
 
+
+def _active_dropouts(modules: dict[str, nn.Module], names: Sequence[str]) -> list[str]:
+    """The adapters among ``names`` whose LoRA dropout module changes x: all but PEFT's nn.Identity for p = 0 and
+    dropout in eval (one call for every adapter: this runs in every layer call at decode)."""
+    active = []
+    for name in names:
+        module = modules[name]
+        if not (isinstance(module, nn.Identity) or (type(module) is nn.Dropout and not module.training)):
+            active.append(name)
+    return active

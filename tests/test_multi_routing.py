@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 from concurrent_runs import run_in_threads
+from test_decode_graph_safety import cache_argument
 from steered_routers import RoutePatternRouter, route_splitting_router
 from tiny_models import MULTI_ADAPTERS, padded_batch, tiny_multi_adapter_model
 
@@ -564,3 +565,97 @@ def test_each_row_takes_its_own_adapters_dropout_in_training():
     logits[0].sum().backward()
     grads = [p.grad for n, p in model.named_parameters() if f".{a}." in n and "lora_" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.any() for g in grads)
+
+
+
+def decode_step(model, ids, mask):
+    """A function running one decode step after the prompt, at the same cache length each time, through ``run``
+    (the model's call by default): the layers' mixed-batch decode path on the CPU (6 rows, no autograd)."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    inputs = {"input_ids": out.logits[:, -1:].argmax(-1), "attention_mask": torch.cat([mask, mask[:, :1] * 0 + 1], 1),
+              "use_cache": True, cache_argument(model): out.past_key_values}
+
+    def step(run=model):
+        with torch.no_grad():
+            logits = run(**inputs).logits
+        inputs[cache_argument(model)].crop(-1)
+        return logits
+    return step
+
+
+def through_the_op(monkeypatch):
+    """Decode steps through ``add_lora_multi_``, without the layers' kept concatenation."""
+    monkeypatch.setattr(RoutedLoRALinear, "_add_kept_on_cpu", lambda self, *args: None)
+
+
+def test_a_decode_step_keeps_each_layers_concatenation_and_adds_what_the_op_adds(monkeypatch):
+    """Decode steps on the CPU add the adapters' terms with the concatenation each layer kept from its last call (the
+    same object step after step), and give the op's logits bitwise, base sequences the base model's."""
+    model, (ids, mask), routes, _ = routed_model()
+    step = decode_step(model, ids, mask)
+    logits = step()
+    layers = [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
+    kept = [m.__dict__.get("_kept_concatenation") for m in layers]
+    assert all(k is not None for k in kept)
+    assert torch.equal(step(), logits)
+    assert all(m.__dict__["_kept_concatenation"] is k for m, k in zip(layers, kept))
+    with monkeypatch.context() as patched:
+        through_the_op(patched)
+        assert torch.equal(step(), logits)
+    with force_gate(model, 0.0):
+        base = step()
+    on_base = routes == 0
+    assert torch.equal(logits[on_base], base[on_base]) and not torch.equal(logits[~on_base], base[~on_base])
+
+
+def change_b_in_place(layers, name):
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B[name].weight.mul_(-2.0)  # the version counter moves
+
+
+def change_b_through_data(layers, name):
+    for m in layers:
+        m.lora_B[name].weight.data = m.lora_B[name].weight.data * -2.0  # new storage, the same version
+
+
+def change_b_to_a_new_parameter(layers, name):
+    for m in layers:
+        m.lora_B[name].weight = torch.nn.Parameter(m.lora_B[name].weight.detach() * -2.0)
+
+
+def change_b_unseen_then_forget_kept_copies(layers, name):
+    for m in layers:
+        m.lora_B[name].weight.data.mul_(-2.0)  # neither storage nor version moves
+    gatedlora.ops.forget_kept_copies()
+
+
+@pytest.mark.parametrize("change", [change_b_in_place, change_b_through_data, change_b_to_a_new_parameter,
+                                    change_b_unseen_then_forget_kept_copies, "functional_call"])
+def test_a_decode_step_reads_adapter_weights_changed_since_the_last_one(monkeypatch, change):
+    """Between two decode steps one adapter's B changes, each way a kept concatenation must notice (for
+    ``torch.func.functional_call``, which writes the modules' parameter dicts directly, only within the call): the
+    next step adds the changed weights, as the op reading them afresh does, and only that adapter's sequences move."""
+    model, (ids, mask), routes, _ = routed_model()
+    step = decode_step(model, ids, mask)
+    before = step()
+    name = ADAPTERS[1]  # route 2
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, RoutedLoRALinear) and name in m.lora_B}
+    run = model
+    if change == "functional_call":
+        changed = {f"{n}.lora_B.{name}.weight": m.lora_B[name].weight.detach() * -2.0 for n, m in layers.items()}
+
+        def run(**inputs):
+            return torch.func.functional_call(model, changed, (), inputs, strict=False)
+    else:
+        change(list(layers.values()), name)
+    after = step(run)
+    with monkeypatch.context() as patched:
+        through_the_op(patched)
+        assert torch.equal(step(run), after)
+    moved = routes == 2
+    assert not torch.equal(after[moved], before[moved])
+    assert torch.equal(after[~moved], before[~moved])
+    if change == "functional_call":
+        assert torch.equal(step(), before)  # the module's own weights again

@@ -23,13 +23,15 @@ derived copy, kept between calls and rebuilt when a weight changes (``multi_weig
 """
 from __future__ import annotations
 
+from operator import is_
+
 import torch
 import torch.nn.functional as F
 
-from .backends import register_multi
+from .backends import register_multi, torch_runs_on_cpu
 from .gates import cpu_scalar
 from .multi_args import MultiLoraArgs, check_one_dtype
-from .multi_weights import concatenated
+from .multi_weights import concatenated, copy_key
 from .torch_backend import add_promoted
 
 # At or below this many rows the concatenated strategy runs on the CPU (docs/design.md, "Several adapters").
@@ -86,6 +88,55 @@ def add_concatenated_rows(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lor
         summed = before.clone()
         _add_product(summed, u, lora_b_t_of_adapter, not_owned)
         torch.where((columns & ~not_owned).any(dim=1, keepdim=True), summed, out, out=out)
+
+
+class KeptConcatenation:
+    """The concatenation one caller (a layer) last added with, and what it was built for: the weights (the same
+    tensor objects, unchanged: ``copy_key``), the scalings tuple, the index tensor and the backend name.
+    Read-only once built, so calls in other threads may read it while a new one replaces it."""
+
+    __slots__ = ("key", "weights", "scaling", "index", "backend", "lora_a_t", "lora_b_t", "not_owned")
+
+    def __init__(self, key: tuple, weights: tuple, scaling: tuple, index: torch.Tensor, backend: str,
+                 concatenation: tuple) -> None:
+        self.key, self.weights, self.scaling, self.index, self.backend = key, weights, scaling, index, backend
+        self.lora_a_t, self.lora_b_t, self.not_owned = concatenation
+
+
+def add_kept_concatenation_(out: torch.Tensor, x: torch.Tensor, kept: KeptConcatenation | None, lora_a: tuple,
+                            lora_b: tuple, scaling: tuple, adapter_index: torch.Tensor, backend: str
+                            ) -> KeptConcatenation | None:
+    """``add_lora_multi_``'s concatenated strategy for a caller that keeps what it used: out [..., N] (contiguous)
+    += each row's adapter's term for x [..., K], adapter_index [M] (fixed: the routing decision's); returns the
+    concatenation used, ``kept`` where it still serves these arguments. None, with out unchanged, where the plain
+    case does not hold: more than ``CONCATENATED_MAX_ROWS`` rows, another dtype than the weights', a backend that
+    does not run CPU tensors on torch, inference tensors (nothing is kept for them), fp16's column factors, a B
+    with non-finite entries. The caller runs on the CPU outside autograd, autocast and ``torch.compile``.
+
+    Why a caller keeps one: at decode with 8 sequences on 4 adapters (the bench model, one CPU core) finding the
+    shared forms by the weights' ids and comparing their nested key, and the op's frames, missed the cache often
+    enough to cost a layer call more than PEFT's whole one-adapter call (docs/design.md, "What it costs on the
+    CPU")."""
+    weights = lora_a + lora_b
+    key = copy_key(weights)
+    if kept is None or kept.key != key or kept.index is not adapter_index or kept.scaling is not scaling \
+            or kept.backend is not backend or not all(map(is_, kept.weights, weights)):
+        rows = adapter_index.shape[0]
+        if key is None or not 0 < rows <= CONCATENATED_MAX_ROWS or x.dtype != lora_a[0].dtype \
+                or not torch_runs_on_cpu(backend):
+            return None
+        lora_a_t, lora_b_t, not_owned, column_scale, nonfinite = concatenated(lora_a, lora_b, scaling,
+                                                                              adapter_index, True)
+        if column_scale is not None or nonfinite is not None:
+            return None
+        kept = KeptConcatenation(key, weights, scaling, adapter_index, backend, (lora_a_t, lora_b_t, not_owned))
+    elif x.dtype != kept.lora_a_t.dtype:
+        return None
+    rows = adapter_index.shape[0]
+    u = torch.mm(x.reshape(rows, -1), kept.lora_a_t)
+    u.masked_fill_(kept.not_owned, 0)
+    out.view(rows, -1).addmm_(u, kept.lora_b_t)
+    return kept
 
 
 def _add_product(out: torch.Tensor, u: torch.Tensor, lora_b_t: torch.Tensor, not_owned: torch.Tensor) -> None:
