@@ -117,13 +117,14 @@ def add_kept_concatenation_(out: torch.Tensor, x: torch.Tensor, kept: KeptConcat
     shared forms by the weights' ids and comparing their nested key, and the op's frames, missed the cache often
     enough to cost a layer call more than PEFT's whole one-adapter call (docs/design.md, "What it costs on the
     CPU")."""
+    rows = adapter_index.shape[0]
+    if not 0 < rows <= CONCATENATED_MAX_ROWS:
+        return None
     weights = lora_a + lora_b
     key = copy_key(weights)
     if kept is None or kept.key != key or kept.index is not adapter_index or kept.scaling is not scaling \
             or kept.backend is not backend or not all(map(is_, kept.weights, weights)):
-        rows = adapter_index.shape[0]
-        if key is None or not 0 < rows <= CONCATENATED_MAX_ROWS or x.dtype != lora_a[0].dtype \
-                or not torch_runs_on_cpu(backend):
+        if key is None or x.dtype != lora_a[0].dtype or not torch_runs_on_cpu(backend):
             return None
         lora_a_t, lora_b_t, not_owned, column_scale, nonfinite = concatenated(lora_a, lora_b, scaling,
                                                                               adapter_index, True)
@@ -132,7 +133,6 @@ def add_kept_concatenation_(out: torch.Tensor, x: torch.Tensor, kept: KeptConcat
         kept = KeptConcatenation(key, weights, scaling, adapter_index, backend, (lora_a_t, lora_b_t, not_owned))
     elif x.dtype != kept.lora_a_t.dtype:
         return None
-    rows = adapter_index.shape[0]
     u = torch.mm(x.reshape(rows, -1), kept.lora_a_t)
     u.masked_fill_(kept.not_owned, 0)
     out.view(rows, -1).addmm_(u, kept.lora_b_t)
