@@ -10,6 +10,9 @@ adapters, 8 sequences routed as ``gatedlora bench --adapters 4`` routes them, on
 over base. Providers:
 
 * ``base``, ``peft one adapter``, ``gatedlora``: as in the bench.
+* ``gatedlora through the op``: the layers' mixed-batch path before they kept a concatenation each
+  (``RoutedLoRALinear._add_kept_on_cpu`` declining: the base layer and dropout through their methods, then
+  ``add_lora_multi_``).
 * ``peft floor``: PEFT's layer forward replaced by its arithmetic alone (base linear, A, B, scale, add), no host code.
 * ``floor``: gatedlora's layer forward replaced by its arithmetic alone (base linear; ``x A_cat^T``; the column
   mask; ``addmm_`` with ``B_cat^T``), each layer's concatenation and mask looked up once, before timing.
@@ -88,6 +91,10 @@ def stripped_forward(level: int, kept: dict):
         out.view(-1, out.shape[-1]).addmm_(u, b_t)
         return out
     return forward
+
+
+def declined(*args):  # RoutedLoRALinear._add_kept_on_cpu for the variant "gatedlora through the op"
+    return None
 
 
 def peft_floor(self, x, *args, **kwargs):
@@ -217,6 +224,7 @@ def main() -> None:
     peft_class = type(next(m for m in setup.peft.modules() if hasattr(m, "lora_A")))
     print_weight_bytes([m for m in setup.peft.modules() if isinstance(m, peft_class)])
     real_forward, real_peft_forward = layer_class.forward, peft_class.forward
+    real_kept_path = layer_class._add_kept_on_cpu
     kept: dict = {}
     indices: dict = {}  # each layer's row index: what the step's loop passes to concatenated
 
@@ -235,6 +243,7 @@ def main() -> None:
     for level, name in enumerate(("floor", "floor +routing", "floor +weights", "floor +versions")):
         variants[name] = ("gatedlora torch", stripped_forward(level, kept), None)
     variants["floor, step reads"] = ("gatedlora torch, step reads", stripped_forward(1, kept), None)
+    variants["gatedlora through the op"] = ("gatedlora torch", None, None)
     seconds = {name: [] for name in variants}
     cat_seconds = {name: 0.0 for name in ("base", "peft one adapter", "gatedlora")}
     real_cat = torch.cat
@@ -271,6 +280,7 @@ def main() -> None:
             provider, forward, peft_forward = variants[name]
             layer_class.forward = forward or real_forward
             peft_class.forward = peft_forward or real_peft_forward
+            layer_class._add_kept_on_cpu = declined if name == "gatedlora through the op" else real_kept_path
             return providers[provider]
 
         layer_class.forward = keep
@@ -291,6 +301,7 @@ def main() -> None:
                         step()
                     seconds[name].append((time.perf_counter() - started) / options.steps)
             layer_class.forward, peft_class.forward = real_forward, real_peft_forward
+            layer_class._add_kept_on_cpu = real_kept_path
             alone = []
             for _ in range(200):
                 started = time.perf_counter()
@@ -306,6 +317,7 @@ def main() -> None:
                 cat_seconds[name] = current[0] / options.steps
         finally:
             layer_class.forward, peft_class.forward, cache_utils.torch = real_forward, real_peft_forward, torch
+            layer_class._add_kept_on_cpu = real_kept_path
     base = statistics.median(seconds["base"])
     print(f"decode step, batch 8, 4 adapters (routes {routes.tolist()}), {options.rounds} rounds x {options.steps} "
           f"steps, one thread; median time / base ({base * 1e3:.3f} ms):")
