@@ -768,3 +768,40 @@ def test_an_index_out_of_range_under_torch_compile_keeps_the_base_output(m):
     want = gated_lora_multi_reference(valid["x"], valid["base_out"], valid["lora_a"], valid["lora_b"],
                                       valid["scaling"], valid["adapter_index"])
     torch.testing.assert_close(compiled.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,k,n,ranks", [(8, 59, 113, (16, 4, 8)), (1, 113, 59, (4, 16, 1)), (32, 40, 24, (8, 8)),
+                                         (6, 0, 24, (4, 8)), (6, 40, 0, (4, 8))])
+def test_a_kept_concatenation_adds_what_the_op_adds_and_is_reused_until_an_argument_changes(m, k, n, ranks):
+    """``add_kept_concatenation_`` (the layers' CPU decode path): bitwise the op's concatenated strategy (base rows
+    their bits), the same record back while the weights, scalings, index and backend are the same, a new one when
+    one changes, and None (out untouched) where the plain case does not hold: more rows than the strategy takes,
+    another dtype than the weights'."""
+    from gatedlora.ops.torch_multi import CONCATENATED_MAX_ROWS, add_kept_concatenation_
+
+    case = make_case(41 + m + k + n, m, max(k, 1), max(n, 1), ranks, torch.float32)
+    case.update(x=case["x"][:, :k], base_out=case["base_out"][:, :n].contiguous(),  # (a width of 0 where asked)
+                lora_a=[a[:, :k] for a in case["lora_a"]], lora_b=[b[:n] for b in case["lora_b"]])
+    args = (case["lora_a"], case["lora_b"], tuple(case["scaling"]), case["adapter_index"])
+    expected = case["base_out"].clone()
+    gatedlora.ops.add_lora_multi_(expected, case["x"], *args, "torch", True)
+    out = case["base_out"].clone()
+    kept = add_kept_concatenation_(out, case["x"], None, *args, "auto")
+    assert kept is not None and torch.equal(bits(out), bits(expected))
+    if k and n:
+        check(case, out)
+    out = case["base_out"].clone()
+    assert add_kept_concatenation_(out, case["x"], kept, *args, "auto") is kept
+    assert torch.equal(bits(out), bits(expected))
+    with torch.no_grad():
+        case["lora_b"][0].mul_(-2.0)  # (a weight updated in place: its version moves)
+    renewed = add_kept_concatenation_(case["base_out"].clone(), case["x"], kept, *args, "auto")
+    assert renewed is not kept and renewed is not None
+    assert add_kept_concatenation_(case["base_out"].clone(), case["x"], renewed, *args[:3],
+                                   case["adapter_index"].clone(), "auto") is not renewed
+    untouched = case["base_out"].clone()
+    assert add_kept_concatenation_(untouched, case["x"].double(), renewed, *args, "auto") is None
+    assert torch.equal(untouched, case["base_out"])
+    many = torch.zeros(CONCATENATED_MAX_ROWS + 1, dtype=torch.int64)
+    assert add_kept_concatenation_(torch.zeros(CONCATENATED_MAX_ROWS + 1, n), torch.zeros(CONCATENATED_MAX_ROWS + 1, k),
+                                   None, *args[:3], many, "auto") is None
