@@ -12,6 +12,7 @@ from .layers import GatedLoRALinear, linear_features
 from .ops import add_lora_, add_lora_multi_, gated_lora, gated_lora_multi
 from .module_hooks import plain_linear
 from .ops.args import check_loaded
+from .ops.multi_weights import forget_kept_copies
 from .ops.torch_multi import add_kept_concatenation_
 from .routing import SequenceRouter
 
@@ -130,10 +131,28 @@ class RoutedLoRALinear(GatedLoRALinear):
         kept = add_kept_concatenation_(result, x, before, lora_a, lora_b, self.scalings, index, self.backend) \
             if result.is_contiguous() else None
         if kept is None:
+            self._forget_kept_concatenation()  # (one that no longer serves must not serve again by chance)
             return add_lora_multi_(result, x, lora_a, lora_b, self.scalings, index, self.backend, True)
         if kept is not before:
             self.__dict__["_kept_concatenation"] = kept
         return result
+
+    def _forget_kept_concatenation(self) -> None:
+        self.__dict__.pop("_kept_concatenation", None)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "RoutedLoRALinear":
+        # model.to / .half / .cpu: a weight's storage may come back at an address a kept copy was keyed by, with
+        # new values and its old version (param.data = ...), so every kept copy is rebuilt at its next use
+        self._forget_kept_concatenation()
+        forget_kept_copies()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        # (pickle and copy.deepcopy: the kept concatenation is derived from these weights, and keyed by their
+        # addresses, which a copy's weights do not share)
+        state = dict(super().__getstate__())  # (object's default is the live __dict__ itself)
+        state.pop("_kept_concatenation", None)
+        return state
 
     def _adapter_weight_tuples(self) -> tuple[tuple, tuple]:
         """(every adapter's lora_A weight, every lora_B weight), in ``adapter_names`` order, read through the

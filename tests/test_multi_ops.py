@@ -802,6 +802,8 @@ def test_a_kept_concatenation_adds_what_the_op_adds_and_is_reused_until_an_argum
     untouched = case["base_out"].clone()
     assert add_kept_concatenation_(untouched, case["x"].double(), renewed, *args, "auto") is None
     assert torch.equal(untouched, case["base_out"])
+    bf16 = [[t.bfloat16() for t in case[name]] for name in ("lora_a", "lora_b")]  # (rows computed in pairs)
+    assert add_kept_concatenation_(untouched.bfloat16(), case["x"].bfloat16(), None, *bf16, *args[2:], "auto") is None
     many = torch.zeros(CONCATENATED_MAX_ROWS + 1, dtype=torch.int64)
     assert add_kept_concatenation_(torch.zeros(CONCATENATED_MAX_ROWS + 1, n), torch.zeros(CONCATENATED_MAX_ROWS + 1, k),
                                    None, *args[:3], many, "auto") is None

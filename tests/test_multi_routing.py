@@ -1,6 +1,8 @@
 """Several adapters, one router: on tiny Llama and Qwen2 models with three PEFT adapters (different ranks, each
 absent on some projections), each sequence of a batch takes its own route in one pass and through generate();
 a sequence on the base model is bitwise the base model, one on adapter i matches PEFT with adapter i active."""
+import copy
+import pickle
 import re
 import threading
 
@@ -659,3 +661,24 @@ def test_a_decode_step_reads_adapter_weights_changed_since_the_last_one(monkeypa
     assert torch.equal(after[~moved], before[~moved])
     if change == "functional_call":
         assert torch.equal(step(), before)  # the module's own weights again
+
+
+def test_a_kept_concatenation_is_dropped_by_to_by_copies_and_where_it_stops_serving():
+    """The record a layer keeps for decode is derived from its weights and keyed by their addresses: ``model.to`` (a
+    storage can come back at the same address with new values and its old version), a deep copy, a pickle, and a
+    call it does not serve (the prompt's 54 rows here) drop it, and the next CPU decode step builds a new one."""
+    model, (ids, mask), routes, _ = routed_model()
+    step = decode_step(model, ids, mask)
+    logits = step()
+    layer = next(m for m in model.modules() if isinstance(m, RoutedLoRALinear))
+    assert "_kept_concatenation" in layer.__dict__
+    copied = copy.deepcopy(layer)
+    assert "_kept_concatenation" not in copied.__dict__ and "_kept_concatenation" in layer.__dict__
+    assert "_kept_concatenation" not in pickle.loads(pickle.dumps(layer)).__dict__
+    model.to(torch.float64).to(torch.float32)  # weights back in fp32, at new (or reused) addresses
+    assert all("_kept_concatenation" not in m.__dict__ for m in model.modules() if isinstance(m, RoutedLoRALinear))
+    assert torch.equal(step(), logits)
+    assert "_kept_concatenation" in layer.__dict__
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert "_kept_concatenation" not in layer.__dict__

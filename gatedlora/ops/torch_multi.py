@@ -109,9 +109,9 @@ def add_kept_concatenation_(out: torch.Tensor, x: torch.Tensor, kept: KeptConcat
     """``add_lora_multi_``'s concatenated strategy for a caller that keeps what it used: out [..., N] (contiguous)
     += each row's adapter's term for x [..., K], adapter_index [M] (fixed: the routing decision's); returns the
     concatenation used, ``kept`` where it still serves these arguments. None, with out unchanged, where the plain
-    case does not hold: more than ``CONCATENATED_MAX_ROWS`` rows, another dtype than the weights', a backend that
-    does not run CPU tensors on torch, inference tensors (nothing is kept for them), fp16's column factors, a B
-    with non-finite entries. The caller runs on the CPU outside autograd, autocast and ``torch.compile``.
+    case does not hold: more than ``CONCATENATED_MAX_ROWS`` rows, another dtype than the weights', bfloat16, a
+    backend that does not run CPU tensors on torch, inference tensors (nothing is kept for them), fp16's column
+    factors, a B with non-finite entries. The caller runs on the CPU outside autograd, autocast and ``torch.compile``.
 
     Why a caller keeps one: at decode with 8 sequences on 4 adapters (the bench model, one CPU core) finding the
     shared forms by the weights' ids and comparing their nested key, and the op's frames, missed the cache often
@@ -124,7 +124,8 @@ def add_kept_concatenation_(out: torch.Tensor, x: torch.Tensor, kept: KeptConcat
     key = copy_key(weights)
     if kept is None or kept.key != key or kept.index is not adapter_index or kept.scaling is not scaling \
             or kept.backend is not backend or not all(map(is_, kept.weights, weights)):
-        if key is None or x.dtype != lora_a[0].dtype or not torch_runs_on_cpu(backend):
+        # (bfloat16: a CPU matmul computes rows in pairs, and add_concatenated_rows zeroes base rows of x first)
+        if key is None or x.dtype != lora_a[0].dtype or x.dtype == torch.bfloat16 or not torch_runs_on_cpu(backend):
             return None
         lora_a_t, lora_b_t, not_owned, column_scale, nonfinite = concatenated(lora_a, lora_b, scaling,
                                                                               adapter_index, True)
