@@ -18,6 +18,7 @@ from tiny_models import randomize_lora_b, tiny_peft_model
 
 from gatedlora import GatedLoraConfig, gated_lora, patch_model
 from gatedlora.benchmarking.cuda_graphs import capture_decode_step, gatedlora_host_reads, prefill_static
+from gatedlora.benchmarking.scenarios import cache_argument as hf_cache_argument
 from gatedlora.ops import available_backends
 
 PATTERN = torch.tensor([1.0, 0.0, 1.0, 0.0])  # sequences 0 and 2 take the adapter
@@ -36,9 +37,8 @@ def routed_pair(backend: str, device: str, dtype: torch.dtype):
 
 
 def cache_argument(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"
+    """The keyword the PEFT model ``model`` passes its KV cache by."""
+    return hf_cache_argument(model.get_base_model())
 
 
 @pytest.mark.skipif("triton" not in available_backends(), reason="triton backend unavailable")

@@ -569,7 +569,6 @@ def test_each_row_takes_its_own_adapters_dropout_in_training():
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.any() for g in grads)
 
 
-
 def decode_step(model, ids, mask):
     """A function running one decode step after the prompt, at the same cache length each time, through ``run``
     (the model's call by default): the layers' mixed-batch decode path on the CPU (6 rows, no autograd)."""

@@ -10,7 +10,6 @@ equal to the base model, the others within a tolerance of PEFT's mixed batch.
 """
 from __future__ import annotations
 
-import inspect
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +21,7 @@ from ..config import GatedLoraConfig
 from ..patching import block_linear_names, patch_model
 from ..routing import PrismMultiRouter
 from .models import randomize_lora_b, weight_sharing_copy
-from .scenarios import BASE_RUNS, compare_outputs, decode_stepper, gated_forwards
+from .scenarios import BASE_RUNS, cache_argument, compare_outputs, decode_stepper, gated_forwards
 
 BASE_FRACTION = 0.25
 
@@ -134,10 +133,8 @@ def build_multi_setup(base_model: nn.Module, router_layer: int, backends: list[s
         patch_model(model, GatedLoraConfig(gate="sequence", router_layer=router_layer, adapters=names, router=router,
                                            backend=backend))
         gated[backend], routers[backend] = model, router
-    parameters = inspect.signature(hf_model.forward).parameters
-    cache_argument = "cache" if "cache" in parameters else "past_key_values"
     return MultiSetup(base, peft, gated, routers, names, router_layer, device, hf_model.config.vocab_size,
-                      cache_argument, notes)
+                      cache_argument(hf_model), notes)
 
 
 def make_multi_batch(scenario: MultiScenario, vocab_size: int, device: torch.device, seed: int = 0):

@@ -105,9 +105,14 @@ def build_setup(base_model: nn.Module, peft_model_factory: Callable[[nn.Module],
         patch_model(model, GatedLoraConfig(gate="sequence", router_layer=router_layer, router=router,
                                            backend=backend, base_mode=base_mode))
         gated[name], routers[name] = model, router
-    parameters = inspect.signature(hf_model.forward).parameters
-    cache_argument = "cache" if "cache" in parameters else "past_key_values"
-    return BenchSetup(base, peft, gated, routers, router_layer, device, hf_model.config.vocab_size, cache_argument)
+    return BenchSetup(base, peft, gated, routers, router_layer, device, hf_model.config.vocab_size,
+                      cache_argument(hf_model))
+
+
+def cache_argument(hf_model: nn.Module) -> str:
+    """The keyword a transformers model's forward takes its KV cache by: ``cache`` (newer transformers) or
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
 
 def make_batch(scenario: Scenario, vocab_size: int, device: torch.device, seed: int = 0):
