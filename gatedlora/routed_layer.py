@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .call_state import forced_gate
+from .call_state import RouteDecision, forced_gate
+from .kept_call import keep_call, kept_output
 from .layers import GatedLoRALinear, linear_features
 from .ops import add_lora_, add_lora_multi_, gated_lora, gated_lora_multi
 from .module_hooks import plain_linear
@@ -74,6 +75,11 @@ class RoutedLoRALinear(GatedLoRALinear):
         return {name: self.lora_A[name].weight.shape[0] for name in self.adapter_names}
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        kept = self.__dict__.get("_kept_call")
+        if kept is not None and not (args or kwargs):
+            result = kept_output(self, kept, x)
+            if result is not None:
+                return result
         names = self.adapter_names
         if not names or forced_gate(self) == 0.0:
             return self._base(x, args, kwargs)
@@ -99,7 +105,7 @@ class RoutedLoRALinear(GatedLoRALinear):
         index = decision.row_adapters(x, self._buffers["route_slot_table"])
         if not torch.is_grad_enabled():
             if x.is_cpu and not (args or kwargs):
-                result = self._add_kept_on_cpu(x, lora_a, lora_b, index)
+                result = self._add_kept_on_cpu(x, lora_a, lora_b, index, decision)
                 if result is not None:
                     return result
             lora_x = self._dropout(x, names, index)
@@ -111,11 +117,12 @@ class RoutedLoRALinear(GatedLoRALinear):
         return gated_lora_multi(lora_x, result, lora_a, lora_b, self.scalings, index, backend=self.backend,
                                 inplace=inplace, validate=False)
 
-    def _add_kept_on_cpu(self, x: torch.Tensor, lora_a: tuple, lora_b: tuple, index: torch.Tensor
-                         ) -> torch.Tensor | None:
+    def _add_kept_on_cpu(self, x: torch.Tensor, lora_a: tuple, lora_b: tuple, index: torch.Tensor,
+                         decision: RouteDecision) -> torch.Tensor | None:
         """The output for a mixed batch on the CPU outside autograd where the base layer is a plain ``nn.Linear``
         and dropout is off, through ``add_kept_concatenation_`` with the concatenation this layer kept from its
-        last call; None, before any work, where those do not hold.
+        last call; None, before any work, where those do not hold. Keeps the call's record (``KeptLayerCall``),
+        which the next call with the same everything runs through.
 
         What ``add_lora_multi_`` computes after the base layer, in fewer Python functions and fewer objects read:
         at decode each is a cache miss (a step streams megabytes of weights between two calls of a layer), and
@@ -127,31 +134,34 @@ class RoutedLoRALinear(GatedLoRALinear):
             return None
         parameters = base._parameters
         result = F.linear(x, parameters["weight"], parameters["bias"])
-        before = self.__dict__.get("_kept_concatenation")
-        kept = add_kept_concatenation_(result, x, before, lora_a, lora_b, self.scalings, index, self.backend) \
-            if result.is_contiguous() else None
-        if kept is None:
-            self._forget_kept_concatenation()  # (one that no longer serves must not serve again by chance)
+        before = self.__dict__.get("_kept_call")
+        concatenation = add_kept_concatenation_(result, x, before and before.concatenation, lora_a, lora_b,
+                                                self.scalings, index, self.backend) if result.is_contiguous() else None
+        if concatenation is None:
+            self._forget_kept_call()  # (one that no longer serves must not serve again by chance)
             return add_lora_multi_(result, x, lora_a, lora_b, self.scalings, index, self.backend, True)
-        if kept is not before:
-            self.__dict__["_kept_concatenation"] = kept
+        kept = keep_call(self, x, decision, concatenation)
+        if kept is None:
+            self._forget_kept_call()
+        else:
+            self.__dict__["_kept_call"] = kept
         return result
 
-    def _forget_kept_concatenation(self) -> None:
-        self.__dict__.pop("_kept_concatenation", None)
+    def _forget_kept_call(self) -> None:
+        self.__dict__.pop("_kept_call", None)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "RoutedLoRALinear":
         # model.to / .half / .cpu: a weight's storage may come back at an address a kept copy was keyed by, with
         # new values and its old version (param.data = ...), so every kept copy is rebuilt at its next use
-        self._forget_kept_concatenation()
+        self._forget_kept_call()
         forget_kept_copies()
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self) -> dict:
-        # (pickle and copy.deepcopy: the kept concatenation is derived from these weights, and keyed by their
-        # addresses, which a copy's weights do not share)
+        # (pickle and copy.deepcopy: the kept record is derived from these weights, and keyed by their addresses,
+        # which a copy's weights do not share)
         state = dict(super().__getstate__())  # (object's default is the live __dict__ itself)
-        state.pop("_kept_concatenation", None)
+        state.pop("_kept_call", None)
         return state
 
     def _adapter_weight_tuples(self) -> tuple[tuple, tuple]:

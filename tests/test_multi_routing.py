@@ -586,21 +586,23 @@ def decode_step(model, ids, mask):
 
 
 def through_the_op(monkeypatch):
-    """Decode steps through ``add_lora_multi_``, without the layers' kept concatenation."""
+    """Decode steps through ``add_lora_multi_``, without the layers' kept records and concatenations."""
     monkeypatch.setattr(RoutedLoRALinear, "_add_kept_on_cpu", lambda self, *args: None)
+    monkeypatch.setattr(gatedlora.routed_layer, "kept_output", lambda *args: None)
 
 
 def test_a_decode_step_keeps_each_layers_concatenation_and_adds_what_the_op_adds(monkeypatch):
-    """Decode steps on the CPU add the adapters' terms with the concatenation each layer kept from its last call (the
-    same object step after step), and give the op's logits bitwise, base sequences the base model's."""
+    """Decode steps on the CPU run through what each layer kept from its last call (the same record step after step:
+    a call that does not run through it keeps a new one), and give the op's logits bitwise, base sequences the base
+    model's."""
     model, (ids, mask), routes, _ = routed_model()
     step = decode_step(model, ids, mask)
     logits = step()
     layers = [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
-    kept = [m.__dict__.get("_kept_concatenation") for m in layers]
+    kept = [m.__dict__.get("_kept_call") for m in layers]
     assert all(k is not None for k in kept)
     assert torch.equal(step(), logits)
-    assert all(m.__dict__["_kept_concatenation"] is k for m, k in zip(layers, kept))
+    assert all(m.__dict__["_kept_call"] is k for m, k in zip(layers, kept))
     with monkeypatch.context() as patched:
         through_the_op(patched)
         assert torch.equal(step(), logits)
@@ -662,7 +664,109 @@ def test_a_decode_step_reads_adapter_weights_changed_since_the_last_one(monkeypa
         assert torch.equal(step(), before)  # the module's own weights again
 
 
-def test_a_kept_concatenation_is_dropped_by_to_by_copies_and_where_it_stops_serving():
+def replace_the_adapters_b_module(layers, name):
+    for m in layers:
+        old = m.lora_B[name]
+        m.lora_B[name] = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+        with torch.no_grad():
+            m.lora_B[name].weight.copy_(old.weight * -2.0)
+
+
+def parametrize_the_adapters_b(layers, name):  # the weight is then computed, not a registered parameter
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return weight * -2.0
+
+    for m in layers:
+        parametrize.register_parametrization(m.lora_B[name], "weight", Doubled())
+
+
+def change_the_layers_scalings(layers, name):
+    for m in layers:
+        m.scalings = tuple(-2.0 * s if n == name else s for n, s in zip(m.adapter_names, m.scalings))
+
+
+def hook_the_base_layers(layers, name):
+    for m in layers:
+        m.base_layer.register_forward_hook(lambda module, args, output: output * 0.5)
+
+
+def put_in_a_dropout_in_training(layers, name):
+    for m in layers:
+        m.lora_dropout[name] = torch.nn.Dropout(0.5)
+
+
+def put_the_dropout_in_training(layers, name):
+    for m in layers:
+        m.lora_dropout[name].train()
+
+
+@pytest.mark.parametrize("change", [replace_the_adapters_b_module, parametrize_the_adapters_b,
+                                    change_the_layers_scalings, hook_the_base_layers, put_in_a_dropout_in_training,
+                                    put_the_dropout_in_training])
+def test_a_decode_step_sees_the_layers_modules_and_settings_changed_since_the_last_one(monkeypatch, change):
+    """What a layer keeps from its last decode call (``kept_call``) serves the next call only where everything that
+    call read is as it was: a replaced adapter module, a parametrized weight, other scalings, a hook on the base
+    layer, a dropout put in or switched to training are each seen. With the same random stream the step gives the
+    op path's logits; only that adapter's sequences move (under the base layer's hook, every one)."""
+    model, (ids, mask), routes, _ = routed_model()
+    name = ADAPTERS[1]  # route 2
+    layers = [m for m in model.modules() if isinstance(m, RoutedLoRALinear) and name in m.lora_B]
+    if change is put_the_dropout_in_training:
+        for m in layers:  # a dropout that is off (in eval) when the layers keep their calls
+            m.lora_dropout[name] = torch.nn.Dropout(0.5).eval()
+    step = decode_step(model, ids, mask)
+    step()
+    before = step()
+    assert all("_kept_call" in m.__dict__ for m in layers)
+    change(layers, name)
+    torch.manual_seed(3)
+    after = step()
+    with monkeypatch.context() as patched:
+        through_the_op(patched)
+        torch.manual_seed(3)
+        assert torch.equal(step(), after)
+    moved = routes == 2 if change is not hook_the_base_layers else torch.ones_like(routes, dtype=torch.bool)
+    assert not torch.equal(after[moved], before[moved])
+    assert torch.equal(after[~moved], before[~moved])
+
+
+def test_a_decode_step_after_an_adapter_is_removed_from_a_layer_fails_as_without_a_kept_call():
+    """An adapter module removed from a layer is not used from what the layer kept: the step raises, as the layer's
+    full path does."""
+    model, (ids, mask), routes, _ = routed_model()
+    step = decode_step(model, ids, mask)
+    step()
+    layer = next(m for m in model.modules() if isinstance(m, RoutedLoRALinear) and ADAPTERS[1] in m.lora_B)
+    assert "_kept_call" in layer.__dict__
+    del layer.lora_B[ADAPTERS[1]]
+    with pytest.raises(KeyError):
+        step()
+
+
+def test_interleaved_generations_of_one_shape_each_decode_with_their_own_routes(monkeypatch):
+    """Two generations of the same batch shape with different routes, their decode steps interleaved in one thread:
+    a layer's record of the other generation's last call is not used (it is checked against the decision in force),
+    and each step gives the op path's logits for its own routes."""
+    model = peft_model()
+    router = RoutePatternRouter(model.get_base_model().config.hidden_size, len(NAMES))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router))
+    ids, mask = padded_batch([7, 4, 9, 5, 8, 6], 9, seed=5)
+    steps = {}
+    for name, routes in {"a": [2, 0, 3, 1, 0, 3], "b": [1, 3, 0, 2, 2, 0]}.items():
+        router.pattern = torch.tensor(routes)
+        steps[name] = decode_step(model, ids, mask)
+    with monkeypatch.context() as patched:
+        through_the_op(patched)
+        expected = {name: step() for name, step in steps.items()}
+    assert not torch.equal(expected["a"], expected["b"])
+    for name in ["a", "b", "a", "a", "b", "b", "a"]:
+        assert torch.equal(steps[name](), expected[name]), name
+
+
+def test_a_layers_kept_call_is_dropped_by_to_by_copies_and_where_it_stops_serving():
     """The record a layer keeps for decode is derived from its weights and keyed by their addresses: ``model.to`` (a
     storage can come back at the same address with new values and its old version), a deep copy, a pickle, and a
     call it does not serve (the prompt's 54 rows here) drop it, and the next CPU decode step builds a new one."""
@@ -670,14 +774,14 @@ def test_a_kept_concatenation_is_dropped_by_to_by_copies_and_where_it_stops_serv
     step = decode_step(model, ids, mask)
     logits = step()
     layer = next(m for m in model.modules() if isinstance(m, RoutedLoRALinear))
-    assert "_kept_concatenation" in layer.__dict__
+    assert "_kept_call" in layer.__dict__
     copied = copy.deepcopy(layer)
-    assert "_kept_concatenation" not in copied.__dict__ and "_kept_concatenation" in layer.__dict__
-    assert "_kept_concatenation" not in pickle.loads(pickle.dumps(layer)).__dict__
+    assert "_kept_call" not in copied.__dict__ and "_kept_call" in layer.__dict__
+    assert "_kept_call" not in pickle.loads(pickle.dumps(layer)).__dict__
     model.to(torch.float64).to(torch.float32)  # weights back in fp32, at new (or reused) addresses
-    assert all("_kept_concatenation" not in m.__dict__ for m in model.modules() if isinstance(m, RoutedLoRALinear))
+    assert all("_kept_call" not in m.__dict__ for m in model.modules() if isinstance(m, RoutedLoRALinear))
     assert torch.equal(step(), logits)
-    assert "_kept_concatenation" in layer.__dict__
+    assert "_kept_call" in layer.__dict__
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    assert "_kept_concatenation" not in layer.__dict__
+    assert "_kept_call" not in layer.__dict__

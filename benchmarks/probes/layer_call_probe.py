@@ -11,6 +11,9 @@ microseconds per layer call (medians over rounds, the providers interleaved in a
 round's ratio to PEFT's, and the step's time outside the layer calls. Variants of gatedlora's layer forward:
 
 * ``gatedlora``: as it is.
+* ``gatedlora, concatenation kept``: before the layers kept a record of their last call (``kept_call``): every call
+  reads the routing state, the adapters' weights through the modules and the settings, then adds with the
+  concatenation the layer kept (``RoutedLoRALinear._add_kept_on_cpu``).
 * ``gatedlora through the op``: its mixed-batch path before the layers kept a concatenation each: the base layer
   and dropout through their methods, then ``add_lora_multi_`` (the shared lookup, the op's frames).
 * ``floor``: the arithmetic alone (base ``F.linear``; ``x A_cat^T``; the column mask; ``addmm_`` with ``B_cat^T``),
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from gatedlora.benchmarking.models import CPU_DEFAULT, build_llama
 from gatedlora.benchmarking.multi_adapter import (MultiScenario, build_multi_setup, make_multi_batch,
                                                   multi_decode_providers)
+import gatedlora.routed_layer as routed_layer
 from gatedlora.ops import multi_weights
 from gatedlora.routed_layer import RoutedLoRALinear
 
@@ -62,7 +66,7 @@ def stripped_forward(weights: bool, lookup: bool, kept: dict):
     return forward
 
 
-def decline(*args):  # RoutedLoRALinear._add_kept_on_cpu declining every call
+def decline(*args):  # RoutedLoRALinear._add_kept_on_cpu, or routed_layer.kept_output, declining every call
     return None
 
 
@@ -78,6 +82,7 @@ def main() -> None:
     peft_class = type(next(m for m in setup.peft.modules() if hasattr(m, "lora_A")))
     layers = sum(isinstance(m, RoutedLoRALinear) for m in setup.gated["torch"].modules())
     real, real_peft, real_kept = RoutedLoRALinear.forward, peft_class.forward, RoutedLoRALinear._add_kept_on_cpu
+    real_call = routed_layer.kept_output
     kept: dict = {}
     elapsed = [0]
 
@@ -89,36 +94,39 @@ def main() -> None:
             return result
         return call
 
-    def put(owner, forward, kept_path):  # a variant's forward (and the kept path, or its refusal) in place
+    def put(owner, forward, kept_path, kept_call):  # a variant's forward (and the kept paths, or refusals) in place
         owner.forward = forward
         RoutedLoRALinear._add_kept_on_cpu = kept_path
+        routed_layer.kept_output = kept_call
 
     with torch.inference_mode():
         providers = multi_decode_providers(setup, ids, mask, routes)[0]
         gated = providers["gatedlora torch"]
-        # name: (step, the class whose forward is timed, that forward, the layers' kept path)
-        variants = {"peft one adapter": (providers["peft one adapter"], peft_class, real_peft, real_kept),
-                    "gatedlora": (gated, RoutedLoRALinear, real, real_kept),
-                    "gatedlora through the op": (gated, RoutedLoRALinear, real, decline),
-                    "floor": (gated, RoutedLoRALinear, stripped_forward(False, False, kept), real_kept),
-                    "floor +weights": (gated, RoutedLoRALinear, stripped_forward(True, False, kept), real_kept),
+        # name: (step, the class whose forward is timed, that forward, the layers' kept paths)
+        variants = {"peft one adapter": (providers["peft one adapter"], peft_class, real_peft, real_kept, real_call),
+                    "gatedlora": (gated, RoutedLoRALinear, real, real_kept, real_call),
+                    "gatedlora, concatenation kept": (gated, RoutedLoRALinear, real, real_kept, decline),
+                    "gatedlora through the op": (gated, RoutedLoRALinear, real, decline, decline),
+                    "floor": (gated, RoutedLoRALinear, stripped_forward(False, False, kept), real_kept, real_call),
+                    "floor +weights": (gated, RoutedLoRALinear, stripped_forward(True, False, kept), real_kept,
+                                       real_call),
                     "floor +weights +lookup": (gated, RoutedLoRALinear, stripped_forward(True, True, kept),
-                                               real_kept)}
+                                               real_kept, real_call)}
         try:
             expected = gated()
-            for name, (step, owner, forward, kept_path) in variants.items():
-                put(owner, forward, kept_path)
+            for name, (step, owner, forward, *kept_paths) in variants.items():
+                put(owner, forward, *kept_paths)
                 if owner is RoutedLoRALinear and not torch.equal(step(), expected):
                     raise SystemExit(f"{name}: its logits differ from gatedlora's")
-                put(owner, real if owner is RoutedLoRALinear else real_peft, real_kept)
+                put(owner, real if owner is RoutedLoRALinear else real_peft, real_kept, real_call)
             per_call = {name: [] for name in variants}
             outside = {name: [] for name in variants}
             for _ in range(options.rounds):
                 order = list(variants)
                 random.shuffle(order)
                 for name in order:
-                    step, owner, forward, kept_path = variants[name]
-                    put(owner, timed(forward), kept_path)
+                    step, owner, forward, *kept_paths = variants[name]
+                    put(owner, timed(forward), *kept_paths)
                     for _ in range(3):
                         step()
                     elapsed[0] = 0
@@ -126,18 +134,19 @@ def main() -> None:
                     for _ in range(options.steps):
                         step()
                     whole = time.perf_counter_ns() - started
-                    put(owner, real if owner is RoutedLoRALinear else real_peft, real_kept)
+                    put(owner, real if owner is RoutedLoRALinear else real_peft, real_kept, real_call)
                     per_call[name].append(elapsed[0] / options.steps / layers / 1e3)
                     outside[name].append((whole - elapsed[0]) / options.steps / 1e3)
         finally:
             RoutedLoRALinear.forward, peft_class.forward, RoutedLoRALinear._add_kept_on_cpu = real, real_peft, real_kept
+            routed_layer.kept_output = real_call
     print(f"decode step, batch 8, 4 adapters (routes {routes.tolist()}), {options.rounds} rounds x {options.steps} "
           f"steps, one thread; us per call of the {layers} patched layers (median; each round's ratio to PEFT's: "
           "median and quartiles), us per step outside them:")
     for name, values in per_call.items():
         ratios = [value / peft for value, peft in zip(values, per_call["peft one adapter"])]
         low, _, high = statistics.quantiles(ratios, n=4)
-        print(f"  {name:24s} {statistics.median(values):7.1f} us  x PEFT {statistics.median(ratios):.3f} "
+        print(f"  {name:29s} {statistics.median(values):7.1f} us  x PEFT {statistics.median(ratios):.3f} "
               f"({low:.3f} .. {high:.3f})  outside {statistics.median(outside[name]):7.0f} us")
 
 

@@ -10,8 +10,11 @@ adapters, 8 sequences routed as ``gatedlora bench --adapters 4`` routes them, on
 over base. Providers:
 
 * ``base``, ``peft one adapter``, ``gatedlora``: as in the bench.
+* ``gatedlora, concatenation kept``: the layers before they kept a record of their last call (``kept_call``
+  declining): every call reads the routing state, the adapters' weights through the modules and the settings,
+  then adds with the concatenation the layer kept (``RoutedLoRALinear._add_kept_on_cpu``).
 * ``gatedlora through the op``: the layers' mixed-batch path before they kept a concatenation each
-  (``RoutedLoRALinear._add_kept_on_cpu`` declining: the base layer and dropout through their methods, then
+  (``RoutedLoRALinear._add_kept_on_cpu`` declining too: the base layer and dropout through their methods, then
   ``add_lora_multi_``).
 * ``peft floor``: PEFT's layer forward replaced by its arithmetic alone (base linear, A, B, scale, add), no host code.
 * ``floor``: gatedlora's layer forward replaced by its arithmetic alone (base linear; ``x A_cat^T``; the column
@@ -93,7 +96,7 @@ def stripped_forward(level: int, kept: dict):
     return forward
 
 
-def declined(*args):  # RoutedLoRALinear._add_kept_on_cpu for the variant "gatedlora through the op"
+def declined(*args):  # RoutedLoRALinear._add_kept_on_cpu, or routed_layer.kept_output, declining every call
     return None
 
 
@@ -224,7 +227,7 @@ def main() -> None:
     peft_class = type(next(m for m in setup.peft.modules() if hasattr(m, "lora_A")))
     print_weight_bytes([m for m in setup.peft.modules() if isinstance(m, peft_class)])
     real_forward, real_peft_forward = layer_class.forward, peft_class.forward
-    real_kept_path = layer_class._add_kept_on_cpu
+    real_kept_path, real_kept_call = layer_class._add_kept_on_cpu, routed_layer.kept_output
     kept: dict = {}
     indices: dict = {}  # each layer's row index: what the step's loop passes to concatenated
 
@@ -243,6 +246,7 @@ def main() -> None:
     for level, name in enumerate(("floor", "floor +routing", "floor +weights", "floor +versions")):
         variants[name] = ("gatedlora torch", stripped_forward(level, kept), None)
     variants["floor, step reads"] = ("gatedlora torch, step reads", stripped_forward(1, kept), None)
+    variants["gatedlora, concatenation kept"] = ("gatedlora torch", None, None)
     variants["gatedlora through the op"] = ("gatedlora torch", None, None)
     seconds = {name: [] for name in variants}
     cat_seconds = {name: 0.0 for name in ("base", "peft one adapter", "gatedlora")}
@@ -281,6 +285,8 @@ def main() -> None:
             layer_class.forward = forward or real_forward
             peft_class.forward = peft_forward or real_peft_forward
             layer_class._add_kept_on_cpu = declined if name == "gatedlora through the op" else real_kept_path
+            routed_layer.kept_output = declined if name in ("gatedlora through the op",
+                                                            "gatedlora, concatenation kept") else real_kept_call
             return providers[provider]
 
         layer_class.forward = keep
@@ -301,7 +307,7 @@ def main() -> None:
                         step()
                     seconds[name].append((time.perf_counter() - started) / options.steps)
             layer_class.forward, peft_class.forward = real_forward, real_peft_forward
-            layer_class._add_kept_on_cpu = real_kept_path
+            layer_class._add_kept_on_cpu, routed_layer.kept_output = real_kept_path, real_kept_call
             alone = []
             for _ in range(200):
                 started = time.perf_counter()
@@ -317,12 +323,12 @@ def main() -> None:
                 cat_seconds[name] = current[0] / options.steps
         finally:
             layer_class.forward, peft_class.forward, cache_utils.torch = real_forward, real_peft_forward, torch
-            layer_class._add_kept_on_cpu = real_kept_path
+            layer_class._add_kept_on_cpu, routed_layer.kept_output = real_kept_path, real_kept_call
     base = statistics.median(seconds["base"])
     print(f"decode step, batch 8, 4 adapters (routes {routes.tolist()}), {options.rounds} rounds x {options.steps} "
           f"steps, one thread; median time / base ({base * 1e3:.3f} ms):")
     for name, values in seconds.items():
-        print(f"  {name:18s} {statistics.median(values) / base:.3f}")
+        print(f"  {name:29s} {statistics.median(values) / base:.3f}")
     print(f"the step reads' loop: {statistics.median(loop_seconds) * 1e6:.0f} us a step, "
           f"{statistics.median(alone) * 1e6:.0f} us repeated on its own (medians)")
     print("KV cache torch.cat per step (ms):", ", ".join(f"{name} {value * 1e3:.3f}"

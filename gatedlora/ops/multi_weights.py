@@ -47,6 +47,7 @@ evict each other. Why pointer tables rather than a stacked copy for the kernel: 
 """
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
@@ -56,6 +57,8 @@ from .args import check_loaded
 from .multi_args import MultiLoraArgs, check_one_dtype
 
 TABLE_FIELDS = 5  # A pointer, B pointer, rank, A row stride, B row stride
+_data_ptr = torch.Tensor.data_ptr
+_version = operator.attrgetter("_version")
 _MASKS_KEPT = 8  # column masks per set of weights (index tensors alive at once: one per generation and row count)
 
 # Advanced after every torch.optim optimizer step (a post-hook, registered at the first kept copy) and by
@@ -127,16 +130,12 @@ def _watch_optimizers() -> None:
 
 
 def copy_key(weights: tuple) -> tuple | None:
-    """What a copy of the weights' values stays valid for: (epoch, then each weight's data pointer and version
-    counter), one flat tuple (nested pairs are more objects to compare, each a cache miss at a decode step). None
-    when a weight is an inference tensor: it has no version counter and can change in place inside inference mode,
-    so nothing derived from its values may be kept."""
-    key = [_epoch]  # the epoch read before the copy is built (the module docstring)
+    """What a copy of the weights' values stays valid for: (epoch, then each weight's data pointer, then each one's
+    version counter), one flat tuple (nested pairs are more objects to compare, each a cache miss at a decode step;
+    ``map`` over the weights runs no bytecode per weight). None when a weight is an inference tensor: it has no
+    version counter and can change in place inside inference mode, so nothing derived from its values may be kept."""
     try:
-        for t in weights:
-            key.append(t.data_ptr())
-            key.append(t._version)
-        return tuple(key)
+        return (_epoch, *map(_data_ptr, weights), *map(_version, weights))  # (the epoch read before the copy is built)
     except RuntimeError:  # "Inference tensors do not track version counter"
         if any(t.is_inference() for t in weights):
             return None

@@ -92,14 +92,15 @@ def add_concatenated_rows(out: torch.Tensor, x: torch.Tensor, lora_a: tuple, lor
 
 class KeptConcatenation:
     """The concatenation one caller (a layer) last added with, and what it was built for: the weights (the same
-    tensor objects, unchanged: ``copy_key``), the scalings tuple, the index tensor and the backend name.
-    Read-only once built, so calls in other threads may read it while a new one replaces it."""
+    tensor objects, unchanged: ``copy_key``), the scalings tuple, the index tensor and its row count, the backend
+    name. Read-only once built, so calls in other threads may read it while a new one replaces it."""
 
-    __slots__ = ("key", "weights", "scaling", "index", "backend", "lora_a_t", "lora_b_t", "not_owned")
+    __slots__ = ("key", "weights", "scaling", "index", "rows", "backend", "lora_a_t", "lora_b_t", "not_owned")
 
     def __init__(self, key: tuple, weights: tuple, scaling: tuple, index: torch.Tensor, backend: str,
                  concatenation: tuple) -> None:
         self.key, self.weights, self.scaling, self.index, self.backend = key, weights, scaling, index, backend
+        self.rows = index.shape[0]
         self.lora_a_t, self.lora_b_t, self.not_owned = concatenation
 
 
@@ -134,10 +135,18 @@ def add_kept_concatenation_(out: torch.Tensor, x: torch.Tensor, kept: KeptConcat
         kept = KeptConcatenation(key, weights, scaling, adapter_index, backend, (lora_a_t, lora_b_t, not_owned))
     elif x.dtype != kept.lora_a_t.dtype:
         return None
+    add_kept_product_(out, x, kept)
+    return kept
+
+
+def add_kept_product_(out: torch.Tensor, x: torch.Tensor, kept: KeptConcatenation) -> None:
+    """out [..., N] (contiguous) += each row's adapter's term for x [..., K] (``kept.rows`` rows, the dtype of
+    ``kept``'s weights): the concatenated strategy's arithmetic, with a concatenation that serves these arguments
+    (``add_kept_concatenation_`` checks that)."""
+    rows = kept.rows
     u = torch.mm(x.reshape(rows, -1), kept.lora_a_t)
     u.masked_fill_(kept.not_owned, 0)
     out.view(rows, -1).addmm_(u, kept.lora_b_t)
-    return kept
 
 
 def _add_product(out: torch.Tensor, u: torch.Tensor, lora_b_t: torch.Tensor, not_owned: torch.Tensor) -> None:

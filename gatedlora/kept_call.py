@@ -1,0 +1,111 @@
+"""What a routed layer keeps from one CPU decode call to the next, so that the next call reads less.
+
+At decode a step streams the model's weights between two calls of a layer, so each object a call reads comes
+from the L3 or memory, and the loads depend on each other (a dict, then an entry, then a module, then its dict):
+reading four adapters' weights through PEFT's modules, turning the routing decision into row indices and checking
+the settings cost more than the arithmetic (docs/design.md, "What it costs on the CPU"). A ``KeptLayerCall`` holds
+what the last call found along those chains (the containers, the modules, each weight's parameter dict, the
+decision and its row index, the concatenation it added with), and the next call compares identities at the ends
+of the chains instead of walking them. Every fact the full path would read is still read or compared:
+
+* the routing decision of the forward in this thread, x's shape, dtype and device, the settings objects
+  (adapter names, scalings, backend, the route slot table);
+* each adapter's modules as registered now (``lora_A[name]`` and the like: a replaced adapter is seen), each
+  weight as registered now in its module's ``_parameters`` (``torch.func.functional_call`` and accelerate write
+  there directly), each weight's data pointer and version and the kept-copies epoch (``multi_weights.copy_key``:
+  in-place updates, ``.data``, optimizer steps, ``forget_kept_copies()``);
+* the dropouts still off, autograd, autocast, ``torch.compile`` and ``force_gate`` still off, the base layer still
+  a plain ``nn.Linear`` (read afresh, as a module call reads it).
+
+Anything different, and the layer runs its full path, which keeps a new record.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import call_state
+from .call_state import RouteDecision
+from .module_hooks import plain_linear
+from .ops.multi_weights import copy_key
+from .ops.torch_multi import KeptConcatenation, add_kept_product_
+
+_weight = operator.itemgetter("weight")
+_training = operator.attrgetter("training")
+_SUBMODULES = ("lora_A", "lora_B", "lora_dropout")
+
+
+class KeptLayerCall:
+    """What one call of a routed layer read, and the concatenation it added with; read-only once built, so a
+    call in another thread may read it while a new one replaces it.
+
+    ``containers[i][keys[i]] is members[i]`` held when it was built: the layer's ``lora_A``, ``lora_B`` and
+    ``lora_dropout``, then each adapter's A module, B module and dropout module. ``parameters``: the A and B
+    modules' ``_parameters`` dicts, whose ``"weight"`` entries were ``concatenation.weights``. ``dropouts_in_eval``:
+    the dropout modules that are ``nn.Dropout`` (in eval then; the others are ``nn.Identity``)."""
+
+    __slots__ = ("decision", "shape", "dtype", "names", "scalings", "backend", "slot_table", "containers", "keys",
+                 "members", "parameters", "dropouts_in_eval", "concatenation")
+
+    def __init__(self, layer: nn.Module, x: torch.Tensor, decision: RouteDecision, concatenation: KeptConcatenation,
+                 ) -> None:
+        state = layer.__dict__
+        self.decision, self.shape, self.dtype = decision, x.shape, x.dtype
+        self.names, self.scalings, self.backend = state["adapter_names"], state["scalings"], state["backend"]
+        self.slot_table = state["_buffers"]["route_slot_table"]
+        submodules = state["_modules"]
+        held = [submodules[name]._modules for name in _SUBMODULES]
+        count = len(self.names)
+        self.containers = (submodules,) * len(_SUBMODULES) + sum(((dict_,) * count for dict_ in held), ())
+        self.keys = _SUBMODULES + self.names * len(_SUBMODULES)
+        self.members = tuple(map(operator.getitem, self.containers, self.keys))
+        self.parameters = tuple(module._parameters for module in self.members[3:3 + 2 * count])
+        self.dropouts_in_eval = tuple(m for m in self.members[3 + 2 * count:] if not isinstance(m, nn.Identity))
+        self.concatenation = concatenation
+
+
+def keep_call(layer: nn.Module, x: torch.Tensor, decision: RouteDecision, concatenation: KeptConcatenation
+              ) -> KeptLayerCall | None:
+    """The record of a call that just added with ``concatenation`` (its dropouts off: ``_active_dropouts``), or None
+    where its weights are not the modules' registered parameters (torch's parametrize computes them)."""
+    kept = KeptLayerCall(layer, x, decision, concatenation)
+    try:
+        weights = tuple(map(_weight, kept.parameters))
+    except KeyError:
+        return None
+    return kept if all(map(operator.is_, weights, concatenation.weights)) else None
+
+
+def kept_output(layer: nn.Module, kept: KeptLayerCall, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer(x)`` through ``kept``, the record of its last call; None, before any work, where something that
+    call depended on is not as it was. x: [B, ..., K] -> [B, ..., N]."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or call_state._any_forced:
+        return None
+    state = layer.__dict__
+    if state["route"].in_force() is not kept.decision or x.shape != kept.shape or x.dtype is not kept.dtype \
+            or not x.is_cpu or torch.is_autocast_enabled("cpu"):
+        return None
+    if not (state["adapter_names"] is kept.names and state["scalings"] is kept.scalings
+            and state["backend"] is kept.backend and state["_buffers"].get("route_slot_table") is kept.slot_table):
+        return None
+    concatenation = kept.concatenation
+    try:
+        if not (all(map(operator.is_, map(operator.getitem, kept.containers, kept.keys), kept.members))
+                and all(map(operator.is_, map(_weight, kept.parameters), concatenation.weights))):
+            return None
+    except KeyError:  # a module or weight removed
+        return None
+    if any(map(_training, kept.dropouts_in_eval)) or copy_key(concatenation.weights) != concatenation.key:
+        return None
+    base = state["_modules"]["base_layer"]
+    if not plain_linear(base):
+        return None
+    parameters = base._parameters
+    result = F.linear(x, parameters["weight"], parameters["bias"])
+    if not result.is_contiguous():  # (the product is added through a view of it)
+        result = result.contiguous()
+    add_kept_product_(result, x, concatenation)
+    return result
