@@ -10,10 +10,11 @@ of the chains instead of walking them. Every fact the full path would read is st
 
 * the routing decision of the forward in this thread, x's shape, dtype and device, the settings objects
   (adapter names, scalings, backend, the route slot table);
-* each adapter's modules as registered now (``lora_A[name]`` and the like: a replaced adapter is seen), each
-  weight as registered now in its module's ``_parameters`` (``torch.func.functional_call`` and accelerate write
-  there directly), each weight's data pointer and version and the kept-copies epoch (``multi_weights.copy_key``:
-  in-place updates, ``.data``, optimizer steps, ``forget_kept_copies()``);
+* the layer's submodules and each adapter's modules as registered now (every entry of the layer's ``_modules``
+  and of its ``lora_A``, ``lora_B`` and ``lora_dropout``, in order: a replaced, removed or added adapter is
+  seen), each weight as registered now in its module's ``_parameters`` (``torch.func.functional_call`` and
+  accelerate write there directly), each weight's data pointer and version and the kept-copies epoch
+  (``multi_weights.copy_key``: in-place updates, ``.data``, optimizer steps, ``forget_kept_copies()``);
 * the dropouts still off, autograd, autocast, ``torch.compile`` and ``force_gate`` still off, the base layer still
   a plain ``nn.Linear`` (read afresh, as a module call reads it).
 
@@ -42,13 +43,15 @@ class KeptLayerCall:
     """What one call of a routed layer read, and the concatenation it added with; read-only once built, so a
     call in another thread may read it while a new one replaces it.
 
-    ``containers[i][keys[i]] is members[i]`` held when it was built: the layer's ``lora_A``, ``lora_B`` and
-    ``lora_dropout``, then each adapter's A module, B module and dropout module. ``parameters``: the A and B
-    modules' ``_parameters`` dicts, whose ``"weight"`` entries were ``concatenation.weights``. ``dropouts_in_eval``:
-    the dropout modules that are ``nn.Dropout`` (in eval then; the others are ``nn.Identity``)."""
+    ``registries``: the ``_modules`` dicts of the layer and of its ``lora_A``, ``lora_B`` and ``lora_dropout``;
+    ``registered``: their values then, a tuple each (comparing every entry in order reads each dict's entries
+    once, where looking each adapter up by name hashed seven keys in four dicts). ``parameters``: the adapters' A
+    and B modules' ``_parameters`` dicts, whose ``"weight"`` entries were ``concatenation.weights``.
+    ``dropouts_in_eval``: the adapters' dropout modules that are ``nn.Dropout`` (in eval then; the others are
+    ``nn.Identity``)."""
 
-    __slots__ = ("decision", "shape", "dtype", "names", "scalings", "backend", "slot_table", "containers", "keys",
-                 "members", "parameters", "dropouts_in_eval", "concatenation")
+    __slots__ = ("decision", "shape", "dtype", "names", "scalings", "backend", "slot_table", "registries",
+                 "registered", "parameters", "dropouts_in_eval", "concatenation")
 
     def __init__(self, layer: nn.Module, x: torch.Tensor, decision: RouteDecision, concatenation: KeptConcatenation,
                  ) -> None:
@@ -57,14 +60,18 @@ class KeptLayerCall:
         self.names, self.scalings, self.backend = state["adapter_names"], state["scalings"], state["backend"]
         self.slot_table = state["_buffers"]["route_slot_table"]
         submodules = state["_modules"]
-        held = [submodules[name]._modules for name in _SUBMODULES]
-        count = len(self.names)
-        self.containers = (submodules,) * len(_SUBMODULES) + sum(((dict_,) * count for dict_ in held), ())
-        self.keys = _SUBMODULES + self.names * len(_SUBMODULES)
-        self.members = tuple(map(operator.getitem, self.containers, self.keys))
-        self.parameters = tuple(module._parameters for module in self.members[3:3 + 2 * count])
-        self.dropouts_in_eval = tuple(m for m in self.members[3 + 2 * count:] if not isinstance(m, nn.Identity))
+        lora_a, lora_b, lora_dropout = (submodules[name]._modules for name in _SUBMODULES)
+        self.registries = (submodules, lora_a, lora_b, lora_dropout)
+        self.registered = _registered(self.registries)
+        self.parameters = tuple(registry[name]._parameters for registry in (lora_a, lora_b) for name in self.names)
+        self.dropouts_in_eval = tuple(m for m in map(lora_dropout.__getitem__, self.names)
+                                      if not isinstance(m, nn.Identity))
         self.concatenation = concatenation
+
+
+def _registered(registries: tuple) -> tuple:
+    """Each dict's values, a tuple each (compared by identity: ``nn.Module`` keeps ``object.__eq__``)."""
+    return tuple(map(tuple, map(dict.values, registries)))
 
 
 def keep_call(layer: nn.Module, x: torch.Tensor, decision: RouteDecision, concatenation: KeptConcatenation
@@ -92,11 +99,12 @@ def kept_output(layer: nn.Module, kept: KeptLayerCall, x: torch.Tensor) -> torch
             and state["backend"] is kept.backend and state["_buffers"].get("route_slot_table") is kept.slot_table):
         return None
     concatenation = kept.concatenation
+    if _registered(kept.registries) != kept.registered:
+        return None
     try:
-        if not (all(map(operator.is_, map(operator.getitem, kept.containers, kept.keys), kept.members))
-                and all(map(operator.is_, map(_weight, kept.parameters), concatenation.weights))):
+        if not all(map(operator.is_, map(_weight, kept.parameters), concatenation.weights)):
             return None
-    except KeyError:  # a module or weight removed
+    except KeyError:  # a weight removed (torch's parametrize computes it instead)
         return None
     if any(map(_training, kept.dropouts_in_eval)) or copy_key(concatenation.weights) != concatenation.key:
         return None
