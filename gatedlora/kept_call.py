@@ -4,9 +4,9 @@ At decode a step streams the model's weights between two calls of a layer, so ea
 from the L3 or memory, and the loads depend on each other (a dict, then an entry, then a module, then its dict):
 reading four adapters' weights through PEFT's modules, turning the routing decision into row indices and checking
 the settings cost more than the arithmetic (docs/design.md, "What it costs on the CPU"). A ``KeptLayerCall`` holds
-what the last call found along those chains (the containers, the modules, each weight's parameter dict, the
-decision and its row index, the concatenation it added with), and the next call compares identities at the ends
-of the chains instead of walking them. Every fact the full path would read is still read or compared:
+what the last call found along those chains (the module registries and their entries, each weight's parameter
+dict, the decision, the concatenation it added with and its row index), and the next call compares identities at
+the ends of the chains instead of walking them. Every fact the full path would read is still read or compared:
 
 * the routing decision of the forward in this thread, x's shape, dtype and device, the settings objects
   (adapter names, scalings, backend, the route slot table);
