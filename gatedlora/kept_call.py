@@ -10,15 +10,18 @@ the ends of the chains instead of walking them. Every fact the full path would r
 
 * the routing decision of the forward in this thread, x's shape, dtype and device, the settings objects
   (adapter names, scalings, backend, the route slot table);
-* the layer's submodules and each adapter's modules as registered now (every entry of the layer's ``_modules``
-  and of its ``lora_A``, ``lora_B`` and ``lora_dropout``, in order: a replaced, removed or added adapter is
-  seen), each weight as registered now in its module's ``_parameters`` (``torch.func.functional_call`` and
-  accelerate write there directly), each weight's data pointer and version and the kept-copies epoch
-  (``multi_weights.copy_key``: in-place updates, ``.data``, optimizer steps, ``forget_kept_copies()``);
+* the layer's submodules and each adapter's modules as registered now (every entry, name and module, of the
+  layer's ``_modules`` and of its ``lora_A``, ``lora_B`` and ``lora_dropout``, in order: a replaced, removed,
+  renamed or added adapter is seen), each weight as registered now in its module's ``_parameters``
+  (``torch.func.functional_call`` and accelerate write there directly), each weight's data pointer and version
+  and the kept-copies epoch (``multi_weights.copy_key``: in-place updates, a ``.data`` assignment to other
+  memory, optimizer steps, ``forget_kept_copies()``; what that key does not see is listed in ``multi_weights``);
 * the dropouts still off, autograd, autocast, ``torch.compile`` and ``force_gate`` still off, the base layer still
   a plain ``nn.Linear`` (read afresh, as a module call reads it).
 
-Anything different, and the layer runs its full path, which keeps a new record.
+Anything different, and the layer runs its full path, which keeps a new record. Not seen: one of those ``_modules``
+or ``_parameters`` dicts replaced as a whole object (``module._parameters = {...}``; torch, PEFT and accelerate
+write their entries), as the record holds the dicts it read.
 """
 from __future__ import annotations
 
@@ -44,9 +47,9 @@ class KeptLayerCall:
     call in another thread may read it while a new one replaces it.
 
     ``registries``: the ``_modules`` dicts of the layer and of its ``lora_A``, ``lora_B`` and ``lora_dropout``;
-    ``registered``: their values then, a tuple each (comparing every entry in order reads each dict's entries
-    once, where looking each adapter up by name hashed seven keys in four dicts). ``parameters``: the adapters' A
-    and B modules' ``_parameters`` dicts, whose ``"weight"`` entries were ``concatenation.weights``.
+    ``registered``: their entries then, a tuple of (name, module) each (comparing every entry in order reads each
+    dict's entries once, where looking each adapter up by name hashed seven keys in four dicts). ``parameters``:
+    the adapters' A and B modules' ``_parameters`` dicts, whose ``"weight"`` entries were ``concatenation.weights``.
     ``dropouts_in_eval``: the adapters' dropout modules that are ``nn.Dropout`` (in eval then; the others are
     ``nn.Identity``)."""
 
@@ -70,8 +73,9 @@ class KeptLayerCall:
 
 
 def _registered(registries: tuple) -> tuple:
-    """Each dict's values, a tuple each (compared by identity: ``nn.Module`` keeps ``object.__eq__``)."""
-    return tuple(map(tuple, map(dict.values, registries)))
+    """Each dict's (name, module) entries, a tuple each (the modules compared by identity: ``nn.Module`` keeps
+    ``object.__eq__``). The names too: the same modules in the same order under swapped names route differently."""
+    return tuple(map(tuple, map(dict.items, registries)))
 
 
 def keep_call(layer: nn.Module, x: torch.Tensor, decision: RouteDecision, concatenation: KeptConcatenation
@@ -113,7 +117,7 @@ def kept_output(layer: nn.Module, kept: KeptLayerCall, x: torch.Tensor) -> torch
         return None
     parameters = base._parameters
     result = F.linear(x, parameters["weight"], parameters["bias"])
-    if not result.is_contiguous():  # (the product is added through a view of it)
-        result = result.contiguous()
+    if not result.is_contiguous():  # (as in _add_kept_on_cpu, which then goes to add_lora_multi_)
+        return None
     add_kept_product_(result, x, concatenation)
     return result

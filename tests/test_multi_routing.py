@@ -688,6 +688,17 @@ def change_the_layers_scalings(layers, name):
         m.scalings = tuple(-2.0 * s if n == name else s for n, s in zip(m.adapter_names, m.scalings))
 
 
+def swap_two_adapters_names(layers, name):  # the same modules in the same order, under each other's names
+    other = ADAPTERS[0]
+    for m in layers:
+        for registry in (m.lora_A, m.lora_B, m.lora_dropout):
+            entries = list(registry.items())
+            for key, _ in entries:
+                del registry[key]
+            for key, module in entries:
+                registry[{name: other, other: name}.get(key, key)] = module
+
+
 def hook_the_base_layers(layers, name):
     for m in layers:
         m.base_layer.register_forward_hook(lambda module, args, output: output * 0.5)
@@ -704,16 +715,19 @@ def put_the_dropout_in_training(layers, name):
 
 
 @pytest.mark.parametrize("change", [replace_the_adapters_b_module, parametrize_the_adapters_b,
-                                    change_the_layers_scalings, hook_the_base_layers, put_in_a_dropout_in_training,
-                                    put_the_dropout_in_training])
+                                    change_the_layers_scalings, swap_two_adapters_names, hook_the_base_layers,
+                                    put_in_a_dropout_in_training, put_the_dropout_in_training])
 def test_a_decode_step_sees_the_layers_modules_and_settings_changed_since_the_last_one(monkeypatch, change):
     """What a layer keeps from its last decode call (``kept_call``) serves the next call only where everything that
     call read is as it was: a replaced adapter module, a parametrized weight, other scalings, a hook on the base
-    layer, a dropout put in or switched to training are each seen. With the same random stream the step gives the
-    op path's logits; only that adapter's sequences move (under the base layer's hook, every one)."""
+    layer, a dropout put in or switched to training, two adapters' names swapped are each seen. With the same random
+    stream the step gives the op path's logits; only that adapter's sequences move (under the base layer's hook,
+    every one; with swapped names, both adapters' ones)."""
     model, (ids, mask), routes, _ = routed_model()
     name = ADAPTERS[1]  # route 2
     layers = [m for m in model.modules() if isinstance(m, RoutedLoRALinear) and name in m.lora_B]
+    if change is swap_two_adapters_names:
+        layers = [m for m in layers if ADAPTERS[0] in m.lora_B]
     if change is put_the_dropout_in_training:
         for m in layers:  # a dropout that is off (in eval) when the layers keep their calls
             m.lora_dropout[name] = torch.nn.Dropout(0.5).eval()
@@ -728,7 +742,8 @@ def test_a_decode_step_sees_the_layers_modules_and_settings_changed_since_the_la
         through_the_op(patched)
         torch.manual_seed(3)
         assert torch.equal(step(), after)
-    moved = routes == 2 if change is not hook_the_base_layers else torch.ones_like(routes, dtype=torch.bool)
+    moved = {hook_the_base_layers: torch.ones_like(routes, dtype=torch.bool),
+             swap_two_adapters_names: (routes == 1) | (routes == 2)}.get(change, routes == 2)
     assert not torch.equal(after[moved], before[moved])
     assert torch.equal(after[~moved], before[~moved])
 
