@@ -19,7 +19,9 @@ the ends of the chains instead of walking them. Every fact the full path would r
 * the dropouts still off, autograd, autocast, ``torch.compile`` and ``force_gate`` still off, the base layer still
   a plain ``nn.Linear`` (read afresh, as a module call reads it).
 
-Anything different, and the layer runs its full path, which keeps a new record. Not seen: one of those ``_modules``
+Anything different, and the layer runs its full path, which keeps a new record. A layer keeps one record per
+routing decision (``KeptCalls``), so generations that take turns on one model (threads, interleaved steps) each
+find their own. Not seen: one of those ``_modules``
 or ``_parameters`` dicts replaced as a whole object (``module._parameters = {...}``; torch, PEFT and accelerate
 write their entries), as the record holds the dicts it read.
 """
@@ -37,6 +39,8 @@ from .module_hooks import plain_linear
 from .ops.multi_weights import copy_key
 from .ops.torch_multi import KeptConcatenation, add_kept_product_
 
+# Records a layer keeps at once, one per decision (a generation): a new one past these starts a new set
+CALLS_KEPT = 8
 _weight = operator.itemgetter("weight")
 _training = operator.attrgetter("training")
 _SUBMODULES = ("lora_A", "lora_B", "lora_dropout")
@@ -78,25 +82,43 @@ def _registered(registries: tuple) -> tuple:
     return tuple(map(tuple, map(dict.items, registries)))
 
 
-def keep_call(layer: nn.Module, x: torch.Tensor, decision: RouteDecision, concatenation: KeptConcatenation
-              ) -> KeptLayerCall | None:
-    """The record of a call that just added with ``concatenation`` (its dropouts off: ``_active_dropouts``), or None
-    where its weights are not the modules' registered parameters (torch's parametrize computes them)."""
+def keep_call(calls: dict | None, layer: nn.Module, x: torch.Tensor, decision: RouteDecision,
+              concatenation: KeptConcatenation) -> dict | None:
+    """The layer's records (``calls``: the decision's id -> its ``KeptLayerCall``, None for none yet) with this call's
+    record for ``decision``, a call that just added with ``concatenation`` (its dropouts off: ``_active_dropouts``);
+    the same dict, or a new one past ``CALLS_KEPT`` records (another thread may be reading the old one). Where the
+    weights are not the modules' registered parameters (torch's parametrize computes them) the decision's record
+    is dropped instead. Each record holds its decision, so no other object takes that id while it is kept."""
     kept = KeptLayerCall(layer, x, decision, concatenation)
     try:
-        weights = tuple(map(_weight, kept.parameters))
+        registered = all(map(operator.is_, map(_weight, kept.parameters), concatenation.weights))
     except KeyError:
-        return None
-    return kept if all(map(operator.is_, weights, concatenation.weights)) else None
+        registered = False
+    if not registered:
+        return forget_call(calls, decision)
+    if calls is None or (len(calls) >= CALLS_KEPT and id(decision) not in calls):
+        calls = {}
+    calls[id(decision)] = kept
+    return calls
 
 
-def kept_output(layer: nn.Module, kept: KeptLayerCall, x: torch.Tensor) -> torch.Tensor | None:
-    """``layer(x)`` through ``kept``, the record of its last call; None, before any work, where something that
-    call depended on is not as it was. x: [B, ..., K] -> [B, ..., N]."""
+def forget_call(calls: dict | None, decision: RouteDecision) -> dict | None:
+    """``calls`` without ``decision``'s record (one that no longer serves must not serve again by chance)."""
+    if calls is not None:
+        calls.pop(id(decision), None)
+    return calls
+
+
+def kept_output(layer: nn.Module, calls: dict, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer(x)`` through the record of its last call with the routing decision in force (``calls``: the layer's
+    records, ``keep_call``'s); None, before any work, where there is none or something that call depended on is
+    not as it was. x: [B, ..., K] -> [B, ..., N]."""
     if torch.compiler.is_compiling() or torch.is_grad_enabled() or call_state._any_forced:
         return None
     state = layer.__dict__
-    if state["route"].in_force() is not kept.decision or x.shape != kept.shape or x.dtype is not kept.dtype \
+    decision = state["route"].in_force()
+    kept = calls.get(id(decision))
+    if kept is None or kept.decision is not decision or x.shape != kept.shape or x.dtype is not kept.dtype \
             or not x.is_cpu or torch.is_autocast_enabled("cpu"):
         return None
     if not (state["adapter_names"] is kept.names and state["scalings"] is kept.scalings

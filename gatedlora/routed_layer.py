@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .call_state import RouteDecision, forced_gate
-from .kept_call import keep_call, kept_output
+from .kept_call import forget_call, keep_call, kept_output
 from .layers import GatedLoRALinear, linear_features
 from .ops import add_lora_, add_lora_multi_, gated_lora, gated_lora_multi
 from .module_hooks import plain_linear
@@ -75,9 +75,9 @@ class RoutedLoRALinear(GatedLoRALinear):
         return {name: self.lora_A[name].weight.shape[0] for name in self.adapter_names}
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        kept = self.__dict__.get("_kept_call")
-        if kept is not None and not (args or kwargs):
-            result = kept_output(self, kept, x)
+        kept_calls = self.__dict__.get("_kept_calls")
+        if kept_calls and not (args or kwargs):
+            result = kept_output(self, kept_calls, x)
             if result is not None:
                 return result
         names = self.adapter_names
@@ -121,8 +121,8 @@ class RoutedLoRALinear(GatedLoRALinear):
                          decision: RouteDecision) -> torch.Tensor | None:
         """The output for a mixed batch on the CPU outside autograd where the base layer is a plain ``nn.Linear``
         and dropout is off, through ``add_kept_concatenation_`` with the concatenation this layer kept from its
-        last call; None, before any work, where those do not hold. Keeps the call's record (``KeptLayerCall``),
-        which the next call with the same everything runs through.
+        last call with this decision; None, before any work, where those do not hold. Keeps the call's record
+        (``KeptLayerCall``), which the next call with the same everything runs through.
 
         What ``add_lora_multi_`` computes after the base layer, in fewer Python functions and fewer objects read:
         at decode each is a cache miss (a step streams megabytes of weights between two calls of a layer), and
@@ -134,34 +134,33 @@ class RoutedLoRALinear(GatedLoRALinear):
             return None
         parameters = base._parameters
         result = F.linear(x, parameters["weight"], parameters["bias"])
-        before = self.__dict__.get("_kept_call")
+        calls = self.__dict__.get("_kept_calls")
+        before = calls.get(id(decision)) if calls else None
         concatenation = add_kept_concatenation_(result, x, before and before.concatenation, lora_a, lora_b,
                                                 self.scalings, index, self.backend) if result.is_contiguous() else None
         if concatenation is None:
-            self._forget_kept_call()  # (one that no longer serves must not serve again by chance)
+            forget_call(calls, decision)
             return add_lora_multi_(result, x, lora_a, lora_b, self.scalings, index, self.backend, True)
-        kept = keep_call(self, x, decision, concatenation)
-        if kept is None:
-            self._forget_kept_call()
-        else:
-            self.__dict__["_kept_call"] = kept
+        updated = keep_call(calls, self, x, decision, concatenation)
+        if updated is not calls:
+            self.__dict__["_kept_calls"] = updated
         return result
 
-    def _forget_kept_call(self) -> None:
-        self.__dict__.pop("_kept_call", None)
+    def _forget_kept_calls(self) -> None:
+        self.__dict__.pop("_kept_calls", None)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "RoutedLoRALinear":
         # model.to / .half / .cpu: a weight's storage may come back at an address a kept copy was keyed by, with
         # new values and its old version (param.data = ...), so every kept copy is rebuilt at its next use
-        self._forget_kept_call()
+        self._forget_kept_calls()
         forget_kept_copies()
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self) -> dict:
-        # (pickle and copy.deepcopy: the kept record is derived from these weights, and keyed by their addresses,
+        # (pickle and copy.deepcopy: the kept records are derived from these weights, and keyed by their addresses,
         # which a copy's weights do not share)
         state = dict(super().__getstate__())  # (object's default is the live __dict__ itself)
-        state.pop("_kept_call", None)
+        state.pop("_kept_calls", None)
         return state
 
     def _adapter_weight_tuples(self) -> tuple[tuple, tuple]:

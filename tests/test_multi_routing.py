@@ -585,6 +585,11 @@ def decode_step(model, ids, mask):
     return step
 
 
+def kept_calls(layer):
+    """The records a routed layer kept of its last decode calls, one per routing decision."""
+    return list(layer.__dict__.get("_kept_calls", {}).values())
+
+
 def through_the_op(monkeypatch):
     """Decode steps through ``add_lora_multi_``, without the layers' kept records and concatenations."""
     monkeypatch.setattr(RoutedLoRALinear, "_add_kept_on_cpu", lambda self, *args: None)
@@ -599,10 +604,10 @@ def test_a_decode_step_keeps_each_layers_concatenation_and_adds_what_the_op_adds
     step = decode_step(model, ids, mask)
     logits = step()
     layers = [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
-    kept = [m.__dict__.get("_kept_call") for m in layers]
-    assert all(k is not None for k in kept)
+    kept = [kept_calls(m) for m in layers]
+    assert all(len(k) == 1 for k in kept)
     assert torch.equal(step(), logits)
-    assert all(m.__dict__["_kept_call"] is k for m, k in zip(layers, kept))
+    assert all(kept_calls(m) == k for m, k in zip(layers, kept))  # (a record of Python objects: == is identity)
     with monkeypatch.context() as patched:
         through_the_op(patched)
         assert torch.equal(step(), logits)
@@ -734,7 +739,7 @@ def test_a_decode_step_sees_the_layers_modules_and_settings_changed_since_the_la
     step = decode_step(model, ids, mask)
     step()
     before = step()
-    assert all("_kept_call" in m.__dict__ for m in layers)
+    assert all(kept_calls(m) for m in layers)
     change(layers, name)
     torch.manual_seed(3)
     after = step()
@@ -755,7 +760,7 @@ def test_a_decode_step_after_an_adapter_is_removed_from_a_layer_fails_as_without
     step = decode_step(model, ids, mask)
     step()
     layer = next(m for m in model.modules() if isinstance(m, RoutedLoRALinear) and ADAPTERS[1] in m.lora_B)
-    assert "_kept_call" in layer.__dict__
+    assert kept_calls(layer)
     del layer.lora_B[ADAPTERS[1]]
     with pytest.raises(KeyError):
         step()
@@ -763,8 +768,8 @@ def test_a_decode_step_after_an_adapter_is_removed_from_a_layer_fails_as_without
 
 def test_interleaved_generations_of_one_shape_each_decode_with_their_own_routes(monkeypatch):
     """Two generations of the same batch shape with different routes, their decode steps interleaved in one thread:
-    a layer's record of the other generation's last call is not used (it is checked against the decision in force),
-    and each step gives the op path's logits for its own routes."""
+    a layer's record of the other generation's last call is not used (each is found by the decision in force), and
+    each step gives the op path's logits for its own routes."""
     model = peft_model()
     router = RoutePatternRouter(model.get_base_model().config.hidden_size, len(NAMES))
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router))
@@ -779,24 +784,40 @@ def test_interleaved_generations_of_one_shape_each_decode_with_their_own_routes(
     assert not torch.equal(expected["a"], expected["b"])
     for name in ["a", "b", "a", "a", "b", "b", "a"]:
         assert torch.equal(steps[name](), expected[name]), name
+    # each generation keeps its own record: taking turns, neither rebuilds the other's
+    layers = [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
+    records = [kept_calls(m) for m in layers]
+    assert all(len(r) == 2 for r in records)
+    for name in ["b", "a", "b"]:
+        steps[name]()
+    assert all(kept_calls(m) == r for m, r in zip(layers, records))
 
 
-def test_a_layers_kept_call_is_dropped_by_to_by_copies_and_where_it_stops_serving():
-    """The record a layer keeps for decode is derived from its weights and keyed by their addresses: ``model.to`` (a
-    storage can come back at the same address with new values and its old version), a deep copy, a pickle, and a
-    call it does not serve (the prompt's 54 rows here) drop it, and the next CPU decode step builds a new one."""
+def test_a_layers_kept_calls_are_dropped_by_to_by_copies_and_where_they_stop_serving():
+    """The records a layer keeps for decode are derived from its weights and keyed by their addresses: ``model.to`` (a
+    storage can come back at the same address with new values and its old version), a deep copy and a pickle drop
+    them, and the next CPU decode step builds a new one. A generation's record is dropped by a call of that
+    generation it does not serve (36 rows here), and another generation's prompt (54 rows) keeps none."""
     model, (ids, mask), routes, _ = routed_model()
     step = decode_step(model, ids, mask)
     logits = step()
     layer = next(m for m in model.modules() if isinstance(m, RoutedLoRALinear))
-    assert "_kept_call" in layer.__dict__
+    assert len(kept_calls(layer)) == 1
     copied = copy.deepcopy(layer)
-    assert "_kept_call" not in copied.__dict__ and "_kept_call" in layer.__dict__
-    assert "_kept_call" not in pickle.loads(pickle.dumps(layer)).__dict__
+    assert not kept_calls(copied) and kept_calls(layer)
+    assert not kept_calls(pickle.loads(pickle.dumps(layer)))
     model.to(torch.float64).to(torch.float32)  # weights back in fp32, at new (or reused) addresses
-    assert all("_kept_call" not in m.__dict__ for m in model.modules() if isinstance(m, RoutedLoRALinear))
+    assert all(not kept_calls(m) for m in model.modules() if isinstance(m, RoutedLoRALinear))
     assert torch.equal(step(), logits)
-    assert "_kept_call" in layer.__dict__
+    first = kept_calls(layer)
+    assert len(first) == 1
+    key = cache_argument(model)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
-    assert "_kept_call" not in layer.__dict__
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values  # another generation
+        assert kept_calls(layer) == first
+        grown = torch.cat([mask, torch.ones(6, 1, dtype=mask.dtype)], 1)
+        model(input_ids=torch.full((6, 1), 11), attention_mask=grown, use_cache=True, **{key: cache})
+        assert len(kept_calls(layer)) == 2
+        grown = torch.cat([grown, torch.ones(6, 6, dtype=mask.dtype)], 1)
+        model(input_ids=torch.full((6, 6), 12), attention_mask=grown, use_cache=True, **{key: cache})
+    assert kept_calls(layer) == first
