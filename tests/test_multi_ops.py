@@ -85,11 +85,21 @@ def check(case: dict, out: torch.Tensor, base_before: torch.Tensor | None = None
     assert out.dtype == base.dtype
     assert torch.equal(bits(out[on_base]), bits(base[on_base])), "a base row differs from base_out"
     if (~on_base).any():
-        err = (out[~on_base].double() - ref[~on_base]).abs().max().item()
+        err = (out[~on_base].double() - ref[~on_base]).abs()
         err_plain = max((plain_result(case, base, every)[~on_base].double() - ref[~on_base]).abs().max().item()
                         for every in (False, True))
-        floor = torch.finfo(out.dtype).eps * ref[~on_base].abs().max().item()
-        assert err <= 2 * err_plain + floor, (err, err_plain, floor)
+        # A few units of rounding of the terms each output sums (the reference on their magnitudes): where they
+        # cancel, the max |ref| is below them (weights grown by optimizer steps: an AMD EPYC's MKL was 2.2 of these
+        # units off, PEFT's order 0.94, the max-|ref| floor 0.4 of the error).
+        terms = gated_lora_multi_reference(x=case["x"].abs(), base_out=base.abs(),
+                                           lora_a=[a.abs() for a in case["lora_a"]],
+                                           lora_b=[b.abs() for b in case["lora_b"]],
+                                           scaling=[abs(s) for s in case["scaling"]],
+                                           adapter_index=case["adapter_index"])[~on_base]
+        floor = 4 * torch.finfo(out.dtype).eps * terms
+        worst = (err - floor).argmax()
+        assert (err <= 2 * err_plain + floor).all(), (err.flatten()[worst].item(), err_plain,
+                                                       floor.flatten()[worst].item())
 
 
 def run(backend, case: dict, **changes) -> torch.Tensor:
@@ -729,7 +739,9 @@ def test_add_lora_multi_takes_the_op_off_its_path(monkeypatch):
     strided = case["base_out"].t().contiguous().t()
     add_lora_multi_(strided, case["x"], tuple(case["lora_a"]), tuple(case["lora_b"]), tuple(case["scaling"]),
                     case["adapter_index"])
-    assert calls == [1] and torch.equal(strided, expected)
+    # (not bitwise the row-major result: MKL rounds a column-major out differently on some CPUs, an AMD EPYC here)
+    assert calls == [1]
+    check(case, strided)
     out = case["base_out"].clone().view(2, 3, 24)
     add_lora_multi_(out, case["x"].view(2, 3, 40), tuple(case["lora_a"]), tuple(case["lora_b"]),
                     tuple(case["scaling"]), case["adapter_index"].view(2, 3))

@@ -528,7 +528,9 @@ def test_add_lora_takes_the_op_where_the_direct_add_does_not_apply(monkeypatch):
     expected = gated_lora(x, base, a, b, 0.5, backend="torch")
     strided = base.t().contiguous().t()  # the same values, column-major
     add_lora_(strided, x, a, b, 0.5)
-    assert calls == ["auto"] and torch.equal(strided, expected)
+    # (not bitwise the row-major result: MKL rounds a column-major out differently on some CPUs, an AMD EPYC here)
+    assert calls == ["auto"]
+    assert (strided.double() - gated_lora_reference(x, base, a, b, 0.5)).abs().max() < 1e-5
     for rows, k in ((0, 16), (6, 0)):
         x0, base0, a0, b0 = make_inputs(rows, k, 12, 4, torch.float32, 6)
         out = base0.clone()
