@@ -318,6 +318,8 @@ def test_gate_kind_is_one_enum_and_gate_bias_one_type():
     (dict(inplace="yes"), r"inplace must be a bool, got 'yes'"),
     (dict(gate_weight=torch.randn(8), gate_bias=torch.zeros(2)), r"gate_bias must be a scalar .*got shape \[2\]"),
     (dict(gate_weight=torch.randn(8), gate_bias="0.5"), r"gate_bias must be a float, a one-element tensor or None"),
+    (dict(gate_weight=torch.randn(8), gate_bias=float("nan")), r"gate_bias is NaN, which would close every token"),
+    (dict(gate_weight=torch.randn(8), gate_bias=np.float32("nan")), r"gate_bias is NaN"),
     (dict(gate_weight=torch.randn(8), gate_bias=torch.tensor(1)), r"gate_bias must be float32, float16, bfloat16"),
     (dict(gate_weight=torch.randint(0, 2, (8,))), r"gate_weight must be float32, float16, bfloat16 or float64"),
     (dict(gate=torch.rand(3), gate_weight=torch.randn(8)), r"either gate .* or gate_weight .*, not both"),

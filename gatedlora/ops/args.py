@@ -280,6 +280,11 @@ def check_inputs(x, base_out, lora_a, lora_b, scaling, gate, gate_weight, gate_b
         named.append(("gate_bias", gate_bias))
     elif gate_bias is not None and not is_real(gate_bias):
         raise TypeError(f"{op}: gate_bias must be a float, a one-element tensor or None, got {gate_bias!r:.80}")
+    elif gate_bias is not None and gate_bias != gate_bias:  # (a comparison: see is_finite)
+        # every token gate would be NaN and close: an adapter silently off. A tensor bias, a trained parameter
+        # that may become NaN on the device, is not read (that would sync); there a NaN closes the gate.
+        raise ValueError(f"{op}: gate_bias is NaN, which would close every token gate; give a number (inf and -inf "
+                         "open or close every row)")
     for name, t in named:
         check_device(x, name, t, op)
     if gate is not None and gate.dtype != torch.bool and gate.device.type == "cpu" \
