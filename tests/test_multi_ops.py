@@ -85,21 +85,11 @@ def check(case: dict, out: torch.Tensor, base_before: torch.Tensor | None = None
     assert out.dtype == base.dtype
     assert torch.equal(bits(out[on_base]), bits(base[on_base])), "a base row differs from base_out"
     if (~on_base).any():
-        err = (out[~on_base].double() - ref[~on_base]).abs()
+        err = (out[~on_base].double() - ref[~on_base]).abs().max().item()
         err_plain = max((plain_result(case, base, every)[~on_base].double() - ref[~on_base]).abs().max().item()
                         for every in (False, True))
-        # A few units of rounding of the terms each output sums (the reference on their magnitudes): where they
-        # cancel, the max |ref| is below them (weights grown by optimizer steps: an AMD EPYC's MKL was 2.2 of these
-        # units off, PEFT's order 0.94, the max-|ref| floor 0.4 of the error).
-        terms = gated_lora_multi_reference(x=case["x"].abs(), base_out=base.abs(),
-                                           lora_a=[a.abs() for a in case["lora_a"]],
-                                           lora_b=[b.abs() for b in case["lora_b"]],
-                                           scaling=[abs(s) for s in case["scaling"]],
-                                           adapter_index=case["adapter_index"])[~on_base]
-        floor = 4 * torch.finfo(out.dtype).eps * terms
-        worst = (err - floor).argmax()
-        assert (err <= 2 * err_plain + floor).all(), (err.flatten()[worst].item(), err_plain,
-                                                       floor.flatten()[worst].item())
+        floor = torch.finfo(out.dtype).eps * ref[~on_base].abs().max().item()
+        assert err <= 2 * err_plain + floor, (err, err_plain, floor)
 
 
 def run(backend, case: dict, **changes) -> torch.Tensor:
@@ -269,7 +259,9 @@ def test_weights_updated_by_a_fused_optimizer_are_read_as_they_are_now(multi_bac
         out = run(multi_backend, case)
         with torch.no_grad():
             check(case, out)
-        out.square().sum().backward()
+        # (a sum: the steps move the weights by about lr without growing them, so the outputs stay at the
+        # magnitudes the check's rounding floor is set for; squared, two SGD steps grew them to about 5e10)
+        out.sum().backward()
         before = [w.detach().clone() for w in weights]
         step.step()
         step.zero_grad()
