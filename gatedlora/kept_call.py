@@ -20,10 +20,10 @@ the ends of the chains instead of walking them. Every fact the full path would r
   a plain ``nn.Linear`` (read afresh, as a module call reads it).
 
 Anything different, and the layer runs its full path, which keeps a new record. A layer keeps one record per
-routing decision (``KeptCalls``), so generations that take turns on one model (threads, interleaved steps) each
-find their own. Not seen: one of those ``_modules``
-or ``_parameters`` dicts replaced as a whole object (``module._parameters = {...}``; torch, PEFT and accelerate
-write their entries), as the record holds the dicts it read.
+routing decision (a dict keyed by the decision's id, ``keep_call``), so generations that take turns on one model
+(threads, interleaved steps) each find their own. Not seen: one of those ``_modules`` or ``_parameters`` dicts
+replaced as a whole object (``module._parameters = {...}``; torch, PEFT and accelerate write their entries), as
+the record holds the dicts it read.
 """
 from __future__ import annotations
 
