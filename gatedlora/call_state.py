@@ -85,6 +85,9 @@ class RouteDecision:
     uniform_route: int | None = None
     hard: bool = True  # the router's gates when it decided (what all_closed means)
     _row_gates: dict = field(default_factory=dict, repr=False)
+    # the layers that kept a record of a call with this decision (id -> weak reference; ``kept_call.keep_call``),
+    # replaced, not changed, when one is added, so a forward in another thread may walk it meanwhile
+    _keepers: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def batch(self) -> int:
@@ -182,11 +185,14 @@ class RouteDecision:
 class ForwardState:
     """What one forward of the backbone needs: its attention mask [B, T'] and the decision its layers
     read, from the cache the forward extends (``continuing``), from a whole-prompt routing pass
-    (chunked prefill), or from the router hook after block ``router_layer`` (None until then)."""
+    (chunked prefill), or from the router hook after block ``router_layer`` (None until then).
+    ``checked_records``: the layers' kept records for the decision that held when the forward's first routed
+    layer call checked them (``kept_call.checked_records``), None until then."""
 
     attention_mask: torch.Tensor | None
     decision: RouteDecision | None
     continuing: bool
+    checked_records: dict | None = None
 
 
 # --- routes on KV caches --------------------------------------------------------------------------

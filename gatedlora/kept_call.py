@@ -4,30 +4,41 @@ At decode a step streams the model's weights between two calls of a layer, so ea
 from the L3 or memory, and the loads depend on each other (a dict, then an entry, then a module, then its dict):
 reading four adapters' weights through PEFT's modules, turning the routing decision into row indices and checking
 the settings cost more than the arithmetic (docs/design.md, "What it costs on the CPU"). A ``KeptLayerCall`` holds
-what the last call found along those chains (the module registries and their entries, each weight's parameter
-dict, the decision, the concatenation it added with and its row index), and the next call compares identities at
-the ends of the chains instead of walking them. Every fact the full path would read is still read or compared:
+what the last call found along those chains (``Dependencies``: the settings objects, the submodules and adapter
+modules by name, each weight as registered and its data pointer and version; the decision, and the concatenation
+it added with), and a later call compares identities and values at the ends of the chains instead of walking them.
+Every fact the full path would read is still read or compared:
 
 * the routing decision of the forward in this thread, x's shape, dtype and device, the settings objects
   (adapter names, scalings, backend, the route slot table);
-* the layer's submodules and each adapter's modules as registered now (every entry, name and module, of the
-  layer's ``_modules`` and of its ``lora_A``, ``lora_B`` and ``lora_dropout``, in order: a replaced, removed,
-  renamed or added adapter is seen), each weight as registered now in its module's ``_parameters``
+* the layer's submodules and each adapter's modules as registered now under its name (a replaced, removed or
+  renamed adapter, two names swapped), each weight as registered now in its module's ``_parameters``
   (``torch.func.functional_call`` and accelerate write there directly), each weight's data pointer and version
   and the kept-copies epoch (``multi_weights.copy_key``: in-place updates, a ``.data`` assignment to other
   memory, optimizer steps, ``forget_kept_copies()``; what that key does not see is listed in ``multi_weights``);
 * the dropouts still off, autograd, autocast, ``torch.compile`` and ``force_gate`` still off, the base layer still
-  a plain ``nn.Linear`` (read afresh, as a module call reads it).
+  a plain ``nn.Linear`` (no hooks, no replaced forward).
+
+Where: x, the decision and the switches in each call; the rest once a forward, for every layer at once, at the
+first call of a routed layer in the forward (``checked_records``: each layer's record joined into the router's
+``KeptStep`` for the decision, a few C-level passes over all of them, where a check in each call cost 0.03 of
+PEFT's decode step more). A layer whose call ran code before its forward (pre-hooks on it or on every module, a
+replaced forward) or around which hooks run for every module checks its record in its call instead. So a change
+made by other code inside the forward after its first routed layer ran (a hook on a block that updates a later
+layer's adapter weights in place) is seen from the next forward (docs/design.md, "Several adapters, one router",
+"The layer").
 
 Anything different, and the layer runs its full path, which keeps a new record. A layer keeps one record per
 routing decision (a dict keyed by the decision's id, ``keep_call``), so generations that take turns on one model
-(threads, interleaved steps) each find their own. Not seen: one of those ``_modules`` or ``_parameters`` dicts
-replaced as a whole object (``module._parameters = {...}``; torch, PEFT and accelerate write their entries), as
-the record holds the dicts it read.
+(threads, interleaved steps) each find their own. Not seen: one of the ``_modules``, ``_buffers`` or
+``_parameters`` dicts replaced as a whole object (``module._parameters = {...}``; torch, PEFT and accelerate
+write their entries), as the record holds the dicts it read.
 """
 from __future__ import annotations
 
 import operator
+import weakref
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -35,51 +46,108 @@ from torch import nn
 
 from . import call_state
 from .call_state import RouteDecision
-from .module_hooks import plain_linear
+from .module_hooks import global_hooks, own_hooks, ran_before_forward
 from .ops.multi_weights import copy_key
 from .ops.torch_multi import KeptConcatenation, add_kept_product_
 
-# Records a layer keeps at once, one per decision (a generation): a new one past these starts a new set
+# Records a layer keeps at once, one per decision (a generation): a new one past these starts a new set; and the
+# decisions whose records a router keeps checked together
 CALLS_KEPT = 8
 _weight = operator.itemgetter("weight")
 _training = operator.attrgetter("training")
+_SETTINGS = operator.itemgetter("adapter_names", "scalings", "backend")
 _SUBMODULES = ("lora_A", "lora_B", "lora_dropout")
+_PARTS = operator.itemgetter("base_layer", *_SUBMODULES)
+_SLOTS = operator.itemgetter("route_slot_table")
+_modules = operator.itemgetter("_modules")
+_buffers = operator.itemgetter("_buffers")
+
+
+def _looked_up(registry: dict, names: tuple) -> map:
+    """The modules registered in ``registry`` under ``names``, as the layer's full path looks them up."""
+    return map(registry.__getitem__, names)
+
+
+class Dependencies:
+    """What kept records depend on besides x and the switches a call reads, read the way the layers' full path
+    reads it (by name), in flat tuples: for one record, or for every record of a decision at once (``joined``),
+    where a few C-level passes over all of them cost less than a check per layer (docs/design.md, "What it costs
+    on the CPU").
+
+    Sources, per record: ``layer_states`` (the layer's ``__dict__``, with its settings objects: adapter names,
+    scalings, backend; and its ``_modules`` and ``_buffers``), ``bases`` (its base layer, a plain ``nn.Linear``
+    then), ``registries`` (the ``_modules`` of its ``lora_A``, ``lora_B`` and ``lora_dropout``) with the ``names``
+    looked up in each, ``parameters`` (the adapters' A and B modules' ``_parameters``), ``weights`` (their
+    ``"weight"`` entries, which the concatenation was built from) and ``dropouts`` (the adapters' ``nn.Dropout``
+    modules, in eval then; the others are ``nn.Identity``). ``values`` and ``identities`` are what they showed
+    then: compared by value the weights' ``copy_key`` (in-place updates, ``.data`` assignments, optimizer steps),
+    the hooks and the dropouts' modes; by identity the settings objects, the layer's submodules and route slot
+    table, the bases' classes, each adapter's modules by name (a replaced, removed or renamed adapter, two names
+    swapped) and each weight as registered (``torch.func.functional_call`` and accelerate write ``_parameters``
+    directly)."""
+
+    __slots__ = ("layer_states", "bases", "base_states", "registries", "names", "parameters", "weights", "dropouts",
+                 "values", "identities")
+
+    def __init__(self, layer_states: tuple, bases: tuple, registries: tuple, names: tuple, parameters: tuple,
+                 weights: tuple, dropouts: tuple) -> None:
+        self.layer_states, self.bases, self.registries, self.names = layer_states, bases, registries, names
+        self.parameters, self.weights, self.dropouts = parameters, weights, dropouts
+        self.base_states = tuple(base.__dict__ for base in bases)
+        self.values, self.identities = self._values(), self._identities()
+
+    @classmethod
+    def joined(cls, parts: list[Dependencies]) -> Dependencies:
+        """One ``Dependencies`` for all of ``parts``' sources, showing what they show now."""
+        def flat(name: str) -> tuple:
+            return tuple(chain.from_iterable(getattr(part, name) for part in parts))
+        return cls(*map(flat, ("layer_states", "bases", "registries", "names", "parameters", "weights", "dropouts")))
+
+    def _values(self) -> tuple:
+        return (copy_key(self.weights), global_hooks(), *map(_training, self.dropouts),
+                *map(own_hooks, self.base_states))
+
+    def _identities(self) -> tuple:
+        states = self.layer_states
+        return (*chain.from_iterable(map(_SETTINGS, states)),
+                *chain.from_iterable(map(_PARTS, map(_modules, states))), *map(_SLOTS, map(_buffers, states)),
+                *map(type, self.bases), *chain.from_iterable(map(_looked_up, self.registries, self.names)),
+                *map(_weight, self.parameters))
+
+    def hold(self) -> bool:
+        """Whether every source shows what it showed when these were taken."""
+        try:
+            return self._values() == self.values and all(map(operator.is_, self._identities(), self.identities))
+        except KeyError:  # an adapter's module or weight no longer registered under its name
+            return False
 
 
 class KeptLayerCall:
-    """What one call of a routed layer read, and the concatenation it added with; read-only once built, so a
-    call in another thread may read it while a new one replaces it.
+    """What one call of a routed layer read (``depends``), for what x and decision, and the concatenation it added
+    with; read-only once built, so a call in another thread may read it while a new one replaces it."""
 
-    ``registries``: the ``_modules`` dicts of the layer and of its ``lora_A``, ``lora_B`` and ``lora_dropout``;
-    ``registered``: their entries then, a tuple of (name, module) each (comparing every entry in order reads each
-    dict's entries once, where looking each adapter up by name hashed seven keys in four dicts). ``parameters``:
-    the adapters' A and B modules' ``_parameters`` dicts, whose ``"weight"`` entries were ``concatenation.weights``.
-    ``dropouts_in_eval``: the adapters' dropout modules that are ``nn.Dropout`` (in eval then; the others are
-    ``nn.Identity``)."""
-
-    __slots__ = ("decision", "shape", "dtype", "names", "scalings", "backend", "slot_table", "registries",
-                 "registered", "parameters", "dropouts_in_eval", "concatenation")
+    __slots__ = ("decision", "shape", "dtype", "depends", "concatenation")
 
     def __init__(self, layer: nn.Module, x: torch.Tensor, decision: RouteDecision, concatenation: KeptConcatenation,
-                 ) -> None:
+                 parameters: tuple) -> None:
         state = layer.__dict__
-        self.decision, self.shape, self.dtype = decision, x.shape, x.dtype
-        self.names, self.scalings, self.backend = state["adapter_names"], state["scalings"], state["backend"]
-        self.slot_table = state["_buffers"]["route_slot_table"]
-        submodules = state["_modules"]
-        lora_a, lora_b, lora_dropout = (submodules[name]._modules for name in _SUBMODULES)
-        self.registries = (submodules, lora_a, lora_b, lora_dropout)
-        self.registered = _registered(self.registries)
-        self.parameters = tuple(registry[name]._parameters for registry in (lora_a, lora_b) for name in self.names)
-        self.dropouts_in_eval = tuple(m for m in map(lora_dropout.__getitem__, self.names)
-                                      if not isinstance(m, nn.Identity))
-        self.concatenation = concatenation
+        self.decision, self.shape, self.dtype, self.concatenation = decision, x.shape, x.dtype, concatenation
+        submodules, names = state["_modules"], state["adapter_names"]
+        registries = tuple(submodules[name]._modules for name in _SUBMODULES)
+        dropouts = tuple(m for m in map(registries[2].__getitem__, names) if not isinstance(m, nn.Identity))
+        self.depends = Dependencies((state,), (submodules["base_layer"],), registries, (names,) * 3, parameters,
+                                    concatenation.weights, dropouts)
 
 
-def _registered(registries: tuple) -> tuple:
-    """Each dict's (name, module) entries, a tuple each (the modules compared by identity: ``nn.Module`` keeps
-    ``object.__eq__``). The names too: the same modules in the same order under swapped names route differently."""
-    return tuple(map(tuple, map(dict.items, registries)))
+class KeptStep:
+    """Every layer's record for one decision that held when this was built (``records``: layer -> record), and
+    what they depend on, joined, so a forward checks them all in one ``hold()``."""
+
+    __slots__ = ("decision", "records", "depends")
+
+    def __init__(self, decision: RouteDecision, records: dict) -> None:
+        self.decision, self.records = decision, records
+        self.depends = Dependencies.joined([kept.depends for kept in records.values()])
 
 
 def keep_call(calls: dict | None, layer: nn.Module, x: torch.Tensor, decision: RouteDecision,
@@ -88,17 +156,26 @@ def keep_call(calls: dict | None, layer: nn.Module, x: torch.Tensor, decision: R
     record for ``decision``, a call that just added with ``concatenation`` (its dropouts off: ``_active_dropouts``);
     the same dict, or a new one past ``CALLS_KEPT`` records (another thread may be reading the old one). Where the
     weights are not the modules' registered parameters (torch's parametrize computes them) the decision's record
-    is dropped instead. Each record holds its decision, so no other object takes that id while it is kept."""
-    kept = KeptLayerCall(layer, x, decision, concatenation)
+    is dropped instead. Each record holds its decision, so no other object takes that id while it is kept; the
+    decision lists the layer among those whose records a forward with it checks (``checked_records``), which
+    check them together again from the next forward."""
+    modules = layer.__dict__["_modules"]
     try:
-        registered = all(map(operator.is_, map(_weight, kept.parameters), concatenation.weights))
+        parameters = tuple(modules[side]._modules[name]._parameters for side in ("lora_A", "lora_B")
+                           for name in layer.__dict__["adapter_names"])
+        registered = all(map(operator.is_, map(_weight, parameters), concatenation.weights))
     except KeyError:
         registered = False
     if not registered:
         return forget_call(calls, decision)
     if calls is None or (len(calls) >= CALLS_KEPT and id(decision) not in calls):
         calls = {}
-    calls[id(decision)] = kept
+    calls[id(decision)] = KeptLayerCall(layer, x, decision, concatenation, parameters)
+    keepers = decision._keepers
+    listed = keepers.get(id(layer))
+    if listed is None or listed() is not layer:
+        decision._keepers = {**keepers, id(layer): weakref.ref(layer)}  # (a new dict: see RouteDecision)
+    layer.__dict__["route"].kept_steps().pop(id(decision), None)
     return calls
 
 
@@ -109,37 +186,58 @@ def forget_call(calls: dict | None, decision: RouteDecision) -> dict | None:
     return calls
 
 
+def checked_records(router: nn.Module, decision: RouteDecision) -> dict:
+    """Each layer that kept a record of a call with ``decision`` -> that record, where what it depends on holds now:
+    all at once where the router's ``KeptStep`` for the decision still holds, else each layer's own, kept as the new
+    step (keyed by the layer object, so no other layer takes its id while the step lives)."""
+    steps = router.kept_steps()
+    step = steps.get(id(decision))
+    if step is not None and step.decision is decision and step.depends.hold():
+        return step.records
+    checked = {}
+    for listed in decision._keepers.values():
+        layer = listed()
+        calls = None if layer is None else layer.__dict__.get("_kept_calls")
+        kept = calls.get(id(decision)) if calls else None
+        if kept is not None and kept.decision is decision and kept.depends.hold():
+            checked[layer] = kept
+    if len(steps) >= CALLS_KEPT and id(decision) not in steps:
+        steps.clear()
+    steps[id(decision)] = KeptStep(decision, checked)
+    return checked
+
+
 def kept_output(layer: nn.Module, calls: dict, x: torch.Tensor) -> torch.Tensor | None:
     """``layer(x)`` through the record of its last call with the routing decision in force (``calls``: the layer's
     records, ``keep_call``'s); None, before any work, where there is none or something that call depended on is
-    not as it was. x: [B, ..., K] -> [B, ..., N]."""
+    not as it was. x: [B, ..., K] -> [B, ..., N].
+
+    The first such call in a forward of the backbone checks every layer's record for the decision at once
+    (``checked_records``, kept in the thread's ``ForwardState``). A layer checks its own record here where it has
+    none among them, or where its call ran code before this forward (pre-hooks on it or on every module, a replaced
+    forward), which may have changed what the record depends on after that first call; or where hooks run around
+    every module's call. (Its own pre-hooks were just read by the module call: reading them again is warm.)"""
     if torch.compiler.is_compiling() or torch.is_grad_enabled() or call_state._any_forced:
         return None
     state = layer.__dict__
-    decision = state["route"].in_force()
-    kept = calls.get(id(decision))
-    if kept is None or kept.decision is not decision or x.shape != kept.shape or x.dtype is not kept.dtype \
-            or not x.is_cpu or torch.is_autocast_enabled("cpu"):
+    router = state["route"]
+    forward = router.forward_state()
+    decision = None if forward is None else forward.decision
+    if decision is None:
         return None
-    if not (state["adapter_names"] is kept.names and state["scalings"] is kept.scalings
-            and state["backend"] is kept.backend and state["_buffers"].get("route_slot_table") is kept.slot_table):
-        return None
-    concatenation = kept.concatenation
-    if _registered(kept.registries) != kept.registered:
-        return None
-    try:
-        if not all(map(operator.is_, map(_weight, kept.parameters), concatenation.weights)):
+    checked = forward.checked_records
+    if checked is None:
+        checked = forward.checked_records = checked_records(router, decision)
+    kept = checked.get(layer)
+    if kept is None or ran_before_forward(state) or global_hooks():
+        kept = calls.get(id(decision))
+        if kept is None or kept.decision is not decision or not kept.depends.hold():
             return None
-    except KeyError:  # a weight removed (torch's parametrize computes it instead)
+    if x.shape != kept.shape or x.dtype is not kept.dtype or not x.is_cpu or torch.is_autocast_enabled("cpu"):
         return None
-    if any(map(_training, kept.dropouts_in_eval)) or copy_key(concatenation.weights) != concatenation.key:
-        return None
-    base = state["_modules"]["base_layer"]
-    if not plain_linear(base):
-        return None
-    parameters = base._parameters
+    parameters = state["_modules"]["base_layer"]._parameters
     result = F.linear(x, parameters["weight"], parameters["bias"])
     if not result.is_contiguous():  # (as in _add_kept_on_cpu, which then goes to add_lora_multi_)
         return None
-    add_kept_product_(result, x, concatenation)
+    add_kept_product_(result, x, kept.concatenation)
     return result

@@ -4,14 +4,31 @@ from __future__ import annotations
 from torch import nn
 
 
+def global_hooks() -> bool:
+    """Whether hooks are registered on every module (``torch.nn.modules.module.register_module_forward_hook`` and
+    its kin)."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
+def own_hooks(state: dict) -> bool:
+    """Whether the module whose ``__dict__`` is ``state`` has hooks of its own, a replaced forward (accelerate's
+    offload hooks) or a compiled call (``module.compile()`` sets ``_compiled_call_impl`` on the module)."""
+    return bool(state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
+                or state["_backward_pre_hooks"] or "forward" in state or state.get("_compiled_call_impl") is not None)
+
+
+def ran_before_forward(state: dict) -> bool:
+    """Whether a call of the module whose ``__dict__`` is ``state`` runs code before its class's forward: forward
+    pre-hooks on it or on every module, or a replaced forward (accelerate's hooks run theirs first)."""
+    return bool(state["_forward_pre_hooks"] or nn.modules.module._global_forward_pre_hooks or "forward" in state)
+
+
 def hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` could run more than its class's forward: hooks on it or on every module
-    (``Module._call_impl``'s own test), a replaced forward (accelerate's offload hooks) or a compiled call."""
-    hooks = nn.modules.module
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks
-                or "forward" in module.__dict__ or getattr(module, "_compiled_call_impl", None) is not None)
+    (``Module._call_impl``'s own test), a replaced forward or a compiled call."""
+    return global_hooks() or own_hooks(module.__dict__)
 
 
 def plain_linear(module: nn.Module) -> bool:

@@ -308,6 +308,7 @@ class SequenceRouter(nn.Module):
         state = super().__getstate__()
         state.pop("_threads", None)  # a threading.local cannot be copied or pickled
         state.pop("_for_backward", None)  # a forward's graph (non-leaf tensors) cannot be either
+        state.pop("_kept_steps", None)  # derived from the layers' weights, keyed by ids a copy does not share
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -345,10 +346,22 @@ class SequenceRouter(nn.Module):
 
     # --- the routes, for the gated layers (inside a forward) -------------------------------------
 
+    def forward_state(self) -> ForwardState | None:
+        """The state of the backbone's forward running in this thread (None outside one)."""
+        return getattr(self._threads, "forward", None)  # set in every thread that ran a forward: a fast read
+
+    def kept_steps(self) -> dict:
+        """The routed layers' kept records of each decision checked together (``kept_call.checked_records``), by the
+        decision's id."""
+        steps = self.__dict__.get("_kept_steps")
+        if steps is None:
+            steps = self.__dict__["_kept_steps"] = {}
+        return steps
+
     def in_force(self) -> RouteDecision | None:
         """The decision of the forward running in this thread (None before block ``router_layer``, or
         outside a forward). One read of the thread's slot: the gated layers call it once per call."""
-        state = getattr(self._threads, "forward", None)  # set in every thread that ran a forward: a fast read
+        state = self.forward_state()
         if state is None and in_backward():
             state = self._recorded_forward()
         return None if state is None else state.decision

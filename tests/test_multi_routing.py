@@ -753,6 +753,94 @@ def test_a_decode_step_sees_the_layers_modules_and_settings_changed_since_the_la
     assert torch.equal(after[~moved], before[~moved])
 
 
+def test_a_decode_step_checks_every_layers_record_at_once_at_its_first_routed_call(monkeypatch):
+    """The first routed layer call of a decode step checks every layer's record for the decision in force
+    (``kept_call.checked_records``): each layer's own at the first step after they were kept, then all of them joined,
+    in one check a step. Each layer then adds through its record without checking it again; every layer keeps its
+    record, and each step gives the op path's logits."""
+    model, (ids, mask), routes, _ = routed_model()
+    step = decode_step(model, ids, mask)
+    with monkeypatch.context() as patched:
+        through_the_op(patched)
+        expected = step()
+    step()
+    layers = [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
+    records = [kept_calls(m) for m in layers]
+    checks, at_once = [], []
+    hold, check_all = gatedlora.kept_call.Dependencies.hold, gatedlora.kept_call.checked_records
+    monkeypatch.setattr(gatedlora.kept_call.Dependencies, "hold", lambda self: checks.append(self) or hold(self))
+    monkeypatch.setattr(gatedlora.kept_call, "checked_records", lambda *args: at_once.append(check_all(*args))
+                        or at_once[-1])
+    for count in (len(layers), 1, 1):
+        checks.clear(), at_once.clear()
+        assert torch.equal(step(), expected)
+        assert len(checks) == count and len(at_once) == 1
+        assert list(at_once[0].items()) == [(m, r[0]) for m, r in zip(layers, records)]
+    assert len(checks[0].bases) == len(layers)
+    assert all(kept_calls(m) == r for m, r in zip(layers, records))
+
+
+@pytest.mark.parametrize("hooks", ["on the layers", "on every module"])
+def test_a_pre_hook_that_changes_a_layers_adapter_is_seen_by_the_step_it_runs_in(monkeypatch, hooks):
+    """A forward pre-hook that updates one adapter's B in place in each routed layer's call, on those layers or on
+    every module (``register_module_forward_pre_hook``), runs after the step's first routed call checked the records:
+    such a layer checks its own record in its call, after the hook ran, so the step adds B as the hook left it, as
+    the op path does, and only that adapter's sequences move."""
+    model, (ids, mask), routes, _ = routed_model()
+    step = decode_step(model, ids, mask)
+    step()
+    before = step()
+    name = ADAPTERS[1]  # route 2
+    layers = [m for m in model.modules() if isinstance(m, RoutedLoRALinear) and name in m.lora_B]
+    weights = [m.lora_B[name].weight for m in layers]
+    originals = [w.detach().clone() for w in weights]
+
+    def grow(module, args):
+        if module in layers:
+            with torch.no_grad():
+                module.lora_B[name].weight.mul_(-2.0)
+
+    if hooks == "on the layers":
+        handles = [m.register_forward_pre_hook(grow) for m in layers]
+    else:
+        handles = [torch.nn.modules.module.register_module_forward_pre_hook(grow)]
+    try:
+        after = step()
+        with monkeypatch.context() as patched:
+            through_the_op(patched)
+            with torch.no_grad():
+                for w, original in zip(weights, originals):
+                    w.copy_(original)
+            assert torch.equal(step(), after)
+    finally:
+        for handle in handles:
+            handle.remove()
+    moved = routes == 2
+    assert not torch.equal(after[moved], before[moved])
+    assert torch.equal(after[~moved], before[~moved])
+
+
+def test_generations_decoding_in_threads_at_once_each_add_their_own_routes(monkeypatch):
+    """Two generations of one shape with different routes, each decoding in its own thread at the same time: each
+    forward checks the records of its own decision (in its thread's forward state), and every step of each gives
+    the op path's logits for its routes."""
+    model = peft_model()
+    router = RoutePatternRouter(model.get_base_model().config.hidden_size, len(NAMES))
+    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router))
+    ids, mask = padded_batch([7, 4, 9, 5, 8, 6], 9, seed=5)
+    steps = {}
+    for name, routes in {"a": [2, 0, 3, 1, 0, 3], "b": [1, 3, 0, 2, 2, 0]}.items():
+        router.pattern = torch.tensor(routes)
+        steps[name] = decode_step(model, ids, mask)
+    with monkeypatch.context() as patched:
+        through_the_op(patched)
+        expected = {name: step() for name, step in steps.items()}
+    assert not torch.equal(expected["a"], expected["b"])
+    results = run_in_threads(lambda name: steps[name](), list(steps), repeats=12)
+    for name, logits in results.items():
+        assert all(torch.equal(each, expected[name]) for each in logits), name
+
+
 def test_a_decode_step_after_an_adapter_is_removed_from_a_layer_fails_as_without_a_kept_call():
     """An adapter module removed from a layer is not used from what the layer kept: the step raises, as the layer's
     full path does."""

@@ -10,9 +10,9 @@ caches, the same weights) whose layers run ``kept_output`` with some of its chec
 
 * ``floor``: the decision's record, the base linear and ``add_kept_product_``, nothing checked;
 * ``+weights key``: + ``copy_key`` (the eight adapter weights' data pointers and versions);
-* ``+registries``: + the module registries' entries and each weight as registered in its ``_parameters``;
-* ``checks before the step``: ``floor`` in the layers, and every layer's checks (as ``gatedlora``'s, for its
-  records) in one loop before each step: what touching the same objects costs when it is done in one place;
+* ``+registries``: + every entry of the module registries and ``_parameters`` dicts, by identity;
+* ``checks in each call``: every check of the record made in the layer's own call (its ``depends.hold()``), as
+  the package did before the first call of a forward checked every layer's record at once;
 * ``gatedlora``: the package as it is.
 
 The stripped layers are correct only for this unchanging model (they skip what they do not check). One thread,
@@ -24,8 +24,8 @@ provider, the median, quartiles and how many processes had it below PEFT with on
 from __future__ import annotations
 
 import argparse
-import json
 import operator
+import json
 import statistics
 import subprocess
 import sys
@@ -41,51 +41,36 @@ from gatedlora.benchmarking.models import CPU_DEFAULT, build_llama, weight_shari
 from gatedlora.benchmarking.multi_adapter import (MultiScenario, RoutePatternRouter, build_multi_setup,
                                                   make_multi_batch, multi_decode_providers)
 from gatedlora.benchmarking.timing import time_side_by_side
-from gatedlora.kept_call import _registered, _weight, kept_output
-from gatedlora.module_hooks import plain_linear
+from gatedlora.kept_call import kept_output
 from gatedlora.ops.multi_weights import copy_key
 from gatedlora.ops.torch_multi import add_kept_product_
 
 # Each stripped copy and the groups of checks its layers make in each call (stripped_output)
-VARIANTS = {"floor": 0, "+weights key": 1, "+registries": 2, "checks before the step": 0}
-BEFORE_THE_STEP = "checks before the step"
+VARIANTS = {"floor": 0, "+weights key": 1, "+registries": 2, "checks in each call": 3}
 REFERENCE = "peft one adapter"
 
 
 def stripped_output(layer, calls: dict, x: torch.Tensor, checks: int) -> torch.Tensor | None:
-    """``kept_output`` with its first ``checks`` groups of checks (0: none, 1: the weights' key, 2: + registries)."""
+    """``kept_output`` with its first ``checks`` groups of checks (0: none, 1: the weights' key, 2: + registries,
+    3: all of them, in this call)."""
     state = layer.__dict__
-    kept = calls.get(id(state["route"].in_force()))
+    decision = state["route"].in_force()
+    kept = calls.get(id(decision))
     if kept is None:
         return None
     concatenation = kept.concatenation
-    if checks >= 1 and copy_key(concatenation.weights) != concatenation.key:
+    if checks >= 3 and (torch.compiler.is_compiling() or torch.is_grad_enabled() or kept.decision is not decision
+                        or not kept.depends.hold() or x.shape != kept.shape or x.dtype is not kept.dtype
+                        or not x.is_cpu or torch.is_autocast_enabled("cpu")):
         return None
-    if checks >= 2 and (_registered(kept.registries) != kept.registered
-                        or not all(map(operator.is_, map(_weight, kept.parameters), concatenation.weights))):
+    if checks in (1, 2) and copy_key(concatenation.weights) != concatenation.key:
+        return None
+    if checks == 2 and not all(map(operator.is_, kept.depends._identities(), kept.depends.identities)):
         return None
     parameters = state["_modules"]["base_layer"]._parameters
     result = F.linear(x, parameters["weight"], parameters["bias"])
     add_kept_product_(result, x, concatenation)
     return result
-
-
-def check_records(layers: list) -> bool:
-    """Every check ``kept_output`` makes of each layer's records that does not need x, in one loop."""
-    current = True
-    for layer in layers:
-        state = layer.__dict__
-        for kept in state.get("_kept_calls", {}).values():
-            concatenation = kept.concatenation
-            current &= (copy_key(concatenation.weights) == concatenation.key
-                        and _registered(kept.registries) == kept.registered
-                        and all(map(operator.is_, map(_weight, kept.parameters), concatenation.weights))
-                        and state["adapter_names"] is kept.names and state["scalings"] is kept.scalings
-                        and state["backend"] is kept.backend
-                        and state["_buffers"].get("route_slot_table") is kept.slot_table
-                        and not any(dropout.training for dropout in kept.dropouts_in_eval)
-                        and plain_linear(state["_modules"]["base_layer"]))
-    return current and not (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"))
 
 
 def layer_output(layer, calls: dict, x: torch.Tensor) -> torch.Tensor | None:
@@ -101,7 +86,6 @@ def one_process(rounds_budget_s: float) -> dict[str, float]:
     device = torch.device("cpu")
     setup = build_multi_setup(build_llama(CPU_DEFAULT, device, torch.float32), 0, ["torch"], 4)
     config = setup.peft.get_base_model().config
-    layers_of = {}
     for variant in VARIANTS:
         router = RoutePatternRouter(config.hidden_size, len(setup.names) + 1)
         model = weight_sharing_copy(setup.peft)
@@ -111,20 +95,10 @@ def one_process(rounds_budget_s: float) -> dict[str, float]:
         for layer in layers:
             layer.__dict__["_probe_checks"] = VARIANTS[variant]
         setup.gated[variant], setup.routers[variant] = model, router
-        layers_of[variant] = layers
     ids, mask, routes = make_multi_batch(MultiScenario("decode", 8, 128, 4), setup.vocab_size, device)
     with torch.inference_mode():
         providers, _ = multi_decode_providers(setup, ids, mask, routes)
         del providers["peft per group"]
-        step = providers["gatedlora " + BEFORE_THE_STEP]
-        layers = layers_of[BEFORE_THE_STEP]
-
-        def checked_step():
-            if not check_records(layers):
-                raise AssertionError("a record no longer serves: the probe's model changed")
-            return step()
-
-        providers["gatedlora " + BEFORE_THE_STEP] = checked_step
         timings = time_side_by_side(providers, device, budget_s=rounds_budget_s, clock=time.thread_time,
                                     warmup_s=2.0)
     reference = timings[REFERENCE].median_s
