@@ -89,6 +89,11 @@ class RouteDecision:
     # replaced, not changed, when one is added, so a forward in another thread may walk it meanwhile
     _keepers: dict = field(default_factory=dict, init=False, repr=False)
 
+    def __getstate__(self) -> dict:
+        # (a deep copy or a pickle of the KV cache that carries this decision: the layers that kept records for
+        # it are held weakly, which neither copies; the copy is a new decision, for which no layer kept any)
+        return {**self.__dict__, "_keepers": {}}
+
     @property
     def batch(self) -> int:
         return self.gates.shape[0]

@@ -315,6 +315,12 @@ class SequenceRouter(nn.Module):
         super().__setstate__(state)
         self._fresh_identity()
 
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "SequenceRouter":
+        # model.to / .half: the routed layers drop their kept records (RoutedLoRALinear._apply); the steps joining
+        # them go too, rather than hold the old copies until a forward replaces them
+        self.__dict__.pop("_kept_steps", None)
+        return super()._apply(fn, *args, **kwargs)
+
     # --- the routes, for users -----------------------------------------------------------------
 
     @property

@@ -854,6 +854,28 @@ def test_a_decode_step_after_an_adapter_is_removed_from_a_layer_fails_as_without
         step()
 
 
+def test_a_cache_routed_to_several_adapters_copies_and_pickles_after_decode_steps():
+    """After decode steps on the CPU (whose layers kept records of the generation's decision) the generation's KV
+    cache still deep-copies and pickles, and the copy carries the routes; it continues as the original does."""
+    model, (ids, mask), routes, _ = routed_model()
+    key = cache_argument(model)
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        for token in (11, 12):
+            mask = torch.cat([mask, torch.ones(6, 1, dtype=mask.dtype)], 1)
+            model(input_ids=torch.full((6, 1), token), attention_mask=mask, use_cache=True, **{key: cache})
+    assert all(kept_calls(m) for m in model.modules() if isinstance(m, RoutedLoRALinear))
+    router = get_router(model)
+    copies = [copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))]
+    mask = torch.cat([mask, torch.ones(6, 1, dtype=mask.dtype)], 1)
+    step = {"input_ids": torch.full((6, 1), 13), "attention_mask": mask, "use_cache": True}
+    with torch.no_grad():
+        expected = model(**step, **{key: cache}).logits
+        for copied in copies:
+            assert torch.equal(router.routes_of(copied).routes, routes)
+            assert torch.equal(model(**step, **{key: copied}).logits, expected)
+
+
 def test_interleaved_generations_of_one_shape_each_decode_with_their_own_routes(monkeypatch):
     """Two generations of the same batch shape with different routes, their decode steps interleaved in one thread:
     a layer's record of the other generation's last call is not used (each is found by the decision in force), and
@@ -884,8 +906,9 @@ def test_interleaved_generations_of_one_shape_each_decode_with_their_own_routes(
 def test_a_layers_kept_calls_are_dropped_by_to_by_copies_and_where_they_stop_serving():
     """The records a layer keeps for decode are derived from its weights and keyed by their addresses: ``model.to`` (a
     storage can come back at the same address with new values and its old version), a deep copy and a pickle drop
-    them, and the next CPU decode step builds a new one. A generation's record is dropped by a call of that
-    generation it does not serve (36 rows here), and another generation's prompt (54 rows) keeps none."""
+    them (and ``model.to`` the router's steps joining them), and the next CPU decode step builds a new one. A
+    generation's record is dropped by a call of that generation it does not serve (36 rows here), and another
+    generation's prompt (54 rows) keeps none."""
     model, (ids, mask), routes, _ = routed_model()
     step = decode_step(model, ids, mask)
     logits = step()
@@ -894,8 +917,11 @@ def test_a_layers_kept_calls_are_dropped_by_to_by_copies_and_where_they_stop_ser
     copied = copy.deepcopy(layer)
     assert not kept_calls(copied) and kept_calls(layer)
     assert not kept_calls(pickle.loads(pickle.dumps(layer)))
+    assert torch.equal(step(), logits)  # (the first step kept the records; this one joined them)
+    assert get_router(model).kept_steps()
     model.to(torch.float64).to(torch.float32)  # weights back in fp32, at new (or reused) addresses
     assert all(not kept_calls(m) for m in model.modules() if isinstance(m, RoutedLoRALinear))
+    assert not get_router(model).kept_steps()
     assert torch.equal(step(), logits)
     first = kept_calls(layer)
     assert len(first) == 1
