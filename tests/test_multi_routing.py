@@ -820,10 +820,9 @@ def test_a_pre_hook_that_changes_a_layers_adapter_is_seen_by_the_step_it_runs_in
     assert torch.equal(after[~moved], before[~moved])
 
 
-def test_generations_decoding_in_threads_at_once_each_add_their_own_routes(monkeypatch):
-    """Two generations of one shape with different routes, each decoding in its own thread at the same time: each
-    forward checks the records of its own decision (in its thread's forward state), and every step of each gives
-    the op path's logits for its routes."""
+def two_generations(monkeypatch):
+    """A patched model and two generations of one batch shape with different routes: (model, each generation's
+    decode step by name, each one's logits through the op path)."""
     model = peft_model()
     router = RoutePatternRouter(model.get_base_model().config.hidden_size, len(NAMES))
     patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router))
@@ -836,6 +835,14 @@ def test_generations_decoding_in_threads_at_once_each_add_their_own_routes(monke
         through_the_op(patched)
         expected = {name: step() for name, step in steps.items()}
     assert not torch.equal(expected["a"], expected["b"])
+    return model, steps, expected
+
+
+def test_generations_decoding_in_threads_at_once_each_add_their_own_routes(monkeypatch):
+    """Two generations of one shape with different routes, each decoding in its own thread at the same time: each
+    forward checks the records of its own decision (in its thread's forward state), and every step of each gives
+    the op path's logits for its routes."""
+    model, steps, expected = two_generations(monkeypatch)
     results = run_in_threads(lambda name: steps[name](), list(steps), repeats=12)
     for name, logits in results.items():
         assert all(torch.equal(each, expected[name]) for each in logits), name
@@ -880,18 +887,7 @@ def test_interleaved_generations_of_one_shape_each_decode_with_their_own_routes(
     """Two generations of the same batch shape with different routes, their decode steps interleaved in one thread:
     a layer's record of the other generation's last call is not used (each is found by the decision in force), and
     each step gives the op path's logits for its own routes."""
-    model = peft_model()
-    router = RoutePatternRouter(model.get_base_model().config.hidden_size, len(NAMES))
-    patch_model(model, GatedLoraConfig(gate="sequence", router_layer=ROUTER_LAYER, adapters=ADAPTERS, router=router))
-    ids, mask = padded_batch([7, 4, 9, 5, 8, 6], 9, seed=5)
-    steps = {}
-    for name, routes in {"a": [2, 0, 3, 1, 0, 3], "b": [1, 3, 0, 2, 2, 0]}.items():
-        router.pattern = torch.tensor(routes)
-        steps[name] = decode_step(model, ids, mask)
-    with monkeypatch.context() as patched:
-        through_the_op(patched)
-        expected = {name: step() for name, step in steps.items()}
-    assert not torch.equal(expected["a"], expected["b"])
+    model, steps, expected = two_generations(monkeypatch)
     for name in ["a", "b", "a", "a", "b", "b", "a"]:
         assert torch.equal(steps[name](), expected[name]), name
     # each generation keeps its own record: taking turns, neither rebuilds the other's
