@@ -85,8 +85,8 @@ class RouteDecision:
     uniform_route: int | None = None
     hard: bool = True  # the router's gates when it decided (what all_closed means)
     _row_gates: dict = field(default_factory=dict, repr=False)
-    # the layers that kept a record of a call with this decision (id -> weak reference; ``kept_call.keep_call``),
-    # replaced, not changed, when one is added, so a forward in another thread may walk it meanwhile
+    # the layers that kept a record of a call with this decision (id -> weak reference; ``kept_call.keep_call``):
+    # entries are added one store at a time, and read through a copy made in one call
     _keepers: dict = field(default_factory=dict, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -192,12 +192,14 @@ class ForwardState:
     read, from the cache the forward extends (``continuing``), from a whole-prompt routing pass
     (chunked prefill), or from the router hook after block ``router_layer`` (None until then).
     ``checked_records``: the layers' kept records for the decision that held when the forward's first routed
-    layer call checked them (``kept_call.checked_records``), None until then."""
+    layer call checked them, by the layer's id (``kept_call.checked_records``), None until then;
+    ``checked_layers``: those layers, held for the forward so that no other object takes their ids."""
 
     attention_mask: torch.Tensor | None
     decision: RouteDecision | None
     continuing: bool
     checked_records: dict | None = None
+    checked_layers: tuple = ()
 
 
 # --- routes on KV caches --------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from torch import nn
 from . import call_state
 from .call_state import RouteDecision
 from .module_hooks import global_hooks, own_hooks, ran_before_forward
-from .ops.multi_weights import copy_key
+from .ops.multi_weights import copy_key, joined_key
 from .ops.torch_multi import KeptConcatenation, add_kept_product_
 
 # Records a layer keeps at once, one per decision (a generation): a new one past these starts a new set; and the
@@ -55,6 +55,8 @@ from .ops.torch_multi import KeptConcatenation, add_kept_product_
 CALLS_KEPT = 8
 _weight = operator.itemgetter("weight")
 _training = operator.attrgetter("training")
+_state = operator.attrgetter("__dict__")
+_referent = weakref.ReferenceType.__call__
 _SETTINGS = operator.itemgetter("adapter_names", "scalings", "backend")
 _SUBMODULES = ("lora_A", "lora_B", "lora_dropout")
 _PARTS = operator.itemgetter("base_layer", *_SUBMODULES)
@@ -69,58 +71,72 @@ class Dependencies:
     where a few C-level passes over all of them cost less than a check per layer (docs/design.md, "What it costs
     on the CPU").
 
-    Sources, per record: ``layer_states`` (the layer's ``__dict__``, with its settings objects: adapter names,
-    scalings, backend; and its ``_modules`` and ``_buffers``), ``bases`` (its base layer, a plain ``nn.Linear``
-    then), ``registries`` and ``names`` (the ``_modules`` of its ``lora_A``, ``lora_B`` and ``lora_dropout``, once
-    for each adapter name looked up there), ``parameters`` (the adapters' A and B modules' ``_parameters``),
-    ``weights`` (their ``"weight"`` entries, which the concatenation was built from) and ``dropouts`` (the adapters'
-    ``nn.Dropout`` modules, in eval then; the others are ``nn.Identity``). ``values`` and ``identities`` are what
-    they showed then: compared by value the weights' ``copy_key`` (in-place updates, ``.data`` assignments,
-    optimizer steps), the hooks and the dropouts' modes; by identity the settings objects, the layer's submodules
-    and route slot table, the bases' classes, each adapter's modules by name (a replaced, removed or renamed
-    adapter, two names swapped) and each weight as registered (``torch.func.functional_call`` and accelerate write
-    ``_parameters`` directly)."""
+    Sources, per record: ``layers`` (a weak reference to the layer, whose ``__dict__`` holds its settings objects:
+    adapter names, scalings, backend; and its ``_modules`` and ``_buffers``), ``bases`` (its base layer),
+    ``registries`` and ``names`` (the ``_modules`` of its ``lora_A``, ``lora_B`` and ``lora_dropout``, once for each
+    adapter name looked up there), ``parameters`` (the adapters' A and B modules' ``_parameters``), ``weights``
+    (their ``"weight"`` entries, which the concatenation was built from) and ``dropouts`` (the adapters'
+    ``nn.Dropout`` modules; the others are ``nn.Identity``). What must hold: the weights' ``copy_key`` equal to
+    ``key``, the one taken before their copy was built (in-place updates, ``.data`` assignments, optimizer steps:
+    a write while the copy was built is seen too); no hooks on every module, on a base layer or replacing its
+    forward, no dropout in training (all off when a record is kept); and ``identities``: the settings objects, the
+    layer's submodules and route slot table, the bases' classes, each adapter's modules by name (a replaced,
+    removed or renamed adapter, two names swapped) and each weight as registered (``torch.func.functional_call``
+    and accelerate write ``_parameters`` directly), in ``sections`` of one read each."""
 
-    __slots__ = ("layer_states", "bases", "base_states", "registries", "names", "parameters", "weights", "dropouts",
-                 "values", "identities")
+    __slots__ = ("layers", "bases", "base_states", "registries", "names", "parameters", "weights", "dropouts", "key",
+                 "sections", "identities")
 
-    def __init__(self, layer_states: tuple, bases: tuple, registries: tuple, names: tuple, parameters: tuple,
-                 weights: tuple, dropouts: tuple) -> None:
-        self.layer_states, self.bases, self.registries, self.names = layer_states, bases, registries, names
-        self.parameters, self.weights, self.dropouts = parameters, weights, dropouts
-        self.base_states = tuple(base.__dict__ for base in bases)
-        self.values, self.identities = self._values(), self._identities()
+    def __init__(self, layers: tuple, bases: tuple, registries: tuple, names: tuple, parameters: tuple,
+                 weights: tuple, dropouts: tuple, key: tuple | None, sections: tuple | None = None) -> None:
+        self.layers, self.bases, self.registries, self.names = layers, bases, registries, names
+        self.parameters, self.weights, self.dropouts, self.key = parameters, weights, dropouts, key
+        self.base_states = tuple(map(_state, bases))
+        # (read now for one record; a joined one takes its parts', so nothing written since they were is pinned)
+        self.sections = tuple(map(tuple, self._sections(self._states()))) if sections is None else sections
+        self.identities = tuple(chain.from_iterable(self.sections))
 
     @classmethod
     def joined(cls, parts: list[Dependencies]) -> Dependencies:
-        """One ``Dependencies`` for all of ``parts``' sources, showing what they show now."""
+        """One ``Dependencies`` for all of ``parts``' sources, holding what each of them holds."""
         def flat(name: str) -> tuple:
             return tuple(chain.from_iterable(getattr(part, name) for part in parts))
-        return cls(*map(flat, ("layer_states", "bases", "registries", "names", "parameters", "weights", "dropouts")))
+        sections = tuple(tuple(chain.from_iterable(part.sections[i] for part in parts)) for i in range(_SECTIONS))
+        return cls(*map(flat, ("layers", "bases", "registries", "names", "parameters", "weights", "dropouts")),
+                   joined_key([part.key for part in parts]), sections)
 
-    def _values(self) -> tuple:
-        return (copy_key(self.weights), global_hooks(), *map(_training, self.dropouts),
-                *map(own_hooks, self.base_states))
+    def _states(self) -> tuple:
+        """The layers' ``__dict__``s (AttributeError where a layer is gone)."""
+        return tuple(map(_state, map(_referent, self.layers)))
 
-    def _identities(self) -> tuple:
-        states = self.layer_states
-        return (*chain.from_iterable(map(_SETTINGS, states)),
-                *chain.from_iterable(map(_PARTS, map(_modules, states))), *map(_SLOTS, map(_buffers, states)),
-                *map(type, self.bases), *map(dict.__getitem__, self.registries, self.names),
-                *map(_weight, self.parameters))
+    def _sections(self, states: tuple) -> tuple:
+        """What ``identities`` holds, read now, one iterator a section."""
+        return (chain.from_iterable(map(_SETTINGS, states)), chain.from_iterable(map(_PARTS, map(_modules, states))),
+                map(_SLOTS, map(_buffers, states)), map(type, self.bases),
+                map(dict.__getitem__, self.registries, self.names), map(_weight, self.parameters))
+
+    def switched_on(self) -> bool:
+        """Whether hooks run around every module, a base layer has hooks or a replaced forward, or a dropout
+        trains: what a kept record is never kept with."""
+        return global_hooks() or any(map(own_hooks, self.base_states)) or any(map(_training, self.dropouts))
 
     def hold(self) -> bool:
         """Whether every source shows what it showed when these were taken."""
         try:
-            return self._values() == self.values and all(map(operator.is_, self._identities(), self.identities))
-        except KeyError:  # an adapter's module or weight no longer registered under its name
+            states = self._states()
+            return (copy_key(self.weights) == self.key and not self.switched_on()
+                    and all(map(operator.is_, chain.from_iterable(self._sections(states)), self.identities)))
+        except (KeyError, AttributeError):  # an adapter's module or weight no longer registered; a layer gone
             return False
+
+
+_SECTIONS = 6  # Dependencies._sections
 
 
 class KeptLayerCall:
     """What one call of a routed layer read (``depends``), for what x and decision, the concatenation it added with
     and the base layer's ``_parameters``; read-only once built, so a call in another thread may read it while a new
-    one replaces it."""
+    one replaces it. It holds its layer weakly (the layer holds it)."""
 
     __slots__ = ("decision", "shape", "dtype", "depends", "concatenation", "base_parameters")
 
@@ -134,14 +150,15 @@ class KeptLayerCall:
         # the base layer's parameter dict, which a call reads its weight and bias from (the base layer itself is
         # checked by identity among the layer's submodules): four dependent reads fewer in each call
         self.base_parameters = submodules["base_layer"]._parameters
-        self.depends = Dependencies((state,), (submodules["base_layer"],),
+        self.depends = Dependencies((weakref.ref(layer),), (submodules["base_layer"],),
                                     tuple(r for r in registries for _ in names), names * len(registries), parameters,
-                                    concatenation.weights, dropouts)
+                                    concatenation.weights, dropouts, concatenation.key)
 
 
 class KeptStep:
-    """Every layer's record for one decision that held when this was built (``records``: layer -> record), and
-    what they depend on, joined, so a forward checks them all in one ``hold()``."""
+    """Every layer's record for one decision that held when this was built (``records``: the layer's id -> record;
+    the layers are held weakly, in ``depends``), and what they depend on, joined, so a forward checks them all in
+    one ``hold()``."""
 
     __slots__ = ("decision", "records", "depends")
 
@@ -155,27 +172,32 @@ def keep_call(calls: dict | None, layer: nn.Module, x: torch.Tensor, decision: R
     """The layer's records (``calls``: the decision's id -> its ``KeptLayerCall``, None for none yet) with this call's
     record for ``decision``, a call that just added with ``concatenation`` (its dropouts off: ``_active_dropouts``);
     the same dict, or a new one past ``CALLS_KEPT`` records (another thread may be reading the old one). Where the
-    weights are not the modules' registered parameters (torch's parametrize computes them) the decision's record
-    is dropped instead. Each record holds its decision, so no other object takes that id while it is kept; the
+    weights are not the modules' registered parameters (torch's parametrize computes them), or the settings are
+    not the ones the concatenation was built with (changed by another thread meanwhile), the decision's record is
+    dropped instead. Each record holds its decision, so no other object takes that id while it is kept; the
     decision lists the layer among those whose records a forward with it checks (``checked_records``), which
     check them together again from the next forward."""
-    modules = layer.__dict__["_modules"]
+    state = layer.__dict__
+    modules = state["_modules"]
     try:
         parameters = tuple(modules[side]._modules[name]._parameters for side in ("lora_A", "lora_B")
-                           for name in layer.__dict__["adapter_names"])
+                           for name in state["adapter_names"])
         registered = all(map(operator.is_, map(_weight, parameters), concatenation.weights))
     except KeyError:
         registered = False
-    if not registered:
+    if not (registered and state["scalings"] is concatenation.scaling and state["backend"] is concatenation.backend):
+        return forget_call(calls, decision)
+    kept = KeptLayerCall(layer, x, decision, concatenation, parameters)
+    if kept.depends.switched_on():  # (switched on since the call began: in another thread)
         return forget_call(calls, decision)
     if calls is None or (len(calls) >= CALLS_KEPT and id(decision) not in calls):
         calls = {}
-    calls[id(decision)] = KeptLayerCall(layer, x, decision, concatenation, parameters)
+    calls[id(decision)] = kept
     keepers = decision._keepers
     listed = keepers.get(id(layer))
     if listed is None or listed() is not layer:
-        decision._keepers = {**keepers, id(layer): weakref.ref(layer)}  # (a new dict: see RouteDecision)
-    layer.__dict__["route"].kept_steps().pop(id(decision), None)
+        keepers[id(layer)] = weakref.ref(layer)  # (one store: threads keeping records at once lose none)
+    state["route"].kept_steps().pop(id(decision), None)
     return calls
 
 
@@ -186,25 +208,28 @@ def forget_call(calls: dict | None, decision: RouteDecision) -> dict | None:
     return calls
 
 
-def checked_records(router: nn.Module, decision: RouteDecision) -> dict:
-    """Each layer that kept a record of a call with ``decision`` -> that record, where what it depends on holds now:
-    all at once where the router's ``KeptStep`` for the decision still holds, else each layer's own, kept as the new
-    step (keyed by the layer object, so no other layer takes its id while the step lives)."""
+def checked_records(router: nn.Module, decision: RouteDecision) -> tuple[dict, tuple]:
+    """(each layer that kept a record of a call with ``decision``, by id -> that record, where what it depends on
+    holds now; those layers): all at once where the router's ``KeptStep`` for the decision still holds, else each
+    layer's own, kept as the new step. The caller holds the layers while it uses the ids."""
     steps = router.kept_steps()
     step = steps.get(id(decision))
-    if step is not None and step.decision is decision and step.depends.hold():
-        return step.records
-    checked = {}
-    for listed in decision._keepers.values():
+    if step is not None and step.decision is decision:
+        layers = tuple(map(_referent, step.depends.layers))
+        if step.depends.hold():
+            return step.records, layers
+    checked, layers = {}, []
+    for listed in tuple(decision._keepers.values()):  # (a copy made in one C call: other threads may add meanwhile)
         layer = listed()
         calls = None if layer is None else layer.__dict__.get("_kept_calls")
         kept = calls.get(id(decision)) if calls else None
         if kept is not None and kept.decision is decision and kept.depends.hold():
-            checked[layer] = kept
+            checked[id(layer)] = kept
+            layers.append(layer)
     if len(steps) >= CALLS_KEPT and id(decision) not in steps:
         steps.clear()
     steps[id(decision)] = KeptStep(decision, checked)
-    return checked
+    return checked, tuple(layers)
 
 
 def kept_output(layer: nn.Module, calls: dict, x: torch.Tensor) -> torch.Tensor | None:
@@ -216,7 +241,9 @@ def kept_output(layer: nn.Module, calls: dict, x: torch.Tensor) -> torch.Tensor 
     (``checked_records``, kept in the thread's ``ForwardState``). A layer checks its own record here where it has
     none among them, or where its call ran code before this forward (pre-hooks on it or on every module, a replaced
     forward), which may have changed what the record depends on after that first call; or where hooks run around
-    every module's call. (Its own pre-hooks were just read by the module call: reading them again is warm.)"""
+    every module's call. (Its own pre-hooks were just read by the module call: reading them again is warm.) A
+    record that holds here but was missing from the forward's check, for no hook of its own, has the decision's
+    joined check rebuilt at the next forward, so that it is among them again."""
     if torch.compiler.is_compiling() or torch.is_grad_enabled() or call_state._any_forced:
         return None
     state = layer.__dict__
@@ -227,12 +254,16 @@ def kept_output(layer: nn.Module, calls: dict, x: torch.Tensor) -> torch.Tensor 
         return None
     checked = forward.checked_records
     if checked is None:
-        checked = forward.checked_records = checked_records(router, decision)
-    kept = checked.get(layer)
-    if kept is None or ran_before_forward(state) or global_hooks():
+        checked, forward.checked_layers = checked_records(router, decision)
+        forward.checked_records = checked
+    kept = checked.get(id(layer))
+    hooked = ran_before_forward(state) or global_hooks()
+    if kept is None or hooked:
         kept = calls.get(id(decision))
         if kept is None or kept.decision is not decision or not kept.depends.hold():
             return None
+        if not hooked and id(layer) not in checked:
+            router.kept_steps().pop(id(decision), None)
     if x.shape != kept.shape or x.dtype is not kept.dtype or not x.is_cpu or torch.is_autocast_enabled("cpu"):
         return None
     parameters = kept.base_parameters

@@ -737,6 +737,7 @@ def install_routing(backbone: nn.Module, router_block: nn.Module, router: Sequen
 
 def remove_routing(modules: list[nn.Module], router: SequenceRouter) -> None:
     """Undo ``install_routing`` of ``router`` on ``modules`` (by identity: handles do not survive a deepcopy)."""
+    router.__dict__.pop("_kept_steps", None)  # (the records it joined: a router kept after unpatching holds none)
     for module in modules:
         for kind in (RoutedForward, RoutedGenerate):
             wrapper = module.__dict__.get(kind.name)

@@ -775,7 +775,8 @@ def test_a_decode_step_checks_every_layers_record_at_once_at_its_first_routed_ca
         checks.clear(), at_once.clear()
         assert torch.equal(step(), expected)
         assert len(checks) == count and len(at_once) == 1
-        assert list(at_once[0].items()) == [(m, r[0]) for m, r in zip(layers, records)]
+        checked, held = at_once[0]
+        assert list(checked.items()) == [(id(m), r[0]) for m, r in zip(layers, records)] and held == tuple(layers)
     assert len(checks[0].bases) == len(layers)
     assert all(kept_calls(m) == r for m, r in zip(layers, records))
 
@@ -818,6 +819,82 @@ def test_a_pre_hook_that_changes_a_layers_adapter_is_seen_by_the_step_it_runs_in
     moved = routes == 2
     assert not torch.equal(after[moved], before[moved])
     assert torch.equal(after[~moved], before[~moved])
+
+
+@pytest.mark.parametrize("window", ["record", "joined step"])
+def test_a_write_while_a_record_is_kept_or_joined_is_seen_at_later_steps(monkeypatch, window):
+    """A write to an adapter weight from another thread can land after the layer's concatenation was built and before
+    its record is kept, or after the records were checked and before they are joined into the decision's step
+    (injected here at those points, once). The record keeps the key read before the copy, and the step its records'
+    expectations, so later steps see the write and add the weights as they are, as the op path does."""
+    model, (ids, mask), routes, _ = routed_model()
+    step = decode_step(model, ids, mask)
+    if window == "joined step":
+        step()  # the records kept: the next step checks them one by one, then joins them
+    layer = next(m for m in model.modules() if isinstance(m, RoutedLoRALinear))
+    kind = gatedlora.kept_call.KeptLayerCall if window == "record" else gatedlora.kept_call.KeptStep
+    build, written = kind.__init__, []
+
+    def write_then_build(self, *args):
+        if not written:
+            written.append(True)
+            with torch.no_grad():
+                layer.lora_B[ADAPTERS[0]].weight.mul_(-2.0)  # another thread's write
+        build(self, *args)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(kind, "__init__", write_then_build)
+        step()
+    assert written
+    later = [step() for _ in range(3)]
+    with monkeypatch.context() as patched:
+        through_the_op(patched)
+        expected = step()
+    assert all(torch.equal(logits, expected) for logits in later)
+
+
+def test_a_model_dropped_after_decode_steps_is_freed_without_the_cycle_collector():
+    """The kept records hold their layer weakly, and the router's joined steps hold the layers weakly: after CPU
+    decode steps, dropping the model frees its layers and weights by reference counting alone."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        model, (ids, mask), routes, _ = routed_model()
+        step = decode_step(model, ids, mask)
+        for _ in range(3):
+            step()
+        layer = next(m for m in model.modules() if isinstance(m, RoutedLoRALinear))
+        assert kept_calls(layer) and get_router(model).kept_steps()
+        alive = [weakref.ref(m) for m in (layer, layer.base_layer.weight, layer.lora_B[ADAPTERS[0]].weight)]
+        del layer, step, model
+        assert [ref() is None for ref in alive] == [True] * 3
+    finally:
+        gc.enable()
+
+
+def test_a_layer_left_out_of_a_step_for_a_hook_is_joined_again_once_it_is_removed(monkeypatch):
+    """A forward hook on one base layer for one decode step keeps that layer's record out of the decision's joined
+    step (its full path keeps none while hooked). Once the hook is removed its record holds again, and from the
+    second forward after, every record is checked together again, in one check a step."""
+    model, (ids, mask), routes, _ = routed_model()
+    step = decode_step(model, ids, mask)
+    step(), step()
+    layers = [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
+    handle = layers[3].base_layer.register_forward_hook(lambda module, args, output: None)
+    step()
+    handle.remove()
+    checks = []
+    hold = gatedlora.kept_call.Dependencies.hold
+    monkeypatch.setattr(gatedlora.kept_call.Dependencies, "hold", lambda self: checks.append(len(self.bases))
+                        or hold(self))
+    step(), step()  # the first finds its record holding outside the step; the second joins them all again
+    for _ in range(2):
+        checks.clear()
+        step()
+        assert checks == [len(layers)]
 
 
 def two_generations(monkeypatch):

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import operator
 import weakref
+from itertools import chain
 
 import torch
 
@@ -140,6 +141,16 @@ def copy_key(weights: tuple) -> tuple | None:
         if any(t.is_inference() for t in weights):
             return None
         raise
+
+
+def joined_key(keys: list[tuple]) -> tuple | None:
+    """``copy_key`` of several sets of weights one after the other, from each set's own key; None where the keys
+    were taken at different epochs (no current key equals that)."""
+    if len({key[0] for key in keys}) > 1:
+        return None
+    halves = [(len(key) - 1) // 2 for key in keys]
+    return (keys[0][0] if keys else _epoch, *chain.from_iterable(key[1:1 + n] for key, n in zip(keys, halves)),
+            *chain.from_iterable(key[1 + n:] for key, n in zip(keys, halves)))
 
 
 def pointer_table(args: MultiLoraArgs) -> tuple[torch.Tensor, torch.Tensor]:
