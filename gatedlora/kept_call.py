@@ -30,9 +30,9 @@ layer's adapter weights in place) is seen from the next forward (docs/design.md,
 
 Anything different, and the layer runs its full path, which keeps a new record. A layer keeps one record per
 routing decision (a dict keyed by the decision's id, ``keep_call``), so generations that take turns on one model
-(threads, interleaved steps) each find their own. Not seen: one of the ``_modules``, ``_buffers`` or
-``_parameters`` dicts replaced as a whole object (``module._parameters = {...}``; torch, PEFT and accelerate
-write their entries), as the record holds the dicts it read.
+(threads, interleaved steps) each find their own. Not seen: the ``_modules`` dict of ``lora_A``, ``lora_B`` or
+``lora_dropout``, or a ``_parameters`` dict, replaced as a whole object (``module._parameters = {...}``; torch,
+PEFT and accelerate write their entries), as the record holds those dicts.
 """
 from __future__ import annotations
 
