@@ -24,13 +24,14 @@ provider, the median, quartiles and how many processes had it below PEFT with on
 from __future__ import annotations
 
 import argparse
-import operator
 import json
+import operator
 import statistics
 import subprocess
 import sys
 import time
 import warnings
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,9 @@ def stripped_output(layer, calls: dict, x: torch.Tensor, checks: int) -> torch.T
         return None
     if checks in (1, 2) and copy_key(concatenation.weights) != concatenation.key:
         return None
-    if checks == 2 and not all(map(operator.is_, kept.depends._identities(), kept.depends.identities)):
+    depends = kept.depends
+    if checks == 2 and not all(map(operator.is_, chain.from_iterable(depends._sections(depends._states())),
+                                   depends.identities)):
         return None
     parameters = state["_modules"]["base_layer"]._parameters
     result = F.linear(x, parameters["weight"], parameters["bias"])
