@@ -93,7 +93,7 @@ class Dependencies:
         self.parameters, self.weights, self.dropouts, self.key = parameters, weights, dropouts, key
         self.base_states = tuple(map(_state, bases))
         # (read now for one record; a joined one takes its parts', so nothing written since they were is pinned)
-        self.sections = tuple(map(tuple, self._sections(self._states()))) if sections is None else sections
+        self.sections = tuple(map(tuple, self._sections(self.referents()))) if sections is None else sections
         self.identities = tuple(chain.from_iterable(self.sections))
 
     @classmethod
@@ -101,16 +101,18 @@ class Dependencies:
         """One ``Dependencies`` for all of ``parts``' sources, holding what each of them holds."""
         def flat(name: str) -> tuple:
             return tuple(chain.from_iterable(getattr(part, name) for part in parts))
-        sections = tuple(tuple(chain.from_iterable(part.sections[i] for part in parts)) for i in range(_SECTIONS))
+        sections = tuple(tuple(chain.from_iterable(column)) for column in zip(*(part.sections for part in parts)))
         return cls(*map(flat, ("layers", "bases", "registries", "names", "parameters", "weights", "dropouts")),
                    joined_key([part.key for part in parts]), sections)
 
-    def _states(self) -> tuple:
-        """The layers' ``__dict__``s (AttributeError where a layer is gone)."""
-        return tuple(map(_state, map(_referent, self.layers)))
+    def referents(self) -> tuple:
+        """The layers (None where one is gone)."""
+        return tuple(map(_referent, self.layers))
 
-    def _sections(self, states: tuple) -> tuple:
-        """What ``identities`` holds, read now, one iterator a section."""
+    def _sections(self, layers: tuple) -> tuple:
+        """What ``identities`` holds, read now from ``layers`` (``referents()``) and the other sources, one iterator
+        a section (AttributeError where a layer is gone)."""
+        states = tuple(map(_state, layers))
         return (chain.from_iterable(map(_SETTINGS, states)), chain.from_iterable(map(_PARTS, map(_modules, states))),
                 map(_SLOTS, map(_buffers, states)), map(type, self.bases),
                 map(dict.__getitem__, self.registries, self.names), map(_weight, self.parameters))
@@ -120,17 +122,16 @@ class Dependencies:
         trains: what a kept record is never kept with."""
         return global_hooks() or any(map(own_hooks, self.base_states)) or any(map(_training, self.dropouts))
 
-    def hold(self) -> bool:
-        """Whether every source shows what it showed when these were taken."""
+    def hold(self, layers: tuple | None = None) -> bool:
+        """Whether every source shows what it showed when these were taken (``layers``: ``referents()``, where the
+        caller has them already)."""
+        layers = self.referents() if layers is None else layers
         try:
-            states = self._states()
             return (copy_key(self.weights) == self.key and not self.switched_on()
-                    and all(map(operator.is_, chain.from_iterable(self._sections(states)), self.identities)))
+                    and all(map(operator.is_, chain.from_iterable(self._sections(layers)), self.identities)))
         except (KeyError, AttributeError):  # an adapter's module or weight no longer registered; a layer gone
             return False
 
-
-_SECTIONS = 6  # Dependencies._sections
 
 
 class KeptLayerCall:
@@ -215,8 +216,8 @@ def checked_records(router: nn.Module, decision: RouteDecision) -> tuple[dict, t
     steps = router.kept_steps()
     step = steps.get(id(decision))
     if step is not None and step.decision is decision:
-        layers = tuple(map(_referent, step.depends.layers))
-        if step.depends.hold():
+        layers = step.depends.referents()
+        if step.depends.hold(layers):
             return step.records, layers
     checked, layers = {}, []
     for listed in tuple(decision._keepers.values()):  # (a copy made in one C call: other threads may add meanwhile)

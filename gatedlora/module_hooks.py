@@ -20,9 +20,10 @@ def own_hooks(state: dict) -> bool:
 
 
 def ran_before_forward(state: dict) -> bool:
-    """Whether a call of the module whose ``__dict__`` is ``state`` runs code before its class's forward: forward
-    pre-hooks on it or on every module, or a replaced forward (accelerate's hooks run theirs first)."""
-    return bool(state["_forward_pre_hooks"] or nn.modules.module._global_forward_pre_hooks or "forward" in state)
+    """Whether a call of the module whose ``__dict__`` is ``state`` runs code of its own before its class's forward:
+    forward pre-hooks on it, or a replaced forward (accelerate's hooks run theirs first). Hooks on every module:
+    ``global_hooks``."""
+    return bool(state["_forward_pre_hooks"] or "forward" in state)
 
 
 def hooked(module: nn.Module) -> bool:

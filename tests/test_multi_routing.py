@@ -768,7 +768,8 @@ def test_a_decode_step_checks_every_layers_record_at_once_at_its_first_routed_ca
     records = [kept_calls(m) for m in layers]
     checks, at_once = [], []
     hold, check_all = gatedlora.kept_call.Dependencies.hold, gatedlora.kept_call.checked_records
-    monkeypatch.setattr(gatedlora.kept_call.Dependencies, "hold", lambda self: checks.append(self) or hold(self))
+    monkeypatch.setattr(gatedlora.kept_call.Dependencies, "hold", lambda self, *layers: checks.append(self)
+                        or hold(self, *layers))
     monkeypatch.setattr(gatedlora.kept_call, "checked_records", lambda *args: at_once.append(check_all(*args))
                         or at_once[-1])
     for count in (len(layers), 1, 1):
@@ -888,8 +889,8 @@ def test_a_layer_left_out_of_a_step_for_a_hook_is_joined_again_once_it_is_remove
     handle.remove()
     checks = []
     hold = gatedlora.kept_call.Dependencies.hold
-    monkeypatch.setattr(gatedlora.kept_call.Dependencies, "hold", lambda self: checks.append(len(self.bases))
-                        or hold(self))
+    monkeypatch.setattr(gatedlora.kept_call.Dependencies, "hold", lambda self, *layers:
+                        checks.append(len(self.bases)) or hold(self, *layers))
     step(), step()  # the first finds its record holding outside the step; the second joins them all again
     for _ in range(2):
         checks.clear()

@@ -67,7 +67,7 @@ def stripped_output(layer, calls: dict, x: torch.Tensor, checks: int) -> torch.T
     if checks in (1, 2) and copy_key(concatenation.weights) != concatenation.key:
         return None
     depends = kept.depends
-    if checks == 2 and not all(map(operator.is_, chain.from_iterable(depends._sections(depends._states())),
+    if checks == 2 and not all(map(operator.is_, chain.from_iterable(depends._sections(depends.referents())),
                                    depends.identities)):
         return None
     parameters = state["_modules"]["base_layer"]._parameters
